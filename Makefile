@@ -1,0 +1,41 @@
+# Single entry point: `make demo` and `make test` set themselves up on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export TF_CPP_MIN_LOG_LEVEL := 3
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup test test-quick demo benchmark lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q -U pip "setuptools<81" wheel
+	# CPU torch for the conversion tools and their tests (never the CUDA build).
+	# It is optional: tests that need it skip where it cannot be installed.
+	-$(BIN)/pip install -q "torch==2.13.0+cpu" || $(BIN)/pip install -q "torch==2.13.0"
+	$(BIN)/pip install -q -e ".[data,convert-notorch,test]"
+	# open_clip / timm / clip declare torchvision (no CPU build here): reference
+	# models for the conversion tests only need their model code.
+	-$(BIN)/pip install -q --no-deps open_clip_torch timm clip-anytorch
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra tests
+
+test-quick: $(STAMP)
+	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+
+demo: $(STAMP)
+	$(BIN)/python -m aim_jax.demo
+
+benchmark: $(STAMP)
+	$(BIN)/python -m aim_jax.benchmark --config configs/tiny.py
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check aim_jax data_pipelines configs tests || true
+
+clean:
+	rm -rf $(VENV) demo_workdir

@@ -1,0 +1,144 @@
+"""AIM's bottleneck adapter, drop path, and the spec that says where adapters go.
+
+One `Adapter` serves every backbone family (CLIP ViT, ImageNet-21K ViT, SigLIP,
+DINOv2, Swin): the blocks take adapter *factories* as fields and build them by
+name, so a block with no factories is the plain image block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+LP = nn.with_logical_partitioning
+init = nn.initializers
+
+# Official `_init_weights`: every nn.Linear is trunc_normal(std=.02) within +-2 (absolute
+# bounds, i.e. +-100 std: effectively an untruncated normal at std .02).
+trunc_normal_02 = init.truncated_normal(stddev=0.02, lower=-100.0, upper=100.0)
+
+ModuleFactory = Callable[..., nn.Module]
+
+
+class Adapter(nn.Module):
+  """`D_fc1` -> exact-erf GELU -> `D_fc2`, optionally plus the input.
+
+  Official init: `D_fc1` trunc_normal(.02), `D_fc2` weight and bias zero, so a
+  skip adapter starts as the identity and a no-skip adapter as zero.
+
+  Attributes:
+    skip_connect: return `x + f(x)` (S_Adapter, T_Adapter_in) or `f(x)`
+      (T_Adapter, MLP_Adapter).
+    ratio: bottleneck width as a fraction of the input width, `int(D * ratio)`.
+  """
+  skip_connect: bool = True
+  ratio: float = 0.25
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    hidden = int(width * self.ratio)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(hidden, kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
+              bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x)
+    # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
+    h = nn.gelu(h, approximate=False)
+    h = dense(width, kernel_init=LP(init.zeros, ('adapter', 'embed')),
+              bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h)
+    return x + h if self.skip_connect else h
+
+
+class DropPath(nn.Module):
+  """Stochastic depth with a selectable mask granularity.
+
+  Activations are `(B, T, L, D)`. `mode` says which axes get independent draws:
+    'token':  one draw per token position L, shared by every clip and frame of the
+              batch. Official ViT_CLIP quirk: timm DropPath on sequence-first
+              `(L, B*T, D)` tensors (vit_clip.py).
+    'frame':  one draw per (clip, frame). Official ViT_ImageNet (batch-first `(B*T, N, D)`).
+    'sample': one draw per clip, the textbook stochastic depth.
+  Identity when `deterministic` or the rate is 0. The rate may be a traced scalar
+  (under `nn.scan` each layer gets its own rate).
+  """
+  mode: str = 'token'
+
+  @nn.compact
+  def __call__(self, x: jax.Array, rate, deterministic: bool) -> jax.Array:
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+      return x
+    b, t, l, _ = x.shape
+    shape = {'token': (1, 1, l, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
+    if self.mode not in shape:
+      raise ValueError(f"drop_path_mode must be one of {sorted(shape)}, got {self.mode!r}")
+    keep = 1.0 - jnp.asarray(rate, jnp.float32)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape[self.mode])
+    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+  """Which AIM adaptations to inject, and where.
+
+  Attributes:
+    spatial: `S_Adapter` (skip) after the spatial attention.
+    temporal: the temporal branch: frozen attention re-used along time plus
+      `T_Adapter` (no skip). `num_tadapter=2` adds `T_Adapter_in` (skip) before
+      the attention (the official SSv2 variant).
+    joint: `MLP_Adapter` (no skip) parallel to the frozen MLP, times `scale`.
+    ratio: bottleneck ratio (Table 8 of the paper): hidden = int(D * ratio).
+    scale: joint adapter scale `s` (0.5 K400, 1.0 SSv2).
+    layers: indices of the adapted blocks (Table 7); None = every block.
+  """
+  spatial: bool = True
+  temporal: bool = True
+  joint: bool = True
+  num_tadapter: int = 1
+  ratio: float = 0.25
+  scale: float = 0.5
+  layers: Optional[Sequence[int]] = None
+
+  def __post_init__(self):
+    if self.num_tadapter not in (1, 2):
+      raise ValueError(f'AdapterSpec.num_tadapter must be 1 or 2, got {self.num_tadapter}')
+    if self.layers is not None:
+      object.__setattr__(self, 'layers', tuple(int(i) for i in self.layers))
+
+  def applies_to(self, layer: int) -> bool:
+    return self.layers is None or layer in self.layers
+
+  def block_fields(self, layer: int, dtype=jnp.float32, param_dtype=jnp.float32) -> dict:
+    """The adapter fields of block `layer` (all None for an unadapted block)."""
+    none = dict(s_adapter=None, t_adapter=None, t_adapter_in=None, mlp_adapter=None)
+    if not self.applies_to(layer):
+      return none
+    make = functools.partial(Adapter, ratio=self.ratio, dtype=dtype, param_dtype=param_dtype)
+    fields = dict(none)
+    if self.spatial:
+      fields['s_adapter'] = functools.partial(make, skip_connect=True)
+    if self.temporal:
+      fields['t_adapter'] = functools.partial(make, skip_connect=False)
+      if self.num_tadapter == 2:
+        fields['t_adapter_in'] = functools.partial(make, skip_connect=True)
+    if self.joint:
+      fields['mlp_adapter'] = functools.partial(make, skip_connect=False)
+    return fields
+
+
+def layer_selection(kind: str, num_layers: int, count: int = 0) -> Optional[tuple]:
+  """Adapter positions of Table 7: 'all', 'bottom' k, 'top' k, 'every_other'."""
+  if kind == 'all':
+    return None
+  if kind == 'bottom':
+    return tuple(range(count))
+  if kind == 'top':
+    return tuple(range(num_layers - count, num_layers))
+  if kind == 'every_other':
+    return tuple(range(0, num_layers, 2))
+  raise ValueError(f"adapters.position must be 'all', 'bottom', 'top' or 'every_other', got {kind!r}")

@@ -1,0 +1,142 @@
+"""Model configs -> Flax modules.
+
+A model config is a flat-ish mapping (ml_collections ConfigDict or dict) with
+exactly the keys of `default_model_config()`; unknown keys are an error that
+names the key (a misspelt field must never be silently ignored).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Mapping
+
+import jax.numpy as jnp
+
+from aim_jax.models.adapters import AdapterSpec, layer_selection
+from aim_jax.models.aim import VideoClassifier, inject
+from aim_jax.models.vit import FAMILIES, VisionTransformer
+
+# Width, depth, heads by ViT size (Dosovitskiy et al. 2021, Table 1; CLIP uses the same).
+VIT_SIZES = {
+    'Ti': (192, 12, 3), 'S': (384, 12, 6), 'B': (768, 12, 12), 'L': (1024, 24, 16),
+    'H': (1280, 32, 16), 'g': (1408, 40, 16), 'So400m': (1152, 27, 16),
+}
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def default_model_config() -> dict:
+  """Every model field with its default (ViT-B/16 CLIP, AIM K400 8 frames)."""
+  return dict(
+      backbone='clip',          # 'clip' | 'vit_in21k' | other registered families
+      variant='',               # e.g. 'B/16', 'L/14'; overrides width/layers/heads/patch_size
+      patch_size=16, width=768, layers=12, heads=12, image_size=224, mlp_ratio=4.0,
+      output_dim=0,             # CLIP image projection (0 = none; AIM drops it)
+      num_frames=8,
+      num_classes=400,
+      dropout_rate=0.5,         # I3D head dropout
+      drop_path_rate=0.2,
+      drop_path_mode='',        # '' = the family's official mode ('token' CLIP, 'frame' IN-21K)
+      adapters=dict(
+          enabled=True,         # False: frozen image model + temporal embedding + head
+          spatial=True, temporal=True, joint=True,
+          num_tadapter=1, ratio=0.25, scale=0.5,
+          position='all',       # 'all' | 'bottom' | 'top' | 'every_other' (Table 7)
+          position_count=0,     # k for 'bottom' / 'top'
+      ),
+      scan_layers=False,
+      remat_policy='none',      # 'none' | 'full' | any jax.checkpoint_policies name
+      dtype='float32',          # compute dtype; params stay param_dtype
+      param_dtype='float32',
+      attention_impl='',        # '' (XLA) | 'cudnn'
+  )
+
+
+def _as_dict(cfg: Any) -> dict:
+  if hasattr(cfg, 'to_dict'):
+    return cfg.to_dict()
+  return copy.deepcopy(dict(cfg))
+
+
+def resolve_model_config(cfg: Mapping | Any) -> dict:
+  """Fill defaults, check for unknown keys, decode the variant."""
+  given = _as_dict(cfg)
+  out = default_model_config()
+  for key, value in given.items():
+    if key not in out:
+      raise KeyError(f'unknown model config field model.{key!s} '
+                     f'(known: {", ".join(sorted(out))})')
+    if key == 'adapters':
+      value = dict(value)
+      for k in value:
+        if k not in out['adapters']:
+          raise KeyError(f'unknown model config field model.adapters.{k} '
+                         f'(known: {", ".join(sorted(out["adapters"]))})')
+      out['adapters'].update(value)
+    else:
+      out[key] = value
+  if out['variant']:
+    size, _, patch = str(out['variant']).partition('/')
+    if size not in VIT_SIZES or not patch.isdigit():
+      raise ValueError(f'model.variant {out["variant"]!r} is not SIZE/PATCH with SIZE in '
+                       f'{sorted(VIT_SIZES)}')
+    out['width'], out['layers'], out['heads'] = VIT_SIZES[size]
+    out['patch_size'] = int(patch)
+  if out['width'] % out['heads']:
+    raise ValueError(f'model.width {out["width"]} is not divisible by model.heads {out["heads"]}')
+  for k in ('dtype', 'param_dtype'):
+    if out[k] not in DTYPES:
+      raise ValueError(f'model.{k} must be one of {sorted(DTYPES)}, got {out[k]!r}')
+  return out
+
+
+def adapter_spec(cfg: Mapping) -> AdapterSpec | None:
+  a = cfg['adapters']
+  if not a['enabled'] or not (a['spatial'] or a['temporal'] or a['joint']):
+    return None
+  return AdapterSpec(
+      spatial=a['spatial'], temporal=a['temporal'], joint=a['joint'],
+      num_tadapter=a['num_tadapter'], ratio=a['ratio'], scale=a['scale'],
+      layers=layer_selection(a['position'], cfg['layers'], a['position_count']))
+
+
+def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
+  """The plain image encoder of a ViT family (no adapters, no temporal embedding)."""
+  family = dict(FAMILIES[cfg['backbone']])
+  if cfg['drop_path_mode']:
+    family['drop_path_mode'] = cfg['drop_path_mode']
+  return VisionTransformer(
+      patch_size=cfg['patch_size'], width=cfg['width'], layers=cfg['layers'],
+      heads=cfg['heads'], image_size=cfg['image_size'], mlp_ratio=cfg['mlp_ratio'],
+      output_dim=cfg['output_dim'] or None, drop_path_rate=cfg['drop_path_rate'],
+      scan_layers=cfg['scan_layers'], remat_policy=cfg['remat_policy'],
+      dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']],
+      attention_impl=cfg['attention_impl'] or None, **family)
+
+
+# Backbone families: name -> function(resolved config) -> image encoder definition.
+ENCODERS: dict[str, Callable[[Mapping], Any]] = {
+    'clip': build_vit_encoder,
+    'vit_in21k': build_vit_encoder,
+}
+
+
+def build_encoder(cfg: Mapping | Any):
+  cfg = resolve_model_config(cfg)
+  if cfg['backbone'] not in ENCODERS:
+    raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
+  return ENCODERS[cfg['backbone']](cfg)
+
+
+def build_model(cfg: Mapping | Any) -> VideoClassifier:
+  """The AIM video classifier a model config describes."""
+  cfg = resolve_model_config(cfg)
+  encoder = build_encoder(cfg)
+  backbone = inject(encoder, adapter_spec(cfg), cfg['num_frames'])
+  return VideoClassifier(backbone=backbone, num_classes=cfg['num_classes'],
+                         dropout_rate=cfg['dropout_rate'])
+
+
+def input_shape(cfg: Mapping | Any, batch: int = 1) -> tuple:
+  cfg = resolve_model_config(cfg)
+  return (batch, cfg['num_frames'], cfg['image_size'], cfg['image_size'], 3)

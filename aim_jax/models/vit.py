@@ -1,0 +1,344 @@
+"""A plain ViT image encoder whose blocks take optional AIM adapters.
+
+With `adapters=None` this is exactly the image model (OpenAI CLIP's visual tower
+by default; the ImageNet-21K timm ViT with `family='vit_in21k'` switches). AIM
+is the *same* module with adapter factories set on its blocks: see
+`aim_jax.models.aim.inject`.
+
+Layout: a video enters as `(B, T, H, W, C)` (channels last, already normalised)
+and the activations stay `(B, T, L, D)` through every block, so the spatial
+attention runs over L with batch axes (B, T) and the temporal attention over T
+with batch axes (B, L): no `(b t)` folding or sequence-first permutes.
+
+Parameter tree (loop layout; `scan_layers=True` stacks the blocks under
+`resblocks` with a leading layer axis, see `aim_jax.models.layout`):
+
+  conv1/kernel (p, p, 3, D)           <- conv1.weight (D, 3, p, p).transpose(2, 3, 1, 0)
+  conv1/bias (D,)                     <- patch bias (vit_in21k only)
+  class_embedding (D,)
+  positional_embedding (L, D)
+  temporal_embedding (1, T, D)        (AIM only)
+  ln_pre/{scale, bias}                <- ln_pre.{weight, bias}   (CLIP only)
+  resblocks_{i}/ln_1, ln_2/{scale, bias}
+  resblocks_{i}/attn/qkv/kernel (D, 3, H, hd)  <- in_proj_weight.T.reshape(D, 3, H, hd)
+  resblocks_{i}/attn/qkv/bias (3, H, hd)       <- in_proj_bias.reshape(3, H, hd)
+  resblocks_{i}/attn/out/kernel (H, hd, D)     <- out_proj.weight.T.reshape(H, hd, D)
+  resblocks_{i}/attn/out/bias (D,)
+  resblocks_{i}/mlp/c_fc, c_proj/{kernel, bias} <- Linear weight.T, bias
+  resblocks_{i}/{S,T,MLP}_Adapter[, T_Adapter_in]/D_fc1, D_fc2/{kernel, bias}
+  ln_post/{scale, bias}
+  proj (D, E)                         (CLIP image projection; not used by AIM)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
+
+LP = nn.with_logical_partitioning
+init = nn.initializers
+Dtype = Any
+
+
+def quick_gelu(x):
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    'quick_gelu': quick_gelu,                                        # OpenAI CLIP
+    'gelu': functools.partial(jax.nn.gelu, approximate=False),       # timm / exact erf
+    'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),   # SigLIP (big_vision)
+}
+
+# Switches that make the same encoder a given image-model family.
+FAMILIES = {
+    'clip': dict(patch_bias=False, pre_norm=True, ln_eps=1e-5, mlp_act='quick_gelu',
+                 drop_path_mode='token'),
+    'vit_in21k': dict(patch_bias=True, pre_norm=False, ln_eps=1e-6, mlp_act='gelu',
+                      drop_path_mode='frame'),
+}
+
+
+def constrain(x, names):
+  return nn.with_logical_constraint(x, names)
+
+
+class MultiHeadAttention(nn.Module):
+  """Self-attention over axis `axis` of `(B, A1, A2, D)` activations.
+
+  One module called on two layouts shares its weights: AIM's temporal branch
+  re-uses the frozen spatial attention along time (official vit_clip.py).
+  """
+  num_heads: int
+  qkv_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None   # None (XLA), 'cudnn' on GPU
+
+  @nn.compact
+  def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None) -> jax.Array:
+    # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T).
+    d = x.shape[-1]
+    h = self.num_heads
+    hd = d // h
+    if axis == 1:
+      x = jnp.swapaxes(x, 1, 2)                        # (B, T, L, D) -> (B, L, T, D)
+    b, a1, a2, _ = x.shape
+    qkv = nn.DenseGeneral(
+        (3, h, hd), axis=-1, use_bias=self.qkv_bias, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=LP(trunc_normal_02, ('embed', None, 'heads', 'kv')),
+        bias_init=LP(init.zeros, (None, 'heads', 'kv')), name='qkv')(x)
+    qkv = qkv.reshape(b * a1, a2, 3, h, hd)            # (N, S, 3, H, hd)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    y = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
+    y = y.reshape(b, a1, a2, h, hd)
+    y = nn.DenseGeneral(
+        d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=LP(trunc_normal_02, ('heads', 'kv', 'embed')),
+        bias_init=LP(init.zeros, ('embed',)), name='out')(y)
+    if axis == 1:
+      y = jnp.swapaxes(y, 1, 2)                        # (B, L, T, D) -> (B, T, L, D)
+    return y
+
+
+class Mlp(nn.Module):
+  """c_fc (D -> 4D) -> activation -> c_proj (4D -> D)."""
+  hidden: int
+  act: str = 'quick_gelu'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    h = dense(self.hidden, kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
+              bias_init=LP(init.zeros, ('mlp',)), name='c_fc')(x)
+    h = ACTIVATIONS[self.act](h)
+    h = constrain(h, ('activation_batch', None, None, 'activation_mlp'))
+    return dense(d, kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
+                 bias_init=LP(init.zeros, ('embed',)), name='c_proj')(h)
+
+
+class ResidualAttentionBlock(nn.Module):
+  """CLIP's residual attention block with optional AIM adapters (None = plain CLIP).
+
+  Order (official vit_clip.py / vit_imagenet.py):
+    1. temporal: x += drop_path(T_Adapter(attn_T(ln_1(x)))), attention along T,
+       every token (class token too) of a clip attending over its frames;
+       num_tadapter=2 puts T_Adapter_in between ln_1 and attn.
+    2. spatial:  x += S_Adapter(attn_L(ln_1(x)))     (no drop path)
+    3. joint:    x += mlp(ln_2(x)) + drop_path(scale * MLP_Adapter(ln_2(x)))
+  `layer_scale` (DINOv2) multiplies the frozen attention and MLP outputs.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  mlp_act: str = 'quick_gelu'
+  ln_eps: float = 1e-5
+  qkv_bias: bool = True
+  layer_scale: bool = False
+  s_adapter: Optional[ModuleFactory] = None
+  t_adapter: Optional[ModuleFactory] = None
+  t_adapter_in: Optional[ModuleFactory] = None
+  mlp_adapter: Optional[ModuleFactory] = None
+  mlp_adapter_scale: float = 0.5
+  drop_path_mode: str = 'token'
+  deterministic: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+  scanned: bool = False          # (carry, xs) signature for nn.scan
+
+  def _norm(self, name):
+    return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                        scale_init=LP(init.ones, ('embed',)),
+                        bias_init=LP(init.zeros, ('embed',)), name=name)
+
+  def _layer_scale(self, name, y):
+    if not self.layer_scale:
+      return y
+    gamma = self.param(name, LP(init.constant(1e-5), ('embed',)), (y.shape[-1],),
+                       self.param_dtype)
+    return y * gamma.astype(y.dtype)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
+    # x: (B, T, L, D)
+    d = x.shape[-1]
+    ln_1 = self._norm('ln_1')
+    attn = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
+                              param_dtype=self.param_dtype,
+                              attention_impl=self.attention_impl, name='attn')
+    drop_path = DropPath(self.drop_path_mode)
+
+    if self.t_adapter is not None:
+      xt = ln_1(x)
+      if self.t_adapter_in is not None:
+        xt = self.t_adapter_in(name='T_Adapter_in')(xt)
+      xt = attn(xt, axis=1)                            # (B, T, L, D), attention over T
+      xt = self._layer_scale('ls1', xt)
+      xt = self.t_adapter(name='T_Adapter')(xt)
+      self.sow('intermediates', 'tbranch', xt)
+      x = x + drop_path(xt, drop_rate, self.deterministic)
+
+    xs = attn(ln_1(x), axis=2)                         # (B, T, L, D), attention over L
+    xs = self._layer_scale('ls1', xs)
+    if self.s_adapter is not None:
+      xs = self.s_adapter(name='S_Adapter')(xs)
+    x = x + xs
+    x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
+
+    xn = self._norm('ln_2')(x)
+    m = Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
+            param_dtype=self.param_dtype, name='mlp')(xn)
+    x = x + self._layer_scale('ls2', m)
+    if self.mlp_adapter is not None:
+      a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
+      x = x + drop_path(a, drop_rate, self.deterministic)
+    x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
+    return (x, None) if self.scanned else x
+
+
+class VisionTransformer(nn.Module):
+  """CLIP-style ViT. Images `(N, H, W, C)` or videos `(B, T, H, W, C)`.
+
+  Returns the `ln_post` class token, `(N, D)` for images or `(B, T, D)` for
+  videos, projected by `proj` when `output_dim` is set (CLIP's image embedding).
+
+  Attributes (architecture): patch_size, width, layers, heads, image_size,
+    mlp_ratio, output_dim.
+  Attributes (family switches, see FAMILIES): patch_bias, pre_norm, ln_eps,
+    mlp_act, qkv_bias, layer_scale, num_registers.
+  Attributes (AIM): num_frames (size of temporal_embedding; 0 = none),
+    adapters (AdapterSpec or None), drop_path_rate, drop_path_mode.
+  Attributes (execution): scan_layers, remat_policy ('none', 'full',
+    'dots_saveable', ...), dtype, param_dtype, attention_impl.
+  """
+  patch_size: int = 16
+  width: int = 768
+  layers: int = 12
+  heads: int = 12
+  image_size: int = 224
+  mlp_ratio: float = 4.0
+  output_dim: Optional[int] = None
+  patch_bias: bool = False
+  pre_norm: bool = True
+  ln_eps: float = 1e-5
+  mlp_act: str = 'quick_gelu'
+  qkv_bias: bool = True
+  layer_scale: bool = False
+  num_registers: int = 0
+  num_frames: int = 0
+  adapters: Optional[AdapterSpec] = None
+  drop_path_rate: float = 0.0
+  drop_path_mode: str = 'token'
+  scan_layers: bool = False
+  remat_policy: str = 'none'
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  attention_impl: Optional[str] = None
+
+  @property
+  def grid(self) -> int:
+    return self.image_size // self.patch_size
+
+  def block_kwargs(self, layer: int, deterministic: bool) -> dict:
+    kw = dict(num_heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_act=self.mlp_act,
+              ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, layer_scale=self.layer_scale,
+              drop_path_mode=self.drop_path_mode, deterministic=deterministic,
+              dtype=self.dtype, param_dtype=self.param_dtype,
+              attention_impl=self.attention_impl)
+    if self.adapters is not None:
+      kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
+      kw['mlp_adapter_scale'] = self.adapters.scale
+    return kw
+
+  def _uniform_layers(self) -> bool:
+    return self.adapters is None or self.adapters.layers is None
+
+  def _remat(self, cls):
+    if self.remat_policy == 'none':
+      return cls
+    policy = None if self.remat_policy == 'full' else getattr(
+        jax.checkpoint_policies, self.remat_policy)
+    return nn.remat(cls, policy=policy, prevent_cse=not self.scan_layers)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+    is_video = x.ndim == 5
+    if not is_video:
+      x = x[:, None]                                   # (N, H, W, C) -> (N, 1, H, W, C)
+    b, t, hh, ww, c = x.shape
+    if self.num_frames and t != self.num_frames:
+      raise ValueError(
+          f'input has {t} frames but the model was built with num_frames={self.num_frames} '
+          '(model.num_frames must equal the data\'s clip length)')
+    if hh != self.image_size or ww != self.image_size:
+      raise ValueError(f'input is {hh}x{ww} but model.image_size is {self.image_size}')
+    d = self.width
+
+    x = x.reshape(b * t, hh, ww, c).astype(self.dtype)
+    x = nn.Conv(d, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding='VALID',
+                use_bias=self.patch_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                kernel_init=LP(init.lecun_normal(), (None, None, None, 'embed')),
+                bias_init=LP(init.zeros, ('embed',)), name='conv1')(x)
+    x = x.reshape(b, t, self.grid * self.grid, d)      # row-major patches (h then w)
+
+    scale = d ** -0.5
+    cls = self.param('class_embedding', LP(init.normal(scale), ('embed',)), (d,),
+                     self.param_dtype)
+    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, t, 1, d)), x], axis=2)
+    pos = self.param('positional_embedding', LP(init.normal(scale), (None, 'embed')),
+                     (self.grid * self.grid + 1, d), self.param_dtype)
+    x = x + pos.astype(x.dtype)
+    if self.num_frames:
+      # Added to every token, class token included, before ln_pre (vit_clip.py).
+      temb = self.param('temporal_embedding', LP(init.zeros, (None, None, 'embed')),
+                        (1, self.num_frames, d), self.param_dtype)
+      x = x + temb.astype(x.dtype)[:, :, None, :]
+    if self.num_registers:
+      reg = self.param('register_tokens', LP(init.normal(1e-6), (None, 'embed')),
+                       (self.num_registers, d), self.param_dtype)
+      x = jnp.concatenate(
+          [x[:, :, :1], jnp.broadcast_to(reg.astype(x.dtype), (b, t) + reg.shape), x[:, :, 1:]],
+          axis=2)
+    if self.pre_norm:
+      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                       scale_init=LP(init.ones, ('embed',)),
+                       bias_init=LP(init.zeros, ('embed',)), name='ln_pre')(x)
+    x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
+    self.sow('intermediates', 'after_ln_pre', x)
+
+    rates = np.linspace(0.0, self.drop_path_rate, self.layers).tolist()
+    deterministic = not train
+    if self.scan_layers and self._uniform_layers():
+      stack = nn.scan(
+          self._remat(ResidualAttentionBlock),
+          variable_axes={'params': 0, 'intermediates': 0},
+          split_rngs={'params': True, 'dropout': True}, in_axes=0, length=self.layers,
+          metadata_params={nn.PARTITION_NAME: 'layers'})
+      x, _ = stack(**self.block_kwargs(0, deterministic), scanned=True, name='resblocks')(
+          x, jnp.asarray(rates, jnp.float32))
+    else:
+      block_cls = self._remat(ResidualAttentionBlock)
+      for i in range(self.layers):
+        x = block_cls(**self.block_kwargs(i, deterministic), name=f'resblocks_{i}')(x, rates[i])
+        self.sow('intermediates', f'block{i}_out', x)
+
+    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                     scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
+                     name='ln_post')(x)
+    x = x[:, :, 0]                                     # class token: (B, T, D)
+    if self.output_dim is not None:
+      proj = self.param('proj', LP(init.normal(scale), ('embed', None)),
+                        (d, self.output_dim), self.param_dtype)
+      x = x @ proj.astype(x.dtype)
+    return x if is_video else x[:, 0]
