@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.aim import VideoClassifier, inject
+from aim_jax.models.swin import SwinTransformer
 from aim_jax.models.vit import FAMILIES, VisionTransformer
 
 # Width, depth, heads by ViT size (Dosovitskiy et al. 2021, Table 1; CLIP uses the same).
@@ -28,7 +29,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 def default_model_config() -> dict:
   """Every model field with its default (ViT-B/16 CLIP, AIM K400 8 frames)."""
   return dict(
-      backbone='clip',          # 'clip' | 'vit_in21k' | other registered families
+      backbone='clip',          # 'clip' | 'vit_in21k' | 'siglip' | 'dinov2' | 'dinov2_reg' | ...
       variant='',               # e.g. 'B/16', 'L/14'; overrides width/layers/heads/patch_size
       patch_size=16, width=768, layers=12, heads=12, image_size=224, mlp_ratio=4.0,
       output_dim=0,             # CLIP image projection (0 = none; AIM drops it)
@@ -49,6 +50,13 @@ def default_model_config() -> dict:
       dtype='float32',          # compute dtype; params stay param_dtype
       param_dtype='float32',
       attention_impl='',        # '' (XLA) | 'cudnn'
+      # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
+      swin=dict(
+          embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),   # Swin-B
+          window_size=7,
+          patch_size_t=2,       # Conv3d time kernel pt: T' = num_frames / pt
+          t_relative=True,      # False: absolute temporal_embedding (official option)
+      ),
   )
 
 
@@ -66,13 +74,13 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
     if key not in out:
       raise KeyError(f'unknown model config field model.{key!s} '
                      f'(known: {", ".join(sorted(out))})')
-    if key == 'adapters':
+    if key in ('adapters', 'swin'):
       value = dict(value)
       for k in value:
-        if k not in out['adapters']:
-          raise KeyError(f'unknown model config field model.adapters.{k} '
-                         f'(known: {", ".join(sorted(out["adapters"]))})')
-      out['adapters'].update(value)
+        if k not in out[key]:
+          raise KeyError(f'unknown model config field model.{key}.{k} '
+                         f'(known: {", ".join(sorted(out[key]))})')
+      out[key].update(value)
     else:
       out[key] = value
   if out['variant']:
@@ -97,7 +105,14 @@ def adapter_spec(cfg: Mapping) -> AdapterSpec | None:
   return AdapterSpec(
       spatial=a['spatial'], temporal=a['temporal'], joint=a['joint'],
       num_tadapter=a['num_tadapter'], ratio=a['ratio'], scale=a['scale'],
-      layers=layer_selection(a['position'], cfg['layers'], a['position_count']))
+      layers=layer_selection(a['position'], num_blocks(cfg), a['position_count']))
+
+
+def num_blocks(cfg: Mapping) -> int:
+  """Blocks that adapter positions index: all stages' blocks for Swin."""
+  if cfg['backbone'] == 'swin':
+    return int(sum(cfg['swin']['depths']))
+  return cfg['layers']
 
 
 def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
@@ -114,10 +129,26 @@ def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
       attention_impl=cfg['attention_impl'] or None, **family)
 
 
+def build_swin_encoder(cfg: Mapping) -> SwinTransformer:
+  """The plain 2D Swin image encoder (aim_jax.models.swin)."""
+  sw = cfg['swin']
+  return SwinTransformer(
+      patch_size=cfg['patch_size'], patch_size_t=sw['patch_size_t'], embed_dim=sw['embed_dim'],
+      depths=tuple(sw['depths']), num_heads=tuple(sw['num_heads']),
+      window_size=sw['window_size'], image_size=cfg['image_size'], mlp_ratio=cfg['mlp_ratio'],
+      t_relative=sw['t_relative'], drop_path_rate=cfg['drop_path_rate'],
+      scan_layers=cfg['scan_layers'], remat_policy=cfg['remat_policy'],
+      dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']])
+
+
 # Backbone families: name -> function(resolved config) -> image encoder definition.
 ENCODERS: dict[str, Callable[[Mapping], Any]] = {
     'clip': build_vit_encoder,
     'vit_in21k': build_vit_encoder,
+    'swin': build_swin_encoder,         # 2D Swin (Table 6), aim_jax.models.swin
+    'siglip': build_vit_encoder,        # SigLIP / SigLIP 2 image tower, MAP pooling
+    'dinov2': build_vit_encoder,        # DINOv2 (layer scale)
+    'dinov2_reg': build_vit_encoder,    # DINOv2 with 4 register tokens
 }
 
 

@@ -63,6 +63,14 @@ FAMILIES = {
                  drop_path_mode='token'),
     'vit_in21k': dict(patch_bias=True, pre_norm=False, ln_eps=1e-6, mlp_act='gelu',
                       drop_path_mode='frame'),
+    # SigLIP / SigLIP 2 image towers (big_vision ViT): no class token, MAP-head pooling.
+    'siglip': dict(patch_bias=True, pre_norm=False, ln_eps=1e-6, mlp_act='gelu_tanh',
+                   class_token=False, pool='map', drop_path_mode='frame'),
+    # DINOv2 (Oquab et al. 2023): layer scale; the `_reg` models add 4 register tokens.
+    'dinov2': dict(patch_bias=True, pre_norm=False, ln_eps=1e-6, mlp_act='gelu',
+                   layer_scale=True, drop_path_mode='frame'),
+    'dinov2_reg': dict(patch_bias=True, pre_norm=False, ln_eps=1e-6, mlp_act='gelu',
+                       layer_scale=True, num_registers=4, drop_path_mode='frame'),
 }
 
 
@@ -128,6 +136,62 @@ class Mlp(nn.Module):
                  bias_init=LP(init.zeros, ('embed',)), name='c_proj')(h)
 
 
+class ProbeAttention(nn.Module):
+  """Cross attention with separate query/key/value projections (big_vision layout)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, q_in: jax.Array, kv_in: jax.Array) -> jax.Array:
+    # q_in: (N, Q, D), kv_in: (N, L, D) -> (N, Q, D)
+    d = kv_in.shape[-1]
+    h = self.num_heads
+
+    def proj(name, y):
+      return nn.DenseGeneral((h, d // h), axis=-1, dtype=self.dtype,
+                             param_dtype=self.param_dtype,
+                             kernel_init=LP(trunc_normal_02, ('embed', 'heads', 'kv')),
+                             bias_init=LP(init.zeros, ('heads', 'kv')), name=name)(y)
+
+    q, k, v = proj('query', q_in), proj('key', kv_in), proj('value', kv_in)   # (N, S, H, hd)
+    y = jax.nn.dot_product_attention(q, k, v)                                 # (N, Q, H, hd)
+    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                           kernel_init=LP(trunc_normal_02, ('heads', 'kv', 'embed')),
+                           bias_init=LP(init.zeros, ('embed',)), name='out')(y)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling (big_vision `MAPHead`, SigLIP): (N, L, D) -> (N, D).
+
+  A learnt probe attends over the tokens; then `x + mlp(ln(x))`. Parameters:
+  probe (1, D), attn/{query,key,value}/kernel (D, H, hd) + bias (H, hd),
+  attn/out/kernel (H, hd, D) + bias, ln/{scale,bias}, mlp/{c_fc,c_proj}.
+  """
+  num_heads: int
+  mlp_ratio: float = 4.0
+  mlp_act: str = 'gelu_tanh'
+  ln_eps: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # x: (N, L, D) -> (N, D)
+    d = x.shape[-1]
+    probe = self.param('probe', LP(init.xavier_uniform(), (None, 'embed')), (1, d),
+                       self.param_dtype)
+    q_in = jnp.broadcast_to(probe.astype(x.dtype)[None], (x.shape[0], 1, d))  # (N, 1, D)
+    y = ProbeAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+                       name='attn')(q_in, x)                        # (N, 1, D)
+    z = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                     scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
+                     name='ln')(y)
+    y = y + Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='mlp')(z[:, None])[:, 0]
+    return y[:, 0]
+
+
 class ResidualAttentionBlock(nn.Module):
   """CLIP's residual attention block with optional AIM adapters (None = plain CLIP).
 
@@ -162,12 +226,19 @@ class ResidualAttentionBlock(nn.Module):
                         scale_init=LP(init.ones, ('embed',)),
                         bias_init=LP(init.zeros, ('embed',)), name=name)
 
-  def _layer_scale(self, name, y):
+  def _gammas(self, d):
     if not self.layer_scale:
-      return y
-    gamma = self.param(name, LP(init.constant(1e-5), ('embed',)), (y.shape[-1],),
-                       self.param_dtype)
-    return y * gamma.astype(y.dtype)
+      return {}
+    return {n: self.param(n, LP(init.constant(1e-5), ('embed',)), (d,), self.param_dtype)
+            for n in ('ls1', 'ls2')}
+
+  @staticmethod
+  def _scaled(gammas, name, y):
+    # Layer scale multiplies the frozen branch output *before* any adapter sees it: the
+    # temporal branch re-uses attention + ls1 exactly as the spatial one does, and
+    # T_Adapter / S_Adapter act on the scaled output (DINOv2 design choice, see
+    # aim_jax/formats/dinov2.py); the joint adapter stays parallel to the scaled MLP.
+    return y * gammas[name].astype(y.dtype) if name in gammas else y
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
@@ -178,19 +249,20 @@ class ResidualAttentionBlock(nn.Module):
                               param_dtype=self.param_dtype,
                               attention_impl=self.attention_impl, name='attn')
     drop_path = DropPath(self.drop_path_mode)
+    gammas = self._gammas(d)
 
     if self.t_adapter is not None:
       xt = ln_1(x)
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
       xt = attn(xt, axis=1)                            # (B, T, L, D), attention over T
-      xt = self._layer_scale('ls1', xt)
+      xt = self._scaled(gammas, 'ls1', xt)
       xt = self.t_adapter(name='T_Adapter')(xt)
       self.sow('intermediates', 'tbranch', xt)
       x = x + drop_path(xt, drop_rate, self.deterministic)
 
     xs = attn(ln_1(x), axis=2)                         # (B, T, L, D), attention over L
-    xs = self._layer_scale('ls1', xs)
+    xs = self._scaled(gammas, 'ls1', xs)
     if self.s_adapter is not None:
       xs = self.s_adapter(name='S_Adapter')(xs)
     x = x + xs
@@ -199,7 +271,7 @@ class ResidualAttentionBlock(nn.Module):
     xn = self._norm('ln_2')(x)
     m = Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
             param_dtype=self.param_dtype, name='mlp')(xn)
-    x = x + self._layer_scale('ls2', m)
+    x = x + self._scaled(gammas, 'ls2', m)
     if self.mlp_adapter is not None:
       a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
       x = x + drop_path(a, drop_rate, self.deterministic)
@@ -216,7 +288,7 @@ class VisionTransformer(nn.Module):
   Attributes (architecture): patch_size, width, layers, heads, image_size,
     mlp_ratio, output_dim.
   Attributes (family switches, see FAMILIES): patch_bias, pre_norm, ln_eps,
-    mlp_act, qkv_bias, layer_scale, num_registers.
+    mlp_act, qkv_bias, layer_scale, num_registers, class_token, pool.
   Attributes (AIM): num_frames (size of temporal_embedding; 0 = none),
     adapters (AdapterSpec or None), drop_path_rate, drop_path_mode.
   Attributes (execution): scan_layers, remat_policy ('none', 'full',
@@ -236,6 +308,8 @@ class VisionTransformer(nn.Module):
   qkv_bias: bool = True
   layer_scale: bool = False
   num_registers: int = 0
+  class_token: bool = True       # False: SigLIP (positional_embedding has grid*grid rows)
+  pool: str = 'cls'              # 'cls': ln_post class token; 'map': ln_post then MAPHead
   num_frames: int = 0
   adapters: Optional[AdapterSpec] = None
   drop_path_rate: float = 0.0
@@ -293,11 +367,12 @@ class VisionTransformer(nn.Module):
     x = x.reshape(b, t, self.grid * self.grid, d)      # row-major patches (h then w)
 
     scale = d ** -0.5
-    cls = self.param('class_embedding', LP(init.normal(scale), ('embed',)), (d,),
-                     self.param_dtype)
-    x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, t, 1, d)), x], axis=2)
+    if self.class_token:
+      cls = self.param('class_embedding', LP(init.normal(scale), ('embed',)), (d,),
+                       self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), (b, t, 1, d)), x], axis=2)
     pos = self.param('positional_embedding', LP(init.normal(scale), (None, 'embed')),
-                     (self.grid * self.grid + 1, d), self.param_dtype)
+                     (self.grid * self.grid + int(self.class_token), d), self.param_dtype)
     x = x + pos.astype(x.dtype)
     if self.num_frames:
       # Added to every token, class token included, before ln_pre (vit_clip.py).
@@ -307,8 +382,9 @@ class VisionTransformer(nn.Module):
     if self.num_registers:
       reg = self.param('register_tokens', LP(init.normal(1e-6), (None, 'embed')),
                        (self.num_registers, d), self.param_dtype)
+      c = int(self.class_token)      # registers follow the class token, without position
       x = jnp.concatenate(
-          [x[:, :, :1], jnp.broadcast_to(reg.astype(x.dtype), (b, t) + reg.shape), x[:, :, 1:]],
+          [x[:, :, :c], jnp.broadcast_to(reg.astype(x.dtype), (b, t) + reg.shape), x[:, :, c:]],
           axis=2)
     if self.pre_norm:
       x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -336,7 +412,20 @@ class VisionTransformer(nn.Module):
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
                      name='ln_post')(x)
-    x = x[:, :, 0]                                     # class token: (B, T, D)
+    if self.pool == 'cls':
+      if not self.class_token:
+        raise ValueError("pool='cls' needs class_token=True")
+      x = x[:, :, 0]                                   # class token: (B, T, D)
+    elif self.pool == 'map':
+      # SigLIP: the frozen MAP head pools each frame's tokens (registers excluded);
+      # temporal modelling happened in the blocks, the classifier head averages frames.
+      tokens = x[:, :, int(self.class_token) + self.num_registers:]
+      x = MAPHead(self.heads, mlp_ratio=self.mlp_ratio, mlp_act=self.mlp_act,
+                  ln_eps=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                  name='MAPHead')(tokens.reshape(b * t, -1, d))   # (B*T, L, D) -> (B*T, D)
+      x = x.reshape(b, t, d)
+    else:
+      raise ValueError(f"VisionTransformer.pool must be 'cls' or 'map', got {self.pool!r}")
     if self.output_dim is not None:
       proj = self.param('proj', LP(init.normal(scale), ('embed', None)),
                         (d, self.output_dim), self.param_dtype)
