@@ -1,0 +1,63 @@
+"""Default data configuration: the one place every data field is defined.
+
+Library code reads these fields with attribute access (never `.get(key, default)`), so a
+misspelt override fails loudly. Values follow the official AIM recipe (aim_spec.md §8):
+CLIP mean/std on 0..255, short side 256 for training/validation and 224 for testing.
+"""
+
+import ml_collections
+
+# CLIP normalisation on 0..255 (= CLIP mean/std * 255), as the official configs use.
+CLIP_MEAN = (122.769, 116.74, 104.04)
+CLIP_STD = (68.493, 66.63, 70.321)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  """Returns the data config with every field the pipeline reads."""
+  c = ml_collections.ConfigDict()
+  c.source = 'tfrecord'  # 'tfrecord' | 'tfds' | 'synthetic'
+  # Glob patterns of DMVR-layout SequenceExample shards; comma-separated lists allowed.
+  c.train_files = ''
+  c.val_files = ''
+  c.test_files = ''
+  # TFDS video dataset (tfds.features.Video + a label feature), e.g. 'ucf101'.
+  c.tfds_name = ''
+  c.tfds_data_dir = ''
+  c.num_classes = 400
+  # Temporal sampling: 'dense' (clip_len=num_frames, stride frame_interval) or
+  # 'uniform' (TSN-style segments, as SSv2 and Diving-48 use).
+  c.num_frames = 8
+  c.sampling = 'dense'
+  c.frame_interval = 16
+  # Spatial.
+  c.image_size = 224
+  c.train_short_side = 256
+  c.test_short_side = 224
+  c.area_range = (0.08, 1.0)
+  c.aspect_ratio_range = (3 / 4, 4 / 3)
+  c.flip_prob = 0.5
+  # Extra augmentation (SSv2 recipe: randaugment 4/7, random erasing 0.25; K400-L: colour jitter).
+  c.randaugment_n = 0
+  c.randaugment_m = 0
+  c.random_erasing_prob = 0.0
+  c.color_jitter = 0.0
+  # Views: V = crops * clips, crop-major then clip.
+  c.val_clips = 1
+  c.val_crops = 1
+  c.test_clips = 3
+  c.test_crops = 1
+  c.mean = CLIP_MEAN
+  c.std = CLIP_STD
+  # tf.data knobs.
+  c.shuffle_buffer = 256
+  c.prefetch = 2
+  c.num_parallel_calls = -1  # -1 = tf.data.AUTOTUNE
+  # Training stops with an error naming the bad clips when more than this fraction is skipped.
+  c.max_skip_rate = 0.01
+  # The skip-rate check starts after this many clips (one bad clip early is not a trend).
+  c.skip_rate_min_examples = 1000
+  # Deterministic subset of the training records (by key hash), for quick runs.
+  c.train_fraction = 1.0
+  # 0 = count the records (from the prepare report beside the shards, or by reading them).
+  c.num_train_examples = 0
+  return c

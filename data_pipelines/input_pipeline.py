@@ -1,0 +1,494 @@
+"""tf.data input pipelines on DMVR-layout TFRecords (and TFDS / synthetic sources).
+
+Order (as DMVR's `make_dataset`, on plain tf.data): files -> per-process file shard ->
+per-epoch file shuffle -> interleave(TFRecordDataset) -> record shuffle -> parse (no
+decoding) -> cheap validity checks (skip, count, log) -> sample frame indices -> decode only
+the sampled JPEGs -> augment -> normalise -> batch -> prefetch.
+
+Determinism: every random draw is stateless, keyed on (seed, process, epoch, position in
+the epoch), and the shuffles are seeded per epoch, so one seed gives the same clips in the
+same order on a re-run. `start_step=N` starts at epoch `N*B // n` and skips the first
+`N*B % n` raw records of it (no parsing or decoding), where n is the records per epoch of
+this process; the order then continues where it stopped. Exact unless clips were skipped as
+bad before the resume point (each shifts the order by one clip).
+
+Bad input: records with no frames, labels outside [0, num_classes), or frames that are not
+JPEG are skipped before decoding and logged with file and key; a JPEG that fails to decode
+is dropped by `ignore_errors` and counted from the gap it leaves. The iterator raises once
+the skip rate exceeds `max_skip_rate` (after `skip_rate_min_examples` clips).
+"""
+
+import dataclasses
+import glob
+import json
+import os
+import threading
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from data_pipelines import ops
+from data_pipelines import records
+from data_pipelines import sampling
+
+_SPLIT_FIELDS = {'train': 'train_files', 'val': 'val_files', 'test': 'test_files'}
+_HASH_BUCKETS = 1_000_000
+_CYCLE_LENGTH = 16
+
+
+# ------------------------------------------------------------------ files and counts
+
+
+def list_files(patterns: str, field: str = 'files') -> List[str]:
+  """Sorted files matching comma-separated glob patterns; a pattern matching nothing fails."""
+  out = []
+  parts = [p.strip() for p in str(patterns).split(',') if p.strip()]
+  if not parts:
+    raise ValueError(f'data.{field} is empty: give a glob pattern of TFRecord shards')
+  for pattern in parts:
+    matched = sorted(tf.io.gfile.glob(pattern))
+    if not matched:
+      raise FileNotFoundError(f'data.{field}: pattern {pattern!r} matches no file')
+    out.extend(m for m in matched if not m.endswith('.json') and not m.endswith('.tmp'))
+  return sorted(set(out))
+
+
+def _process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  return process_index, process_count
+
+
+def _reported_counts(path: str) -> Optional[int]:
+  """Record count of a shard from the prepare JSON beside it, if there is one."""
+  meta = path + '.json'
+  if os.path.exists(meta):
+    try:
+      with open(meta) as f:
+        stats = json.load(f)
+      if stats['complete']:
+        return int(stats['videos'])
+    except (OSError, ValueError, KeyError):
+      pass
+  for report in glob.glob(os.path.join(os.path.dirname(path), '*.report.json')):
+    try:
+      with open(report) as f:
+        shards = json.load(f)['shards']
+    except (OSError, ValueError, KeyError):
+      continue
+    entry = shards.get(os.path.basename(path))
+    if entry is not None and entry.get('complete'):
+      return int(entry['videos'])
+  return None
+
+
+def file_record_counts(files: Sequence[str]) -> List[int]:
+  """Records per file: from the prepare report when present, else by reading (no parsing)."""
+  counts = []
+  for path in files:
+    n = _reported_counts(path)
+    if n is None:
+      n = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda c, _: c + 1))
+    counts.append(n)
+  return counts
+
+
+def _keep_mask(basename, index, fraction: float):
+  """Deterministic record subset for `train_fraction`, by hash of (shard, position)."""
+  if fraction >= 1.0:
+    return tf.ones_like(index, tf.bool)
+  ident = tf.strings.join([basename, ':', tf.strings.as_string(index)])
+  bucket = tf.strings.to_hash_bucket_fast(ident, _HASH_BUCKETS)
+  return bucket < int(round(fraction * _HASH_BUCKETS))
+
+
+def _kept_count(files: Sequence[str], counts: Sequence[int], fraction: float) -> int:
+  if fraction >= 1.0:
+    return int(sum(counts))
+  total = 0
+  for path, n in zip(files, counts):
+    keep = _keep_mask(tf.constant(os.path.basename(path)), tf.range(n, dtype=tf.int64), fraction)
+    total += int(tf.reduce_sum(tf.cast(keep, tf.int64)))
+  return total
+
+
+def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
+  """Number of videos of a split (over all processes)."""
+  if split == 'train' and data_cfg.num_train_examples:
+    return int(data_cfg.num_train_examples)
+  if data_cfg.source == 'synthetic':
+    return _SYNTHETIC_SIZES[split]
+  if data_cfg.source == 'tfds':
+    from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
+    return tfds_source.count_examples(data_cfg, split)
+  if data_cfg.source != 'tfrecord':
+    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {data_cfg.source!r}")
+  field = _split_field(split)
+  files = list_files(getattr(data_cfg, field), field)
+  fraction = data_cfg.train_fraction if split == 'train' else 1.0
+  return _kept_count(files, file_record_counts(files), fraction)
+
+
+def _split_field(split: str) -> str:
+  if split not in _SPLIT_FIELDS:
+    raise ValueError(f"split must be one of {sorted(_SPLIT_FIELDS)}, got {split!r}")
+  return _SPLIT_FIELDS[split]
+
+
+# ------------------------------------------------------------------ skip accounting
+
+
+@dataclasses.dataclass
+class SkipStats:
+  """Clips skipped so far: those named before decoding (file, key, reason) and decode errors."""
+  named: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
+  named_positions: set = dataclasses.field(default_factory=set)
+  decode_errors: int = 0
+  lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+  @property
+  def total(self) -> int:
+    return len(self.named) + self.decode_errors
+
+  def record(self, epoch, index, file, key, reason) -> bool:
+    item = (file.numpy().decode('utf-8', 'replace'), key.numpy().decode('utf-8', 'replace'),
+            reason.numpy().decode('utf-8', 'replace'))
+    with self.lock:
+      self.named.append(item)
+      self.named_positions.add((int(epoch), int(index)))
+    logging.warning('Skipping clip %s in %s: %s', item[1], item[0], item[2])
+    return False
+
+
+def _check_valid(ex, num_classes: int, stats: SkipStats):
+  """Filter predicate: cheap checks on the parsed record, logging what it drops."""
+  frames = ex['frames']
+  has_frames = tf.size(frames) > 0
+  label_ok = tf.logical_and(ex['label'] >= 0, ex['label'] < num_classes)
+  soi = tf.strings.substr(frames, 0, 2)
+  jpeg_ok = tf.reduce_all(tf.equal(soi, b'\xff\xd8'))
+  reason = tf.case([(tf.logical_not(has_frames), lambda: tf.constant('record has no frames')),
+                    (tf.logical_not(label_ok),
+                     lambda: tf.strings.format('label {} outside [0, %d)' % num_classes,
+                                               ex['label'])),
+                    (tf.logical_not(jpeg_ok), lambda: tf.constant('frame is not a JPEG'))],
+                   default=lambda: tf.constant(''))
+  valid = tf.logical_and(has_frames, tf.logical_and(label_ok, jpeg_ok))
+
+  def log_skip():
+    out = tf.py_function(
+        lambda e, i, f, k, r: stats.record(e.numpy(), i.numpy(), f, k, r),
+        [ex['_epoch'], ex['_index'], ex['file'], ex['key'], reason], tf.bool)
+    return tf.reshape(out, [])
+
+  return tf.cond(valid, lambda: tf.constant(True), log_skip)
+
+
+class _BatchIterator:
+  """Numpy batches from a tf.data pipeline, counting clips dropped by decode errors.
+
+  Each element carries its (epoch, index) stream position. A position missing between two
+  consecutive outputs of one epoch was dropped: by the validity filter (named, logged) or,
+  if not named, by `ignore_errors` after a JPEG decode error.
+  """
+
+  def __init__(self, ds: tf.data.Dataset, stats: SkipStats, max_skip_rate: float,
+               min_examples: int, outputs: Sequence[str]):
+    self._it = ds.as_numpy_iterator()
+    self.stats = stats
+    self._max_skip_rate = max_skip_rate
+    self._min_examples = min_examples
+    self._outputs = tuple(outputs)
+    self._last = None
+    self.examples = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Dict[str, np.ndarray]:
+    batch = next(self._it)
+    epochs, indices = batch.pop('_epoch'), batch.pop('_index')
+    errors = 0
+    with self.stats.lock:
+      for e, i in zip(epochs.tolist(), indices.tolist()):
+        if self._last is not None and self._last[0] == e:
+          errors += sum((e, j) not in self.stats.named_positions for j in range(self._last[1] + 1, i))
+        self._last = (e, i)
+      self.stats.decode_errors += errors
+    if errors:
+      logging.warning('%d clip(s) dropped by JPEG decode errors (total skipped %d)', errors,
+                      self.stats.total)
+    self.examples += len(indices)
+    self._check_skip_rate()
+    return {k: batch[k] for k in self._outputs}
+
+  def _check_skip_rate(self):
+    skipped = self.stats.total
+    seen = self.examples + skipped
+    if seen >= self._min_examples and skipped > self._max_skip_rate * seen:
+      named = '; '.join(f'{k} in {f}: {r}' for f, k, r in self.stats.named[:10])
+      raise RuntimeError(
+          f'Skipped {skipped} of {seen} clips ({skipped / seen:.2%}), above data.max_skip_rate='
+          f'{self._max_skip_rate}: {self.stats.decode_errors} decode errors; first named: {named}')
+
+
+# ------------------------------------------------------------------ record streams
+
+
+def _read_file(path):
+  """(file, index-in-file, raw record) for every record of one shard."""
+  base = tf.strings.split(path, '/')[-1]
+  ds = tf.data.TFRecordDataset(path).enumerate()
+  return ds.map(lambda i, raw: {'file': path, 'base': base, 'file_index': i, 'raw': raw})
+
+
+def _parse(el):
+  ex = records.parse_sequence_example(el['raw'])
+  key = tf.where(tf.equal(ex['filename'], ''),
+                 tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
+                 ex['filename'])
+  return {'frames': ex['frames'], 'label': ex['label'], 'key': key, 'file': el['file']}
+
+
+def _records(files: Sequence[str], *, epoch, seed_base, shuffle_files: bool,
+             record_shard: Optional[Tuple[int, int]], fraction: float, num_parallel_calls: int):
+  files_t = tf.constant(list(files))
+  if shuffle_files:
+    files_t = tf.random.experimental.stateless_shuffle(
+        files_t, seed=tf.random.experimental.stateless_fold_in(seed_base, epoch))
+  ds = tf.data.Dataset.from_tensor_slices(files_t).interleave(
+      _read_file, cycle_length=min(len(files), _CYCLE_LENGTH), block_length=1,
+      num_parallel_calls=num_parallel_calls, deterministic=True)
+  if record_shard is not None:
+    ds = ds.shard(*record_shard)
+  if fraction < 1.0:
+    ds = ds.filter(lambda el: _keep_mask(el['base'], el['file_index'], fraction))
+  return ds
+
+
+# ------------------------------------------------------------------ per-clip processing
+
+
+def _train_clip(ex, cfg):
+  seeds = tf.random.experimental.stateless_split(ex['_seed'], 6)
+  n = tf.shape(ex['frames'])[0]
+  idx = sampling.train_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
+                               interval=cfg.frame_interval, seed=seeds[0])
+  encoded = tf.gather(ex['frames'], idx)  # sample before decoding: only T JPEGs decoded
+  video = ops.decode_crop_resize(encoded, short_side=cfg.train_short_side, size=cfg.image_size,
+                                 seed=seeds[1], area_range=tuple(cfg.area_range),
+                                 aspect_ratio_range=tuple(cfg.aspect_ratio_range))
+  video = ops.random_flip(video, cfg.flip_prob, seeds[2])
+  if cfg.randaugment_n > 0:
+    from data_pipelines import randaugment  # pylint: disable=g-import-not-at-top
+    video = randaugment.randaugment(video, cfg.randaugment_n, cfg.randaugment_m, seeds[3])
+  video = ops.pca_lighting(video, cfg.color_jitter, seeds[4])
+  video = ops.normalize(video, cfg.mean, cfg.std)
+  video = ops.random_erasing(video, cfg.random_erasing_prob, seeds[5])
+  video = tf.ensure_shape(video, [cfg.num_frames, cfg.image_size, cfg.image_size, 3])
+  return {'video': video, 'label': ex['label'], '_epoch': ex['_epoch'], '_index': ex['_index']}
+
+
+def eval_views(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *, split: str) -> tf.Tensor:
+  """All test views of one video from its encoded frames -> (V, T, S, S, 3) normalised.
+
+  V = crops * clips, crop-major then clip (the official layout). Validation resizes the short
+  side to `train_short_side` (256), test to `test_short_side` (224), as the official recipe.
+  """
+  clips, crops = _views(cfg, split)
+  n = tf.shape(frames)[0]
+  idx = sampling.eval_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
+                              interval=cfg.frame_interval, num_clips=clips)  # (clips, T)
+  encoded = tf.gather(frames, tf.reshape(idx, [-1]))  # (clips*T,)
+  return eval_views_from_frames(ops.decode_frames(encoded), cfg, split=split)
+
+
+def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,
+                           split: str) -> tf.Tensor:
+  """(clips*T, H, W, 3) sampled frames -> (V, T, S, S, 3) normalised views."""
+  clips, crops = _views(cfg, split)
+  t, size = cfg.num_frames, cfg.image_size
+  short = cfg.test_short_side if split == 'test' else cfg.train_short_side
+  frames = ops.resize_short_side(frames, short)
+  if crops == 1:
+    views = ops.center_crop(frames, size)[None]  # (1, clips*T, S, S, 3)
+  elif crops == 3:
+    views = ops.three_crop(frames, size)  # (3, clips*T, S, S, 3)
+  else:
+    raise ValueError(f'data.{split}_crops must be 1 or 3, got {crops}')
+  views = tf.reshape(views, [crops * clips, t, size, size, 3])  # crop-major, then clip
+  return ops.normalize(views, cfg.mean, cfg.std)
+
+
+def _views(cfg, split: str) -> Tuple[int, int]:
+  if split == 'val':
+    return cfg.val_clips, cfg.val_crops
+  if split == 'test':
+    return cfg.test_clips, cfg.test_crops
+  raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
+
+
+def _options(deterministic: bool = True) -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.experimental_optimization.map_parallelization = True
+  return options
+
+
+# ------------------------------------------------------------------ public builders
+
+
+def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, seed: int,
+                       process_index: Optional[int] = None, process_count: Optional[int] = None,
+                       start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
+  """Infinite iterator of {'video': f32 (B,T,H,W,3), 'label': i32 (B,)}; B per process."""
+  cfg = data_cfg
+  pi, pc = _process(process_index, process_count)
+  if cfg.source == 'synthetic':
+    return _synthetic_train(cfg, batch_size, seed, pi, start_step)
+  par = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
+  seed_base = tf.constant([seed, pi], tf.int64)
+  stats = SkipStats()
+  if cfg.source == 'tfds':
+    from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
+    epoch_records, per_epoch = tfds_source.train_epochs(cfg, pi, pc, seed_base)
+  elif cfg.source == 'tfrecord':
+    files = list_files(cfg.train_files, 'train_files')
+    if len(files) >= pc:
+      files, record_shard = files[pi::pc], None
+    else:  # fewer shards than processes: every process reads all, keeps every pc-th record
+      record_shard = (pc, pi)
+    per_epoch = None
+
+    def epoch_records(epoch):
+      return _records(files, epoch=epoch, seed_base=seed_base, shuffle_files=True,
+                      record_shard=record_shard, fraction=cfg.train_fraction,
+                      num_parallel_calls=par).map(_parse)
+  else:
+    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
+
+  start_epoch, offset = 0, 0
+  if start_step:
+    if per_epoch is None:
+      counts = file_record_counts(files)
+      per_epoch = _kept_count(files, counts, cfg.train_fraction)
+      if record_shard is not None:
+        per_epoch = len(range(pi, per_epoch, pc))
+    if per_epoch <= 0:
+      raise ValueError(f'no training records for process {pi}')
+    start_epoch, offset = divmod(start_step * batch_size, per_epoch)
+
+  def one_epoch(epoch):
+    ds = epoch_records(epoch)
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=epoch * 1_000_003 + seed * 7919 + pi,
+                    reshuffle_each_iteration=False)
+    ds = ds.enumerate()
+    epoch_seed = tf.random.experimental.stateless_fold_in(seed_base, epoch)
+
+    def tag(i, ex):
+      ex = dict(ex)
+      ex['_epoch'], ex['_index'] = epoch, i
+      ex['_seed'] = tf.random.experimental.stateless_fold_in(epoch_seed, i)
+      return ex
+    return ds.map(tag)
+
+  first = one_epoch(tf.constant(start_epoch, tf.int64)).skip(offset)
+  rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(one_epoch)
+  ds = first.concatenate(rest)
+  ds = ds.filter(lambda ex: _check_valid(ex, cfg.num_classes, stats))
+  ds = ds.map(lambda ex: _train_clip(ex, cfg), num_parallel_calls=par, deterministic=True)
+  ds = ds.ignore_errors(log_warning=True)
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
+  return _BatchIterator(ds, stats, cfg.max_skip_rate, cfg.skip_rate_min_examples,
+                        ('video', 'label'))
+
+
+def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int,
+                      process_index: Optional[int] = None,
+                      process_count: Optional[int] = None) -> Iterator[Dict[str, np.ndarray]]:
+  """Finite iterator of {'video': f32 (B,V,T,H,W,3), 'label': i32 (B,), 'key': bytes (B,)}.
+
+  Records are split across processes by position (every pc-th record), so each process
+  holds the same number of videos to within one and every video is seen exactly once.
+  """
+  cfg = data_cfg
+  _views(cfg, split)
+  pi, pc = _process(process_index, process_count)
+  if cfg.source == 'synthetic':
+    return _synthetic_eval(cfg, split, batch_size, pi, pc)
+  par = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
+  stats = SkipStats()
+  if cfg.source == 'tfds':
+    from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
+    ds = tfds_source.eval_records(cfg, split, pi, pc)
+  elif cfg.source == 'tfrecord':
+    field = _split_field(split)
+    files = list_files(getattr(cfg, field), field)
+    ds = _records(files, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
+                  fraction=1.0, num_parallel_calls=par).map(_parse)
+  else:
+    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
+
+  def tag(i, ex):
+    ex = dict(ex)
+    ex['_epoch'], ex['_index'] = tf.constant(0, tf.int64), i
+    return ex
+
+  ds = ds.enumerate().map(tag)
+  ds = ds.filter(lambda ex: _check_valid(ex, cfg.num_classes, stats))
+
+  def clip(ex):
+    return {'video': eval_views(ex['frames'], cfg, split=split), 'label': ex['label'],
+            'key': ex['key'], '_epoch': ex['_epoch'], '_index': ex['_index']}
+
+  ds = ds.map(clip, num_parallel_calls=par, deterministic=True).ignore_errors(log_warning=True)
+  ds = ds.batch(batch_size, drop_remainder=False).prefetch(cfg.prefetch).with_options(_options())
+  # Evaluation never stops for bad clips: they are counted and listed in `.stats`.
+  return _BatchIterator(ds, stats, 1.0, 1 << 62, ('video', 'label', 'key'))
+
+
+# ------------------------------------------------------------------ synthetic source
+
+_SYNTHETIC_SIZES = {'train': 256, 'val': 32, 'test': 32}
+
+
+def _synthetic_clip(cfg, seed, views: int):
+  """Random normalised video whose mean depends on its label (learnable, for smoke runs)."""
+  s = cfg.image_size
+  label = tf.random.stateless_uniform([], seed, 0, cfg.num_classes, dtype=tf.int32)
+  noise = tf.random.stateless_normal([views, cfg.num_frames, s, s, 3],
+                                     tf.random.experimental.stateless_fold_in(seed, 1))
+  shift = tf.cast(label, tf.float32) / max(cfg.num_classes - 1, 1) * 2.0 - 1.0
+  return noise * 0.5 + shift, label
+
+
+def _synthetic_train(cfg, batch_size, seed, pi, start_step):
+  base = tf.constant([seed, pi], tf.int64)
+
+  def make(i):
+    video, label = _synthetic_clip(cfg, tf.random.experimental.stateless_fold_in(base, i), 1)
+    return {'video': video[0], 'label': label}
+
+  ds = tf.data.Dataset.range(start_step * batch_size, 2**62).map(make).batch(batch_size)
+  return ds.prefetch(cfg.prefetch).as_numpy_iterator()
+
+
+def _synthetic_eval(cfg, split, batch_size, pi, pc):
+  clips, crops = _views(cfg, split)
+  n = _SYNTHETIC_SIZES[split]
+  base = tf.constant([10_007, ['val', 'test'].index(split)], tf.int64)
+
+  def make(i):
+    video, label = _synthetic_clip(cfg, tf.random.experimental.stateless_fold_in(base, i),
+                                   clips * crops)
+    return {'video': video, 'label': label, 'key': tf.strings.format('synthetic-{}', i)}
+
+  ds = tf.data.Dataset.range(n).shard(pc, pi).map(make).batch(batch_size)
+  return ds.prefetch(cfg.prefetch).as_numpy_iterator()

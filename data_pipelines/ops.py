@@ -1,0 +1,193 @@
+"""Video ops on whole clips: one random draw per clip, applied to every frame.
+
+Geometry follows mmaction2 as the official AIM configs use it (aim_spec.md §8):
+`Resize(-1, S)` (short side S, sizes `int(x*scale + 0.5)`), `RandomResizedCrop` (10 attempts,
+area and log-uniform ratio, `round(sqrt(...))` sides, centre-square fallback), `Resize(224,
+224, keep_ratio=False)`, `Flip`, `CenterCrop` and `ThreeCrop` (left/top, right/bottom,
+middle, with offsets `2*step` and `step`, `step = (long - crop)//2`). Frames are (T, H, W, 3).
+"""
+
+from typing import Sequence, Tuple
+
+import tensorflow as tf
+
+# ImageNet PCA lighting (mmaction2 ColorJitter, used by the K400 L/14 recipe).
+_EIG_VAL = (55.46, 4.794, 1.148)
+_EIG_VEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+def short_side_size(height, width, short_side: int) -> Tuple[tf.Tensor, tf.Tensor]:
+  """mmcv `rescale_size` for `Resize(-1, short_side)`: `int(x*scale + 0.5)` on both sides."""
+  h = tf.cast(height, tf.float64)
+  w = tf.cast(width, tf.float64)
+  scale = float(short_side) / tf.minimum(h, w)
+  return (tf.cast(tf.floor(h * scale + 0.5), tf.int32), tf.cast(tf.floor(w * scale + 0.5), tf.int32))
+
+
+def resize(frames: tf.Tensor, height, width) -> tf.Tensor:
+  """Bilinear resize of (T, H, W, 3) to (T, height, width, 3) float32 (no-op cast if same)."""
+  shape = tf.shape(frames)
+  same = tf.logical_and(tf.equal(shape[1], height), tf.equal(shape[2], width))
+  return tf.cond(same, lambda: tf.cast(frames, tf.float32),
+                 lambda: tf.image.resize(tf.cast(frames, tf.float32), tf.stack([height, width]),
+                                         method='bilinear'))
+
+
+def resize_short_side(frames: tf.Tensor, short_side: int) -> tf.Tensor:
+  shape = tf.shape(frames)
+  h, w = short_side_size(shape[1], shape[2], short_side)
+  return resize(frames, h, w)
+
+
+def random_resized_crop_box(height, width, seed, area_range: Sequence[float],
+                            aspect_ratio_range: Sequence[float], max_attempts: int = 10):
+  """mmaction2 `RandomResizedCrop.get_crop_bbox` with stateless draws -> (top, left, h, w)."""
+  seeds = tf.random.experimental.stateless_split(seed, 4)
+  h = tf.cast(height, tf.int32)
+  w = tf.cast(width, tf.int32)
+  area = tf.cast(h * w, tf.float64)
+  lo, hi = float(aspect_ratio_range[0]), float(aspect_ratio_range[1])
+  log_ratio = tf.random.stateless_uniform([max_attempts], seeds[0], tf.math.log(tf.constant(lo, tf.float64)),
+                                          tf.math.log(tf.constant(hi, tf.float64)), dtype=tf.float64)
+  ratios = tf.exp(log_ratio)
+  targets = tf.random.stateless_uniform([max_attempts], seeds[1], float(area_range[0]),
+                                        float(area_range[1]), dtype=tf.float64) * area
+  # np.round (half to even) then int32, as the official code does.
+  cw = tf.cast(tf.math.round(tf.sqrt(targets * ratios)), tf.int32)
+  ch = tf.cast(tf.math.round(tf.sqrt(targets / ratios)), tf.int32)
+  ok = tf.logical_and(ch <= h, cw <= w)
+  first = tf.cast(tf.argmax(tf.cast(ok, tf.int32)), tf.int32)
+  any_ok = tf.reduce_any(ok)
+  side = tf.minimum(h, w)
+  crop_h = tf.where(any_ok, ch[first], side)
+  crop_w = tf.where(any_ok, cw[first], side)
+  # random.randint(0, img - crop) is inclusive at both ends.
+  u = tf.random.stateless_uniform([2], seeds[2], dtype=tf.float64)
+  top_r = tf.cast(tf.floor(u[0] * tf.cast(h - crop_h + 1, tf.float64)), tf.int32)
+  left_r = tf.cast(tf.floor(u[1] * tf.cast(w - crop_w + 1, tf.float64)), tf.int32)
+  top = tf.where(any_ok, tf.minimum(top_r, h - crop_h), (h - side) // 2)
+  left = tf.where(any_ok, tf.minimum(left_r, w - crop_w), (w - side) // 2)
+  return top, left, crop_h, crop_w
+
+
+def decode_frames(encoded: tf.Tensor) -> tf.Tensor:
+  """(N,) JPEG strings -> (N, H, W, 3) uint8."""
+  return tf.map_fn(lambda x: tf.io.decode_jpeg(x, channels=3), encoded,
+                   fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+
+
+def decode_crop_resize(encoded: tf.Tensor, *, short_side: int, size: int, seed,
+                       area_range, aspect_ratio_range) -> tf.Tensor:
+  """Training geometry: short-side resize, random resized crop, resize to (size, size).
+
+  Only the crop window is decoded when the stored frames already have the short side the
+  recipe resizes to (what `prepare` writes by default): `decode_and_crop_jpeg` then gives the
+  same pixels as decode-then-crop for less work. Otherwise frames are decoded whole, resized
+  and cropped. Returns (T, size, size, 3) float32 in 0..255.
+  """
+  shape = tf.io.extract_jpeg_shape(encoded[0])
+  rh, rw = short_side_size(shape[0], shape[1], short_side)
+  top, left, ch, cw = random_resized_crop_box(rh, rw, seed, area_range, aspect_ratio_range)
+
+  def crop_decode():
+    window = tf.stack([top, left, ch, cw])
+    crops = tf.map_fn(lambda x: tf.io.decode_and_crop_jpeg(x, window, channels=3), encoded,
+                      fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+    return tf.image.resize(tf.cast(crops, tf.float32), [size, size], method='bilinear')
+
+  def full_decode():
+    frames = resize(decode_frames(encoded), rh, rw)
+    crops = frames[:, top:top + ch, left:left + cw, :]
+    return tf.image.resize(crops, [size, size], method='bilinear')
+
+  stored_ok = tf.logical_and(tf.equal(rh, shape[0]), tf.equal(rw, shape[1]))
+  out = tf.cond(stored_ok, crop_decode, full_decode)
+  return tf.ensure_shape(out, [None, size, size, 3])
+
+
+def random_flip(frames: tf.Tensor, prob: float, seed) -> tf.Tensor:
+  """Horizontal flip of the whole clip with probability `prob`."""
+  if prob <= 0:
+    return frames
+  u = tf.random.stateless_uniform([], seed)
+  return tf.cond(u < prob, lambda: tf.reverse(frames, axis=[2]), lambda: frames)
+
+
+def normalize(frames: tf.Tensor, mean: Sequence[float], std: Sequence[float]) -> tf.Tensor:
+  """(x - mean) / std per RGB channel, on 0..255 values."""
+  mean = tf.constant(mean, tf.float32)
+  std = tf.constant(std, tf.float32)
+  return (tf.cast(frames, tf.float32) - mean) / std
+
+
+def center_crop(frames: tf.Tensor, size: int) -> tf.Tensor:
+  """mmaction2 CenterCrop: top=(h-size)//2, left=(w-size)//2."""
+  shape = tf.shape(frames)
+  top = (shape[1] - size) // 2
+  left = (shape[2] - size) // 2
+  return frames[:, top:top + size, left:left + size, :]
+
+
+def three_crop(frames: tf.Tensor, size: int) -> tf.Tensor:
+  """mmaction2 ThreeCrop along the long side -> (3, T, size, size, 3).
+
+  Order left/top, right/bottom, middle; offsets 0, 2*step, step with step=(long-size)//2.
+  The short side is centred when it is longer than `size` (official code asserts equality).
+  """
+  shape = tf.shape(frames)
+  h, w = shape[1], shape[2]
+  wide = w >= h
+  step = tf.where(wide, (w - size) // 2, (h - size) // 2)
+  centre = tf.where(wide, (h - size) // 2, (w - size) // 2)
+  views = []
+  for k in (0, 2, 1):
+    along = step * k
+    top = tf.where(wide, centre, along)
+    left = tf.where(wide, along, centre)
+    views.append(frames[:, top:top + size, left:left + size, :])
+  return tf.stack(views, axis=0)
+
+
+def pca_lighting(frames: tf.Tensor, alpha_std: float, seed) -> tf.Tensor:
+  """mmaction2 ColorJitter (color_space_aug=False): add eigvec*alpha @ eigval, one draw per clip."""
+  if alpha_std <= 0:
+    return frames
+  alpha = tf.random.stateless_normal([3], seed, stddev=alpha_std)
+  vec = tf.constant(_EIG_VEC, tf.float32)
+  rgb = tf.linalg.matvec(vec * alpha[None, :], tf.constant(_EIG_VAL, tf.float32))
+  return tf.cast(frames, tf.float32) + rgb
+
+
+def random_erasing(frames: tf.Tensor, prob: float, seed, min_area: float = 0.02,
+                   max_area: float = 1 / 3, min_aspect: float = 0.3,
+                   max_attempts: int = 10) -> tf.Tensor:
+  """timm RandomErasing (mode 'pixel', one box) with the same box on every frame.
+
+  Runs on normalised frames: the box is filled with N(0, 1) noise, fresh per pixel and per
+  frame (timm's per-pixel mode), at the position drawn once per clip.
+  """
+  if prob <= 0:
+    return frames
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  shape = tf.shape(frames)
+  h, w = shape[1], shape[2]
+  area = tf.cast(h * w, tf.float32)
+  targets = tf.random.stateless_uniform([max_attempts], seeds[0], min_area, max_area) * area
+  log_r = tf.random.stateless_uniform([max_attempts], seeds[1], tf.math.log(min_aspect),
+                                      tf.math.log(1.0 / min_aspect))
+  ratio = tf.exp(log_r)
+  eh = tf.cast(tf.round(tf.sqrt(targets * ratio)), tf.int32)
+  ew = tf.cast(tf.round(tf.sqrt(targets / ratio)), tf.int32)
+  ok = tf.logical_and(eh < h, ew < w)
+  first = tf.cast(tf.argmax(tf.cast(ok, tf.int32)), tf.int32)
+  u = tf.random.stateless_uniform([3], seeds[2])
+  apply = tf.logical_and(u[0] < prob, tf.reduce_any(ok))
+  bh, bw = eh[first], ew[first]
+  top = tf.cast(tf.floor(u[1] * tf.cast(h - bh + 1, tf.float32)), tf.int32)
+  left = tf.cast(tf.floor(u[2] * tf.cast(w - bw + 1, tf.float32)), tf.int32)
+  rows = tf.range(h)[:, None]
+  cols = tf.range(w)[None, :]
+  box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)  # (H, W)
+  box = tf.logical_and(box, apply)[None, :, :, None]
+  noise = tf.random.stateless_normal(shape, seeds[3], dtype=frames.dtype)
+  return tf.where(box, noise, frames)

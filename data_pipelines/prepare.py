@@ -1,0 +1,238 @@
+r"""Raw videos -> DMVR-layout TFRecord shards (JPEG frames), in parallel, resumable.
+
+  python -m data_pipelines.prepare --videos DIR --annotations FILE --out DIR --split train \
+      [--format auto|kinetics|ssv2|diving48|list] [--labels FILE] [--name NAME] \
+      [--short_side 256] [--fps 0] [--num_shards 0] [--num_workers N]
+
+Each video is decoded with PyAV, resized to the short side, optionally resampled to `--fps`
+(0 keeps every frame), JPEG-encoded and written as one SequenceExample (records.py). Videos
+are spread over `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shards by a seeded shuffle; each shard
+is written by one worker to a temporary file, renamed when complete, and described by a JSON
+file beside it. A re-run skips shards whose JSON says they are complete for the same videos,
+so an interrupted preparation resumes. `NAME-SPLIT.report.json` lists videos written,
+frames, bytes and every failure with its reason; readers take record counts from it.
+"""
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from data_pipelines import annotations as annotations_lib
+from data_pipelines import records
+from data_pipelines import video_io
+
+
+@dataclasses.dataclass
+class Options:
+  short_side: int = 256
+  fps: float = 0.0
+  jpeg_quality: int = 90
+  min_frames: int = 1
+
+
+def encode_jpeg(frame, quality: int) -> bytes:
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  Image.fromarray(frame).save(buf, format='JPEG', quality=quality)
+  return buf.getvalue()
+
+
+def video_frames(entry: annotations_lib.Entry, opts: Options) -> List[bytes]:
+  """JPEG frames of one entry; raises ValueError/OSError/av errors with the reason."""
+  if entry.error:
+    raise ValueError(entry.error)
+  if not entry.path:
+    raise FileNotFoundError('video file not found')
+  frames = [encode_jpeg(f, opts.jpeg_quality)
+            for f in video_io.decode_video(entry.path, short_side=opts.short_side, fps=opts.fps,
+                                           start_s=entry.start_s, end_s=entry.end_s)]
+  if len(frames) < opts.min_frames:
+    raise ValueError(f'{len(frames)} frames decoded (need {opts.min_frames})')
+  return frames
+
+
+def _fingerprint(entries: Sequence[annotations_lib.Entry], opts: Options) -> str:
+  h = hashlib.sha256(json.dumps(dataclasses.asdict(opts), sort_keys=True).encode())
+  for e in entries:
+    h.update(f'{e.key}\t{e.path}\t{e.label}\t{e.start_s}\t{e.end_s}\n'.encode())
+  return h.hexdigest()[:16]
+
+
+def _shard_meta_path(shard_path: str) -> str:
+  return shard_path + '.json'
+
+
+def write_shard(task) -> Dict:
+  """Writes one shard (worker entry point); returns its stats (also saved beside it)."""
+  shard_path, entries, opts = task
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  stats = {'videos': 0, 'frames': 0, 'bytes': 0, 'failures': [], 'complete': False,
+           'fingerprint': _fingerprint(entries, opts)}
+  tmp = shard_path + '.tmp'
+  with tf.io.TFRecordWriter(tmp) as writer:
+    for e in entries:
+      try:
+        frames = video_frames(e, opts)
+      except Exception as err:  # pylint: disable=broad-except
+        # One bad video must not stop a preparation of 300k: report it and go on.
+        stats['failures'].append({'key': e.key, 'path': e.path,
+                                  'reason': f'{type(err).__name__}: {err}'.strip()})
+        continue
+      start_us = int(e.start_s * 1e6) if e.start_s is not None else None
+      end_us = int(e.end_s * 1e6) if e.end_s is not None else None
+      data = records.make_sequence_example(frames, e.label, e.label_text, e.key, start_us,
+                                           end_us).SerializeToString()
+      writer.write(data)
+      stats['videos'] += 1
+      stats['frames'] += len(frames)
+      stats['bytes'] += len(data)
+  os.replace(tmp, shard_path)
+  stats['complete'] = True
+  with open(_shard_meta_path(shard_path), 'w') as f:
+    json.dump(stats, f)
+  return stats
+
+
+def _shard_done(shard_path: str, fingerprint: str):
+  meta = _shard_meta_path(shard_path)
+  if not (os.path.exists(shard_path) and os.path.exists(meta)):
+    return None
+  try:
+    with open(meta) as f:
+      stats = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if stats.get('complete') and stats.get('fingerprint') == fingerprint:
+    return stats
+  return None
+
+
+def prepare(entries: Sequence[annotations_lib.Entry], *, out_dir: str, name: str, split: str,
+            opts: Options, num_shards: int = 0, num_workers: int = 0, seed: int = 0,
+            progress: bool = True) -> Dict:
+  """Writes the shards of `entries`; returns (and saves) the report.
+
+  num_workers=0 writes in this process (tests, debugging); otherwise spawned processes
+  (spawn, not fork: the parent may already hold TensorFlow threads).
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  entries = list(entries)
+  random.Random(seed).shuffle(entries)  # spread classes over shards
+  if num_shards <= 0:
+    num_shards = max(1, math.ceil(len(entries) / 200))
+  num_shards = max(1, min(num_shards, len(entries)))
+  tasks, report_shards, done = [], {}, []
+  for i in range(num_shards):
+    path = os.path.join(out_dir, records.shard_name(name, split, i, num_shards))
+    part = entries[i::num_shards]
+    stats = _shard_done(path, _fingerprint(part, opts))
+    if stats is not None:
+      report_shards[os.path.basename(path)] = stats
+      done.append(path)
+    else:
+      tasks.append((path, part, opts))
+  if done:
+    logging.info('Resuming: %d of %d shards already complete', len(done), num_shards)
+  t0 = time.time()
+  bar = _progress(len(tasks), progress)
+  if num_workers <= 0:
+    for task in tasks:
+      report_shards[os.path.basename(task[0])] = write_shard(task)
+      bar.update(1)
+  else:
+    ctx = multiprocessing.get_context('spawn')
+    with concurrent.futures.ProcessPoolExecutor(num_workers, mp_context=ctx) as pool:
+      futures = {pool.submit(write_shard, t): t[0] for t in tasks}
+      for fut in concurrent.futures.as_completed(futures):
+        report_shards[os.path.basename(futures[fut])] = fut.result()
+        bar.update(1)
+  bar.close()
+  report = {
+      'name': name, 'split': split, 'num_shards': num_shards,
+      'videos_requested': len(entries),
+      'videos_written': sum(s['videos'] for s in report_shards.values()),
+      'frames': sum(s['frames'] for s in report_shards.values()),
+      'bytes': sum(s['bytes'] for s in report_shards.values()),
+      'failures': [f for s in report_shards.values() for f in s['failures']],
+      'seconds': round(time.time() - t0, 2),
+      'options': dataclasses.asdict(opts),
+      'shards': dict(sorted(report_shards.items())),
+  }
+  path = os.path.join(out_dir, f'{name}-{split}.report.json')
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=1)
+  logging.info('Wrote %d/%d videos (%d frames, %.1f MB) in %d shards; %d failures; report %s',
+               report['videos_written'], len(entries), report['frames'], report['bytes'] / 1e6,
+               num_shards, len(report['failures']), path)
+  return report
+
+
+class _NoBar:
+  def update(self, n):
+    del n
+
+  def close(self):
+    pass
+
+
+def _progress(total: int, enabled: bool):
+  if not enabled:
+    return _NoBar()
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, desc='shards', unit='shard', file=sys.stderr)
+
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  flags.DEFINE_string('videos', None, 'Directory of video files (searched recursively).')
+  flags.DEFINE_string('annotations', None, 'Annotation file (CSV, JSON or "path label" list).')
+  flags.DEFINE_string('out', None, 'Output directory for shards and the report.')
+  flags.DEFINE_string('split', 'train', 'Split name used in shard names.')
+  flags.DEFINE_string('name', '', 'Data set name in shard names (default: annotations stem).')
+  flags.DEFINE_enum('format', 'auto', ['auto', 'kinetics', 'ssv2', 'diving48', 'list'],
+                    'Annotation format.')
+  flags.DEFINE_string('labels', '', 'Class list: text (one per line), JSON list, or SSv2 labels.json.')
+  flags.DEFINE_integer('num_classes', 0, 'Labels outside [0, num_classes) are reported (0: from labels).')
+  flags.DEFINE_integer('short_side', 256, 'Resize frames to this short side (0 keeps the size).')
+  flags.DEFINE_float('fps', 0.0, 'Keep frames at this rate (0 keeps every frame).')
+  flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality.')
+  flags.DEFINE_integer('num_shards', 0, 'Number of shards (0: one per 200 videos).')
+  flags.DEFINE_integer('num_workers', max(1, (os.cpu_count() or 2) - 1), 'Writer processes.')
+  flags.DEFINE_integer('seed', 0, 'Seed of the video-to-shard assignment.')
+
+
+def main(argv):
+  del argv
+  for f in ('videos', 'annotations', 'out'):
+    if not getattr(FLAGS, f):
+      raise app.UsageError(f'--{f} is required')
+  entries = annotations_lib.read(FLAGS.format, FLAGS.annotations, FLAGS.videos,
+                                 labels=FLAGS.labels, num_classes=FLAGS.num_classes)
+  name = FLAGS.name or os.path.splitext(os.path.basename(FLAGS.annotations))[0]
+  opts = Options(short_side=FLAGS.short_side, fps=FLAGS.fps, jpeg_quality=FLAGS.jpeg_quality)
+  report = prepare(entries, out_dir=FLAGS.out, name=name, split=FLAGS.split, opts=opts,
+                   num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers, seed=FLAGS.seed)
+  print(json.dumps({k: report[k] for k in ('videos_requested', 'videos_written', 'frames', 'bytes',
+                                           'seconds')}))
+  for fail in report['failures'][:20]:
+    print(f"FAILED {fail['key']} ({fail['path']}): {fail['reason']}")
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,54 @@
+"""Helpers for the data tests: real videos made with PyAV, records with plain tf.train."""
+
+import os
+
+import numpy as np
+
+
+def frame_value(i: int) -> int:
+  """Grey level of frame i in test videos: distinct and robust to H.264 + JPEG rounding."""
+  return (8 * i) % 256
+
+
+def make_video(path: str, num_frames: int, height: int = 64, width: int = 96, fps: int = 25):
+  """Writes an H.264 mp4 whose frame i is flat grey `frame_value(i)` in R and B, and a
+  left-to-right ramp in G (so crops and flips can be seen after decoding)."""
+  import av
+  ramp = np.linspace(0, 255, width).astype(np.uint8)
+  with av.open(path, 'w') as out:
+    stream = out.add_stream('libx264', rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, 'yuv444p'
+    stream.options = {'crf': '0', 'preset': 'ultrafast'}
+    for i in range(num_frames):
+      img = np.empty((height, width, 3), np.uint8)
+      img[..., 0] = frame_value(i)
+      img[..., 1] = ramp[None, :]
+      img[..., 2] = frame_value(i)
+      frame = av.VideoFrame.from_ndarray(img, format='rgb24')
+      for packet in stream.encode(frame):
+        out.mux(packet)
+    for packet in stream.encode():
+      out.mux(packet)
+  return path
+
+
+def frame_index(value: float) -> int:
+  return int(round(value / 8.0))
+
+
+def write_dmvr_records(path: str, videos):
+  """Plain tf.train code following the DMVR layout (no project code).
+
+  videos: list of (key, label, frames uint8 (N,H,W,3)).
+  """
+  import tensorflow as tf
+  with tf.io.TFRecordWriter(path) as w:
+    for key, label, frames in videos:
+      seq = tf.train.SequenceExample()
+      seq.context.feature['clip/label/index'].int64_list.value[:] = [label]
+      seq.context.feature['clip/label/text'].bytes_list.value[:] = [f'class{label}'.encode()]
+      seq.context.feature['video/filename'].bytes_list.value[:] = [key.encode()]
+      fl = seq.feature_lists.feature_list['image/encoded']
+      for f in frames:
+        fl.feature.add().bytes_list.value[:] = [tf.io.encode_jpeg(f, quality=100).numpy()]
+      w.write(seq.SerializeToString())
