@@ -1,0 +1,177 @@
+"""Every training field with its default, and the helpers paper configs share.
+
+A config file exposes `get_config(arg)`; `arg` is the text after ':' in
+`--config configs/k400.py:b16_f8` (big_vision's convention). Fields are
+overridden on the command line with `--config.FIELD=VALUE`.
+
+Defaults are the official recipe (AIM, ICLR 2023; taoyang1122/adapt-image-models
+configs/recognition/vit/vitclip_*): AdamW 3e-4, wd 0.05 with mmcv paramwise
+exemptions, global batch 64, epoch-wise cosine with 2.5 warm-up epochs from
+0.1x, eval every few epochs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from aim_jax.models.factory import default_model_config
+
+# mmcv `paramwise_cfg.custom_keys` of every vitclip config: these get decay_mult 0.
+OFFICIAL_WD_EXEMPT = ('class_embedding', 'positional_embedding', 'ln_1', 'ln_2', 'ln_pre',
+                      'ln_post')
+# tools/train.py: a parameter trains iff its name contains one of these.
+OFFICIAL_TRAINABLE = ('Adapter', 'temporal_embedding', 'ln_post', 'cls_head')
+
+# Logical parameter/activation axis -> mesh axes. 'embed' over fsdp shards the
+# frozen backbone (and everything else) across the fsdp axis; set it to None to
+# replicate. 'mlp'/'heads' over 'model' is tensor parallelism.
+DEFAULT_AXIS_RULES = (
+    ('activation_batch', ('data', 'fsdp')),
+    ('activation_embed', None),
+    ('activation_mlp', 'model'),
+    ('embed', 'fsdp'),
+    ('mlp', 'model'),
+    ('heads', 'model'),
+    ('kv', None),
+    ('adapter', None),
+    ('classes', None),
+    ('layers', None),
+)
+
+
+def _fallback_data_config() -> dict:
+  """The data contract's fields, used only while `data_pipelines.config` is absent."""
+  return dict(
+      source='synthetic', train_files='', val_files='', test_files='', tfds_name='',
+      tfds_data_dir='', num_classes=400, num_frames=8, sampling='dense', frame_interval=8,
+      image_size=224, train_short_side=256, test_short_side=224, area_range=(0.08, 1.0),
+      aspect_ratio_range=(3 / 4, 4 / 3), flip_prob=0.5, randaugment_n=0, randaugment_m=0,
+      random_erasing_prob=0.0, color_jitter=0.0, val_clips=1, val_crops=1, test_clips=3,
+      test_crops=1, mean=(122.769, 116.74, 104.04), std=(68.493, 66.63, 70.321),
+      shuffle_buffer=1024, prefetch=2, num_parallel_calls=-1, max_skip_rate=0.01,
+      train_fraction=1.0, num_train_examples=0)
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+  try:
+    from data_pipelines.config import default_data_config as data_defaults
+  except ImportError:
+    return ml_collections.ConfigDict(_fallback_data_config())
+  return data_defaults()
+
+
+def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
+  """'row=b16_f8,frames=16' or a bare 'b16_f8' (the first field) -> typed values.
+
+  `spec` gives each field's default; its type types the parsed value.
+  """
+  out = ml_collections.ConfigDict(spec)
+  if not arg:
+    return out
+  first = next(iter(spec)) if spec else None
+  for part in arg.split(','):
+    if not part:
+      continue
+    key, eq, value = part.partition('=')
+    if not eq:
+      key, value = first, part
+    if key not in spec:
+      raise KeyError(f'config argument {key!r} is not one of {sorted(spec)}')
+    default = spec[key]
+    if isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    elif isinstance(default, (int, float, str)):
+      out[key] = type(default)(value)
+    else:
+      out[key] = value
+  return out
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+  """Every field of a training run. Paper configs override a few of these."""
+  c = ml_collections.ConfigDict()
+  c.model = ml_collections.ConfigDict(default_model_config())
+  c.model.variant = 'B/16'
+  c.data = default_data_config()
+  c.seed = 0
+  c.batch_size = 64                 # global: 8 videos x 8 GPUs (official README)
+  c.total_epochs = 30.0
+  c.total_steps = 0                 # 0 = total_epochs * steps_per_epoch
+  c.steps_per_epoch = 0             # 0 = data.num_train_examples (or counted) // batch_size
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'adamw'
+  c.optimizer.lr = 3e-4
+  c.optimizer.weight_decay = 0.05
+  c.optimizer.b1 = 0.9
+  c.optimizer.b2 = 0.999
+  c.optimizer.eps = 1e-8
+  c.optimizer.warmup_epochs = 2.5
+  c.optimizer.warmup_ratio = 0.1    # warm-up starts at 0.1x the scheduled lr
+  c.optimizer.min_lr = 0.0
+  # 'cosine_epoch': mmcv CosineAnnealing(by_epoch=True), the official schedule;
+  # 'cosine': the same curve updated every step; 'constant'.
+  c.optimizer.schedule = 'cosine_epoch'
+  c.optimizer.grad_clip_norm = 0.0  # 0 = none (official: no clipping)
+  # mmcv paramwise custom_keys: substring of the name -> lr_mult / decay_mult 0.
+  # The longest matching key decides both multipliers (mmcv's rule).
+  c.optimizer.lr_mults = ml_collections.ConfigDict()
+  c.optimizer.wd_exempt = OFFICIAL_WD_EXEMPT
+
+  c.trainable = OFFICIAL_TRAINABLE   # regexes searched in '/'-joined parameter names
+  c.full_finetune = False
+  c.init_from = ''                   # a parameter checkpoint (aim_jax.checkpoint_io)
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1                   # -1 = every device not used by fsdp/model
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+  c.logical_axis_rules = DEFAULT_AXIS_RULES
+  c.grad_accum_steps = 1
+
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_steps = 1000
+  c.checkpoint.keep = 3
+  c.checkpoint.keep_best = True
+  c.checkpoint.async_save = True
+
+  c.log_every_steps = 50
+  c.eval_every_steps = 0             # 0 = every 5 epochs (official evaluation interval)
+  c.progress_bar = True
+  c.label_smoothing = 0.0
+  c.mixup_alpha = 0.0
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.average_clips = 'prob'
+  c.eval.split = 'val'
+  c.eval.batch_size = 16             # global, videos (each with all its views)
+  return c
+
+
+def set_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
+  """'b16' | 'l14': CLIP ViT-B/16 or ViT-L/14; large models use lr_mult 0.1 on the backbone."""
+  if backbone == 'b16':
+    c.model.variant = 'B/16'
+  elif backbone == 'l14':
+    c.model.variant = 'L/14'
+    # vitclip_large_*: paramwise custom_keys {'backbone': lr_mult 0.1}. 'backbone' is the
+    # longest key, so backbone.ln_post gets lr 0.1x and weight decay (aim_spec.md section 7).
+    c.optimizer.lr_mults = ml_collections.ConfigDict({'backbone': 0.1})
+  else:
+    raise ValueError(f"backbone {backbone!r} is not 'b16' or 'l14'")
+
+
+def set_frames(c: ml_collections.ConfigDict, frames: int) -> None:
+  """The clip length is set here only, for the model and the data together."""
+  c.model.num_frames = frames
+  c.data.num_frames = frames
+
+
+def split_row(row: str) -> tuple[str, int]:
+  """'b16_f8' -> ('b16', 8)."""
+  backbone, _, frames = row.partition('_f')
+  if not frames.isdigit():
+    raise ValueError(f"config row {row!r} is not BACKBONE_fFRAMES, e.g. 'b16_f8'")
+  return backbone, int(frames)
