@@ -1,0 +1,271 @@
+"""Multi-view test of a checkpoint: the paper's numbers from a checkpoint.
+
+  python -m aim_jax.evaluate --config configs/k400.py:b16_f8 --checkpoint DIR \
+      [--which best] [--output_dir OUT] [--labels classes.txt] [--config.eval.split=val]
+
+DIR is either a parameter checkpoint (`aim_jax.checkpoint_io`, written by
+`python -m aim_jax.convert` from an official AIM or CLIP checkpoint) or a
+training workdir (its latest or best checkpoint, `--which`).
+
+The checkpoint's own config.json decides the architecture; the config file
+supplies data, views, batch size, mesh and execution options (dtype, scan,
+attention). An architecture field on which the two disagree (num_frames,
+num_classes, width...) is an error that names the field, so that a K400
+checkpoint is never silently run with another recipe's frame count.
+
+Views: `data.test_clips x data.test_crops` for split 'test' (official K400:
+3 clips x 1 crop; SSv2: 1 x 3), `val_*` for 'val'. Softmax probabilities are
+averaged per video (`eval.average_clips='prob'`, the official test_cfg) or
+logits ('score'). Outputs (in --output_dir, default DIR/eval_<split>):
+predictions.csv (or .jsonl), summary.json, per_class.csv, confusion.png.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import numpy as np
+from absl import logging
+from etils import epath
+
+from aim_jax import checkpoint_io
+from aim_jax import eval_lib
+from aim_jax import params as P
+from aim_jax import reports
+from aim_jax.models.factory import build_model, input_shape, resolve_model_config
+
+# Fields that only change how the model runs (or trains), never what it computes at
+# test time: taken from the config file, not the checkpoint.
+EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
+                    'dropout_rate', 'drop_path_rate', 'drop_path_mode', 'variant')
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints and model configs
+# ---------------------------------------------------------------------------
+
+def load_checkpoint(path: str, which: str = 'latest') -> tuple[dict, dict, str]:
+  """-> (params as numpy, checkpoint model config, kind 'params' | 'workdir')."""
+  root = epath.Path(path)
+  if not root.exists():
+    raise checkpoint_io.CheckpointError(f'checkpoint directory {path} does not exist')
+  if checkpoint_io.is_params_checkpoint(path):
+    params, model_config, _ = checkpoint_io.load_params(path)
+    return params, model_config, 'params'
+  if not (root / checkpoint_io.CONFIG_FILE).exists():
+    raise checkpoint_io.CheckpointError(
+        f'{path} is neither a parameter checkpoint ({checkpoint_io.CONFIG_FILE} + '
+        f'{checkpoint_io.PARAMS_DIR}/) nor a training workdir ({checkpoint_io.CONFIG_FILE} + '
+        'checkpoints/)')
+  try:
+    from aim_jax.checkpointing import restore_params_from_workdir
+  except ImportError as e:  # pragma: no cover - only before training support exists
+    raise checkpoint_io.CheckpointError(
+        f'{path} looks like a training workdir but aim_jax.checkpointing is unavailable: {e}')
+  params, model_config = restore_params_from_workdir(path, which)
+  return params, model_config, 'workdir'
+
+
+def _differs(a: Any, b: Any) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    try:
+      return not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    except (TypeError, ValueError):
+      return True
+  if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+    return list(a) != list(b)
+  return a != b
+
+
+def merge_model_config(config_model: Optional[Mapping], checkpoint_model: Mapping) -> dict:
+  """The checkpoint's architecture with the config's execution options.
+
+  Raises ValueError naming every architecture field on which they disagree.
+  `config_model=None` takes the checkpoint's config as it is.
+  """
+  ckpt = resolve_model_config(checkpoint_model)
+  if config_model is None:
+    return ckpt
+  cfg = resolve_model_config(config_model)
+  bad = []
+  for key in ckpt:
+    if key in EXECUTION_FIELDS:
+      continue
+    if key == 'adapters':
+      if not ckpt['adapters']['enabled'] and not cfg['adapters']['enabled']:
+        continue
+      for k in ckpt['adapters']:
+        if _differs(cfg['adapters'][k], ckpt['adapters'][k]):
+          bad.append(f'model.adapters.{k}: config {cfg["adapters"][k]!r}, '
+                     f'checkpoint {ckpt["adapters"][k]!r}')
+    elif _differs(cfg[key], ckpt[key]):
+      bad.append(f'model.{key}: config {cfg[key]!r}, checkpoint {ckpt[key]!r}')
+  if bad:
+    raise ValueError('the config does not describe the checkpoint\'s model: '
+                     + '; '.join(bad))
+  out = dict(ckpt)
+  for key in EXECUTION_FIELDS:
+    if key != 'variant':
+      out[key] = cfg[key]
+  return out
+
+
+def check_data_matches_model(data_cfg: Any, model_cfg: Mapping) -> None:
+  """Frames, classes and resolution the pipeline produces must be what the model takes."""
+  bad = [f'data.{k} {data_cfg[k]!r} != model.{k} {model_cfg[k]!r}'
+         for k in ('num_frames', 'num_classes', 'image_size') if data_cfg[k] != model_cfg[k]]
+  if bad:
+    raise ValueError('data and model configs disagree: ' + '; '.join(bad))
+
+
+def num_views(data_cfg: Any, split: str) -> int:
+  """Views per video the pipeline makes for `split`: crops x clips."""
+  prefix = 'test' if split == 'test' else 'val'
+  return int(data_cfg[f'{prefix}_clips']) * int(data_cfg[f'{prefix}_crops'])
+
+
+def prepare_model(model_cfg: Mapping, params: Mapping):
+  """-> (model, params in the model's layer layout, boxed abstract variables)."""
+  model = build_model(model_cfg)
+  dummy = np.zeros(input_shape(model_cfg, 1), np.float32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
+  abstract = nn.unbox(boxed)['params']
+  params = P.match_layout(params, abstract)
+  got = set(P.names(params))
+  want = set(P.names(abstract))
+  if got != want:
+    missing, extra = sorted(want - got), sorted(got - want)
+    raise checkpoint_io.CheckpointError(
+        f'checkpoint parameters do not fit the model: missing {missing[:8]}'
+        f'{"..." if len(missing) > 8 else ""}, unexpected {extra[:8]}'
+        f'{"..." if len(extra) > 8 else ""}')
+  for name, (a, b) in _pairs(params, abstract):
+    if tuple(np.shape(a)) != tuple(b.shape):
+      raise checkpoint_io.CheckpointError(
+          f'parameter {name}: checkpoint shape {np.shape(a)}, model shape {b.shape}')
+  return model, params, boxed['params']
+
+
+def _pairs(params, abstract):
+  fa, fb = P.flatten(params), P.flatten(abstract)
+  return ((k, (fa[k], fb[k])) for k in sorted(fa))
+
+
+# ---------------------------------------------------------------------------
+# The evaluation run
+# ---------------------------------------------------------------------------
+
+def default_output_dir(checkpoint: str, kind: str, split: str, which: str) -> str:
+  name = f'eval_{split}' if kind == 'params' else f'eval_{split}_{which}'
+  return str(epath.Path(checkpoint) / name)
+
+
+def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
+                        output_dir: str = '', labels_file: str = '',
+                        predictions_format: str = 'csv', progress: bool = True,
+                        keep_scores: bool = False) -> eval_lib.EvalResult:
+  """Load, check, evaluate the configured split on every device, write the reports."""
+  from aim_jax import sharding
+  from data_pipelines import input_pipeline
+
+  if predictions_format not in ('csv', 'jsonl'):
+    raise ValueError(f"predictions format must be 'csv' or 'jsonl', got {predictions_format!r}")
+  params, ckpt_model, kind = load_checkpoint(checkpoint, which)
+  model_cfg = merge_model_config(config.model, ckpt_model)
+  check_data_matches_model(config.data, model_cfg)
+  names = reports.read_class_names(labels_file, model_cfg['num_classes']) if labels_file else None
+  split = config.eval.split
+  views = num_views(config.data, split)
+  model, params, boxed = prepare_model(model_cfg, params)
+
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.logical_axis_rules)
+  param_sharding = sharding.logical_shardings(boxed, mesh, rules)
+  processes = jax.process_count()
+  per_process = int(math.ceil(config.eval.batch_size / processes))
+  expected = input_pipeline.count_examples(config.data, split)
+  logging.info('evaluating %s (%s) on split %r: %d videos x %d views, %d devices, mesh %s, '
+               '%d videos per step per process', checkpoint, kind, split, expected, views,
+               jax.device_count(), dict(mesh.shape), per_process)
+  batches = input_pipeline.make_eval_dataset(
+      config.data, split=split, batch_size=per_process,
+      process_index=jax.process_index(), process_count=processes)
+
+  def apply_fn(p, video):
+    with nn.logical_axis_rules(rules):
+      return model.apply({'params': p}, video, train=False)
+
+  result = eval_lib.evaluate(
+      apply_fn, params, batches, num_classes=model_cfg['num_classes'], num_views=views,
+      batch_size=per_process, mesh=mesh, average_clips=config.eval.average_clips,
+      expected_count=expected, progress=progress, keep_scores=keep_scores,
+      total_steps=int(math.ceil(expected / processes / per_process)) or None,
+      param_sharding=param_sharding)
+  if result.metrics['num_skipped'] > 0:
+    logging.warning('%d of %d videos were skipped by the input pipeline (unreadable)',
+                    result.metrics['num_skipped'], expected)
+
+  out = epath.Path(output_dir or default_output_dir(checkpoint, kind, split, which))
+  suffix = f'.process{jax.process_index():05d}' if processes > 1 else ''
+  rows = reports.prediction_rows(result.keys, result.labels, result.topk_classes,
+                                 result.topk_scores, names)
+  reports.write_predictions(str(out / f'predictions{suffix}.{predictions_format}'), rows)
+  if jax.process_index() == 0:
+    reports.write_summary(
+        str(out / 'summary.json'), result.metrics, checkpoint=checkpoint, checkpoint_kind=kind,
+        which=which if kind == 'workdir' else None, split=split, model=model_cfg,
+        data=config.data.to_dict(), eval=config.eval.to_dict(),
+        devices=jax.device_count(), processes=processes, mesh=dict(mesh.shape))
+    reports.write_per_class(str(out / 'per_class.csv'),
+                            reports.per_class_table(result.confusion, names))
+    reports.plot_confusion(str(out / 'confusion.png'), result.confusion, names)
+  logging.info('%s: %s', split, reports.format_metrics(result.metrics))
+  logging.info('reports in %s', out)
+  return result
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def _define_flags():
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
+                                  lock_config=True)
+  flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
+  flags.DEFINE_enum('which', 'latest', ['latest', 'best'], 'Workdir checkpoint to evaluate.')
+  flags.DEFINE_string('output_dir', '', 'Where reports go (default CHECKPOINT/eval_<split>).')
+  flags.DEFINE_string('labels', '', 'Class names, one per line (for the reports).')
+  flags.DEFINE_enum('predictions_format', 'csv', ['csv', 'jsonl'], 'Per-video predictions file.')
+  flags.DEFINE_bool('progress', True, 'Show a progress bar.')
+  flags.mark_flags_as_required(['config', 'checkpoint'])
+  return flags.FLAGS
+
+
+def main(argv) -> None:
+  from absl import flags
+  if len(argv) > 1:
+    raise SystemExit(f'unexpected arguments: {argv[1:]}')
+  from aim_jax import distributed
+  distributed.maybe_initialize()
+  fl = flags.FLAGS
+  logging.info('config:\n%s', fl.config)
+  result = evaluate_checkpoint(fl.config, fl.checkpoint, which=fl.which,
+                               output_dir=fl.output_dir, labels_file=fl.labels,
+                               predictions_format=fl.predictions_format, progress=fl.progress)
+  if jax.process_index() == 0:
+    print(reports.format_metrics(result.metrics), flush=True)
+
+
+def run() -> None:
+  from absl import app
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()

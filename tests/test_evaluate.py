@@ -1,0 +1,285 @@
+"""Multi-view evaluation: sharding does not change results, every video counts once,
+the view average is the official one, metrics and reports are right, errors name the cause."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import checkpoint_io, eval_lib, evaluate, official, reports
+from aim_jax import params as P
+from aim_jax.models.factory import build_model
+from conftest import GOLDEN, ROOT
+
+TINY = dict(patch_size=8, width=32, layers=2, heads=2, image_size=32, num_frames=4,
+            num_classes=5, variant='')
+
+
+def tiny_params(cfg=TINY, seed=0):
+  """Init params, perturbed so that adapters and head are not zero (a real function)."""
+  model = build_model(cfg)
+  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4, 32, 32, 3))))['params']
+  rng = np.random.RandomState(seed + 1)
+  return model, jax.tree.map(
+      lambda x: np.asarray(x) + 0.05 * rng.randn(*x.shape).astype(np.float32), params)
+
+
+def tiny_videos(n, views, seed=0):
+  rng = np.random.RandomState(seed)
+  return (rng.randn(n, views, 4, 32, 32, 3).astype(np.float32),
+          rng.randint(0, 5, n).astype(np.int32))
+
+
+def batches_of(videos, labels, batch_size):
+  for i in range(0, len(videos), batch_size):
+    yield dict(video=videos[i:i + batch_size], label=labels[i:i + batch_size],
+               key=np.array([f'vid{j:03d}'.encode() for j in range(i, min(i + batch_size,
+                                                                          len(videos)))]))
+
+
+def run_script(code, tmp_path, devices=8, timeout=300):
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+             JAX_PLATFORMS='cpu', PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
+  script = tmp_path / 'script.py'
+  script.write_text(textwrap.dedent(code))
+  proc = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+# --------------------------------------------------------------------------- sharding
+
+SHARDED = """
+import jax, numpy as np
+from aim_jax import eval_lib
+from test_evaluate import tiny_params, tiny_videos, batches_of
+assert jax.device_count() == 8
+model, params = tiny_params()
+videos, labels = tiny_videos(13, 3)
+out = {}
+meshes = {'data8': eval_lib.eval_mesh(),
+          'data4_model2': jax.make_mesh((4, 2), ('data', 'model'),
+                                        axis_types=(jax.sharding.AxisType.Auto,) * 2)}
+for name, mesh in meshes.items():
+  res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params, batches_of(videos, labels, 4),
+                          num_classes=5, num_views=3, batch_size=4, mesh=mesh,
+                          keep_scores=True, expected_count=13, progress=False)
+  out[name + '/scores'] = res.scores
+  out[name + '/keys'] = np.array(res.keys)
+  out[name + '/labels'] = res.labels
+  out[name + '/confusion'] = res.confusion
+  out[name + '/padded'] = eval_lib.padded_batch_size(4, 3, mesh)
+  out[name + '/metrics'] = np.array(__import__('json').dumps(res.metrics))
+np.savez('{out}', **out)
+"""
+
+
+def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_batch(tmp_path):
+  # 13 videos in batches of 4: 4, 4, 4, 1. On the 8-way data mesh 4 videos x 3 views = 12
+  # rows do not split over 8 devices, so each batch is padded to 8 videos as well.
+  out = tmp_path / 'sharded.npz'
+  run_script(SHARDED.replace('{out}', str(out)), tmp_path)
+  got = np.load(out)
+  model, params = tiny_params()
+  videos, labels = tiny_videos(13, 3)
+  want = eval_lib.reference_scores(eval_lib.model_apply_fn(model), params, videos, 3)
+  assert int(got['data8/padded']) == 8 and int(got['data4_model2/padded']) == 4
+  for name in ('data8', 'data4_model2'):
+    np.testing.assert_allclose(got[f'{name}/scores'], want, atol=2e-6, rtol=0)
+    assert list(got[f'{name}/keys']) == [f'vid{i:03d}' for i in range(13)]
+    np.testing.assert_array_equal(got[f'{name}/labels'], labels)
+    m = json.loads(str(got[f'{name}/metrics']))
+    assert m['num_evaluated'] == 13 and m['num_skipped'] == 0
+    assert got[f'{name}/confusion'].sum() == 13
+    assert m['top1'] == pytest.approx(np.mean(want.argmax(1) == labels))
+
+
+def test_padded_batch_fills_the_local_shards():
+  mesh = eval_lib.eval_mesh()        # one device in-process
+  assert eval_lib.padded_batch_size(5, 3, mesh) == 5
+
+
+# --------------------------------------------------------------------------- view averaging
+
+@pytest.mark.parametrize('case', ['aim_tiny_case1', 'aim_tiny_case1_tadapter2'])
+def test_multiview_average_reproduces_official_scores(case):
+  d = np.load(GOLDEN / f'{case}.npz')
+  meta = json.loads(str(d['config_json'][0]))
+  sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
+  cfg = official.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  params, _ = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  mv = d['multiview_input']                                   # (1, V, C, T, H, W)
+  video = mv.transpose(0, 1, 3, 4, 5, 2)                      # (1, V, T, H, W, C)
+  model = build_model(cfg)
+  res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params,
+                          [dict(video=video, label=np.array([0]), key=np.array([b'golden']))],
+                          num_classes=cfg['num_classes'], num_views=mv.shape[1], batch_size=1,
+                          keep_scores=True, progress=False)
+  np.testing.assert_allclose(res.scores, d['multiview_scores'], atol=2e-5, rtol=0)
+  np.testing.assert_allclose(res.topk_scores[0], np.sort(d['multiview_scores'][0])[::-1][:5],
+                             atol=2e-5)
+
+
+def _view_logits_apply(params, video):
+  """Fake model: a view's logits are written in its first frame, row 0, channel 0."""
+  return video[:, 0, 0, :, 0]                                 # (N, K)
+
+
+def _logit_videos(logits):
+  """(N, V, K) logits -> (N, V, 1, 1, W=K, 1) videos that _view_logits_apply reads back."""
+  n, v, k = logits.shape
+  return logits.reshape(n, v, 1, 1, k, 1).astype(np.float32)
+
+
+def test_metrics_by_hand_with_padding_and_score_mode():
+  # 5 videos, 2 views, 6 classes. Video i's two views favour classes chosen below.
+  k = 6
+  logits = np.full((5, 2, k), -5.0, np.float32)
+  # video 0 label 0: both views say 0 -> correct.
+  logits[0, :, 0] = 5.0
+  # video 1 label 1: views say 2 (strongly) and 1 (weakly) -> prob average picks 2.
+  logits[1, 0, 2], logits[1, 1, 1] = 9.0, 5.0
+  # video 2 label 1: both views say 1.
+  logits[2, :, 1] = 5.0
+  # video 3 label 3: top-1 is 4, the label is second.
+  logits[3, :, 4], logits[3, :, 3] = 5.0, 4.0
+  # video 4 label 5: label ranked last of six -> not in top-5.
+  logits[4, :, :5] = np.arange(5, dtype=np.float32)
+  labels = np.array([0, 1, 1, 3, 5])
+  videos = _logit_videos(logits)
+  batches = [dict(video=videos[:3], label=labels[:3]), dict(video=videos[3:], label=labels[3:])]
+  res = eval_lib.evaluate(_view_logits_apply, {}, batches, num_classes=k, num_views=2,
+                          batch_size=3, expected_count=6, keep_scores=True, progress=False)
+  m = res.metrics
+  assert m['num_evaluated'] == 5 and m['num_skipped'] == 1
+  assert m['top1'] == pytest.approx(2 / 5)
+  assert m['top5'] == pytest.approx(4 / 5)
+  # Classes present among the labels: 0 (1/1), 1 (1/2), 3 (0/1), 5 (0/1).
+  assert m['mean_class_accuracy'] == pytest.approx((1 + 0.5 + 0 + 0) / 4)
+  np.testing.assert_array_equal(res.topk_classes[:, 0], [0, 2, 1, 4, 4])
+  assert res.confusion[1, 2] == 1 and res.confusion[3, 4] == 1
+  probs = jax.nn.softmax(logits, axis=-1).mean(axis=1)
+  np.testing.assert_allclose(res.scores, probs, atol=1e-6)
+  assert res.keys == [f'p0:{i}' for i in range(5)]
+  # 'score' averages logits: video 1 becomes (9 - 5) / 2 = 2 for class 2 vs (5 - 5) / 2 = 0
+  # for class 1 ... still 2; check the values, not just the argmax.
+  res = eval_lib.evaluate(_view_logits_apply, {}, batches, num_classes=k, num_views=2,
+                          batch_size=3, average_clips='score', keep_scores=True,
+                          progress=False)
+  np.testing.assert_allclose(res.scores, logits.mean(axis=1), atol=1e-6)
+
+
+def test_batch_errors_name_the_problem():
+  videos = _logit_videos(np.zeros((2, 2, 3)))
+  with pytest.raises(ValueError, match=r'V=3'):
+    eval_lib.evaluate(_view_logits_apply, {}, [dict(video=videos, label=np.zeros(2))],
+                      num_classes=3, num_views=3, batch_size=2, progress=False)
+  with pytest.raises(ValueError, match='outside'):
+    eval_lib.evaluate(_view_logits_apply, {}, [dict(video=videos, label=np.array([0, 7]))],
+                      num_classes=3, num_views=2, batch_size=2, progress=False)
+  with pytest.raises(ValueError, match="average_clips"):
+    eval_lib.make_eval_step(_view_logits_apply, eval_lib.eval_mesh(), 2, 'max')
+
+
+# --------------------------------------------------------------------------- reports
+
+def test_reports_round_trip_and_per_class_table(tmp_path):
+  names = ['run', 'jump', 'swim']
+  confusion = np.array([[2, 1, 0], [0, 0, 0], [1, 0, 3]])
+  table = reports.per_class_table(confusion, names)
+  assert table[0]['accuracy'] == pytest.approx(2 / 3)
+  assert table[0]['most_confused_with'] == 'jump'
+  assert table[1]['accuracy'] is None and table[1]['videos'] == 0
+  rows = reports.prediction_rows(['a', 'b'], np.array([0, 2]), np.array([[0, 1], [1, 2]]),
+                                 np.array([[0.7, 0.2], [0.5, 0.4]]), names)
+  assert rows[0]['correct'] and not rows[1]['correct'] and rows[1]['topk_names'] == ['jump', 'swim']
+  for fmt in ('csv', 'jsonl'):
+    path = reports.write_predictions(str(tmp_path / f'p.{fmt}'), rows)
+    assert reports.read_predictions(path) == rows
+  png = reports.plot_confusion(str(tmp_path / 'c.png'), confusion, names)
+  assert pathlib.Path(png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  assert reports.plot_confusion(str(tmp_path / 'big.png'),
+                                np.zeros((reports.MAX_PLOT_CLASSES + 1,) * 2, int)) is None
+
+
+def test_labels_file_must_match_the_head(tmp_path):
+  path = tmp_path / 'classes.txt'
+  path.write_text('run\njump\nswim\n')
+  assert reports.read_class_names(str(path), 3) == ['run', 'jump', 'swim']
+  with pytest.raises(ValueError, match=r'classes.txt has 3 class names but the model head has 5'):
+    reports.read_class_names(str(path), 5)
+  (tmp_path / 'indexed.txt').write_text('0 run\n1 jump fast\n')
+  assert reports.read_class_names(str(tmp_path / 'indexed.txt'), 2) == ['run', 'jump fast']
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def test_missing_checkpoint_is_named(tmp_path):
+  with pytest.raises(checkpoint_io.CheckpointError, match='nowhere.*does not exist'):
+    evaluate.load_checkpoint(str(tmp_path / 'nowhere'))
+  (tmp_path / 'empty').mkdir()
+  with pytest.raises(checkpoint_io.CheckpointError, match='neither a parameter checkpoint'):
+    evaluate.load_checkpoint(str(tmp_path / 'empty'))
+
+
+def test_config_and_checkpoint_model_must_agree():
+  ckpt = dict(TINY)
+  merged = evaluate.merge_model_config(dict(TINY, dtype='bfloat16', scan_layers=True), ckpt)
+  assert merged['dtype'] == 'bfloat16' and merged['scan_layers'] and merged['num_frames'] == 4
+  with pytest.raises(ValueError, match=r'model.num_frames: config 8, checkpoint 4'):
+    evaluate.merge_model_config(dict(TINY, num_frames=8), ckpt)
+  with pytest.raises(ValueError, match=r'model.num_classes.*model.adapters.scale'):
+    evaluate.merge_model_config(dict(TINY, num_classes=7, adapters=dict(scale=1.0)), ckpt)
+  with pytest.raises(ValueError, match=r'data.num_frames 8 != model.num_frames 4'):
+    evaluate.check_data_matches_model(dict(num_frames=8, num_classes=5, image_size=32),
+                                      evaluate.merge_model_config(None, ckpt))
+
+
+def test_checkpoint_params_are_checked_against_the_model(tmp_path):
+  _, params = tiny_params()
+  model, loaded, _ = evaluate.prepare_model(dict(TINY, scan_layers=True), params)
+  assert P.is_scan_layout(loaded) and not P.is_scan_layout(params)
+  with pytest.raises(checkpoint_io.CheckpointError,
+                     match=r'cls_head/fc_cls/bias: checkpoint shape \(5,\), model shape \(6,\)'):
+    evaluate.prepare_model(dict(TINY, num_classes=6), params)
+
+
+@pytest.mark.slow
+def test_evaluate_entry_point_end_to_end_on_synthetic_data(tmp_path):
+  """`python -m aim_jax.evaluate` on a converted-style checkpoint, 8 devices, ragged batches."""
+  cfg = dict(TINY)
+  _, params = tiny_params(cfg)
+  ckpt = tmp_path / 'ckpt'
+  checkpoint_io.save_params(str(ckpt), params, cfg, {'source': 'test'})
+  out = tmp_path / 'out'
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  # 32 synthetic test videos x 3 clips in global batches of 5: the last batch holds 2.
+  cmd = [sys.executable, '-m', 'aim_jax.evaluate', '--config', 'configs/tiny.py',
+         '--checkpoint', str(ckpt), '--output_dir', str(out), '--config.eval.split=test',
+         '--config.eval.batch_size=5', '--predictions_format', 'jsonl', '--noprogress']
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  summary = json.loads((out / 'summary.json').read_text())
+  m = summary['metrics']
+  assert m['num_evaluated'] == 32 and m['num_skipped'] == 0 and m['num_views'] == 3
+  assert summary['devices'] == 8
+  rows = reports.read_predictions(str(out / 'predictions.jsonl'))
+  assert sorted(r['video_id'] for r in rows) == sorted(f'synthetic-{i}' for i in range(32))
+  assert m['top1'] == pytest.approx(np.mean([r['correct'] for r in rows]))
+  assert (out / 'confusion.png').exists() and (out / 'per_class.csv').exists()
+  assert 'top1' in proc.stdout
+
+  # A config whose model disagrees with the checkpoint is refused, naming the field.
+  proc = subprocess.run(cmd + ['--config.model.num_frames=8', '--config.data.num_frames=8'],
+                        env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode != 0 and 'model.num_frames: config 8, checkpoint 4' in proc.stderr
