@@ -27,7 +27,7 @@ import platform
 import signal
 import sys
 import time
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 from absl import app, flags, logging
 
@@ -152,78 +152,12 @@ def load_init_from(path: str, params: dict, model_cfg: Mapping) -> tuple[dict, l
 
 
 # ---------------------------------------------------------------------------------------
-# Data: the data engineer's pipeline; a synthetic stand-in only if it is not installed.
+# Data (tf.data, imported lazily so that steps and the model import without TensorFlow).
 # ---------------------------------------------------------------------------------------
-def _input_pipeline():
-  try:
-    from data_pipelines import input_pipeline
-  except ImportError:
-    return None
-  return input_pipeline
-
-
-class _SyntheticFallback:
-  """Class-pattern videos, used only while data_pipelines.input_pipeline is absent.
-
-  Class k's clips are a fixed random pattern (T,H,W,3) plus noise, so a model can
-  learn them; the global batch of a step depends on (seed, step) only.
-  """
-
-  @staticmethod
-  def _protos(d) -> Any:
-    import numpy as np
-    rng = np.random.default_rng(1234)
-    return rng.standard_normal((d.num_classes, d.num_frames, d.image_size, d.image_size, 3),
-                               dtype=np.float32)
-
-  @classmethod
-  def make_train_dataset(cls, d, *, batch_size, seed, process_index=None, process_count=None,
-                         start_step=0) -> Iterator[dict]:
-    import numpy as np
-    import jax
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    protos = cls._protos(d)
-    step = start_step
-    while True:
-      rng = np.random.default_rng([seed, step])
-      labels = rng.integers(0, d.num_classes, size=batch_size * pc).astype(np.int32)
-      video = protos[labels] + 0.5 * rng.standard_normal(protos[labels].shape, dtype=np.float32)
-      sl = slice(pi * batch_size, (pi + 1) * batch_size)
-      yield {'video': video[sl], 'label': labels[sl]}
-      step += 1
-
-  @classmethod
-  def make_eval_dataset(cls, d, *, split, batch_size, process_index=None,
-                        process_count=None) -> Iterator[dict]:
-    import numpy as np
-    import jax
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    protos = cls._protos(d)
-    views = (d.val_clips * d.val_crops) if split == 'val' else (d.test_clips * d.test_crops)
-    n = 4 * d.num_classes + 3
-    rng = np.random.default_rng(99)
-    labels = rng.integers(0, d.num_classes, size=n).astype(np.int32)
-    mine = np.arange(n)[pi::pc]
-    for start in range(0, len(mine), batch_size):
-      idx = mine[start:start + batch_size]
-      video = protos[labels[idx]][:, None] + 0.5 * rng.standard_normal(
-          (len(idx), views) + protos.shape[1:], dtype=np.float32)
-      yield {'video': video, 'label': labels[idx], 'key': [f'synthetic_{i}' for i in idx]}
-
-  @staticmethod
-  def count_examples(d, split) -> int:
-    return d.num_train_examples if split == 'train' else 4 * d.num_classes + 3
-
-
 def data_module():
-  mod = _input_pipeline()
-  if mod is None:
-    logging.warning('data_pipelines.input_pipeline is not importable: using the built-in '
-                    'synthetic stand-in (data.source is ignored)')
-    return _SyntheticFallback
-  return mod
+  """data_pipelines.input_pipeline, imported only when a run starts (it imports TensorFlow)."""
+  from data_pipelines import input_pipeline
+  return input_pipeline
 
 
 # ---------------------------------------------------------------------------------------
