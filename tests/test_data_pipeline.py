@@ -1,0 +1,265 @@
+"""Real mp4s (PyAV) -> prepare -> DMVR shards -> train/eval pipelines, checked exactly."""
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip('tensorflow')
+pytest.importorskip('av')
+
+from data_pipelines import annotations  # noqa: E402
+from data_pipelines import config as config_lib  # noqa: E402
+from data_pipelines import input_pipeline  # noqa: E402
+from data_pipelines import prepare  # noqa: E402
+from data_pipelines import records  # noqa: E402
+from data_pipelines import video_io  # noqa: E402
+from tests import data_helpers as h  # noqa: E402
+
+# video k has LENGTHS[k] frames and label k % 3; one is shorter than the 16-frame window
+LENGTHS = [20, 25, 30, 35, 40, 10, 45, 28]
+
+
+@pytest.fixture(scope='module')
+def dataset(tmp_path_factory):
+  d = tmp_path_factory.mktemp('data')
+  os.makedirs(d / 'vids')
+  lines = []
+  for k, n in enumerate(LENGTHS):
+    h.make_video(str(d / 'vids' / f'v{k}.mp4'), n)
+    lines.append(f'v{k}.mp4 {k % 3}')
+  (d / 'list.txt').write_text('\n'.join(lines))
+  entries = annotations.read('list', str(d / 'list.txt'), str(d / 'vids'), num_classes=3)
+  report = prepare.prepare(entries, out_dir=str(d / 'out'), name='toy', split='train',
+                           opts=prepare.Options(short_side=64), num_shards=3, progress=False)
+  return d, report
+
+
+def make_cfg(d, **kw):
+  cfg = config_lib.default_data_config()
+  pattern = str(d / 'out' / 'toy-train.tfrecord-*')
+  cfg.train_files = cfg.val_files = cfg.test_files = pattern
+  cfg.num_classes = 3
+  cfg.num_frames = 8
+  cfg.frame_interval = 2
+  cfg.image_size = 32
+  cfg.train_short_side = 64
+  cfg.test_short_side = 32
+  cfg.shuffle_buffer = 8
+  for k, v in kw.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+def frame_indices(video):
+  """Recovers frame indices from the normalised R channel of (..., T, H, W, 3) clips."""
+  r = video[..., 0].mean(axis=(-1, -2)) * config_lib.CLIP_STD[0] + config_lib.CLIP_MEAN[0]
+  return np.vectorize(h.frame_index)(r)
+
+
+def test_prepare_report_and_shard_names(dataset):
+  d, report = dataset
+  assert report['videos_written'] == len(LENGTHS) and not report['failures']
+  assert report['frames'] == sum(LENGTHS)
+  names = sorted(os.path.basename(p) for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*'))
+                 if not p.endswith('.json'))
+  assert names == [f'toy-train.tfrecord-0000{i}-of-00003' for i in range(3)]
+  with open(d / 'out' / 'toy-train.report.json') as f:
+    assert json.load(f)['videos_written'] == len(LENGTHS)
+
+
+def test_our_shards_read_with_plain_dmvr_parser(dataset):
+  """A plain tf.data parser of the DMVR layout (not our code) reads our shards."""
+  d, _ = dataset
+  files = sorted(p for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*'))
+                 if not p.endswith('.json'))
+  seen = {}
+  for raw in tf.data.TFRecordDataset(files):
+    ctx, seq = tf.io.parse_single_sequence_example(
+        raw, context_features={'clip/label/index': tf.io.VarLenFeature(tf.int64),
+                               'clip/label/text': tf.io.FixedLenFeature([], tf.string),
+                               'video/filename': tf.io.FixedLenFeature([], tf.string)},
+        sequence_features={'image/encoded': tf.io.FixedLenSequenceFeature([], tf.string)})
+    key = ctx['video/filename'].numpy().decode()
+    k = int(key[1:])
+    frames = seq['image/encoded']
+    assert int(tf.sparse.to_dense(ctx['clip/label/index'])[0]) == k % 3
+    assert frames.shape[0] == LENGTHS[k]
+    img = tf.io.decode_jpeg(frames[3]).numpy()
+    assert img.shape == (64, 96, 3)
+    assert h.frame_index(img[..., 0].mean()) == 3
+    seen[key] = True
+  assert len(seen) == len(LENGTHS)
+
+
+def test_count_examples_from_report_and_by_reading(dataset, tmp_path):
+  d, _ = dataset
+  cfg = make_cfg(d)
+  assert input_pipeline.count_examples(cfg, 'train') == len(LENGTHS)
+  # without the JSON files the shards are counted by reading them
+  for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*')):
+    if not p.endswith('.json'):
+      os.symlink(p, tmp_path / os.path.basename(p))
+  cfg.val_files = str(tmp_path / '*')
+  assert input_pipeline.count_examples(cfg, 'val') == len(LENGTHS)
+  cfg.train_fraction = 0.5
+  n = input_pipeline.count_examples(cfg, 'train')
+  assert 0 < n < len(LENGTHS)
+
+
+def test_train_batches_dense_indices_labels_and_determinism(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, flip_prob=0.0)
+  it = input_pipeline.make_train_dataset(cfg, batch_size=4, seed=3, process_index=0,
+                                         process_count=1)
+  batches = [next(it) for _ in range(5)]  # 20 clips: more than two epochs of 8
+  for b in batches:
+    assert b['video'].shape == (4, 8, 32, 32, 3) and b['video'].dtype == np.float32
+    assert b['label'].dtype == np.int32
+    idx = frame_indices(b['video'])
+    for clip in idx:
+      n = next(n for n in LENGTHS if (clip < n).all() and _dense_ok(clip, n))
+      assert n
+  # labels agree with the clip's video: identify the video by its frame count pattern
+  epoch = np.concatenate([b['label'] for b in batches])[:8]
+  assert sorted(epoch.tolist()) == sorted(k % 3 for k in range(len(LENGTHS)))
+  again = input_pipeline.make_train_dataset(cfg, batch_size=4, seed=3, process_index=0,
+                                            process_count=1)
+  for b in batches:
+    b2 = next(again)
+    np.testing.assert_array_equal(b['video'], b2['video'])
+    np.testing.assert_array_equal(b['label'], b2['label'])
+  other = next(input_pipeline.make_train_dataset(cfg, batch_size=4, seed=4, process_index=0,
+                                                 process_count=1))
+  assert not np.array_equal(other['video'], batches[0]['video'])
+  # resume at step 3 continues the same stream (crosses an epoch boundary: 12 % 8 = 4)
+  resumed = input_pipeline.make_train_dataset(cfg, batch_size=4, seed=3, process_index=0,
+                                              process_count=1, start_step=3)
+  for b in batches[3:]:
+    b2 = next(resumed)
+    np.testing.assert_array_equal(b['video'], b2['video'])
+    np.testing.assert_array_equal(b['label'], b2['label'])
+
+
+def _dense_ok(clip, n):
+  """Indices of a dense clip: consecutive steps of 2 modulo n, in range."""
+  return all((clip[i + 1] - clip[i]) % n == 2 % n for i in range(len(clip) - 1))
+
+
+def test_short_video_wraps_around(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, flip_prob=0.0, frame_interval=2)
+  it = input_pipeline.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0,
+                                         process_count=1)
+  b = next(it)
+  idx = frame_indices(b['video'])
+  # the 10-frame video (label 5 % 3 = 2) needs a 16-frame window: offset 0, looped indices
+  assert [0, 2, 4, 6, 8, 0, 2, 4] in idx.tolist()
+
+
+def test_eval_views_match_official_test_clips_and_every_video_once(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, test_clips=3, test_crops=3)
+  keys, by_key = [], {}
+  for pi in range(2):
+    for b in input_pipeline.make_eval_dataset(cfg, split='test', batch_size=3, process_index=pi,
+                                              process_count=2):
+      assert b['video'].shape[1:] == (9, 8, 32, 32, 3)
+      for key, label, video in zip(b['key'], b['label'], b['video']):
+        k = int(key.decode()[1:])
+        assert label == k % 3
+        keys.append(k)
+        by_key[k] = video
+  assert sorted(keys) == list(range(len(LENGTHS)))
+  from tests.test_data_sampling_ops import ref_dense_test
+  for k, video in by_key.items():
+    want = ref_dense_test(LENGTHS[k], 8, 2, 3)
+    idx = frame_indices(video)  # (9, 8): crop-major, then clip
+    for crop in range(3):
+      np.testing.assert_array_equal(idx[crop * 3:(crop + 1) * 3], want)
+    # ThreeCrop on 32x48 frames: G ramp increases from the left crop to the right crop
+    g = video[..., 1].mean(axis=(1, 2, 3))
+    assert g[0] < g[6] < g[3]  # left < middle < right (views 0, 6, 3 are clip 0 of each crop)
+
+
+def test_eval_uniform_sampling_val_split(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, sampling='uniform', val_clips=1, val_crops=1)
+  from tests.test_data_sampling_ops import ref_segments
+  for b in input_pipeline.make_eval_dataset(cfg, split='val', batch_size=8, process_index=0,
+                                            process_count=1):
+    assert b['video'].shape == (8, 1, 8, 32, 32, 3)
+    for key, video in zip(b['key'], b['video']):
+      n = LENGTHS[int(key.decode()[1:])]
+      start, end = ref_segments(n, 8)
+      assert frame_indices(video)[0].tolist() == [(s + e) // 2 for s, e in zip(start, end)]
+
+
+def test_train_flip_and_processes_disjoint(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, flip_prob=1.0, area_range=(1.0, 1.0), aspect_ratio_range=(1.5, 1.5))
+  b = next(input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0,
+                                             process_count=1))
+  g = b['video'][..., 1].mean(axis=(0, 1, 2))  # G ramp along width
+  assert g[0] > g[-1]  # flipped: ramp decreases
+  # two processes read disjoint shards (3 shards: process 0 gets 0 and 2, process 1 gets 1):
+  # one epoch of each holds exactly the labels of its shards
+  cfg = make_cfg(d, flip_prob=0.0)
+  files = input_pipeline.list_files(cfg.train_files)
+  for pi in range(2):
+    mine = files[pi::2]
+    want = sorted(int(records.parse_sequence_example(r)['label'])
+                  for r in tf.data.TFRecordDataset(mine))
+    it = input_pipeline.make_train_dataset(cfg, batch_size=len(want), seed=0, process_index=pi,
+                                           process_count=2)
+    assert sorted(next(it)['label'].tolist()) == want
+
+
+def test_load_video_clip_matches_eval_pipeline(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, test_clips=2, test_crops=1)
+  views = video_io.load_video_clip(str(d / 'vids' / 'v3.mp4'), cfg, split='test')
+  assert views.shape == (2, 8, 32, 32, 3) and views.dtype == np.float32
+  from tests.test_data_sampling_ops import ref_dense_test
+  np.testing.assert_array_equal(frame_indices(views), ref_dense_test(LENGTHS[3], 8, 2, 2))
+  for b in input_pipeline.make_eval_dataset(cfg, split='test', batch_size=8, process_index=0,
+                                            process_count=1):
+    i = [k.decode() for k in b['key']].index('v3')
+    # same frames, same geometry; differences are only the JPEG round trip of the records
+    assert np.abs(b['video'][i] - views).mean() < 0.05
+
+
+def test_records_written_with_plain_tf_train_read_by_pipeline(tmp_path):
+  """DMVR-layout records made without our code are read by our pipeline."""
+  vids = []
+  for k in range(4):
+    frames = np.zeros((12 + k, 40, 60, 3), np.uint8)
+    for i in range(frames.shape[0]):
+      frames[i, ..., 0] = h.frame_value(i)
+      frames[i, ..., 2] = h.frame_value(i)
+    vids.append((f'clip{k}', k, frames))
+  h.write_dmvr_records(str(tmp_path / 'dmvr-test.tfrecord-00000-of-00001'), vids)
+  cfg = config_lib.default_data_config()
+  cfg.test_files = str(tmp_path / 'dmvr-test.tfrecord-*')
+  cfg.num_classes, cfg.num_frames, cfg.sampling = 4, 4, 'uniform'
+  cfg.image_size, cfg.test_short_side, cfg.test_clips, cfg.test_crops = 32, 32, 1, 1
+  got = {}
+  for b in input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4, process_index=0,
+                                            process_count=1):
+    for key, label, video in zip(b['key'], b['label'], b['video']):
+      got[key.decode()] = (int(label), frame_indices(video)[0].tolist())
+  from tests.test_data_sampling_ops import ref_segments
+  for k in range(4):
+    start, end = ref_segments(12 + k, 4)
+    assert got[f'clip{k}'] == (k, [(s + e) // 2 for s, e in zip(start, end)])
+
+
+def test_pattern_matching_nothing_names_it(tmp_path):
+  cfg = config_lib.default_data_config()
+  cfg.train_files = str(tmp_path / 'nothing-*.tfrecord')
+  with pytest.raises(FileNotFoundError, match='nothing-'):
+    input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0, process_count=1)
+  with pytest.raises(FileNotFoundError, match='train_files'):
+    input_pipeline.count_examples(cfg, 'train')
