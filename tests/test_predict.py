@@ -1,0 +1,128 @@
+"""Single-video prediction and the array mode: same answers as the model on the same input,
+official logits from an official-layout array, errors that name the file."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import checkpoint_io, official, predict
+from aim_jax.models.aim import average_views
+from conftest import GOLDEN, ROOT
+from test_evaluate import TINY, tiny_params
+
+
+def write_mp4(path, frames=40, height=40, width=56, seed=0):
+  """A small H.264 file with moving coloured blocks, encoded with PyAV."""
+  import av
+  rng = np.random.RandomState(seed)
+  base = rng.randint(0, 255, (height, width, 3)).astype(np.uint8)
+  with av.open(str(path), mode='w') as container:
+    stream = container.add_stream('libx264', rate=10)
+    stream.width, stream.height, stream.pix_fmt = width, height, 'yuv420p'
+    for t in range(frames):
+      frame = np.roll(base, shift=2 * t, axis=1)
+      frame[:, :8] = (t * 6) % 255
+      for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format='rgb24')):
+        container.mux(packet)
+    for packet in stream.encode():
+      container.mux(packet)
+
+
+@pytest.fixture(scope='module')
+def tiny_checkpoint(tmp_path_factory):
+  path = tmp_path_factory.mktemp('ckpt') / 'tiny'
+  _, params = tiny_params()
+  checkpoint_io.save_params(str(path), params, TINY, {'source': 'test'})
+  return str(path)
+
+
+def test_video_top_k_equals_model_on_the_same_preprocessed_clip(tiny_checkpoint, tmp_path):
+  from data_pipelines import video_io
+  video = tmp_path / 'clip.mp4'
+  write_mp4(video)
+  predictor = predict.Predictor(tiny_checkpoint)
+  # Without --config the data settings are the defaults with the checkpoint's shape.
+  data = predictor.data_config
+  assert (data.num_frames, data.image_size, data.num_classes) == (4, 32, 5)
+  views = data.test_clips * data.test_crops
+  rows = predict.top_k(predictor.video_scores(str(video)), 3)
+
+  clip = video_io.load_video_clip(str(video), data, split='test')   # (V, T, H, W, 3)
+  assert clip.shape == (views, 4, 32, 32, 3)
+  model, params = tiny_params()
+  logits = model.apply({'params': params}, jnp.asarray(clip))
+  want = np.asarray(average_views(logits, views, 'prob'))[0]
+  assert [r['class_index'] for r in rows] == list(np.argsort(-want)[:3])
+  np.testing.assert_allclose([r['score'] for r in rows], np.sort(want)[::-1][:3], atol=1e-5)
+  assert sum(np.asarray(want)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unreadable_or_missing_video_is_named(tiny_checkpoint, tmp_path):
+  predictor = predict.Predictor(tiny_checkpoint)
+  with pytest.raises(FileNotFoundError, match='video file .*nothing.mp4 does not exist'):
+    predictor.video_scores(str(tmp_path / 'nothing.mp4'))
+  bad = tmp_path / 'broken.mp4'
+  bad.write_bytes(b'this is not a video' * 100)
+  with pytest.raises(predict.VideoReadError, match='cannot read video .*broken.mp4'):
+    predictor.video_scores(str(bad))
+
+
+def test_missing_checkpoint_is_named(tmp_path):
+  with pytest.raises(checkpoint_io.CheckpointError, match='missing_ckpt does not exist'):
+    predict.Predictor(str(tmp_path / 'missing_ckpt'))
+
+
+@pytest.mark.parametrize('case', ['aim_tiny_case1', 'aim_tiny_case1_tadapter2'])
+def test_array_mode_reproduces_official_logits(case, tmp_path):
+  d = np.load(GOLDEN / f'{case}.npz')
+  meta = json.loads(str(d['config_json'][0]))
+  sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
+  cfg = official.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  params, _ = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  ckpt = tmp_path / 'official'
+  checkpoint_io.save_params(str(ckpt), params, cfg)
+  predictor = predict.Predictor(str(ckpt))
+  x = d['input']                                              # (B, C, T, H, W)
+  np.testing.assert_allclose(predict.predict_array(predictor, x, 'NCTHW'), d['logits'],
+                             atol=2e-5, rtol=0)
+  np.testing.assert_allclose(
+      predict.predict_array(predictor, x.transpose(0, 2, 3, 4, 1), 'NTHWC'), d['logits'],
+      atol=2e-5, rtol=0)
+  mv = d['multiview_input']                                   # (1, V, C, T, H, W)
+  view_logits = predict.predict_array(predictor, mv, 'NCTHW')  # (1, V, K)
+  assert view_logits.shape == (1, mv.shape[1], cfg['num_classes'])
+  np.testing.assert_allclose(average_views(jnp.asarray(view_logits[0]), mv.shape[1]),
+                             d['multiview_scores'], atol=2e-5, rtol=0)
+  with pytest.raises(ValueError, match=r'the model takes \(N, '):
+    predict.predict_array(predictor, x, 'NTHWC')               # wrong layout -> wrong shape
+
+
+@pytest.mark.slow
+def test_command_line_prints_top_k_with_label_names(tiny_checkpoint, tmp_path):
+  video = tmp_path / 'clip.mp4'
+  write_mp4(video, seed=3)
+  labels = tmp_path / 'classes.txt'
+  labels.write_text('\n'.join(['walk', 'run', 'jump', 'swim', 'climb']) + '\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  base = [sys.executable, '-m', 'aim_jax.predict', '--checkpoint', tiny_checkpoint,
+          '--video', str(video), '--top-k', '2']
+  cmd = base + ['--labels', str(labels), '--output', str(tmp_path / 'top.json')]
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  top = json.loads((tmp_path / 'top.json').read_text())['top_k']
+  assert [r['rank'] for r in top] == [1, 2]
+  expected = predict.top_k(predict.Predictor(tiny_checkpoint).video_scores(str(video)), 2,
+                           ['walk', 'run', 'jump', 'swim', 'climb'])
+  assert [r['class_name'] for r in top] == [r['class_name'] for r in expected]
+  assert f'1. {expected[0]["score"]:8.4f}  {expected[0]["class_name"]}' in proc.stdout
+
+  (tmp_path / 'three.txt').write_text('a\nb\nc\n')
+  proc = subprocess.run(base + ['--labels', str(tmp_path / 'three.txt')], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert 'three.txt has 3 class names but the model head has 5 classes' in proc.stderr
