@@ -1,0 +1,470 @@
+"""PyTorch checkpoints -> parameter checkpoints (orbax tree + model config), and back.
+
+  python -m aim_jax.convert clip --src ViT-B-16.pt --out ckpt/clip_b16
+  python -m aim_jax.convert image --src model.safetensors --out DIR [--format NAME]
+  python -m aim_jax.convert aim --src vit_b_clip_8frame_k400.pth --out DIR [--heads N]
+      [--adapter-scale S]
+  python -m aim_jax.convert export-aim --src DIR --out model.pth
+  python -m aim_jax.convert formats            # list the registered formats
+
+The written directory is what training (`--config.init_from=DIR`), evaluation
+and prediction (`--checkpoint DIR`) read (`aim_jax.checkpoint_io`). Image
+models (`clip`, `image`) give encoder params (`params['backbone']` of an AIM
+model, plus CLIP's `proj`); `aim` gives a whole AIM model.
+
+Formats live in `aim_jax.formats.<name>` and register themselves; the source
+format is detected from the key names (`--format` picks one). Nothing in a
+checkpoint is executed: see `aim_jax.torch_io`. Every conversion ends with a
+summary of the mapped keys, the unused source keys (e.g. CLIP's text tower) and
+the target parameters left at initialisation (the adapters, for an image model).
+
+Python API: `load_clip(path)`, `load_image(path)`, `load_aim(path)` ->
+`Conversion(params, model_config, report, format)`; `convert(...)` also writes
+the directory; `export_aim(dir, path)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import pkgutil
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from aim_jax import formats as formats_lib
+from aim_jax import official
+from aim_jax import params as P
+from aim_jax import torch_io
+from aim_jax.official import ConversionError, Report
+
+# Keys under which trainers nest the model's state dict, tried in this order.
+_NESTED_KEYS = ('state_dict', 'model', 'module', 'model_state_dict', 'state_dict_ema')
+
+
+# What `convert clip` / `load_clip` detect among (HF SigLIP shares HF CLIP's key names).
+CLIP_FORMATS = ('clip', 'hf_clip')
+
+
+@dataclasses.dataclass
+class Conversion:
+  params: dict              # loop layout, float32 numpy
+  model_config: dict        # resolved (aim_jax.models.factory.default_model_config keys)
+  report: Report
+  format: str
+  kind: str                 # 'image' | 'aim'
+  source: str = ''
+
+
+def load_formats() -> dict[str, formats_lib.Format]:
+  """Import every module of `aim_jax.formats` (each registers its formats)."""
+  for info in pkgutil.iter_modules(formats_lib.__path__):
+    importlib.import_module(f'{formats_lib.__name__}.{info.name}')
+  return formats_lib.REGISTRY
+
+
+# ---------------------------------------------------------------------------
+# Reading.
+
+def _weights_file(path: str) -> list[str]:
+  """A file, or a Hugging Face directory -> the weight files to read (shards in order)."""
+  if not os.path.isdir(path):
+    return [path]
+  for index in ('model.safetensors.index.json', 'pytorch_model.bin.index.json'):
+    if os.path.exists(os.path.join(path, index)):
+      with open(os.path.join(path, index)) as f:
+        shards = sorted(set(json.load(f)['weight_map'].values()))
+      return [os.path.join(path, s) for s in shards]
+  for name in ('model.safetensors', 'open_clip_model.safetensors', 'pytorch_model.bin',
+               'open_clip_pytorch_model.bin'):
+    if os.path.exists(os.path.join(path, name)):
+      return [os.path.join(path, name)]
+  raise torch_io.CheckpointReadError(f'{path}: directory without model.safetensors or '
+                                     'pytorch_model.bin')
+
+
+def _unwrap(obj: Any, path: str, log: Callable[[str], None]) -> dict:
+  """Top-level checkpoint object -> the flat state dict inside it."""
+  if isinstance(obj, torch_io.ScriptModuleState):
+    log(f'  TorchScript archive ({obj.qualified_name}): read its tensors, no code run')
+    return torch_io.state_dict_of(obj, path)
+  if not isinstance(obj, Mapping):
+    raise torch_io.CheckpointReadError(f'{path}: top-level object is {type(obj).__name__}')
+  for key in _NESTED_KEYS:
+    inner = obj.get(key)
+    if isinstance(inner, Mapping) and inner and all(
+        isinstance(v, np.ndarray) for v in inner.values()):
+      others = sorted(k for k in obj if k != key)
+      log(f'  state dict under {key!r}' + (f' (also in file: {", ".join(others)})'
+                                            if others else ''))
+      obj = inner
+      break
+  arrays = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
+  if not arrays:
+    raise torch_io.CheckpointReadError(
+        f'{path}: no tensors at the top level or under {"/".join(_NESTED_KEYS)}')
+  if all(k.startswith('module.') for k in arrays):
+    log('  stripped the DistributedDataParallel prefix module.')
+    arrays = {k[len('module.'):]: v for k, v in arrays.items()}
+  return arrays
+
+
+def read_state_dict(path: str, log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
+  """Any supported checkpoint file (or HF directory) -> flat {key: numpy array}."""
+  sd = {}
+  for f in _weights_file(os.fspath(path)):
+    sd.update(_unwrap(torch_io.load(f), f, log))
+  return sd
+
+
+def _hf_config(path: str) -> Optional[dict]:
+  directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  cfg = os.path.join(directory, 'config.json')
+  if os.path.exists(cfg):
+    with open(cfg) as f:
+      blob = json.load(f)
+    if 'vision_config' in blob or 'num_attention_heads' in blob:
+      return blob
+  return None
+
+
+def _float32(sd: dict, report: Report) -> dict:
+  """Params are stored in float32 (OpenAI's TorchScript archives hold float16)."""
+  kinds = sorted({str(v.dtype) for v in sd.values()
+                  if np.issubdtype(v.dtype, np.floating) or str(v.dtype) == 'bfloat16'} -
+                 {'float32'})
+  if kinds:
+    report.notices.append(f'source tensors in {", ".join(kinds)} were cast to float32')
+  return {k: (v.astype(np.float32) if v.dtype != np.float32 and
+              (np.issubdtype(v.dtype, np.floating) or str(v.dtype) == 'bfloat16') else v)
+          for k, v in sd.items()}
+
+
+# ---------------------------------------------------------------------------
+# Resolution and frame-count changes.
+
+def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
+  """Keys cubic convolution weights of the 4 taps at offsets -1, 0, 1, 2 (torch's A=-0.75)."""
+  def near(x):    # |x| <= 1
+    return ((a + 2) * x - (a + 3)) * x * x + 1
+
+  def far(x):     # 1 < |x| < 2
+    return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+  return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of torch.nn.functional.interpolate(bicubic, align_corners=False)."""
+  scale = n_in / n_out
+  src = (np.arange(n_out) + 0.5) * scale - 0.5       # cubic: no clamping at 0
+  base = np.floor(src).astype(int)
+  w = _cubic_weights(src - base)
+  m = np.zeros((n_out, n_in), np.float64)
+  for tap in range(4):
+    idx = np.clip(base - 1 + tap, 0, n_in - 1)
+    np.add.at(m, (np.arange(n_out), idx), w[:, tap])
+  return m
+
+
+def _linear_matrix(n_in: int, n_out: int) -> np.ndarray:
+  """(n_out, n_in) matrix of interpolate(linear, align_corners=False)."""
+  scale = n_in / n_out
+  src = np.maximum((np.arange(n_out) + 0.5) * scale - 0.5, 0.0)
+  lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+  hi = np.minimum(lo + 1, n_in - 1)
+  t = src - lo
+  m = np.zeros((n_out, n_in), np.float64)
+  np.add.at(m, (np.arange(n_out), lo), 1 - t)
+  np.add.at(m, (np.arange(n_out), hi), t)
+  return m
+
+
+def resize_positional_embedding(pos: np.ndarray, new_grid: int, class_token: bool = True
+                                ) -> np.ndarray:
+  """(cls + g*g, D) -> (cls + new_grid**2, D): bicubic on the grid, class token kept.
+
+  Matches `F.interpolate(grid, mode='bicubic', align_corners=False)` (what the
+  CLIP and AIM PyTorch code bases use), computed in float64.
+  """
+  pos = np.asarray(pos)
+  head, grid_tokens = (pos[:1], pos[1:]) if class_token else (pos[:0], pos)
+  g = int(round(np.sqrt(grid_tokens.shape[0])))
+  if g * g != grid_tokens.shape[0]:
+    raise ConversionError(f'positional_embedding: {grid_tokens.shape[0]} grid tokens is not a '
+                          'square')
+  d = pos.shape[-1]
+  m = _bicubic_matrix(g, new_grid)                    # (g', g)
+  grid = grid_tokens.reshape(g, g, d).astype(np.float64)        # (g*g, D) -> (g, g, D)
+  out = np.einsum('ih,jw,hwd->ijd', m, m, grid)       # separable: rows then columns
+  out = out.reshape(new_grid * new_grid, d)            # (g', g', D) -> (g'*g', D)
+  return np.concatenate([head, out.astype(pos.dtype)], axis=0)
+
+
+def resize_temporal_embedding(temb: np.ndarray, frames: int) -> np.ndarray:
+  """(1, T, D) -> (1, frames, D): linear along time (interpolate, align_corners=False)."""
+  temb = np.asarray(temb)
+  m = _linear_matrix(temb.shape[1], frames)          # (T', T)
+  return np.einsum('st,btd->bsd', m, temb.astype(np.float64)).astype(temb.dtype)
+
+
+def _has_class_token(backbone: str) -> bool:
+  from aim_jax.models.vit import FAMILIES
+  return bool(FAMILIES.get(backbone, {}).get('class_token', True))
+
+
+def _encoder(params: dict, kind: str) -> dict:
+  return params if kind == 'image' else params['backbone']
+
+
+def _apply_resizes(conv: Conversion, image_size: Optional[int], num_frames: Optional[int],
+                   log: Callable[[str], None]) -> None:
+  cfg, enc = conv.model_config, _encoder(conv.params, conv.kind)
+  if image_size and image_size != cfg['image_size']:
+    if image_size % cfg['patch_size']:
+      raise ConversionError(f'--image-size {image_size} is not a multiple of the patch size '
+                            f'{cfg["patch_size"]}')
+    if 'positional_embedding' not in enc:
+      raise ConversionError(f'--image-size: format {conv.format} has no positional_embedding')
+    old = enc['positional_embedding'].shape
+    enc['positional_embedding'] = resize_positional_embedding(
+        enc['positional_embedding'], image_size // cfg['patch_size'],
+        class_token=_has_class_token(cfg['backbone']))
+    msg = (f'NOTICE: positional embedding interpolated (bicubic) from {cfg["image_size"]}px '
+           f'{old} to {image_size}px {enc["positional_embedding"].shape}')
+    cfg['image_size'] = image_size
+    conv.report.notices.append(msg)
+    log(msg)
+  if num_frames and num_frames != cfg['num_frames']:
+    if 'temporal_embedding' in enc:
+      old = enc['temporal_embedding'].shape[1]
+      enc['temporal_embedding'] = resize_temporal_embedding(enc['temporal_embedding'],
+                                                            num_frames)
+      msg = (f'NOTICE: temporal embedding interpolated (linear) from {old} to {num_frames} '
+             'frames')
+    else:
+      msg = f'NOTICE: num_frames set to {num_frames} (the temporal embedding starts at zero)'
+    cfg['num_frames'] = num_frames
+    conv.report.notices.append(msg)
+    log(msg)
+
+
+# ---------------------------------------------------------------------------
+# Checking against the model the config describes.
+
+def _abstract_params(cfg: Mapping, kind: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import flax.linen as nn
+  from aim_jax.models import factory
+  cfg = dict(cfg, scan_layers=False)
+  if kind == 'image':
+    model = factory.build_encoder(cfg)
+    x = jnp.zeros((1, cfg['image_size'], cfg['image_size'], 3), jnp.float32)
+  else:
+    model = factory.build_model(cfg)
+    x = jnp.zeros(factory.input_shape(cfg, 1), jnp.float32)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x))['params'])
+  return {k: tuple(v.shape) for k, v in P.flatten(shapes).items()}
+
+
+def verify(conv: Conversion) -> None:
+  """Every parameter of the model is converted with the right shape; the error names the key.
+
+  For an image model, also lists what an AIM model built on it would add (left
+  at initialisation: temporal embedding, adapters, head).
+  """
+  want = _abstract_params(conv.model_config, conv.kind)
+  have = {k: tuple(np.shape(v)) for k, v in P.flatten(conv.params).items()}
+  source = {t: s for s, t in conv.report.mapped}
+  for name, shape in have.items():
+    if name in want and want[name] != shape:
+      raise ConversionError(
+          f'key {source.get(name, name)!r} -> {name}: shape {shape}, but the model '
+          f'({conv.model_config["width"]} wide) expects {want[name]}')
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise ConversionError(f'missing key for {missing[0]}' + (
+        f' (and {len(missing) - 1} more)' if len(missing) > 1 else '') +
+        ': no tensor of the checkpoint maps to it')
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ConversionError(f'key {source.get(extra[0], extra[0])!r} -> {extra[0]} has no place in '
+                          f'the model the checkpoint implies ({conv.model_config["backbone"]})')
+  if conv.kind == 'image':
+    aim = _abstract_params(dict(conv.model_config, output_dim=0), 'aim')
+    conv.report.missing = sorted(k for k in aim if k[len('backbone/'):] not in have)
+    unused_by_aim = sorted(k for k in have if 'backbone/' + k not in aim)
+    if unused_by_aim:
+      conv.report.notices.append(
+          f'kept but not used by the AIM model: {", ".join(unused_by_aim)} (image projection)')
+
+
+# ---------------------------------------------------------------------------
+# Public API.
+
+def _call_with_supported(fn: Callable, *args, **options):
+  sig = inspect.signature(fn)
+  takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+  given = {k: v for k, v in options.items() if v is not None}
+  unsupported = [k for k in given if not takes_any and k not in sig.parameters]
+  passed = {k: v for k, v in given.items() if k not in unsupported}
+  return fn(*args, **passed), unsupported
+
+
+def convert_file(src: str, kind: str, format_name: Optional[str] = None, *,
+                 among: Optional[Sequence[str]] = None, heads: Optional[int] = None, adapter_scale: Optional[float] = None,
+                 image_size: Optional[int] = None, num_frames: Optional[int] = None,
+                 log: Callable[[str], None] = print) -> Conversion:
+  """Read, detect, convert, resize (opt-in) and verify one checkpoint; writes nothing.
+
+  `among`: detect only among these format names (the `clip` command: CLIP's).
+  """
+  registry = load_formats()
+  log(f'[1/4] reading {src}')
+  sd = read_state_dict(src, log)
+  log(f'  {len(sd)} tensors')
+  if format_name:
+    if format_name not in registry:
+      raise ConversionError(f'--format {format_name!r} is not one of {sorted(registry)}')
+    fmt = registry[format_name]
+    if kind != 'any' and fmt.kind != kind:
+      raise ConversionError(f'format {format_name!r} converts {fmt.kind} checkpoints, not {kind}')
+  else:
+    found = [f for f in formats_lib.detect(sd.keys(), None if kind == 'any' else kind)
+             if among is None or f.name in among]
+    if not found:
+      sample = ', '.join(sorted(sd)[:6])
+      raise ConversionError(
+          f'{src}: no registered {kind} format {"among " + str(list(among)) + " " if among else ""}'
+          f'recognises these keys ({sample}, ...); '
+          f'known formats: {sorted(registry)} (pick one with --format)')
+    if len(found) > 1:
+      raise ConversionError(f'{src}: keys match several formats {[f.name for f in found]}; '
+                            'pick one with --format')
+    fmt = found[0]
+  log(f'[2/4] converting as {fmt.name!r} ({fmt.description})')
+  pre = Report()
+  sd = _float32(sd, pre)
+  (params, model_config, report), unsupported = _call_with_supported(
+      fmt.convert, sd, heads=heads, adapter_scale=adapter_scale,
+      hf_config=_hf_config(src) if fmt.name == 'hf_clip' else None)
+  if unsupported:
+    raise ConversionError(f'format {fmt.name!r} takes no option {", ".join(unsupported)}')
+  report.notices[:0] = pre.notices
+  params = P.to_loop_layout(params)
+  conv = Conversion(params, dict(model_config), report, fmt.name, fmt.kind, os.fspath(src))
+  _apply_resizes(conv, image_size, num_frames, log)
+  log('[3/4] checking every parameter against the model the config describes')
+  verify(conv)
+  return conv
+
+
+def load_image(path: str, format_name: Optional[str] = None, **options) -> Conversion:
+  """Any registered image-model format -> encoder params (no file written)."""
+  return convert_file(path, 'image', format_name, **options)
+
+
+def load_clip(path: str, format_name: Optional[str] = None, **options) -> Conversion:
+  """OpenAI CLIP, OpenCLIP or Hugging Face CLIP vision weights -> encoder params."""
+  return convert_file(path, 'image', format_name, among=CLIP_FORMATS, **options)
+
+
+def load_aim(path: str, **options) -> Conversion:
+  """An official AIM `.pth` -> {'backbone', 'cls_head'} params and the full model config."""
+  return convert_file(path, 'aim', None, **options)
+
+
+def write(conv: Conversion, out: str, log: Callable[[str], None] = print) -> None:
+  from aim_jax import checkpoint_io
+  log(f'[4/4] writing {out}')
+  metadata = dict(kind=conv.kind, format=conv.format, source=os.path.abspath(conv.source),
+                  mapped=len(conv.report.mapped), unused=conv.report.unused,
+                  left_at_init=conv.report.missing, notices=conv.report.notices)
+  checkpoint_io.save_params(out, conv.params, conv.model_config, metadata)
+
+
+def convert(src: str, out: str, kind: str = 'image', format_name: Optional[str] = None,
+            log: Callable[[str], None] = print, **options) -> Conversion:
+  """`convert_file` then `write`, printing the summary."""
+  conv = convert_file(src, kind, format_name, log=log, **options)
+  write(conv, out, log)
+  log('summary: ' + conv.report.summary().replace('\n', '\n  '))
+  return conv
+
+
+def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print) -> dict:
+  """A parameter checkpoint of an AIM model -> official `{'state_dict': ...}` `.pth`."""
+  from aim_jax import checkpoint_io
+  from aim_jax.models.factory import resolve_model_config
+  log(f'[1/2] reading {src_dir}')
+  params, model_config, _ = checkpoint_io.load_params(src_dir)
+  cfg = resolve_model_config(model_config)
+  if 'backbone' not in params or 'cls_head' not in params:
+    raise ConversionError(f'{src_dir}: holds an image encoder, not an AIM model '
+                          '(no backbone/ and cls_head/ parameters)')
+  if cfg['backbone'] not in ('clip', 'vit_in21k'):
+    raise ConversionError(f'{src_dir}: backbone {cfg["backbone"]!r} has no official AIM format')
+  sd = official.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
+  log(f'[2/2] writing {len(sd)} tensors to {out_path}')
+  torch_io.save_torch_state_dict(
+      {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',
+                                  'model_config': json.dumps(cfg)}}, out_path)
+  return sd
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m aim_jax.convert', description=__doc__.split('\n')[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  for name, help_ in (('clip', 'OpenAI CLIP / OpenCLIP / Hugging Face CLIP image tower'),
+                      ('image', 'any registered image-model format'),
+                      ('aim', 'official AIM model zoo checkpoint (.pth)')):
+    s = sub.add_parser(name, help=help_)
+    s.add_argument('--src', required=True, help='checkpoint file or Hugging Face directory')
+    s.add_argument('--out', required=True, help='output directory (local or gs://)')
+    if name != 'aim':
+      s.add_argument('--format', default=None, help='skip detection (see `formats`)')
+    s.add_argument('--heads', type=int, default=None, help='attention heads (default width/64)')
+    if name == 'aim':
+      s.add_argument('--adapter-scale', type=float, default=None,
+                     help='joint adapter scale (default: official 0.5, 1.0 with num_tadapter=2)')
+    s.add_argument('--image-size', type=int, default=None,
+                   help='interpolate the positional embedding to this input size (bicubic)')
+    s.add_argument('--num-frames', type=int, default=None,
+                   help='interpolate the temporal embedding to this many frames (linear)')
+  e = sub.add_parser('export-aim', help='parameter checkpoint -> official AIM .pth')
+  e.add_argument('--src', required=True)
+  e.add_argument('--out', required=True)
+  sub.add_parser('formats', help='list the registered formats')
+  return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == 'formats':
+      for f in load_formats().values():
+        print(f'{f.name:12s} {f.kind:6s} {f.description}')
+      return 0
+    if args.command == 'export-aim':
+      export_aim(args.src, args.out)
+      return 0
+    kind = 'aim' if args.command == 'aim' else 'image'
+    fmt = getattr(args, 'format', None)
+    convert(args.src, args.out, kind, fmt, heads=args.heads,
+            adapter_scale=getattr(args, 'adapter_scale', None), image_size=args.image_size,
+            num_frames=args.num_frames,
+            among=CLIP_FORMATS if args.command == 'clip' and not fmt else None)
+    return 0
+  except (ConversionError, torch_io.CheckpointReadError) as e:
+    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
+    return 2
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,48 @@
+"""Official AIM checkpoints (mmaction2 `.pth`: `{'state_dict': {'backbone.*', 'cls_head.*'}}`).
+
+The ViT backbones of the model zoo (CLIP `ViT_CLIP` and ImageNet-21K
+`ViT_ImageNet`) map name for name onto `aim_jax.official`. Everything but the
+head count and the joint adapter scale is read from the keys and shapes:
+width, layers, patch, resolution (positional embedding), num_frames (temporal
+embedding), num_classes (fc_cls), num_tadapter (`T_Adapter_in`), adapter ratio
+and positions. The head count defaults to width / 64 and the scale to the
+official 0.5 (1.0 with num_tadapter=2, the SSv2 recipe); both can be given.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional
+
+import numpy as np
+
+from aim_jax import formats
+from aim_jax import official
+from aim_jax.models.factory import resolve_model_config
+
+
+def detect(keys: Iterable[str]) -> bool:
+  keys = set(keys)
+  vit = ('backbone.conv1.weight' in keys) or ('backbone.patch_embed.proj.weight' in keys
+                                              and 'backbone.cls_token' in keys)
+  return vit and 'cls_head.fc_cls.weight' in keys and 'backbone.temporal_embedding' in keys
+
+
+def convert(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = None,
+            adapter_scale: Optional[float] = None):
+  """-> ({'backbone', 'cls_head'} params, full model config, report)."""
+  fields = official.infer_aim_config(state_dict, heads=heads, adapter_scale=adapter_scale)
+  params, report = official.aim_params_from_state_dict(state_dict, fields['heads'],
+                                                       fields['backbone'])
+  if adapter_scale is None and fields['adapters']['joint']:
+    report.notices.append(
+        f'adapter scale {fields["adapters"]["scale"]} (official default for num_tadapter='
+        f'{fields["adapters"]["num_tadapter"]}; no tensor records it: pass --adapter-scale '
+        'if the model was trained with another)')
+  if heads is None:
+    report.notices.append(f'heads={fields["heads"]} (width / 64; pass --heads otherwise)')
+  return params, resolve_model_config(fields), report
+
+
+formats.register(formats.Format(
+    name='aim', kind='aim', detect=detect, convert=convert,
+    description='official AIM model zoo (mmaction2 .pth with backbone.* and cls_head.*)'))

@@ -1,0 +1,475 @@
+"""CLIP conversion: each ecosystem's own random-weight model, saved its own way, converted by the
+command, gives the same image embeddings (and pre-projection features) in Flax; unsafe, truncated
+and mismatched checkpoints are refused with an error that names the problem."""
+
+import enum
+import importlib.machinery
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import checkpoint_io
+from aim_jax import convert
+from aim_jax import torch_io
+from aim_jax.models.factory import build_encoder
+from aim_jax.official import ConversionError
+from conftest import ROOT
+
+TOL = 1e-4
+
+
+def _torch():
+  return pytest.importorskip('torch')
+
+
+def install_fake_torchvision():
+  """`clip` and `open_clip` import torchvision for image transforms that these tests never use;
+  torchvision has no CPU build here, so a placeholder module stands in (tests only)."""
+  _torch()
+  pytest.importorskip('transformers')   # import first: it probes torchvision availability
+  if 'torchvision' in sys.modules:
+    return
+
+  class _Any(type):
+    def __getattr__(cls, name):
+      return cls
+
+  def module(name):
+    m = types.ModuleType(name)
+
+    def getattr_(attr):
+      if attr.startswith('__'):
+        raise AttributeError(attr)
+      return _Any(attr, (), {})
+
+    m.__getattr__ = getattr_
+    m.__path__ = []
+    m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+    sys.modules[name] = m
+    return m
+
+  tv = module('torchvision')
+  tv.transforms = module('torchvision.transforms')
+  tv.transforms.InterpolationMode = enum.Enum('InterpolationMode', 'NEAREST BILINEAR BICUBIC')
+  tv.transforms.functional = module('torchvision.transforms.functional')
+  tv.ops = module('torchvision.ops')
+  tv.ops.misc = module('torchvision.ops.misc')
+
+
+def randomize(model, seed=0):
+  """Every tensor random (not the init's zeros/ones), so a missed transpose cannot hide."""
+  t = _torch()
+  g = t.Generator().manual_seed(seed)
+  with t.no_grad():
+    for name, p in model.state_dict().items():
+      if p.dtype.is_floating_point:
+        scale = 0.5 if 'embedding' in name else 0.1
+        base = 1.0 if name.endswith(('ln_1.weight', 'ln_2.weight', 'norm1.weight')) else 0.0
+        p.copy_(base + scale * t.randn(p.shape, generator=g))
+  return model.eval()
+
+
+def images(n=2, size=32, seed=3):
+  return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+def torch_images(x):
+  return _torch().from_numpy(x.transpose(0, 3, 1, 2).copy())   # NHWC -> NCHW
+
+
+def run_cli(*args):
+  assert convert.main(list(args)) == 0
+
+
+def flax_outputs(out_dir, x):
+  """(embeddings, pre-projection features) of the converted encoder on NHWC images."""
+  params, cfg, meta = checkpoint_io.load_params(str(out_dir))
+  emb = build_encoder(cfg).apply({'params': params}, jnp.asarray(x))
+  pre_params = {k: v for k, v in params.items() if k != 'proj'}
+  pre = build_encoder(dict(cfg, output_dim=0)).apply({'params': pre_params}, jnp.asarray(x))
+  return np.asarray(emb), np.asarray(pre), cfg, meta
+
+
+def torch_visual_outputs(visual, x):
+  """CLIP-style visual tower (proj attribute): embeddings and the ln_post class token."""
+  t = _torch()
+  with t.no_grad():
+    emb = visual(torch_images(x)).float().numpy()
+    proj = visual.proj
+    visual.proj = None
+    pre = visual(torch_images(x)).float().numpy()
+    visual.proj = proj
+  return emb, pre
+
+
+def assert_close(a, b):
+  assert a.shape == b.shape
+  err = float(np.max(np.abs(a - b)))
+  assert err < TOL, err
+
+
+def openai_clip(width=128, layers=2, patch=8, size=32, embed=32, seed=0):
+  install_fake_torchvision()
+  import clip  # noqa: F401  (clip-anytorch)
+  from clip.model import CLIP
+  m = CLIP(embed_dim=embed, image_resolution=size, vision_layers=layers, vision_width=width,
+           vision_patch_size=patch, context_length=8, vocab_size=100, transformer_width=64,
+           transformer_heads=1, transformer_layers=1)
+  return randomize(m.float(), seed)
+
+
+# ---------------------------------------------------------------------------
+# OpenAI CLIP.
+
+def save_openai_torchscript(model, path, size):
+  """As OpenAI released `ViT-B-16.pt`: the whole CLIP model traced, in float16, jit-saved.
+
+  `model` keeps float32 compute on the float16-rounded weights (the reference).
+  """
+  t = _torch()
+  with t.no_grad():
+    model.half().float()
+    traced = t.jit.trace(model, (t.zeros(1, 3, size, size), t.zeros(1, 8, dtype=t.long)),
+                         check_trace=False)
+  traced.half()                     # shares the parameters with `model`
+  t.jit.save(traced, str(path))
+  model.float()
+
+
+@pytest.mark.torch
+def test_openai_clip_torchscript_archive_reads_without_running_code_and_matches(tmp_path):
+  model = openai_clip()
+  src = tmp_path / 'ViT-tiny.pt'
+  save_openai_torchscript(model, src, 32)          # rounds model weights to float16 values
+  x = images()
+  ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'))
+  emb, pre, cfg, meta = flax_outputs(tmp_path / 'out', x)
+  assert (cfg['width'], cfg['layers'], cfg['heads'], cfg['patch_size'], cfg['image_size'],
+          cfg['output_dim']) == (128, 2, 2, 8, 32, 32)
+  assert_close(emb, ref_emb)
+  assert_close(pre, ref_pre)
+  assert meta['format'] == 'clip'
+  assert any('float16' in n for n in meta['notices'])
+  assert any(u.startswith('token_embedding') for u in meta['unused'])   # text tower reported
+  assert 'backbone/temporal_embedding' in meta['left_at_init']
+  assert any('Adapter' in m for m in meta['left_at_init'])
+
+
+@pytest.mark.torch
+def test_openai_clip_state_dict_and_given_heads(tmp_path, capsys):
+  t = _torch()
+  install_fake_torchvision()
+  from clip.model import CLIP
+  # width 64 with 4 heads: not width/64, so --heads is needed (and used).
+  model = randomize(CLIP(32, 32, 2, 64, 8, 8, 100, 64, 1, 1).float(), 1)
+  model.visual.transformer.resblocks[0].attn.num_heads = 4   # reference runs with 4 heads
+  for blk in model.visual.transformer.resblocks:
+    blk.attn.num_heads, blk.attn.head_dim = 4, 16
+  src = tmp_path / 'clip_sd.pt'
+  t.save(model.state_dict(), src)
+  x = images(seed=4)
+  ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'), '--heads', '4')
+  emb, pre, cfg, _ = flax_outputs(tmp_path / 'out', x)
+  assert cfg['heads'] == 4
+  assert_close(emb, ref_emb)
+  assert_close(pre, ref_pre)
+  printed = capsys.readouterr().out
+  for stage in ('[1/4]', '[2/4]', '[3/4]', '[4/4]', 'summary: mapped 32 tensors',
+                'unused source keys', 'left at initialisation'):
+    assert stage in printed, stage
+
+
+# ---------------------------------------------------------------------------
+# OpenCLIP.
+
+def open_clip_model(seed=2, width=128, layers=2, patch=8, size=32, embed=48):
+  install_fake_torchvision()
+  import open_clip
+  vision = open_clip.model.CLIPVisionCfg(layers=layers, width=width, patch_size=patch,
+                                         image_size=size)
+  text = open_clip.model.CLIPTextCfg(context_length=8, vocab_size=100, width=64, heads=1,
+                                     layers=1)
+  return randomize(open_clip.model.CLIP(embed, vision, text, quick_gelu=True), seed)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('ext', ['bin', 'safetensors'])
+def test_open_clip_state_dict_matches(tmp_path, ext):
+  t = _torch()
+  model = open_clip_model()
+  src = tmp_path / f'open_clip_model.{ext}'
+  if ext == 'bin':
+    t.save(model.state_dict(), src)
+  else:
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+  x = images(seed=5)
+  ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'))
+  emb, pre, cfg, _ = flax_outputs(tmp_path / 'out', x)
+  assert cfg['output_dim'] == 48
+  assert_close(emb, ref_emb)
+  assert_close(pre, ref_pre)
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face transformers.
+
+def hf_config(width=128, layers=2, heads=2, patch=8, size=32, proj=40):
+  import transformers
+  return transformers.CLIPVisionConfig(
+      hidden_size=width, intermediate_size=4 * width, num_hidden_layers=layers,
+      num_attention_heads=heads, image_size=size, patch_size=patch, projection_dim=proj)
+
+
+@pytest.mark.torch
+def test_hf_clip_vision_model_save_pretrained_matches(tmp_path):
+  t = _torch()
+  transformers = pytest.importorskip('transformers')
+  model = randomize(transformers.CLIPVisionModel(hf_config(heads=4)), 3)
+  model.save_pretrained(tmp_path / 'hf')
+  x = images(seed=6)
+  with t.no_grad():
+    ref_pre = model(pixel_values=torch_images(x)).pooler_output.numpy()
+  # Heads (4, not width/64) come from config.json beside the weights.
+  run_cli('clip', '--src', str(tmp_path / 'hf'), '--out', str(tmp_path / 'out'))
+  _, pre, cfg, meta = flax_outputs(tmp_path / 'out', x)
+  assert cfg['heads'] == 4 and cfg['output_dim'] == 0
+  assert meta['format'] == 'hf_clip'
+  assert_close(pre, ref_pre)
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('weights', ['safetensors', 'bin'])
+def test_hf_clip_model_with_text_tower_matches(tmp_path, weights):
+  t = _torch()
+  transformers = pytest.importorskip('transformers')
+  text = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=1, vocab_size=100,
+                                     max_position_embeddings=8)
+  cfg = transformers.CLIPConfig(text_config=text.to_dict(), vision_config=hf_config().to_dict(),
+                                projection_dim=40)
+  model = randomize(transformers.CLIPModel(cfg), 4)
+  if weights == 'safetensors':
+    model.save_pretrained(tmp_path / 'hf')
+    src = tmp_path / 'hf' / 'model.safetensors'
+  else:
+    (tmp_path / 'hf').mkdir()
+    src = tmp_path / 'hf' / 'pytorch_model.bin'
+    t.save(model.state_dict(), src)
+  x = images(seed=7)
+  with t.no_grad():
+    out = model.vision_model(pixel_values=torch_images(x))
+    ref_pre = out.pooler_output.numpy()
+    ref_emb = model.visual_projection(out.pooler_output).numpy()
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'))
+  emb, pre, cfg, meta = flax_outputs(tmp_path / 'out', x)
+  assert cfg['output_dim'] == 40
+  assert_close(emb, ref_emb)
+  assert_close(pre, ref_pre)
+  assert any(u.startswith('text_model.') for u in meta['unused'])
+
+
+# ---------------------------------------------------------------------------
+# The real ViT-B/16 shape.
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_openai_vit_b16_torchscript_at_real_shape(tmp_path):
+  model = openai_clip(width=768, layers=12, patch=16, size=224, embed=512, seed=5)
+  src = tmp_path / 'ViT-B-16.pt'
+  save_openai_torchscript(model, src, 224)
+  x = images(n=1, size=224, seed=8)
+  ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'))
+  emb, pre, cfg, _ = flax_outputs(tmp_path / 'out', x)
+  assert (cfg['width'], cfg['layers'], cfg['heads'], cfg['patch_size'], cfg['image_size'],
+          cfg['output_dim']) == (768, 12, 12, 16, 224, 512)
+  assert_close(emb, ref_emb)
+  assert_close(pre, ref_pre)
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_hf_clip_vision_b16_at_real_shape(tmp_path):
+  t = _torch()
+  transformers = pytest.importorskip('transformers')
+  model = randomize(transformers.CLIPVisionModel(hf_config(768, 12, 12, 16, 224)), 6)
+  model.save_pretrained(tmp_path / 'hf')
+  x = images(n=1, size=224, seed=9)
+  with t.no_grad():
+    ref_pre = model(pixel_values=torch_images(x)).pooler_output.numpy()
+  run_cli('clip', '--src', str(tmp_path / 'hf'), '--out', str(tmp_path / 'out'))
+  _, pre, _, _ = flax_outputs(tmp_path / 'out', x)
+  assert_close(pre, ref_pre)
+
+
+# ---------------------------------------------------------------------------
+# Resolution change.
+
+@pytest.mark.torch
+def test_positional_embedding_interpolation_is_torch_bicubic(tmp_path, capsys):
+  t = _torch()
+  pos = np.random.default_rng(0).normal(size=(1 + 4 * 4, 8)).astype(np.float32)
+  grid = t.from_numpy(pos[1:].reshape(1, 4, 4, 8)).permute(0, 3, 1, 2)
+  for new in (7, 2):
+    ref = t.nn.functional.interpolate(grid, size=(new, new), mode='bicubic',
+                                      align_corners=False)
+    ref = ref.permute(0, 2, 3, 1).reshape(new * new, 8).numpy()
+    out = convert.resize_positional_embedding(pos, new)
+    np.testing.assert_array_equal(out[0], pos[0])
+    np.testing.assert_allclose(out[1:], ref, atol=1e-5)
+  temb = np.random.default_rng(1).normal(size=(1, 4, 8)).astype(np.float32)
+  ref = t.nn.functional.interpolate(t.from_numpy(temb).permute(0, 2, 1), size=8, mode='linear',
+                                    align_corners=False).permute(0, 2, 1).numpy()
+  np.testing.assert_allclose(convert.resize_temporal_embedding(temb, 8), ref, atol=1e-6)
+
+  model = open_clip_model(seed=7)
+  src = tmp_path / 'oc.bin'
+  t.save(model.state_dict(), src)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'), '--image-size', '48')
+  assert 'NOTICE: positional embedding interpolated (bicubic)' in capsys.readouterr().out
+  emb, _, cfg, meta = flax_outputs(tmp_path / 'out', images(size=48))
+  assert cfg['image_size'] == 48 and emb.shape == (2, 48)
+  assert any('interpolated' in n for n in meta['notices'])
+
+
+# ---------------------------------------------------------------------------
+# Safety and errors.
+
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f'touch {self.marker}',))
+
+
+@pytest.mark.torch
+def test_checkpoint_that_would_run_code_is_refused(tmp_path):
+  t = _torch()
+  marker = tmp_path / 'pwned'
+  zipped = tmp_path / 'evil.pth'
+  t.save({'state_dict': {'w': t.zeros(2)}, 'meta': _RunsCode(marker)}, zipped)
+  raw = tmp_path / 'evil_legacy.pt'
+  with open(raw, 'wb') as f:
+    pickle.dump({'w': _RunsCode(marker)}, f, protocol=2)
+  for path in (zipped, raw):
+    with pytest.raises(torch_io.UnsafeCheckpointError, match='system'):
+      torch_io.load(str(path))
+    assert convert.main(['aim', '--src', str(path), '--out', str(tmp_path / 'o')]) == 2
+  assert not marker.exists()
+
+
+def _small_openai_state_dict(tmp_path, name='sd.pt'):
+  t = _torch()
+  install_fake_torchvision()
+  from clip.model import CLIP
+  model = randomize(CLIP(32, 32, 2, 128, 8, 8, 100, 64, 1, 1).float(), 9)
+  return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.torch
+def test_truncated_files_give_the_named_error(tmp_path):
+  t = _torch()
+  sd = _small_openai_state_dict(tmp_path)
+  full = tmp_path / 'full.pt'
+  t.save(sd, full)
+  from safetensors.torch import save_file
+  save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / 'full.safetensors'))
+  for name in ('full.pt', 'full.safetensors'):
+    blob = (tmp_path / name).read_bytes()
+    cut = tmp_path / ('cut_' + name)
+    cut.write_bytes(blob[:len(blob) // 2])
+    with pytest.raises(torch_io.TruncatedCheckpointError, match='cut_'):
+      torch_io.load_state_dict(str(cut))
+
+
+@pytest.mark.torch
+def test_missing_key_and_wrong_shape_name_the_key(tmp_path):
+  t = _torch()
+  sd = _small_openai_state_dict(tmp_path)
+  missing = dict(sd)
+  del missing['visual.transformer.resblocks.1.ln_2.weight']
+  t.save(missing, tmp_path / 'missing.pt')
+  with pytest.raises(ConversionError, match=r"missing key 'visual\.transformer\.resblocks\.1"
+                                            r"\.ln_2\.weight'"):
+    convert.load_clip(str(tmp_path / 'missing.pt'))
+  wrong = dict(sd)
+  wrong['visual.transformer.resblocks.1.mlp.c_fc.weight'] = t.zeros(300, 128)
+  wrong['visual.transformer.resblocks.1.mlp.c_fc.bias'] = t.zeros(300)
+  t.save(wrong, tmp_path / 'wrong.pt')
+  with pytest.raises(ConversionError, match=r"visual\.transformer\.resblocks\.1\.mlp\.c_fc\."
+                                            r"(weight|bias).*shape"):
+    convert.load_clip(str(tmp_path / 'wrong.pt'))
+  # A checkpoint of another kind is refused by detection, naming the known formats.
+  t.save({'foo.weight': t.zeros(2)}, tmp_path / 'other.pt')
+  with pytest.raises(ConversionError, match='no registered image format'):
+    convert.load_clip(str(tmp_path / 'other.pt'))
+
+
+def test_library_and_safetensors_conversion_work_without_torch(tmp_path):
+  """torch is a conversion/test extra: blocked, the library imports, converts and runs."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(0)
+  d, p, g = 64, 8, 4
+  sd = {'visual.conv1.weight': rng.normal(size=(d, 3, p, p)),
+        'visual.class_embedding': rng.normal(size=(d,)),
+        'visual.positional_embedding': rng.normal(size=(g * g + 1, d)),
+        'visual.proj': rng.normal(size=(d, 16)),
+        'visual.ln_pre.weight': np.ones(d), 'visual.ln_pre.bias': np.zeros(d),
+        'visual.ln_post.weight': np.ones(d), 'visual.ln_post.bias': np.zeros(d),
+        'logit_scale': np.ones(())}
+  for k, shape in (('attn.in_proj_weight', (3 * d, d)), ('attn.in_proj_bias', (3 * d,)),
+                   ('attn.out_proj.weight', (d, d)), ('attn.out_proj.bias', (d,)),
+                   ('ln_1.weight', (d,)), ('ln_1.bias', (d,)), ('ln_2.weight', (d,)),
+                   ('ln_2.bias', (d,)), ('mlp.c_fc.weight', (4 * d, d)),
+                   ('mlp.c_fc.bias', (4 * d,)), ('mlp.c_proj.weight', (d, 4 * d)),
+                   ('mlp.c_proj.bias', (d,))):
+    sd[f'visual.transformer.resblocks.0.{k}'] = rng.normal(size=shape)
+  save_file({k: np.asarray(v, np.float32) for k, v in sd.items()}, str(tmp_path / 'c.safetensors'))
+  code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name == 'torch' or name.startswith('torch.'):
+      raise ImportError('torch is blocked in this test')
+sys.meta_path.insert(0, Block())
+import jax, jax.numpy as jnp
+import aim_jax, aim_jax.convert as C
+from aim_jax.models.factory import build_encoder, build_model
+assert C.main(['clip', '--src', {str(tmp_path / 'c.safetensors')!r}, '--out',
+               {str(tmp_path / 'out')!r}]) == 0
+from aim_jax import checkpoint_io
+params, cfg, _ = checkpoint_io.load_params({str(tmp_path / 'out')!r})
+y = build_encoder(cfg).apply({{'params': params}}, jnp.zeros((1, 32, 32, 3)))
+assert y.shape == (1, 16), y.shape
+assert 'torch' not in sys.modules
+print('OK')
+"""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
+  r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
+                     timeout=300)
+  assert r.returncode == 0 and 'OK' in r.stdout, r.stderr[-3000:]
+
+
+def test_registry_dispatch_lists_clip_and_aim_formats():
+  registry = convert.load_formats()
+  assert {'clip', 'hf_clip', 'aim'} <= set(registry)
+  assert registry['aim'].kind == 'aim' and registry['clip'].kind == 'image'
+  keys = ['visual.conv1.weight', 'visual.transformer.resblocks.0.ln_1.weight']
+  assert [f.name for f in convert.formats_lib.detect(keys)] == ['clip']
+  assert [f.name for f in convert.formats_lib.detect(
+      ['vision_model.embeddings.patch_embedding.weight',
+       'vision_model.encoder.layers.0.self_attn.q_proj.weight'])] == ['hf_clip']
