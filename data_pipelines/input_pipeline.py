@@ -200,27 +200,50 @@ class _BatchIterator:
   """
 
   def __init__(self, ds: tf.data.Dataset, stats: SkipStats, max_skip_rate: float,
-               min_examples: int, outputs: Sequence[str]):
+               min_examples: int, outputs: Sequence[str], epoch_size: Optional[int] = None,
+               start: Tuple[int, int] = (0, 0)):
     self._it = ds.as_numpy_iterator()
     self.stats = stats
     self._max_skip_rate = max_skip_rate
     self._min_examples = min_examples
     self._outputs = tuple(outputs)
-    self._last = None
+    self._epoch_size = epoch_size
+    self._last = (start[0], start[1] - 1)  # last stream position accounted for
     self.examples = 0
 
   def __iter__(self):
     return self
 
+  def _unnamed(self, epoch: int, lo: int, hi: int) -> int:
+    return sum((epoch, j) not in self.stats.named_positions for j in range(lo, hi))
+
+  def _account(self, e: int, i: int) -> int:
+    """Dropped, unnamed positions between the last accounted position and (e, i)."""
+    le, li = self._last
+    if e == le:
+      errors = self._unnamed(e, li + 1, i)
+    elif self._epoch_size is not None:
+      errors = self._unnamed(le, li + 1, self._epoch_size)
+      errors += sum(self._unnamed(x, 0, self._epoch_size) for x in range(le + 1, e))
+      errors += self._unnamed(e, 0, i)
+    else:
+      errors = 0
+    self._last = (e, i)
+    return errors
+
   def __next__(self) -> Dict[str, np.ndarray]:
-    batch = next(self._it)
+    try:
+      batch = next(self._it)
+    except StopIteration:
+      if self._epoch_size is not None:  # finite (eval) stream: clips dropped at its end
+        with self.stats.lock:
+          self.stats.decode_errors += self._unnamed(self._last[0], self._last[1] + 1,
+                                                    self._epoch_size)
+          self._last = (self._last[0], self._epoch_size - 1)
+      raise
     epochs, indices = batch.pop('_epoch'), batch.pop('_index')
-    errors = 0
     with self.stats.lock:
-      for e, i in zip(epochs.tolist(), indices.tolist()):
-        if self._last is not None and self._last[0] == e:
-          errors += sum((e, j) not in self.stats.named_positions for j in range(self._last[1] + 1, i))
-        self._last = (e, i)
+      errors = sum(self._account(e, i) for e, i in zip(epochs.tolist(), indices.tolist()))
       self.stats.decode_errors += errors
     if errors:
       logging.warning('%d clip(s) dropped by JPEG decode errors (total skipped %d)', errors,
@@ -266,10 +289,10 @@ def _records(files: Sequence[str], *, epoch, seed_base, shuffle_files: bool,
   ds = tf.data.Dataset.from_tensor_slices(files_t).interleave(
       _read_file, cycle_length=min(len(files), _CYCLE_LENGTH), block_length=1,
       num_parallel_calls=num_parallel_calls, deterministic=True)
-  if record_shard is not None:
-    ds = ds.shard(*record_shard)
   if fraction < 1.0:
     ds = ds.filter(lambda el: _keep_mask(el['base'], el['file_index'], fraction))
+  if record_shard is not None:
+    ds = ds.shard(*record_shard)
   return ds
 
 
@@ -374,16 +397,14 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   else:
     raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
 
-  start_epoch, offset = 0, 0
-  if start_step:
-    if per_epoch is None:
-      counts = file_record_counts(files)
-      per_epoch = _kept_count(files, counts, cfg.train_fraction)
-      if record_shard is not None:
-        per_epoch = len(range(pi, per_epoch, pc))
-    if per_epoch <= 0:
-      raise ValueError(f'no training records for process {pi}')
-    start_epoch, offset = divmod(start_step * batch_size, per_epoch)
+  if per_epoch is None:
+    # Records per epoch of this process (from the prepare JSON files: no reading).
+    per_epoch = _kept_count(files, file_record_counts(files), cfg.train_fraction)
+    if record_shard is not None:
+      per_epoch = len(range(pi, per_epoch, pc))
+  if per_epoch <= 0:
+    raise ValueError(f'no training records for process {pi} of {pc} in {cfg.train_files!r}')
+  start_epoch, offset = divmod(start_step * batch_size, per_epoch)
 
   def one_epoch(epoch):
     ds = epoch_records(epoch)
@@ -407,7 +428,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
   return _BatchIterator(ds, stats, cfg.max_skip_rate, cfg.skip_rate_min_examples,
-                        ('video', 'label'))
+                        ('video', 'label'), epoch_size=per_epoch, start=(start_epoch, offset))
 
 
 def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int,
@@ -428,11 +449,13 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   if cfg.source == 'tfds':
     from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
     ds = tfds_source.eval_records(cfg, split, pi, pc)
+    size = None
   elif cfg.source == 'tfrecord':
     field = _split_field(split)
     files = list_files(getattr(cfg, field), field)
     ds = _records(files, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
                   fraction=1.0, num_parallel_calls=par).map(_parse)
+    size = len(range(pi, sum(file_record_counts(files)), pc))
   else:
     raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
 
@@ -451,7 +474,7 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   ds = ds.map(clip, num_parallel_calls=par, deterministic=True).ignore_errors(log_warning=True)
   ds = ds.batch(batch_size, drop_remainder=False).prefetch(cfg.prefetch).with_options(_options())
   # Evaluation never stops for bad clips: they are counted and listed in `.stats`.
-  return _BatchIterator(ds, stats, 1.0, 1 << 62, ('video', 'label', 'key'))
+  return _BatchIterator(ds, stats, 1.0, 1 << 62, ('video', 'label', 'key'), epoch_size=size)
 
 
 # ------------------------------------------------------------------ synthetic source
