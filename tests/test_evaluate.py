@@ -283,3 +283,53 @@ def test_evaluate_entry_point_end_to_end_on_synthetic_data(tmp_path):
   proc = subprocess.run(cmd + ['--config.model.num_frames=8', '--config.data.num_frames=8'],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0 and 'model.num_frames: config 8, checkpoint 4' in proc.stderr
+
+
+def _training_workdir(path, cfg):
+  """A workdir as training writes it: frozen/ once, trainable leaves per step, best/."""
+  from aim_jax import checkpointing, steps
+  from configs import tiny
+  _, params = tiny_params(cfg)
+  names = steps.trainable_names(P.trainable_mask(params))
+  train, frozen = steps.split_params(params, names)
+  later = {k: v + 1.0 for k, v in train.items()}
+  ckpt = checkpointing.TrainCheckpointer(str(path), keep=2, async_save=False)
+  ckpt.save_frozen(frozen)
+  ckpt.save_best(5, train, {'top1': 0.5, 'step': 5})
+  import optax
+  ckpt.save(10, later, optax.adam(1e-3).init(later), {'step': 10})
+  ckpt.close()
+  config = tiny.get_config()
+  checkpointing.write_run_config(str(path), config, cfg, {'source': 'test'})
+  return params, P.unflatten({**frozen, **later}), config
+
+
+def test_training_workdir_latest_and_best(tmp_path):
+  workdir = tmp_path / 'run'
+  best, latest, config = _training_workdir(workdir, dict(TINY))
+  for which, want in (('latest', latest), ('best', best)):
+    params, model_cfg, kind = evaluate.load_checkpoint(str(workdir), which)
+    assert kind == 'workdir' and model_cfg['num_frames'] == 4
+    got, want = P.flatten(params), P.flatten(want)
+    assert sorted(got) == sorted(want)
+    for k in want:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{which}: {k}')
+
+
+@pytest.mark.slow
+def test_evaluate_from_the_best_checkpoint_of_a_training_workdir(tmp_path):
+  workdir = tmp_path / 'run'
+  _, _, config = _training_workdir(workdir, dict(TINY))
+  with config.unlocked():
+    config.eval.split = 'test'
+    config.eval.batch_size = 6
+  labels = tmp_path / 'classes.txt'
+  labels.write_text('a\nb\nc\nd\ne\n')
+  res = evaluate.evaluate_checkpoint(config, str(workdir), which='best', labels_file=str(labels),
+                                     progress=False)
+  out = workdir / 'eval_test_best'
+  assert res.metrics['num_evaluated'] == 32
+  assert len(reports.read_predictions(str(out / 'predictions.csv'))) == 32
+  summary = json.loads((out / 'summary.json').read_text())
+  assert summary['which'] == 'best' and summary['checkpoint_kind'] == 'workdir'
+  assert (out / 'per_class.csv').read_text().splitlines()[1].split(',')[1] == 'a'
