@@ -1,0 +1,120 @@
+"""Official AIM checkpoints: the golden state dicts, written as mmaction2 `.pth` files and converted
+by the command, reproduce the official logits and multi-view scores; export back is exact."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import checkpoint_io
+from aim_jax import convert
+from aim_jax import params as P
+from aim_jax.models.aim import average_views
+from aim_jax.models.factory import build_model
+from aim_jax.official import ConversionError
+from conftest import GOLDEN
+
+CASES = ['aim_tiny_case1', 'aim_tiny_case1_tadapter2']
+torch = pytest.importorskip('torch')
+pytestmark = pytest.mark.torch
+
+
+def golden(name):
+  d = np.load(GOLDEN / f'{name}.npz')
+  meta = json.loads(str(d['config_json'][0]))
+  sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
+  return d, meta, sd
+
+
+def write_mmaction_pth(sd, path):
+  """As mmcv's save_checkpoint writes it: meta, state_dict, optimizer (numpy in meta)."""
+  torch.save({'meta': {'mmcv_version': '1.4.0', 'epoch': 30, 'iter': 1000,
+                       'hook_msgs': {'best_score': np.float64(0.81)}},
+              'state_dict': {k: torch.from_numpy(np.array(v)) for k, v in sd.items()},
+              'optimizer': {'state': {}, 'param_groups': [{'lr': 3e-4, 'params': [0, 1]}]}},
+             path)
+
+
+def ncthw_to_nthwc(x):
+  return jnp.asarray(x).transpose(0, 2, 3, 4, 1)       # (B, C, T, H, W) -> (B, T, H, W, C)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_converted_official_checkpoint_reproduces_golden_logits_and_scores(tmp_path, case):
+  d, meta, sd = golden(case)
+  write_mmaction_pth(sd, tmp_path / 'model.pth')
+  args = ['aim', '--src', str(tmp_path / 'model.pth'), '--out', str(tmp_path / 'out'),
+          '--heads', str(meta['heads'])]
+  if meta['num_tadapter'] == 1:
+    args += ['--adapter-scale', str(meta['adapter_scale'])]   # else: the SSv2 default 1.0
+  assert convert.main(args) == 0
+  params, cfg, info = checkpoint_io.load_params(str(tmp_path / 'out'))
+  assert (cfg['num_frames'], cfg['num_classes'], cfg['adapters']['num_tadapter'],
+          cfg['adapters']['scale'], cfg['image_size']) == (
+              meta['num_frames'], meta['num_classes'], meta['num_tadapter'],
+              meta['adapter_scale'], meta['input_resolution'])
+  assert info['kind'] == 'aim' and info['mapped'] == len(sd) and not info['unused']
+  model = build_model(cfg)
+  logits = model.apply({'params': params}, ncthw_to_nthwc(d['input']))
+  np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
+  mv = d['multiview_input']                                     # (1, V, C, T, H, W)
+  v = mv.shape[1]
+  views = model.apply({'params': params}, ncthw_to_nthwc(mv.reshape((-1,) + mv.shape[2:])))
+  np.testing.assert_allclose(average_views(views, v, 'prob'), d['multiview_scores'],
+                             atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize('case', CASES)
+def test_export_aim_round_trip_is_exact(tmp_path, case):
+  d, meta, sd = golden(case)
+  write_mmaction_pth(sd, tmp_path / 'model.pth')
+  conv = convert.convert(str(tmp_path / 'model.pth'), str(tmp_path / 'out'), 'aim',
+                         heads=meta['heads'])
+  assert convert.main(['export-aim', '--src', str(tmp_path / 'out'), '--out',
+                       str(tmp_path / 'back.pth')]) == 0
+  back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)
+  assert set(back) >= {'state_dict', 'meta'}
+  assert set(back['state_dict']) == set(sd)
+  for k, v in sd.items():
+    got = back['state_dict'][k].numpy()
+    assert got.shape == v.shape and got.dtype == v.dtype, k
+    np.testing.assert_array_equal(got, v, err_msg=k)        # bit-exact
+  again = convert.load_aim(str(tmp_path / 'back.pth'), heads=meta['heads'])
+  for name, value in P.flatten(conv.params).items():
+    np.testing.assert_array_equal(P.flatten(again.params)[name], value, err_msg=name)
+
+
+def test_num_frames_change_interpolates_the_temporal_embedding(tmp_path, capsys):
+  d, meta, sd = golden('aim_tiny_case1')
+  write_mmaction_pth(sd, tmp_path / 'model.pth')
+  assert convert.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out',
+                       str(tmp_path / 'out'), '--heads', '4', '--num-frames', '8']) == 0
+  assert 'NOTICE: temporal embedding interpolated (linear) from 4 to 8' in capsys.readouterr().out
+  params, cfg, _ = checkpoint_io.load_params(str(tmp_path / 'out'))
+  assert cfg['num_frames'] == 8
+  temb = params['backbone']['temporal_embedding']
+  ref = torch.nn.functional.interpolate(
+      torch.from_numpy(sd['backbone.temporal_embedding']).permute(0, 2, 1), size=8,
+      mode='linear', align_corners=False).permute(0, 2, 1).numpy()
+  np.testing.assert_allclose(temb, ref, atol=1e-6)
+  logits = build_model(cfg).apply({'params': params}, jnp.zeros((1, 8, 32, 32, 3)))
+  assert logits.shape == (1, 5)
+
+
+def test_aim_errors_name_the_key(tmp_path):
+  _, _, sd = golden('aim_tiny_case1')
+  no_head = {k: v for k, v in sd.items() if not k.startswith('cls_head')}
+  write_mmaction_pth(no_head, tmp_path / 'no_head.pth')
+  with pytest.raises(ConversionError, match='no registered aim format'):
+    convert.load_aim(str(tmp_path / 'no_head.pth'))
+  wrong = dict(sd)
+  wrong['backbone.transformer.resblocks.1.S_Adapter.D_fc1.weight'] = np.zeros((8, 64), np.float32)
+  write_mmaction_pth(wrong, tmp_path / 'wrong.pth')
+  with pytest.raises(ConversionError,
+                     match=r"backbone\.transformer\.resblocks\.1\.S_Adapter\.D_fc1\.weight.*shape"):
+    convert.load_aim(str(tmp_path / 'wrong.pth'), heads=4)
+  # The `clip` command does not take an AIM recognizer for a CLIP tower.
+  write_mmaction_pth(sd, tmp_path / 'model.pth')
+  with pytest.raises(ConversionError, match='no registered image format'):
+    convert.load_clip(str(tmp_path / 'model.pth'))
