@@ -1,0 +1,134 @@
+"""Preparation: annotation formats, frame rate and short side, resume, parallel writers, CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+tf = pytest.importorskip('tensorflow')
+pytest.importorskip('av')
+
+from data_pipelines import annotations  # noqa: E402
+from data_pipelines import prepare  # noqa: E402
+from data_pipelines import records  # noqa: E402
+from data_pipelines import video_io  # noqa: E402
+from tests import data_helpers as h  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_kinetics_csv_trimmed_and_untrimmed_files(tmp_path):
+  vids = tmp_path / 'v'
+  os.makedirs(vids / 'abseiling')
+  (vids / 'abseiling' / 'aaa_000002_000012.mp4').write_bytes(b'x')
+  (vids / 'bbb.mp4').write_bytes(b'x')
+  csv = tmp_path / 'train.csv'
+  csv.write_text('label,youtube_id,time_start,time_end,split\n'
+                 'abseiling,aaa,2,12,train\n"air drumming",bbb,5,15,train\nabseiling,ccc,0,10,train\n')
+  entries = annotations.read('auto', str(csv), str(vids))
+  assert [(e.key, e.label, e.label_text) for e in entries] == [
+      ('aaa_000002_000012', 0, 'abseiling'), ('bbb_000005_000015', 1, 'air drumming'),
+      ('ccc_000000_000010', 0, 'abseiling')]
+  assert entries[0].path.endswith('aaa_000002_000012.mp4') and entries[0].start_s is None
+  assert entries[1].path.endswith('bbb.mp4') and (entries[1].start_s, entries[1].end_s) == (5, 15)
+  assert entries[2].path == ''  # missing video: reported by prepare
+  # an explicit class list fixes the indices across splits; unknown names are errors
+  (tmp_path / 'classes.txt').write_text('air drumming\nabseiling\n')
+  entries = annotations.read('kinetics', str(csv), str(vids), labels=str(tmp_path / 'classes.txt'))
+  assert [e.label for e in entries] == [1, 0, 1]
+
+
+def test_ssv2_json_templates_and_labels_json(tmp_path):
+  (tmp_path / 'labels.json').write_text(json.dumps(
+      {'Holding something next to something': '0', 'Pushing something from left to right': '1'}))
+  (tmp_path / 'train.json').write_text(json.dumps([
+      {'id': '78687', 'label': 'holding potato next to vicks',
+       'template': 'Holding [something] next to [something]', 'placeholders': ['potato', 'vicks']},
+      {'id': '42326', 'template': 'Pushing [something] from left to right'},
+      {'id': '1', 'template': 'Unknown [something]'}]))
+  os.makedirs(tmp_path / 'v')
+  (tmp_path / 'v' / '78687.webm').write_bytes(b'x')
+  entries = annotations.read('auto', str(tmp_path / 'train.json'), str(tmp_path / 'v'),
+                             labels=str(tmp_path / 'labels.json'))
+  assert [(e.key, e.label) for e in entries] == [('78687', 0), ('42326', 1), ('1', -1)]
+  assert entries[0].label_text == 'Holding something next to something'
+  assert entries[0].path.endswith('78687.webm') and entries[1].path == ''
+  assert 'not in' in entries[2].error
+
+
+def test_diving48_json_and_plain_list(tmp_path):
+  (tmp_path / 'd.json').write_text(json.dumps([
+      {'vid_name': '-mmq0PT-u8k_00155', 'label': 0, 'start_frame': 0, 'end_frame': 184},
+      {'vid_name': 'zzz_1', 'label': 48}]))
+  entries = annotations.read('auto', str(tmp_path / 'd.json'), str(tmp_path))
+  assert [(e.key, e.label, bool(e.error)) for e in entries] == [
+      ('-mmq0PT-u8k_00155', 0, False), ('zzz_1', 48, True)]
+  os.makedirs(tmp_path / 'a')
+  (tmp_path / 'a' / 'my clip.mp4').write_bytes(b'x')
+  (tmp_path / 'l.txt').write_text('a/my clip.mp4 2\n')
+  e, = annotations.read('auto', str(tmp_path / 'l.txt'), str(tmp_path), num_classes=5)
+  assert (e.key, e.label, e.path.endswith('my clip.mp4')) == ('a/my clip', 2, True)
+
+
+def test_decode_short_side_fps_and_trim(tmp_path):
+  path = h.make_video(str(tmp_path / 'v.mp4'), 50, height=60, width=80, fps=25)
+  frames = list(video_io.decode_video(path, short_side=30))
+  assert len(frames) == 50 and frames[0].shape == (30, 40, 3)
+  assert [h.frame_index(f[..., 0].mean()) for f in frames[:4]] == [0, 1, 2, 3]
+  ten = list(video_io.decode_video(path, fps=10))  # 2 s at 25 fps -> 20 frames at 10 fps
+  assert len(ten) == 20
+  idx = [h.frame_index(f[..., 0].mean()) for f in ten]
+  assert idx[:5] == [0, 3, 5, 8, 10]  # frames at t >= 0, .1, .2, .3, .4 s (25 fps: 0,2.5,5,...)
+  trimmed = list(video_io.decode_video(path, start_s=1.0, end_s=1.4))
+  assert [h.frame_index(f[..., 0].mean()) for f in trimmed] == list(range(25, 35))
+
+
+def _list_dataset(tmp_path, n):
+  vids = tmp_path / 'vids'
+  os.makedirs(vids, exist_ok=True)
+  for k in range(n):
+    h.make_video(str(vids / f'v{k}.mp4'), 6 + k, height=32, width=48)
+  (tmp_path / 'list.txt').write_text(''.join(f'v{k}.mp4 {k % 2}\n' for k in range(n)))
+  return annotations.read('list', str(tmp_path / 'list.txt'), str(vids), num_classes=2)
+
+
+def test_resume_redoes_only_incomplete_shards(tmp_path):
+  entries = _list_dataset(tmp_path, 6)
+  out = str(tmp_path / 'out')
+  kw = dict(out_dir=out, name='r', split='train', opts=prepare.Options(short_side=32),
+            num_shards=3, progress=False)
+  first = prepare.prepare(entries, **kw)
+  shards = [os.path.join(out, records.shard_name('r', 'train', i, 3)) for i in range(3)]
+  mtimes = [os.path.getmtime(p) for p in shards]
+  # interruption: shard 1 was left as a temporary file without its JSON
+  os.replace(shards[1], shards[1] + '.tmp')
+  os.remove(shards[1] + '.json')
+  second = prepare.prepare(entries, **kw)
+  assert [os.path.getmtime(p) for p in (shards[0], shards[2])] == [mtimes[0], mtimes[2]]
+  assert os.path.exists(shards[1]) and not os.path.exists(shards[1] + '.tmp')
+  assert second['videos_written'] == first['videos_written'] == 6
+  assert second['frames'] == sum(6 + k for k in range(6))
+  # different options (another short side) invalidate the finished shards
+  kw['opts'] = prepare.Options(short_side=16)
+  prepare.prepare(entries, **kw)
+  assert os.path.getmtime(shards[0]) != mtimes[0]
+
+
+@pytest.mark.slow
+def test_cli_parallel_workers_with_report(tmp_path):
+  _list_dataset(tmp_path, 4)
+  out = tmp_path / 'out'
+  cmd = [sys.executable, '-m', 'data_pipelines.prepare', f'--videos={tmp_path / "vids"}',
+         f'--annotations={tmp_path / "list.txt"}', f'--out={out}', '--split=val',
+         '--num_classes=2', '--short_side=32', '--num_shards=2', '--num_workers=2', '--name=cli']
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert res.returncode == 0, res.stderr[-2000:]
+  with open(out / 'cli-val.report.json') as f:
+    report = json.load(f)
+  assert report['videos_written'] == 4 and report['num_shards'] == 2
+  assert sorted(report['shards']) == ['cli-val.tfrecord-00000-of-00002',
+                                      'cli-val.tfrecord-00001-of-00002']
+  assert all(s['complete'] for s in report['shards'].values())
