@@ -8,6 +8,13 @@ job and does nothing on a single process:
     JAX_PROCESS_ID [, JAX_LOCAL_DEVICE_IDS] (plain multi-node recipe);
   * SLURM (SLURM_JOB_ID with SLURM_NTASKS > 1) and Cloud TPU pods: JAX's
     auto-detection (`jax.distributed.initialize()` with no arguments).
+    JAX gives each SLURM task only the GPU numbered SLURM_LOCALID; with one
+    process per node, JAX_LOCAL_DEVICE_IDS=0,...,G-1 (set by
+    launch/slurm.sbatch) hands it all of the node's GPUs;
+  * AIM_JAX_DISTRIBUTED=auto (launch/tpu_pod.sh): auto-detection anywhere,
+    for TPU VMs made with `gcloud compute tpus tpu-vm create`, whose worker
+    list JAX reads from the metadata server (TPU_WORKER_HOSTNAMES is set on
+    GKE only).
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ def maybe_initialize() -> bool:
         local_device_ids=[int(i) for i in local.split(',')] if local else None)
     _initialized = True
   elif env.get('SLURM_JOB_ID') and int(env.get('SLURM_NTASKS', '1')) > 1:
+    local = env.get('JAX_LOCAL_DEVICE_IDS')
+    jax.distributed.initialize(
+        local_device_ids=[int(i) for i in local.split(',')] if local else None)
+    _initialized = True
+  elif env.get('AIM_JAX_DISTRIBUTED') == 'auto':
     jax.distributed.initialize()
     _initialized = True
   elif env.get('TPU_WORKER_HOSTNAMES') and ',' in env.get('TPU_WORKER_HOSTNAMES', ''):

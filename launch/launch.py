@@ -1,0 +1,632 @@
+"""Start `python -m aim_jax.train` (or `aim_jax.evaluate`) on one machine, a GPU
+cluster or a Cloud TPU VM slice, with JAX's own multi-host runtime.
+
+Every launcher here does the same three things: validate its arguments (the
+config file exists, the workdir is a local path or gs://, slice and node counts
+are possible) before anything starts; build one bash script whose last step is
+the same `python -m aim_jax.train --config C --workdir W [--config.X=Y ...]`
+line; then print that script (`--dry-run`) or run it with bash. What is printed
+is exactly what runs, so a dry run can be saved and replayed.
+
+  launch/local.sh CONFIG WORKDIR [--processes N --cpu-devices K]   one machine
+  launch/multinode.sh --coordinator H:P --num-processes N --process-id I CONFIG WORKDIR
+  launch/slurm_submit.sh --nodes N --gpus-per-node G CONFIG WORKDIR   (-> slurm.sbatch)
+  launch/tpu_pod.sh train|evaluate|logs|stop|delete --name TPU --zone Z ...
+
+Processes find each other through `aim_jax.distributed.maybe_initialize()`:
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (local, plain
+multi-node), SLURM's variables (slurm.sbatch) or Cloud TPU metadata
+(AIM_JAX_DISTRIBUTED=auto on TPU VMs). No process manager of our own beyond
+starting the simulated local processes and waiting for them.
+
+Standard library only: it runs on a laptop that has gcloud but no jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+ROOT = Path(__file__).resolve().parents[1]
+ENTRIES = {'train': 'aim_jax.train', 'evaluate': 'aim_jax.evaluate'}
+# Names on TPU workers (relative to $HOME): the copied source, its venv, logs.
+REMOTE_SRC = 'aim-jax'
+REMOTE_VENV = 'aim-jax-venv'
+REMOTE_LOGS = 'aim-jax-logs'
+SOURCE_TARBALL = 'aim-jax-src.tar.gz'
+
+
+class LaunchError(ValueError):
+  """A launcher argument that cannot work; the message names it and says why."""
+
+
+# ----------------------------------------------------------------------------
+# Argument validation.
+# ----------------------------------------------------------------------------
+
+
+def split_config(spec: str) -> tuple[str, str | None]:
+  """'configs/k400.py:b16_f8' -> ('configs/k400.py', 'b16_f8'); the arg is optional."""
+  path, sep, arg = spec.partition('.py:')
+  if sep:
+    return path + '.py', arg
+  return spec, None
+
+
+def validate_config(spec: str, *, cwd: Path | None = None, root: Path = ROOT) -> str:
+  """Checks that the config file of `spec` exists; returns the spec to pass on.
+
+  A relative path is looked up from `cwd`, then from the repository root; it is
+  returned relative to the root when it lies inside it (commands run from the
+  root, also on TPU workers where the tree is copied), absolute otherwise.
+  """
+  if not spec:
+    raise LaunchError('config: empty; expected configs/NAME.py[:ARG]')
+  path, arg = split_config(spec)
+  if not path.endswith('.py'):
+    raise LaunchError(f'config {spec!r}: not a Python config file; expected configs/NAME.py[:ARG]')
+  if arg == '':
+    raise LaunchError(f'config {spec!r}: empty argument after ":"; drop the ":" or name a row')
+  cwd = Path.cwd() if cwd is None else cwd
+  candidates = [Path(path)] if Path(path).is_absolute() else [cwd / path, root / path]
+  found = next((c.resolve() for c in candidates if c.is_file()), None)
+  if found is None:
+    raise LaunchError(f'config {spec!r}: file {path} does not exist (looked in '
+                      + ', '.join(str(c.parent) for c in candidates) + ')')
+  try:
+    shown = str(found.relative_to(root.resolve()))
+  except ValueError:
+    shown = str(found)
+  return shown + (f':{arg}' if arg is not None else '')
+
+
+_SCHEME = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
+_BUCKET = re.compile(r'^[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]$')
+
+
+def validate_dir(path: str, *, what: str = 'workdir', require_gcs: bool = False,
+                 must_exist: bool = False, cwd: Path | None = None) -> str:
+  """A local path (made absolute) or gs://BUCKET/PATH; any other scheme is an error.
+
+  tf.io.gfile and orbax read and write both; other schemes (s3://, gcs://, ...)
+  are not tested here and fail late, so they are refused early.
+  """
+  if not path:
+    raise LaunchError(f'{what}: empty')
+  m = _SCHEME.match(path)
+  if m:
+    if m.group(1) != 'gs':
+      raise LaunchError(f'{what} {path!r}: scheme {m.group(1)}:// is not supported; '
+                        'use a local path or gs://BUCKET/PATH')
+    bucket = path[len('gs://'):].split('/', 1)[0]
+    if not _BUCKET.match(bucket):
+      raise LaunchError(f'{what} {path!r}: {bucket!r} is not a valid bucket name')
+    return path.rstrip('/')
+  if require_gcs:
+    raise LaunchError(f'{what} {path!r}: must be gs://BUCKET/PATH here, since every TPU '
+                      'worker reads and writes it and local disks go away with the VM')
+  local = Path(path).expanduser()
+  if not local.is_absolute():
+    local = (Path.cwd() if cwd is None else cwd) / local
+  if must_exist and not local.exists():
+    raise LaunchError(f'{what} {path!r}: {local} does not exist')
+  return str(local)
+
+
+def validate_overrides(extra: Sequence[str]) -> list[str]:
+  """Arguments not known to the launcher: only --config.FIELD[=VALUE] pass through.
+
+  Anything else after a literal `--` is handed to the entry point unchecked.
+  """
+  if '--' in extra:
+    i = list(extra).index('--')
+    head, tail = list(extra[:i]), list(extra[i + 1:])
+  else:
+    head, tail = list(extra), []
+  for a in head:
+    if not a.startswith('--config.'):
+      raise LaunchError(f'unknown argument {a!r}: overrides look like --config.FIELD=VALUE; '
+                        'put other flags of the entry point after --')
+  return head + tail
+
+
+def validate_env(pairs: Sequence[str]) -> list[tuple[str, str]]:
+  out = []
+  for p in pairs:
+    key, eq, value = p.partition('=')
+    if not eq or not re.fullmatch(r'[A-Za-z_][A-Za-z0-9_]*', key):
+      raise LaunchError(f'--env {p!r}: expected NAME=VALUE')
+    out.append((key, value))
+  return out
+
+
+def positive(name: str, value: int) -> int:
+  if value < 1:
+    raise LaunchError(f'{name} must be >= 1, got {value}')
+  return value
+
+
+def validate_coordinator(address: str) -> str:
+  host, sep, port = address.rpartition(':')
+  if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    raise LaunchError(f'--coordinator {address!r}: expected HOST:PORT with a port in 1..65535')
+  return address
+
+
+# ----------------------------------------------------------------------------
+# Cloud TPU slices.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuSlice:
+  """What an accelerator type such as v4-32 means (Cloud TPU docs, per generation)."""
+  accelerator: str
+  generation: str
+  chips: int
+  devices: int  # JAX devices: TensorCores on v2/v3, chips elsewhere (megacore/one core)
+  hosts: int  # TPU VM workers, one JAX process each
+  runtime: str  # default --version for `gcloud compute tpus tpu-vm create`
+
+
+# Size N in the name counts TensorCores for v2/v3/v4/v5p and chips for v5e/v6e.
+_TPU_GENERATIONS = {
+    'v2': dict(runtime='tpu-ubuntu2204-base', sizes={8, 32, 128, 256, 512}),
+    'v3': dict(runtime='tpu-ubuntu2204-base', sizes={8, 32, 64, 128, 256, 512, 1024, 2048}),
+    'v4': dict(runtime='tpu-ubuntu2204-base', max_cores=8192),
+    'v5p': dict(runtime='v2-alpha-tpuv5', max_cores=12288),
+    'v5litepod': dict(runtime='v2-alpha-tpuv5-lite', sizes={1, 4, 8, 16, 32, 64, 128, 256}),
+    'v6e': dict(runtime='v2-alpha-tpuv6e', sizes={1, 4, 8, 16, 32, 64, 128, 256}),
+}
+
+
+def parse_accelerator(name: str) -> TpuSlice:
+  """'v4-32' -> 16 chips, 16 devices, 4 hosts. Errors say which sizes exist.
+
+  Checked against the documented pattern of each generation; gcloud has the
+  last word on which topologies a zone offers.
+  """
+  m = re.fullmatch(r'(v\d+[a-z]*)-(\d+)', name or '')
+  if not m:
+    raise LaunchError(f'--accelerator {name!r}: expected GENERATION-SIZE such as v4-32, '
+                      'v5litepod-16, v5p-8 or v6e-8')
+  gen, n = m.group(1), int(m.group(2))
+  if gen == 'v5e':
+    raise LaunchError(f'--accelerator {name!r}: Cloud TPU calls v5e "v5litepod": '
+                      f'use v5litepod-{n}')
+  if gen not in _TPU_GENERATIONS:
+    raise LaunchError(f'--accelerator {name!r}: unknown TPU generation {gen!r}; known: '
+                      + ', '.join(_TPU_GENERATIONS))
+  spec = _TPU_GENERATIONS[gen]
+  if 'sizes' in spec and n not in spec['sizes']:
+    raise LaunchError(f'--accelerator {name!r}: {gen} slices come in sizes '
+                      + ', '.join(str(s) for s in sorted(spec['sizes'])))
+  if 'max_cores' in spec and (n % 8 or not 8 <= n <= spec['max_cores']):
+    raise LaunchError(f'--accelerator {name!r}: {gen}-N counts TensorCores (2 per chip, '
+                      f'4 chips per host): N must be a multiple of 8 in 8..{spec["max_cores"]}')
+  if gen in ('v2', 'v3'):
+    chips, devices, hosts = n // 2, n, n // 8
+  elif gen in ('v4', 'v5p'):
+    chips = n // 2
+    devices, hosts = chips, max(1, chips // 4)
+  else:  # v5e/v6e: one VM with up to 8 chips, multi-host slices have 4 chips per VM
+    chips = devices = n
+    hosts = 1 if n <= 8 else n // 4
+  return TpuSlice(name, gen, chips, devices, hosts, spec['runtime'])
+
+
+# ----------------------------------------------------------------------------
+# Plans: the bash script a launcher runs.
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+  """A bash script: `# notes`, then steps. Printed by --dry-run, else run by bash."""
+  notes: list[str]
+  steps: list[str]
+  cwd: Path = ROOT
+
+  def script(self) -> str:
+    lines = ['#!/usr/bin/env bash', 'set -euo pipefail']
+    lines += [f'# {n}' for n in self.notes]
+    lines += [f'cd {shlex.quote(str(self.cwd))}'] + self.steps
+    return '\n'.join(lines) + '\n'
+
+  def run(self) -> int:
+    return subprocess.call(['bash', '-c', self.script()])
+
+
+def entry_argv(job: str, python: str, config: str, directory: str,
+               overrides: Sequence[str]) -> list[str]:
+  """The one line every launcher ends in."""
+  dir_flag = '--workdir' if job == 'train' else '--checkpoint'
+  return [python, '-m', ENTRIES[job], '--config', config, dir_flag, directory, *overrides]
+
+
+def _exports(env: Sequence[tuple[str, str]]) -> list[str]:
+  return [f'export {k}={shlex.quote(v)}' for k, v in env]
+
+
+def _assignments(env: Sequence[tuple[str, str]]) -> str:
+  return ' '.join(f'{k}={shlex.quote(v)}' for k, v in env)
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def local_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
+  """All local devices in one process, or N simulated processes on CPU."""
+  processes = positive('--processes', args.processes)
+  if args.cpu_devices is not None:
+    positive('--cpu-devices', args.cpu_devices)
+  if processes > 1 and args.cpu_devices is None:
+    raise LaunchError(f'--processes {processes}: several processes on one machine are a CPU '
+                      'simulation of a multi-host job; add --cpu-devices K (devices per process)')
+  config = validate_config(args.config)
+  directory = _job_dir(args)
+  env = validate_env(args.env)
+  if args.cpu_devices is not None:
+    env = [('JAX_PLATFORMS', 'cpu')] + env
+  argv = entry_argv(args.job, args.python, config, directory, overrides)
+  steps = _exports(env)
+  if args.cpu_devices is not None:
+    # Added to the user's XLA_FLAGS at run time rather than replacing them.
+    steps.append('export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count='
+                 f'{args.cpu_devices}"')
+  if processes == 1:
+    notes = [f'{args.job} on every local device ({_devices_note(args.cpu_devices)})']
+    return Plan(notes, steps + ['exec ' + shlex.join(argv)])
+  port = args.port or free_port()
+  notes = [f'{args.job}: {processes} processes x {args.cpu_devices} CPU devices, '
+           f'coordinator 127.0.0.1:{port}']
+  steps += [f'export JAX_COORDINATOR_ADDRESS=127.0.0.1:{port} JAX_NUM_PROCESSES={processes}',
+            'pids=()']
+  for i in range(processes):
+    steps.append(f'JAX_PROCESS_ID={i} {shlex.join(argv)} &')
+    steps.append('pids+=($!)')
+  steps += [
+      # Background jobs ignore Ctrl-C: forward it (and TERM) to them as SIGTERM, on
+      # which training checkpoints. Set after the forks so that no child inherits it.
+      "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null || true' INT TERM",
+      # A failed process would leave the others waiting on it: stop them all.
+      'status=0',
+            'for _ in "${pids[@]}"; do',
+            '  if ! wait -n; then status=1; kill -TERM "${pids[@]}" 2>/dev/null || true; fi',
+            'done',
+            'exit $status']
+  return Plan(notes, steps)
+
+
+def _devices_note(cpu_devices: int | None) -> str:
+  return f'{cpu_devices} simulated CPU devices' if cpu_devices else 'GPU/TPU if present, else CPU'
+
+
+def _job_dir(args: argparse.Namespace, require_gcs: bool = False) -> str:
+  what = 'workdir' if args.job == 'train' else 'checkpoint'
+  return validate_dir(args.dir, what=what, require_gcs=require_gcs,
+                      must_exist=args.job == 'evaluate')
+
+
+def multinode_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
+  """One process of a multi-node job; run the same command on every node."""
+  n = positive('--num-processes', args.num_processes)
+  if not 0 <= args.process_id < n:
+    raise LaunchError(f'--process-id {args.process_id}: must be in 0..{n - 1} '
+                      f'for --num-processes {n}')
+  coordinator = validate_coordinator(args.coordinator)
+  env = [('JAX_COORDINATOR_ADDRESS', coordinator), ('JAX_NUM_PROCESSES', str(n)),
+         ('JAX_PROCESS_ID', str(args.process_id))]
+  if args.local_device_ids:
+    if not re.fullmatch(r'\d+(,\d+)*', args.local_device_ids):
+      raise LaunchError(f'--local-device-ids {args.local_device_ids!r}: expected e.g. 0,1,2,3')
+    env.append(('JAX_LOCAL_DEVICE_IDS', args.local_device_ids))
+  env += validate_env(args.env)
+  config = validate_config(args.config)
+  directory = _job_dir(args)
+  notes = [f'process {args.process_id} of {n}; coordinator {coordinator} (process 0 serves it)']
+  if not directory.startswith('gs://') and n > 1:
+    notes.append(f'{directory} must be on a file system every node shares')
+  argv = entry_argv(args.job, args.python, config, directory, overrides)
+  return Plan(notes, _exports(env) + ['exec ' + shlex.join(argv)])
+
+
+def slurm_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
+  """`sbatch launch/slurm.sbatch PYTHON -m aim_jax.train ...` with the job's shape."""
+  nodes = positive('--nodes', args.nodes)
+  gpus = positive('--gpus-per-node', args.gpus_per_node)
+  config = validate_config(args.config)
+  directory = _job_dir(args)
+  tasks = gpus if args.process_per == 'gpu' else 1
+  sbatch = ['sbatch', f'--job-name={args.job_name}', f'--nodes={nodes}',
+            f'--ntasks-per-node={tasks}', f'--gpus-per-node={gpus}', f'--chdir={ROOT}',
+            f'--export=ALL,AIM_SLURM_PROCESS_PER={args.process_per}']
+  for flag in ('partition', 'account', 'time', 'cpus_per_task', 'output'):
+    value = getattr(args, flag)
+    if value is not None:
+      sbatch.append(f'--{flag.replace("_", "-")}={value}')
+  sbatch += list(args.sbatch_arg)
+  argv = entry_argv(args.job, args.python, config, directory, overrides)
+  notes = [f'{nodes} node(s) x {gpus} GPU(s), one process per {args.process_per}: '
+           f'{nodes * tasks} JAX process(es), {nodes * gpus} devices']
+  if not directory.startswith('gs://') and nodes > 1:
+    notes.append(f'{directory} must be on a file system every node shares')
+  env = validate_env(args.env)
+  steps = _exports(env) + [shlex.join(sbatch + [str(ROOT / 'launch' / 'slurm.sbatch')] + argv)]
+  return Plan(notes, steps)
+
+
+def _gcloud(args: argparse.Namespace, verb: str, *positional: str) -> list[str]:
+  base = ['gcloud', 'compute', 'tpus', 'tpu-vm', verb, *(positional or (args.name,)),
+          f'--zone={args.zone}']
+  if args.project:
+    base.append(f'--project={args.project}')
+  return base
+
+
+def _ssh(args: argparse.Namespace, worker: str, command: str) -> str:
+  return shlex.join(_gcloud(args, 'ssh') + [f'--worker={worker}', f'--command={command}'])
+
+
+def _validate_tpu_name(name: str) -> str:
+  if not re.fullmatch(r'[a-z]([-a-z0-9]{0,61}[a-z0-9])?', name or ''):
+    raise LaunchError(f'--name {name!r}: TPU names are lower-case letters, digits and '
+                      'hyphens, starting with a letter')
+  return name
+
+
+def tpu_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
+  """Create or reuse the slice, copy and install the tree, start the job on all workers."""
+  _validate_tpu_name(args.name)
+  if args.action in ('logs', 'stop', 'delete'):
+    return _tpu_control_plan(args)
+  tpu = parse_accelerator(args.accelerator)
+  config = validate_config(args.config)
+  if Path(split_config(config)[0]).is_absolute():
+    raise LaunchError(f'config {args.config!r}: must lie inside {ROOT}, the tree copied to '
+                      'the TPU workers')
+  directory = validate_dir(args.dir, what='workdir' if args.job == 'train' else 'checkpoint',
+                           require_gcs=True)
+  env = [('AIM_JAX_DISTRIBUTED', 'auto')] + validate_env(args.env)
+  notes = [f'{tpu.accelerator}: {tpu.chips} chips, {tpu.devices} JAX devices, '
+           f'{tpu.hosts} worker(s), one JAX process each; runtime {args.version or tpu.runtime}',
+           'Re-running this command resumes: the slice is reused (or re-created if '
+           'preempted), the job restarts from the latest checkpoint in the workdir.']
+  steps = _tpu_create_steps(args, tpu)
+  if not args.no_install:
+    steps += _tpu_install_steps(args)
+  steps += _tpu_start_steps(args, config, directory, env, overrides)
+  return Plan(notes, steps)
+
+
+def _tpu_create_steps(args: argparse.Namespace, tpu: TpuSlice) -> list[str]:
+  describe = shlex.join(_gcloud(args, 'describe') + ['--format=value(state,acceleratorType)'])
+  create = _gcloud(args, 'create') + [f'--accelerator-type={tpu.accelerator}',
+                                      f'--version={args.version or tpu.runtime}']
+  if args.spot:
+    create.append('--spot')
+  create += list(args.create_arg)
+  missing = (f'echo "TPU {args.name} does not exist (--no-create)" >&2; exit 1' if args.no_create
+             else shlex.join(create))
+  return [
+      f'read -r state accel < <({describe} 2>/dev/null || true) || true',
+      'case "${state:-}" in',
+      f'  PREEMPTED|TERMINATED) {shlex.join(_gcloud(args, "delete") + ["--quiet"])}; state= ;;',
+      f'  STOPPED) {shlex.join(_gcloud(args, "start"))}; state=READY ;;',
+      '  ""|READY) ;;',
+      f'  *) echo "TPU {args.name} is $state: wait until it is READY" >&2; exit 1 ;;',
+      'esac',
+      f'if [ -n "${{state:-}}" ] && [ -n "${{accel:-}}" ] && [ "$accel" != {tpu.accelerator} ]; then',
+      f'  echo "TPU {args.name} is a $accel, not a {tpu.accelerator}: use --name of another '
+      'slice or delete this one" >&2; exit 1',
+      'fi',
+      f'if [ -z "${{state:-}}" ]; then {missing}; fi',
+  ]
+
+
+def _tpu_install_steps(args: argparse.Namespace) -> list[str]:
+  tarball = f'/tmp/{args.name}-{SOURCE_TARBALL}'
+  if (ROOT / '.git').exists():
+    # Tracked and untracked-but-not-ignored files: what the user has, minus .venv etc.
+    pack = (f'git -C {shlex.quote(str(ROOT))} ls-files -z --cached --others --exclude-standard'
+            f' | tar -C {shlex.quote(str(ROOT))} --null --ignore-failed-read -czf {tarball} -T -')
+  else:
+    pack = (f'tar -C {shlex.quote(str(ROOT))} --exclude=.venv --exclude=.git '
+            f'--exclude=__pycache__ -czf {tarball} .')
+  jax = f'jax[tpu]=={args.jax_version}' if args.jax_version else 'jax[tpu]'
+  remote = ' && '.join([
+      f'rm -rf ~/{REMOTE_SRC}.new', f'mkdir -p ~/{REMOTE_SRC}.new',
+      f'tar -xzf ~/{SOURCE_TARBALL} -C ~/{REMOTE_SRC}.new',
+      f'rm -rf ~/{REMOTE_SRC}', f'mv ~/{REMOTE_SRC}.new ~/{REMOTE_SRC}',
+      # The TPU images ship an older python: uv brings the one the project needs.
+      '(command -v uv >/dev/null || python3 -m pip install --user -q uv)',
+      'export PATH=$HOME/.local/bin:$PATH',
+      f'([ -x ~/{REMOTE_VENV}/bin/python ] || uv venv -q --python {args.python_version} '
+      f'~/{REMOTE_VENV})',
+      f'uv pip install -q --python ~/{REMOTE_VENV}/bin/python -e "$HOME/{REMOTE_SRC}[data]" '
+      f'{shlex.quote(jax)}',
+  ])
+  scp = _gcloud(args, 'scp', tarball, f'{args.name}:{SOURCE_TARBALL}') + ['--worker=all']
+  return [pack, shlex.join(scp), _ssh(args, 'all', remote)]
+
+
+def _tpu_start_steps(args: argparse.Namespace, config: str, directory: str,
+                     env: list[tuple[str, str]], overrides: list[str]) -> list[str]:
+  argv = entry_argv(args.job, f'~/{REMOTE_VENV}/bin/python', config, directory, overrides)
+  log, pid = f'~/{REMOTE_LOGS}/{args.job}.log', f'~/{REMOTE_LOGS}/{args.job}.pid'
+  # The interpreter stays unquoted so that the worker's shell expands `~`.
+  line = argv[0] + ' ' + shlex.join(argv[1:])
+  remote = ' && '.join([
+      f'cd ~/{REMOTE_SRC}', f'mkdir -p ~/{REMOTE_LOGS}',
+      f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "$(hostname): a '
+      f'{args.job} job is still running (pid $(cat {pid})); stop it first" >&2; exit 1; fi',
+      # nohup: the job outlives this ssh session; SIGTERM (stop) makes it checkpoint.
+      f'{{ {_assignments(env)} nohup {line} > {log} 2>&1 < /dev/null & echo $! > {pid}; }}',
+      f'echo "$(hostname): started pid $(cat {pid}), log {log}"',
+  ])
+  steps = [_ssh(args, 'all', remote)]
+  if args.follow:
+    steps.append(_ssh(args, '0', f'tail -n +1 -F {log}'))
+  return steps
+
+
+def _tpu_control_plan(args: argparse.Namespace) -> Plan:
+  log, pid = f'~/{REMOTE_LOGS}/{args.job}.log', f'~/{REMOTE_LOGS}/{args.job}.pid'
+  if args.action == 'logs':
+    step = _ssh(args, args.worker, f'tail -n {args.lines} -F {log}')
+    note = f'follow the {args.job} log of worker {args.worker} (Ctrl-C stops following only)'
+  elif args.action == 'stop':
+    step = _ssh(args, 'all', f'if [ -f {pid} ]; then kill -TERM "$(cat {pid})" 2>/dev/null '
+                f'&& echo "$(hostname): sent SIGTERM to $(cat {pid})" || true; fi')
+    note = (f'SIGTERM the {args.job} job on every worker: training saves a checkpoint, then '
+            'exits; the same train command resumes it')
+  else:
+    step = shlex.join(_gcloud(args, 'delete') + ['--quiet'])
+    note = f'delete the slice {args.name} (the gs:// workdir stays)'
+  return Plan([note], [step])
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+# ----------------------------------------------------------------------------
+
+
+def _add_job_args(p: argparse.ArgumentParser, default_python: str | None) -> None:
+  p.add_argument('config', help='configs/NAME.py[:ARG]')
+  p.add_argument('dir', metavar='DIR',
+                 help='workdir (train) or checkpoint: a training workdir or converted '
+                      'checkpoint (evaluate); local path or gs://BUCKET/PATH')
+  p.add_argument('--job', choices=sorted(ENTRIES), default='train',
+                 help='python -m aim_jax.train (default) or aim_jax.evaluate')
+  if default_python is not None:
+    p.add_argument('--python', default=default_python,
+                   help='interpreter with aim-jax installed (default: %(default)s)')
+  p.add_argument('--env', action='append', default=[], metavar='NAME=VALUE',
+                 help='extra environment for the job (repeatable)')
+  p.add_argument('--dry-run', action='store_true', help='print the script, run nothing')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='launch', allow_abbrev=False, description=__doc__.split('\n\n')[0],
+      epilog='Arguments --config.FIELD=VALUE pass through to the entry point; so does '
+             'everything after a literal --.')
+  sub = parser.add_subparsers(dest='launcher', required=True)
+  python = sys.executable or 'python3'
+
+  p = sub.add_parser('local', allow_abbrev=False, help='one machine: all its devices, or N simulated CPU processes')
+  _add_job_args(p, python)
+  p.add_argument('--processes', type=int, default=1,
+                 help='simulate a multi-host job with N local processes (CPU only)')
+  p.add_argument('--cpu-devices', type=int, default=None,
+                 help='run on CPU with K simulated devices per process')
+  p.add_argument('--port', type=int, default=0, help='coordinator port (default: a free one)')
+
+  p = sub.add_parser('multinode', allow_abbrev=False, help='one process of a multi-node job without SLURM')
+  _add_job_args(p, python)
+  p.add_argument('--coordinator', required=True, help='HOST:PORT of process 0')
+  p.add_argument('--num-processes', type=int, required=True)
+  p.add_argument('--process-id', type=int, required=True)
+  p.add_argument('--local-device-ids', default='',
+                 help='devices of this process, e.g. 0,1,2,3 (default: all visible)')
+
+  p = sub.add_parser('slurm', allow_abbrev=False, help='submit launch/slurm.sbatch with sbatch')
+  _add_job_args(p, python)
+  p.add_argument('--nodes', type=int, default=1)
+  p.add_argument('--gpus-per-node', type=int, default=8)
+  p.add_argument('--process-per', choices=('gpu', 'node'), default='gpu',
+                 help='one JAX process per GPU (default) or per node')
+  p.add_argument('--job-name', default='aim-jax')
+  p.add_argument('--partition')
+  p.add_argument('--account')
+  p.add_argument('--time', help='wall-clock limit, e.g. 24:00:00')
+  p.add_argument('--cpus-per-task', type=int)
+  p.add_argument('--output', help='sbatch --output pattern (default: slurm.sbatch\'s)')
+  p.add_argument('--sbatch-arg', action='append', default=[],
+                 help='extra sbatch flag, e.g. --sbatch-arg=--qos=high (repeatable)')
+
+  p = sub.add_parser('tpu', allow_abbrev=False, help='Cloud TPU VM slice: train/evaluate, or logs/stop/delete')
+  tpu_sub = p.add_subparsers(dest='action', required=True)
+  for action in ('train', 'evaluate'):
+    q = tpu_sub.add_parser(action, allow_abbrev=False, help=f'create or reuse the slice and start {action}')
+    _add_tpu_common(q)
+    q.add_argument('config', help='configs/NAME.py[:ARG] (inside this tree)')
+    q.add_argument('dir', metavar='DIR', help='gs:// workdir (train) or checkpoint (evaluate)')
+    q.add_argument('--accelerator', required=True, help='v4-32, v5litepod-16, v5p-8, v6e-8 ...')
+    q.add_argument('--version', help='TPU runtime (default: the one for the generation)')
+    q.add_argument('--spot', action='store_true', help='create a Spot (preemptible) slice')
+    q.add_argument('--no-create', action='store_true', help='fail if the slice does not exist')
+    q.add_argument('--no-install', action='store_true',
+                   help='skip copying and installing the tree (already there)')
+    q.add_argument('--create-arg', action='append', default=[],
+                   help='extra flag for tpu-vm create, e.g. --create-arg=--network=NET')
+    q.add_argument('--python-version', default='3.12', help='python on the workers (uv)')
+    q.add_argument('--jax-version', help='pin jax[tpu]==VERSION (default: newest)')
+    q.add_argument('--env', action='append', default=[], metavar='NAME=VALUE')
+    q.add_argument('--follow', action='store_true', help='then follow worker 0\'s log')
+    q.set_defaults(job=action)
+  for action, helptext in (('logs', 'follow a worker\'s log'),
+                           ('stop', 'SIGTERM the job on every worker (it checkpoints)'),
+                           ('delete', 'delete the slice')):
+    q = tpu_sub.add_parser(action, allow_abbrev=False, help=helptext)
+    _add_tpu_common(q)
+    q.add_argument('--job', choices=sorted(ENTRIES), default='train')
+    if action == 'logs':
+      q.add_argument('--worker', default='0', help='worker index, or all')
+      q.add_argument('--lines', type=int, default=200)
+  return parser
+
+
+def _add_tpu_common(q: argparse.ArgumentParser) -> None:
+  q.add_argument('--name', required=True, help='TPU VM name')
+  q.add_argument('--zone', required=True, help='e.g. us-central2-b (v4), us-west4-a (v5e)')
+  q.add_argument('--project', help='GCP project (default: gcloud\'s)')
+  q.add_argument('--dry-run', action='store_true', help='print the script, run nothing')
+
+
+PLANNERS = {'local': local_plan, 'multinode': multinode_plan, 'slurm': slurm_plan,
+            'tpu': tpu_plan}
+TOOLS = {'slurm': 'sbatch (SLURM)', 'tpu': 'gcloud (Google Cloud CLI)'}
+
+
+def plan_from_args(argv: Sequence[str]) -> tuple[Plan, argparse.Namespace]:
+  """Parses and validates; raises LaunchError (or SystemExit for argparse errors)."""
+  parser = build_parser()
+  args, extra = parser.parse_known_args(list(argv))
+  overrides = validate_overrides(extra)
+  if overrides and args.launcher == 'tpu' and args.action not in ('train', 'evaluate'):
+    raise LaunchError(f'tpu {args.action}: unexpected arguments {overrides}')
+  return PLANNERS[args.launcher](args, overrides), args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  try:
+    plan, args = plan_from_args(sys.argv[1:] if argv is None else argv)
+  except LaunchError as e:
+    print(f'launch: error: {e}', file=sys.stderr)
+    return 2
+  if args.dry_run:
+    sys.stdout.write(plan.script())
+    return 0
+  tool = TOOLS.get(args.launcher)
+  if tool and not shutil.which(tool.split()[0]):
+    print(f'launch: error: {tool.split()[0]} not found on PATH: install {tool}, or use '
+          '--dry-run to see the commands', file=sys.stderr)
+    return 2
+  return plan.run()
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,484 @@
+"""Launchers: each validates before starting anything, prints exactly what it
+runs (--dry-run), and ends in the same `python -m aim_jax.train` line.
+
+Scripts are also executed against stand-ins for the cluster tools (`gcloud`,
+`srun`, the interpreter) to check what reaches them, and the local launcher
+trains the tiny config with two simulated processes for real.
+"""
+
+import json
+import os
+import shlex
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+from launch import launch
+
+PY = sys.executable
+
+
+def dry(*argv: str) -> str:
+  plan, args = launch.plan_from_args(list(argv))
+  return plan.script()
+
+
+def steps(script: str) -> list[str]:
+  """Script lines that do something: no shebang, set, notes or cd."""
+  return [ln for ln in script.splitlines()
+          if not ln.startswith(('#', 'set -euo', 'cd '))]
+
+
+def error_of(*argv: str) -> str:
+  with pytest.raises(launch.LaunchError) as e:
+    launch.plan_from_args(list(argv))
+  return str(e.value)
+
+
+def fake_tool(path: Path, body: str) -> Path:
+  path.write_text('#!/usr/bin/env bash\n' + textwrap.dedent(body))
+  path.chmod(path.stat().st_mode | stat.S_IEXEC)
+  return path
+
+
+# --------------------------------------------------------------------------
+# local
+# --------------------------------------------------------------------------
+
+
+def test_local_one_process_execs_the_train_line(tmp_path):
+  script = dry('local', 'configs/tiny.py:frames=4', str(tmp_path / 'wd'), '--python', PY,
+               '--config.total_steps=3', '--', '--alsologtostderr')
+  assert steps(script) == [
+      f'exec {PY} -m aim_jax.train --config configs/tiny.py:frames=4 '
+      f'--workdir {tmp_path / "wd"} --config.total_steps=3 --alsologtostderr']
+  assert f'cd {ROOT}' in script.splitlines()
+
+
+def test_local_relative_workdir_becomes_absolute_and_config_root_relative(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  script = dry('local', str(ROOT / 'configs' / 'tiny.py'), 'runs/a', '--python', PY)
+  assert steps(script)[-1] == (f'exec {PY} -m aim_jax.train --config configs/tiny.py '
+                               f'--workdir {tmp_path / "runs" / "a"}')
+
+
+def test_local_gs_workdir_is_kept(tmp_path):
+  script = dry('local', 'configs/tiny.py', 'gs://my-bucket/runs/tiny/', '--python', PY)
+  assert steps(script)[-1].endswith('--workdir gs://my-bucket/runs/tiny')
+
+
+@pytest.mark.parametrize('processes,devices', [(2, 2), (4, 1)])
+def test_local_simulated_processes(tmp_path, processes, devices):
+  script = dry('local', 'configs/tiny.py', str(tmp_path), '--python', PY,
+               '--processes', str(processes), '--cpu-devices', str(devices), '--port', '4321')
+  lines = steps(script)
+  assert 'export JAX_PLATFORMS=cpu' in lines
+  assert (f'export XLA_FLAGS="${{XLA_FLAGS:-}} --xla_force_host_platform_device_count={devices}"'
+          in lines)
+  assert (f'export JAX_COORDINATOR_ADDRESS=127.0.0.1:4321 JAX_NUM_PROCESSES={processes}'
+          in lines)
+  train = f'{PY} -m aim_jax.train --config configs/tiny.py --workdir {tmp_path}'
+  started = [ln for ln in lines if ln.endswith(' &')]
+  assert started == [f'JAX_PROCESS_ID={i} {train} &' for i in range(processes)]
+
+
+def test_local_evaluate_uses_checkpoint_flag(tmp_path):
+  script = dry('local', '--job', 'evaluate', 'configs/tiny.py', str(tmp_path), '--python', PY,
+               '--', '--which', 'best')
+  assert steps(script)[-1] == (f'exec {PY} -m aim_jax.evaluate --config configs/tiny.py '
+                               f'--checkpoint {tmp_path} --which best')
+
+
+def test_local_processes_fail_together(tmp_path):
+  """One failed process stops the others; the launcher fails; env reaches each."""
+  fake = fake_tool(tmp_path / 'python', f'''
+      echo "$JAX_PROCESS_ID $JAX_NUM_PROCESSES $JAX_COORDINATOR_ADDRESS $JAX_PLATFORMS $XLA_FLAGS \\
+        | $*" > {tmp_path}/p$JAX_PROCESS_ID
+      if [ "$JAX_PROCESS_ID" = 1 ]; then
+        while [ ! -f {tmp_path}/p0 ] || [ ! -f {tmp_path}/p2 ]; do sleep 0.05; done
+        exit 3
+      fi
+      exec sleep 60
+  ''')
+  t0 = time.time()
+  rc = launch.main(['local', 'configs/tiny.py', str(tmp_path / 'wd'), '--python', str(fake),
+                    '--processes', '3', '--cpu-devices', '2', '--port', '5555'])
+  assert rc == 1
+  assert time.time() - t0 < 30, 'the sleeping processes were not stopped'
+  for i in range(3):
+    seen = (tmp_path / f'p{i}').read_text().split()
+    assert seen[:4] == [str(i), '3', '127.0.0.1:5555', 'cpu']
+    assert '--xla_force_host_platform_device_count=2' in seen
+    assert seen[seen.index('|') + 1:] == ['-m', 'aim_jax.train', '--config', 'configs/tiny.py',
+                                          '--workdir', str(tmp_path / 'wd')]
+
+
+def test_local_wrapper_script_dry_run_and_error_exit(tmp_path):
+  out = subprocess.run([str(ROOT / 'launch' / 'local.sh'), 'configs/tiny.py', str(tmp_path),
+                        '--dry-run'], capture_output=True, text=True, cwd=tmp_path)
+  assert out.returncode == 0, out.stderr
+  last = out.stdout.strip().splitlines()[-1]
+  assert last.startswith('exec ') and last.endswith(
+      f'-m aim_jax.train --config configs/tiny.py --workdir {tmp_path}')
+  out = subprocess.run([str(ROOT / 'launch' / 'local.sh'), 'configs/nope.py', str(tmp_path),
+                        '--dry-run'], capture_output=True, text=True)
+  assert out.returncode == 2 and out.stdout == ''
+  assert "launch: error: config 'configs/nope.py': file configs/nope.py does not exist" in out.stderr
+
+
+# --------------------------------------------------------------------------
+# argument errors (caught before anything starts)
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['local', 'configs/missing.py', '/tmp/w'], 'configs/missing.py does not exist'),
+    (['local', 'configs/missing.py:b16_f8', '/tmp/w'], 'configs/missing.py does not exist'),
+    (['local', 'configs/tiny', '/tmp/w'], 'not a Python config file'),
+    (['local', 'configs/tiny.py:', '/tmp/w'], 'empty argument after ":"'),
+    (['local', 'configs/tiny.py', 's3://bucket/w'], 'scheme s3:// is not supported'),
+    (['local', 'configs/tiny.py', 'gcs://bucket/w'], 'scheme gcs:// is not supported'),
+    (['local', 'configs/tiny.py', 'gs://B_ad/w'], "'B_ad' is not a valid bucket name"),
+    (['local', 'configs/tiny.py', '/tmp/w', '--processes', '0'], '--processes must be >= 1'),
+    (['local', 'configs/tiny.py', '/tmp/w', '--processes', '2'], 'add --cpu-devices K'),
+    (['local', 'configs/tiny.py', '/tmp/w', '--cpu-devices', '0'], '--cpu-devices must be >= 1'),
+    (['local', 'configs/tiny.py', '/tmp/w', '--total_steps=3'], "unknown argument '--total_steps=3'"),
+    (['local', 'configs/tiny.py', '/tmp/w', '--env', 'NOEQUALS'], 'expected NAME=VALUE'),
+    (['local', '--job', 'evaluate', 'configs/tiny.py', '/nonexistent/ckpt'],
+     "checkpoint '/nonexistent/ckpt'"),
+    (['multinode', '--coordinator', 'node0:12355', '--num-processes', '2', '--process-id', '2',
+      'configs/tiny.py', '/tmp/w'], '--process-id 2: must be in 0..1'),
+    (['multinode', '--coordinator', 'node0:12355', '--num-processes', '0', '--process-id', '0',
+      'configs/tiny.py', '/tmp/w'], '--num-processes must be >= 1'),
+    (['multinode', '--coordinator', 'node0', '--num-processes', '2', '--process-id', '0',
+      'configs/tiny.py', '/tmp/w'], 'expected HOST:PORT'),
+    (['multinode', '--coordinator', 'node0:99999', '--num-processes', '2', '--process-id', '0',
+      'configs/tiny.py', '/tmp/w'], 'port in 1..65535'),
+    (['slurm', '--nodes', '0', 'configs/tiny.py', '/tmp/w'], '--nodes must be >= 1'),
+    (['slurm', '--gpus-per-node', '0', 'configs/tiny.py', '/tmp/w'],
+     '--gpus-per-node must be >= 1'),
+])
+def test_argument_errors_name_the_argument(argv, message):
+  assert message in error_of(*argv)
+
+
+def test_argparse_errors_exit_2_without_running(capsys):
+  with pytest.raises(SystemExit) as e:
+    launch.plan_from_args(['slurm', '--nodes', 'two', 'configs/tiny.py', '/tmp/w'])
+  assert e.value.code == 2
+  assert "invalid int value: 'two'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# multinode
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('n,pid', [(2, 0), (2, 1), (16, 15)])
+def test_multinode_sets_the_three_variables(n, pid):
+  script = dry('multinode', '--coordinator', '10.0.0.1:12355', '--num-processes', str(n),
+               '--process-id', str(pid), 'configs/tiny.py', 'gs://my-bucket/run', '--python', PY,
+               '--config.batch_size=64')
+  assert steps(script) == [
+      'export JAX_COORDINATOR_ADDRESS=10.0.0.1:12355', f'export JAX_NUM_PROCESSES={n}',
+      f'export JAX_PROCESS_ID={pid}',
+      f'exec {PY} -m aim_jax.train --config configs/tiny.py --workdir gs://my-bucket/run '
+      '--config.batch_size=64']
+
+
+def test_multinode_local_workdir_warns_about_shared_storage():
+  script = dry('multinode', '--coordinator', 'n0:1', '--num-processes', '2', '--process-id',
+               '0', 'configs/tiny.py', '/shared/run', '--local-device-ids', '0,1', '--python', PY)
+  assert '# /shared/run must be on a file system every node shares' in script
+  assert 'export JAX_LOCAL_DEVICE_IDS=0,1' in script
+
+
+# --------------------------------------------------------------------------
+# SLURM
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('nodes,gpus,per,tasks', [(1, 8, 'gpu', 8), (2, 8, 'gpu', 8),
+                                                  (4, 4, 'node', 1), (16, 8, 'node', 1)])
+def test_slurm_submits_the_batch_script_with_the_job_shape(nodes, gpus, per, tasks):
+  script = dry('slurm', '--nodes', str(nodes), '--gpus-per-node', str(gpus), '--process-per',
+               per, 'configs/tiny.py:frames=8', 'gs://my-bucket/run', '--python', PY,
+               '--time', '24:00:00', '--partition', 'a100', '--config.init_from=gs://my-bucket/c')
+  [line] = steps(script)
+  assert shlex.split(line) == [
+      'sbatch', '--job-name=aim-jax', f'--nodes={nodes}', f'--ntasks-per-node={tasks}',
+      f'--gpus-per-node={gpus}', f'--chdir={ROOT}', f'--export=ALL,AIM_SLURM_PROCESS_PER={per}',
+      '--partition=a100', '--time=24:00:00', str(ROOT / 'launch' / 'slurm.sbatch'),
+      PY, '-m', 'aim_jax.train', '--config', 'configs/tiny.py:frames=8',
+      '--workdir', 'gs://my-bucket/run', '--config.init_from=gs://my-bucket/c']
+  assert f'{nodes * tasks} JAX process(es), {nodes * gpus} devices' in script
+
+
+@pytest.mark.parametrize('per,gpus_on_node,expected', [('node', '4', '0,1,2,3'),
+                                                       ('gpu', '4', '')])
+def test_slurm_batch_script_runs_srun_with_device_ids(tmp_path, per, gpus_on_node, expected):
+  fake_tool(tmp_path / 'srun', f'''
+      echo "ids=${{JAX_LOCAL_DEVICE_IDS:-}} tf=$TF_CPP_MIN_LOG_LEVEL args=$*" > {tmp_path}/srun.out
+  ''')
+  env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', SLURM_JOB_ID='77',
+             SLURM_JOB_NUM_NODES='2', SLURM_JOB_NODELIST='gpu[01-02]', SLURM_NTASKS='2',
+             SLURM_GPUS_ON_NODE=gpus_on_node, AIM_SLURM_PROCESS_PER=per)
+  env.pop('JAX_LOCAL_DEVICE_IDS', None)
+  env.pop('TF_CPP_MIN_LOG_LEVEL', None)
+  out = subprocess.run(['bash', str(ROOT / 'launch' / 'slurm.sbatch'), PY, '-m',
+                        'aim_jax.train', '--config', 'configs/tiny.py', '--workdir', '/w'],
+                       env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr
+  assert (tmp_path / 'srun.out').read_text().strip() == (
+      f'ids={expected} tf=1 args=--kill-on-bad-exit=1 {PY} -m aim_jax.train '
+      '--config configs/tiny.py --workdir /w')
+
+
+def test_slurm_batch_script_without_a_command_is_a_usage_error():
+  out = subprocess.run(['bash', str(ROOT / 'launch' / 'slurm.sbatch')], capture_output=True,
+                       text=True)
+  assert out.returncode == 2 and 'usage: sbatch launch/slurm.sbatch' in out.stderr
+
+
+# --------------------------------------------------------------------------
+# Cloud TPU
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name,chips,devices,hosts,runtime', [
+    ('v2-8', 4, 8, 1, 'tpu-ubuntu2204-base'),
+    ('v3-32', 16, 32, 4, 'tpu-ubuntu2204-base'),
+    ('v4-8', 4, 4, 1, 'tpu-ubuntu2204-base'),
+    ('v4-32', 16, 16, 4, 'tpu-ubuntu2204-base'),
+    ('v4-128', 64, 64, 16, 'tpu-ubuntu2204-base'),
+    ('v5p-8', 4, 4, 1, 'v2-alpha-tpuv5'),
+    ('v5p-128', 64, 64, 16, 'v2-alpha-tpuv5'),
+    ('v5litepod-8', 8, 8, 1, 'v2-alpha-tpuv5-lite'),
+    ('v5litepod-16', 16, 16, 4, 'v2-alpha-tpuv5-lite'),
+    ('v5litepod-256', 256, 256, 64, 'v2-alpha-tpuv5-lite'),
+    ('v6e-8', 8, 8, 1, 'v2-alpha-tpuv6e'),
+    ('v6e-64', 64, 64, 16, 'v2-alpha-tpuv6e'),
+])
+def test_tpu_accelerator_types(name, chips, devices, hosts, runtime):
+  s = launch.parse_accelerator(name)
+  assert (s.chips, s.devices, s.hosts, s.runtime) == (chips, devices, hosts, runtime)
+
+
+@pytest.mark.parametrize('name,message', [
+    ('v4-30', 'multiple of 8'), ('v4-16384', 'multiple of 8 in 8..8192'),
+    ('v5e-16', 'use v5litepod-16'), ('v5litepod-12', 'sizes 1, 4, 8, 16, 32, 64, 128, 256'),
+    ('v6e-512', 'sizes 1, 4, 8'), ('v9-8', "unknown TPU generation 'v9'"),
+    ('tpu', 'expected GENERATION-SIZE'), ('v3-16', 'sizes 8, 32, 64'),
+])
+def test_tpu_accelerator_errors(name, message):
+  with pytest.raises(launch.LaunchError, match=message):
+    launch.parse_accelerator(name)
+
+
+TPU = ['--name', 'aim-pod', '--zone', 'us-central2-b']
+
+
+@pytest.mark.parametrize('accelerator,runtime', [('v4-32', 'tpu-ubuntu2204-base'),
+                                                 ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
+                                                 ('v6e-8', 'v2-alpha-tpuv6e')])
+def test_tpu_train_creates_copies_installs_and_starts_on_all_workers(accelerator, runtime):
+  script = dry('tpu', 'train', *TPU, '--accelerator', accelerator, '--project', 'proj',
+               'configs/tiny.py', 'gs://my-bucket/aim/tiny', '--spot',
+               '--config.init_from=gs://my-bucket/ckpt/clip_b16')
+  lines = steps(script)
+  create = [ln for ln in lines if 'tpu-vm create' in ln]
+  assert create == [
+      'if [ -z "${state:-}" ]; then gcloud compute tpus tpu-vm create aim-pod '
+      f'--zone=us-central2-b --project=proj --accelerator-type={accelerator} '
+      f'--version={runtime} --spot; fi']
+  scp = [shlex.split(ln) for ln in lines if 'tpu-vm scp' in ln]
+  assert scp == [['gcloud', 'compute', 'tpus', 'tpu-vm', 'scp', '/tmp/aim-pod-aim-jax-src.tar.gz',
+                  'aim-pod:aim-jax-src.tar.gz', '--zone=us-central2-b', '--project=proj',
+                  '--worker=all']]
+  ssh = [shlex.split(ln) for ln in lines if 'tpu-vm ssh' in ln]
+  assert [s[:9] for s in ssh] == [['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'aim-pod',
+                                   '--zone=us-central2-b', '--project=proj', '--worker=all']] * 2
+  install, start = ssh[0][9], ssh[1][9]
+  assert 'uv pip install' in install and '"$HOME/aim-jax[data]" \'jax[tpu]\'' in install
+  assert ('AIM_JAX_DISTRIBUTED=auto nohup ~/aim-jax-venv/bin/python -m aim_jax.train '
+          '--config configs/tiny.py --workdir gs://my-bucket/aim/tiny '
+          '--config.init_from=gs://my-bucket/ckpt/clip_b16 > ~/aim-jax-logs/train.log') in start
+
+
+def test_tpu_evaluate_reuses_without_install_and_follows_the_log():
+  script = dry('tpu', 'evaluate', *TPU, '--accelerator', 'v4-8', '--no-create', '--no-install',
+               '--follow', 'configs/tiny.py', 'gs://my-bucket/aim/tiny')
+  assert 'tpu-vm create' not in script and 'tpu-vm scp' not in script
+  assert 'does not exist (--no-create)' in script
+  ssh = [shlex.split(ln) for ln in steps(script) if 'tpu-vm ssh' in ln]
+  assert '~/aim-jax-venv/bin/python -m aim_jax.evaluate --config configs/tiny.py ' \
+         '--checkpoint gs://my-bucket/aim/tiny > ~/aim-jax-logs/evaluate.log' in ssh[0][-1]
+  assert ssh[1][-2:] == ['--worker=0', '--command=tail -n +1 -F ~/aim-jax-logs/evaluate.log']
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--accelerator', 'v4-32', 'configs/tiny.py', '/tmp/local'], 'must be gs://BUCKET/PATH'),
+    (['--accelerator', 'v4-30', 'configs/tiny.py', 'gs://my-bucket/w'], 'multiple of 8'),
+    (['--accelerator', 'v4-32', 'configs/none.py', 'gs://my-bucket/w'], 'does not exist'),
+])
+def test_tpu_argument_errors(argv, message):
+  assert message in error_of('tpu', 'train', *TPU, *argv)
+
+
+def test_tpu_name_is_validated():
+  assert 'lower-case letters' in error_of('tpu', 'stop', '--name', 'My_TPU', '--zone', 'z')
+
+
+def test_all_dry_runs_are_valid_bash(tmp_path):
+  for argv in (
+      ['local', 'configs/tiny.py', str(tmp_path), '--processes', '2', '--cpu-devices', '2'],
+      ['multinode', '--coordinator', 'h:1', '--num-processes', '2', '--process-id', '1',
+       'configs/tiny.py', str(tmp_path)],
+      ['slurm', 'configs/tiny.py', str(tmp_path)],
+      ['tpu', 'train', *TPU, '--accelerator', 'v5litepod-16', 'configs/tiny.py', 'gs://bkt/x'],
+      ['tpu', 'logs', *TPU, '--worker', 'all'], ['tpu', 'stop', *TPU], ['tpu', 'delete', *TPU]):
+    out = subprocess.run(['bash', '-n'], input=dry(*argv), capture_output=True, text=True)
+    assert out.returncode == 0, (argv, out.stderr)
+
+
+def _fake_gcloud(tmp_path: Path, describe: str) -> dict:
+  """A `gcloud` that logs its calls, answers describe, and runs ssh --command on two
+  fake workers (two $HOMEs), as the real one does over ssh."""
+  workers = [tmp_path / 'w0', tmp_path / 'w1']
+  for home in workers:
+    venv = home / 'aim-jax-venv' / 'bin'
+    venv.mkdir(parents=True)
+    (home / 'aim-jax').mkdir()
+    fake_tool(venv / 'python', '''
+        echo "$AIM_JAX_DISTRIBUTED $*" > ~/ran
+        trap 'echo terminated >> ~/ran; exit 0' TERM
+        while true; do sleep 0.1; done
+    ''')
+  fake_tool(tmp_path / 'gcloud', f'''
+      echo "$*" >> {tmp_path}/calls
+      case "$4" in
+        describe) [ -n "{describe}" ] && printf '{describe}\\n' && exit 0; exit 1 ;;
+        ssh) for a in "$@"; do case "$a" in --command=*) cmd=${{a#--command=}};; esac; done
+             for home in {' '.join(map(str, workers))}; do HOME=$home bash -c "$cmd"; done ;;
+      esac
+  ''')
+  return dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}')
+
+
+def _run(script: str, env: dict) -> subprocess.CompletedProcess:
+  return subprocess.run(['bash', '-c', script], env=env, capture_output=True, text=True,
+                        timeout=60)
+
+
+@pytest.mark.parametrize('describe,expected', [
+    ('', ['describe', 'create']),  # missing -> create
+    ('READY\\tv4-32', ['describe']),  # reuse
+    ('PREEMPTED\\tv4-32', ['describe', 'delete', 'create']),  # preempted -> re-create
+])
+def test_tpu_script_creates_reuses_or_recreates_then_starts_and_stops(tmp_path, describe,
+                                                                       expected):
+  env = _fake_gcloud(tmp_path, describe)
+  script = dry('tpu', 'train', *TPU, '--accelerator', 'v4-32', '--no-install', 'configs/tiny.py',
+               'gs://my-bucket/run', '--config.total_steps=5')
+  try:
+    out = _run(script, env)
+    assert out.returncode == 0, out.stderr
+    verbs = [ln.split()[3] for ln in (tmp_path / 'calls').read_text().splitlines()]
+    assert verbs == expected + ['ssh']
+    for home in ('w0', 'w1'):
+      ran = _wait_for(tmp_path / home / 'ran', lambda text: text)
+      assert ran.split() == [
+          'auto', '-m', 'aim_jax.train', '--config', 'configs/tiny.py', '--workdir',
+          'gs://my-bucket/run', '--config.total_steps=5']
+    # A second start refuses while the job runs; stop sends SIGTERM to every worker.
+    assert _run(script, env).returncode != 0
+    assert _run(dry('tpu', 'stop', *TPU), env).returncode == 0
+    for home in ('w0', 'w1'):
+      ran = _wait_for(tmp_path / home / 'ran', lambda text: 'terminated' in text)
+      assert ran.splitlines()[-1] == 'terminated'
+  finally:
+    for pid_file in tmp_path.glob('w*/aim-jax-logs/train.pid'):
+      subprocess.run(['kill', '-KILL', pid_file.read_text().strip()], capture_output=True)
+
+
+def _wait_for(path: Path, ready, timeout: float = 20.0) -> str:
+  """The text of `path` once `ready(text)` holds (the fake job starts in the background)."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    text = path.read_text() if path.exists() else ''
+    if ready(text):
+      return text
+    time.sleep(0.1)
+  return path.read_text() if path.exists() else ''
+
+
+def test_tpu_script_refuses_a_slice_of_another_type(tmp_path):
+  env = _fake_gcloud(tmp_path, 'READY\\tv4-8')
+  script = dry('tpu', 'train', *TPU, '--accelerator', 'v4-32', '--no-install', 'configs/tiny.py',
+               'gs://my-bucket/run')
+  out = _run(script, env)
+  assert out.returncode == 1
+  assert 'TPU aim-pod is a v4-8, not a v4-32' in out.stderr
+  assert 'ssh' not in (tmp_path / 'calls').read_text()
+
+
+# --------------------------------------------------------------------------
+# aim_jax.distributed: the variables the launchers set
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('env,expected', [
+    ({'SLURM_JOB_ID': '1', 'SLURM_NTASKS': '2', 'JAX_LOCAL_DEVICE_IDS': '0,1,2,3'},
+     {'local_device_ids': [0, 1, 2, 3]}),
+    ({'SLURM_JOB_ID': '1', 'SLURM_NTASKS': '16'}, {'local_device_ids': None}),
+    ({'AIM_JAX_DISTRIBUTED': 'auto'}, {}),
+    ({'JAX_COORDINATOR_ADDRESS': 'h:1', 'JAX_NUM_PROCESSES': '2', 'JAX_PROCESS_ID': '1'},
+     {'coordinator_address': 'h:1', 'num_processes': 2, 'process_id': 1,
+      'local_device_ids': None}),
+])
+def test_distributed_initialize_gets_what_the_launchers_set(monkeypatch, env, expected):
+  import jax
+
+  from aim_jax import distributed
+  for k in ('SLURM_JOB_ID', 'SLURM_NTASKS', 'JAX_LOCAL_DEVICE_IDS', 'AIM_JAX_DISTRIBUTED',
+            'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
+            'TPU_WORKER_HOSTNAMES'):
+    monkeypatch.delenv(k, raising=False)
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(distributed, '_initialized', False)
+  assert distributed.maybe_initialize()
+  assert calls == [expected]
+
+
+# --------------------------------------------------------------------------
+# the real thing: two processes train the tiny config together on CPU
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ROOT / 'aim_jax' / 'train.py').exists()
+                    or not (ROOT / 'configs' / 'tiny.py').exists(),
+                    reason='needs aim_jax/train.py and configs/tiny.py (training issue)')
+def test_local_launcher_trains_tiny_with_two_simulated_processes(tmp_path):
+  workdir = tmp_path / 'wd'
+  out = subprocess.run(
+      [str(ROOT / 'launch' / 'local.sh'), 'configs/tiny.py', str(workdir), '--python', PY,
+       '--processes', '2', '--cpu-devices', '2', '--config.total_steps=4',
+       '--config.log_every_steps=2', '--config.checkpoint.every_steps=4',
+       '--config.eval_every_steps=1000'],
+      capture_output=True, text=True, timeout=600,
+      env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
+  assert out.returncode == 0, out.stderr[-3000:]
+  versions = json.loads((workdir / 'versions.json').read_text())
+  assert (versions['process_count'], versions['device_count']) == (2, 4)
+  assert (workdir / 'checkpoints' / '4').is_dir()
+  assert '[process=1]' in out.stderr and '[process=0]' in out.stderr
