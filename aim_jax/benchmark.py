@@ -1,0 +1,271 @@
+"""Times the jitted train and eval steps on whatever devices are present.
+
+  python -m aim_jax.benchmark --config configs/k400.py:b16_f8 --mode train --batch 64
+  python -m aim_jax.benchmark --config configs/tiny.py --mode both --steps 20
+
+Synthetic input is placed on the devices once (sharded over the data axis), so
+the figures are the model's, not the input pipeline's; `--data real` feeds the
+config's tf.data pipeline instead (host decode included). Each step is
+synchronised with `block_until_ready` on its outputs. Reported: clips/s, step
+time (median, p10-p90), compile time, peak device memory, the analytic MACs
+per clip (`aim_jax.flops`: the paper's GFLOPs are multiply-adds) and MFU =
+2 * MACs * clips/s / (devices * peak bf16 FLOP/s). `--find-max-batch` doubles
+the batch until compilation or execution runs out of memory (with and without
+remat). Nothing here needs tensorflow unless `--data real`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from typing import Any
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+
+# Dense bf16 peak per device, FLOP/s (vendor datasheets).
+PEAK_BF16 = {
+    'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'L4': 121e12, 'A10': 125e12,
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'TPU v6e': 918e12,
+}
+
+
+def device_peak(device) -> float | None:
+  kind = getattr(device, 'device_kind', '')
+  for name, peak in PEAK_BF16.items():
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def peak_memory_bytes(devices) -> int | None:
+  """Peak bytes in use on the first device, or the process's max RSS on CPU."""
+  stats = devices[0].memory_stats() if hasattr(devices[0], 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    return int(stats['peak_bytes_in_use'])
+  if devices[0].platform == 'cpu':
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+  return None
+
+
+def _percentiles(times):
+  import numpy as np
+  t = np.asarray(times)
+  return float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90))
+
+
+def build(config: Any, batch: int, mode: str, remat: str | None = None):
+  """Sharded state and jitted step functions for `config` at global batch `batch`."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from aim_jax import optim, sharding, steps
+  from aim_jax import params as P
+  from aim_jax.models.factory import build_model, resolve_model_config
+
+  model_cfg = resolve_model_config(config.model)
+  if remat is not None:
+    model_cfg['remat_policy'] = remat
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.axis_rules(config.logical_axis_rules)
+  model = build_model(model_cfg)
+  t, s = model_cfg['num_frames'], model_cfg['image_size']
+  dp = sharding.data_parallel_size(mesh)
+  if batch % dp:
+    raise ValueError(f'--batch {batch} is not divisible by the data-parallel size {dp}')
+
+  def init(rng):
+    return model.init({'params': rng}, jnp.zeros((dp, t, s, s, 3)), train=False)['params']
+
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  param_sh = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = nn.unbox(boxed)
+  params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_sh)(jax.random.key(0))
+  video = jax.jit(lambda r: jax.random.normal(r, (batch, t, s, s, 3), jnp.float32),
+                  out_shardings=sharding.batch_sharding(mesh, 5))(jax.random.key(1))
+  labels = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % model_cfg['num_classes'],
+                          sharding.batch_sharding(mesh, 1))
+  rep = sharding.replicated(mesh)
+  out = dict(model_cfg=model_cfg, mesh=mesh, rules=rules, params=params, video=video,
+             labels=labels, abstract=abstract)
+  if mode == 'train':
+    mask = P.trainable_mask(abstract, list(config.trainable), config.full_finetune)
+    trainable = steps.trainable_names(mask)
+    schedule = optim.make_schedule(config.optimizer, 1000, 10000)
+    tx, _ = optim.make_optimizer(abstract, config.optimizer, schedule, list(config.trainable),
+                                 config.full_finetune)
+    opt_sh = sharding.like_params(param_sh, jax.eval_shape(tx.init, abstract), mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    state = {'step': jax.device_put(jnp.zeros((), jnp.int32), rep), 'params': params,
+             'opt_state': opt_state}
+    state_sh = {'step': rep, 'params': param_sh, 'opt_state': opt_sh}
+    fn = functools.partial(steps.train_step, model=model, tx=tx, trainable=trainable, seed=0,
+                           num_classes=model_cfg['num_classes'])
+    batch_sh = {'video': sharding.batch_sharding(mesh, 5),
+                'label': sharding.batch_sharding(mesh, 1)}
+    out['step'] = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
+                          donate_argnums=(0,))
+    out['state'] = state
+  else:
+    fn = functools.partial(steps.eval_logits, model=model)
+    out['step'] = jax.jit(lambda p, v: fn(p, video=v), in_shardings=(
+        param_sh, sharding.batch_sharding(mesh, 5)), out_shardings=sharding.batch_sharding(mesh, 2))
+  return out
+
+
+def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
+               remat: str | None = None, data_iter=None) -> dict:
+  """Compile, warm up, then time `steps_n` synchronised steps."""
+  import flax.linen as nn
+  import jax
+
+  from aim_jax import flops, sharding
+
+  b = build(config, batch, mode, remat)
+  mesh = b['mesh']
+
+  def next_batch():
+    if data_iter is None:
+      return b['video'], b['labels']
+    host = next(data_iter)
+    return (sharding.put_global(host['video'], sharding.batch_sharding(mesh, 5),
+                                (batch,) + host['video'].shape[1:]),
+            sharding.put_global(host['label'], sharding.batch_sharding(mesh, 1), (batch,)))
+
+  with nn.logical_axis_rules(b['rules']):
+    video, labels = next_batch()
+    t0 = time.perf_counter()
+    if mode == 'train':
+      compiled = b['step'].lower(b['state'], {'video': video, 'label': labels}).compile()
+    else:
+      compiled = b['step'].lower(b['params'], video).compile()
+    compile_s = time.perf_counter() - t0
+    state = b.get('state')
+    times = []
+    for i in range(warmup + steps_n):
+      video, labels = next_batch()
+      t0 = time.perf_counter()
+      if mode == 'train':
+        state, metrics = compiled(state, {'video': video, 'label': labels})
+        jax.block_until_ready((state['step'], metrics))
+      else:
+        jax.block_until_ready(compiled(b['params'], video))
+      if i >= warmup:
+        times.append(time.perf_counter() - t0)
+  med, p10, p90 = _percentiles(times)
+  devices = jax.devices()
+  macs = flops.train_macs(b['model_cfg'], config.full_finetune) if mode == 'train' else \
+      flops.forward_macs(b['model_cfg'])
+  clips_s = batch / med
+  peak = device_peak(devices[0])
+  return dict(
+      mode=mode, batch=batch, remat=b['model_cfg']['remat_policy'],
+      dtype=b['model_cfg']['dtype'], frames=b['model_cfg']['num_frames'],
+      devices=len(devices), device_kind=devices[0].device_kind,
+      clips_per_s=clips_s, step_s_median=med, step_s_p10=p10, step_s_p90=p90,
+      compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(devices),
+      gmacs_per_clip=macs / 1e9,
+      mfu=(2 * macs * clips_s / (len(devices) * peak)) if peak else None, steps=steps_n)
+
+
+def find_max_batch(config: Any, mode: str, start: int, remat: str | None, limit: int) -> int:
+  """Largest power-of-two multiple of `start` that compiles and runs (0 if none)."""
+  best, batch = 0, start
+  while batch <= limit:
+    try:
+      time_steps(config, batch, mode, steps_n=1, warmup=0, remat=remat)
+    except Exception as e:  # XLA reports OOM as RESOURCE_EXHAUSTED / XlaRuntimeError
+      if 'RESOURCE_EXHAUSTED' in str(e) or 'memory' in str(e).lower():
+        break
+      raise
+    best, batch = batch, batch * 2
+  return best
+
+
+def versions() -> dict:
+  import flax
+  import jax
+  import optax
+  return dict(python=platform.python_version(), jax=jax.__version__, flax=flax.__version__,
+              optax=optax.__version__, platform=platform.platform())
+
+
+def format_row(r: dict) -> str:
+  mem = f'{r["peak_memory_bytes"] / 2**30:.1f}' if r['peak_memory_bytes'] else 'n/a'
+  mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+  return (f'| {r["mode"]} | {r["frames"]} | {r["batch"]} | {r["dtype"]} | {r["remat"]} | '
+          f'{r["clips_per_s"]:.2f} | {1e3 * r["step_s_median"]:.1f} '
+          f'({1e3 * r["step_s_p10"]:.1f}-{1e3 * r["step_s_p90"]:.1f}) | {r["compile_s"]:.1f} | '
+          f'{mem} | {r["gmacs_per_clip"]:.1f} | {mfu} |')
+
+
+HEADER = ('| mode | frames | batch | dtype | remat | clips/s | step ms median (p10-p90) | '
+          'compile s | peak GiB | GMACs/clip | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from aim_jax import distributed
+  distributed.maybe_initialize()
+  config = FLAGS.config
+  batch = FLAGS.batch or config.batch_size
+  modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
+  results = []
+  data_iter = None
+  for mode in modes:
+    if FLAGS.data == 'real':
+      from data_pipelines import input_pipeline
+      import jax
+      data_iter = iter(input_pipeline.make_train_dataset(
+          config.data, batch_size=batch // jax.process_count(), seed=0))
+    r = time_steps(config, batch, mode, FLAGS.steps, FLAGS.warmup,
+                   remat=FLAGS.remat or None, data_iter=data_iter)
+    r['data'] = FLAGS.data
+    if FLAGS.find_max_batch:
+      r['max_batch_no_remat'] = find_max_batch(config, mode, batch, 'none', FLAGS.max_batch_limit)
+      r['max_batch_remat'] = find_max_batch(config, mode, batch, 'full', FLAGS.max_batch_limit)
+    results.append(r)
+    print(json.dumps(r, indent=1), flush=True)
+  print(HEADER)
+  for r in results:
+    print(format_row(r))
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      json.dump({'results': results, 'versions': versions(), 'argv': sys.argv,
+                 'date': time.strftime('%Y-%m-%d')}, f, indent=1)
+
+
+def _define_flags():
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file('config', None, 'config file (configs/NAME.py[:ARG])',
+                                  lock_config=True)
+  flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'both'], 'which step to time')
+  flags.DEFINE_integer('batch', 0, 'global batch (default: the config\'s batch_size)')
+  flags.DEFINE_integer('steps', 10, 'timed steps after warm-up')
+  flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
+  flags.DEFINE_string('remat', '', "override model.remat_policy ('none', 'full', ...)")
+  flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'],
+                    'synthetic on-device clips, or the config\'s tf.data pipeline')
+  flags.DEFINE_bool('find_max_batch', False, 'also search the largest batch (with/without remat)')
+  flags.DEFINE_integer('max_batch_limit', 4096, 'stop the max-batch search here')
+  flags.DEFINE_string('out', '', 'write the results as JSON here')
+  flags.mark_flags_as_required(['config'])
+
+
+def run(argv=None):
+  _define_flags()
+  app.run(main, argv=argv)
+
+
+if __name__ == '__main__':
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  run()
