@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import re
 import shlex
 import shutil
@@ -428,7 +427,8 @@ def _tpu_create_steps(args: argparse.Namespace, tpu: TpuSlice) -> list[str]:
       '  ""|READY) ;;',
       f'  *) echo "TPU {args.name} is $state: wait until it is READY" >&2; exit 1 ;;',
       'esac',
-      f'if [ -n "${{state:-}}" ] && [ -n "${{accel:-}}" ] && [ "$accel" != {tpu.accelerator} ]; then',
+      'if [ -n "${state:-}" ] && [ -n "${accel:-}" ] && '
+      f'[ "$accel" != {tpu.accelerator} ]; then',
       f'  echo "TPU {args.name} is a $accel, not a {tpu.accelerator}: use --name of another '
       'slice or delete this one" >&2; exit 1',
       'fi',
@@ -451,7 +451,9 @@ def _tpu_install_steps(args: argparse.Namespace) -> list[str]:
       f'tar -xzf ~/{SOURCE_TARBALL} -C ~/{REMOTE_SRC}.new',
       f'rm -rf ~/{REMOTE_SRC}', f'mv ~/{REMOTE_SRC}.new ~/{REMOTE_SRC}',
       # The TPU images ship an older python: uv brings the one the project needs.
-      '(command -v uv >/dev/null || python3 -m pip install --user -q uv)',
+      # (--break-system-packages only where the image's pip refuses --user installs.)
+      '(command -v uv >/dev/null || python3 -m pip install --user -q uv || '
+      'python3 -m pip install --user -q --break-system-packages uv)',
       'export PATH=$HOME/.local/bin:$PATH',
       f'([ -x ~/{REMOTE_VENV}/bin/python ] || uv venv -q --python {args.python_version} '
       f'~/{REMOTE_VENV})',
@@ -526,7 +528,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='launcher', required=True)
   python = sys.executable or 'python3'
 
-  p = sub.add_parser('local', allow_abbrev=False, help='one machine: all its devices, or N simulated CPU processes')
+  p = sub.add_parser('local', allow_abbrev=False,
+                     help='one machine: all its devices, or N simulated CPU processes')
   _add_job_args(p, python)
   p.add_argument('--processes', type=int, default=1,
                  help='simulate a multi-host job with N local processes (CPU only)')
@@ -534,7 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='run on CPU with K simulated devices per process')
   p.add_argument('--port', type=int, default=0, help='coordinator port (default: a free one)')
 
-  p = sub.add_parser('multinode', allow_abbrev=False, help='one process of a multi-node job without SLURM')
+  p = sub.add_parser('multinode', allow_abbrev=False,
+                     help='one process of a multi-node job without SLURM')
   _add_job_args(p, python)
   p.add_argument('--coordinator', required=True, help='HOST:PORT of process 0')
   p.add_argument('--num-processes', type=int, required=True)
@@ -557,10 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--sbatch-arg', action='append', default=[],
                  help='extra sbatch flag, e.g. --sbatch-arg=--qos=high (repeatable)')
 
-  p = sub.add_parser('tpu', allow_abbrev=False, help='Cloud TPU VM slice: train/evaluate, or logs/stop/delete')
+  p = sub.add_parser('tpu', allow_abbrev=False,
+                     help='Cloud TPU VM slice: train/evaluate, or logs/stop/delete')
   tpu_sub = p.add_subparsers(dest='action', required=True)
   for action in ('train', 'evaluate'):
-    q = tpu_sub.add_parser(action, allow_abbrev=False, help=f'create or reuse the slice and start {action}')
+    q = tpu_sub.add_parser(action, allow_abbrev=False,
+                           help=f'create or reuse the slice and start {action}')
     _add_tpu_common(q)
     q.add_argument('config', help='configs/NAME.py[:ARG] (inside this tree)')
     q.add_argument('dir', metavar='DIR', help='gs:// workdir (train) or checkpoint (evaluate)')

@@ -2,7 +2,8 @@
 # Submit launch/slurm.sbatch with the job's shape: N nodes x G GPUs, one JAX
 # process per GPU (default) or per node.
 #
-#   launch/slurm_submit.sh --nodes 1 --gpus-per-node 8 configs/k400.py:b16_f8 /shared/runs/k400_b16 \
+#   launch/slurm_submit.sh --nodes 1 --gpus-per-node 8 \
+#       configs/k400.py:b16_f8 /shared/runs/k400_b16 \
 #       --config.init_from=/shared/ckpt/clip_b16 --time 24:00:00 --partition gpu
 #
 # Resume after a time limit or preemption: submit the same command again.

@@ -6,7 +6,8 @@
 # workers at once (--worker=all) in the background, logging to
 # ~/aim-jax-logs/train.log on each worker:
 #   launch/tpu_pod.sh train --name aim-v4 --zone us-central2-b --accelerator v4-32 \
-#       configs/k400.py:b16_f8 gs://BUCKET/aim/k400_b16_f8 --config.init_from=gs://BUCKET/ckpt/clip_b16
+#       configs/k400.py:b16_f8 gs://BUCKET/aim/k400_b16_f8 \
+#       --config.init_from=gs://BUCKET/ckpt/clip_b16
 # Evaluate a workdir or converted checkpoint:
 #   launch/tpu_pod.sh evaluate --name aim-v4 --zone us-central2-b --accelerator v4-32 \
 #       configs/k400.py:b16_f8 gs://BUCKET/aim/k400_b16_f8

