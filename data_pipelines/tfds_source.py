@@ -1,0 +1,71 @@
+"""TFDS video data sets (`tfds.features.Video`, e.g. `ucf101`) through the same clip pipeline.
+
+Frames are read still encoded (`tfds.decode.SkipDecoding`), so, as with our TFRecords, the
+sampler picks frame indices first and only the sampled JPEGs are decoded. Records are split
+across processes by position (`shard`), which sees every example exactly once.
+"""
+
+from typing import Callable, Optional, Tuple
+
+import ml_collections
+import tensorflow as tf
+
+
+def _builder(cfg: ml_collections.ConfigDict):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if not cfg.tfds_name:
+    raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'ucf101')")
+  return tfds.builder(cfg.tfds_name, data_dir=cfg.tfds_data_dir or None)
+
+
+def split_name(builder, split: str) -> str:
+  """Our split -> the TFDS split ('val' is 'validation' where it exists, else 'test')."""
+  splits = set(builder.info.splits.keys()) if builder.info.splits else set()
+  if split == 'val':
+    return 'validation' if 'validation' in splits or not splits else 'test'
+  if split in ('train', 'test'):
+    return split
+  raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+
+
+def _records(cfg: ml_collections.ConfigDict, split: str, pi: int, pc: int) -> tf.data.Dataset:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  builder = _builder(cfg)
+  name = split_name(builder, split)
+  ds = builder.as_dataset(split=name, shuffle_files=False,
+                          decoders={'video': tfds.decode.SkipDecoding()})
+  if pc > 1:
+    ds = ds.shard(pc, pi)
+  prefix = f'{cfg.tfds_name}:{name}:'
+
+  def convert(i, ex):
+    if 'video_id' in ex:
+      key = tf.strings.as_string(ex['video_id']) if ex['video_id'].dtype != tf.string else ex['video_id']
+    else:
+      key = tf.strings.join([prefix, tf.strings.as_string(i * pc + pi)])
+    return {'frames': ex['video'], 'label': tf.cast(ex['label'], tf.int32), 'key': key,
+            'file': tf.constant(f'tfds:{cfg.tfds_name}/{name}')}
+
+  return ds.enumerate().map(convert)
+
+
+def count_examples(cfg: ml_collections.ConfigDict, split: str) -> int:
+  builder = _builder(cfg)
+  name = split_name(builder, split)
+  if builder.info.splits and name in builder.info.splits:
+    n = builder.info.splits[name].num_examples
+    if n:
+      return int(n)
+  return int(_records(cfg, split, 0, 1).reduce(tf.constant(0, tf.int64), lambda c, _: c + 1))
+
+
+def train_epochs(cfg: ml_collections.ConfigDict, pi: int, pc: int,
+                 seed_base) -> Tuple[Callable[[tf.Tensor], tf.data.Dataset], Optional[int]]:
+  """(epoch -> records of this process, records per epoch of this process)."""
+  del seed_base  # the record shuffle buffer, seeded per epoch, does the shuffling
+  total = count_examples(cfg, 'train')
+  return (lambda epoch: _records(cfg, 'train', pi, pc)), len(range(pi, total, pc))
+
+
+def eval_records(cfg: ml_collections.ConfigDict, split: str, pi: int, pc: int) -> tf.data.Dataset:
+  return _records(cfg, split, pi, pc)
