@@ -333,3 +333,55 @@ def test_evaluate_from_the_best_checkpoint_of_a_training_workdir(tmp_path):
   summary = json.loads((out / 'summary.json').read_text())
   assert summary['which'] == 'best' and summary['checkpoint_kind'] == 'workdir'
   assert (out / 'per_class.csv').read_text().splitlines()[1].split(',')[1] == 'a'
+
+
+WORKER = """
+import json, sys
+import jax
+pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
+                           process_id=pid)
+import numpy as np
+from aim_jax import eval_lib
+from test_evaluate import tiny_params, tiny_videos, batches_of
+assert jax.device_count() == 8 and jax.local_device_count() == 4
+model, params = tiny_params()
+videos, labels = tiny_videos(13, 3)
+# Unequal process shards: process 0 reads 9 videos (batches 4, 4, 1), process 1 reads 4.
+sl = slice(0, 9) if pid == 0 else slice(9, 13)
+res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params,
+                        batches_of(videos[sl], labels[sl], 4), num_classes=5, num_views=3,
+                        batch_size=4, keep_scores=True, expected_count=13, progress=False)
+np.savez(out, scores=res.scores, labels=res.labels, confusion=res.confusion,
+         metrics=np.array(json.dumps(res.metrics)))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
+  """Multi-host path (jax.distributed on localhost, 2 processes x 4 CPU devices)."""
+  import socket
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    port = s.getsockname()[1]
+  script = tmp_path / 'worker.py'
+  script.write_text(WORKER)
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
+  procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
+                             str(tmp_path / f'out{i}.npz')], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  for p in procs:
+    log = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, log[-3000:]
+  outs = [np.load(tmp_path / f'out{i}.npz') for i in range(2)]
+  model, params = tiny_params()
+  videos, labels = tiny_videos(13, 3)
+  want = eval_lib.reference_scores(eval_lib.model_apply_fn(model), params, videos, 3)
+  np.testing.assert_allclose(np.concatenate([o['scores'] for o in outs]), want, atol=2e-6)
+  np.testing.assert_array_equal(np.concatenate([o['labels'] for o in outs]), labels)
+  for o in outs:   # metrics are reduced over both processes
+    m = json.loads(str(o['metrics']))
+    assert m['num_evaluated'] == 13 and o['confusion'].sum() == 13
+    assert m['top1'] == pytest.approx(np.mean(want.argmax(1) == labels))
