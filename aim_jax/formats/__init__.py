@@ -33,3 +33,7 @@ def register(fmt: Format) -> Format:
 def detect(keys: Iterable[str], kind: str | None = None) -> list[Format]:
   keys = list(keys)
   return [f for f in REGISTRY.values() if (kind is None or f.kind == kind) and f.detect(keys)]
+
+
+# Image-backbone formats beyond CLIP register themselves on import (REGISTRY exists by now).
+from aim_jax.formats import dinov2, google_npz, siglip, timm_vit  # noqa: E402,F401

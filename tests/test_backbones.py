@@ -1,0 +1,555 @@
+"""Backbones beyond CLIP: IN-21K ViT parity, weight formats, what AIM means per family.
+
+Reference models are built locally with random weights in their own library
+(timm's `VisionTransformer`, transformers' SigLIP and DINOv2), or written as a
+.npz in the Google `vision_transformer` / big_vision layout from the same
+weights; each is converted through the format registry and its image features
+must match the reference forward.
+"""
+
+import importlib.abc
+import importlib.machinery
+import json
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import formats
+from aim_jax import official
+from aim_jax import params as P
+from aim_jax.models.aim import VideoClassifier, average_views
+from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
+from conftest import GOLDEN
+
+torch = pytest.importorskip('torch')
+
+IN21K_CASES = ['aim_vit_in21k_tiny_case1', 'aim_vit_in21k_tiny_case1_tadapter2']
+
+
+# ---------------------------------------------------------------------------
+# ImageNet-21K ViT: parity with the official ViT_ImageNet golden outputs.
+
+def _load_golden(name):
+  d = np.load(GOLDEN / f'{name}.npz')
+  meta = json.loads(str(d['config_json'][0]))
+  sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
+  args = meta['constructor_args']
+  cfg = official.infer_aim_config(sd, heads=args['num_heads'],
+                                  adapter_scale=args['adapter_scale'])
+  params, report = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  assert cfg['backbone'] == 'vit_in21k'
+  assert not report.unused and len(report.mapped) == len(sd)
+  return d, args, cfg, params, sd
+
+
+def _nthwc(x):
+  return jnp.asarray(x).transpose(0, 2, 3, 4, 1)       # (B, C, T, H, W) -> (B, T, H, W, C)
+
+
+@pytest.mark.parametrize('case', IN21K_CASES)
+def test_in21k_matches_official_outputs_and_every_intermediate(case):
+  d, args, cfg, params, _ = _load_golden(case)
+  model = build_model(cfg)
+  logits, state = model.apply({'params': params}, _nthwc(d['input']), mutable=['intermediates'])
+  inter, bb = state['intermediates'], state['intermediates']['backbone']
+  b, t = d['input'].shape[0], args['num_frames']
+  n, dim = d['interm/after_embed'].shape[1:]
+  # No ln_pre in this family: after_ln_pre is the block-0 input, (B*T, N, D) b-major.
+  np.testing.assert_allclose(bb['after_ln_pre'][0].reshape(b * t, n, dim),
+                             d['interm/after_embed'], atol=1e-4, rtol=0)
+  for i in range(args['depth']):
+    np.testing.assert_allclose(bb[f'block{i}_out'][0].reshape(b * t, n, dim),
+                               d[f'interm/block{i}_out'], atol=1e-4, rtol=0)
+    # tbranch: official (B*N, T, D) rows (b n); ours (B, T, N, D).
+    ours = bb[f'resblocks_{i}']['tbranch'][0].transpose(0, 2, 1, 3).reshape(b * n, t, dim)
+    np.testing.assert_allclose(ours, d[f'interm/block{i}_tbranch'], atol=1e-4, rtol=0)
+  np.testing.assert_allclose(inter['features'][0], d['features'][..., 0, 0].transpose(0, 2, 1),
+                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize('case', IN21K_CASES)
+def test_in21k_multiview_scores_match_official(case):
+  d, _, cfg, params, _ = _load_golden(case)
+  mv = jnp.asarray(d['multiview_input'])                  # (1, V, C, T, H, W)
+  v = mv.shape[1]
+  logits = build_model(cfg).apply({'params': params}, _nthwc(mv.reshape((-1,) + mv.shape[2:])))
+  np.testing.assert_allclose(logits, d['multiview_view_logits'], atol=2e-5, rtol=0)
+  np.testing.assert_allclose(average_views(logits, v, 'prob'), d['multiview_scores'],
+                             atol=2e-5, rtol=0)
+
+
+def test_in21k_tolerance_catches_a_tanh_gelu():
+  d, _, cfg, params, _ = _load_golden(IN21K_CASES[0])
+  model = build_model(cfg)
+  wrong = VideoClassifier(backbone=model.backbone.clone(mlp_act='gelu_tanh'),
+                          num_classes=model.num_classes, dropout_rate=model.dropout_rate)
+  logits = wrong.apply({'params': params}, _nthwc(d['input']))
+  assert np.abs(np.asarray(logits) - d['logits']).max() > 2e-5
+
+
+@pytest.mark.parametrize('case', IN21K_CASES)
+def test_in21k_official_checkpoint_exports_back_exactly(case):
+  _, _, cfg, params, sd = _load_golden(case)
+  back = official.aim_params_to_state_dict(params, cfg['heads'], 'vit_in21k')
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# Reference libraries. timm imports torchvision, which is not installed: a stub
+# package is served for the duration of the fixture (test-only).
+
+class _AnyAttribute(type):
+  """Any attribute of a stub class is another stub class (`InterpolationMode.NEAREST`)."""
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return _AnyAttribute(name, (_Stub,), {})
+
+
+class _Stub(metaclass=_AnyAttribute):
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError('torchvision is not installed (test stub)')
+
+
+class _FakeTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  def find_spec(self, name, path, target=None):
+    if name == 'torchvision' or name.startswith('torchvision.'):
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = types.ModuleType(spec.name)
+    module.__path__ = []
+
+    def getattr_(attr):
+      if attr.startswith('__'):
+        raise AttributeError(attr)
+      return _AnyAttribute(attr, (_Stub,), {})
+    module.__getattr__ = getattr_
+    return module
+
+  def exec_module(self, module):
+    pass
+
+
+@pytest.fixture(scope='module')
+def timm():
+  finder = None
+  try:
+    import torchvision  # noqa: F401
+  except ImportError:
+    # transformers caches whether torchvision exists: let it see the truth first.
+    from transformers.utils import import_utils
+    import_utils.is_torchvision_available()
+    finder = _FakeTorchvision()
+    sys.meta_path.insert(0, finder)
+  try:
+    import timm as timm_module
+    yield timm_module
+  finally:
+    if finder is not None:
+      sys.meta_path.remove(finder)
+      for name in [n for n in sys.modules if n.split('.')[0] == 'torchvision']:
+        del sys.modules[name]
+
+
+def _randomise(module, seed):
+  """Every parameter ~ N(0, 0.1) (LayerNorm / layer-scale weights 1 + 0.1 N): no zeros left."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in module.named_parameters():
+      noise = 0.1 * torch.randn(p.shape, generator=g)
+      ones = name.endswith(('norm1.weight', 'norm2.weight', 'norm.weight', 'layernorm.weight',
+                            'layer_norm1.weight', 'layer_norm2.weight', 'post_layernorm.weight',
+                            'lambda1', 'gamma'))
+      p.copy_(1.0 + noise if ones else noise)
+  return module.eval()
+
+
+def _images(n, size, seed=0):
+  return np.random.RandomState(seed).randn(n, size, size, 3).astype(np.float32)
+
+
+def _torch_nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _sd(module):
+  return {k: v.detach().numpy() for k, v in module.state_dict().items()}
+
+
+def _convert(sd, expect, heads=4, **options):
+  """Detect the format by keys, then convert (tiny models have 4 heads: not in any tensor)."""
+  found = [f.name for f in formats.detect(list(sd))]
+  assert found == [expect], found
+  params, cfg, report = formats.REGISTRY[expect].convert(sd, heads=heads, **options)
+  return params, cfg, report
+
+
+def _features(cfg, params, images):
+  return np.asarray(build_encoder(cfg).apply({'params': params}, jnp.asarray(images)))
+
+
+def _timm_vit(timm, seed=0, **kw):
+  from timm.models.vision_transformer import VisionTransformer
+  args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, num_classes=0)
+  args.update(kw)
+  return _randomise(VisionTransformer(**args), seed)
+
+
+def _timm_features(model, images):
+  with torch.no_grad():
+    return model(_torch_nchw(images)).numpy()      # num_classes=0: norm(x)[:, 0]
+
+
+# ---------------------------------------------------------------------------
+# timm state dicts.
+
+def test_timm_vit_converts_to_the_in21k_family_and_matches_timm(timm):
+  model = _timm_vit(timm)
+  sd = _sd(model)
+  params, cfg, report = _convert(sd, 'timm_vit')
+  assert cfg['backbone'] == 'vit_in21k' and not report.unused
+  assert (cfg['width'], cfg['layers'], cfg['heads'], cfg['patch_size'], cfg['image_size']) == \
+      (32, 2, 4, 8, 32)
+  images = _images(3, 32)
+  np.testing.assert_allclose(_features(cfg, params, images), _timm_features(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_timm_checkpoint_with_a_classifier_reports_the_head_unused(timm):
+  model = _timm_vit(timm, num_classes=7)
+  _, _, report = _convert(_sd(model), 'timm_vit')
+  assert sorted(report.unused) == ['head.bias', 'head.weight']
+  assert 'cls_head' in report.summary()
+
+
+def test_timm_safetensors_file_converts(timm, tmp_path):
+  from safetensors.numpy import load_file, save_file
+  model = _timm_vit(timm, seed=3)
+  save_file(_sd(model), str(tmp_path / 'model.safetensors'))
+  params, cfg, _ = _convert(load_file(str(tmp_path / 'model.safetensors')), 'timm_vit')
+  images = _images(2, 32, seed=1)
+  np.testing.assert_allclose(_features(cfg, params, images), _timm_features(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_timm_dinov2_reg_port_converts_to_dinov2_reg(timm):
+  # timm's DINOv2-reg4 layout: layer scale, 4 registers, no class-token position row.
+  model = _timm_vit(timm, patch_size=7, img_size=28, init_values=1e-5, reg_tokens=4,
+                    no_embed_class=True)
+  params, cfg, _ = _convert(_sd(model), 'timm_vit')
+  assert cfg['backbone'] == 'dinov2_reg'
+  images = _images(2, 28)
+  np.testing.assert_allclose(_features(cfg, params, images), _timm_features(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_timm_clip_style_vit_is_refused_by_name(timm):
+  sd = _sd(_timm_vit(timm, pre_norm=True))
+  with pytest.raises(official.ConversionError, match='norm_pre'):
+    formats.REGISTRY['timm_vit'].convert(sd, heads=4)
+
+
+def test_wrong_head_count_names_the_problem(timm):
+  sd = _sd(_timm_vit(timm))
+  with pytest.raises(official.ConversionError, match='heads'):
+    formats.REGISTRY['timm_vit'].convert(sd, heads=5)
+
+
+# ---------------------------------------------------------------------------
+# Google vision_transformer .npz, written from timm weights in the JAX layout.
+
+def _google_npz_from_timm(sd, heads, path):
+  """The `vision_transformer` checkpoint layout (ViT-B_16.npz), from a timm state dict."""
+  d = sd['cls_token'].shape[-1]
+  hd = d // heads
+  out = {'embedding/kernel': sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
+         'embedding/bias': sd['patch_embed.proj.bias'], 'cls': sd['cls_token'],
+         'Transformer/posembed_input/pos_embedding': sd['pos_embed'],
+         'Transformer/encoder_norm/scale': sd['norm.weight'],
+         'Transformer/encoder_norm/bias': sd['norm.bias'],
+         'head/kernel': np.zeros((d, 10), np.float32), 'head/bias': np.zeros(10, np.float32)}
+  i = 0
+  while f'blocks.{i}.norm1.weight' in sd:
+    s, b = f'blocks.{i}.', f'Transformer/encoderblock_{i}/'
+    out[b + 'LayerNorm_0/scale'], out[b + 'LayerNorm_0/bias'] = sd[s + 'norm1.weight'], \
+        sd[s + 'norm1.bias']
+    out[b + 'LayerNorm_2/scale'], out[b + 'LayerNorm_2/bias'] = sd[s + 'norm2.weight'], \
+        sd[s + 'norm2.bias']
+    w, bias = sd[s + 'attn.qkv.weight'], sd[s + 'attn.qkv.bias']
+    for j, n in enumerate(('query', 'key', 'value')):
+      out[b + f'MultiHeadDotProductAttention_1/{n}/kernel'] = \
+          w[j * d:(j + 1) * d].T.reshape(d, heads, hd)
+      out[b + f'MultiHeadDotProductAttention_1/{n}/bias'] = bias[j * d:(j + 1) * d].reshape(
+          heads, hd)
+    out[b + 'MultiHeadDotProductAttention_1/out/kernel'] = \
+        sd[s + 'attn.proj.weight'].T.reshape(heads, hd, d)
+    out[b + 'MultiHeadDotProductAttention_1/out/bias'] = sd[s + 'attn.proj.bias']
+    for j, n in (('1', 'Dense_0'), ('2', 'Dense_1')):
+      out[b + f'MlpBlock_3/{n}/kernel'] = sd[s + f'mlp.fc{j}.weight'].T
+      out[b + f'MlpBlock_3/{n}/bias'] = sd[s + f'mlp.fc{j}.bias']
+    i += 1
+  np.savez(path, **out)
+  return dict(np.load(path))
+
+
+def test_google_vit_npz_matches_timm_forward_of_the_same_weights(timm, tmp_path):
+  model = _timm_vit(timm, seed=5)
+  npz = _google_npz_from_timm(_sd(model), 4, tmp_path / 'ViT-tiny.npz')
+  params, cfg, report = _convert(npz, 'google_vit_npz')
+  assert cfg['backbone'] == 'vit_in21k'
+  assert sorted(report.unused) == ['head/bias', 'head/kernel']
+  images = _images(3, 32, seed=2)
+  np.testing.assert_allclose(_features(cfg, params, images), _timm_features(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_google_npz_and_timm_give_identical_params(timm, tmp_path):
+  model = _timm_vit(timm, seed=6)
+  a, _, _ = _convert(_google_npz_from_timm(_sd(model), 4, tmp_path / 'v.npz'), 'google_vit_npz')
+  b, _, _ = _convert(_sd(model), 'timm_vit')
+  fa, fb = P.flatten(a), P.flatten(b)
+  assert sorted(fa) == sorted(fb)
+  for k in fa:
+    np.testing.assert_array_equal(fa[k], fb[k], err_msg=k)
+
+
+# ---------------------------------------------------------------------------
+# SigLIP: Hugging Face SiglipVisionModel and the big_vision .npz.
+
+def _hf_siglip(seed=0, **kw):
+  from transformers import SiglipVisionConfig, SiglipVisionModel
+  args = dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              image_size=32, patch_size=8)
+  args.update(kw)
+  return _randomise(SiglipVisionModel(SiglipVisionConfig(**args)), seed)
+
+
+def _hf_pooled(model, images):
+  with torch.no_grad():
+    return model(pixel_values=_torch_nchw(images)).pooler_output.numpy()
+
+
+def test_hf_siglip_converts_and_its_map_pooled_features_match():
+  model = _hf_siglip()
+  params, cfg, report = _convert(_sd(model), 'siglip')
+  assert cfg['backbone'] == 'siglip' and not report.unused
+  assert 'class_embedding' not in params and 'MAPHead' in params
+  images = _images(3, 32)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def _big_vision_from_hf(sd, heads, scan=False):
+  """big_vision SigLIP `params/img/...` layout from a HF SiglipVisionModel state dict."""
+  d = sd['embeddings.patch_embedding.weight'].shape[0]
+  hd = d // heads
+  img = {'embedding/kernel': sd['embeddings.patch_embedding.weight'].transpose(2, 3, 1, 0),
+         'embedding/bias': sd['embeddings.patch_embedding.bias'],
+         'pos_embedding': sd['embeddings.position_embedding.weight'][None],
+         'Transformer/encoder_norm/scale': sd['post_layernorm.weight'],
+         'Transformer/encoder_norm/bias': sd['post_layernorm.bias'],
+         'MAPHead_0/probe': sd['head.probe'],
+         'MAPHead_0/LayerNorm_0/scale': sd['head.layernorm.weight'],
+         'MAPHead_0/LayerNorm_0/bias': sd['head.layernorm.bias']}
+
+  def attn(prefix, w, b, ow, ob):
+    for j, n in enumerate(('query', 'key', 'value')):
+      img[prefix + f'{n}/kernel'] = w[j].T.reshape(d, heads, hd)
+      img[prefix + f'{n}/bias'] = b[j].reshape(heads, hd)
+    img[prefix + 'out/kernel'] = ow.T.reshape(heads, hd, d)
+    img[prefix + 'out/bias'] = ob
+
+  def mlp(prefix, src):
+    for j, n in (('1', 'Dense_0'), ('2', 'Dense_1')):
+      img[prefix + f'{n}/kernel'] = sd[src + f'fc{j}.weight'].T
+      img[prefix + f'{n}/bias'] = sd[src + f'fc{j}.bias']
+
+  inw, inb = sd['head.attention.in_proj_weight'], sd['head.attention.in_proj_bias']
+  attn('MAPHead_0/MultiHeadDotProductAttention_0/', np.split(inw, 3), np.split(inb, 3),
+       sd['head.attention.out_proj.weight'], sd['head.attention.out_proj.bias'])
+  mlp('MAPHead_0/MlpBlock_0/', 'head.mlp.')
+  i = 0
+  while f'encoder.layers.{i}.layer_norm1.weight' in sd:
+    s, b = f'encoder.layers.{i}.', f'Transformer/encoderblock_{i}/'
+    for j in '01':
+      img[b + f'LayerNorm_{j}/scale'] = sd[s + f'layer_norm{int(j) + 1}.weight']
+      img[b + f'LayerNorm_{j}/bias'] = sd[s + f'layer_norm{int(j) + 1}.bias']
+    attn(b + 'MultiHeadDotProductAttention_0/',
+         [sd[s + f'self_attn.{c}_proj.weight'] for c in 'qkv'],
+         [sd[s + f'self_attn.{c}_proj.bias'] for c in 'qkv'],
+         sd[s + 'self_attn.out_proj.weight'], sd[s + 'self_attn.out_proj.bias'])
+    mlp(b + 'MlpBlock_0/', s + 'mlp.')
+    i += 1
+  if scan:
+    blocks = [k for k in img if k.startswith('Transformer/encoderblock_')]
+    tails = sorted({k.split('/', 2)[2] for k in blocks})
+    for tail in tails:
+      img[f'Transformer/encoderblock/{tail}'] = np.stack(
+          [img.pop(f'Transformer/encoderblock_{j}/{tail}') for j in range(i)])
+  out = {'params/img/' + k: v for k, v in img.items()}
+  out['params/txt/Embed_0/embedding'] = np.zeros((10, d), np.float32)   # the text tower
+  out['params/t'] = np.zeros((1,), np.float32)
+  return out
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_big_vision_siglip_npz_matches_hf_forward_of_the_same_weights(tmp_path, scan):
+  model = _hf_siglip(seed=2)
+  bv = _big_vision_from_hf(_sd(model), 4, scan=scan)
+  np.savez(tmp_path / 'siglip.npz', **bv)
+  params, cfg, report = _convert(dict(np.load(tmp_path / 'siglip.npz')), 'siglip')
+  assert sorted(report.unused) == ['params/t', 'params/txt/Embed_0/embedding']
+  assert 'text tower' in report.summary()
+  images = _images(2, 32, seed=4)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# DINOv2: Hugging Face Dinov2Model / Dinov2WithRegistersModel.
+
+def _hf_dinov2(seed=0, registers=0, **kw):
+  import transformers as tr
+  args = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+              patch_size=7, mlp_ratio=4)
+  args.update(kw)
+  if registers:
+    model = tr.Dinov2WithRegistersModel(tr.Dinov2WithRegistersConfig(
+        num_register_tokens=registers, **args))
+  else:
+    model = tr.Dinov2Model(tr.Dinov2Config(**args))
+  return _randomise(model, seed)
+
+
+@pytest.mark.parametrize('registers,family', [(0, 'dinov2'), (4, 'dinov2_reg')])
+def test_hf_dinov2_converts_with_layer_scale_and_registers(registers, family):
+  model = _hf_dinov2(registers=registers)
+  params, cfg, report = _convert(_sd(model), 'dinov2')
+  assert cfg['backbone'] == family
+  assert report.unused == ['embeddings.mask_token']
+  assert ('register_tokens' in params) == bool(registers)
+  images = _images(3, 28)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_dinov2_position_resampling_matches_hf_interpolation():
+  # Checkpoints are trained at 518 px; AIM runs at 224. Here 28 px (4x4) -> 42 px (6x6).
+  model = _hf_dinov2(seed=1)
+  params, cfg, report = formats.REGISTRY['dinov2'].convert(_sd(model), heads=4, image_size=42)
+  assert cfg['image_size'] == 42 and 'resampled' in report.summary()
+  images = _images(2, 42, seed=3)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# What AIM means on each family: at the official init it is the frame-wise image model.
+
+def _tiny(backbone, **kw):
+  cfg = dict(backbone=backbone, width=32, layers=2, heads=4, patch_size=8, image_size=32,
+             num_frames=3, num_classes=5)
+  if backbone.startswith('dinov2'):
+    cfg.update(patch_size=7, image_size=28)
+  cfg.update(kw)
+  return resolve_model_config(cfg)
+
+
+def _perturbed_init(cfg, seed=0):
+  """Init, then every non-adapter parameter random (layer scale ~1, so it matters)."""
+  model = build_model(cfg)
+  shape = (2, cfg['num_frames'], cfg['image_size'], cfg['image_size'], 3)
+  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros(shape)))['params']
+  flat = P.flatten(params)
+  rng = np.random.RandomState(seed)
+  for k, v in flat.items():
+    if 'Adapter' not in k and 'temporal_embedding' not in k:
+      flat[k] = jnp.asarray(rng.randn(*v.shape).astype(np.float32) * 0.3 + (
+          1.0 if k.endswith(('/ls1', '/ls2', '/scale')) else 0.0))
+  return model, P.unflatten(flat)
+
+
+@pytest.mark.parametrize('backbone,num_tadapter', [
+    ('vit_in21k', 1), ('siglip', 1), ('siglip', 2), ('dinov2', 1), ('dinov2_reg', 2)])
+def test_aim_at_init_is_the_framewise_image_model_plus_mean_pooling(backbone, num_tadapter):
+  cfg = _tiny(backbone, adapters=dict(num_tadapter=num_tadapter))
+  model, params = _perturbed_init(cfg)
+  video = jnp.asarray(np.random.RandomState(1).randn(
+      2, 3, cfg['image_size'], cfg['image_size'], 3).astype(np.float32))
+  _, state = model.apply({'params': params}, video, mutable=['intermediates'])
+  features = state['intermediates']['features'][0]                   # (B, T, D)
+  encoder_params = {k: v for k, v in params['backbone'].items() if k != 'temporal_embedding'}
+  encoder_params = P.unflatten({k: v for k, v in P.flatten(encoder_params).items()
+                                if 'Adapter' not in k})
+  frames = video.reshape((-1,) + video.shape[2:])                     # (B*T, H, W, C)
+  image = build_encoder(cfg).apply({'params': encoder_params}, frames)
+  np.testing.assert_allclose(features, image.reshape(features.shape), atol=1e-5, rtol=0)
+  # ... and the temporal branch does act once the adapters leave their init.
+  flat = P.flatten(params)
+  rng = np.random.RandomState(2)
+  for k in flat:
+    if 'T_Adapter/D_fc2/' in k:     # random: a constant shift would vanish in the LayerNorm
+      flat[k] = jnp.asarray(rng.randn(*flat[k].shape).astype(np.float32))
+  _, moved = model.apply({'params': P.unflatten(flat)}, video, mutable=['intermediates'])
+  assert np.abs(moved['intermediates']['features'][0] - features).max() > 1e-3
+
+
+@pytest.mark.parametrize('backbone', ['siglip', 'dinov2_reg'])
+def test_adapters_off_is_exactly_the_image_model_tree_plus_temporal_embedding(backbone):
+  cfg = _tiny(backbone, adapters=dict(enabled=False))
+  model = build_model(cfg)
+  shape = (1, cfg['num_frames'], cfg['image_size'], cfg['image_size'], 3)
+  full = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros(shape))))
+  image_shape = (1, cfg['image_size'], cfg['image_size'], 3)
+  enc = jax.eval_shape(lambda: nn.unbox(build_encoder(cfg).init(
+      jax.random.key(0), jnp.zeros(image_shape))))
+  names = set(P.flatten(full['params']['backbone']))
+  assert names - set(P.flatten(enc['params'])) == {'temporal_embedding'}
+  assert set(P.flatten(enc['params'])) <= names
+
+
+def test_siglip_freeze_rule_trains_ln_post_and_keeps_the_map_head_frozen():
+  cfg = _tiny('siglip')
+  model = build_model(cfg)
+  shape = (1, cfg['num_frames'], cfg['image_size'], cfg['image_size'], 3)
+  abstract = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros(shape))))
+  mask = P.flatten(P.trainable_mask(abstract['params']))
+  assert mask['backbone/ln_post/scale']
+  assert not any(v for k, v in mask.items() if 'MAPHead' in k)
+
+
+# ---------------------------------------------------------------------------
+# Real B/16 shapes (converted and checked against the reference forward).
+
+@pytest.mark.slow
+def test_b16_shapes_convert_and_match_for_every_format(timm, tmp_path):
+  images = _images(1, 224)
+  vit = _timm_vit(timm, img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12)
+  for sd, name in ((_sd(vit), 'timm_vit'),
+                   (_google_npz_from_timm(_sd(vit), 12, tmp_path / 'b16.npz'), 'google_vit_npz')):
+    params, cfg, _ = _convert(sd, name, heads=12)
+    assert P.count(params) == 85_798_656    # ViT-B/16 IN-21K encoder without the classifier
+    np.testing.assert_allclose(_features(cfg, params, images), _timm_features(vit, images),
+                               atol=1e-4, rtol=0)
+  del vit
+  siglip = _hf_siglip(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                      num_attention_heads=12, image_size=224, patch_size=16)
+  params, cfg, _ = _convert(_sd(siglip), 'siglip', heads=12)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(siglip, images),
+                             atol=1e-4, rtol=0)
+  del siglip
+  dino = _hf_dinov2(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                    image_size=224, patch_size=14)
+  params, cfg, _ = _convert(_sd(dino), 'dinov2', heads=12)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(dino, images),
+                             atol=1e-4, rtol=0)
