@@ -253,28 +253,54 @@ def test_checkpoint_params_are_checked_against_the_model(tmp_path):
     evaluate.prepare_model(dict(TINY, num_classes=6), params)
 
 
+def write_tiny_records(directory, num_videos=11, bad_label_at=4, frames=12):
+  """DMVR SequenceExample shards of small JPEG videos; one record has an out-of-range label."""
+  import tensorflow as tf
+  from data_pipelines import records
+  rng = np.random.RandomState(0)
+  directory.mkdir(parents=True, exist_ok=True)
+  shards = [tf.io.TFRecordWriter(str(directory / records.shard_name('tiny', 'test', i, 2)))
+            for i in range(2)]
+  for v in range(num_videos):
+    video = rng.randint(0, 255, (frames, 40, 48, 3)).astype(np.uint8)
+    jpegs = [tf.io.encode_jpeg(f).numpy() for f in video]
+    label = 7 if v == bad_label_at else v % 5
+    ex = records.make_sequence_example(jpegs, label, filename=f'video_{v:02d}.mp4')
+    shards[v % 2].write(ex.SerializeToString())
+  for w in shards:
+    w.close()
+  return str(directory / 'tiny-test.tfrecord-*')
+
+
 @pytest.mark.slow
-def test_evaluate_entry_point_end_to_end_on_synthetic_data(tmp_path):
-  """`python -m aim_jax.evaluate` on a converted-style checkpoint, 8 devices, ragged batches."""
+def test_evaluate_entry_point_end_to_end_on_tiny_tfrecords(tmp_path):
+  """`python -m aim_jax.evaluate` on a converted-style checkpoint and real TFRecords:
+  8 devices, 2 clips x 3 crops, a ragged last batch, one unusable record skipped."""
   cfg = dict(TINY)
   _, params = tiny_params(cfg)
   ckpt = tmp_path / 'ckpt'
   checkpoint_io.save_params(str(ckpt), params, cfg, {'source': 'test'})
+  pattern = write_tiny_records(tmp_path / 'records')
   out = tmp_path / 'out'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              JAX_PLATFORMS='cpu')
-  # 32 synthetic test videos x 3 clips in global batches of 5: the last batch holds 2.
+  # 10 usable videos in global batches of 4: the last batch holds 2.
   cmd = [sys.executable, '-m', 'aim_jax.evaluate', '--config', 'configs/tiny.py',
          '--checkpoint', str(ckpt), '--output_dir', str(out), '--config.eval.split=test',
-         '--config.eval.batch_size=5', '--predictions_format', 'jsonl', '--noprogress']
+         '--config.eval.batch_size=4', '--config.data.source=tfrecord',
+         f'--config.data.test_files={pattern}', '--config.data.test_clips=2',
+         '--config.data.test_crops=3', '--config.data.test_short_side=32',
+         '--predictions_format', 'jsonl', '--noprogress']
   proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-4000:]
   summary = json.loads((out / 'summary.json').read_text())
   m = summary['metrics']
-  assert m['num_evaluated'] == 32 and m['num_skipped'] == 0 and m['num_views'] == 3
+  assert m['num_evaluated'] == 10 and m['num_skipped'] == 1 and m['num_views'] == 6
   assert summary['devices'] == 8
   rows = reports.read_predictions(str(out / 'predictions.jsonl'))
-  assert sorted(r['video_id'] for r in rows) == sorted(f'synthetic-{i}' for i in range(32))
+  ids = sorted(r['video_id'] for r in rows)
+  assert len(ids) == 10 and len(set(ids)) == 10
+  assert all('video_04' not in i for i in ids)
   assert m['top1'] == pytest.approx(np.mean([r['correct'] for r in rows]))
   assert (out / 'confusion.png').exists() and (out / 'per_class.csv').exists()
   assert 'top1' in proc.stdout
@@ -283,7 +309,6 @@ def test_evaluate_entry_point_end_to_end_on_synthetic_data(tmp_path):
   proc = subprocess.run(cmd + ['--config.model.num_frames=8', '--config.data.num_frames=8'],
                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode != 0 and 'model.num_frames: config 8, checkpoint 4' in proc.stderr
-
 
 def _training_workdir(path, cfg):
   """A workdir as training writes it: frozen/ once, trainable leaves per step, best/."""
