@@ -263,3 +263,15 @@ def test_pattern_matching_nothing_names_it(tmp_path):
     input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0, process_count=1)
   with pytest.raises(FileNotFoundError, match='train_files'):
     input_pipeline.count_examples(cfg, 'train')
+
+
+def test_ssv2_and_k400_large_recipes_run_and_stay_deterministic(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, sampling='uniform', flip_prob=0.0, randaugment_n=4, randaugment_m=7,
+                 random_erasing_prob=0.25, color_jitter=0.1)
+  a = next(input_pipeline.make_train_dataset(cfg, batch_size=4, seed=1, process_index=0,
+                                             process_count=1))
+  b = next(input_pipeline.make_train_dataset(cfg, batch_size=4, seed=1, process_index=0,
+                                             process_count=1))
+  assert a['video'].shape == (4, 8, 32, 32, 3) and np.isfinite(a['video']).all()
+  np.testing.assert_array_equal(a['video'], b['video'])

@@ -204,3 +204,33 @@ def test_pca_lighting_one_shift_per_clip():
   shift = y[0, 0, 0]
   assert np.abs(shift).max() > 0
   np.testing.assert_allclose(y, np.broadcast_to(shift, y.shape))
+
+
+# ----- RandAugment
+
+
+def test_randaugment_every_op_same_on_every_frame():
+  from data_pipelines import randaugment
+  rng = np.random.RandomState(0)
+  frame = rng.randint(60, 180, (1, 24, 32, 3)).astype(np.float32)  # low contrast: autocontrast acts
+  clip = tf.constant(np.repeat(frame, 3, axis=0))
+  for op in range(len(randaugment.OPS)):
+    for sign in (-1.0, 1.0):
+      out = randaugment.apply_op(clip, op, 0.5, sign).numpy()
+      assert out.shape == clip.shape and 0 <= out.min() and out.max() <= 255
+      np.testing.assert_allclose(out[0], out[2], atol=1e-4)  # identical frames stay identical
+      if randaugment.OPS[op] != 'identity':
+        assert np.abs(out - clip.numpy()).max() > 1, randaugment.OPS[op]
+
+
+def test_randaugment_clip_consistent_and_seeded():
+  from data_pipelines import randaugment
+  rng = np.random.RandomState(1)
+  frame = rng.randint(0, 255, (1, 16, 16, 3)).astype(np.float32)
+  clip = tf.constant(np.repeat(frame, 4, axis=0))
+  a = randaugment.randaugment(clip, 4, 7, tf.constant([1, 2])).numpy()
+  b = randaugment.randaugment(clip, 4, 7, tf.constant([1, 2])).numpy()
+  np.testing.assert_array_equal(a, b)
+  np.testing.assert_allclose(a[0], a[3], atol=1e-4)
+  np.testing.assert_array_equal(randaugment.randaugment(clip, 0, 7, tf.constant([1, 2])).numpy(),
+                                clip.numpy())
