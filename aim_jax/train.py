@@ -219,6 +219,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   data_mod = data_module()
   spe = steps_per_epoch(config, data_mod)
   total_steps = int(config.total_steps or round(config.total_epochs * spe))
+  # 0: every 5 epochs (official); -1: never (not even at the end).
   eval_every = int(config.eval_every_steps or 5 * spe)
   rules = sharding.axis_rules(config.logical_axis_rules)
   logging.info('mesh %s over %d devices (%d processes); %d steps of %d clips '
@@ -434,7 +435,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       n_window += 1
       stopping = should_stop()
       boundary = (done % config.log_every_steps == 0 or done == total_steps or stopping
-                  or done % config.checkpoint.every_steps == 0 or done % eval_every == 0)
+                  or done % config.checkpoint.every_steps == 0
+                  or (eval_every > 0 and done % eval_every == 0))
       if boundary:
         check(pending)
         pending = None
@@ -458,7 +460,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         window, t_window, n_window = {}, time.time(), 0
       if done % config.checkpoint.every_steps == 0 or done == total_steps or stopping:
         save(done)
-      if (done % eval_every == 0 or done == total_steps) and not stopping:
+      if eval_every > 0 and (done % eval_every == 0 or done == total_steps) and not stopping:
         result = evaluate()
         last_metrics.update({f'val_{k}': v for k, v in result.items()})
         logging.info('step %d: %s top-1 %.4f top-5 %.4f (%d videos)', done,

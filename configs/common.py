@@ -138,7 +138,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.checkpoint.async_save = True
 
   c.log_every_steps = 50
-  c.eval_every_steps = 0             # 0 = every 5 epochs (official evaluation interval)
+  c.eval_every_steps = 0             # 0 = every 5 epochs (official interval); -1 = never
   c.progress_bar = True
   c.label_smoothing = 0.0
   c.mixup_alpha = 0.0

@@ -1,0 +1,77 @@
+"""Sharded training equals single-device training; checkpoints move between meshes.
+
+The multi-device runs are subprocesses of `python -m aim_jax.train` with 8 (or 2)
+simulated CPU devices (XLA_FLAGS must be set before jax is imported).
+"""
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from aim_jax import checkpointing
+from aim_jax import params as P
+from aim_jax import sharding
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def run_train(workdir, devices=1, *overrides, check=True):
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  cmd = [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
+         '--workdir', str(workdir), f'--config.total_steps={STEPS}',
+         '--config.checkpoint.every_steps=3', '--config.eval_every_steps=-1',
+         '--config.progress_bar=False', '--config.optimizer.lr=0.001',
+         '--config.checkpoint.async_save=False', *overrides]
+  out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  if check and out.returncode:
+    raise AssertionError(f'{cmd} failed:\n{out.stderr[-4000:]}')
+  return out
+
+
+def test_mesh_shape_fills_the_data_axis():
+  cfg = ml_collections.ConfigDict(dict(data=-1, fsdp=2, model=1))
+  assert sharding.mesh_shape(cfg, 8) == (4, 2, 1)
+  with pytest.raises(ValueError, match='mesh'):
+    sharding.mesh_shape(ml_collections.ConfigDict(dict(data=3, fsdp=2, model=1)), 8)
+
+
+@pytest.fixture(scope='module')
+def one_device_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('one_device')
+  run_train(workdir, 1, '--config.mesh.data=1')
+  return workdir
+
+
+def _close(a, b):
+  fa, fb = P.flatten(a), P.flatten(b)
+  assert fa.keys() == fb.keys()
+  for name in fa:
+    np.testing.assert_allclose(fa[name], fb[name], rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+@pytest.mark.slow
+def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_device_run,
+                                                                         tmp_path):
+  workdir = tmp_path / 'eight'
+  out = run_train(workdir, 8, '--config.mesh.data=4', '--config.mesh.fsdp=2')
+  assert "'data': 4, 'fsdp': 2" in out.stderr
+  ref, _ = checkpointing.restore_params_from_workdir(str(one_device_run))
+  eight, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  start = checkpointing._restore_numpy(workdir / 'frozen')
+  for name, value in P.flatten(start).items():   # frozen weights were never touched
+    np.testing.assert_array_equal(P.flatten(eight)[name], value, err_msg=name)
+  _close(eight, ref)
+
+  # Resume the 8-device run's step-3 checkpoint on a 2-device (fsdp=2) mesh.
+  shutil.rmtree(workdir / 'checkpoints' / str(STEPS))
+  out = run_train(workdir, 2, '--config.mesh.data=1', '--config.mesh.fsdp=2')
+  assert 'resuming from' in out.stderr and 'checkpoints/3' in out.stderr
+  two, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  _close(two, ref)

@@ -1,0 +1,215 @@
+"""`python -m aim_jax.train`: config errors before compiling, init_from, learning,
+preemption (SIGKILL resume, SIGTERM save) and the NaN stop."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import checkpoint_io, checkpointing
+from aim_jax import params as P
+from aim_jax import train
+from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
+from configs import tiny
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
+          '--workdir', str(workdir), '--config.progress_bar=False', *overrides]
+
+
+def _env(devices=1):
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+
+
+def run_train(workdir, *overrides, check=True):
+  out = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=_env(), capture_output=True,
+                       text=True, timeout=900)
+  if check and out.returncode:
+    raise AssertionError(f'training failed:\n{out.stderr[-4000:]}')
+  return out
+
+
+def _losses(stderr):
+  out = {}
+  for line in stderr.splitlines():
+    if '] step ' in line and ' loss=' in line:
+      step = int(line.split('] step ')[1].split('/')[0])
+      out[step] = float(line.split(' loss=')[1].split()[0])
+  return out
+
+
+# -- config errors: raised before anything is compiled or written ------------------------
+def _unlocked():
+  c = tiny.get_config()
+  c.unlock()
+  return c
+
+
+def test_frames_mismatch_names_the_fields(tmp_path):
+  c = _unlocked()
+  c.data.num_frames = 8
+  with pytest.raises(train.ConfigError, match=r'data.num_frames=8 .*model.num_frames=4'):
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+def test_batch_not_divisible_names_the_field():
+  c = _unlocked()
+  model_cfg = resolve_model_config(c.model)
+  c.batch_size = 6
+  with pytest.raises(train.ConfigError, match=r'batch_size=6 .*data-parallel size 4'):
+    train.check_config(c, model_cfg, num_devices=4, process_count=1, dp_size=4)
+  c.batch_size, c.grad_accum_steps = 8, 3
+  with pytest.raises(train.ConfigError, match='grad_accum_steps=3'):
+    train.check_config(c, model_cfg, num_devices=1, process_count=1, dp_size=1)
+
+
+def _save_aim(directory, **model_overrides):
+  c = _unlocked()
+  c.model.update(model_overrides)
+  cfg = resolve_model_config(c.model)
+  model = build_model(cfg)
+  t, s = cfg['num_frames'], cfg['image_size']
+  params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, t, s, s, 3))))['params']
+  checkpoint_io.save_params(str(directory), params, cfg)
+  return params
+
+
+def test_init_from_another_architecture_names_the_field(tmp_path):
+  _save_aim(tmp_path / 'wide', width=64, heads=4)
+  c = _unlocked()
+  c.init_from = str(tmp_path / 'wide')
+  with pytest.raises(train.ConfigError, match=r'model.width=64.*model.width=32'):
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+
+
+def test_init_from_encoder_fills_the_backbone_and_reports_what_stays_at_init(tmp_path):
+  c = _unlocked()
+  cfg = resolve_model_config(c.model)
+  encoder = build_encoder(cfg)
+  s = cfg['image_size']
+  enc = nn.unbox(encoder.init(jax.random.key(2), jnp.zeros((1, s, s, 3))))['params']
+  checkpoint_io.save_params(str(tmp_path / 'clip'), enc, cfg)
+  model = build_model(cfg)
+  fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, cfg['num_frames'], s, s, 3))))
+  fresh = jax.tree.map(np.asarray, fresh['params'])
+  merged, at_init = train.load_init_from(str(tmp_path / 'clip'), fresh, cfg)
+  merged, fresh, enc = P.flatten(merged), P.flatten(fresh), P.flatten(enc)
+  for name, value in enc.items():
+    np.testing.assert_array_equal(merged[f'backbone/{name}'], value)
+  assert at_init and all(('Adapter' in n or 'temporal_embedding' in n or n.startswith('cls_head'))
+                         for n in at_init)
+  assert 'backbone/temporal_embedding' in at_init
+  for name in at_init:
+    np.testing.assert_array_equal(merged[name], fresh[name])
+
+
+def test_init_from_full_aim_takes_every_leaf(tmp_path):
+  saved = _save_aim(tmp_path / 'aim')
+  cfg = resolve_model_config(_unlocked().model)
+  fresh = jax.tree.map(np.zeros_like, saved)
+  merged, at_init = train.load_init_from(str(tmp_path / 'aim'), fresh, cfg)
+  assert at_init == []
+  for name, value in P.flatten(saved).items():
+    np.testing.assert_array_equal(P.flatten(merged)[name], value)
+
+
+# -- whole runs (subprocesses) -----------------------------------------------------------
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('tiny')
+  out = run_train(workdir)
+  return workdir, out.stderr
+
+
+@pytest.mark.slow
+def test_tiny_config_learns_and_writes_its_workdir(tiny_run):
+  workdir, stderr = tiny_run
+  losses = _losses(stderr)
+  assert losses[10] > 1.4                     # ~ln(5) at the start
+  assert losses[max(losses)] < 0.6 * losses[10], losses
+  assert 'val top-1' in stderr
+  for name in ('config.json', 'versions.json', 'frozen', 'checkpoints', 'best', 'tensorboard'):
+    assert (workdir / name).exists(), name
+  assert any(p.name.startswith('events.out.tfevents') for p in (workdir / 'tensorboard').iterdir())
+  params, model_cfg = checkpointing.restore_params_from_workdir(str(workdir), 'latest')
+  best, _ = checkpointing.restore_params_from_workdir(str(workdir), 'best')
+  model = build_model(model_cfg)
+  s, t = model_cfg['image_size'], model_cfg['num_frames']
+  like = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
+                                                    jnp.zeros((1, t, s, s, 3))))['params'])
+  assert set(P.flatten(params)) == set(P.flatten(like)) == set(P.flatten(best))
+  logits = model.apply({'params': params}, np.zeros((2, t, s, s, 3), np.float32))
+  assert logits.shape == (2, 5)
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_then_restart_equals_uninterrupted_run(tiny_run, tmp_path):
+  reference, _ = tiny_run
+  workdir = tmp_path / 'killed'
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  marker = workdir / 'checkpoints' / '40' / '_CHECKPOINT_METADATA'
+  deadline = time.time() + 600
+  while not marker.exists() and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed'
+  out = run_train(workdir)
+  resumed = [line for line in out.stderr.splitlines() if 'resuming from' in line]
+  assert resumed and not resumed[0].endswith('/120'), resumed
+  final, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  ref, _ = checkpointing.restore_params_from_workdir(str(reference))
+  for name, value in P.flatten(ref).items():
+    np.testing.assert_allclose(P.flatten(final)[name], value, rtol=1e-6, atol=1e-7,
+                               err_msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+  workdir = tmp_path / 'term'
+  proc = subprocess.Popen(
+      _cmd(workdir, '--config.log_every_steps=1', '--config.checkpoint.every_steps=1000'),
+      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  lines = []
+  for line in proc.stderr:
+    lines.append(line)
+    if '] step 5/' in line:
+      proc.send_signal(signal.SIGTERM)
+  proc.wait(timeout=300)
+  log = ''.join(lines)
+  assert proc.returncode == 0, log[-3000:]
+  assert 'stopped by SIGTERM' in log
+  manager = checkpointing.TrainCheckpointer(str(workdir), keep=3, async_save=False)
+  step = manager.latest_step()
+  manager.close()
+  assert step is not None and 5 <= step < 120
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+  workdir = tmp_path / 'nan'
+  out = run_train(workdir, '--config.optimizer.lr=1e30', '--config.optimizer.warmup_epochs=0',
+                  '--config.checkpoint.every_steps=1', '--config.checkpoint.async_save=False',
+                  check=False)
+  assert out.returncode != 0
+  assert 'NonFiniteLoss' in out.stderr and 'at step ' in out.stderr
+  bad = int(out.stderr.split('at step ')[1].split()[0])
+  manager = checkpointing.TrainCheckpointer(str(workdir), keep=3, async_save=False)
+  last = manager.latest_step()
+  manager.close()
+  assert last == bad - 1
+  params, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  assert params is not None
