@@ -394,7 +394,12 @@ def convert(src: str, out: str, kind: str = 'image', format_name: Optional[str] 
   """`convert_file` then `write`, printing the summary."""
   conv = convert_file(src, kind, format_name, log=log, **options)
   write(conv, out, log)
-  log('summary: ' + conv.report.summary().replace('\n', '\n  '))
+  r = conv.report
+  log('summary: ' + r.summary().replace('\n', '\n  '))
+  if not r.unused:
+    log('  unused source keys: none')
+  if not r.missing:
+    log('  target parameters left at initialisation: none')
   return conv
 
 
@@ -466,5 +471,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 2
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console script `aim-convert`."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  run()

@@ -114,6 +114,7 @@ def torch_visual_outputs(visual, x):
 def assert_close(a, b):
   assert a.shape == b.shape
   err = float(np.max(np.abs(a - b)))
+  print(f'max abs error {err:.2e} (scale {float(np.max(np.abs(b))):.2f})')
   assert err < TOL, err
 
 
@@ -296,6 +297,21 @@ def test_openai_vit_b16_torchscript_at_real_shape(tmp_path):
   emb, pre, cfg, _ = flax_outputs(tmp_path / 'out', x)
   assert (cfg['width'], cfg['layers'], cfg['heads'], cfg['patch_size'], cfg['image_size'],
           cfg['output_dim']) == (768, 12, 12, 16, 224, 512)
+  assert_close(emb, ref_emb)
+  assert_close(pre, ref_pre)
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+def test_open_clip_b16_safetensors_at_real_shape(tmp_path):
+  from safetensors.torch import save_file
+  model = open_clip_model(seed=8, width=768, layers=12, patch=16, size=224, embed=512)
+  src = tmp_path / 'open_clip_model.safetensors'
+  save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(src))
+  x = images(n=1, size=224, seed=10)
+  ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'))
+  emb, pre, _, _ = flax_outputs(tmp_path / 'out', x)
   assert_close(emb, ref_emb)
   assert_close(pre, ref_pre)
 
