@@ -189,9 +189,9 @@ def adapt(workdir: pathlib.Path, task: str, variant: str, train_steps: int, step
     if d.exists():
       shutil.rmtree(d)
   train_s = run_command([python, '-m', 'aim_jax.train', '--config', cfg,
-                         '--workdir', str(run_dir)], workdir / 'logs' / f'{name}_train.log')
+                         '--workdir', str(run_dir), '--verbosity=-1'], workdir / 'logs' / f'{name}_train.log')
   eval_s = run_command([python, '-m', 'aim_jax.evaluate', '--config', cfg,
-                        '--checkpoint', str(run_dir), '--output_dir', str(eval_dir)],
+                        '--checkpoint', str(run_dir), '--output_dir', str(eval_dir), '--verbosity=-1'],
                        workdir / 'logs' / f'{name}_eval.log')
   result = read_evaluation(eval_dir)
   result.update(train_seconds=round(train_s, 1), eval_seconds=round(eval_s, 1),
@@ -246,7 +246,6 @@ def tunable_parameters(run_dir: pathlib.Path) -> int:
 def training_curve(run_dir: pathlib.Path) -> list[tuple[int, float]]:
   """(step, training loss) pairs from the run's TensorBoard event files."""
   import tensorflow as tf
-  from tensorboard.backend.event_processing import event_file_loader  # noqa: F401
   points = []
   for path in sorted(run_dir.rglob('events.out.tfevents*')):
     for raw in tf.data.TFRecordDataset(str(path)):

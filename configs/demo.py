@@ -50,7 +50,7 @@ NUM_FRAMES = 8
 
 def tfrecord_glob(root: str, task: str, split: str) -> str:
   """The shards `data_pipelines.prepare` writes for one label set and split."""
-  return f'{root}/data/tfrecords/{task}/*-{split}.tfrecord-*'
+  return f'{root}/data/tfrecords/{task}/*-{split}.tfrecord-?????-of-?????'
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

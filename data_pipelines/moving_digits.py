@@ -272,6 +272,10 @@ def write_split(root: str | os.PathLike, split: str, per_class: int, seed: int,
   return total
 
 
+def class_names(label_set: str) -> list[str]:
+  return list(MOTIONS) if label_set == 'motion' else [str(d) for d in range(10)]
+
+
 def tfrecord_dir(root: str | os.PathLike, label_set: str) -> pathlib.Path:
   return pathlib.Path(root) / 'tfrecords' / label_set
 
@@ -282,9 +286,14 @@ def prepare_tfrecords(root: str | os.PathLike, splits: Sequence[str] = SPLITS,
   root = pathlib.Path(root)
   for label_set in label_sets:
     for split in splits:
+      names = root / 'annotations' / f'{label_set}_classes.txt'
+      names.write_text('\n'.join(class_names(label_set)) + '\n')
+      # short_side 0: the clips are already the model's 32 px (the default would upscale to 256).
       cmd = [python, '-m', 'data_pipelines.prepare', '--videos', str(root / 'videos'),
              '--annotations', str(annotation_path(root, split, label_set)),
-             '--out', str(tfrecord_dir(root, label_set)), '--split', split]
+             '--out', str(tfrecord_dir(root, label_set)), '--split', split,
+             '--name', f'moving_digits_{label_set}', '--format', 'list',
+             '--labels', str(names), '--short_side', '0', '--jpeg_quality', '95']
       print('$', ' '.join(cmd), flush=True)
       subprocess.run(cmd, check=True)
 
