@@ -437,24 +437,7 @@ def test_missing_key_and_wrong_shape_name_the_key(tmp_path):
 
 def test_library_and_safetensors_conversion_work_without_torch(tmp_path):
   """torch is a conversion/test extra: blocked, the library imports, converts and runs."""
-  from safetensors.numpy import save_file
-  rng = np.random.default_rng(0)
-  d, p, g = 64, 8, 4
-  sd = {'visual.conv1.weight': rng.normal(size=(d, 3, p, p)),
-        'visual.class_embedding': rng.normal(size=(d,)),
-        'visual.positional_embedding': rng.normal(size=(g * g + 1, d)),
-        'visual.proj': rng.normal(size=(d, 16)),
-        'visual.ln_pre.weight': np.ones(d), 'visual.ln_pre.bias': np.zeros(d),
-        'visual.ln_post.weight': np.ones(d), 'visual.ln_post.bias': np.zeros(d),
-        'logit_scale': np.ones(())}
-  for k, shape in (('attn.in_proj_weight', (3 * d, d)), ('attn.in_proj_bias', (3 * d,)),
-                   ('attn.out_proj.weight', (d, d)), ('attn.out_proj.bias', (d,)),
-                   ('ln_1.weight', (d,)), ('ln_1.bias', (d,)), ('ln_2.weight', (d,)),
-                   ('ln_2.bias', (d,)), ('mlp.c_fc.weight', (4 * d, d)),
-                   ('mlp.c_fc.bias', (4 * d,)), ('mlp.c_proj.weight', (d, 4 * d)),
-                   ('mlp.c_proj.bias', (d,))):
-    sd[f'visual.transformer.resblocks.0.{k}'] = rng.normal(size=shape)
-  save_file({k: np.asarray(v, np.float32) for k, v in sd.items()}, str(tmp_path / 'c.safetensors'))
+  _random_clip_tower_safetensors(tmp_path / 'c.safetensors')
   code = f"""
 import importlib.abc, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -489,3 +472,46 @@ def test_registry_dispatch_lists_clip_and_aim_formats():
   assert [f.name for f in convert.formats_lib.detect(
       ['vision_model.embeddings.patch_embedding.weight',
        'vision_model.encoder.layers.0.self_attn.q_proj.weight'])] == ['hf_clip']
+
+
+def _random_clip_tower_safetensors(path, d=64, p=8, g=4, layers=1, embed=16, seed=0):
+  """A CLIP state dict (visual.* keys plus one text-side key) written without torch."""
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(seed)
+  sd = {'visual.conv1.weight': rng.normal(size=(d, 3, p, p)),
+        'visual.class_embedding': rng.normal(size=(d,)),
+        'visual.positional_embedding': rng.normal(size=(g * g + 1, d)),
+        'visual.proj': rng.normal(size=(d, embed)),
+        'visual.ln_pre.weight': np.ones(d), 'visual.ln_pre.bias': np.zeros(d),
+        'visual.ln_post.weight': np.ones(d), 'visual.ln_post.bias': np.zeros(d),
+        'logit_scale': np.ones(())}
+  for i in range(layers):
+    for k, shape in (('attn.in_proj_weight', (3 * d, d)), ('attn.in_proj_bias', (3 * d,)),
+                     ('attn.out_proj.weight', (d, d)), ('attn.out_proj.bias', (d,)),
+                     ('ln_1.weight', (d,)), ('ln_1.bias', (d,)), ('ln_2.weight', (d,)),
+                     ('ln_2.bias', (d,)), ('mlp.c_fc.weight', (4 * d, d)),
+                     ('mlp.c_fc.bias', (4 * d,)), ('mlp.c_proj.weight', (d, 4 * d)),
+                     ('mlp.c_proj.bias', (d,))):
+      sd[f'visual.transformer.resblocks.{i}.{k}'] = rng.normal(size=shape)
+  save_file({k: np.asarray(v, np.float32) for k, v in sd.items()}, str(path))
+  return sd
+
+
+def test_converted_clip_is_what_training_init_from_loads(tmp_path):
+  """The written directory is the contract with `--config.init_from`: the encoder goes into
+  params['backbone'], adapters / temporal embedding / head stay at init, proj is dropped."""
+  import flax.linen as nn
+  train = pytest.importorskip('aim_jax.train')
+  from aim_jax.models.factory import build_model, resolve_model_config
+  sd = _random_clip_tower_safetensors(tmp_path / 'c.safetensors', layers=2)
+  assert convert.main(['clip', '--src', str(tmp_path / 'c.safetensors'), '--out',
+                       str(tmp_path / 'out')]) == 0
+  cfg = resolve_model_config(dict(width=64, layers=2, heads=1, patch_size=8, image_size=32,
+                                  num_frames=2, num_classes=3))
+  x = jnp.zeros((1, 2, 32, 32, 3))
+  params = jax.tree.map(np.asarray, nn.unbox(build_model(cfg).init(jax.random.key(0), x))['params'])
+  merged, at_init = train.load_init_from(str(tmp_path / 'out'), params, cfg)
+  np.testing.assert_array_equal(merged['backbone']['conv1']['kernel'],
+                                sd['visual.conv1.weight'].astype(np.float32).transpose(2, 3, 1, 0))
+  assert 'backbone/temporal_embedding' in at_init and 'cls_head/fc_cls/kernel' in at_init
+  assert not any(k.startswith('backbone/resblocks_0/attn') for k in at_init)
