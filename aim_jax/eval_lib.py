@@ -203,8 +203,7 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   keys: list[str] = []
   labels, topk_c, topk_s, all_scores = [], [], [], []
   confusion = np.zeros((num_classes, num_classes), np.int64)
-  top5_hits = 0
-  clips_after_first = 0
+  counters = dict(top5_hits=0, clips_after_first=0)
   t_start = time.perf_counter()
   t_first = None
   frame_shape = None
@@ -213,9 +212,32 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     from tqdm import tqdm
     bar = tqdm(total=total_steps, desc='eval', unit='batch')
 
+  def finish(pending) -> None:
+    """Fetch one step's (replicated) scores and book this process's real rows."""
+    nonlocal t_first
+    device_scores, b, label, batch_keys = pending
+    scores = np.asarray(device_scores)[rows:rows + b]      # (b, K)
+    if t_first is None:
+      t_first = time.perf_counter()
+    else:
+      counters['clips_after_first'] += b * num_views
+    if b:
+      keys.extend(batch_keys)
+      order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
+      labels.append(label)
+      topk_c.append(order)
+      topk_s.append(np.take_along_axis(scores, order, axis=1))
+      if keep_scores:
+        all_scores.append(scores)
+      np.add.at(confusion, (label, order[:, 0]), 1)
+      counters['top5_hits'] += int((order[:, :min(5, k)] == label[:, None]).any(axis=1).sum())
+    if bar is not None:
+      bar.update(1)
+
   iterator: Iterator = iter(batches)
   exhausted = False
-  rows = None   # this process's rows of the (padded * processes) global batch
+  rows = None      # first video row of this process in the (padded * processes) global batch
+  pending = None   # the step in flight: its result is fetched after the next one is dispatched
   while True:
     batch = None
     if not exhausted:
@@ -234,51 +256,41 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
         raise ValueError(f'batch of {b} videos and {label.shape[0]} labels; expected equal '
                          f'counts of at most batch_size={batch_size}')
       if frame_shape is None:
-        frame_shape = video.shape[2:]
+        frame_shape = tuple(video.shape[2:])
       if np.any((label < 0) | (label >= num_classes)):
         raise ValueError(f'labels {label[(label < 0) | (label >= num_classes)]} are outside '
                          f'[0, num_classes={num_classes})')
+      batch_keys = _keys_of(batch, b, len(keys) + (pending[1] if pending else 0))
     else:
       if frame_shape is None:
         raise ValueError('this process received no evaluation batch at all while others did; '
                          'it cannot infer the clip shape (give each process at least one file)')
-      video, label, b = None, np.zeros((0,), np.int64), 0
-    # Pad to the fixed per-process batch: (b, V, ...) -> (padded, V, ...).
-    local = np.zeros((padded, num_views) + tuple(frame_shape), np.float32)
-    if b:
-      local[:b] = video
-    local = local.reshape((padded * num_views,) + tuple(frame_shape))  # (padded*V, T, H, W, C)
-    global_shape = (padded * num_views * jax.process_count(),) + tuple(frame_shape)
+      video, label, b, batch_keys = None, np.zeros((0,), np.int64), 0, []
+    if b == padded:
+      local = video.astype(np.float32, copy=False)
+    else:   # ragged (or empty) batch: zero videos fill it up to the fixed shape
+      local = np.zeros((padded, num_views) + frame_shape, np.float32)
+      local[:b] = video if b else 0.0
+    local = local.reshape((padded * num_views,) + frame_shape)   # (padded*V, T, H, W, C)
+    global_shape = (padded * num_views * jax.process_count(),) + frame_shape
     if rows is None:
       index_map = data_sharding.addressable_devices_indices_map(global_shape)
-      starts = [idx[0].start or 0 for idx in index_map.values()]
-      rows = min(starts) // num_views
+      rows = min(idx[0].start or 0 for idx in index_map.values()) // num_views
     global_video = jax.make_array_from_process_local_data(data_sharding, local, global_shape)
-    scores = np.asarray(step_fn(params, global_video))[rows:rows + b]   # (b, K)
-    if t_first is None:
-      t_first = time.perf_counter()
-    else:
-      clips_after_first += b * num_views
-
-    if b:
-      keys.extend(_keys_of(batch, b, len(keys)))
-      order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
-      labels.append(label)
-      topk_c.append(order)
-      topk_s.append(np.take_along_axis(scores, order, axis=1))
-      if keep_scores:
-        all_scores.append(scores)
-      np.add.at(confusion, (label, order[:, 0]), 1)
-      top5_hits += int((order[:, :min(5, k)] == label[:, None]).any(axis=1).sum())
-    if bar is not None:
-      bar.update(1)
+    dispatched = (step_fn(params, global_video), b, label, batch_keys)   # asynchronous
+    if pending is not None:
+      finish(pending)
+    pending = dispatched
+  if pending is not None:
+    finish(pending)
   if bar is not None:
     bar.close()
   t_end = time.perf_counter()
 
   confusion = _sum_over_processes(confusion)
-  top5_hits = int(_sum_over_processes(np.array([top5_hits], np.int64))[0])
-  clips_after_first = int(_sum_over_processes(np.array([clips_after_first], np.int64))[0])
+  top5_hits = int(_sum_over_processes(np.array([counters['top5_hits']], np.int64))[0])
+  clips_after_first = int(_sum_over_processes(
+      np.array([counters['clips_after_first']], np.int64))[0])
   metrics = metrics_from_confusion(confusion, top5_hits)
   n = metrics['num_evaluated']
   # Throughput excludes the first step (compilation) when there is more than one step.

@@ -83,6 +83,7 @@ np.savez('{out}', **out)
 """
 
 
+@pytest.mark.slow
 def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_batch(tmp_path):
   # 13 videos in batches of 4: 4, 4, 4, 1. On the 8-way data mesh 4 videos x 3 views = 12
   # rows do not split over 8 devices, so each batch is padded to 8 videos as well.
@@ -106,6 +107,19 @@ def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_ba
 def test_padded_batch_fills_the_local_shards():
   mesh = eval_lib.eval_mesh()        # one device in-process
   assert eval_lib.padded_batch_size(5, 3, mesh) == 5
+
+
+def test_ragged_batches_in_process_equal_the_video_by_video_loop():
+  # The fast counterpart of the 8-device test: 7 videos in batches of 3 (3, 3, 1).
+  model, params = tiny_params()
+  videos, labels = tiny_videos(7, 2, seed=4)
+  res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params, batches_of(videos, labels, 3),
+                          num_classes=5, num_views=2, batch_size=3, keep_scores=True,
+                          expected_count=7, progress=False)
+  want = eval_lib.reference_scores(eval_lib.model_apply_fn(model), params, videos, 2)
+  np.testing.assert_allclose(res.scores, want, atol=2e-6, rtol=0)
+  assert res.keys == [f'vid{i:03d}' for i in range(7)] and res.metrics['num_evaluated'] == 7
+  np.testing.assert_array_equal(res.topk_classes, np.argsort(-want, axis=1, kind='stable'))
 
 
 # --------------------------------------------------------------------------- view averaging
