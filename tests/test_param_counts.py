@@ -99,3 +99,31 @@ def test_foundation_rows_counts(backbone, variant, encoder):
   assert P.count(enc['params']) == encoder
   # AIM adds 36 adapters + temporal_embedding + head; ln_post is the encoder's and trains.
   assert counts(cfg) == (10_966_672, encoder + 36 * 295_872 + 6_144 + 307_600)
+
+
+# Every config row of this family pins its counts (vision_transformer's models_test habit).
+@pytest.mark.parametrize('module,row,expected', [
+    ('in21k', 'k400', (10_966_672, 96_763_792)),
+    ('in21k', 'ssv2', (14_343_342, 100_140_462)),
+    ('foundation', 'siglip_b16', (10_966_672, 103_849_360)),
+    ('foundation', 'dinov2_b14', (10_966_672, 96_690_064)),
+    ('foundation', 'dinov2_reg_b14', (10_966_672, 96_693_136)),
+])
+def test_config_rows_have_their_pinned_counts(module, row, expected):
+  import importlib
+  c = importlib.import_module(f'configs.{module}').get_config(row)
+  assert c.model.num_frames == c.data.num_frames == 8
+  assert c.model.num_classes == c.data.num_classes
+  assert counts(c.model) == expected
+
+
+def test_in21k_rows_use_imagenet_statistics_not_clips():
+  from configs import in21k, k400
+  c = in21k.get_config('k400')
+  assert tuple(c.data.mean) == (123.675, 116.28, 103.53)
+  assert tuple(c.data.std) == (58.395, 57.12, 57.375)
+  assert tuple(c.data.mean) != tuple(k400.get_config('b16_f8').data.mean)
+  assert c.data.frame_interval == 16 and c.data.test_clips == 3
+  s = in21k.get_config('ssv2')
+  assert (s.model.adapters.num_tadapter, s.model.adapters.scale, s.data.sampling) == \
+      (2, 1.0, 'uniform')
