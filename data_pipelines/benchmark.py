@@ -1,0 +1,161 @@
+r"""Input-pipeline throughput: clips per second per CPU core, by stage.
+
+  python -m data_pipelines.benchmark [--seconds 15] [--cores 1,all] [--out BENCH.json]
+
+Writes synthetic DMVR records (256x340 JPEG frames at quality 90, ~25 KB each, like
+`prepare` output at short side 256), then times, each in a fresh process pinned to N cores:
+
+  parse      read + parse + sample indices (no decoding)
+  decode     + decode the sampled JPEGs (crop window only)
+  train      full training clip: + resize 224, flip, normalise, batch (recipe default)
+  train_ra   + RandAugment(4, 7) + random erasing 0.25 (SSv2 recipe)
+  eval       test views: 3 clips x 1 crop at short side 224 (K400 recipe)
+for 8x224 and 16x224 clips, and a bare `tf.io.decode_jpeg` of 224x224 frames as the bound.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags():
+  flags.DEFINE_float('seconds', 15.0, 'Timed seconds per measurement (after warm-up).')
+  flags.DEFINE_string('cores', '1,all', 'Comma-separated core counts ("all" = every core).')
+  flags.DEFINE_string('frames', '8,16', 'Clip lengths.')
+  flags.DEFINE_string('stages', 'parse,decode,train,train_ra,eval,jpeg_bound', 'Stages.')
+  flags.DEFINE_string('records', '', 'Directory for the synthetic records (default: temp).')
+  flags.DEFINE_string('out', '', 'Write results as JSON here.')
+  flags.DEFINE_string('worker', '', 'Internal: run one measurement "stage:frames:cores:dir".')
+
+
+def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64) -> str:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines import records  # pylint: disable=g-import-not-at-top
+  os.makedirs(out_dir, exist_ok=True)
+  pattern = os.path.join(out_dir, 'bench-train.tfrecord-*')
+  if tf.io.gfile.glob(pattern):
+    return pattern
+  rng = np.random.RandomState(0)
+  for shard in range(4):
+    path = os.path.join(out_dir, records.shard_name('bench', 'train', shard, 4))
+    with tf.io.TFRecordWriter(path) as w:
+      for v in range(num_videos // 4):
+        # smooth texture plus fine noise, drifting over time: JPEG sizes like real video
+        base = tf.image.resize(rng.uniform(0, 255, (1, 16, 22, 3)).astype('float32'), [256, 404])
+        jpegs = []
+        for t in range(num_frames):
+          img = base[0, :, t:t + 340] + rng.normal(0, 6, (256, 340, 3))
+          img = tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
+          jpegs.append(tf.io.encode_jpeg(img, quality=90).numpy())
+        w.write(records.make_sequence_example(jpegs, v % 10, filename=f'v{shard}_{v}')
+                .SerializeToString())
+  return pattern
+
+
+def _stage_dataset(stage: str, frames: int, pattern: str):
+  """An iterator of the given stage (batch 8) and the clips per element it yields."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines import config as config_lib  # pylint: disable=g-import-not-at-top
+  from data_pipelines import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from data_pipelines import ops  # pylint: disable=g-import-not-at-top
+  from data_pipelines import sampling  # pylint: disable=g-import-not-at-top
+  cfg = config_lib.default_data_config()
+  cfg.train_files = cfg.test_files = pattern
+  cfg.num_classes, cfg.num_frames, cfg.frame_interval = 10, frames, 4
+  cfg.shuffle_buffer, cfg.prefetch = 64, 4
+  if stage == 'train':
+    return ip.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1), 8
+  if stage == 'train_ra':
+    cfg.randaugment_n, cfg.randaugment_m, cfg.random_erasing_prob = 4, 7, 0.25
+    return ip.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1), 8
+  if stage == 'eval':
+    cfg.test_clips, cfg.test_crops = 3, 1
+
+    def forever():
+      while True:
+        yield from ip.make_eval_dataset(cfg, split='test', batch_size=8, process_index=0,
+                                        process_count=1)
+    return forever(), 8
+  files = ip.list_files(pattern)
+  ds = tf.data.Dataset.from_tensor_slices(files).repeat().interleave(
+      tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(ip.records.parse_sequence_example, num_parallel_calls=tf.data.AUTOTUNE)
+
+  def sample(ex):
+    idx = sampling.dense_train_indices(tf.shape(ex['frames'])[0], frames, 4, tf.constant([0, 1]))
+    return tf.gather(ex['frames'], idx)
+  ds = ds.map(sample, num_parallel_calls=tf.data.AUTOTUNE)
+  if stage == 'decode':
+    ds = ds.map(lambda enc: ops.decode_crop_resize(
+        enc, short_side=256, size=224, seed=tf.constant([1, 2]), area_range=(0.08, 1.0),
+        aspect_ratio_range=(0.75, 4 / 3)), num_parallel_calls=tf.data.AUTOTUNE)
+  elif stage == 'jpeg_bound':
+    # the same frame T times: a 224x224 q90 JPEG of the same texture, decoded whole
+    img = tf.image.resize(tf.random.stateless_uniform([1, 16, 16, 3], [0, 0], 0, 255), [224, 224])
+    img = img[0] + tf.random.stateless_normal([224, 224, 3], [0, 1], stddev=6.0)
+    enc = tf.io.encode_jpeg(tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8), quality=90)
+    ds = tf.data.Dataset.from_tensors(tf.fill([frames], enc)).repeat().map(
+        ops.decode_frames, num_parallel_calls=tf.data.AUTOTUNE)
+  elif stage != 'parse':
+    raise ValueError(f'unknown stage {stage!r}')
+  return ds.batch(8).prefetch(4).as_numpy_iterator(), 8
+
+
+def _worker(spec: str) -> dict:
+  stage, frames, cores, pattern = spec.split(':', 3)
+  frames, cores = int(frames), int(cores)
+  os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
+  it, per = _stage_dataset(stage, frames, pattern)
+  for _ in range(3):
+    next(it)
+  n, t0 = 0, time.perf_counter()
+  while time.perf_counter() - t0 < FLAGS.seconds:
+    next(it)
+    n += per
+  dt = time.perf_counter() - t0
+  return {'stage': stage, 'frames': frames, 'cores': cores, 'clips_per_s': n / dt,
+          'clips_per_s_per_core': n / dt / cores}
+
+
+def main(argv):
+  del argv
+  if FLAGS.worker:
+    print('RESULT ' + json.dumps(_worker(FLAGS.worker)), flush=True)
+    return
+  out_dir = FLAGS.records or os.path.join(tempfile.gettempdir(), 'aim_data_bench')
+  pattern = write_records(out_dir)
+  all_cores = len(os.sched_getaffinity(0))
+  cores = sorted({all_cores if c == 'all' else int(c) for c in FLAGS.cores.split(',')})
+  results = []
+  for frames in [int(f) for f in FLAGS.frames.split(',')]:
+    for stage in FLAGS.stages.split(','):
+      for c in cores:
+        cmd = [sys.executable, '-m', 'data_pipelines.benchmark', f'--seconds={FLAGS.seconds}',
+               f'--worker={stage}:{frames}:{c}:{pattern}']
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        line = [l for l in res.stdout.splitlines() if l.startswith('RESULT ')]
+        if not line:
+          print(f'{stage} {frames}f {c} cores FAILED:\n{res.stderr[-2000:]}', file=sys.stderr)
+          continue
+        r = json.loads(line[0][7:])
+        results.append(r)
+        print(f"{stage:10s} {frames:2d}x224  cores={c:2d}  {r['clips_per_s']:8.1f} clips/s  "
+              f"{r['clips_per_s_per_core']:8.1f} clips/s/core", flush=True)
+  if FLAGS.out:
+    with open(FLAGS.out, 'w') as f:
+      json.dump({'cpu_cores': all_cores, 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+  _define_flags()
+  app.run(main)
