@@ -234,3 +234,21 @@ def test_randaugment_clip_consistent_and_seeded():
   np.testing.assert_allclose(a[0], a[3], atol=1e-4)
   np.testing.assert_array_equal(randaugment.randaugment(clip, 0, 7, tf.constant([1, 2])).numpy(),
                                 clip.numpy())
+
+
+# ----- batch-level options
+
+
+def test_label_smoothing_and_mixup():
+  from data_pipelines import batch_ops
+  t = batch_ops.one_hot_targets(np.array([0, 2]), 4, smoothing=0.1)
+  np.testing.assert_allclose(t[0], [0.925, 0.025, 0.025, 0.025])
+  np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-6)
+  with pytest.raises(ValueError, match='outside'):
+    batch_ops.one_hot_targets(np.array([4]), 4)
+  video = np.stack([np.zeros((2, 2)), np.ones((2, 2))]).astype(np.float32)
+  mv, mt, lam = batch_ops.mixup(video, t, 0.8, seed=0, step=5)
+  np.testing.assert_allclose(mv[0], 1.0 - lam)
+  np.testing.assert_allclose(mt[0], lam * t[0] + (1 - lam) * t[1], rtol=1e-6)
+  assert batch_ops.mixup(video, t, 0.8, seed=0, step=5)[2] == lam
+  assert batch_ops.mixup(video, t, 0.0, seed=0, step=5)[2] == 1.0
