@@ -126,3 +126,23 @@ def test_command_line_prints_top_k_with_label_names(tiny_checkpoint, tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode != 0
   assert 'three.txt has 3 class names but the model head has 5 classes' in proc.stderr
+
+
+def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
+  from configs import tiny
+  from test_evaluate import _training_workdir
+  workdir = tmp_path / 'run'
+  _, _, config = _training_workdir(workdir, dict(TINY))
+  with config.unlocked():
+    config.data.test_clips = 2
+    config.eval.average_clips = 'score'
+  predictor = predict.Predictor(str(workdir), config, which='best')
+  assert predictor.data_config.test_clips == 2 and predictor.average_clips == 'score'
+  # Without --config, a workdir's own run config gives the data settings.
+  predictor = predict.Predictor(str(workdir))
+  as_json = lambda c: json.loads(json.dumps(c.to_dict()))   # tuples come back as lists
+  assert as_json(predictor.data_config) == as_json(tiny.get_config().data)
+  with pytest.raises(ValueError, match=r'model.num_classes: config 7, checkpoint 5'):
+    with config.unlocked():
+      config.model.num_classes = 7
+    predict.Predictor(str(workdir), config)
