@@ -33,14 +33,14 @@ import json
 import os
 import pkgutil
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from aim_jax import formats as formats_lib
-from aim_jax import official
+from aim_jax import official, torch_io
 from aim_jax import params as P
-from aim_jax import torch_io
 from aim_jax.official import ConversionError, Report
 
 # Keys under which trainers nest the model's state dict, tried in this order.
@@ -122,7 +122,7 @@ def read_state_dict(path: str, log: Callable[[str], None] = print) -> dict[str, 
   return sd
 
 
-def _hf_config(path: str) -> Optional[dict]:
+def _hf_config(path: str) -> dict | None:
   directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   cfg = os.path.join(directory, 'config.json')
   if os.path.exists(cfg):
@@ -222,7 +222,7 @@ def _encoder(params: dict, kind: str) -> dict:
   return params if kind == 'image' else params['backbone']
 
 
-def _apply_resizes(conv: Conversion, image_size: Optional[int], num_frames: Optional[int],
+def _apply_resizes(conv: Conversion, image_size: int | None, num_frames: int | None,
                    log: Callable[[str], None]) -> None:
   cfg, enc = conv.model_config, _encoder(conv.params, conv.kind)
   if image_size and image_size != cfg['image_size']:
@@ -258,9 +258,9 @@ def _apply_resizes(conv: Conversion, image_size: Optional[int], num_frames: Opti
 # Checking against the model the config describes.
 
 def _abstract_params(cfg: Mapping, kind: str) -> dict:
+  import flax.linen as nn
   import jax
   import jax.numpy as jnp
-  import flax.linen as nn
   from aim_jax.models import factory
   cfg = dict(cfg, scan_layers=False)
   if kind == 'image':
@@ -317,9 +317,10 @@ def _call_with_supported(fn: Callable, *args, **options):
   return fn(*args, **passed), unsupported
 
 
-def convert_file(src: str, kind: str, format_name: Optional[str] = None, *,
-                 among: Optional[Sequence[str]] = None, heads: Optional[int] = None, adapter_scale: Optional[float] = None,
-                 image_size: Optional[int] = None, num_frames: Optional[int] = None,
+def convert_file(src: str, kind: str, format_name: str | None = None, *,
+                 among: Sequence[str] | None = None, heads: int | None = None,
+                 adapter_scale: float | None = None,
+                 image_size: int | None = None, num_frames: int | None = None,
                  log: Callable[[str], None] = print) -> Conversion:
   """Read, detect, convert, resize (opt-in) and verify one checkpoint; writes nothing.
 
@@ -365,12 +366,12 @@ def convert_file(src: str, kind: str, format_name: Optional[str] = None, *,
   return conv
 
 
-def load_image(path: str, format_name: Optional[str] = None, **options) -> Conversion:
+def load_image(path: str, format_name: str | None = None, **options) -> Conversion:
   """Any registered image-model format -> encoder params (no file written)."""
   return convert_file(path, 'image', format_name, **options)
 
 
-def load_clip(path: str, format_name: Optional[str] = None, **options) -> Conversion:
+def load_clip(path: str, format_name: str | None = None, **options) -> Conversion:
   """OpenAI CLIP, OpenCLIP or Hugging Face CLIP vision weights -> encoder params."""
   return convert_file(path, 'image', format_name, among=CLIP_FORMATS, **options)
 
@@ -389,7 +390,7 @@ def write(conv: Conversion, out: str, log: Callable[[str], None] = print) -> Non
   checkpoint_io.save_params(out, conv.params, conv.model_config, metadata)
 
 
-def convert(src: str, out: str, kind: str = 'image', format_name: Optional[str] = None,
+def convert(src: str, out: str, kind: str = 'image', format_name: str | None = None,
             log: Callable[[str], None] = print, **options) -> Conversion:
   """`convert_file` then `write`, printing the summary."""
   conv = convert_file(src, kind, format_name, log=log, **options)
@@ -449,7 +450,7 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   try:
     if args.command == 'formats':

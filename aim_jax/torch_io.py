@@ -29,7 +29,8 @@ import os
 import pickle
 import struct
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -95,7 +96,7 @@ class ScriptModuleState:
   from the pickled state (BUILD); no method of the archive's code is involved.
   """
   qualified_name = '__torch__'
-  attributes: dict = {}
+  attributes: Mapping = {}   # replaced (never mutated) by __setstate__
 
   def __setstate__(self, state):
     self.attributes = state if isinstance(state, dict) else {'__state__': state}
@@ -109,7 +110,7 @@ def _script_class(qualified_name: str):
 
 
 def _rebuild_tensor(storage, offset, size, stride, *unused):
-  """torch._utils._rebuild_tensor_v2 (storage, offset, size, stride, requires_grad, hooks[, meta])."""
+  """_rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks[, metadata])."""
   flat, origin = storage
   size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
   if not size:
@@ -210,9 +211,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     if not isinstance(pid, tuple) or not pid or pid[0] != 'storage':
       raise UnsafeCheckpointError(f'{self._origin}: unknown persistent id {pid!r}')
     _, storage_type, key, _location, numel = pid[:5]
-    if isinstance(storage_type, _TorchDtype):   # torch>=2 untyped storages carry a dtype
-      dtype = storage_type.dtype
-    elif isinstance(storage_type, _StorageType):
+    # Typed storage classes (torch.FloatStorage) or, in newer files, a dtype.
+    if isinstance(storage_type, (_TorchDtype, _StorageType)):
       dtype = storage_type.dtype
     else:
       raise UnsafeCheckpointError(f'{self._origin}: storage of unknown type {storage_type!r}')
@@ -311,8 +311,7 @@ def _torch_to_numpy(obj):
     return t.float().numpy().astype(_np_dtype(_bfloat16)) if t.dtype == torch.bfloat16 \
         else t.numpy().copy()
   if isinstance(obj, Mapping):
-    return type(obj)((k, _torch_to_numpy(v)) for k, v in obj.items()) \
-        if isinstance(obj, collections.OrderedDict) else {k: _torch_to_numpy(v) for k, v in obj.items()}
+    return {k: _torch_to_numpy(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return type(obj)(_torch_to_numpy(v) for v in obj)
   return obj

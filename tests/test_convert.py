@@ -4,9 +4,7 @@ and mismatched checkpoints are refused with an error that names the problem."""
 
 import enum
 import importlib.machinery
-import json
 import os
-import pathlib
 import pickle
 import subprocess
 import sys
@@ -16,13 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import ROOT
 
-from aim_jax import checkpoint_io
-from aim_jax import convert
-from aim_jax import torch_io
+from aim_jax import checkpoint_io, convert, torch_io
 from aim_jax.models.factory import build_encoder
 from aim_jax.official import ConversionError
-from conftest import ROOT
 
 TOL = 1e-4
 
@@ -388,8 +384,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
   assert not marker.exists()
 
 
-def _small_openai_state_dict(tmp_path, name='sd.pt'):
-  t = _torch()
+def _small_openai_state_dict():
   install_fake_torchvision()
   from clip.model import CLIP
   model = randomize(CLIP(32, 32, 2, 128, 8, 8, 100, 64, 1, 1).float(), 9)
@@ -399,7 +394,7 @@ def _small_openai_state_dict(tmp_path, name='sd.pt'):
 @pytest.mark.torch
 def test_truncated_files_give_the_named_error(tmp_path):
   t = _torch()
-  sd = _small_openai_state_dict(tmp_path)
+  sd = _small_openai_state_dict()
   full = tmp_path / 'full.pt'
   t.save(sd, full)
   from safetensors.torch import save_file
@@ -415,7 +410,7 @@ def test_truncated_files_give_the_named_error(tmp_path):
 @pytest.mark.torch
 def test_missing_key_and_wrong_shape_name_the_key(tmp_path):
   t = _torch()
-  sd = _small_openai_state_dict(tmp_path)
+  sd = _small_openai_state_dict()
   missing = dict(sd)
   del missing['visual.transformer.resblocks.1.ln_2.weight']
   t.save(missing, tmp_path / 'missing.pt')
@@ -459,7 +454,7 @@ print('OK')
 """
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=str(ROOT))
   r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, env=env,
-                     timeout=300)
+                     timeout=300, check=False)
   assert r.returncode == 0 and 'OK' in r.stdout, r.stderr[-3000:]
 
 
@@ -469,9 +464,11 @@ def test_registry_dispatch_lists_clip_and_aim_formats():
   assert registry['aim'].kind == 'aim' and registry['clip'].kind == 'image'
   keys = ['visual.conv1.weight', 'visual.transformer.resblocks.0.ln_1.weight']
   assert [f.name for f in convert.formats_lib.detect(keys)] == ['clip']
-  assert [f.name for f in convert.formats_lib.detect(
-      ['vision_model.embeddings.patch_embedding.weight',
-       'vision_model.encoder.layers.0.self_attn.q_proj.weight'])] == ['hf_clip']
+  hf = ['vision_model.embeddings.patch_embedding.weight', 'vision_model.embeddings.class_embedding',
+        'vision_model.encoder.layers.0.self_attn.q_proj.weight']
+  assert 'hf_clip' in [f.name for f in convert.formats_lib.detect(hf)]
+  # SigLIP's HF tower has the same names but no class token: not CLIP.
+  assert 'hf_clip' not in [f.name for f in convert.formats_lib.detect(hf[:1] + hf[2:])]
 
 
 def _random_clip_tower_safetensors(path, d=64, p=8, g=4, layers=1, embed=16, seed=0):
@@ -515,3 +512,23 @@ def test_converted_clip_is_what_training_init_from_loads(tmp_path):
                                 sd['visual.conv1.weight'].astype(np.float32).transpose(2, 3, 1, 0))
   assert 'backbone/temporal_embedding' in at_init and 'cls_head/fc_cls/kernel' in at_init
   assert not any(k.startswith('backbone/resblocks_0/attn') for k in at_init)
+
+
+@pytest.mark.torch
+def test_every_torch_container_reads_the_same_tensors(tmp_path):
+  """zip (torch>=1.6), legacy stream (pre-1.6, via weights_only), safetensors, views and dtypes."""
+  t = _torch()
+  from safetensors.torch import save_file
+  base = t.arange(24, dtype=t.float32).reshape(4, 6)
+  sd = {'t': base.t(), 'view': base[1:3, 2:], 'half': base.half(), 'bf16': base.bfloat16(),
+        'long': t.arange(5), 'scalar': t.tensor(3.5)}
+  t.save(sd, tmp_path / 'zip.pt')
+  t.save(sd, tmp_path / 'legacy.pt', _use_new_zipfile_serialization=False)
+  save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / 'st.safetensors'))
+  for name in ('zip.pt', 'legacy.pt', 'st.safetensors'):
+    got = torch_io.load_state_dict(str(tmp_path / name))
+    assert set(got) == set(sd), name
+    for k, v in sd.items():
+      np.testing.assert_array_equal(np.asarray(got[k], np.float64), v.double().numpy(),
+                                    err_msg=f'{name}:{k}')
+      assert got[k].shape == tuple(v.shape)

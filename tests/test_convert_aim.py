@@ -6,14 +6,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 
-from aim_jax import checkpoint_io
-from aim_jax import convert
+from aim_jax import checkpoint_io, convert
 from aim_jax import params as P
 from aim_jax.models.aim import average_views
 from aim_jax.models.factory import build_model
 from aim_jax.official import ConversionError
-from conftest import GOLDEN
 
 CASES = ['aim_tiny_case1', 'aim_tiny_case1_tadapter2']
 torch = pytest.importorskip('torch')
@@ -67,7 +66,7 @@ def test_converted_official_checkpoint_reproduces_golden_logits_and_scores(tmp_p
 
 @pytest.mark.parametrize('case', CASES)
 def test_export_aim_round_trip_is_exact(tmp_path, case):
-  d, meta, sd = golden(case)
+  _, meta, sd = golden(case)
   write_mmaction_pth(sd, tmp_path / 'model.pth')
   conv = convert.convert(str(tmp_path / 'model.pth'), str(tmp_path / 'out'), 'aim',
                          heads=meta['heads'])
@@ -86,7 +85,7 @@ def test_export_aim_round_trip_is_exact(tmp_path, case):
 
 
 def test_num_frames_change_interpolates_the_temporal_embedding(tmp_path, capsys):
-  d, meta, sd = golden('aim_tiny_case1')
+  _, _, sd = golden('aim_tiny_case1')
   write_mmaction_pth(sd, tmp_path / 'model.pth')
   assert convert.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out',
                        str(tmp_path / 'out'), '--heads', '4', '--num-frames', '8']) == 0

@@ -11,12 +11,11 @@ official 0.5 (1.0 with num_tadapter=2, the SSv2 recipe); both can be given.
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from aim_jax import formats
-from aim_jax import official
+from aim_jax import formats, official
 from aim_jax.models.factory import resolve_model_config
 
 
@@ -27,8 +26,8 @@ def detect(keys: Iterable[str]) -> bool:
   return vit and 'cls_head.fc_cls.weight' in keys and 'backbone.temporal_embedding' in keys
 
 
-def convert(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = None,
-            adapter_scale: Optional[float] = None):
+def convert(state_dict: Mapping[str, np.ndarray], heads: int | None = None,
+            adapter_scale: float | None = None):
   """-> ({'backbone', 'cls_head'} params, full model config, report)."""
   fields = official.infer_aim_config(state_dict, heads=heads, adapter_scale=adapter_scale)
   params, report = official.aim_params_from_state_dict(state_dict, fields['heads'],

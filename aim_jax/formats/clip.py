@@ -60,9 +60,11 @@ def _hf_prefix(keys: Iterable[str]) -> Optional[str]:
 
 
 def detect_hf_clip(keys: Iterable[str]) -> bool:
-  keys = list(keys)
+  keys = set(keys)
   p = _hf_prefix(keys)
-  return p is not None and f'{p}encoder.layers.0.self_attn.q_proj.weight' in set(keys)
+  # The class token tells CLIP from SigLIP, whose HF keys are otherwise the same.
+  return p is not None and {f'{p}encoder.layers.0.self_attn.q_proj.weight',
+                            f'{p}embeddings.class_embedding'} <= keys
 
 
 def _architecture(tower: Mapping[str, np.ndarray], heads: Optional[int]) -> dict:
