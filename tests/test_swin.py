@@ -1,0 +1,416 @@
+"""AIM on Swin: official parity, image-Swin equivalence, checkpoint conversion, counts."""
+
+import functools
+import importlib.abc
+import importlib.machinery
+import sys
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import formats
+from aim_jax import params as P
+from aim_jax.formats import swin as swin_format
+from aim_jax.models import swin as swin_lib
+from aim_jax.models.adapters import AdapterSpec
+from aim_jax.models.aim import average_views, inject
+from aim_jax.models.factory import build_encoder, build_model, input_shape, resolve_model_config
+from conftest import GOLDEN
+
+CASE = GOLDEN / 'aim_swin2d_tiny_case1.npz'
+
+
+def load_case():
+  d = np.load(CASE)
+  sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
+  sd.update({k[4:]: d[k] for k in d.files if k.startswith('buf/')})
+  params, cfg, report = swin_format.aim_params_from_state_dict(sd)
+  return d, sd, params, cfg, report
+
+
+def to_nthwc(x):
+  return jnp.asarray(x).transpose(0, 2, 3, 4, 1)      # (B, C, T, H, W) -> (B, T, H, W, C)
+
+
+def run(cfg, params, video, model=None):
+  model = model or build_model(cfg)
+  apply = jax.jit(functools.partial(model.apply, mutable=['intermediates']))
+  logits, state = apply({'params': params}, video)
+  return logits, state['intermediates']
+
+
+# ---------------------------------------------------------------------------
+# Parity with the official SwinTransformer2D_Adapter.
+
+def test_golden_case_converts_every_tensor_and_infers_the_config():
+  d, sd, _, cfg, report = load_case()
+  assert not report.unused
+  assert len(report.mapped) == sum(k.startswith('sd/') for k in d.files)
+  assert cfg['backbone'] == 'swin' and cfg['num_frames'] == 8 and cfg['num_classes'] == 5
+  assert cfg['patch_size'] == 28 and cfg['image_size'] == 224
+  assert cfg['swin'] == dict(embed_dim=32, depths=(2, 2), num_heads=(2, 4), window_size=4,
+                             patch_size_t=2, t_relative=True)
+
+
+def test_matches_official_outputs_and_intermediates():
+  d, _, params, cfg, _ = load_case()
+  logits, inter = run(cfg, params, to_nthwc(d['input']))
+  np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
+  bb = inter['backbone']
+  b, t = d['input'].shape[0], cfg['num_frames'] // 2
+
+  def frames_first(name, ours):
+    # Ours (B, T', H, W, C); official (B*T', H*W, C), batch-major.
+    ref = d[f'interm/{name}']
+    np.testing.assert_allclose(np.asarray(ours).reshape(ref.shape), ref, atol=1e-4, rtol=0,
+                               err_msg=name)
+
+  frames_first('after_patch_embed', bb['after_patch_embed'][0])
+  for s in range(2):
+    stage = bb[f'layers_{s}']
+    for j in range(2):
+      frames_first(f'stage{s}_block{j}_out', stage[f'block{j}_out'][0])
+    # T_Adapter output: ours (B, H*W, T', C), official (B*H*W, T', C), (b n) t c.
+    tb = d[f'interm/stage{s}_block0_tbranch']
+    np.testing.assert_allclose(np.asarray(stage['blocks_0']['tbranch'][0]).reshape(tb.shape),
+                               tb, atol=1e-4, rtol=0)
+    assert 'tbranch' not in stage.get('blocks_1', {})        # odd blocks: no temporal branch
+  frames_first('stage0_downsample_out', bb['layers_0']['downsample_out'][0])
+  frames_first('after_norm', bb['after_norm'][0])
+  # features: official (B, C, T', H, W); ours (B, T', H, W, C).
+  np.testing.assert_allclose(inter['features'][0], d['features'].transpose(0, 2, 3, 4, 1),
+                             atol=1e-4, rtol=0)
+  assert b * t == d['interm/after_norm'].shape[0]
+
+
+def test_matches_official_multiview_scores():
+  d, _, params, cfg, _ = load_case()
+  views = d['multiview_input'][0]                          # (V, C, T, H, W)
+  logits, _ = run(cfg, params, to_nthwc(views))
+  np.testing.assert_allclose(logits, d['multiview_view_logits'], atol=2e-5, rtol=0)
+  scores = average_views(logits, views.shape[0], 'prob')
+  np.testing.assert_allclose(scores, d['multiview_scores'], atol=2e-5, rtol=0)
+
+
+class _NoShift(swin_lib.SwinTransformer):
+  def stage_geometry(self, stage):
+    res, window, _ = super().stage_geometry(stage)
+    return res, window, 0
+
+
+@pytest.mark.parametrize('variant', ['no_shift', 'no_temporal_bias'])
+def test_deliberately_wrong_variants_fail_the_golden_tolerance(variant):
+  d, _, params, cfg, _ = load_case()
+  model = build_model(cfg)
+  if variant == 'no_shift':
+    model = model.clone(backbone=_NoShift(**{
+        f: getattr(model.backbone, f) for f in model.backbone.__dataclass_fields__
+        if f not in ('parent', 'name')}))
+  else:
+    flat = P.flatten(params)
+    flat = {k: (np.zeros_like(v) if k.endswith('temporal_position_bias_table') else v)
+            for k, v in flat.items()}
+    params = P.unflatten(flat)
+  logits, _ = run(cfg, params, to_nthwc(d['input']), model=model)
+  assert np.abs(np.asarray(logits) - d['logits']).max() > 2e-5
+
+
+def test_official_state_dict_round_trip_is_exact():
+  _, sd, params, cfg, _ = load_case()
+  back = swin_format.aim_params_to_state_dict(params, cfg)
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    assert back[k].shape == sd[k].shape, k
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+
+
+def test_buffers_that_disagree_with_the_config_are_an_error():
+  _, sd, _, _, _ = load_case()
+  sd = dict(sd)
+  key = 'backbone.layers.0.blocks.1.attn_mask'
+  sd[key] = np.zeros_like(sd[key])
+  with pytest.raises(swin_format.ConversionError, match='attn_mask'):
+    swin_format.aim_params_from_state_dict(sd)
+
+
+def test_formats_registry_detects_the_swin_families():
+  _, sd, _, _, _ = load_case()
+  assert [f.name for f in formats.detect(sd.keys(), kind='aim')] == ['aim_swin']
+  image_keys = [k[len('backbone.'):] for k in sd if k.startswith('backbone.')]
+  assert 'swin' in [f.name for f in formats.detect(image_keys, kind='image')]
+  assert 'aim_swin' not in [f.name for f in formats.detect(image_keys)]
+
+
+# ---------------------------------------------------------------------------
+# The image model and AIM's injection.
+
+def tiny_cfg(**adapters):
+  return resolve_model_config(dict(
+      backbone='swin', patch_size=8, image_size=64, num_frames=4, num_classes=3,
+      drop_path_rate=0.1, swin=dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                                    window_size=4, patch_size_t=2),
+      adapters=dict(adapters)))
+
+
+def test_aim_at_init_equals_the_image_swin_on_frame_pairs():
+  """Official init zeroes every D_fc2: AIM starts as the 2D Swin on each frame pair."""
+  d, _, params, cfg, _ = load_case()
+  flat = P.flatten(params['backbone'])
+  at_init = {k: (np.zeros_like(v) if '_Adapter' in k and '/D_fc2/' in k else v)
+             for k, v in flat.items()}
+  backbone = build_model(cfg).backbone
+  video = to_nthwc(d['input'])
+  feats = jax.jit(backbone.apply)({'params': P.unflatten(at_init)}, video)   # (B, T', r, r, C)
+  image = build_encoder(cfg)                                                  # adapters None
+  frozen = {k: v for k, v in flat.items() if 'Adapter' not in k and 'temporal_position' not in k}
+  assert set(P.flatten(jax.eval_shape(
+      lambda: nn.unbox(image.init(jax.random.PRNGKey(0), video)))['params'])) == set(frozen)
+  apply_image = jax.jit(image.apply)
+  ref = apply_image({'params': P.unflatten(frozen)}, video)
+  np.testing.assert_allclose(feats, ref, atol=1e-5, rtol=0)
+  # Frame pair t of the clip is the image model on those two frames alone.
+  pair = apply_image({'params': P.unflatten(frozen)}, video[:, 2:4])
+  np.testing.assert_allclose(ref[:, 1:2], pair, atol=1e-5, rtol=0)
+  # And the non-zero adapters of the golden case do change the features.
+  assert np.abs(np.asarray(feats) - d['features'].transpose(0, 2, 3, 4, 1)).max() > 1e-3
+
+
+def test_injected_adapters_follow_the_official_placement():
+  cfg = tiny_cfg()
+  model = build_model(cfg)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.PRNGKey(0), jnp.zeros(input_shape(cfg, 1)))))['params']['backbone']
+  names = set(P.flatten(shapes))
+  for s in range(2):
+    even, odd = f'layers_{s}/blocks_0/', f'layers_{s}/blocks_1/'
+    assert even + 'T_Adapter/D_fc1/kernel' in names
+    assert even + 'attn/temporal_position_bias_table' in names
+    assert not any(n.startswith(odd + 'T_Adapter') or n == odd + 'attn/temporal_position_bias_table'
+                   for n in names)
+    for blk in (even, odd):
+      assert blk + 'S_Adapter/D_fc1/kernel' in names and blk + 'S_Adapter2/D_fc2/bias' in names
+  assert shapes['layers_0']['blocks_0']['attn']['temporal_position_bias_table'].shape == (3, 2)
+  assert shapes['layers_1']['blocks_0']['S_Adapter']['D_fc1']['kernel'].shape == (32, 8)
+  # With no adapters the tree is the image Swin's: no adapter, no temporal table.
+  plain = build_encoder(cfg)
+  plain_names = P.flatten(jax.eval_shape(lambda: nn.unbox(plain.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))))['params'])
+  assert not any('Adapter' in n or 'temporal' in n for n in plain_names)
+
+
+def test_freeze_rule_leaves_temporal_tables_and_final_norm_frozen():
+  cfg = tiny_cfg()
+  model = build_model(cfg)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.PRNGKey(0), jnp.zeros(input_shape(cfg, 1)))))['params']
+  mask = P.flatten(P.trainable_mask(shapes))
+  assert not mask['backbone/layers_0/blocks_0/attn/temporal_position_bias_table']
+  assert not mask['backbone/norm/scale']
+  trainable = {k for k, v in mask.items() if v}
+  assert all(('Adapter' in k) or k.startswith('cls_head/') for k in trainable)
+
+
+def test_remat_keeps_the_official_forward():
+  d, _, params, cfg, _ = load_case()
+  logits, _ = run(cfg, params, to_nthwc(d['input']),
+                  model=build_model(dict(cfg, remat_policy='full')))
+  np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_remat_and_drop_path_gradients_match():
+  d, _, params, cfg, _ = load_case()
+  video = to_nthwc(d['input'])[:1]
+
+  def loss(p, m):
+    out = m.apply({'params': p}, video, train=True, rngs={'dropout': jax.random.PRNGKey(2)})
+    return jnp.mean(out ** 2)
+  (l1, g1), (l2, g2) = [
+      jax.jit(jax.value_and_grad(functools.partial(loss, m=build_model(dict(cfg, **kw)))))(params)
+      for kw in ({}, dict(remat_policy='full'))]
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4)
+  # Drop path (rate 0.2) is live in training: the loss differs from eval.
+  l_eval = loss(params, build_model(cfg).clone(
+      backbone=build_model(cfg).backbone.clone(drop_path_rate=0.0)))
+  assert abs(float(l1) - float(l_eval)) > 1e-6
+  assert float(jnp.abs(g1['backbone']['layers_0']['blocks_0']['T_Adapter']['D_fc1']['kernel'])
+               .max()) > 0
+
+
+def test_params_carry_logical_sharding_names():
+  cfg = tiny_cfg()
+  model = build_model(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                            jnp.zeros(input_shape(cfg, 1))))['params']
+  specs = P.flatten(nn.get_partition_spec(boxed))
+  blk = 'backbone/layers_0/blocks_0/'
+  assert tuple(specs[blk + 'mlp/fc1/kernel']) == ('embed', 'mlp')
+  assert tuple(specs[blk + 'attn/qkv/kernel']) == ('embed', 'heads')
+  assert tuple(specs[blk + 'T_Adapter/D_fc1/kernel']) == ('embed', 'adapter')
+
+
+def test_scan_layers_is_refused_with_a_reason():
+  cfg = tiny_cfg()
+  model = build_model(dict(cfg, scan_layers=True))
+  with pytest.raises(ValueError, match='scan_layers'):
+    model.init(jax.random.PRNGKey(0), jnp.zeros(input_shape(cfg, 1)))
+
+
+def test_num_tadapter_2_is_refused():
+  enc = inject(build_encoder(tiny_cfg()), AdapterSpec(num_tadapter=2), 4)
+  with pytest.raises(ValueError, match='T_Adapter_in'):
+    enc.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 64, 64, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Official Swin-B counts (aim_backbones_spec.md section 3).
+
+@pytest.mark.parametrize('row,tunable,total', [('k400', 9_172_080, 95_927_276),
+                                               ('ssv2', 8_940_430, 95_695_626)])
+def test_official_swin_b_parameter_counts(row, tunable, total):
+  from configs import swin as swin_config
+  c = swin_config.get_config(row)
+  model = build_model(c.model)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.PRNGKey(0), jnp.zeros(input_shape(c.model, 1)))))['params']
+  assert P.parameter_counts(shapes, c.trainable) == (tunable, total)
+
+
+# ---------------------------------------------------------------------------
+# timm and Microsoft 2D Swin checkpoints.
+
+class _Anything(type):
+  """Attribute access on a stub class yields a distinct stub class (enum-like members)."""
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    sub = _Anything(name, (_Stub,), {})
+    type.__setattr__(cls, name, sub)
+    return sub
+
+
+class _Stub(metaclass=_Anything):
+  def __init__(self, *args, **kwargs):
+    raise RuntimeError('torchvision is not installed (test stub)')
+
+
+class _FakeTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  """Serves `torchvision[.*]` as stub modules: timm imports names it never calls here."""
+  def find_spec(self, name, path, target=None):
+    if name == 'torchvision' or name.startswith('torchvision.'):
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = types.ModuleType(spec.name)
+    module.__path__ = []
+
+    def getattr_(name):
+      if name.startswith('__'):
+        raise AttributeError(name)
+      return getattr(_Stub, name)
+    module.__getattr__ = getattr_
+    return module
+
+  def exec_module(self, module):
+    pass
+
+
+@pytest.fixture(scope='module')
+def timm():
+  torch = pytest.importorskip('torch')
+  finder = None
+  try:
+    import torchvision  # noqa: F401
+  except ImportError:
+    finder = _FakeTorchvision()
+    sys.meta_path.insert(0, finder)
+  try:
+    import timm as timm_module
+    yield timm_module
+  finally:
+    if finder is not None:
+      sys.meta_path.remove(finder)
+  del torch
+
+
+def _random_timm_swin(timm, seed, **kwargs):
+  import torch
+  from timm.models.swin_transformer import SwinTransformer
+  torch.manual_seed(seed)
+  model = SwinTransformer(num_classes=0, **kwargs).eval()
+  with torch.no_grad():                       # non-trivial LayerNorms, biases and bias tables
+    for name, p in model.named_parameters():
+      if name.endswith('.weight') and p.ndim == 1:
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(0.05 * torch.randn_like(p) if p.ndim > 1 else 0.1 * torch.randn_like(p))
+  return model
+
+
+def _timm_features(model, images):
+  import torch
+  with torch.no_grad():
+    return model.forward_features(torch.from_numpy(images.transpose(0, 3, 1, 2))).numpy()
+
+
+TINY_TIMM = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2, 2, 2),
+                 num_heads=(1, 2, 4, 8), window_size=4)   # stages 16, 8, 4 (no shift), 2 (window 2)
+
+
+def test_timm_swin_converts_and_reproduces_image_features(timm):
+  model = _random_timm_swin(timm, 0, **TINY_TIMM)
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  assert 'layers.1.downsample.reduction.weight' in sd            # timm layout
+  params, cfg, report = swin_format.image_params_from_state_dict(sd, patch_size_t=1)
+  assert not report.unused
+  assert cfg['swin'] == dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                             window_size=4, patch_size_t=1, t_relative=True)
+  cfg = dict(cfg, image_size=64)
+  images = np.random.RandomState(0).randn(2, 64, 64, 3).astype(np.float32)
+  ours = jax.jit(build_encoder(cfg).apply)({'params': params}, jnp.asarray(images))
+  np.testing.assert_allclose(ours, _timm_features(model, images), atol=1e-4, rtol=0)
+
+
+def test_microsoft_checkpoint_inflates_patch_embedding_to_conv3d(timm):
+  """{'model': sd} with end-of-stage merges; pt=2 on a clip of two equal frames = 2D Swin."""
+  model = _random_timm_swin(timm, 1, **TINY_TIMM)
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  ms = {}
+  for k, v in sd.items():   # timm -> Microsoft names: merges close the previous stage
+    parts = k.split('.')
+    if k.startswith('layers.') and parts[2] == 'downsample':
+      k = '.'.join(['layers', str(int(parts[1]) - 1)] + parts[2:])
+    ms[k] = v
+  ms['layers.0.blocks.1.attn_mask'] = swin_lib.shift_attention_mask(16, 16, 4, 2)
+  ms['head.weight'] = np.zeros((7, 128), np.float32)
+  params, cfg, report = swin_format.image_params_from_state_dict({'model': ms}, patch_size_t=2)
+  assert cfg['image_size'] == 64                            # read from the shift mask
+  assert 'head.weight' in report.unused
+  kernel = params['patch_embed']['proj']['kernel']          # (pt, p, p, 3, C)
+  assert kernel.shape == (2, 4, 4, 3, 16)
+  np.testing.assert_allclose(kernel[0] * 2, sd['patch_embed.proj.weight'].transpose(2, 3, 1, 0),
+                             rtol=1e-6)
+  images = np.random.RandomState(1).randn(2, 64, 64, 3).astype(np.float32)
+  clip = jnp.repeat(jnp.asarray(images)[:, None], 2, axis=1)   # (B, 2, H, W, 3)
+  encoder = inject(build_encoder(cfg), None, 2)
+  ours = jax.jit(encoder.apply)({'params': params}, clip)[:, 0]
+  np.testing.assert_allclose(ours, _timm_features(model, images), atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_timm_swin_b_at_full_size_reproduces_image_features(timm):
+  model = _random_timm_swin(timm, 2, img_size=224, patch_size=4, embed_dim=128,
+                            depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=7)
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  params, cfg, report = swin_format.image_params_from_state_dict(sd, patch_size_t=1)
+  assert not report.unused and cfg['swin']['depths'] == (2, 2, 18, 2)
+  images = np.random.RandomState(2).randn(1, 224, 224, 3).astype(np.float32)
+  ours = jax.jit(build_encoder(cfg).apply)({'params': params}, jnp.asarray(images))
+  np.testing.assert_allclose(ours, _timm_features(model, images), atol=1e-4, rtol=0)
