@@ -99,6 +99,12 @@ def test_num_frames_change_interpolates_the_temporal_embedding(tmp_path, capsys)
   np.testing.assert_allclose(temb, ref, atol=1e-6)
   logits = build_model(cfg).apply({'params': params}, jnp.zeros((1, 8, 32, 32, 3)))
   assert logits.shape == (1, 5)
+  # Both at once, for a larger input: the backbone's positional grid 4x4 -> 6x6.
+  conv = convert.load_aim(str(tmp_path / 'model.pth'), heads=4, num_frames=8, image_size=48)
+  assert conv.params['backbone']['positional_embedding'].shape == (1 + 6 * 6, 64)
+  logits = build_model(conv.model_config).apply({'params': conv.params},
+                                                jnp.zeros((1, 8, 48, 48, 3)))
+  assert logits.shape == (1, 5)
 
 
 def test_aim_errors_name_the_key(tmp_path):
