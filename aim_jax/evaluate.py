@@ -75,6 +75,8 @@ def _differs(a: Any, b: Any) -> bool:
       return not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
     except (TypeError, ValueError):
       return True
+  if isinstance(a, Mapping) and isinstance(b, Mapping):   # nested fields (model.swin)
+    return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
   if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
     return list(a) != list(b)
   return a != b
@@ -204,9 +206,14 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
       expected_count=expected, progress=progress, keep_scores=keep_scores,
       total_steps=int(math.ceil(expected / processes / per_process)) or None,
       param_sharding=param_sharding)
+  # The pipeline names what it dropped before decoding (file, key, reason) in `.stats`.
+  stats = getattr(batches, 'stats', None)
+  skipped = [dict(file=f, key=k, reason=r) for f, k, r in getattr(stats, 'named', [])]
   if result.metrics['num_skipped'] > 0:
-    logging.warning('%d of %d videos were skipped by the input pipeline (unreadable)',
-                    result.metrics['num_skipped'], expected)
+    logging.warning('%d of %d videos were skipped by the input pipeline (unreadable or bad '
+                    'label)%s', result.metrics['num_skipped'], expected,
+                    ': ' + ', '.join(f'{s["key"]} ({s["reason"]})' for s in skipped[:10])
+                    if skipped else '')
 
   out = epath.Path(output_dir or default_output_dir(checkpoint, kind, split, which))
   suffix = f'.process{jax.process_index():05d}' if processes > 1 else ''
@@ -218,7 +225,8 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
         str(out / 'summary.json'), result.metrics, checkpoint=checkpoint, checkpoint_kind=kind,
         which=which if kind == 'workdir' else None, split=split, model=model_cfg,
         data=config.data.to_dict(), eval=config.eval.to_dict(),
-        devices=jax.device_count(), processes=processes, mesh=dict(mesh.shape))
+        devices=jax.device_count(), processes=processes, mesh=dict(mesh.shape),
+        skipped_named=skipped)
     reports.write_per_class(str(out / 'per_class.csv'),
                             reports.per_class_table(result.confusion, names))
     reports.plot_confusion(str(out / 'confusion.png'), result.confusion, names)

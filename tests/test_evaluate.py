@@ -311,6 +311,7 @@ def test_evaluate_entry_point_end_to_end_on_tiny_tfrecords(tmp_path):
   m = summary['metrics']
   assert m['num_evaluated'] == 10 and m['num_skipped'] == 1 and m['num_views'] == 6
   assert summary['devices'] == 8
+  assert [s['key'] for s in summary['skipped_named']] == ['video_04.mp4']
   rows = reports.read_predictions(str(out / 'predictions.jsonl'))
   assert sorted(r['video_id'] for r in rows) == [f'video_{v:02d}.mp4' for v in range(11)
                                                   if v != 4]
