@@ -553,3 +553,95 @@ def test_b16_shapes_convert_and_match_for_every_format(timm, tmp_path):
   params, cfg, _ = _convert(_sd(dino), 'dinov2', heads=12)
   np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(dino, images),
                              atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# `python -m aim_jax.convert image`: detection, resizing, the written checkpoint.
+
+def _save_safetensors(sd, path):
+  from safetensors.numpy import save_file
+  save_file({k: np.ascontiguousarray(v) for k, v in sd.items()}, str(path))
+  return str(path)
+
+
+def _cli_convert(src, out, *args):
+  from aim_jax import checkpoint_io
+  from aim_jax import convert
+  assert convert.main(['image', '--src', src, '--out', str(out), *args]) == 0
+  params, cfg, metadata = checkpoint_io.load_params(str(out))
+  return params, cfg, metadata
+
+
+def test_cli_converts_a_timm_safetensors_file_by_detection(timm, tmp_path):
+  model = _timm_vit(timm, seed=7)
+  src = _save_safetensors(_sd(model), tmp_path / 'vit.safetensors')
+  params, cfg, metadata = _cli_convert(src, tmp_path / 'out', '--heads', '4')
+  assert metadata['format'] == 'timm_vit' and cfg['backbone'] == 'vit_in21k'
+  images = _images(2, 32, seed=8)
+  np.testing.assert_allclose(_features(cfg, params, images), _timm_features(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_cli_converts_hf_siglip(tmp_path):
+  # HF SigLIP shares HF CLIP's key names; `--format siglip` picks the family.
+  model = _hf_siglip(seed=9)
+  src = _save_safetensors(_sd(model), tmp_path / 'model.safetensors')
+  params, cfg, metadata = _cli_convert(src, tmp_path / 'out', '--heads', '4',
+                                       '--format', 'siglip')
+  assert metadata['format'] == 'siglip' and cfg['backbone'] == 'siglip'
+  images = _images(2, 32, seed=9)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-4, rtol=0)
+
+
+def test_cli_converts_hf_dinov2_at_another_resolution(tmp_path):
+  # Dinov2Model resamples without antialiasing, like the conversion (the registers model
+  # of transformers uses antialias=True: see aim_jax/formats/dinov2.py).
+  model = _hf_dinov2(seed=10)
+  src = _save_safetensors(_sd(model), tmp_path / 'model.safetensors')
+  params, cfg, metadata = _cli_convert(src, tmp_path / 'out', '--heads', '4',
+                                       '--image-size', '42')
+  assert metadata['format'] == 'dinov2' and cfg['backbone'] == 'dinov2'
+  assert cfg['image_size'] == 42
+  images = _images(2, 42, seed=10)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# A short training run starts from each converted family and its loss falls.
+
+def _losses(stderr):
+  out = {}
+  for line in stderr.splitlines():
+    if '] step ' in line and ' loss=' in line:
+      out[int(line.split('] step ')[1].split('/')[0])] = float(line.split(' loss=')[1].split()[0])
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('family', ['vit_in21k', 'siglip', 'dinov2'])
+def test_short_training_run_from_each_converted_family_learns(family, timm, tmp_path):
+  import os
+  import pathlib
+  import subprocess
+  # configs/tiny.py's shapes: width 32, 2 layers, 2 heads, patch 8, 32 px.
+  if family == 'vit_in21k':
+    sd = _sd(_timm_vit(timm, num_heads=2))
+  elif family == 'siglip':
+    sd = _sd(_hf_siglip(num_attention_heads=2))
+  else:
+    sd = _sd(_hf_dinov2(num_attention_heads=2, patch_size=8, image_size=32))
+  src = _save_safetensors(sd, tmp_path / 'model.safetensors')
+  fmt = {'vit_in21k': 'timm_vit', 'siglip': 'siglip', 'dinov2': 'dinov2'}[family]
+  _cli_convert(src, tmp_path / 'ckpt', '--heads', '2', '--format', fmt)
+  root = pathlib.Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py:steps=60',
+         '--workdir', str(tmp_path / 'run'), '--config.progress_bar=False',
+         f'--config.init_from={tmp_path / "ckpt"}', f'--config.model.backbone={family}',
+         '--config.eval_every_steps=-1']
+  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
+  out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-4000:]
+  losses = _losses(out.stderr)
+  assert losses[max(losses)] < 0.8 * losses[min(losses)], losses

@@ -26,7 +26,10 @@ Names (optionally under `dinov2.`; both the older `attention.attention.query`
   embeddings.mask_token                        unused (masked-image pre-training only)
 Checkpoints are trained at 518 px (37x37 grid of 14 px patches); pass
 `image_size=224` to resample the grid position embeddings once, bicubic, the
-way HF's `interpolate_pos_encoding` does at run time.
+way HF's `interpolate_pos_encoding` does at run time (`python -m aim_jax.convert
+image --image-size 224` does the same). The register models (HF
+`Dinov2WithRegistersModel`, the original `*_reg` hub models) resample with
+`antialias=True` instead, which this plain bicubic does not reproduce exactly.
 """
 
 from __future__ import annotations
