@@ -68,7 +68,7 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> Tupl
 
 def _reported_counts(path: str) -> Optional[int]:
   """Record count of a shard from the prepare JSON beside it, if there is one."""
-  meta = path + '.json'
+  meta = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.json')  # prepare's
   if os.path.exists(meta):
     try:
       with open(meta) as f:

@@ -7,8 +7,8 @@ r"""Raw videos -> DMVR-layout TFRecord shards (JPEG frames), in parallel, resuma
 Each video is decoded with PyAV, resized to the short side, optionally resampled to `--fps`
 (0 keeps every frame), JPEG-encoded and written as one SequenceExample (records.py). Videos
 are spread over `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shards by a seeded shuffle; each shard
-is written by one worker to a temporary file, renamed when complete, and described by a JSON
-file beside it. A re-run skips shards whose JSON says they are complete for the same videos,
+is written by one worker to a temporary file, renamed when complete, and described by a hidden
+JSON file beside it (`.SHARD.json`, which no shard glob matches). A re-run skips shards whose JSON says they are complete for the same videos,
 so an interrupted preparation resumes. `NAME-SPLIT.report.json` lists videos written,
 frames, bytes and every failure with its reason; readers take record counts from it.
 """
@@ -71,8 +71,10 @@ def _fingerprint(entries: Sequence[annotations_lib.Entry], opts: Options) -> str
   return h.hexdigest()[:16]
 
 
-def _shard_meta_path(shard_path: str) -> str:
-  return shard_path + '.json'
+def shard_meta_path(shard_path: str) -> str:
+  """`DIR/.NAME-SPLIT.tfrecord-00003-of-00064.json`: hidden, so shard globs never match it."""
+  d, base = os.path.split(shard_path)
+  return os.path.join(d, f'.{base}.json')
 
 
 def write_shard(task) -> Dict:
@@ -101,13 +103,13 @@ def write_shard(task) -> Dict:
       stats['bytes'] += len(data)
   os.replace(tmp, shard_path)
   stats['complete'] = True
-  with open(_shard_meta_path(shard_path), 'w') as f:
+  with open(shard_meta_path(shard_path), 'w') as f:
     json.dump(stats, f)
   return stats
 
 
 def _shard_done(shard_path: str, fingerprint: str):
-  meta = _shard_meta_path(shard_path)
+  meta = shard_meta_path(shard_path)
   if not (os.path.exists(shard_path) and os.path.exists(meta)):
     return None
   try:

@@ -63,8 +63,8 @@ def test_prepare_report_and_shard_names(dataset):
   d, report = dataset
   assert report['videos_written'] == len(LENGTHS) and not report['failures']
   assert report['frames'] == sum(LENGTHS)
-  names = sorted(os.path.basename(p) for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*'))
-                 if not p.endswith('.json'))
+  # the shard glob matches only shards: per-shard JSON files are hidden
+  names = sorted(os.path.basename(p) for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*')))
   assert names == [f'toy-train.tfrecord-0000{i}-of-00003' for i in range(3)]
   with open(d / 'out' / 'toy-train.report.json') as f:
     assert json.load(f)['videos_written'] == len(LENGTHS)
@@ -73,8 +73,7 @@ def test_prepare_report_and_shard_names(dataset):
 def test_our_shards_read_with_plain_dmvr_parser(dataset):
   """A plain tf.data parser of the DMVR layout (not our code) reads our shards."""
   d, _ = dataset
-  files = sorted(p for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*'))
-                 if not p.endswith('.json'))
+  files = sorted(glob.glob(str(d / 'out' / 'toy-train.tfrecord-*')))
   seen = {}
   for raw in tf.data.TFRecordDataset(files):
     ctx, seq = tf.io.parse_single_sequence_example(
@@ -100,8 +99,7 @@ def test_count_examples_from_report_and_by_reading(dataset, tmp_path):
   assert input_pipeline.count_examples(cfg, 'train') == len(LENGTHS)
   # without the JSON files the shards are counted by reading them
   for p in glob.glob(str(d / 'out' / 'toy-train.tfrecord-*')):
-    if not p.endswith('.json'):
-      os.symlink(p, tmp_path / os.path.basename(p))
+    os.symlink(p, tmp_path / os.path.basename(p))
   cfg.val_files = str(tmp_path / '*')
   assert input_pipeline.count_examples(cfg, 'val') == len(LENGTHS)
   cfg.train_fraction = 0.5

@@ -104,7 +104,7 @@ def test_resume_redoes_only_incomplete_shards(tmp_path):
   mtimes = [os.path.getmtime(p) for p in shards]
   # interruption: shard 1 was left as a temporary file without its JSON
   os.replace(shards[1], shards[1] + '.tmp')
-  os.remove(shards[1] + '.json')
+  os.remove(prepare.shard_meta_path(shards[1]))
   second = prepare.prepare(entries, **kw)
   assert [os.path.getmtime(p) for p in (shards[0], shards[2])] == [mtimes[0], mtimes[2]]
   assert os.path.exists(shards[1]) and not os.path.exists(shards[1] + '.tmp')
