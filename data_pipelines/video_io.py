@@ -60,14 +60,20 @@ def decode_video(path: str, *, short_side: int = 0, fps: float = 0.0,
 def load_video_clip(path: str, data_cfg, split: str = 'test') -> np.ndarray:
   """One video file -> float32 (V, T, H, W, 3) normalised evaluation views.
 
-  Decodes every frame with PyAV (no resize), samples frame indices exactly as the eval
-  pipeline does for `split` ('val' or 'test': clips, crops, short side), then resizes,
-  crops and normalises with the same TF ops. V = crops*clips, crop-major then clip.
+  Decodes every frame with PyAV, resized while decoding to the split's short side (so a long
+  high-resolution video stays small in memory), samples frame indices exactly as the eval
+  pipeline does for `split` ('val' or 'test': clips, crops, short side), then crops and
+  normalises with the same TF ops. V = crops*clips, crop-major then clip. Differences from
+  the TFRecord path are only the JPEG round trip and swscale's bilinear resize.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
   from data_pipelines import sampling  # pylint: disable=g-import-not-at-top
-  frames = np.stack(list(decode_video(path)))  # (N, H, W, 3) uint8
+  short = data_cfg.test_short_side if split == 'test' else data_cfg.train_short_side
+  frames = list(decode_video(path, short_side=short))
+  if not frames:
+    raise ValueError(f'{path}: no frames decoded')
+  frames = np.stack(frames)  # (N, H, W, 3) uint8
   clips, _ = input_pipeline._views(data_cfg, split)  # pylint: disable=protected-access
   idx = sampling.eval_indices(frames.shape[0], sampling=data_cfg.sampling,
                               clip_len=data_cfg.num_frames, interval=data_cfg.frame_interval,
