@@ -494,6 +494,7 @@ def _random_clip_tower_safetensors(path, d=64, p=8, g=4, layers=1, embed=16, see
   return sd
 
 
+@pytest.mark.slow
 def test_converted_clip_is_what_training_init_from_loads(tmp_path):
   """The written directory is the contract with `--config.init_from`: the encoder goes into
   params['backbone'], adapters / temporal embedding / head stay at init, proj is dropped."""
