@@ -273,3 +273,27 @@ def test_ssv2_and_k400_large_recipes_run_and_stay_deterministic(dataset):
                                              process_count=1))
   assert a['video'].shape == (4, 8, 32, 32, 3) and np.isfinite(a['video']).all()
   np.testing.assert_array_equal(a['video'], b['video'])
+
+
+def test_more_processes_than_shards_split_records(dataset):
+  """4 processes, 3 shards: every process reads all shards and keeps every 4th record."""
+  d, _ = dataset
+  cfg = make_cfg(d, flip_prob=0.0)
+  labels = []
+  for pi in range(4):
+    it = input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=pi,
+                                           process_count=4)
+    labels += next(it)['label'].tolist()  # 8 records / 4 processes = one epoch of 2 each
+  assert sorted(labels) == sorted(k % 3 for k in range(len(LENGTHS)))
+
+
+def test_synthetic_source_shapes():
+  cfg = config_lib.default_data_config()
+  cfg.source, cfg.num_classes, cfg.num_frames, cfg.image_size = 'synthetic', 5, 4, 16
+  b = next(input_pipeline.make_train_dataset(cfg, batch_size=3, seed=0, process_index=0,
+                                             process_count=1))
+  assert b['video'].shape == (3, 4, 16, 16, 3) and b['label'].shape == (3,)
+  cfg.test_clips, cfg.test_crops = 2, 3
+  e = next(iter(input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4,
+                                                 process_index=0, process_count=1)))
+  assert e['video'].shape == (4, 6, 4, 16, 16, 3) and len(e['key']) == 4
