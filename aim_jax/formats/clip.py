@@ -111,6 +111,10 @@ def convert_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = No
       source_names[name] = key
     else:
       report.unused.append(key)
+  # No tensor records the MLP activation: say which one the converted model uses.
+  report.notices.append(
+      'MLP activation: quick_gelu (OpenAI CLIP, OpenCLIP "-quickgelu" models); OpenCLIP '
+      'models trained with nn.GELU (e.g. laion2b ViT-B-16) are not this encoder')
   return _finish(tower, source_names, heads, report, lambda k: prefix + k)
 
 
