@@ -414,9 +414,13 @@ def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print) 
   if 'backbone' not in params or 'cls_head' not in params:
     raise ConversionError(f'{src_dir}: holds an image encoder, not an AIM model '
                           '(no backbone/ and cls_head/ parameters)')
-  if cfg['backbone'] not in ('clip', 'vit_in21k'):
+  if cfg['backbone'] == 'swin':
+    from aim_jax.formats import swin as swin_format   # official SwinTransformer2D_Adapter
+    sd = swin_format.aim_params_to_state_dict(params, cfg)
+  elif cfg['backbone'] not in ('clip', 'vit_in21k'):
     raise ConversionError(f'{src_dir}: backbone {cfg["backbone"]!r} has no official AIM format')
-  sd = official.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
+  else:
+    sd = official.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
   log(f'[2/2] writing {len(sd)} tensors to {out_path}')
   torch_io.save_torch_state_dict(
       {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',

@@ -21,7 +21,9 @@ epochs, cosine, drop path 0.2 (SSv2 0.4). Test: 4 clips x 3 crops (SSv2 1 x 3),
 Freeze rule quirks kept from the official code: `temporal_position_bias_table`
 and the final `norm` stay frozen (no substring of the rule matches them).
 
-Rows: 'k400' (the paper's row) and 'ssv2' (the official Swin SSv2 config).
+Rows: 'k400' (the paper's row), 'ssv2' (the official Swin SSv2 config) and
+'tiny' (a 2-stage Swin on synthetic clips, a CPU smoke run of the same code:
+`python -m aim_jax.train --config configs/swin.py:tiny --workdir /tmp/swin_tiny`).
 Expected counts: 9,172,080 tunable of 95,927,276 (K400); 8,940,430 of
 95,695,626 (SSv2).
 """
@@ -40,6 +42,8 @@ ROWS = {
                  grad_accum=2, epochs=30.0, drop_path=0.2, test_clips=4, test_crops=3),
     'ssv2': dict(num_classes=174, frames=32, sampling='uniform', frame_interval=1, lr=3e-4,
                  grad_accum=4, epochs=60.0, drop_path=0.4, test_clips=1, test_crops=3),
+    'tiny': dict(num_classes=5, frames=4, sampling='uniform', frame_interval=1, lr=1e-2,
+                 grad_accum=2, epochs=1.0, drop_path=0.1, test_clips=1, test_crops=1),
 }
 
 
@@ -76,5 +80,28 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.optimizer.lr = row['lr']
   c.optimizer.wd_exempt = ('relative_position_bias_table', 'absolute_pos_embed', 'norm')
   c.optimizer.lr_mults = ml_collections.ConfigDict({'backbone': 0.1})
+  if a.row == 'tiny':
+    _tiny(c)
   c.lock()
   return c
+
+
+def _tiny(c: ml_collections.ConfigDict) -> None:
+  """Two stages (64 px, patch 8 -> 8x8 then 4x4 tokens, window 4), 4 frames, 5 classes."""
+  c.model.update(dict(patch_size=8, image_size=64, num_classes=5, dropout_rate=0.0))
+  c.model.swin.update(dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4))
+  common.set_frames(c, 4)
+  c.data.update(dict(source='synthetic', num_classes=5, image_size=64, sampling='uniform',
+                     num_train_examples=64, val_clips=1, val_crops=1, test_clips=1,
+                     test_crops=1, train_short_side=72, test_short_side=64))
+  c.batch_size = 8
+  c.grad_accum_steps = 2
+  c.total_steps = 30
+  c.steps_per_epoch = 8
+  c.optimizer.lr = 1e-2
+  c.optimizer.warmup_epochs = 0.5
+  c.checkpoint.every_steps = 15
+  c.checkpoint.keep = 2
+  c.log_every_steps = 5
+  c.eval_every_steps = 15
+  c.eval.batch_size = 8

@@ -414,3 +414,40 @@ def test_timm_swin_b_at_full_size_reproduces_image_features(timm):
   images = np.random.RandomState(2).randn(1, 224, 224, 3).astype(np.float32)
   ours = jax.jit(build_encoder(cfg).apply)({'params': params}, jnp.asarray(images))
   np.testing.assert_allclose(ours, _timm_features(model, images), atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------------------
+# `python -m aim_jax.convert`: detection, directories, export.
+
+def test_convert_aim_and_export_aim_round_trip_the_official_file_exactly(tmp_path):
+  from aim_jax import checkpoint_io, convert, torch_io
+  _, sd, _, _, _ = load_case()
+  src = tmp_path / 'aim_swin.pth'
+  torch_io.save_torch_state_dict({'state_dict': sd}, str(src))
+  conv = convert.convert(str(src), str(tmp_path / 'ckpt'), 'aim', log=lambda _: None)
+  assert conv.format == 'aim_swin' and not conv.report.unused and not conv.report.missing
+  _, cfg, _ = checkpoint_io.load_params(str(tmp_path / 'ckpt'))
+  assert cfg['backbone'] == 'swin' and tuple(cfg['swin']['depths']) == (2, 2)
+  back = convert.export_aim(str(tmp_path / 'ckpt'), str(tmp_path / 'back.pth'),
+                            log=lambda _: None)
+  assert sorted(back) == sorted(sd)
+  for k in sd:
+    np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
+    assert np.asarray(back[k]).dtype == sd[k].dtype, k
+
+
+def test_convert_image_reads_a_microsoft_checkpoint_for_aim(timm, tmp_path):
+  from aim_jax import convert, torch_io
+  model = _random_timm_swin(timm, 3, **TINY_TIMM)
+  sd = swin_format.timm_to_official_names({k: v.numpy() for k, v in model.state_dict().items()})
+  # Microsoft checkpoints keep the shift masks (persistent buffers): they give the resolution.
+  sd['layers.0.blocks.1.attn_mask'] = swin_lib.shift_attention_mask(16, 16, 4, 2)
+  src = tmp_path / 'swin_tiny_22k.pth'
+  torch_io.save_torch_state_dict({'model': sd}, str(src))
+  conv = convert.convert(str(src), str(tmp_path / 'ckpt'), 'image', log=lambda _: None)
+  assert conv.format == 'swin'
+  assert conv.model_config['swin']['patch_size_t'] == 2
+  # What AIM adds stays at init: adapters, temporal tables, head.
+  left = conv.report.missing
+  assert left and all(('Adapter' in k) or k.endswith('temporal_position_bias_table')
+                      or k.startswith('cls_head/') for k in left)

@@ -342,17 +342,16 @@ def _detect_aim(keys) -> bool:
 
 def _detect_image(keys) -> bool:
   keys = set(keys)
-  return ('layers.0.blocks.0.attn.relative_position_bias_table' in keys
-          or keys == {'model'})
+  return 'layers.0.blocks.0.attn.relative_position_bias_table' in keys
 
 
-def _convert_aim(sd, **options):
-  params, cfg, report = aim_params_from_state_dict(sd)
-  return params, cfg, report
+def _convert_aim(sd):
+  return aim_params_from_state_dict(sd)
 
 
-def _convert_image(sd, **options):
-  return image_params_from_state_dict(sd, **options)
+def _convert_image(sd):
+  # The official AIM Swin inflates with pt = 2 (patch244 configs).
+  return image_params_from_state_dict(sd, patch_size_t=2)
 
 
 register(Format('aim_swin', 'aim', _detect_aim, _convert_aim,

@@ -90,6 +90,8 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
                        f'{sorted(VIT_SIZES)}')
     out['width'], out['layers'], out['heads'] = VIT_SIZES[size]
     out['patch_size'] = int(patch)
+  for k in ('depths', 'num_heads'):   # JSON round trips give lists
+    out['swin'][k] = tuple(int(v) for v in out['swin'][k])
   if out['width'] % out['heads']:
     raise ValueError(f'model.width {out["width"]} is not divisible by model.heads {out["heads"]}')
   for k in ('dtype', 'param_dtype'):
