@@ -25,13 +25,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from aim_jax.models.aim import average_views
 
@@ -311,7 +313,9 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   if len(set(keys)) != len(keys):
     logging.warning('%d duplicate video ids among the %d evaluated on this process',
                     len(keys) - len(set(keys)), len(keys))
-  cat = lambda xs, shape: np.concatenate(xs) if xs else np.zeros(shape)
+  def cat(xs, shape):
+    return np.concatenate(xs) if xs else np.zeros(shape)
+
   return EvalResult(
       keys=keys, labels=cat(labels, (0,)).astype(np.int64),
       topk_classes=cat(topk_c, (0, k)).astype(np.int64),
@@ -323,6 +327,7 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
 def reference_scores(apply_fn: Callable, params: Any, videos: np.ndarray, num_views: int,
                      average_clips: str = 'prob') -> np.ndarray:
   """Unsharded, one video at a time: (N, V, T, H, W, C) -> (N, K). For checks."""
+  apply_fn = jax.jit(apply_fn)
   out = []
   for v in videos:
     logits = apply_fn(params, jnp.asarray(v))   # (V, K)

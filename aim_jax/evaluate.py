@@ -23,7 +23,8 @@ predictions.csv (or .jsonl), summary.json, per_class.csv, confusion.png.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -31,10 +32,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from aim_jax import checkpoint_io
-from aim_jax import eval_lib
+from aim_jax import checkpoint_io, eval_lib, reports
 from aim_jax import params as P
-from aim_jax import reports
 from aim_jax.models.factory import build_model, input_shape, resolve_model_config
 
 # Fields that only change how the model runs (or trains), never what it computes at
@@ -187,7 +186,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   rules = sharding.axis_rules(config.logical_axis_rules)
   param_sharding = sharding.logical_shardings(boxed, mesh, rules)
   processes = jax.process_count()
-  per_process = int(math.ceil(config.eval.batch_size / processes))
+  per_process = math.ceil(config.eval.batch_size / processes)
   expected = input_pipeline.count_examples(config.data, split)
   logging.info('evaluating %s (%s) on split %r: %d videos x %d views, %d devices, mesh %s, '
                '%d videos per step per process', checkpoint, kind, split, expected, views,
@@ -204,7 +203,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
       apply_fn, params, batches, num_classes=model_cfg['num_classes'], num_views=views,
       batch_size=per_process, mesh=mesh, average_clips=config.eval.average_clips,
       expected_count=expected, progress=progress, keep_scores=keep_scores,
-      total_steps=int(math.ceil(expected / processes / per_process)) or None,
+      total_steps=math.ceil(expected / processes / per_process) or None,
       param_sharding=param_sharding)
   # The pipeline names what it dropped before decoding (file, key, reason) in `.stats`.
   stats = getattr(batches, 'stats', None)

@@ -21,7 +21,8 @@ way to compare this implementation with another on identical input.
 from __future__ import annotations
 
 import json
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -78,8 +79,8 @@ class Predictor:
     want = (self.model_config['num_frames'], self.model_config['image_size'],
             self.model_config['image_size'], 3)
     if video.ndim != 5 or tuple(video.shape[1:]) != want:
-      raise ValueError(f'clips of shape {video.shape}; the model takes (N, {", ".join(map(str, want))})'
-                       ' (N, T, H, W, C)')
+      raise ValueError(f'clips of shape {video.shape}; the model takes '
+                       f'(N, {", ".join(map(str, want))}) (N, T, H, W, C)')
     out = [np.asarray(self._apply(self.params, jnp.asarray(video[i:i + batch_size], jnp.float32)))
            for i in range(0, len(video), batch_size)]
     return np.concatenate(out)

@@ -15,7 +15,8 @@ import csv
 import io
 import json
 import math
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Optional
 
 import numpy as np
 from etils import epath
@@ -201,7 +202,10 @@ def plot_confusion(path: str, confusion: np.ndarray, names: Optional[Sequence[st
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
   """One human line: accuracies in percent, counts, throughput."""
-  pct = lambda k: f'{100 * metrics[k]:.2f}' if metrics[k] == metrics[k] else 'nan'
+  def pct(key):
+    value = metrics[key]
+    return f'{100 * value:.2f}' if value == value else 'nan'   # nan != nan
+
   return (f'top1 {pct("top1")}  top5 {pct("top5")}  mean-class {pct("mean_class_accuracy")}  '
           f'videos {metrics["num_evaluated"]} (skipped {metrics["num_skipped"]})  '
           f'views {metrics["num_views"]}  {metrics["clips_per_second"]:.1f} clips/s')

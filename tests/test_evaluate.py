@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN, ROOT
 
 from aim_jax import checkpoint_io, eval_lib, evaluate, official, reports
 from aim_jax import params as P
 from aim_jax.models.factory import build_model
-from conftest import GOLDEN, ROOT
 
 TINY = dict(patch_size=8, width=32, layers=2, heads=2, image_size=32, num_frames=4,
             num_classes=5, variant='')
@@ -26,7 +26,8 @@ TINY = dict(patch_size=8, width=32, layers=2, heads=2, image_size=32, num_frames
 def tiny_params(cfg=TINY, seed=0):
   """Init params, perturbed so that adapters and head are not zero (a real function)."""
   model = build_model(cfg)
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 4, 32, 32, 3))))['params']
+  init = jax.jit(model.init)   # compiled: eager init of even a tiny ViT is slow op by op
+  params = nn.unbox(init(jax.random.key(seed), jnp.zeros((1, 4, 32, 32, 3))))['params']
   rng = np.random.RandomState(seed + 1)
   return model, jax.tree.map(
       lambda x: np.asarray(x) + 0.05 * rng.randn(*x.shape).astype(np.float32), params)
@@ -260,7 +261,7 @@ def test_config_and_checkpoint_model_must_agree():
 
 def test_checkpoint_params_are_checked_against_the_model(tmp_path):
   _, params = tiny_params()
-  model, loaded, _ = evaluate.prepare_model(dict(TINY, scan_layers=True), params)
+  _, loaded, _ = evaluate.prepare_model(dict(TINY, scan_layers=True), params)
   assert P.is_scan_layout(loaded) and not P.is_scan_layout(params)
   with pytest.raises(checkpoint_io.CheckpointError,
                      match=r'cls_head/fc_cls/bias: checkpoint shape \(5,\), model shape \(6,\)'):
@@ -270,6 +271,7 @@ def test_checkpoint_params_are_checked_against_the_model(tmp_path):
 def write_tiny_records(directory, num_videos=11, bad_label_at=4, frames=12):
   """DMVR SequenceExample shards of small JPEG videos; one record has an out-of-range label."""
   import tensorflow as tf
+
   from data_pipelines import records
   rng = np.random.RandomState(0)
   directory.mkdir(parents=True, exist_ok=True)
@@ -345,7 +347,7 @@ def _training_workdir(path, cfg):
 
 def test_training_workdir_latest_and_best(tmp_path):
   workdir = tmp_path / 'run'
-  best, latest, config = _training_workdir(workdir, dict(TINY))
+  best, latest, _ = _training_workdir(workdir, dict(TINY))
   for which, want in (('latest', latest), ('best', best)):
     params, model_cfg, kind = evaluate.load_checkpoint(str(workdir), which)
     assert kind == 'workdir' and model_cfg['num_frames'] == 4

@@ -9,11 +9,11 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN, ROOT
+from test_evaluate import TINY, tiny_params
 
 from aim_jax import checkpoint_io, official, predict
 from aim_jax.models.aim import average_views
-from conftest import GOLDEN, ROOT
-from test_evaluate import TINY, tiny_params
 
 
 def write_mp4(path, frames=40, height=40, width=56, seed=0):
@@ -129,8 +129,9 @@ def test_command_line_prints_top_k_with_label_names(tiny_checkpoint, tmp_path):
 
 
 def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
-  from configs import tiny
   from test_evaluate import _training_workdir
+
+  from configs import tiny
   workdir = tmp_path / 'run'
   _, _, config = _training_workdir(workdir, dict(TINY))
   with config.unlocked():
@@ -140,7 +141,9 @@ def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
   assert predictor.data_config.test_clips == 2 and predictor.average_clips == 'score'
   # Without --config, a workdir's own run config gives the data settings.
   predictor = predict.Predictor(str(workdir))
-  as_json = lambda c: json.loads(json.dumps(c.to_dict()))   # tuples come back as lists
+  def as_json(c):   # tuples come back from config.json as lists
+    return json.loads(json.dumps(c.to_dict()))
+
   assert as_json(predictor.data_config) == as_json(tiny.get_config().data)
   with pytest.raises(ValueError, match=r'model.num_classes: config 7, checkpoint 5'):
     with config.unlocked():
