@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging as std_logging
 import math
 import os
 import platform
@@ -183,8 +184,8 @@ class NonFiniteLoss(FloatingPointError):
 def steps_per_epoch(config: Any, data_mod: Any) -> int:
   if config.steps_per_epoch:
     return int(config.steps_per_epoch)
-  n = config.data.num_train_examples or data_mod.count_examples(config.data, 'train')
-  n = int(n * config.data.train_fraction) if config.data.num_train_examples == 0 else int(n)
+  # count_examples honours data.num_train_examples and data.train_fraction.
+  n = int(data_mod.count_examples(config.data, 'train'))
   if n < config.batch_size:
     raise ConfigError(f'{n} training examples are fewer than batch_size={config.batch_size}')
   return n // config.batch_size
@@ -433,6 +434,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       pending = (step + 1, metrics)
       done = step + 1
       n_window += 1
+      if step == start:         # the first step includes compilation: not throughput
+        jax.block_until_ready(metrics)
+        t_window, n_window = time.time(), 0
       stopping = should_stop()
       boundary = (done % config.log_every_steps == 0 or done == total_steps or stopping
                   or done % config.checkpoint.every_steps == 0
@@ -445,7 +449,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
       if done % config.log_every_steps == 0 or done == total_steps:
         elapsed = time.time() - t_window
         avg = {k: float(np.mean(v)) for k, v in window.items()}
-        avg['clips_per_sec'] = n_window * config.batch_size / max(elapsed, 1e-9)
+        avg['clips_per_sec'] = n_window * config.batch_size / max(elapsed, 1e-9) if n_window else 0.0
         avg['epoch'] = done / spe
         last_metrics = avg
         if progress is not None:
@@ -493,10 +497,22 @@ def run(argv: list[str] | None = None) -> None:
   app.run(main, argv=argv)
 
 
+class _QuietOrbax(std_logging.Filter):
+  """Drops orbax's per-save INFO chatter (warnings and errors still pass)."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  try:
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ConfigError, NonFiniteLoss) as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    sys.exit(f'{type(e).__name__}: {e}')
 
 
 def _define_flags() -> None:

@@ -75,3 +75,45 @@ def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_dev
   assert 'resuming from' in out.stderr and 'checkpoints/3' in out.stderr
   two, _ = checkpointing.restore_params_from_workdir(str(workdir))
   _close(two, ref)
+
+
+SHARDING_SCRIPT = r'''
+import jax, jax.numpy as jnp, flax.linen as nn
+from jax.sharding import PartitionSpec as PS
+from aim_jax import sharding, optim, params as P
+from aim_jax.models.factory import build_model, resolve_model_config
+from configs import common, tiny
+cfg = tiny.get_config(); cfg.unlock()
+cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 2, 2, 2
+mesh = sharding.make_mesh(cfg.mesh)
+model_cfg = resolve_model_config(cfg.model)
+model = build_model(model_cfg)
+x = jnp.zeros((4, model_cfg['num_frames'], 32, 32, 3))
+boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)['params'])
+sh = P.flatten(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules))
+assert sh['backbone/resblocks_0/mlp/c_fc/kernel'].spec == PS('fsdp', 'model'), sh['backbone/resblocks_0/mlp/c_fc/kernel']
+assert sh['backbone/resblocks_0/attn/qkv/kernel'].spec == PS('fsdp', None, 'model', None)
+assert sh['backbone/resblocks_0/S_Adapter/D_fc1/kernel'].spec == PS('fsdp', None)
+assert sh['cls_head/fc_cls/bias'].spec == PS(None)
+# 'kv' (head dim 16) over 'model' is dropped only when it does not divide: here it divides.
+replicate = [r if r[0] != 'embed' else ('embed', None) for r in cfg.logical_axis_rules]
+rep = P.flatten(sharding.logical_shardings(boxed, mesh, replicate))
+assert rep['backbone/conv1/kernel'].spec == PS(None, None, None, None)
+params = nn.unbox(boxed)
+sched = optim.make_schedule(cfg.optimizer, 10, 100)
+tx, _ = optim.make_optimizer(params, cfg.optimizer, sched, list(cfg.trainable))
+opt = jax.eval_shape(tx.init, params)
+opt_sh = sharding.like_params(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules), opt, mesh)
+specs = [(jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]]
+mu = [s for k, s in specs if "mu" in k and "S_Adapter']['D_fc1']['kernel" in k]
+assert mu and all(s == PS('fsdp', None) for s in mu), specs
+print('OK')
+'''
+
+
+def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', SHARDING_SCRIPT], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
