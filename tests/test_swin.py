@@ -451,3 +451,26 @@ def test_convert_image_reads_a_microsoft_checkpoint_for_aim(timm, tmp_path):
   left = conv.report.missing
   assert left and all(('Adapter' in k) or k.endswith('temporal_position_bias_table')
                       or k.startswith('cls_head/') for k in left)
+
+
+def test_swin_k400_config_is_the_official_recipe():
+  from aim_jax import optim
+  from configs import swin as swin_config
+  c = swin_config.get_config('k400')
+  assert c.model.backbone == 'swin' and c.model.num_frames == c.data.num_frames == 32
+  assert tuple(c.data.mean) == (123.675, 116.28, 103.53)
+  assert tuple(c.data.std) == (58.395, 57.12, 57.375)
+  assert (c.data.frame_interval, c.data.test_clips, c.data.test_crops) == (2, 4, 3)
+  assert (c.optimizer.lr, c.grad_accum_steps, c.total_epochs) == (1e-3, 2, 30.0)
+  model = build_model(c.model)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(
+      jax.random.PRNGKey(0), jnp.zeros(input_shape(c.model, 1)))))['params']
+  labels, groups = optim.param_labels(shapes, c.optimizer, c.trainable)
+  labels = P.flatten(labels)
+  # mmcv's longest key: 'backbone' beats 'norm', so adapters train at 0.1x with decay.
+  assert groups[labels['backbone/layers_2/blocks_5/S_Adapter2/D_fc1/kernel']] == (0.1, 0.05)
+  assert groups[labels['cls_head/fc_cls/kernel']] == (1.0, 0.05)
+  assert labels['backbone/norm/scale'] == optim.FROZEN
+  assert labels['backbone/layers_0/blocks_0/attn/temporal_position_bias_table'] == optim.FROZEN
+  with pytest.raises(ValueError, match='row'):
+    swin_config.get_config('k700')
