@@ -149,3 +149,27 @@ def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
     with config.unlocked():
       config.model.num_classes = 7
     predict.Predictor(str(workdir), config)
+
+
+@pytest.mark.torch
+def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
+  """The documented path: official .pth -> `aim_jax.convert aim` -> `predict --array`."""
+  import torch
+
+  from aim_jax import convert
+  d = np.load(GOLDEN / 'aim_tiny_case1_tadapter2.npz')
+  meta = json.loads(str(d['config_json'][0]))
+  sd = {k[3:]: torch.from_numpy(np.array(d[k])) for k in d.files if k.startswith('sd/')}
+  src = tmp_path / 'official.pth'
+  torch.save({'state_dict': sd}, src)
+  out = tmp_path / 'converted'
+  assert convert.main(['aim', '--src', str(src), '--out', str(out), '--heads', str(meta['heads']),
+                       '--adapter-scale', str(meta['adapter_scale'])]) in (0, None)
+  np.save(tmp_path / 'input.npy', d['input'])
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-m', 'aim_jax.predict', '--checkpoint', str(out),
+                         '--array', str(tmp_path / 'input.npy'), '--layout', 'NCTHW',
+                         '--output', str(tmp_path / 'logits.npy')], env=env, cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), d['logits'], atol=2e-5, rtol=0)
