@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 
 from aim_jax import formats
 from aim_jax import params as P
@@ -19,7 +20,6 @@ from aim_jax.models import swin as swin_lib
 from aim_jax.models.adapters import AdapterSpec
 from aim_jax.models.aim import average_views, inject
 from aim_jax.models.factory import build_encoder, build_model, input_shape, resolve_model_config
-from conftest import GOLDEN
 
 CASE = GOLDEN / 'aim_swin2d_tiny_case1.npz'
 
@@ -47,7 +47,7 @@ def run(cfg, params, video, model=None):
 # Parity with the official SwinTransformer2D_Adapter.
 
 def test_golden_case_converts_every_tensor_and_infers_the_config():
-  d, sd, _, cfg, report = load_case()
+  d, _sd, _, cfg, report = load_case()
   assert not report.unused
   assert len(report.mapped) == sum(k.startswith('sd/') for k in d.files)
   assert cfg['backbone'] == 'swin' and cfg['num_frames'] == 8 and cfg['num_classes'] == 5

@@ -22,7 +22,8 @@ scale; bias tables, biases and embeddings unchanged.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -53,7 +54,7 @@ def _torch_module(name: str) -> str:
   return name.replace('/', '.')
 
 
-def encoder_from_state_dict(sd: Mapping[str, Any], report: Optional[Report] = None,
+def encoder_from_state_dict(sd: Mapping[str, Any], report: Report | None = None,
                             prefix: str = '') -> dict:
   """Official-named Swin backbone tensors -> encoder params; buffers are skipped.
 
@@ -171,7 +172,7 @@ def _infer_swin(sd: Mapping[str, Any], timm_layout: bool = False) -> dict:
       raise ConversionError(f'missing key {key!r}')
     rows, nh = np.shape(sd[key])
     heads.append(int(nh))
-    ws = (int(round(np.sqrt(rows))) + 1) // 2
+    ws = (round(np.sqrt(rows)) + 1) // 2
     if (2 * ws - 1) ** 2 != rows:
       raise ConversionError(f'key {key}: {rows} rows is not (2ws-1)^2')
     window = ws if window is None else max(window, ws)   # the last stage may have shrunk
@@ -180,7 +181,7 @@ def _infer_swin(sd: Mapping[str, Any], timm_layout: bool = False) -> dict:
   mask = sd.get('layers.0.blocks.1.attn_mask')
   if mask is not None:
     n_windows = np.shape(mask)[0]
-    image_size = int(round(np.sqrt(n_windows))) * window * patch
+    image_size = round(np.sqrt(n_windows)) * window * patch
   mlp = np.shape(sd.get('layers.0.blocks.0.mlp.fc1.weight', np.zeros((4 * embed_dim, 1))))[0]
   return dict(patch_size=patch, image_size=image_size, mlp_ratio=float(mlp / embed_dim),
               swin=dict(embed_dim=embed_dim, depths=tuple(depths[s] for s in range(len(depths))),
@@ -195,7 +196,7 @@ def _model_config(fields: Mapping, **extra) -> dict:
   return resolve_model_config(cfg)
 
 
-def infer_aim_config(sd: Mapping[str, Any], num_frames: Optional[int] = None) -> dict:
+def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None) -> dict:
   """Model config of an official AIM Swin recognizer state dict.
 
   T' comes from the temporal bias table (2T'-1 rows) or `temporal_embedding`;
@@ -236,7 +237,7 @@ def infer_aim_config(sd: Mapping[str, Any], num_frames: Optional[int] = None) ->
 # ---------------------------------------------------------------------------
 # Public conversions.
 
-def aim_params_from_state_dict(sd: Mapping[str, Any], model_config: Optional[Mapping] = None
+def aim_params_from_state_dict(sd: Mapping[str, Any], model_config: Mapping | None = None
                                ) -> tuple[dict, dict, Report]:
   """Official AIM Swin recognizer -> ({'backbone', 'cls_head'} params, model config, report)."""
   from aim_jax.official import head_from_state_dict, split_recognizer
@@ -250,7 +251,7 @@ def aim_params_from_state_dict(sd: Mapping[str, Any], model_config: Optional[Map
   return {'backbone': enc, 'cls_head': head_from_state_dict(head, report)}, cfg, report
 
 
-def aim_params_to_state_dict(params: Mapping, model_config: Optional[Mapping] = None
+def aim_params_to_state_dict(params: Mapping, model_config: Mapping | None = None
                              ) -> dict[str, np.ndarray]:
   """Inverse of `aim_params_from_state_dict`; with a model config, buffers are added too
   (the official module loads strictly only with them)."""
@@ -304,7 +305,7 @@ def timm_to_official_names(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def image_params_from_state_dict(sd: Mapping[str, Any], patch_size_t: int = 2,
-                                 image_size: Optional[int] = None,
+                                 image_size: int | None = None,
                                  ) -> tuple[dict, dict, Report]:
   """Microsoft or timm 2D Swin -> (encoder params, model config, report).
 

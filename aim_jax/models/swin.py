@@ -43,7 +43,8 @@ sets (only the even ones own temporal tables). `remat_policy` applies per block.
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -161,7 +162,7 @@ class WindowAttention(nn.Module):
     y = jnp.einsum('...hqk,...khd->...qhd', weights, v).reshape(*lead, s, c)
     return self.proj(y)
 
-  def spatial(self, x, mask: Optional[np.ndarray] = None):
+  def spatial(self, x, mask: np.ndarray | None = None):
     # x: (N, nW, ws*ws, C) windows; mask: (nW, ws*ws, ws*ws) or None.
     index = relative_position_index(self.window_size)
     bias = self.relative_position_bias_table[index.reshape(-1)]
@@ -224,9 +225,9 @@ class SwinBlock(nn.Module):
   ln_eps: float = 1e-5
   qkv_bias: bool = True
   temporal_frames: int = 0
-  s_adapter: Optional[ModuleFactory] = None
-  t_adapter: Optional[ModuleFactory] = None
-  mlp_adapter: Optional[ModuleFactory] = None
+  s_adapter: ModuleFactory | None = None
+  t_adapter: ModuleFactory | None = None
+  mlp_adapter: ModuleFactory | None = None
   mlp_adapter_scale: float = 0.5
   drop_path_rate: float = 0.0
   deterministic: bool = True
@@ -284,7 +285,7 @@ class PatchMerging(nn.Module):
   @nn.compact
   def __call__(self, x):
     # x: (N, H, W, C) -> (N, ceil(H/2), ceil(W/2), 2C)
-    n, h, w, c = x.shape
+    _n, h, w, c = x.shape
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]],
@@ -382,7 +383,7 @@ class SwinTransformer(nn.Module):
   ln_eps: float = 1e-5
   t_relative: bool = True
   num_frames: int = 0
-  adapters: Optional[AdapterSpec] = None
+  adapters: AdapterSpec | None = None
   drop_path_rate: float = 0.0
   scan_layers: bool = False
   remat_policy: str = 'none'
@@ -407,7 +408,7 @@ class SwinTransformer(nn.Module):
 
   def block_kwargs(self, stage: int, block: int, layer: int, rate: float,
                    deterministic: bool) -> dict:
-    res, window, shift = self.stage_geometry(stage)
+    _res, window, shift = self.stage_geometry(stage)
     kw = dict(num_heads=self.num_heads[stage], window_size=window,
               shift_size=0 if block % 2 == 0 else shift, mlp_ratio=self.mlp_ratio,
               ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, drop_path_rate=rate,
@@ -432,7 +433,8 @@ class SwinTransformer(nn.Module):
                        f'{tuple(self.num_heads)} must have one entry per stage')
     if self.adapters is not None:
       if self.adapters.num_tadapter != 1:
-        raise ValueError('the official AIM Swin has no T_Adapter_in: adapters.num_tadapter must be 1')
+        raise ValueError('the official AIM Swin has no T_Adapter_in: '
+                         'adapters.num_tadapter must be 1')
       if self.adapters.temporal and self.time_tokens < 1:
         raise ValueError('temporal adapters need model.num_frames >= patch_size_t '
                          f'(got num_frames={self.num_frames}, patch_size_t={self.patch_size_t})')
@@ -448,7 +450,7 @@ class SwinTransformer(nn.Module):
     is_video = x.ndim == 5
     if not is_video:
       x = x[:, None]                                   # (N, H, W, C) -> (N, 1, H, W, C)
-    b, t, hh, ww, c_in = x.shape
+    _b, t, hh, ww, _c_in = x.shape
     if is_video and self.num_frames and t != self.num_frames:
       raise ValueError(
           f'input has {t} frames but the model was built with num_frames={self.num_frames} '
