@@ -138,9 +138,11 @@ def test_flip_whole_clip():
 
 def test_normalize_with_clip_mean_std():
   from data_pipelines.config import CLIP_MEAN, CLIP_STD
-  x = np.full((1, 1, 1, 3), 200, np.uint8)
-  got = ops.normalize(tf.constant(x), CLIP_MEAN, CLIP_STD).numpy().ravel()
-  np.testing.assert_allclose(got, (200 - np.array(CLIP_MEAN)) / np.array(CLIP_STD), rtol=1e-6)
+  x = np.random.RandomState(0).randint(0, 256, (2, 3, 4, 5, 3)).astype(np.uint8)  # (V,T,H,W,3)
+  got = ops.normalize(tf.constant(x), CLIP_MEAN, CLIP_STD).numpy()
+  want = (x - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
+  assert got.shape == x.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_random_resized_crop_box_ranges_and_fallback():
