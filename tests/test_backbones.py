@@ -650,3 +650,30 @@ def test_short_training_run_from_each_converted_family_learns(family, timm, tmp_
   assert out.returncode == 0, out.stderr[-4000:]
   losses = _losses(out.stderr)
   assert losses[max(losses)] < 0.8 * losses[min(losses)], losses
+
+
+# ---------------------------------------------------------------------------
+# Official ViT_ImageNet checkpoints through `python -m aim_jax.convert aim` and back.
+
+@pytest.mark.parametrize('case', IN21K_CASES)
+def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_back(
+    tmp_path, case):
+  from aim_jax import checkpoint_io
+  from aim_jax import convert
+  d, args, _, _, sd = _load_golden(case)
+  torch.save({'meta': {'epoch': 30},
+              'state_dict': {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}},
+             tmp_path / 'vit_imagenet.pth')
+  argv = ['aim', '--src', str(tmp_path / 'vit_imagenet.pth'), '--out', str(tmp_path / 'out'),
+          '--heads', str(args['num_heads']), '--adapter-scale', str(args['adapter_scale'])]
+  assert convert.main(argv) == 0
+  params, cfg, info = checkpoint_io.load_params(str(tmp_path / 'out'))
+  assert cfg['backbone'] == 'vit_in21k' and info['mapped'] == len(sd) and not info['unused']
+  logits = build_model(cfg).apply({'params': params}, _nthwc(d['input']))
+  np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
+  assert convert.main(['export-aim', '--src', str(tmp_path / 'out'), '--out',
+                       str(tmp_path / 'back.pth')]) == 0
+  back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)['state_dict']
+  assert set(back) == set(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)      # bit-exact
