@@ -118,6 +118,12 @@ def read_state_dict(path: str, log: Callable[[str], None] = print) -> dict[str, 
   """Any supported checkpoint file (or HF directory) -> flat {key: numpy array}."""
   sd = {}
   for f in _weights_file(os.fspath(path)):
+    if f.endswith('.npz'):
+      # JAX-native checkpoints (Google vision_transformer, big_vision SigLIP): flat
+      # '/'-joined names; no pickles are loaded.
+      with np.load(f, allow_pickle=False) as npz:
+        sd.update({k: npz[k] for k in npz.files})
+      continue
     sd.update(_unwrap(torch_io.load(f), f, log))
   return sd
 

@@ -588,11 +588,10 @@ def test_cli_converts_a_timm_safetensors_file_by_detection(timm, tmp_path):
 
 
 def test_cli_converts_hf_siglip(tmp_path):
-  # HF SigLIP shares HF CLIP's key names; `--format siglip` picks the family.
+  # HF SigLIP shares HF CLIP's key names but has no class token: detected as SigLIP.
   model = _hf_siglip(seed=9)
   src = _save_safetensors(_sd(model), tmp_path / 'model.safetensors')
-  params, cfg, metadata = _cli_convert(src, tmp_path / 'out', '--heads', '4',
-                                       '--format', 'siglip')
+  params, cfg, metadata = _cli_convert(src, tmp_path / 'out', '--heads', '4')
   assert metadata['format'] == 'siglip' and cfg['backbone'] == 'siglip'
   images = _images(2, 32, seed=9)
   np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
@@ -677,3 +676,21 @@ def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_bac
   assert set(back) == set(sd)
   for k, v in sd.items():
     np.testing.assert_array_equal(back[k].numpy(), v, err_msg=k)      # bit-exact
+
+
+@pytest.mark.parametrize('kind', ['google_vit_npz', 'siglip'])
+def test_cli_reads_jax_native_npz_checkpoints(timm, tmp_path, kind):
+  if kind == 'google_vit_npz':
+    model = _timm_vit(timm, seed=11)
+    _google_npz_from_timm(_sd(model), 4, tmp_path / 'ViT-B_16.npz')
+    reference = _timm_features
+  else:
+    model = _hf_siglip(seed=11)
+    np.savez(tmp_path / 'ViT-B_16.npz', **_big_vision_from_hf(_sd(model), 4))
+    reference = _hf_pooled
+  params, cfg, metadata = _cli_convert(str(tmp_path / 'ViT-B_16.npz'), tmp_path / 'out',
+                                       '--heads', '4')
+  assert metadata['format'] == kind
+  images = _images(2, 32, seed=11)
+  np.testing.assert_allclose(_features(cfg, params, images), reference(model, images),
+                             atol=1e-4, rtol=0)
