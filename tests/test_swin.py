@@ -474,3 +474,10 @@ def test_swin_k400_config_is_the_official_recipe():
   assert labels['backbone/layers_0/blocks_0/attn/temporal_position_bias_table'] == optim.FROZEN
   with pytest.raises(ValueError, match='row'):
     swin_config.get_config('k700')
+
+
+def test_a_vit_variant_on_a_swin_config_is_an_error():
+  with pytest.raises(ValueError, match='model.variant'):
+    resolve_model_config({'backbone': 'swin', 'variant': 'B/16'})
+  with pytest.raises(KeyError, match='model.swin.depth'):
+    resolve_model_config({'backbone': 'swin', 'swin': {'depth': (2, 2)}})

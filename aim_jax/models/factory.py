@@ -83,6 +83,9 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
       out[key].update(value)
     else:
       out[key] = value
+  if out['variant'] and out['backbone'] == 'swin':
+    raise ValueError(f'model.variant {out["variant"]!r} names a ViT size; a Swin is sized by '
+                     'model.swin.* and model.patch_size (set model.variant to \'\')')
   if out['variant']:
     size, _, patch = str(out['variant']).partition('/')
     if size not in VIT_SIZES or not patch.isdigit():
