@@ -694,3 +694,13 @@ def test_cli_reads_jax_native_npz_checkpoints(timm, tmp_path, kind):
   images = _images(2, 32, seed=11)
   np.testing.assert_allclose(_features(cfg, params, images), reference(model, images),
                              atol=1e-4, rtol=0)
+
+
+def test_jax_native_checkpoints_carry_their_head_count(timm, tmp_path):
+  npz = _google_npz_from_timm(_sd(_timm_vit(timm, seed=12)), 4, tmp_path / 'v.npz')
+  _, cfg, _ = formats.REGISTRY['google_vit_npz'].convert(npz)          # no heads given
+  assert cfg['heads'] == 4
+  with pytest.raises(official.ConversionError, match='query/kernel.*4 heads'):
+    formats.REGISTRY['google_vit_npz'].convert(npz, heads=2)
+  bv = _big_vision_from_hf(_sd(_hf_siglip(seed=12)), 4)
+  assert formats.REGISTRY['siglip'].convert(bv)[1]['heads'] == 4

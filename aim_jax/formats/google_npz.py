@@ -82,6 +82,19 @@ def blocks_from_flax(sd: Mapping[str, np.ndarray], prefix: str, report: Report,
   return flat
 
 
+def heads_from_kernels(sd: Mapping[str, np.ndarray], prefix: str, heads: Optional[int]) -> int:
+  """JAX checkpoints store the head count: query kernels are (D, H, hd)."""
+  query = [k for k in sd if re.match(rf'^{re.escape(prefix)}encoderblock_0/'
+                                     r'MultiHeadDotProductAttention_\d+/query/kernel$', k)]
+  if not query:
+    raise ConversionError(f'missing key {prefix}encoderblock_0/'
+                          'MultiHeadDotProductAttention_*/query/kernel')
+  stored = int(np.shape(sd[query[0]])[1])
+  if heads and heads != stored:
+    raise ConversionError(f'key {query[0]!r} has {stored} heads, but heads={heads} was given')
+  return stored
+
+
 def detect(keys: Iterable[str]) -> bool:
   keys = set(keys)
   return 'embedding/kernel' in keys and 'Transformer/posembed_input/pos_embedding' in keys
@@ -94,7 +107,7 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: Optional[int] = None,
   sd = unscan(dict(sd), 'Transformer/')
   kernel = C.take(sd, 'embedding/kernel')
   patch, width = int(kernel.shape[0]), int(kernel.shape[-1])
-  heads = C.heads_for(width, heads)
+  heads = heads_from_kernels(sd, 'Transformer/', heads)
   flat = blocks_from_flax(sd, 'Transformer/', report)
   top = {
       'embedding/kernel': ('conv1/kernel', kernel),

@@ -43,6 +43,7 @@ from aim_jax.formats import vit_common as C
 from aim_jax.official import ConversionError, Report
 
 _BV = 'params/img/'
+_SIGLIP_HEADS = {1152: 16}     # So400m; every other SigLIP tower has width / 64 heads
 _HF_PREFIXES = ('vision_model.', 'siglip.vision_model.', '')
 
 
@@ -65,7 +66,7 @@ def _from_big_vision(sd: Mapping, heads: Optional[int], report: Report) -> dict:
   sub = google_npz.unscan(sub, 'Transformer/')
   kernel = C.take(sub, 'embedding/kernel', where)
   width = int(kernel.shape[-1])
-  heads = C.heads_for(width, heads)
+  heads = google_npz.heads_from_kernels(sub, 'Transformer/', heads)
   inner = Report()
   flat = google_npz.blocks_from_flax(sub, 'Transformer/', inner, where)
   report.mapped += inner.mapped
@@ -114,6 +115,11 @@ def _from_hf(sd: Mapping, heads: Optional[int], report: Report) -> dict:
   report.unused += [k for k in sd if not k.startswith(prefix)]
   weight = C.take(sub, 'embeddings.patch_embedding.weight', prefix)
   width = int(weight.shape[0])
+  if not heads:
+    # Not stored in any tensor. SigLIP B and L have width / 64; So400m (1152) has 16.
+    heads = _SIGLIP_HEADS.get(width, width // 64)
+    report.notices.append(f'heads not given: assumed {heads} (SigLIP with width {width}); '
+                          'pass --heads if the model differs')
   heads = C.heads_for(width, heads)
   flat = {}
 
@@ -180,7 +186,8 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: Optional[int] = None,
             image_size: Optional[int] = None, **unused_options) -> tuple[dict, dict, Report]:
   """SigLIP image tower (big_vision .npz dict or HF state dict) -> (params, config, report).
 
-  `heads` defaults to width / 64 (B/16: 12); pass it for So400m (16) and L (16).
+  `heads`: read from the big_vision kernels; for HF weights it defaults to width / 64
+  (B 12, L 16) and 16 for So400m (width 1152).
   """
   report = Report()
   sd = {k: np.asarray(v) for k, v in sd.items()}
