@@ -263,6 +263,7 @@ def test_pattern_matching_nothing_names_it(tmp_path):
     input_pipeline.count_examples(cfg, 'train')
 
 
+@pytest.mark.slow  # RandAugment builds 14 op branches per draw: ~30 s of tracing here
 def test_ssv2_and_k400_large_recipes_run_and_stay_deterministic(dataset):
   d, _ = dataset
   cfg = make_cfg(d, sampling='uniform', flip_prob=0.0, randaugment_n=4, randaugment_m=7,
