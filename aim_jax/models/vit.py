@@ -14,9 +14,10 @@ Parameter tree (loop layout; `scan_layers=True` stacks the blocks under
 `resblocks` with a leading layer axis, see `aim_jax.models.layout`):
 
   conv1/kernel (p, p, 3, D)           <- conv1.weight (D, 3, p, p).transpose(2, 3, 1, 0)
-  conv1/bias (D,)                     <- patch bias (vit_in21k only)
-  class_embedding (D,)
-  positional_embedding (L, D)
+  conv1/bias (D,)                     <- patch bias (every family but CLIP)
+  class_embedding (D,)                (not SigLIP: class_token=False)
+  positional_embedding (L, D)         (L = 1 + grid**2; grid**2 without a class token)
+  register_tokens (R, D)              (dinov2_reg: after the class token, no position)
   temporal_embedding (1, T, D)        (AIM only)
   ln_pre/{scale, bias}                <- ln_pre.{weight, bias}   (CLIP only)
   resblocks_{i}/ln_1, ln_2/{scale, bias}
@@ -26,7 +27,10 @@ Parameter tree (loop layout; `scan_layers=True` stacks the blocks under
   resblocks_{i}/attn/out/bias (D,)
   resblocks_{i}/mlp/c_fc, c_proj/{kernel, bias} <- Linear weight.T, bias
   resblocks_{i}/{S,T,MLP}_Adapter[, T_Adapter_in]/D_fc1, D_fc2/{kernel, bias}
+  resblocks_{i}/ls1, ls2 (D,)         (DINOv2 layer scale)
   ln_post/{scale, bias}
+  MAPHead/probe (1, D), MAPHead/attn/{query,key,value,out}, MAPHead/ln, MAPHead/mlp
+                                      (SigLIP pool='map'; frozen, pools each frame)
   proj (D, E)                         (CLIP image projection; not used by AIM)
 """
 
