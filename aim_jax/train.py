@@ -110,6 +110,27 @@ def check_init_from(path: str, model_cfg: Mapping) -> tuple[dict, str]:
   return ckpt_cfg, str(metadata.get('kind', ''))
 
 
+RESUME_FIELDS = ARCH_FIELDS + ('image_size', 'num_frames', 'num_classes', 'adapters',
+                               'output_dim', 'scan_layers')
+
+
+def check_resume(workdir: str, model_cfg: Mapping) -> None:
+  """A workdir that already holds a run must hold a run of the same model."""
+  from etils import epath
+  from aim_jax import checkpoint_io, checkpointing
+  root = epath.Path(workdir)
+  if not (root / checkpoint_io.CONFIG_FILE).exists():
+    return
+  if not ((root / checkpointing.CHECKPOINTS).exists() or (root / checkpointing.FROZEN).exists()):
+    return
+  saved, _ = checkpoint_io.load_config(workdir)
+  for field in RESUME_FIELDS:
+    if field in saved and saved[field] != model_cfg[field]:
+      raise ConfigError(
+          f'workdir {workdir} holds a run with model.{field}={saved[field]!r}, the config has '
+          f'model.{field}={model_cfg[field]!r}: use a new workdir to train another model')
+
+
 def load_init_from(path: str, params: dict, model_cfg: Mapping) -> tuple[dict, list[str]]:
   """Merge a parameter checkpoint into freshly initialised `params` (numpy).
 
@@ -217,6 +238,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   check_config(config, model_cfg, jax.device_count(), jax.process_count(), dp)
   if config.init_from:
     check_init_from(config.init_from, model_cfg)
+  check_resume(workdir, model_cfg)
   data_mod = data_module()
   spe = steps_per_epoch(config, data_mod)
   total_steps = int(config.total_steps or round(config.total_epochs * spe))

@@ -76,6 +76,16 @@ def test_batch_not_divisible_names_the_field():
     train.check_config(c, model_cfg, num_devices=1, process_count=1, dp_size=1)
 
 
+def test_resuming_a_workdir_of_another_model_names_the_field(tmp_path):
+  c = _unlocked()
+  other = resolve_model_config(c.model)
+  other['layers'] = 3
+  checkpointing.write_run_config(str(tmp_path), c, other, {})
+  (tmp_path / 'frozen').mkdir()
+  with pytest.raises(train.ConfigError, match=r'model.layers=3.*model.layers=2'):
+    train.train_and_evaluate(c, str(tmp_path))
+
+
 def _save_aim(directory, **model_overrides):
   c = _unlocked()
   c.model.update(model_overrides)
