@@ -138,3 +138,24 @@ def test_no_trainable_match_is_an_error_naming_the_field():
   sched = optim.make_schedule(_opt_cfg(), 10, 100)
   with pytest.raises(ValueError, match='trainable'):
     optim.make_optimizer(params, _opt_cfg(), sched, trainable=['NoSuchParameter'])
+
+
+def test_gradient_accumulation_matches_one_large_batch():
+  cfg, model_cfg, _, params = _tiny_params()
+  model_cfg = dict(model_cfg, drop_path_rate=0.0, dropout_rate=0.0)
+  model = build_model(model_cfg)
+  mask = P.trainable_mask(params, list(cfg.trainable))
+  schedule = optim.make_schedule(cfg.optimizer, 10, 100)
+  tx, _ = optim.make_optimizer(params, cfg.optimizer, schedule, list(cfg.trainable))
+  t, s = model_cfg['num_frames'], model_cfg['image_size']
+  rng = np.random.default_rng(1)
+  batch = {'video': rng.standard_normal((8, t, s, s, 3)).astype(np.float32),
+           'label': rng.integers(0, 5, 8).astype(np.int32)}
+  out = {}
+  for accum in (1, 4):
+    state = {'step': jnp.ones((), jnp.int32), 'params': params, 'opt_state': tx.init(params)}
+    _, out[accum] = jax.jit(functools.partial(
+        steps.train_step, model=model, tx=tx, trainable=steps.trainable_names(mask), seed=0,
+        num_classes=5, accum_steps=accum))(state, batch)
+  for key in ('loss', 'grad_norm', 'accuracy'):
+    np.testing.assert_allclose(out[4][key], out[1][key], rtol=2e-5, err_msg=key)
