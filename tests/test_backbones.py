@@ -704,3 +704,15 @@ def test_jax_native_checkpoints_carry_their_head_count(timm, tmp_path):
     formats.REGISTRY['google_vit_npz'].convert(npz, heads=2)
   bv = _big_vision_from_hf(_sd(_hf_siglip(seed=12)), 4)
   assert formats.REGISTRY['siglip'].convert(bv)[1]['heads'] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('backbone', ['siglip', 'dinov2_reg'])
+def test_scanned_layers_agree_with_the_loop_layout(backbone):
+  cfg = _tiny(backbone)
+  model, params = _perturbed_init(cfg)
+  video = jnp.asarray(np.random.RandomState(3).randn(
+      1, 3, cfg['image_size'], cfg['image_size'], 3).astype(np.float32))
+  scanned = build_model(dict(cfg, scan_layers=True))
+  np.testing.assert_allclose(scanned.apply({'params': P.to_scan_layout(params)}, video),
+                             model.apply({'params': params}, video), atol=1e-5, rtol=0)
