@@ -118,9 +118,12 @@ def make_optimizer(params: Any, cfg: Any, schedule: Schedule,
     raise ValueError(f'no parameter matches the trainable patterns {list(trainable)} '
                      '(config field `trainable`)')
   transforms: dict[str, optax.GradientTransformation] = {FROZEN: optax.set_to_zero()}
+  def scaled(mult: float) -> Schedule:
+    return lambda step: schedule(step) * mult
+
   for lab, (lr_mult, wd) in groups.items():
-    lr = (lambda m: (lambda step: schedule(step) * m))(lr_mult)
-    transforms[lab] = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=wd)
+    transforms[lab] = optax.adamw(scaled(lr_mult), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                                  weight_decay=wd)
   tx = optax.multi_transform(transforms, labels)
   if cfg.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), tx)

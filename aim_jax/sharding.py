@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as PS
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
 
 MESH_AXES = ('data', 'fsdp', 'model')
 BATCH_AXES = ('data', 'fsdp')

@@ -117,6 +117,7 @@ RESUME_FIELDS = ARCH_FIELDS + ('image_size', 'num_frames', 'num_classes', 'adapt
 def check_resume(workdir: str, model_cfg: Mapping) -> None:
   """A workdir that already holds a run must hold a run of the same model."""
   from etils import epath
+
   from aim_jax import checkpoint_io, checkpointing
   root = epath.Path(workdir)
   if not (root / checkpoint_io.CONFIG_FILE).exists():
@@ -141,7 +142,7 @@ def load_init_from(path: str, params: dict, model_cfg: Mapping) -> tuple[dict, l
   """
   from aim_jax import checkpoint_io
   from aim_jax import params as P
-  ckpt_cfg, _ = check_init_from(path, model_cfg)
+  check_init_from(path, model_cfg)
   loaded, _, _ = checkpoint_io.load_params(path, like=params)
   flat_loaded = P.flatten(loaded)
   is_aim = any(k.startswith('backbone/') for k in flat_loaded)

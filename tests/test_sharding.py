@@ -13,9 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from aim_jax import checkpointing
+from aim_jax import checkpointing, sharding
 from aim_jax import params as P
-from aim_jax import sharding
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aim_jax import checkpoint_io, checkpointing
+from aim_jax import checkpoint_io, checkpointing, train
 from aim_jax import params as P
-from aim_jax import train
 from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
 from configs import tiny
 
