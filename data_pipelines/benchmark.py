@@ -144,7 +144,8 @@ def _worker(spec: str) -> dict:
   build0 = getattr(it, 'build_cpu_s', 0.0)
   n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
   while time.perf_counter() - t0 < FLAGS.seconds:
-    n += len(next(it)['label']) if stage in ('train', 'train_ra', 'eval') else per
+    batch = next(it)
+    n += len(batch['label']) if isinstance(batch, dict) else per
   dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
   cpu -= getattr(it, 'build_cpu_s', 0.0) - build0
   # clips per CPU-second is the per-core cost even on a shared machine, where wall-clock
