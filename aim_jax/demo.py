@@ -134,7 +134,8 @@ def make_data(workdir: pathlib.Path, size: DemoSize, steps: Steps) -> dict:
   tasks = sorted(size.variants)
   inputs = dict(train=size.train_per_class, test=size.test_per_class, seed=size.seed,
                 geometry=dataclasses.asdict(md.MovingDigitsConfig()), tasks=tasks)
-  if (rec := steps.done('data', inputs)):
+  if (rec := steps.done('data', inputs)) and all(
+      any(md.tfrecord_dir(data, t).glob('*.tfrecord-*')) for t in tasks):
     print(f'data: reusing {data} ({rec["clips"]} clips)', flush=True)
     return rec
   _banner('1/4 data: Moving Digits -> mp4 -> DMVR TFRecords')

@@ -166,4 +166,4 @@ def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
                           '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]
-  assert 'aim_jax.train' not in again.stdout and 'reusing' in again.stdout
+  assert '-m aim_jax.train --config' not in again.stdout and 'reusing' in again.stdout
