@@ -23,8 +23,7 @@ No published numbers exist for these rows.
 
 import ml_collections
 
-from configs import common
-from configs import k400
+from configs import common, k400
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)

@@ -24,9 +24,7 @@ gives 3.7M, joint=False alone 10.8M.
 
 import ml_collections
 
-from configs import common
-from configs import k400
-from configs import ssv2
+from configs import common, k400, ssv2
 
 # ImageNet mean/std on 0..255 (vit_imagenet_* configs).
 IMAGENET_MEAN = (123.675, 116.28, 103.53)

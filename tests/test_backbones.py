@@ -18,13 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import GOLDEN
 
-from aim_jax import formats
-from aim_jax import official
+from aim_jax import formats, official
 from aim_jax import params as P
 from aim_jax.models.aim import VideoClassifier, average_views
 from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
-from conftest import GOLDEN
 
 torch = pytest.importorskip('torch')
 
@@ -570,8 +569,7 @@ def _save_safetensors(sd, path):
 
 
 def _cli_convert(src, out, *args):
-  from aim_jax import checkpoint_io
-  from aim_jax import convert
+  from aim_jax import checkpoint_io, convert
   assert convert.main(['image', '--src', src, '--out', str(out), *args]) == 0
   params, cfg, metadata = checkpoint_io.load_params(str(out))
   return params, cfg, metadata
@@ -657,8 +655,7 @@ def test_short_training_run_from_each_converted_family_learns(family, timm, tmp_
 @pytest.mark.parametrize('case', IN21K_CASES)
 def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_back(
     tmp_path, case):
-  from aim_jax import checkpoint_io
-  from aim_jax import convert
+  from aim_jax import checkpoint_io, convert
   d, args, _, _, sd = _load_golden(case)
   torch.save({'meta': {'epoch': 30},
               'state_dict': {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}},

@@ -34,8 +34,7 @@ image --image-size 224` does the same). The register models (HF
 
 from __future__ import annotations
 
-import re
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -60,8 +59,8 @@ def detect(keys: Iterable[str]) -> bool:
       any(p + 'encoder.layer.0.layer_scale1.lambda1' in keys for p in _PREFIXES)
 
 
-def convert(sd: Mapping[str, np.ndarray], *, heads: Optional[int] = None,
-            image_size: Optional[int] = None, **unused_options) -> tuple[dict, dict, Report]:
+def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
+            image_size: int | None = None, **unused_options) -> tuple[dict, dict, Report]:
   """DINOv2 HF state dict -> (dinov2 encoder params, model config, report).
 
   `heads` defaults to width / 64 (S 6, B 12, L 16, g 24).

@@ -24,7 +24,7 @@ adapts. The block helpers also read big_vision's names (`LayerNorm_0/1`,
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -82,7 +82,7 @@ def blocks_from_flax(sd: Mapping[str, np.ndarray], prefix: str, report: Report,
   return flat
 
 
-def heads_from_kernels(sd: Mapping[str, np.ndarray], prefix: str, heads: Optional[int]) -> int:
+def heads_from_kernels(sd: Mapping[str, np.ndarray], prefix: str, heads: int | None) -> int:
   """JAX checkpoints store the head count: query kernels are (D, H, hd)."""
   query = [k for k in sd if re.match(rf'^{re.escape(prefix)}encoderblock_0/'
                                      r'MultiHeadDotProductAttention_\d+/query/kernel$', k)]
@@ -100,8 +100,8 @@ def detect(keys: Iterable[str]) -> bool:
   return 'embedding/kernel' in keys and 'Transformer/posembed_input/pos_embedding' in keys
 
 
-def convert(sd: Mapping[str, np.ndarray], *, heads: Optional[int] = None,
-            image_size: Optional[int] = None, **unused_options) -> tuple[dict, dict, Report]:
+def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
+            image_size: int | None = None, **unused_options) -> tuple[dict, dict, Report]:
   """Google ViT .npz (dict of arrays) -> (vit_in21k encoder params, model config, report)."""
   report = Report()
   sd = unscan(dict(sd), 'Transformer/')

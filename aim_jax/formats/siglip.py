@@ -33,12 +33,11 @@ Hugging Face names (optionally under `vision_model.`):
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from aim_jax.formats import Format, register
-from aim_jax.formats import google_npz
+from aim_jax.formats import Format, google_npz, register
 from aim_jax.formats import vit_common as C
 from aim_jax.official import ConversionError, Report
 
@@ -59,7 +58,7 @@ def detect(keys: Iterable[str]) -> bool:
       any(k.endswith('embeddings.position_embedding.weight') for k in keys)
 
 
-def _from_big_vision(sd: Mapping, heads: Optional[int], report: Report) -> dict:
+def _from_big_vision(sd: Mapping, heads: int | None, report: Report) -> dict:
   where = _BV
   sub = {k[len(_BV):]: np.asarray(v) for k, v in sd.items() if k.startswith(_BV)}
   report.unused += [k for k in sd if not k.startswith(_BV)]
@@ -108,7 +107,7 @@ _HF_BLOCK = [
 ]
 
 
-def _from_hf(sd: Mapping, heads: Optional[int], report: Report) -> dict:
+def _from_hf(sd: Mapping, heads: int | None, report: Report) -> dict:
   prefix = next(p for p in _HF_PREFIXES
                 if p + 'embeddings.patch_embedding.weight' in sd)
   sub = {k[len(prefix):]: np.asarray(v) for k, v in sd.items() if k.startswith(prefix)}
@@ -182,8 +181,8 @@ def _expand(name: str) -> list:
   return [m.group(1) + c + m.group(2) for c in 'qkv'] if m else [name]
 
 
-def convert(sd: Mapping[str, np.ndarray], *, heads: Optional[int] = None,
-            image_size: Optional[int] = None, **unused_options) -> tuple[dict, dict, Report]:
+def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
+            image_size: int | None = None, **unused_options) -> tuple[dict, dict, Report]:
   """SigLIP image tower (big_vision .npz dict or HF state dict) -> (params, config, report).
 
   `heads`: read from the big_vision kernels; for HF weights it defaults to width / 64

@@ -24,7 +24,7 @@ q/k norms are other families: the conversion refuses them by name.
 from __future__ import annotations
 
 import re
-from typing import Iterable, Mapping, Optional
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -72,8 +72,8 @@ def detect(keys: Iterable[str]) -> bool:
   return 'patch_embed.proj.weight' in keys and 'blocks.0.attn.qkv.weight' in keys
 
 
-def convert(sd: Mapping[str, np.ndarray], *, heads: Optional[int] = None,
-            image_size: Optional[int] = None, **unused_options) -> tuple[dict, dict, Report]:
+def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
+            image_size: int | None = None, **unused_options) -> tuple[dict, dict, Report]:
   """timm ViT state dict (tensors or arrays) -> (encoder params, model config, report)."""
   report = Report()
   sd = {k: np.asarray(v) for k, v in sd.items()}

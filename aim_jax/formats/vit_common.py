@@ -10,7 +10,7 @@ The transforms only transpose, reshape and stack: a conversion is exact.
 from __future__ import annotations
 
 import re
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 import flax.linen as nn
 import jax
@@ -126,7 +126,7 @@ def num_layers(keys, pattern: str) -> int:
   return max(found) + 1
 
 
-def finish(flat: dict, fields: dict, report: Report, image_size: Optional[int] = None
+def finish(flat: dict, fields: dict, report: Report, image_size: int | None = None
            ) -> tuple[dict, dict, Report]:
   """Our flat encoder params + architecture fields -> (params, model config, report).
 
@@ -170,7 +170,7 @@ def finish(flat: dict, fields: dict, report: Report, image_size: Optional[int] =
   return P.unflatten(flat), cfg, report
 
 
-def heads_for(width: int, heads: Optional[int]) -> int:
+def heads_for(width: int, heads: int | None) -> int:
   heads = heads or max(1, width // 64)
   if width % heads:
     raise ConversionError(f'width {width} is not divisible by heads={heads}; pass heads=')
