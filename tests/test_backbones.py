@@ -713,3 +713,12 @@ def test_scanned_layers_agree_with_the_loop_layout(backbone):
   scanned = build_model(dict(cfg, scan_layers=True))
   np.testing.assert_allclose(scanned.apply({'params': P.to_scan_layout(params)}, video),
                              model.apply({'params': params}, video), atol=1e-5, rtol=0)
+
+
+def test_naflex_siglip2_is_refused_by_name():
+  from transformers import Siglip2VisionConfig, Siglip2VisionModel
+  model = Siglip2VisionModel(Siglip2VisionConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+      patch_size=8, num_patches=16))
+  with pytest.raises(official.ConversionError, match='NaFlex'):
+    formats.REGISTRY['siglip'].convert(_sd(model), heads=4)

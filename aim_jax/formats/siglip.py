@@ -1,5 +1,9 @@
 """SigLIP / SigLIP 2 image towers: big_vision .npz and Hugging Face `SiglipVisionModel`.
 
+SigLIP 2 fixed-resolution checkpoints share SigLIP's architecture and names;
+the NaFlex variants (HF `Siglip2VisionModel`, linear patch embedding over
+variable patch counts) are refused by name.
+
 The model is the `siglip` family: patch bias, no class token (the positional
 embedding has grid*grid rows), tanh GELU, LayerNorm eps 1e-6, and a MAP head
 (`MAPHead`: a learnt probe attending over the tokens) after `ln_post`.
@@ -113,6 +117,11 @@ def _from_hf(sd: Mapping, heads: int | None, report: Report) -> dict:
   sub = {k[len(prefix):]: np.asarray(v) for k, v in sd.items() if k.startswith(prefix)}
   report.unused += [k for k in sd if not k.startswith(prefix)]
   weight = C.take(sub, 'embeddings.patch_embedding.weight', prefix)
+  if weight.ndim != 4:
+    raise ConversionError(
+        f'key {prefix}embeddings.patch_embedding.weight has shape {weight.shape}: a NaFlex '
+        'SigLIP 2 (Siglip2VisionModel, linear patch embedding) is not supported; use the '
+        'fixed-resolution SigLIP 2 checkpoints (e.g. siglip2-base-patch16-224)')
   width = int(weight.shape[0])
   if not heads:
     # Not stored in any tensor. SigLIP B and L have width / 64; So400m (1152) has 16.
