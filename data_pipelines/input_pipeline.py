@@ -397,14 +397,20 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   else:
     raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
 
-  if per_epoch is None:
-    # Records per epoch of this process (from the prepare JSON files: no reading).
-    per_epoch = _kept_count(files, file_record_counts(files), cfg.train_fraction)
-    if record_shard is not None:
-      per_epoch = len(range(pi, per_epoch, pc))
-  if per_epoch <= 0:
-    raise ValueError(f'no training records for process {pi} of {pc} in {cfg.train_files!r}')
-  start_epoch, offset = divmod(start_step * batch_size, per_epoch)
+  if per_epoch is None and cfg.source == 'tfrecord':
+    # Records per epoch of this process: from the prepare JSON files when every shard has
+    # one (no reading); otherwise counted by reading, but only when resuming needs it. Without
+    # it, decode errors at an epoch's end are not counted (named skips still are).
+    reported = [_reported_counts(f) for f in files]
+    if start_step or all(n is not None for n in reported):
+      per_epoch = _kept_count(files, file_record_counts(files), cfg.train_fraction)
+      if record_shard is not None:
+        per_epoch = len(range(pi, per_epoch, pc))
+  start_epoch, offset = 0, 0
+  if start_step:
+    if not per_epoch:
+      raise ValueError(f'no training records for process {pi} of {pc} in data.train_files')
+    start_epoch, offset = divmod(start_step * batch_size, per_epoch)
 
   def one_epoch(epoch):
     ds = epoch_records(epoch)
