@@ -148,7 +148,7 @@ def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run([sys.executable, '-m', 'aim_jax.demo', '--workdir', str(tmp_path),
                          '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
+                        timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   assert 'Report:' in proc.stdout
   report = tmp_path / 'report'
