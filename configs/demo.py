@@ -36,9 +36,12 @@ ADAPTERS = {                       # (enabled, spatial, temporal, joint)
 }
 # Steps at batch 32, measured on 2 CPU cores: the temporal variants need ~1000
 # steps to find the direction of a motion (at 400 the loss sits at ln 2 per pair).
+# Without temporal modelling the motion loss plateaus within ~150 steps (the pairs
+# found, never the direction), so those variants get fewer steps. The real input
+# pipeline feeds ~150-200 clips/s on 2 cores, which bounds the cheap variants.
 STEPS = {
-    'motion': {'head': 400, 'spatial': 400, 'temporal': 1000, 'aim': 1000, 'full': 400},
-    'appearance': {'head': 200, 'spatial': 200, 'temporal': 200, 'aim': 200, 'full': 200},
+    'motion': {'head': 200, 'spatial': 200, 'temporal': 1000, 'aim': 1000, 'full': 200},
+    'appearance': {'head': 100, 'spatial': 100, 'temporal': 100, 'aim': 100, 'full': 100},
 }
 # AdamW peak learning rates: adapters and head 3e-3; the whole image model more gently.
 LR = {'head': 3e-3, 'spatial': 3e-3, 'temporal': 3e-3, 'aim': 3e-3, 'full': 1e-3}
