@@ -17,12 +17,11 @@ from typing import Any
 import ml_collections
 
 from aim_jax.models.factory import default_model_config
+from aim_jax.params import OFFICIAL_TRAINABLE
 
 # mmcv `paramwise_cfg.custom_keys` of every vitclip config: these get decay_mult 0.
 OFFICIAL_WD_EXEMPT = ('class_embedding', 'positional_embedding', 'ln_1', 'ln_2', 'ln_pre',
                       'ln_post')
-# tools/train.py: a parameter trains iff its name contains one of these.
-OFFICIAL_TRAINABLE = ('Adapter', 'temporal_embedding', 'ln_post', 'cls_head')
 
 # Logical parameter/activation axis -> mesh axes. 'embed' over fsdp shards the
 # frozen backbone (and everything else) across the fsdp axis; set it to None to
@@ -41,24 +40,8 @@ DEFAULT_AXIS_RULES = (
 )
 
 
-def _fallback_data_config() -> dict:
-  """The data contract's fields, used only while `data_pipelines.config` is absent."""
-  return dict(
-      source='synthetic', train_files='', val_files='', test_files='', tfds_name='',
-      tfds_data_dir='', num_classes=400, num_frames=8, sampling='dense', frame_interval=8,
-      image_size=224, train_short_side=256, test_short_side=224, area_range=(0.08, 1.0),
-      aspect_ratio_range=(3 / 4, 4 / 3), flip_prob=0.5, randaugment_n=0, randaugment_m=0,
-      random_erasing_prob=0.0, color_jitter=0.0, val_clips=1, val_crops=1, test_clips=3,
-      test_crops=1, mean=(122.769, 116.74, 104.04), std=(68.493, 66.63, 70.321),
-      shuffle_buffer=1024, prefetch=2, num_parallel_calls=-1, max_skip_rate=0.01,
-      train_fraction=1.0, num_train_examples=0)
-
-
 def default_data_config() -> ml_collections.ConfigDict:
-  try:
-    from data_pipelines.config import default_data_config as data_defaults
-  except ImportError:
-    return ml_collections.ConfigDict(_fallback_data_config())
+  from data_pipelines.config import default_data_config as data_defaults
   return data_defaults()
 
 
