@@ -373,7 +373,7 @@ def infer_aim_config(sd: Mapping[str, np.ndarray], heads: Optional[int] = None,
   num_tadapter = 2 if has('T_Adapter_in') else 1
   ratio = None
   for k in blocks:
-    if k.endswith('_Adapter.D_fc1.weight') or k.endswith('Adapter.D_fc1.weight'):
+    if k.endswith('Adapter.D_fc1.weight'):
       ratio = np.shape(backbone[k])[0] / cfg['width']
       break
   scale = adapter_scale if adapter_scale is not None else (1.0 if num_tadapter == 2 else 0.5)
