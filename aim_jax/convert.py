@@ -1,6 +1,6 @@
 """PyTorch checkpoints -> parameter checkpoints (orbax tree + model config), and back.
 
-  python -m aim_jax.convert clip --src ViT-B-16.pt --out ckpt/clip_b16
+  python -m aim_jax.convert clip --src ViT-B-16.pt --out ckpt/clip_b16 [--act gelu]
   python -m aim_jax.convert image --src model.safetensors --out DIR [--format NAME]
   python -m aim_jax.convert aim --src vit_b_clip_8frame_k400.pth --out DIR [--heads N]
       [--adapter-scale S]
@@ -88,13 +88,19 @@ def _weights_file(path: str) -> list[str]:
                                      'pytorch_model.bin')
 
 
-def _unwrap(obj: Any, path: str, log: Callable[[str], None]) -> dict:
-  """Top-level checkpoint object -> the flat state dict inside it."""
+def _unwrap(obj: Any, path: str, log: Callable[[str], None],
+            info: dict | None = None) -> dict:
+  """Top-level checkpoint object -> the flat state dict inside it.
+
+  `info` (if given) receives the file's `meta` entry (mmcv, `export-aim`).
+  """
   if isinstance(obj, torch_io.ScriptModuleState):
     log(f'  TorchScript archive ({obj.qualified_name}): read its tensors, no code run')
     return torch_io.state_dict_of(obj, path)
   if not isinstance(obj, Mapping):
     raise torch_io.CheckpointReadError(f'{path}: top-level object is {type(obj).__name__}')
+  if info is not None and isinstance(obj.get('meta'), Mapping):
+    info['meta'] = dict(obj['meta'])
   for key in _NESTED_KEYS:
     inner = obj.get(key)
     if isinstance(inner, Mapping) and inner and all(
@@ -114,8 +120,12 @@ def _unwrap(obj: Any, path: str, log: Callable[[str], None]) -> dict:
   return arrays
 
 
-def read_state_dict(path: str, log: Callable[[str], None] = print) -> dict[str, np.ndarray]:
-  """Any supported checkpoint file (or HF directory) -> flat {key: numpy array}."""
+def read_state_dict(path: str, log: Callable[[str], None] = print,
+                    info: dict | None = None) -> dict[str, np.ndarray]:
+  """Any supported checkpoint file (or HF directory) -> flat {key: numpy array}.
+
+  `info` (if given) receives non-tensor entries that conversion uses (`meta`).
+  """
   sd = {}
   for f in _weights_file(os.fspath(path)):
     if f.endswith('.npz'):
@@ -124,7 +134,7 @@ def read_state_dict(path: str, log: Callable[[str], None] = print) -> dict[str, 
       with np.load(f, allow_pickle=False) as npz:
         sd.update({k: npz[k] for k in npz.files})
       continue
-    sd.update(_unwrap(torch_io.load(f), f, log))
+    sd.update(_unwrap(torch_io.load(f), f, log, info))
   return sd
 
 
@@ -137,6 +147,29 @@ def _hf_config(path: str) -> dict | None:
     if 'vision_config' in blob or 'num_attention_heads' in blob:
       return blob
   return None
+
+
+def _activation(fmt_name: str, src: str, info: Mapping) -> tuple[str | None, str]:
+  """The MLP activation a checkpoint's surroundings state, for formats that cannot read it.
+
+  CLIP: OpenCLIP's config or the path's names (`formats.clip.activation_from_source`).
+  AIM: the model config `export-aim` writes into the file's meta.
+  -> (activation or None, where it comes from).
+  """
+  if fmt_name == 'clip':
+    from aim_jax.formats import clip as clip_format
+    act, why = clip_format.activation_from_source(src)
+  elif fmt_name == 'aim':
+    meta = info['meta'] if 'meta' in info else {}
+    if 'model_config' not in meta:
+      return None, ''
+    from aim_jax.models.vit import FAMILIES
+    backbone = json.loads(meta['model_config'])['backbone']
+    act = FAMILIES[backbone]['mlp_act'] if backbone in FAMILIES else None
+    why = f'the file\'s meta.model_config (backbone {backbone!r})'
+  else:
+    return None, ''
+  return act, why
 
 
 def _float32(sd: dict, report: Report) -> dict:
@@ -325,16 +358,19 @@ def _call_with_supported(fn: Callable, *args, **options):
 
 def convert_file(src: str, kind: str, format_name: str | None = None, *,
                  among: Sequence[str] | None = None, heads: int | None = None,
-                 adapter_scale: float | None = None,
+                 adapter_scale: float | None = None, act: str | None = None,
                  image_size: int | None = None, num_frames: int | None = None,
                  log: Callable[[str], None] = print) -> Conversion:
   """Read, detect, convert, resize (opt-in) and verify one checkpoint; writes nothing.
 
   `among`: detect only among these format names (the `clip` command: CLIP's).
+  `act`: MLP activation of a CLIP ('quick_gelu' | 'gelu'); by default read from
+  what the source states (`_activation`), else the format's default.
   """
   registry = load_formats()
   log(f'[1/4] reading {src}')
-  sd = read_state_dict(src, log)
+  info: dict = {}
+  sd = read_state_dict(src, log, info)
   log(f'  {len(sd)} tensors')
   if format_name:
     if format_name not in registry:
@@ -356,14 +392,21 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
                             'pick one with --format')
     fmt = found[0]
   log(f'[2/4] converting as {fmt.name!r} ({fmt.description})')
+  why = ''
+  if act is None:
+    act, why = _activation(fmt.name, os.fspath(src), info)
+  if act is not None:
+    log(f'  MLP activation {act}' + (f' ({why})' if why else ' (--act)'))
   pre = Report()
   sd = _float32(sd, pre)
   (params, model_config, report), unsupported = _call_with_supported(
-      fmt.convert, sd, heads=heads, adapter_scale=adapter_scale,
+      fmt.convert, sd, heads=heads, adapter_scale=adapter_scale, act=act,
       hf_config=_hf_config(src) if fmt.name == 'hf_clip' else None)
   if unsupported:
     raise ConversionError(f'format {fmt.name!r} takes no option {", ".join(unsupported)}')
   report.notices[:0] = pre.notices
+  if why:
+    report.notices.append(f'MLP activation {act} read from {why}')
   params = P.to_loop_layout(params)
   conv = Conversion(params, dict(model_config), report, fmt.name, fmt.kind, os.fspath(src))
   _apply_resizes(conv, image_size, num_frames, log)
@@ -423,7 +466,7 @@ def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print) 
   if cfg['backbone'] == 'swin':
     from aim_jax.formats import swin as swin_format   # official SwinTransformer2D_Adapter
     sd = swin_format.aim_params_to_state_dict(params, cfg)
-  elif cfg['backbone'] not in ('clip', 'vit_in21k'):
+  elif cfg['backbone'] not in ('clip', 'clip_gelu', 'vit_in21k'):
     raise ConversionError(f'{src_dir}: backbone {cfg["backbone"]!r} has no official AIM format')
   else:
     sd = official.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
@@ -446,6 +489,10 @@ def _parser() -> argparse.ArgumentParser:
     if name != 'aim':
       s.add_argument('--format', default=None, help='skip detection (see `formats`)')
     s.add_argument('--heads', type=int, default=None, help='attention heads (default width/64)')
+    s.add_argument('--act', choices=('quick_gelu', 'gelu'), default=None,
+                   help='CLIP MLP activation: quick_gelu (OpenAI, OpenCLIP -quickgelu) or gelu '
+                   '(OpenCLIP without -quickgelu, e.g. LAION); default: from '
+                   'open_clip_config.json or the path\'s names, else quick_gelu')
     if name == 'aim':
       s.add_argument('--adapter-scale', type=float, default=None,
                      help='joint adapter scale (default: official 0.5, 1.0 with num_tadapter=2)')
@@ -472,7 +519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       return 0
     kind = 'aim' if args.command == 'aim' else 'image'
     fmt = getattr(args, 'format', None)
-    convert(args.src, args.out, kind, fmt, heads=args.heads,
+    convert(args.src, args.out, kind, fmt, heads=args.heads, act=args.act,
             adapter_scale=getattr(args, 'adapter_scale', None), image_size=args.image_size,
             num_frames=args.num_frames,
             among=CLIP_FORMATS if args.command == 'clip' and not fmt else None)

@@ -4,6 +4,7 @@ and mismatched checkpoints are refused with an error that names the problem."""
 
 import enum
 import importlib.machinery
+import json
 import os
 import pickle
 import subprocess
@@ -190,14 +191,30 @@ def test_openai_clip_state_dict_and_given_heads(tmp_path, capsys):
 # ---------------------------------------------------------------------------
 # OpenCLIP.
 
-def open_clip_model(seed=2, width=128, layers=2, patch=8, size=32, embed=48):
+def open_clip_model(seed=2, width=128, layers=2, patch=8, size=32, embed=48, quick_gelu=True):
   install_fake_torchvision()
   import open_clip
   vision = open_clip.model.CLIPVisionCfg(layers=layers, width=width, patch_size=patch,
                                          image_size=size)
   text = open_clip.model.CLIPTextCfg(context_length=8, vocab_size=100, width=64, heads=1,
                                      layers=1)
-  return randomize(open_clip.model.CLIP(embed, vision, text, quick_gelu=True), seed)
+  return randomize(open_clip.model.CLIP(embed, vision, text, quick_gelu=quick_gelu), seed)
+
+
+def write_open_clip_config(directory, quick_gelu=None, width=128, layers=2, patch=8, size=32,
+                           embed=48):
+  """`open_clip_config.json` as an OpenCLIP hub repository holds it (quick_gelu only when set)."""
+  model_cfg = {'embed_dim': embed,
+               'vision_cfg': {'image_size': size, 'layers': layers, 'width': width,
+                              'patch_size': patch},
+               'text_cfg': {'context_length': 8, 'vocab_size': 100, 'width': 64, 'heads': 1,
+                            'layers': 1}}
+  if quick_gelu is not None:
+    model_cfg['quick_gelu'] = quick_gelu
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / 'open_clip_config.json').write_text(json.dumps(
+      {'model_cfg': model_cfg, 'preprocess_cfg': {'mean': [0.48, 0.46, 0.41],
+                                                  'std': [0.27, 0.26, 0.28]}}))
 
 
 @pytest.mark.torch
@@ -218,6 +235,84 @@ def test_open_clip_state_dict_matches(tmp_path, ext):
   assert cfg['output_dim'] == 48
   assert_close(emb, ref_emb)
   assert_close(pre, ref_pre)
+
+
+def max_error(a, b):
+  assert a.shape == b.shape
+  return float(np.max(np.abs(a - b)))
+
+
+@pytest.mark.torch
+def test_open_clip_gelu_model_converts_to_clip_gelu_and_matches_only_with_gelu(tmp_path):
+  """LAION's OpenCLIP models use exact nn.GELU: the hub download's open_clip_config.json (no
+  quick_gelu) selects 'clip_gelu'; forcing QuickGELU on the same weights gives other features."""
+  t = _torch()
+  model = open_clip_model(seed=9, quick_gelu=False)
+  hub = tmp_path / 'snapshot'
+  hub.mkdir()
+  src = hub / 'open_clip_pytorch_model.bin'
+  t.save(model.state_dict(), src)
+  write_open_clip_config(hub)
+  x = images(seed=11)
+  ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'auto'))
+  emb, pre, cfg, meta = flax_outputs(tmp_path / 'auto', x)
+  assert cfg['backbone'] == 'clip_gelu'
+  assert any('open_clip_config.json' in n for n in meta['notices'])
+  assert max_error(emb, ref_emb) < 1e-5 and max_error(pre, ref_pre) < 1e-5
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'quick'), '--act', 'quick_gelu')
+  emb, pre, cfg, _ = flax_outputs(tmp_path / 'quick', x)
+  assert cfg['backbone'] == 'clip'
+  assert max_error(emb, ref_emb) > 1e-3 and max_error(pre, ref_pre) > 1e-3
+
+
+@pytest.mark.torch
+def test_clip_activation_comes_from_config_then_path_names_then_quick_gelu(tmp_path, capsys):
+  t = _torch()
+  quick, gelu = open_clip_model(seed=12), open_clip_model(seed=12, quick_gelu=False)
+  x = images(seed=13)
+
+  def convert_and_check(model, src, want, *flags):
+    src.parent.mkdir(parents=True, exist_ok=True)
+    t.save(model.state_dict(), src)
+    out = tmp_path / f'out{len(list(tmp_path.glob("out*")))}'
+    run_cli('clip', '--src', str(src), '--out', str(out), *flags)
+    emb, _, cfg, meta = flax_outputs(out, x)
+    assert cfg['backbone'] == want, (src, cfg['backbone'])
+    assert max_error(emb, torch_visual_outputs(model.visual, x)[0]) < 1e-5
+    return meta
+
+  # A hub repository of an OpenAI-weights model: its config says quick_gelu.
+  write_open_clip_config(tmp_path / 'a', quick_gelu=True)
+  convert_and_check(quick, tmp_path / 'a' / 'open_clip_pytorch_model.bin', 'clip')
+  # No config: the names of a hub cache path, or of OpenCLIP's own downloads.
+  convert_and_check(gelu, tmp_path / 'models--laion--CLIP-ViT-tiny' / 'snapshots' / 'f00' /
+                    'open_clip_pytorch_model.bin', 'clip_gelu')
+  convert_and_check(quick, tmp_path / 'laion' / 'vit_b_32-quickgelu-laion400m_e32.pt', 'clip')
+  # Nothing says: QuickGELU (OpenAI's) is assumed and said so; --act gelu converts a GELU model.
+  meta = convert_and_check(quick, tmp_path / 'b' / 'weights.bin', 'clip')
+  assert any('quick_gelu assumed' in n and '--act gelu' in n for n in meta['notices'])
+  convert_and_check(gelu, tmp_path / 'c' / 'weights.bin', 'clip_gelu', '--act', 'gelu')
+  assert 'MLP activation gelu (--act)' in capsys.readouterr().out
+
+
+@pytest.mark.torch
+def test_hf_clip_gelu_config_converts_to_clip_gelu(tmp_path):
+  t = _torch()
+  transformers = pytest.importorskip('transformers')
+  config = hf_config(heads=4)
+  config.hidden_act = 'gelu'
+  model = randomize(transformers.CLIPVisionModel(config), 14)
+  model.save_pretrained(tmp_path / 'hf')
+  x = images(seed=15)
+  with t.no_grad():
+    ref_pre = model(pixel_values=torch_images(x)).pooler_output.numpy()
+  run_cli('clip', '--src', str(tmp_path / 'hf'), '--out', str(tmp_path / 'out'))
+  _, pre, cfg, _ = flax_outputs(tmp_path / 'out', x)
+  assert cfg['backbone'] == 'clip_gelu'
+  assert max_error(pre, ref_pre) < 1e-5
+  with pytest.raises(ConversionError, match='hidden_act'):
+    convert.load_clip(str(tmp_path / 'hf'), act='quick_gelu')
 
 
 # ---------------------------------------------------------------------------

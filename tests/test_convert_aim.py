@@ -123,3 +123,35 @@ def test_aim_errors_name_the_key(tmp_path):
   write_mmaction_pth(sd, tmp_path / 'model.pth')
   with pytest.raises(ConversionError, match='no registered image format'):
     convert.load_clip(str(tmp_path / 'model.pth'))
+
+
+def test_clip_gelu_aim_model_round_trips_through_export_aim(tmp_path):
+  """An AIM model on an OpenCLIP GELU backbone: the tensors are the official names, the family
+  travels in the exported file's meta, so `convert aim` gives back 'clip_gelu' (and --act wins)."""
+  import jax
+  import flax.linen as nn
+  from aim_jax.models.factory import input_shape, resolve_model_config
+  cfg = resolve_model_config(dict(backbone='clip_gelu', width=64, layers=1, heads=1,
+                                  patch_size=8, image_size=32, num_frames=2, num_classes=5))
+  model = build_model(cfg)
+  x = np.random.default_rng(0).normal(size=input_shape(cfg, 1)).astype(np.float32)
+  params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(1), x))['params'])
+  checkpoint_io.save_params(str(tmp_path / 'src'), params, cfg)
+  assert convert.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
+                       str(tmp_path / 'm.pth')]) == 0
+  conv = convert.load_aim(str(tmp_path / 'm.pth'), adapter_scale=0.5)
+  assert conv.model_config['backbone'] == 'clip_gelu'
+  assert any("meta.model_config (backbone 'clip_gelu')" in n for n in conv.report.notices)
+  for name, value in P.flatten(params).items():
+    np.testing.assert_array_equal(P.flatten(conv.params)[name], value, err_msg=name)
+  want = model.apply({'params': params}, x)
+  got = build_model(conv.model_config).apply({'params': conv.params}, x)
+  np.testing.assert_array_equal(got, want)
+  assert convert.load_aim(str(tmp_path / 'm.pth'), act='quick_gelu').model_config[
+      'backbone'] == 'clip'
+  # An official file (no such meta) is the QuickGELU CLIP of the model zoo unless told.
+  _, _, sd = golden('aim_tiny_case1')
+  write_mmaction_pth(sd, tmp_path / 'zoo.pth')
+  assert convert.load_aim(str(tmp_path / 'zoo.pth'), heads=4).model_config['backbone'] == 'clip'
+  assert convert.load_aim(str(tmp_path / 'zoo.pth'), heads=4,
+                          act='gelu').model_config['backbone'] == 'clip_gelu'

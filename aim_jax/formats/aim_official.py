@@ -16,7 +16,9 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from aim_jax import formats, official
+from aim_jax.formats import clip as clip_format
 from aim_jax.models.factory import resolve_model_config
+from aim_jax.models.vit import FAMILIES
 
 
 def detect(keys: Iterable[str]) -> bool:
@@ -27,9 +29,21 @@ def detect(keys: Iterable[str]) -> bool:
 
 
 def convert(state_dict: Mapping[str, np.ndarray], heads: int | None = None,
-            adapter_scale: float | None = None):
-  """-> ({'backbone', 'cls_head'} params, full model config, report)."""
+            adapter_scale: float | None = None, act: str | None = None):
+  """-> ({'backbone', 'cls_head'} params, full model config, report).
+
+  `act`: the MLP activation of a CLIP backbone ('quick_gelu', the official
+  models; 'gelu' for one built on an OpenCLIP GELU model, family 'clip_gelu'),
+  which no tensor records. `export-aim` writes it into the file's meta.
+  """
   fields = official.infer_aim_config(state_dict, heads=heads, adapter_scale=adapter_scale)
+  if act is not None:
+    if fields['backbone'] == 'clip':
+      fields['backbone'] = clip_format.family_for(act)
+    elif act != FAMILIES[fields['backbone']]['mlp_act']:
+      raise official.ConversionError(
+          f'act={act!r}: a {fields["backbone"]} backbone (backbone.cls_token) uses '
+          f'{FAMILIES[fields["backbone"]]["mlp_act"]}')
   params, report = official.aim_params_from_state_dict(state_dict, fields['heads'],
                                                        fields['backbone'])
   if adapter_scale is None and fields['adapters']['joint']:
@@ -37,6 +51,11 @@ def convert(state_dict: Mapping[str, np.ndarray], heads: int | None = None,
         f'adapter scale {fields["adapters"]["scale"]} (official default for num_tadapter='
         f'{fields["adapters"]["num_tadapter"]}; no tensor records it: pass --adapter-scale '
         'if the model was trained with another)')
+  if fields['backbone'] in ('clip', 'clip_gelu'):
+    report.notices.append(f'MLP activation: {FAMILIES[fields["backbone"]]["mlp_act"]} '
+                          f'(family {fields["backbone"]})' + (
+                              '' if act else '; pass --act gelu for a backbone built on an '
+                              'OpenCLIP GELU model'))
   if heads is None:
     report.notices.append(f'heads={fields["heads"]} (width / 64; pass --heads otherwise)')
   return params, resolve_model_config(fields), report

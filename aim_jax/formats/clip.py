@@ -15,10 +15,19 @@ The architecture (width, layers, patch size, resolution, MLP ratio, projection
 size) is read from the shapes; the head count is not stored in any tensor and
 defaults to width / 64 (every released CLIP ViT) unless given, or read from a
 Hugging Face `config.json` beside the weights.
+
+The MLP activation is not stored in any tensor either, and CLIPs differ in it:
+OpenAI's weights use QuickGELU (family 'clip'), OpenCLIP models whose config
+name has no `-quickgelu` (LAION's ViT-B-16, ViT-L-14, ViT-H-14, ...) use exact
+nn.GELU (family 'clip_gelu'). `act` picks it; `activation_from_source` reads it
+from what lies beside the weights (OpenCLIP's `open_clip_config.json`) or
+from the path's name. A wrong activation changes every feature (~1e-2).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from typing import Iterable, Mapping, Optional
 
@@ -84,20 +93,70 @@ def _check_complete(tower: Mapping[str, np.ndarray], layers: int, name_of) -> No
                                      f'{layers}-layer CLIP tower)')
 
 
-def _model_config(arch: dict) -> dict:
-  cfg = resolve_model_config(dict(backbone='clip', **arch))
+# MLP activation -> the encoder family that has it (aim_jax.models.vit.FAMILIES).
+ACTIVATION_FAMILIES = {'quick_gelu': 'clip', 'gelu': 'clip_gelu'}
+OPEN_CLIP_CONFIG = 'open_clip_config.json'
+
+
+def family_for(act: str) -> str:
+  if act not in ACTIVATION_FAMILIES:
+    raise official.ConversionError(f'act={act!r}: the CLIP encoder implements '
+                                   f'{sorted(ACTIVATION_FAMILIES)}')
+  return ACTIVATION_FAMILIES[act]
+
+
+def activation_from_source(path: str) -> tuple[Optional[str], str]:
+  """-> (activation or None, why) from what a CLIP checkpoint's path says.
+
+  In order: OpenCLIP's `open_clip_config.json` beside the weights (what a
+  Hugging Face hub download has; `model_cfg.quick_gelu`, default false); then
+  the names along the path (the file and three directories up): `quickgelu`
+  (OpenCLIP's `-quickgelu` model and file names) or `openai` (OpenAI's
+  weights) mean QuickGELU, `laion` (LAION's OpenCLIP repositories, e.g.
+  laion/CLIP-ViT-B-16-laion2B-s34B-b88K) means GELU. None: nothing says (the
+  caller's default applies).
+  """
+  path = os.fspath(path)
+  directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+  config = os.path.join(directory, OPEN_CLIP_CONFIG)
+  if os.path.exists(config):
+    with open(config) as f:
+      blob = json.load(f)
+    model_cfg = blob['model_cfg'] if 'model_cfg' in blob else blob
+    if not isinstance(model_cfg, Mapping) or 'vision_cfg' not in model_cfg:
+      raise official.ConversionError(f'{config}: no model_cfg.vision_cfg (not an OpenCLIP '
+                                     'model config)')
+    quick = bool(model_cfg['quick_gelu']) if 'quick_gelu' in model_cfg else False
+    return (('quick_gelu' if quick else 'gelu'),
+            f'{config}: quick_gelu={str(quick).lower()}')
+  # The file name and three directories up: a hub cache's models--ORG--NAME/snapshots/HASH/.
+  parts = os.path.abspath(path).split(os.sep)[-4:]
+  name = '/'.join(parts).lower().replace('_', '').replace('-', '')
+  for word, act in (('quickgelu', 'quick_gelu'), ('openai', 'quick_gelu'), ('laion', 'gelu')):
+    if word in name:
+      return act, f'the path names {word!r}'
+  return None, ''
+
+
+def _model_config(arch: dict, act: str) -> dict:
+  cfg = resolve_model_config(dict(backbone=family_for(act), **arch))
   return cfg
 
 
-def _finish(tower, source_names, heads, report, name_of):
+def _finish(tower, source_names, heads, report, name_of, act):
   arch = _architecture(tower, heads)
   _check_complete(tower, arch['layers'], name_of)
   params = official.encoder_from_state_dict(tower, arch['heads'], source_names, report)
-  return params, _model_config(arch), report
+  return params, _model_config(arch, act), report
 
 
-def convert_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = None):
-  """OpenAI / OpenCLIP keys -> (encoder params, model config, report)."""
+def convert_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = None,
+                 act: Optional[str] = None):
+  """OpenAI / OpenCLIP keys -> (encoder params, model config, report).
+
+  `act`: the MLP activation, 'quick_gelu' (OpenAI, the default) or 'gelu'
+  (OpenCLIP models without -quickgelu); see `activation_from_source`.
+  """
   prefix = _clip_prefix(state_dict)
   if prefix is None:
     raise official.ConversionError('no visual.conv1.weight / visual.transformer.resblocks.0.* '
@@ -112,10 +171,15 @@ def convert_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = No
     else:
       report.unused.append(key)
   # No tensor records the MLP activation: say which one the converted model uses.
-  report.notices.append(
-      'MLP activation: quick_gelu (OpenAI CLIP, OpenCLIP "-quickgelu" models); OpenCLIP '
-      'models trained with nn.GELU (e.g. laion2b ViT-B-16) are not this encoder')
-  return _finish(tower, source_names, heads, report, lambda k: prefix + k)
+  if act is None:
+    act = 'quick_gelu'
+    report.notices.append(
+        'MLP activation: quick_gelu assumed (OpenAI CLIP, OpenCLIP "-quickgelu" models); '
+        'OpenCLIP models trained with nn.GELU (LAION ViT-B-16, ViT-L-14, ViT-H-14) need '
+        '--act gelu')
+  else:
+    report.notices.append(f'MLP activation: {act} (family {family_for(act)})')
+  return _finish(tower, source_names, heads, report, lambda k: prefix + k, act)
 
 
 _HF_BLOCK = [
@@ -135,12 +199,14 @@ _HF_TOP = [
 
 
 def convert_hf_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = None,
-                    hf_config: Optional[Mapping] = None):
+                    hf_config: Optional[Mapping] = None, act: Optional[str] = None):
   """transformers CLIP vision keys -> (encoder params, model config, report).
 
   `hf_config`: the `config.json` saved beside the weights (CLIPConfig or
-  CLIPVisionConfig), if any: gives the head count and is checked for an
-  activation or LayerNorm epsilon this encoder does not implement.
+  CLIPVisionConfig), if any: gives the head count and the activation
+  (`hidden_act`: quick_gelu -> 'clip', gelu -> 'clip_gelu'), and is checked
+  for a LayerNorm epsilon this encoder does not implement. `act` overrides
+  the activation only where no config.json says otherwise.
   """
   p = _hf_prefix(state_dict)
   if p is None:
@@ -149,11 +215,16 @@ def convert_hf_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] =
   report = official.Report()
   vision = dict((hf_config or {}).get('vision_config', hf_config or {}))
   if vision:
-    act = vision.get('hidden_act', 'quick_gelu')  # transformers' CLIPVisionConfig default
-    if act != 'quick_gelu':
+    # transformers' CLIPVisionConfig default is quick_gelu; its 'gelu' is the exact erf GELU.
+    hidden_act = vision['hidden_act'] if 'hidden_act' in vision else 'quick_gelu'
+    if hidden_act not in ACTIVATION_FAMILIES:
       raise official.ConversionError(
-          f'config.json: vision hidden_act={act!r}; the CLIP encoder uses quick_gelu (OpenAI '
-          'CLIP), so this model would not give the same numbers')
+          f'config.json: vision hidden_act={hidden_act!r}; the CLIP encoder implements '
+          f'{sorted(ACTIVATION_FAMILIES)}, so this model would not give the same numbers')
+    if act is not None and act != hidden_act:
+      raise official.ConversionError(f'--act {act} but config.json says vision hidden_act='
+                                     f'{hidden_act!r}')
+    act = hidden_act
     eps = vision.get('layer_norm_eps', 1e-5)
     if abs(float(eps) - 1e-5) > 1e-12:
       raise official.ConversionError(f'config.json: layer_norm_eps={eps}; the CLIP encoder '
@@ -203,7 +274,9 @@ def convert_hf_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] =
     # CLIP's in_proj is [q; k; v] stacked on the output axis.
     tower[name] = np.concatenate([np.asarray(parts[c][1]) for c in 'qkv'], axis=0)
     source_names[name] = f'{p}encoder.layers.{i}.self_attn.{{q,k,v}}_proj.{kind}'
-  return _finish(tower, source_names, heads, report, lambda k: _hf_name(p, k))
+  act = act or 'quick_gelu'
+  report.notices.append(f'MLP activation: {act} (family {family_for(act)})')
+  return _finish(tower, source_names, heads, report, lambda k: _hf_name(p, k), act)
 
 
 def _hf_name(prefix: str, clip_name: str) -> str:

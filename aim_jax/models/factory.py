@@ -29,7 +29,7 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 def default_model_config() -> dict:
   """Every model field with its default (ViT-B/16 CLIP, AIM K400 8 frames)."""
   return dict(
-      backbone='clip',          # 'clip' | 'vit_in21k' | 'siglip' | 'dinov2' | 'dinov2_reg' | ...
+      backbone='clip',          # 'clip' | 'clip_gelu' | 'vit_in21k' | 'siglip' | 'dinov2' | ...
       variant='',               # e.g. 'B/16', 'L/14'; overrides width/layers/heads/patch_size
       patch_size=16, width=768, layers=12, heads=12, image_size=224, mlp_ratio=4.0,
       output_dim=0,             # CLIP image projection (0 = none; AIM drops it)
@@ -149,6 +149,7 @@ def build_swin_encoder(cfg: Mapping) -> SwinTransformer:
 # Backbone families: name -> function(resolved config) -> image encoder definition.
 ENCODERS: dict[str, Callable[[Mapping], Any]] = {
     'clip': build_vit_encoder,
+    'clip_gelu': build_vit_encoder,     # OpenCLIP with exact GELU (LAION), else as 'clip'
     'vit_in21k': build_vit_encoder,
     'swin': build_swin_encoder,         # 2D Swin (Table 6), aim_jax.models.swin
     'siglip': build_vit_encoder,        # SigLIP / SigLIP 2 image tower, MAP pooling

@@ -43,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
 
@@ -65,6 +66,10 @@ ACTIVATIONS = {
 FAMILIES = {
     'clip': dict(patch_bias=False, pre_norm=True, ln_eps=1e-5, mlp_act='quick_gelu',
                  drop_path_mode='token'),
+    # OpenCLIP models trained with nn.GELU (LAION ViT-B-16, ViT-L-14, ViT-H-14: every
+    # OpenCLIP config without '-quickgelu'); otherwise CLIP.
+    'clip_gelu': dict(patch_bias=False, pre_norm=True, ln_eps=1e-5, mlp_act='gelu',
+                      drop_path_mode='token'),
     'vit_in21k': dict(patch_bias=True, pre_norm=False, ln_eps=1e-6, mlp_act='gelu',
                       drop_path_mode='frame'),
     # SigLIP / SigLIP 2 image towers (big_vision ViT): no class token, MAP-head pooling.
@@ -82,41 +87,110 @@ def constrain(x, names):
   return nn.with_logical_constraint(x, names)
 
 
+class Projection(nn.Module):
+  """A full-shape kernel (and bias) applied with one `jnp.einsum`.
+
+  Why not `nn.DenseGeneral`: it initialises a flat 2-D kernel and reshapes it, so
+  under a global mesh (`jax.set_mesh`) the logical constraint that
+  `with_logical_partitioning` puts on the kernel at init would meet a 2-D array
+  with 4-D names and fail. Here the kernel is created in its final shape. The
+  parameters are exactly DenseGeneral's (`kernel`, `bias`; same shapes, same
+  initial values), and so is the arithmetic: inputs, kernel and bias are cast to
+  `dtype` (flax `promote_dtype`), stored in `param_dtype`.
+  """
+  kernel_shape: tuple[int, ...]
+  kernel_axes: tuple[Optional[str], ...]
+  bias_shape: tuple[int, ...]
+  bias_axes: tuple[Optional[str], ...]
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+    # spec: einsum 'input,kernel->output'; the output ends with bias_shape.
+    kernel = self.param('kernel', LP(trunc_normal_02, self.kernel_axes), self.kernel_shape,
+                        self.param_dtype)
+    bias = (self.param('bias', LP(init.zeros, self.bias_axes), self.bias_shape,
+                       self.param_dtype) if self.use_bias else None)
+    x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = jnp.einsum(spec, x, kernel)
+    return y if bias is None else y + bias
+
+
+def attend_over_axis1(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """Softmax attention along axis 1 of `(B, S, A, H, hd)`, batched over (B, A, H).
+
+  The temporal attention of `(B, T, L, ...)` activations without moving T next to
+  the heads first. Same numerics as `jax.nn.dot_product_attention`'s XLA path:
+  logits accumulated in (at least) float32, scaled by hd**-0.5, softmax in
+  float32, probabilities cast back to the value dtype.
+  """
+  hd = q.shape[-1]
+  logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+  precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if q.dtype == jnp.bfloat16 else
+               jax.lax.DotAlgorithmPreset.F16_F16_F32 if q.dtype == jnp.float16 else None)
+  logits = jnp.einsum('bqahd,bkahd->bahqk', q, k, precision=precision,
+                      preferred_element_type=logits_dtype)      # (B, A, H, S, S)
+  logits = logits * jnp.asarray(hd ** -0.5, logits.dtype)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+  return jnp.einsum('bahqk,bkahd->bqahd', probs, v)           # (B, S, A, H, hd)
+
+
+TEMPORAL_ATTENTION = ('einsum', 'dot_product_attention')
+
+
 class MultiHeadAttention(nn.Module):
   """Self-attention over axis `axis` of `(B, A1, A2, D)` activations.
 
   One module called on two layouts shares its weights: AIM's temporal branch
   re-uses the frozen spatial attention along time (official vit_clip.py).
+  Spatial attention (axis 2) is `jax.nn.dot_product_attention` over L with the
+  batch axes (B, T) folded (a free reshape). Temporal attention (axis 1):
+  'einsum' projects q/k/v on the `(B, T, L, ...)` layout and attends over T in
+  place (`attend_over_axis1`); 'dot_product_attention' swaps the activations to
+  `(B, L, T, D)` and back around `jax.nn.dot_product_attention`.
   """
   num_heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None   # None (XLA), 'cudnn' on GPU
+  temporal_attention: str = 'einsum'     # see TEMPORAL_ATTENTION
 
   @nn.compact
   def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None) -> jax.Array:
     # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T).
+    if axis not in (1, 2):
+      raise ValueError(f'MultiHeadAttention: axis must be 1 (temporal) or 2 (spatial), got {axis}')
+    if self.temporal_attention not in TEMPORAL_ATTENTION:
+      raise ValueError(f'model.temporal_attention must be one of {TEMPORAL_ATTENTION}, '
+                       f'got {self.temporal_attention!r}')
     d = x.shape[-1]
     h = self.num_heads
     hd = d // h
-    if axis == 1:
+    proj = functools.partial(Projection, dtype=self.dtype, param_dtype=self.param_dtype)
+    qkv_proj = proj((d, 3, h, hd), ('embed', None, 'heads', 'kv'), (3, h, hd),
+                    (None, 'heads', 'kv'), use_bias=self.qkv_bias, name='qkv')
+    out_proj = proj((h, hd, d), ('heads', 'kv', 'embed'), (d,), ('embed',), name='out')
+    swap = axis == 1 and self.temporal_attention == 'dot_product_attention'
+    if swap:
       x = jnp.swapaxes(x, 1, 2)                        # (B, T, L, D) -> (B, L, T, D)
     b, a1, a2, _ = x.shape
-    qkv = nn.DenseGeneral(
-        (3, h, hd), axis=-1, use_bias=self.qkv_bias, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=LP(trunc_normal_02, ('embed', None, 'heads', 'kv')),
-        bias_init=LP(init.zeros, (None, 'heads', 'kv')), name='qkv')(x)
-    qkv = qkv.reshape(b * a1, a2, 3, h, hd)            # (N, S, 3, H, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    y = jax.nn.dot_product_attention(q, k, v, bias=bias, implementation=self.attention_impl)
-    y = y.reshape(b, a1, a2, h, hd)
-    y = nn.DenseGeneral(
-        d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=LP(trunc_normal_02, ('heads', 'kv', 'embed')),
-        bias_init=LP(init.zeros, ('embed',)), name='out')(y)
-    if axis == 1:
+    qkv = qkv_proj('...d,dchk->...chk', x)             # (B, A1, A2, 3, H, hd)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    if axis == 2 or swap:
+      fold = lambda t: t.reshape(b * a1, a2, h, hd)    # (B, A1, A2, H, hd) -> (N, S, H, hd)
+      y = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias,
+                                       implementation=self.attention_impl)
+      y = y.reshape(b, a1, a2, h, hd)
+    else:
+      if bias is not None:
+        raise ValueError("MultiHeadAttention: an attention bias is only supported along L "
+                         "(axis=2) or with temporal_attention='dot_product_attention'")
+      y = attend_over_axis1(q, k, v)                   # (B, T, L, H, hd)
+    y = out_proj('...hk,hkd->...d', y)                 # (B, A1, A2, D)
+    if swap:
       y = jnp.swapaxes(y, 1, 2)                        # (B, L, T, D) -> (B, T, L, D)
     return y
 
@@ -152,17 +226,15 @@ class ProbeAttention(nn.Module):
     d = kv_in.shape[-1]
     h = self.num_heads
 
-    def proj(name, y):
-      return nn.DenseGeneral((h, d // h), axis=-1, dtype=self.dtype,
-                             param_dtype=self.param_dtype,
-                             kernel_init=LP(trunc_normal_02, ('embed', 'heads', 'kv')),
-                             bias_init=LP(init.zeros, ('heads', 'kv')), name=name)(y)
-
-    q, k, v = proj('query', q_in), proj('key', kv_in), proj('value', kv_in)   # (N, S, H, hd)
+    hd = d // h
+    proj = functools.partial(Projection, (d, h, hd), ('embed', 'heads', 'kv'), (h, hd),
+                             ('heads', 'kv'), dtype=self.dtype, param_dtype=self.param_dtype)
+    q = proj(name='query')('nqd,dhk->nqhk', q_in)                             # (N, Q, H, hd)
+    k = proj(name='key')('nsd,dhk->nshk', kv_in)                              # (N, S, H, hd)
+    v = proj(name='value')('nsd,dhk->nshk', kv_in)
     y = jax.nn.dot_product_attention(q, k, v)                                 # (N, Q, H, hd)
-    return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
-                           kernel_init=LP(trunc_normal_02, ('heads', 'kv', 'embed')),
-                           bias_init=LP(init.zeros, ('embed',)), name='out')(y)
+    return Projection((h, hd, d), ('heads', 'kv', 'embed'), (d,), ('embed',), dtype=self.dtype,
+                      param_dtype=self.param_dtype, name='out')('nqhk,hkd->nqd', y)
 
 
 class MAPHead(nn.Module):
