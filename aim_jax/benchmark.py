@@ -12,6 +12,10 @@ per clip (`aim_jax.flops`: the paper's GFLOPs are multiply-adds) and MFU =
 2 * MACs * clips/s / (devices * peak bf16 FLOP/s). `--find-max-batch` doubles
 the batch until compilation or execution runs out of memory (with and without
 remat). Nothing here needs tensorflow unless `--data real`.
+
+`--official DIR` also times the official PyTorch AIM (its own files under DIR,
+loaded by `aim_jax.official_torch`) on the same device, per-device batch and
+precision, with our weights, and reports ours / official clips/s per mode.
 """
 
 from __future__ import annotations
@@ -214,11 +218,19 @@ HEADER = ('| mode | frames | batch | dtype | remat | clips/s | step ms median (p
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if FLAGS.official:
+    # The official torch model shares the GPU: JAX must not take 75% of it up front.
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
   from aim_jax import distributed
   distributed.maybe_initialize()
   config = FLAGS.config
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
+  official_run = None
+  if FLAGS.official:
+    from aim_jax import official_torch   # imports torch: only under --official
+    official_run = official_torch.run_official(config, batch, modes, FLAGS.official,
+                                               FLAGS.steps, FLAGS.warmup)
   results = []
   data_iter = None
   for mode in modes:
@@ -238,9 +250,14 @@ def main(argv):
   print(HEADER)
   for r in results:
     print(format_row(r))
+  compared = {}
+  if official_run is not None:
+    compared = official_torch.compare(results, official_run)
+    print(json.dumps(compared['official_info'], indent=1))
+    print(official_torch.format_side_by_side(results, compared))
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:
-      json.dump({'results': results, 'versions': versions(), 'argv': sys.argv,
+      json.dump({'results': results, **compared, 'versions': versions(), 'argv': sys.argv,
                  'date': time.strftime('%Y-%m-%d')}, f, indent=1)
 
 
@@ -258,6 +275,9 @@ def _define_flags():
   flags.DEFINE_bool('find_max_batch', False, 'also search the largest batch (with/without remat)')
   flags.DEFINE_integer('max_batch_limit', 4096, 'stop the max-batch search here')
   flags.DEFINE_string('out', '', 'write the results as JSON here')
+  flags.DEFINE_string('official', '', 'folder holding the official AIM files (mmaction/models/'
+                      '...): also time the official PyTorch model, same batch and precision, '
+                      'and report ours / official (aim_jax.official_torch; needs torch)')
   flags.mark_flags_as_required(['config'])
 
 

@@ -1,0 +1,185 @@
+"""The official PyTorch AIM, loaded from its own files with our weights, computes our function;
+`python -m aim_jax.benchmark --official DIR` times it beside ours and reports the ratio.
+
+Needs the official files in `.official/` (git-ignored, fetched by hand: CI has no copy) and torch.
+timm (imported by the official vit_clip.py) needs torchvision, which has no CPU build here: a
+stub package is served to these tests only (as in test_backbones.py).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from aim_jax.models.factory import resolve_model_config
+from configs import tiny
+
+OFFICIAL = ROOT / '.official'
+pytestmark = [
+    pytest.mark.torch,
+    pytest.mark.skipif(not (OFFICIAL / 'mmaction/models/backbones/vit_clip.py').is_file(),
+                       reason='no copy of the official AIM files in .official/ (git-ignored; '
+                              'fetch mmaction/models/{backbones,heads} of '
+                              'taoyang1122/adapt-image-models there)'),
+]
+
+# Served before timm is imported, here and in the benchmark subprocess (test-only).
+FAKE_TORCHVISION = '''
+import importlib.abc, importlib.machinery, sys, types
+
+class _Any(type):
+  def __getattr__(cls, name):
+    if name.startswith('__'):
+      raise AttributeError(name)
+    return _Any(name, (), {})
+
+def _getattr(attr):
+  if attr.startswith('__'):
+    raise AttributeError(attr)
+  return _Any(attr, (), {})
+
+class _FakeTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+  def find_spec(self, name, path, target=None):
+    if name == 'torchvision' or name.startswith('torchvision.'):
+      return importlib.machinery.ModuleSpec(name, self, is_package=True)
+    return None
+
+  def create_module(self, spec):
+    module = types.ModuleType(spec.name)
+    module.__path__ = []
+    module.__getattr__ = _getattr
+    return module
+
+  def exec_module(self, module):
+    pass
+
+def install():
+  try:
+    import torchvision  # noqa: F401
+    return None
+  except ImportError:
+    finder = _FakeTorchvision()
+    sys.meta_path.insert(0, finder)
+    return finder
+
+finder = install()
+'''
+
+
+@pytest.fixture(scope='module')
+def official_torch():
+  pytest.importorskip('torch')
+  pytest.importorskip('einops')
+  if importlib.util.find_spec('timm') is None:   # importing it needs torchvision (served below)
+    pytest.skip('timm is not installed')
+  try:
+    # transformers caches whether torchvision exists: let it see the truth first.
+    from transformers.utils import import_utils
+    import_utils.is_torchvision_available()
+  except ImportError:
+    pass
+  namespace = {'__name__': 'fake_torchvision'}
+  exec(FAKE_TORCHVISION, namespace)  # noqa: S102 (the same code serves the subprocess)
+  try:
+    from aim_jax import official_torch as module
+    yield module
+  finally:
+    if namespace['finder'] is not None:
+      sys.meta_path.remove(namespace['finder'])
+      for name in [n for n in sys.modules if n.split('.')[0] == 'torchvision']:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope='module')
+def modules(official_torch):
+  return official_torch.load_official(OFFICIAL)
+
+
+def _tiny_cfg(**adapters):
+  c = tiny.get_config().to_dict()['model']
+  c['adapters'].update(adapters)
+  return resolve_model_config(c)
+
+
+def _randomised_params(official_torch, cfg, seed):
+  """Our init with every leaf moved off it (zero D_fc2 would hide the adapters)."""
+  _, params = official_torch._init_params(cfg)
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: (p + 0.2 * rng.normal(size=p.shape)).astype(np.float32), params)
+
+
+@pytest.mark.parametrize('num_tadapter,scale', [(1, 0.5), (2, 1.0)])
+def test_official_model_with_our_params_gives_our_logits(official_torch, modules, num_tadapter,
+                                                         scale):
+  cfg = _tiny_cfg(num_tadapter=num_tadapter, scale=scale)
+  params = _randomised_params(official_torch, cfg, seed=num_tadapter)
+  torch_model = official_torch.build_official(cfg, params, modules)   # strict load
+  from aim_jax.models.factory import build_model
+  clips = np.random.default_rng(7).normal(size=(3, 4, 32, 32, 3)).astype(np.float32)
+  ours = np.asarray(build_model(cfg).apply({'params': params}, clips, train=False))
+  theirs = official_torch.official_logits(torch_model, clips, 'float32',
+                                          official_torch.torch.device('cpu'))
+  assert np.abs(ours).max() > 0.1              # not a trivially small output
+  np.testing.assert_allclose(theirs, ours, atol=2e-5, rtol=0)
+
+
+def test_load_serves_shims_only_while_loading(official_torch, modules):
+  assert 'mmaction.models.builder' in modules.stand_ins and 'mmcv.cnn' in modules.stand_ins
+  assert not [n for n in sys.modules if n.split('.')[0] in ('mmaction', 'mmcv')]
+  assert set(modules.files) == set(official_torch.FILES.values())
+
+
+def test_official_trains_exactly_our_trainable_set(official_torch, modules):
+  from aim_jax import params as P
+  config = tiny.get_config()
+  cfg = resolve_model_config(config.model)
+  _, params = official_torch._init_params(cfg)
+  model = official_torch.build_official(cfg, params, modules)
+  keys = official_torch.trainable_keys(params, cfg, list(config.trainable))
+  groups = official_torch.param_groups(model, keys, config.optimizer)
+  tunable, _ = P.parameter_counts(params, list(config.trainable))
+  assert sum(p.numel() for g in groups for p in g['params']) == tunable
+  assert sum(p.numel() for p in model.parameters() if p.requires_grad) == tunable
+  # mmcv paramwise rule: ln_post has no weight decay, the adapters and head do.
+  wd = {n: g['weight_decay'] for g in groups for n, p in model.named_parameters()
+        if any(p is q for q in g['params'])}
+  assert wd['backbone.ln_post.weight'] == 0.0
+  assert wd['backbone.transformer.resblocks.0.S_Adapter.D_fc1.bias'] == 0.05
+  assert wd['cls_head.fc_cls.weight'] == 0.05
+
+
+def test_official_refuses_a_config_it_cannot_express(official_torch, modules):
+  cfg = _tiny_cfg(position='top', position_count=1)
+  with pytest.raises(ValueError, match='adapters.position'):
+    official_torch.build_official(cfg, {}, modules)
+
+
+@pytest.mark.slow   # a subprocess: JAX + torch imports, two compilations (~25 s idle, 60 s loaded)
+def test_benchmark_official_flag_writes_both_rows_and_ratio(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'side_by_side.json'
+  argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'both', '--batch',
+          '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--out', str(out)]
+  code = (FAKE_TORCHVISION + 'from aim_jax import benchmark\n'
+          f'benchmark.run({argv!r})\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  ours, theirs = result['results'], result['official']
+  assert [r['mode'] for r in ours] == [r['mode'] for r in theirs] == ['train', 'eval']
+  for a, b in zip(ours, theirs):
+    assert b['impl'] == 'official_torch' and b['batch'] == a['batch'] == 2
+    assert b['dtype'] == a['dtype'] and b['steps'] == 2 and b['clips_per_s'] > 0
+    assert result['ratio'][a['mode']] == pytest.approx(a['clips_per_s'] / b['clips_per_s'])
+  assert theirs[0]['trainable_params'] > 0
+  info = result['official_info']
+  assert info['device'] == 'cpu' and info['logits_max_abs_diff'] < 1e-5
+  assert '| official torch | train | 2 |' in proc.stdout
