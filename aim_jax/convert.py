@@ -47,7 +47,7 @@ from aim_jax.official import ConversionError, Report
 _NESTED_KEYS = ('state_dict', 'model', 'module', 'model_state_dict', 'state_dict_ema')
 
 
-# What `convert clip` / `load_clip` detect among (HF SigLIP shares HF CLIP's key names).
+# What `convert clip` / `load_clip` detect among (only CLIP towers, whatever else matches).
 CLIP_FORMATS = ('clip', 'hf_clip')
 
 

@@ -566,6 +566,40 @@ def test_registry_dispatch_lists_clip_and_aim_formats():
   assert 'hf_clip' not in [f.name for f in convert.formats_lib.detect(hf[:1] + hf[2:])]
 
 
+@pytest.mark.torch
+def test_image_detection_tells_hf_clip_from_hf_siglip(tmp_path):
+  """Both name their embeddings alike; only CLIP has a class token: each file is detected as
+  exactly its own format, and `convert image` needs no --format for either."""
+  transformers = pytest.importorskip('transformers')
+  siglip_vision = transformers.SiglipVisionConfig(
+      hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,
+      image_size=32, patch_size=8)
+  siglip_text = transformers.SiglipTextConfig(hidden_size=64, intermediate_size=128,
+                                              num_hidden_layers=1, num_attention_heads=1,
+                                              vocab_size=100, max_position_embeddings=8)
+  clip_text = transformers.CLIPTextConfig(hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=1, num_attention_heads=1,
+                                          vocab_size=100, max_position_embeddings=8)
+  models = {
+      'hf_clip': [transformers.CLIPVisionModel(hf_config(64, 1, 1)),
+                  transformers.CLIPModel(transformers.CLIPConfig(
+                      text_config=clip_text.to_dict(),
+                      vision_config=hf_config(64, 1, 1).to_dict()))],
+      'siglip': [transformers.SiglipVisionModel(siglip_vision),
+                 transformers.SiglipModel(transformers.SiglipConfig(
+                     text_config=siglip_text.to_dict(), vision_config=siglip_vision.to_dict()))],
+  }
+  convert.load_formats()
+  for want, instances in models.items():
+    for model in instances:
+      found = [f.name for f in convert.formats_lib.detect(model.state_dict(), 'image')]
+      assert found == [want], (type(model).__name__, found)
+  for want, model in (('hf_clip', models['hf_clip'][0]), ('siglip', models['siglip'][0])):
+    model.save_pretrained(tmp_path / want)
+    run_cli('image', '--src', str(tmp_path / want), '--out', str(tmp_path / f'{want}_out'))
+    assert checkpoint_io.load_params(str(tmp_path / f'{want}_out'))[2]['format'] == want
+
+
 def _random_clip_tower_safetensors(path, d=64, p=8, g=4, layers=1, embed=16, seed=0):
   """A CLIP state dict (visual.* keys plus one text-side key) written without torch."""
   from safetensors.numpy import save_file

@@ -58,8 +58,10 @@ def detect(keys: Iterable[str]) -> bool:
   keys = set(keys)
   if _is_big_vision(keys):
     return True
+  # HF CLIP has the same embedding names plus a class token, which SigLIP has not.
   return any(k.endswith('embeddings.patch_embedding.weight') for k in keys) and \
-      any(k.endswith('embeddings.position_embedding.weight') for k in keys)
+      any(k.endswith('embeddings.position_embedding.weight') for k in keys) and \
+      not any(k.endswith('embeddings.class_embedding') for k in keys)
 
 
 def _from_big_vision(sd: Mapping, heads: int | None, report: Report) -> dict:
