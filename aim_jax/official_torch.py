@@ -417,11 +417,16 @@ def run_official(config: Any, batch: int, modes: Sequence[str], official_dir: st
 
   rows = []
   for mode in modes:
-    model = build_official(model_cfg, params, modules)
+    model = build_official(model_cfg, params, modules).to(device)   # before AdamW holds them
     groups = param_groups(model, keys, config.optimizer) if mode == 'train' else None
-    rows.append(time_official(model, mode=mode, batch=batch // len(devices), model_cfg=model_cfg,
-                              groups=groups, optimizer_cfg=config.optimizer, steps_n=steps_n,
-                              warmup=warmup, device=device))
+    try:
+      rows.append(time_official(model, mode=mode, batch=batch // len(devices),
+                                model_cfg=model_cfg, groups=groups,
+                                optimizer_cfg=config.optimizer, steps_n=steps_n, warmup=warmup,
+                                device=device))
+    except torch.OutOfMemoryError as e:   # the official model may not fit where ours does
+      rows.append(dict(impl='official_torch', mode=mode, batch=batch // len(devices),
+                       dtype=model_cfg['dtype'], error=f'out of memory: {str(e)[:300]}'))
     del model, groups
     if device.type == 'cuda':
       torch.cuda.empty_cache()
@@ -441,11 +446,14 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
   by_mode = {r['mode']: r for r in official_run['rows']}
   for ours in jax_results:
     theirs = dict(by_mode[ours['mode']])
+    rows.append(theirs)
+    if 'error' in theirs:
+      ratio[ours['mode']] = None
+      continue
     ours_per_device = ours['clips_per_s'] / ours['devices']
     theirs['gmacs_per_clip'] = ours['gmacs_per_clip']
     theirs['mfu'] = (ours['mfu'] * theirs['clips_per_s'] / ours_per_device
                      if ours['mfu'] is not None else None)
-    rows.append(theirs)
     ratio[ours['mode']] = ours_per_device / theirs['clips_per_s']
   return dict(official=rows, ratio=ratio, official_info=dict(official_run['info']))
 
@@ -463,8 +471,13 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
             f'{1e3 * r["step_s_p90"]:.1f}) | {mem} | {mfu} | {ratio} |')
 
   for ours, theirs in zip(jax_results, compared['official']):
+    ratio = compared['ratio'][ours['mode']]
     lines.append(row('aim_jax', ours, ours['batch'] // ours['devices'],
                      ours['clips_per_s'] / ours['devices'],
-                     f'{compared["ratio"][ours["mode"]]:.2f}x'))
-    lines.append(row('official torch', theirs, theirs['batch'], theirs['clips_per_s'], ''))
+                     f'{ratio:.2f}x' if ratio is not None else 'n/a'))
+    if 'error' in theirs:
+      lines.append(f'| official torch | {theirs["mode"]} | {theirs["batch"]} | {theirs["dtype"]} '
+                   f'| {theirs["error"].splitlines()[0][:60]} | | | | |')
+    else:
+      lines.append(row('official torch', theirs, theirs['batch'], theirs['clips_per_s'], ''))
   return '\n'.join(lines)

@@ -160,6 +160,25 @@ def test_official_refuses_a_config_it_cannot_express(official_torch, modules):
     official_torch.build_official(cfg, {}, modules)
 
 
+def test_ratio_is_ours_per_device_over_official_and_survives_an_official_oom(official_torch):
+  ours = [dict(mode='train', batch=64, devices=2, dtype='bfloat16', clips_per_s=100.0, mfu=0.4,
+               gmacs_per_clip=202.1, step_s_median=0.64, step_s_p10=0.6, step_s_p90=0.7,
+               peak_memory_bytes=2**34),
+          dict(mode='eval', batch=64, devices=2, dtype='bfloat16', clips_per_s=300.0, mfu=None,
+               gmacs_per_clip=202.1, step_s_median=0.2, step_s_p10=0.2, step_s_p90=0.2,
+               peak_memory_bytes=None)]
+  run = dict(info={'device': 'cuda'}, rows=[
+      dict(impl='official_torch', mode='train', batch=32, dtype='bfloat16', clips_per_s=20.0,
+           step_s_median=1.6, step_s_p10=1.5, step_s_p90=1.7, peak_memory_bytes=None),
+      dict(impl='official_torch', mode='eval', batch=32, dtype='bfloat16',
+           error='out of memory: CUDA')])
+  compared = official_torch.compare(ours, run)
+  assert compared['ratio'] == {'train': pytest.approx(2.5), 'eval': None}   # (100 / 2) / 20
+  assert compared['official'][0]['mfu'] == pytest.approx(0.4 * 20 / 50)
+  table = official_torch.format_side_by_side(ours, compared)
+  assert '| 2.50x |' in table and 'out of memory' in table
+
+
 @pytest.mark.slow   # a subprocess: JAX + torch imports, two compilations (~25 s idle, 60 s loaded)
 def test_benchmark_official_flag_writes_both_rows_and_ratio(tmp_path):
   pytest.importorskip('torch')
