@@ -2,6 +2,9 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# CORE: the library and its data pipeline, enough for `make demo`;
+# STAMP: everything `make test` needs on top (torch and the reference libraries).
+CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
@@ -10,9 +13,13 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(CORE): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q -U pip "setuptools<81" wheel
+	$(BIN)/pip install -q -e ".[data]"
+	touch $(CORE)
+
+$(STAMP): $(CORE)
 	# CPU torch for the conversion tools and their tests (never the CUDA build).
 	# It is optional: tests that need it skip where it cannot be installed.
 	-$(BIN)/pip install -q "torch==2.13.0+cpu" || $(BIN)/pip install -q "torch==2.13.0"
@@ -28,10 +35,10 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
-demo: $(STAMP)
+demo: $(CORE)
 	$(BIN)/python -m aim_jax.demo
 
-benchmark: $(STAMP)
+benchmark: $(CORE)
 	$(BIN)/python -m aim_jax.benchmark --config configs/tiny.py
 
 lint: $(STAMP)

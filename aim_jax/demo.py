@@ -171,8 +171,10 @@ def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str)
 # ---------------------------------------------------------------- adapt step
 
 
-def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int) -> str:
-  return f'configs/demo.py:variant={variant},task={task},root={workdir},steps={train_steps}'
+def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int,
+               val: bool = True) -> str:
+  return (f'configs/demo.py:variant={variant},task={task},root={workdir},steps={train_steps},'
+          f'val={int(val)}')
 
 
 def adapt(workdir: pathlib.Path, task: str, variant: str, train_steps: int, steps: Steps,
@@ -180,14 +182,14 @@ def adapt(workdir: pathlib.Path, task: str, variant: str, train_steps: int, step
           evaluate: bool = True) -> dict:
   """One variant on one label set: the real train command, then the real evaluate command.
 
-  The training run itself evaluates the test split once at its end (train's
-  validation); `evaluate` additionally runs `python -m aim_jax.evaluate` for the
-  per-video predictions the confusion matrices and within-pair accuracies need.
+  With `evaluate`, `python -m aim_jax.evaluate` scores the test split and writes the
+  per-video predictions the confusion matrices and within-pair accuracies need;
+  without it the training run validates on the test split once at its end.
   """
   name = f'{task}_{variant}'
   run_dir = workdir / 'runs' / name
   eval_dir = workdir / 'eval' / name
-  cfg = config_arg(workdir, task, variant, train_steps)
+  cfg = config_arg(workdir, task, variant, train_steps, val=not evaluate)
   inputs = dict(config=cfg, evaluate=evaluate, **upstream)
   if (rec := steps.done(name, inputs)):
     print(f'{name}: reusing (top-1 {rec["top1"]:.1%})', flush=True)
@@ -199,14 +201,14 @@ def adapt(workdir: pathlib.Path, task: str, variant: str, train_steps: int, step
                          '--workdir', str(run_dir), '--verbosity=-1'],
                         workdir / 'logs' / f'{name}_train.log')
   scalars = event_scalars(run_dir)
-  result = {'train_top1': scalars['test/top1'][-1][1]}
+  result: dict[str, Any] = {}
   if evaluate:
     eval_s = run_command([python, '-m', 'aim_jax.evaluate', '--config', cfg,
                           '--checkpoint', str(run_dir), '--output_dir', str(eval_dir),
                           '--verbosity=-1'], workdir / 'logs' / f'{name}_eval.log')
     result.update(read_evaluation(eval_dir), eval_seconds=round(eval_s, 1))
   else:
-    result['top1'] = result['train_top1']
+    result['top1'] = scalars['test/top1'][-1][1]
   result.update(train_seconds=round(train_s, 1), tunable=tunable_parameters(run_dir),
                 curve=scalars['train/loss'])
   return steps.finish(name, inputs, result)

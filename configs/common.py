@@ -113,6 +113,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1
   c.logical_axis_rules = DEFAULT_AXIS_RULES
   c.grad_accum_steps = 1
+  c.device_prefetch = 2              # batches placed on the devices ahead (0 = in the loop)
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000
