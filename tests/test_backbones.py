@@ -7,17 +7,15 @@ weights; each is converted through the format registry and its image features
 must match the reference forward.
 """
 
-import importlib.abc
-import importlib.machinery
 import json
 import sys
-import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torchvision_stub
 from conftest import GOLDEN
 
 from aim_jax import formats, official
@@ -102,62 +100,14 @@ def test_in21k_official_checkpoint_exports_back_exactly(case):
 
 
 # ---------------------------------------------------------------------------
-# Reference libraries. timm imports torchvision, which is not installed: a stub
-# package is served for the duration of the fixture (test-only).
-
-class _AnyAttribute(type):
-  """Any attribute of a stub class is another stub class (`InterpolationMode.NEAREST`)."""
-  def __getattr__(cls, name):
-    if name.startswith('__'):
-      raise AttributeError(name)
-    return _AnyAttribute(name, (_Stub,), {})
-
-
-class _Stub(metaclass=_AnyAttribute):
-  def __init__(self, *args, **kwargs):
-    raise RuntimeError('torchvision is not installed (test stub)')
-
-
-class _FakeTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-  def find_spec(self, name, path, target=None):
-    if name == 'torchvision' or name.startswith('torchvision.'):
-      return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    return None
-
-  def create_module(self, spec):
-    module = types.ModuleType(spec.name)
-    module.__path__ = []
-
-    def getattr_(attr):
-      if attr.startswith('__'):
-        raise AttributeError(attr)
-      return _AnyAttribute(attr, (_Stub,), {})
-    module.__getattr__ = getattr_
-    return module
-
-  def exec_module(self, module):
-    pass
-
+# Reference libraries. timm imports torchvision, which is not installed: the stub
+# of tests/torchvision_stub.py serves it for the duration of the fixture.
 
 @pytest.fixture(scope='module')
 def timm():
-  finder = None
-  try:
-    import torchvision  # noqa: F401
-  except ImportError:
-    # transformers caches whether torchvision exists: let it see the truth first.
-    from transformers.utils import import_utils
-    import_utils.is_torchvision_available()
-    finder = _FakeTorchvision()
-    sys.meta_path.insert(0, finder)
-  try:
+  with torchvision_stub.installed():
     import timm as timm_module
     yield timm_module
-  finally:
-    if finder is not None:
-      sys.meta_path.remove(finder)
-      for name in [n for n in sys.modules if n.split('.')[0] == 'torchvision']:
-        del sys.modules[name]
 
 
 def _randomise(module, seed, std=0.1):

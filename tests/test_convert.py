@@ -2,19 +2,17 @@
 command, gives the same image embeddings (and pre-projection features) in Flax; unsafe, truncated
 and mismatched checkpoints are refused with an error that names the problem."""
 
-import enum
-import importlib.machinery
 import json
 import os
 import pickle
 import subprocess
 import sys
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torchvision_stub
 from conftest import ROOT
 
 from aim_jax import checkpoint_io, convert, torch_io
@@ -29,37 +27,9 @@ def _torch():
 
 
 def install_fake_torchvision():
-  """`clip` and `open_clip` import torchvision for image transforms that these tests never use;
-  torchvision has no CPU build here, so a placeholder module stands in (tests only)."""
+  """`clip` and `open_clip` import torchvision for image transforms these tests never use."""
   _torch()
-  pytest.importorskip('transformers')   # import first: it probes torchvision availability
-  if 'torchvision' in sys.modules:
-    return
-
-  class _Any(type):
-    def __getattr__(cls, name):
-      return cls
-
-  def module(name):
-    m = types.ModuleType(name)
-
-    def getattr_(attr):
-      if attr.startswith('__'):
-        raise AttributeError(attr)
-      return _Any(attr, (), {})
-
-    m.__getattr__ = getattr_
-    m.__path__ = []
-    m.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
-    sys.modules[name] = m
-    return m
-
-  tv = module('torchvision')
-  tv.transforms = module('torchvision.transforms')
-  tv.transforms.InterpolationMode = enum.Enum('InterpolationMode', 'NEAREST BILINEAR BICUBIC')
-  tv.transforms.functional = module('torchvision.transforms.functional')
-  tv.ops = module('torchvision.ops')
-  tv.ops.misc = module('torchvision.ops.misc')
+  torchvision_stub.install()
 
 
 def randomize(model, seed=0):

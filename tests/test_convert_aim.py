@@ -128,8 +128,9 @@ def test_aim_errors_name_the_key(tmp_path):
 def test_clip_gelu_aim_model_round_trips_through_export_aim(tmp_path):
   """An AIM model on an OpenCLIP GELU backbone: the tensors are the official names, the family
   travels in the exported file's meta, so `convert aim` gives back 'clip_gelu' (and --act wins)."""
-  import jax
   import flax.linen as nn
+  import jax
+
   from aim_jax.models.factory import input_shape, resolve_model_config
   cfg = resolve_model_config(dict(backbone='clip_gelu', width=64, layers=1, heads=1,
                                   patch_size=8, image_size=32, num_frames=2, num_classes=5))

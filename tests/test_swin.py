@@ -1,16 +1,13 @@
 """AIM on Swin: official parity, image-Swin equivalence, checkpoint conversion, counts."""
 
 import functools
-import importlib.abc
-import importlib.machinery
-import sys
-import types
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torchvision_stub
 from conftest import GOLDEN
 
 from aim_jax import formats
@@ -285,59 +282,12 @@ def test_official_swin_b_parameter_counts(row, tunable, total):
 # ---------------------------------------------------------------------------
 # timm and Microsoft 2D Swin checkpoints.
 
-class _Anything(type):
-  """Attribute access on a stub class yields a distinct stub class (enum-like members)."""
-  def __getattr__(cls, name):
-    if name.startswith('__'):
-      raise AttributeError(name)
-    sub = _Anything(name, (_Stub,), {})
-    type.__setattr__(cls, name, sub)
-    return sub
-
-
-class _Stub(metaclass=_Anything):
-  def __init__(self, *args, **kwargs):
-    raise RuntimeError('torchvision is not installed (test stub)')
-
-
-class _FakeTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-  """Serves `torchvision[.*]` as stub modules: timm imports names it never calls here."""
-  def find_spec(self, name, path, target=None):
-    if name == 'torchvision' or name.startswith('torchvision.'):
-      return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    return None
-
-  def create_module(self, spec):
-    module = types.ModuleType(spec.name)
-    module.__path__ = []
-
-    def getattr_(name):
-      if name.startswith('__'):
-        raise AttributeError(name)
-      return getattr(_Stub, name)
-    module.__getattr__ = getattr_
-    return module
-
-  def exec_module(self, module):
-    pass
-
-
 @pytest.fixture(scope='module')
 def timm():
-  torch = pytest.importorskip('torch')
-  finder = None
-  try:
-    import torchvision  # noqa: F401
-  except ImportError:
-    finder = _FakeTorchvision()
-    sys.meta_path.insert(0, finder)
-  try:
+  pytest.importorskip('torch')
+  with torchvision_stub.installed():   # timm imports torchvision (tests/torchvision_stub.py)
     import timm as timm_module
     yield timm_module
-  finally:
-    if finder is not None:
-      sys.meta_path.remove(finder)
-  del torch
 
 
 def _random_timm_swin(timm, seed, **kwargs):

@@ -33,8 +33,7 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from aim_jax import formats
-from aim_jax import official
+from aim_jax import formats, official
 from aim_jax.models.factory import resolve_model_config
 
 # Per-block tensors of a CLIP visual tower (CLIP names).
