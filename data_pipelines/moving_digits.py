@@ -28,6 +28,7 @@ Writes real mp4 files (PyAV, H.264) and `path label` annotation lists that
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import os
 import pathlib
@@ -281,21 +282,36 @@ def tfrecord_dir(root: str | os.PathLike, label_set: str) -> pathlib.Path:
 
 
 def prepare_tfrecords(root: str | os.PathLike, splits: Sequence[str] = SPLITS,
-                      label_sets: Sequence[str] = LABEL_SETS, python: str = sys.executable) -> None:
-  """Run the real `python -m data_pipelines.prepare` once per (label set, split)."""
+                      label_sets: Sequence[str] = LABEL_SETS, python: str = sys.executable,
+                      parallel: int = 2) -> None:
+  """Run the real `python -m data_pipelines.prepare` once per (label set, split).
+
+  The clips are tiny, so each command writes in its own process (`--num_workers 0`: no
+  spawned writer that would import TensorFlow again) and `parallel` commands run at once.
+  """
   root = pathlib.Path(root)
+  cmds = []
   for label_set in label_sets:
+    names = root / 'annotations' / f'{label_set}_classes.txt'
+    names.write_text('\n'.join(class_names(label_set)) + '\n')
     for split in splits:
-      names = root / 'annotations' / f'{label_set}_classes.txt'
-      names.write_text('\n'.join(class_names(label_set)) + '\n')
       # short_side 0: the clips are already the model's 32 px (the default would upscale to 256).
-      cmd = [python, '-m', 'data_pipelines.prepare', '--videos', str(root / 'videos'),
-             '--annotations', str(annotation_path(root, split, label_set)),
-             '--out', str(tfrecord_dir(root, label_set)), '--split', split,
-             '--name', f'moving_digits_{label_set}', '--format', 'list',
-             '--labels', str(names), '--short_side', '0', '--jpeg_quality', '95']
-      print('$', ' '.join(cmd), flush=True)
-      subprocess.run(cmd, check=True)
+      cmds.append([python, '-m', 'data_pipelines.prepare', '--videos', str(root / 'videos'),
+                   '--annotations', str(annotation_path(root, split, label_set)),
+                   '--out', str(tfrecord_dir(root, label_set)), '--split', split,
+                   '--name', f'moving_digits_{label_set}', '--format', 'list',
+                   '--labels', str(names), '--short_side', '0', '--jpeg_quality', '95',
+                   '--num_workers', '0'])
+
+  def run(cmd: list[str]) -> int:
+    print('$', ' '.join(cmd), flush=True)
+    return subprocess.run(cmd, check=False).returncode
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+    codes = list(pool.map(run, cmds))
+  failed = [' '.join(c) for c, rc in zip(cmds, codes) if rc]
+  if failed:
+    raise RuntimeError('data preparation failed:\n  ' + '\n  '.join(failed))
 
 
 def _bar(total: int, desc: str):
