@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
+from aim_jax.models.vit import Mlp
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -183,23 +184,6 @@ class WindowAttention(nn.Module):
     return self._attend(x, bias)
 
 
-class Mlp(nn.Module):
-  """fc1 (C -> 4C) -> exact GELU -> fc2."""
-  hidden: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.hidden, kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
-              bias_init=LP(init.zeros, ('mlp',)), name='fc1')(x)
-    h = nn.gelu(h, approximate=False)
-    return dense(d, kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
-                 bias_init=LP(init.zeros, ('embed',)), name='fc2')(h)
-
-
 def _layer_norm(eps, dtype, param_dtype, name):
   return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
                       scale_init=LP(init.ones, ('embed',)),
@@ -267,8 +251,9 @@ class SwinBlock(nn.Module):
     x = constrain(x, ('activation_batch', None, None, None, 'activation_embed'))
 
     xn = _layer_norm(self.ln_eps, self.dtype, self.param_dtype, 'norm2')(x)
-    x = x + Mlp(int(c * self.mlp_ratio), dtype=self.dtype, param_dtype=self.param_dtype,
-                name='mlp')(xn)
+    # fc1 (C -> 4C) -> exact GELU -> fc2, the official names.
+    x = x + Mlp(int(c * self.mlp_ratio), act='gelu', in_name='fc1', out_name='fc2',
+                dtype=self.dtype, param_dtype=self.param_dtype, name='mlp')(xn)
     if self.mlp_adapter is not None:
       a = self.mlp_adapter_scale * self.mlp_adapter(name='S_Adapter')(xn)
       a = drop_path(a.reshape(b, t, h * w, c), self.drop_path_rate, self.deterministic)

@@ -196,9 +196,15 @@ class MultiHeadAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """c_fc (D -> 4D) -> activation -> c_proj (4D -> D)."""
+  """in (D -> hidden) -> activation -> out (hidden -> D), over the last axis of any rank.
+
+  The layer names are the checkpoint's: CLIP's c_fc / c_proj (ViT families,
+  MAPHead) or fc1 / fc2 (Swin, with act='gelu').
+  """
   hidden: int
   act: str = 'quick_gelu'
+  in_name: str = 'c_fc'
+  out_name: str = 'c_proj'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -207,11 +213,11 @@ class Mlp(nn.Module):
     d = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden, kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
-              bias_init=LP(init.zeros, ('mlp',)), name='c_fc')(x)
+              bias_init=LP(init.zeros, ('mlp',)), name=self.in_name)(x)
     h = ACTIVATIONS[self.act](h)
-    h = constrain(h, ('activation_batch', None, None, 'activation_mlp'))
+    h = constrain(h, ('activation_batch',) + (None,) * (h.ndim - 2) + ('activation_mlp',))
     return dense(d, kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
-                 bias_init=LP(init.zeros, ('embed',)), name='c_proj')(h)
+                 bias_init=LP(init.zeros, ('embed',)), name=self.out_name)(h)
 
 
 class ProbeAttention(nn.Module):
