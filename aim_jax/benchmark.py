@@ -89,10 +89,14 @@ def build(config: Any, batch: int, mode: str, remat: str | None = None):
   def init(rng):
     return model.init({'params': rng}, jnp.zeros((dp, t, s, s, 3)), train=False)['params']
 
-  boxed = jax.eval_shape(init, jax.random.key(0))
+  # The model is traced under the global mesh (its init-time parameter constraints and
+  # activation constraints apply); the boxes are read outside it.
+  with sharding.mesh_context(mesh, rules):
+    boxed = jax.eval_shape(init, jax.random.key(0))
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   abstract = nn.unbox(boxed)
-  params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_sh)(jax.random.key(0))
+  with sharding.mesh_context(mesh, rules):
+    params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_sh)(jax.random.key(0))
   video = jax.jit(lambda r: jax.random.normal(r, (batch, t, s, s, 3), jnp.float32),
                   out_shardings=sharding.batch_sharding(mesh, 5))(jax.random.key(1))
   labels = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % model_cfg['num_classes'],
@@ -127,8 +131,12 @@ def build(config: Any, batch: int, mode: str, remat: str | None = None):
 
 def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
                remat: str | None = None, data_iter=None) -> dict:
-  """Compile, warm up, then time `steps_n` synchronised steps."""
-  import flax.linen as nn
+  """Compile, warm up, then time `steps_n` synchronised steps.
+
+  The steps are traced under the global mesh and the logical rules
+  (`sharding.mesh_context`): the model's activation constraints are in the
+  compiled program, as in training.
+  """
   import jax
 
   from aim_jax import flops, sharding
@@ -144,7 +152,7 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
                                 (batch,) + host['video'].shape[1:]),
             sharding.put_global(host['label'], sharding.batch_sharding(mesh, 1), (batch,)))
 
-  with nn.logical_axis_rules(b['rules']):
+  with sharding.mesh_context(mesh, b['rules']):
     video, labels = next_batch()
     t0 = time.perf_counter()
     if mode == 'train':

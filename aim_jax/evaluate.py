@@ -39,7 +39,8 @@ from aim_jax.models.factory import build_model, input_shape, resolve_model_confi
 # Fields that only change how the model runs (or trains), never what it computes at
 # test time: taken from the config file, not the checkpoint.
 EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
-                    'dropout_rate', 'drop_path_rate', 'drop_path_mode', 'variant')
+                    'temporal_attention', 'dropout_rate', 'drop_path_rate', 'drop_path_mode',
+                    'variant')
 
 
 # ---------------------------------------------------------------------------
@@ -195,16 +196,15 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
       config.data, split=split, batch_size=per_process,
       process_index=jax.process_index(), process_count=processes)
 
-  def apply_fn(p, video):
-    with nn.logical_axis_rules(rules):
-      return model.apply({'params': p}, video, train=False)
-
-  result = eval_lib.evaluate(
-      apply_fn, params, batches, num_classes=model_cfg['num_classes'], num_views=views,
-      batch_size=per_process, mesh=mesh, average_clips=config.eval.average_clips,
-      expected_count=expected, progress=progress, keep_scores=keep_scores,
-      total_steps=math.ceil(expected / processes / per_process) or None,
-      param_sharding=param_sharding)
+  # The step is traced under the global mesh and the logical rules, so the model's
+  # activation constraints shard the folded (videos x views) batch like the input.
+  with sharding.mesh_context(mesh, rules):
+    result = eval_lib.evaluate(
+        eval_lib.model_apply_fn(model), params, batches, num_classes=model_cfg['num_classes'],
+        num_views=views, batch_size=per_process, mesh=mesh,
+        average_clips=config.eval.average_clips, expected_count=expected, progress=progress,
+        keep_scores=keep_scores, total_steps=math.ceil(expected / processes / per_process) or None,
+        param_sharding=param_sharding)
   # The pipeline names what it dropped before decoding (file, key, reason) in `.stats`.
   stats = getattr(batches, 'stats', None)
   skipped = [dict(file=f, key=k, reason=r) for f, k, r in getattr(stats, 'named', [])]

@@ -10,8 +10,9 @@ device's memory can be adapted); with 'embed' -> None it is replicated.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -55,6 +56,18 @@ def axis_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
     name, target = rule
     out.append((str(name), tuple(target) if isinstance(target, (list, tuple)) else target))
   return tuple(out)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: Any) -> Iterator[None]:
+  """The global mesh (`jax.set_mesh`) and the logical-axis rules, together.
+
+  Functions traced inside take the model's activation constraints
+  (`nn.with_logical_constraint`: 'activation_batch' -> ('data', 'fsdp'), ...) as
+  sharding annotations; outside a global mesh flax drops them silently.
+  """
+  with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules(rules)):
+    yield
 
 
 def data_parallel_size(mesh: Mesh) -> int:

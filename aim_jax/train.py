@@ -265,10 +265,12 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   def init(rng):
     return model.init({'params': rng}, dummy, train=False)['params']
 
-  # Initialisation runs outside the mesh/rules context: DenseGeneral reshapes its
-  # boxed kernel during init, and a logical constraint on the flat kernel would fail.
-  # Placement comes from out_shardings instead.
-  boxed = jax.eval_shape(init, jax.random.key(config.seed))
+  # Everything that traces the model runs under the global mesh and the logical rules
+  # (sharding.mesh_context), so the model's activation constraints apply. Placement
+  # of the params comes from out_shardings (dims that do not divide their mesh axes
+  # are replicated there, see sharding.logical_shardings).
+  with sharding.mesh_context(mesh, rules):
+    boxed = jax.eval_shape(init, jax.random.key(config.seed))
   param_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_params = nn.unbox(boxed)
   mask = P.trainable_mask(abstract_params, list(config.trainable), config.full_finetune)
@@ -306,8 +308,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
     start = int(meta['data_step'])
   else:
     start = 0
-    params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
-        jax.random.key(config.seed))
+    with sharding.mesh_context(mesh, rules):
+      params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
+          jax.random.key(config.seed))
     if config.init_from:
       host = jax.tree.map(np.asarray, jax.device_get(params))
       host, at_init = load_init_from(config.init_from, host, model_cfg)
@@ -342,11 +345,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   p_eval = jax.jit(eval_fn, in_shardings=(param_shardings, eval_sh), out_shardings=rep)
 
   def run_jit(fn, *args):
-    # No global mesh here: with one set, flax re-runs DenseGeneral's kernel init for
-    # its shape check and constrains the flat (2-D) kernel with the 4-D logical names,
-    # which fails. The explicit in/out shardings of the params and the batch drive
-    # GSPMD's propagation instead of the model's activation constraints.
-    with nn.logical_axis_rules(rules):
+    # Traced under the global mesh: the activation constraints ('activation_batch' ->
+    # ('data', 'fsdp'), ...) join the explicit in/out shardings of params and batch.
+    with sharding.mesh_context(mesh, rules):
       return fn(*args)
 
   # == Evaluation =========================================================================

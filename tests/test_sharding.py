@@ -116,3 +116,44 @@ def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
   out = subprocess.run([sys.executable, '-c', SHARDING_SCRIPT], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
   assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
+
+
+CONSTRAINT_SCRIPT = r'''
+import re, jax, numpy as np, flax.linen as nn
+from aim_jax import benchmark, sharding
+from configs import tiny
+cfg = tiny.get_config(); cfg.unlock()
+cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
+b = benchmark.build(cfg, 8, 'train')
+batch = {'video': b['video'], 'label': b['labels']}
+with sharding.mesh_context(b['mesh'], b['rules']):
+  under_mesh = b['step'].lower(b['state'], batch).as_text()
+with nn.logical_axis_rules(b['rules']):                 # rules without a global mesh
+  rules_only = b['step'].lower(b['state'], batch).as_text()
+def constraints(text):
+  # Shardy: sdy.sharding_constraint %x <@mesh, [{"data", "fsdp"}, {}, {}, {}]> : tensor<...>
+  return re.findall(r'sharding_constraint %\S+ <@\w+, (\[.*?\])> : tensor<([^>]*)>', text)
+got = constraints(under_mesh)
+print('CONSTRAINTS', got)
+assert constraints(rules_only) == [], constraints(rules_only)[:3]
+# (B, T, L, D) = (8, 4, 17, 32) after each block and the MLP hidden (..., 128) over 'model'.
+assert ('[{"data", "fsdp"}, {}, {}, {}]', '8x4x17x32xf32') in got, got
+assert ('[{"data", "fsdp"}, {}, {}, {"model"}]', '8x4x17x128xf32') in got, got
+e = benchmark.build(cfg, 8, 'eval')
+with sharding.mesh_context(e['mesh'], e['rules']):
+  sharded = np.asarray(e['step'](e['params'], e['video']))
+plain = np.asarray(jax.jit(lambda p, v: e['step'](p, v))(e['params'], e['video']))
+np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-5)
+print('OK')
+'''
+
+
+def test_activation_constraints_are_in_the_step_traced_under_the_global_mesh():
+  # Under sharding.mesh_context the model's nn.with_logical_constraint calls become
+  # sharding annotations of the (data=4, fsdp=2) mesh; with the rules alone (no global
+  # mesh) flax drops them. The eval logits do not change.
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=8')
+  out = subprocess.run([sys.executable, '-c', CONSTRAINT_SCRIPT], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0 and 'OK' in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.aim import VideoClassifier, inject
 from aim_jax.models.swin import SwinTransformer
-from aim_jax.models.vit import FAMILIES, VisionTransformer
+from aim_jax.models.vit import FAMILIES, TEMPORAL_ATTENTION, VisionTransformer
 
 # Width, depth, heads by ViT size (Dosovitskiy et al. 2021, Table 1; CLIP uses the same).
 VIT_SIZES = {
@@ -50,6 +50,10 @@ def default_model_config() -> dict:
       dtype='float32',          # compute dtype; params stay param_dtype
       param_dtype='float32',
       attention_impl='',        # '' (XLA) | 'cudnn'
+      # How the temporal branch attends over T (same numbers either way, see
+      # models/vit.py MultiHeadAttention): 'einsum' on the (B, T, L, D) layout, no
+      # activation transposes | 'dot_product_attention': swap to (B, L, T, D) and back.
+      temporal_attention='einsum',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(
           embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),   # Swin-B
@@ -100,6 +104,9 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
   for k in ('dtype', 'param_dtype'):
     if out[k] not in DTYPES:
       raise ValueError(f'model.{k} must be one of {sorted(DTYPES)}, got {out[k]!r}')
+  if out['temporal_attention'] not in TEMPORAL_ATTENTION:
+    raise ValueError(f'model.temporal_attention must be one of {list(TEMPORAL_ATTENTION)}, '
+                     f'got {out["temporal_attention"]!r}')
   return out
 
 
@@ -131,7 +138,8 @@ def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
       output_dim=cfg['output_dim'] or None, drop_path_rate=cfg['drop_path_rate'],
       scan_layers=cfg['scan_layers'], remat_policy=cfg['remat_policy'],
       dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']],
-      attention_impl=cfg['attention_impl'] or None, **family)
+      attention_impl=cfg['attention_impl'] or None,
+      temporal_attention=cfg['temporal_attention'], **family)
 
 
 def build_swin_encoder(cfg: Mapping) -> SwinTransformer:

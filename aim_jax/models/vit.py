@@ -301,6 +301,7 @@ class ResidualAttentionBlock(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  temporal_attention: str = 'einsum'
   scanned: bool = False          # (carry, xs) signature for nn.scan
 
   def _norm(self, name):
@@ -329,7 +330,8 @@ class ResidualAttentionBlock(nn.Module):
     ln_1 = self._norm('ln_1')
     attn = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype,
-                              attention_impl=self.attention_impl, name='attn')
+                              attention_impl=self.attention_impl,
+                              temporal_attention=self.temporal_attention, name='attn')
     drop_path = DropPath(self.drop_path_mode)
     gammas = self._gammas(d)
 
@@ -374,7 +376,8 @@ class VisionTransformer(nn.Module):
   Attributes (AIM): num_frames (size of temporal_embedding; 0 = none),
     adapters (AdapterSpec or None), drop_path_rate, drop_path_mode.
   Attributes (execution): scan_layers, remat_policy ('none', 'full',
-    'dots_saveable', ...), dtype, param_dtype, attention_impl.
+    'dots_saveable', ...), dtype, param_dtype, attention_impl,
+    temporal_attention ('einsum' | 'dot_product_attention', see MultiHeadAttention).
   """
   patch_size: int = 16
   width: int = 768
@@ -401,6 +404,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
+  temporal_attention: str = 'einsum'
 
   @property
   def grid(self) -> int:
@@ -411,7 +415,7 @@ class VisionTransformer(nn.Module):
               ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, layer_scale=self.layer_scale,
               drop_path_mode=self.drop_path_mode, deterministic=deterministic,
               dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl)
+              attention_impl=self.attention_impl, temporal_attention=self.temporal_attention)
     if self.adapters is not None:
       kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
       kw['mlp_adapter_scale'] = self.adapters.scale
