@@ -238,18 +238,30 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
 # Command line
 # ---------------------------------------------------------------------------
 
+def define_checkpoint_flags() -> None:
+  """--checkpoint (required), --which and --labels: how evaluate and predict name a model.
+
+  Defined once so that both commands read a checkpoint the same way
+  (`load_checkpoint(FLAGS.checkpoint, FLAGS.which)`, `reports.read_class_names`).
+  """
+  from absl import flags
+  flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
+  flags.DEFINE_enum('which', 'latest', ['latest', 'best'],
+                    'Which checkpoint of a training workdir to use.')
+  flags.DEFINE_string('labels', '', 'Class names, one per line (reports and printed classes).')
+  flags.mark_flag_as_required('checkpoint')
+
+
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
                                   lock_config=True)
-  flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
-  flags.DEFINE_enum('which', 'latest', ['latest', 'best'], 'Workdir checkpoint to evaluate.')
+  define_checkpoint_flags()
   flags.DEFINE_string('output_dir', '', 'Where reports go (default CHECKPOINT/eval_<split>).')
-  flags.DEFINE_string('labels', '', 'Class names, one per line (for the reports).')
   flags.DEFINE_enum('predictions_format', 'csv', ['csv', 'jsonl'], 'Per-video predictions file.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
-  flags.mark_flags_as_required(['config', 'checkpoint'])
+  flags.mark_flags_as_required(['config'])
   return flags.FLAGS
 
 

@@ -153,10 +153,8 @@ def _define_flags():
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Optional config (its data and eval settings).',
                                   lock_config=True)
-  flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
-  flags.DEFINE_enum('which', 'latest', ['latest', 'best'], 'Workdir checkpoint to use.')
+  evaluate_lib.define_checkpoint_flags()          # --checkpoint, --which, --labels
   flags.DEFINE_string('video', '', 'A video file to classify.')
-  flags.DEFINE_string('labels', '', 'Class names, one per line.')
   flags.DEFINE_integer('top_k', 5, 'How many classes to print.')
   flags.DEFINE_alias('top-k', 'top_k')
   flags.DEFINE_string('array', '', 'A preprocessed clip array (.npy) to run instead of a video.')
@@ -164,7 +162,6 @@ def _define_flags():
   flags.DEFINE_string('output', '', 'Where to save: logits (.npy) for --array, top-k (.json) '
                       'for --video.')
   flags.DEFINE_integer('batch_size', 8, 'Clips per forward pass.')
-  flags.mark_flags_as_required(['checkpoint'])
   return flags.FLAGS
 
 

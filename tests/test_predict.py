@@ -173,3 +173,32 @@ def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
                         capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   np.testing.assert_allclose(np.load(tmp_path / 'logits.npy'), d['logits'], atol=2e-5, rtol=0)
+
+
+def test_evaluate_and_predict_share_the_checkpoint_flags():
+  """--checkpoint (required), --which and --labels come from one definition in both commands."""
+  code = '''
+import json, sys
+from absl import flags
+from aim_jax import {module} as m
+m._define_flags()
+F = flags.FLAGS
+print(json.dumps({{n: [F[n].help, F[n].default, sorted(getattr(F[n].parser, 'enum_values', None)
+                                                       or [])]
+                  for n in ('checkpoint', 'which', 'labels')}}))
+try:
+  F(['prog'])
+except flags.IllegalFlagValueError as e:
+  print('required:', 'checkpoint' in str(e))
+'''
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  seen = {}
+  for module in ('evaluate', 'predict'):
+    proc = subprocess.run([sys.executable, '-c', code.format(module=module)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    seen[module] = json.loads(lines[0])
+    assert lines[1] == 'required: True', (module, lines)
+  assert seen['evaluate'] == seen['predict']
+  assert seen['predict']['which'][1:] == ['latest', ['best', 'latest']]
