@@ -277,3 +277,25 @@ def test_config_errors_name_the_field():
   model = build_model(TINY)
   with pytest.raises(ValueError, match='num_frames=4'):
     model.init(jax.random.key(0), jnp.zeros((1, 8, 32, 32, 3)))
+
+
+@pytest.mark.parametrize('dtype, tol', [('float32', 1e-5), ('bfloat16', 2e-2)])
+def test_temporal_attention_in_place_equals_the_transposed_layout(dtype, tol):
+  """model.temporal_attention: 'einsum' attends over T on (B, T, L, ...) without moving
+  the activations; 'dot_product_attention' swaps to (B, L, T, D). Same logits and
+  adapter gradients (the goldens above run the default)."""
+  d, _, cfg, params = load_case('aim_tiny_case1')
+  video = ncthw_to_nthwc(d['input'])
+
+  def loss_and_grads(impl):
+    model = build_model(dict(cfg, dtype=dtype, temporal_attention=impl))
+    f = lambda p: jnp.sum(model.apply({'params': p}, video) ** 2)
+    return jax.value_and_grad(f)(params)
+
+  (l1, g1), (l2, g2) = loss_and_grads('einsum'), loss_and_grads('dot_product_attention')
+  np.testing.assert_allclose(l1, l2, rtol=tol)
+  t_adapter = lambda g: g['backbone']['resblocks_0']['T_Adapter']['D_fc1']['kernel']
+  assert float(np.abs(t_adapter(g1)).max()) > 0
+  np.testing.assert_allclose(t_adapter(g1), t_adapter(g2), rtol=tol, atol=tol * 1e-2)
+  with pytest.raises(ValueError, match='model.temporal_attention'):
+    resolve_model_config(dict(temporal_attention='flash'))
