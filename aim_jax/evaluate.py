@@ -160,6 +160,65 @@ def _pairs(params, abstract):
 # The evaluation run
 # ---------------------------------------------------------------------------
 
+def gather_predictions(result: eval_lib.EvalResult
+                       ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+  """Every process's per-video (keys, labels, topk_classes, topk_scores), process by process.
+
+  `EvalResult` holds the videos this process read; the predictions file must
+  hold each video of the split once, so the rows travel to every process
+  (`process_allgather`; collective: every process calls it). Counts differ
+  between processes: rows are padded to the largest count, keys sent as
+  UTF-8 bytes padded to the longest, and the padding dropped on arrival.
+  """
+  keys, labels = list(result.keys), np.asarray(result.labels, np.int64)
+  classes = np.asarray(result.topk_classes, np.int64)
+  scores = np.asarray(result.topk_scores, np.float32)
+  if jax.process_count() == 1:
+    return keys, labels, classes, scores
+  from jax.experimental import multihost_utils
+  encoded = [k.encode('utf-8') for k in keys]
+  sizes = np.asarray(multihost_utils.process_allgather(
+      np.array([len(keys), max(map(len, encoded), default=0)], np.int32)))   # (P, 2)
+  rows, width = max(int(sizes[:, 0].max()), 1), max(int(sizes[:, 1].max()), 1)
+  key_bytes = np.zeros((rows, width), np.uint8)
+  key_lengths = np.zeros((rows,), np.int32)
+  for i, e in enumerate(encoded):
+    key_bytes[i, :len(e)] = np.frombuffer(e, np.uint8)
+    key_lengths[i] = len(e)
+
+  def pad(x, dtype):
+    out = np.zeros((rows,) + x.shape[1:], dtype)
+    out[:len(x)] = x
+    return out
+
+  # int32 on the wire: jax without x64 would narrow int64 silently.
+  local = dict(key_bytes=key_bytes, key_lengths=key_lengths, labels=pad(labels, np.int32),
+               classes=pad(classes, np.int32), scores=pad(scores, np.float32))
+  every = {k: np.asarray(v) for k, v in multihost_utils.process_allgather(local).items()}
+  out_keys, out_labels, out_classes, out_scores = [], [], [], []
+  for p, count in enumerate(sizes[:, 0]):                   # every[name]: (P, rows, ...)
+    out_keys += [bytes(every['key_bytes'][p, i, :every['key_lengths'][p, i]]).decode('utf-8')
+                 for i in range(count)]
+    out_labels.append(every['labels'][p, :count])
+    out_classes.append(every['classes'][p, :count])
+    out_scores.append(every['scores'][p, :count])
+  return (out_keys, np.concatenate(out_labels).astype(np.int64),
+          np.concatenate(out_classes).astype(np.int64), np.concatenate(out_scores))
+
+
+def write_predictions(path: str, result: eval_lib.EvalResult,
+                      names: Optional[list[str]] = None) -> Optional[str]:
+  """One predictions file (.csv or .jsonl) with every process's videos, written by process 0.
+
+  Collective (see `gather_predictions`). Returns the path on process 0, else None.
+  """
+  keys, labels, classes, scores = gather_predictions(result)
+  if jax.process_index() != 0:
+    return None
+  return reports.write_predictions(
+      path, reports.prediction_rows(keys, labels, classes, scores, names))
+
+
 def default_output_dir(checkpoint: str, kind: str, split: str, which: str) -> str:
   name = f'eval_{split}' if kind == 'params' else f'eval_{split}_{which}'
   return str(epath.Path(checkpoint) / name)
@@ -215,10 +274,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
                     if skipped else '')
 
   out = epath.Path(output_dir or default_output_dir(checkpoint, kind, split, which))
-  suffix = f'.process{jax.process_index():05d}' if processes > 1 else ''
-  rows = reports.prediction_rows(result.keys, result.labels, result.topk_classes,
-                                 result.topk_scores, names)
-  reports.write_predictions(str(out / f'predictions{suffix}.{predictions_format}'), rows)
+  write_predictions(str(out / f'predictions.{predictions_format}'), result, names)
   if jax.process_index() == 0:
     reports.write_summary(
         str(out / 'summary.json'), result.metrics, checkpoint=checkpoint, checkpoint_kind=kind,

@@ -39,11 +39,11 @@ def tiny_videos(n, views, seed=0):
           rng.randint(0, 5, n).astype(np.int32))
 
 
-def batches_of(videos, labels, batch_size):
+def batches_of(videos, labels, batch_size, first_key=0):
   for i in range(0, len(videos), batch_size):
     yield dict(video=videos[i:i + batch_size], label=labels[i:i + batch_size],
-               key=np.array([f'vid{j:03d}'.encode() for j in range(i, min(i + batch_size,
-                                                                          len(videos)))]))
+               key=np.array([f'vid{first_key + j:03d}'.encode()
+                             for j in range(i, min(i + batch_size, len(videos)))]))
 
 
 def run_script(code, tmp_path, devices=8, timeout=300):
@@ -379,11 +379,11 @@ def test_evaluate_from_the_best_checkpoint_of_a_training_workdir(tmp_path):
 WORKER = """
 import json, sys
 import jax
-pid, port, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+pid, port, out, predictions = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                            process_id=pid)
 import numpy as np
-from aim_jax import eval_lib
+from aim_jax import eval_lib, evaluate
 from test_evaluate import tiny_params, tiny_videos, batches_of
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 model, params = tiny_params()
@@ -391,8 +391,12 @@ videos, labels = tiny_videos(13, 3)
 # Unequal process shards: process 0 reads 9 videos (batches 4, 4, 1), process 1 reads 4.
 sl = slice(0, 9) if pid == 0 else slice(9, 13)
 res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params,
-                        batches_of(videos[sl], labels[sl], 4), num_classes=5, num_views=3,
-                        batch_size=4, keep_scores=True, expected_count=13, progress=False)
+                        batches_of(videos[sl], labels[sl], 4, sl.start), num_classes=5,
+                        num_views=3, batch_size=4, keep_scores=True, expected_count=13,
+                        progress=False)
+# What evaluate_checkpoint writes: one file, by process 0, with both processes' videos.
+written = evaluate.write_predictions(predictions, res, ['a', 'b', 'c', 'd', 'e'])
+assert (written is not None) == (pid == 0), written
 np.savez(out, scores=res.scores, labels=res.labels, confusion=res.confusion,
          metrics=np.array(json.dumps(res.metrics)))
 """
@@ -410,7 +414,8 @@ def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
              JAX_PLATFORMS='cpu', PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
   procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
-                             str(tmp_path / f'out{i}.npz')], env=env, cwd=ROOT,
+                             str(tmp_path / f'out{i}.npz'),
+                             str(tmp_path / 'predictions' / 'predictions.csv')], env=env, cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for i in range(2)]
   for p in procs:
@@ -426,3 +431,11 @@ def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
     m = json.loads(str(o['metrics']))
     assert m['num_evaluated'] == 13 and o['confusion'].sum() == 13
     assert m['top1'] == pytest.approx(np.mean(want.argmax(1) == labels))
+  # One predictions file: every video once, in process order, with its own prediction.
+  assert [p.name for p in (tmp_path / 'predictions').iterdir()] == ['predictions.csv']
+  rows = reports.read_predictions(str(tmp_path / 'predictions' / 'predictions.csv'))
+  assert [r['video_id'] for r in rows] == [f'vid{i:03d}' for i in range(13)]
+  assert [r['label'] for r in rows] == labels.tolist()
+  assert [r['topk_classes'][0] for r in rows] == want.argmax(1).tolist()
+  assert [r['label_name'] for r in rows] == ['abcde'[c] for c in labels]
+  np.testing.assert_allclose([r['topk_scores'][0] for r in rows], want.max(1), atol=1e-5)
