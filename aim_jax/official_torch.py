@@ -295,7 +295,7 @@ def time_official(model: OfficialRecognizer, *, mode: str, batch: int, model_cfg
   """Time the official train step (fwd + bwd + AdamW) or eval step (no_grad) like ours.
 
   Precision follows our `model.dtype`: torch.autocast in bf16 / fp16 (the
-  official training used apex AMP O1, the same per-op casting), with dynamic
+  official training used apex AMP O1, which casts per op likewise), with dynamic
   loss scaling for fp16 (GradScaler, as apex); parameters and AdamW state stay
   fp32. The loss is the official CrossEntropyLoss on the logits;
   BaseHead.loss's top-k accuracy (a numpy round trip per step) is left out, as
@@ -341,10 +341,11 @@ def time_official(model: OfficialRecognizer, *, mode: str, batch: int, model_cfg
     times.append(time.perf_counter() - t0)
   timed = np.asarray(times[1 + warmup:])
   med = float(np.median(timed))
+  kind = (torch.cuda.get_device_name(device) if device.type == 'cuda'
+          else platform.processor() or platform.machine())
   return dict(
       impl='official_torch', mode=mode, batch=batch, dtype=model_cfg['dtype'],
-      frames=t, devices=1, device_kind=(torch.cuda.get_device_name(device)
-                                        if device.type == 'cuda' else platform.processor()),
+      frames=t, devices=1, device_kind=kind,
       clips_per_s=batch / med, step_s_median=med, step_s_p10=float(np.percentile(timed, 10)),
       step_s_p90=float(np.percentile(timed, 90)), first_step_s=times[0],
       peak_memory_bytes=(int(torch.cuda.max_memory_allocated(device))
