@@ -49,6 +49,8 @@ _NESTED_KEYS = ('state_dict', 'model', 'module', 'model_state_dict', 'state_dict
 
 # What `convert clip` / `load_clip` detect among (only CLIP towers, whatever else matches).
 CLIP_FORMATS = ('clip', 'hf_clip')
+# Formats whose MLP activation no tensor records, so `act` picks it (CLIP towers, AIM on CLIP).
+ACT_FORMATS = ('clip', 'hf_clip', 'aim')
 
 
 @dataclasses.dataclass
@@ -393,6 +395,10 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
     fmt = found[0]
   log(f'[2/4] converting as {fmt.name!r} ({fmt.description})')
   why = ''
+  if act is not None and fmt.name not in ACT_FORMATS:
+    # Other formats take **options; their activation is fixed by the family.
+    raise ConversionError(f'--act applies to {", ".join(ACT_FORMATS)} checkpoints, not '
+                          f'{fmt.name!r}')
   if act is None:
     act, why = _activation(fmt.name, os.fspath(src), info)
   if act is not None:

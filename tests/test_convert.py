@@ -264,6 +264,11 @@ def test_clip_activation_comes_from_config_then_path_names_then_quick_gelu(tmp_p
   assert any('quick_gelu assumed' in n and '--act gelu' in n for n in meta['notices'])
   convert_and_check(gelu, tmp_path / 'c' / 'weights.bin', 'clip_gelu', '--act', 'gelu')
   assert 'MLP activation gelu (--act)' in capsys.readouterr().out
+  # Families with a fixed activation refuse the option rather than ignore it.
+  _random_clip_tower_safetensors(tmp_path / 'c.safetensors')
+  with pytest.raises(ConversionError, match="--act applies to clip, hf_clip, aim checkpoints, "
+                     "not 'siglip'"):
+    convert.load_image(str(tmp_path / 'c.safetensors'), 'siglip', act='gelu')
 
 
 @pytest.mark.torch
