@@ -47,7 +47,7 @@ def _vit_macs(cfg: Mapping, frames: int) -> dict[str, float]:
 def forward_macs(model_config: Mapping) -> float:
   """Multiply-accumulates of one forward pass of one clip (one view)."""
   cfg = resolve_model_config(model_config)
-  if cfg['backbone'] not in ('clip', 'vit_in21k'):
+  if cfg['backbone'] not in ('clip', 'clip_gelu', 'vit_in21k'):
     raise ValueError(f'analytic FLOPs are implemented for ViT backbones, not {cfg["backbone"]!r}')
   parts = _vit_macs(cfg, cfg['num_frames'])
   head = cfg['width'] * cfg['num_classes']

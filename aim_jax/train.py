@@ -74,6 +74,8 @@ def check_config(config: Any, model_cfg: Mapping, num_devices: int, process_coun
   if config.eval.batch_size % dp_size or config.eval.batch_size % process_count:
     raise ConfigError(f'eval.batch_size={config.eval.batch_size} is not divisible by the '
                       f'data-parallel size {dp_size} and the process count {process_count}')
+  if config.device_prefetch < 0:
+    raise ConfigError(f'device_prefetch={config.device_prefetch} must be >= 0 (0 = no prefetch)')
   if config.eval.average_clips not in ('prob', 'score'):
     raise ConfigError(f"eval.average_clips must be 'prob' or 'score', got "
                       f'{config.eval.average_clips!r}')
@@ -393,8 +395,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   # == Logging ============================================================================
   writer = None
   if is_main:
-    from tensorboardX import SummaryWriter
-    writer = SummaryWriter(str(wd / 'tensorboard'))
+    from aim_jax.metric_writer import ScalarWriter
+    writer = ScalarWriter(str(wd / 'tensorboard'))
   progress = None
   if is_main and config.progress_bar:
     from tqdm import tqdm
@@ -446,12 +448,21 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                'total_steps': total_steps})
     last_saved = step_done
 
+  def put(batch):
+    return {'video': sharding.put_global(batch['video'], batch_sh['video'], video_shape),
+            'label': sharding.put_global(batch['label'], batch_sh['label'],
+                                         (config.batch_size,))}
+
+  if config.device_prefetch > 0:
+    from aim_jax.prefetch import DevicePrefetcher
+    batches = DevicePrefetcher(it, put, config.device_prefetch)
+    close_batches = batches.close
+  else:
+    batches, close_batches = map(put, it), lambda: None
+
   try:
     for step in range(start, total_steps):
-      batch = next(it)
-      glob = {'video': sharding.put_global(batch['video'], batch_sh['video'], video_shape),
-              'label': sharding.put_global(batch['label'], batch_sh['label'],
-                                           (config.batch_size,))}
+      glob = next(batches)
       state, metrics = run_jit(p_train, state, glob)
       if pending is not None:
         check(pending)          # the previous step's metrics: one step behind keeps overlap
@@ -481,7 +492,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                                clips_s=f'{avg["clips_per_sec"]:.1f}', refresh=False)
         if writer is not None:
           for k, v in avg.items():
-            writer.add_scalar(f'train/{k}', v, done)
+            writer.scalar(f'train/{k}', v, done)
           writer.flush()
         logging.info('step %d/%d: %s', done, total_steps,
                      ' '.join(f'{k}={v:.4g}' for k, v in sorted(avg.items())))
@@ -495,7 +506,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
                      config.eval.split, result['top1'], result['top5'], result['count'])
         if writer is not None:
           for k in ('top1', 'top5'):
-            writer.add_scalar(f'{config.eval.split}/{k}', result[k], done)
+            writer.scalar(f'{config.eval.split}/{k}', result[k], done)
           writer.flush()
         if ckpt.best is not None and (best_top1 is None or result['top1'] > best_top1):
           best_top1 = result['top1']
@@ -506,6 +517,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
         logging.warning('stopped by SIGTERM after step %d; checkpoint saved', done)
         break
   finally:
+    close_batches()
     signal.signal(signal.SIGTERM, previous_handler)
     if progress is not None:
       progress.close()
