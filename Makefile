@@ -20,9 +20,11 @@ $(CORE): pyproject.toml Makefile
 	touch $(CORE)
 
 $(STAMP): $(CORE)
-	# CPU torch for the conversion tools and their tests (never the CUDA build).
-	# It is optional: tests that need it skip where it cannot be installed.
-	-$(BIN)/pip install -q "torch==2.13.0+cpu" || $(BIN)/pip install -q "torch==2.13.0"
+	# CPU torch for the conversion tools and their tests, never the CUDA build (an
+	# unpinned or plain `torch==X` from the registry is the multi-GB CUDA one). Here the
+	# CPU wheel exists for Python 3.11; elsewhere it is skipped, and so are the tests
+	# that need it.
+	-$(BIN)/pip install -q "torch==2.13.0+cpu"
 	$(BIN)/pip install -q -e ".[data,convert-notorch,test]"
 	# open_clip / timm / clip declare torchvision (no CPU build here): reference
 	# models for the conversion tests only need their model code.
