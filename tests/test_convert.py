@@ -545,6 +545,7 @@ def test_registry_dispatch_lists_clip_and_aim_formats():
 def test_image_detection_tells_hf_clip_from_hf_siglip(tmp_path):
   """Both name their embeddings alike; only CLIP has a class token: each file is detected as
   exactly its own format, and `convert image` needs no --format for either."""
+  pytest.importorskip('torch')
   transformers = pytest.importorskip('transformers')
   siglip_vision = transformers.SiglipVisionConfig(
       hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=1,

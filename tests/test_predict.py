@@ -154,7 +154,7 @@ def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
 @pytest.mark.torch
 def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
   """The documented path: official .pth -> `aim_jax.convert aim` -> `predict --array`."""
-  import torch
+  torch = pytest.importorskip('torch')
 
   from aim_jax import convert
   d = np.load(GOLDEN / 'aim_tiny_case1_tadapter2.npz')

@@ -370,6 +370,7 @@ def test_timm_swin_b_at_full_size_reproduces_image_features(timm):
 # `python -m aim_jax.convert`: detection, directories, export.
 
 def test_convert_aim_and_export_aim_round_trip_the_official_file_exactly(tmp_path):
+  pytest.importorskip('torch')
   from aim_jax import checkpoint_io, convert, torch_io
   _, sd, _, _, _ = load_case()
   src = tmp_path / 'aim_swin.pth'
