@@ -265,11 +265,22 @@ class _BatchIterator:
 # ------------------------------------------------------------------ record streams
 
 
+def _graph(fn):
+  """`fn` traced by tf.data as written, without AutoGraph's source conversion.
+
+  Every branch on a tensor in this pipeline is already `tf.cond`/`tf.case`/`tf.where`, so
+  AutoGraph has nothing to convert, yet transpiling the functions (and everything they
+  call) costs seconds in every process that builds a pipeline.
+  """
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
+
 def _read_file(path):
   """(file, index-in-file, raw record) for every record of one shard."""
   base = tf.strings.split(path, '/')[-1]
   ds = tf.data.TFRecordDataset(path).enumerate()
-  return ds.map(lambda i, raw: {'file': path, 'base': base, 'file_index': i, 'raw': raw})
+  return ds.map(_graph(lambda i, raw: {'file': path, 'base': base, 'file_index': i, 'raw': raw}))
 
 
 def _parse(el):
@@ -287,10 +298,10 @@ def _records(files: Sequence[str], *, epoch, seed_base, shuffle_files: bool,
     files_t = tf.random.experimental.stateless_shuffle(
         files_t, seed=tf.random.experimental.stateless_fold_in(seed_base, epoch))
   ds = tf.data.Dataset.from_tensor_slices(files_t).interleave(
-      _read_file, cycle_length=min(len(files), _CYCLE_LENGTH), block_length=1,
+      _graph(_read_file), cycle_length=min(len(files), _CYCLE_LENGTH), block_length=1,
       num_parallel_calls=num_parallel_calls, deterministic=True)
   if fraction < 1.0:
-    ds = ds.filter(lambda el: _keep_mask(el['base'], el['file_index'], fraction))
+    ds = ds.filter(_graph(lambda el: _keep_mask(el['base'], el['file_index'], fraction)))
   if record_shard is not None:
     ds = ds.shard(*record_shard)
   return ds
@@ -393,7 +404,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
     def epoch_records(epoch):
       return _records(files, epoch=epoch, seed_base=seed_base, shuffle_files=True,
                       record_shard=record_shard, fraction=cfg.train_fraction,
-                      num_parallel_calls=par).map(_parse)
+                      num_parallel_calls=par).map(_graph(_parse))
   else:
     raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
 
@@ -424,13 +435,14 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
       ex['_epoch'], ex['_index'] = epoch, i
       ex['_seed'] = tf.random.experimental.stateless_fold_in(epoch_seed, i)
       return ex
-    return ds.map(tag)
+    return ds.map(_graph(tag))
 
   first = one_epoch(tf.constant(start_epoch, tf.int64)).skip(offset)
-  rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(one_epoch)
+  rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(_graph(one_epoch))
   ds = first.concatenate(rest)
-  ds = ds.filter(lambda ex: _check_valid(ex, cfg.num_classes, stats))
-  ds = ds.map(lambda ex: _train_clip(ex, cfg), num_parallel_calls=par, deterministic=True)
+  ds = ds.filter(_graph(lambda ex: _check_valid(ex, cfg.num_classes, stats)))
+  ds = ds.map(_graph(lambda ex: _train_clip(ex, cfg)), num_parallel_calls=par,
+              deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
   return _BatchIterator(ds, stats, cfg.max_skip_rate, cfg.skip_rate_min_examples,
@@ -460,7 +472,7 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
     field = _split_field(split)
     files = list_files(getattr(cfg, field), field)
     ds = _records(files, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
-                  fraction=1.0, num_parallel_calls=par).map(_parse)
+                  fraction=1.0, num_parallel_calls=par).map(_graph(_parse))
     size = len(range(pi, sum(file_record_counts(files)), pc))
   else:
     raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
@@ -470,14 +482,15 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
     ex['_epoch'], ex['_index'] = tf.constant(0, tf.int64), i
     return ex
 
-  ds = ds.enumerate().map(tag)
-  ds = ds.filter(lambda ex: _check_valid(ex, cfg.num_classes, stats))
+  ds = ds.enumerate().map(_graph(tag))
+  ds = ds.filter(_graph(lambda ex: _check_valid(ex, cfg.num_classes, stats)))
 
   def clip(ex):
     return {'video': eval_views(ex['frames'], cfg, split=split), 'label': ex['label'],
             'key': ex['key'], '_epoch': ex['_epoch'], '_index': ex['_index']}
 
-  ds = ds.map(clip, num_parallel_calls=par, deterministic=True).ignore_errors(log_warning=True)
+  ds = ds.map(_graph(clip), num_parallel_calls=par, deterministic=True).ignore_errors(
+      log_warning=True)
   ds = ds.batch(batch_size, drop_remainder=False).prefetch(cfg.prefetch).with_options(_options())
   # Evaluation never stops for bad clips: they are counted and listed in `.stats`.
   return _BatchIterator(ds, stats, 1.0, 1 << 62, ('video', 'label', 'key'), epoch_size=size)
@@ -505,7 +518,7 @@ def _synthetic_train(cfg, batch_size, seed, pi, start_step):
     video, label = _synthetic_clip(cfg, tf.random.experimental.stateless_fold_in(base, i), 1)
     return {'video': video[0], 'label': label}
 
-  ds = tf.data.Dataset.range(start_step * batch_size, 2**62).map(make).batch(batch_size)
+  ds = tf.data.Dataset.range(start_step * batch_size, 2**62).map(_graph(make)).batch(batch_size)
   return ds.prefetch(cfg.prefetch).as_numpy_iterator()
 
 
@@ -519,5 +532,5 @@ def _synthetic_eval(cfg, split, batch_size, pi, pc):
                                    clips * crops)
     return {'video': video, 'label': label, 'key': tf.strings.format('synthetic-{}', i)}
 
-  ds = tf.data.Dataset.range(n).shard(pc, pi).map(make).batch(batch_size)
+  ds = tf.data.Dataset.range(n).shard(pc, pi).map(_graph(make)).batch(batch_size)
   return ds.prefetch(cfg.prefetch).as_numpy_iterator()

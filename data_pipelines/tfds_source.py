@@ -46,7 +46,7 @@ def _records(cfg: ml_collections.ConfigDict, split: str, pi: int, pc: int) -> tf
     return {'frames': ex['video'], 'label': tf.cast(ex['label'], tf.int32), 'key': key,
             'file': tf.constant(f'tfds:{cfg.tfds_name}/{name}')}
 
-  return ds.enumerate().map(convert)
+  return ds.enumerate().map(tf.autograph.experimental.do_not_convert(convert))
 
 
 def count_examples(cfg: ml_collections.ConfigDict, split: str) -> int:
