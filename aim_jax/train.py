@@ -205,6 +205,21 @@ class NonFiniteLoss(FloatingPointError):
   pass
 
 
+def run_once(jitted: Any, *args: Any) -> Any:
+  """Call a jitted function that runs once per process (the parameter initialisation).
+
+  On CPU it is compiled without LLVM's optimisation passes: they take seconds on the
+  unrolled random-number code of every parameter's initialiser and buy nothing for one
+  call. The random bits are integer arithmetic and identical; float rounding in the
+  transforms (truncated normal) may differ from an optimised build by ~1e-8.
+  """
+  import jax
+  lowered = jitted.lower(*args)
+  if jax.default_backend() == 'cpu':
+    return lowered.compile({'xla_backend_optimization_level': 0})(*args)
+  return lowered.compile()(*args)
+
+
 def steps_per_epoch(config: Any, data_mod: Any) -> int:
   if config.steps_per_epoch:
     return int(config.steps_per_epoch)
@@ -311,8 +326,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
   else:
     start = 0
     with sharding.mesh_context(mesh, rules):
-      params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings)(
-          jax.random.key(config.seed))
+      params = run_once(jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_shardings),
+                        jax.random.key(config.seed))
     if config.init_from:
       host = jax.tree.map(np.asarray, jax.device_get(params))
       host, at_init = load_init_from(config.init_from, host, model_cfg)
