@@ -369,10 +369,11 @@ def _views(cfg, split: str) -> Tuple[int, int]:
   raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
 
 
-def _options(deterministic: bool = True) -> tf.data.Options:
+def _options(cfg: ml_collections.ConfigDict, deterministic: bool = True) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = deterministic
   options.experimental_optimization.map_parallelization = True
+  options.autotune.enabled = bool(cfg.autotune)
   return options
 
 
@@ -444,7 +445,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   ds = ds.map(_graph(lambda ex: _train_clip(ex, cfg)), num_parallel_calls=par,
               deterministic=True)
   ds = ds.ignore_errors(log_warning=True)
-  ds = ds.batch(batch_size, drop_remainder=True).prefetch(cfg.prefetch).with_options(_options())
+  ds = ds.batch(batch_size, drop_remainder=True).prefetch(cfg.prefetch)
+  ds = ds.with_options(_options(cfg))
   return _BatchIterator(ds, stats, cfg.max_skip_rate, cfg.skip_rate_min_examples,
                         ('video', 'label'), epoch_size=per_epoch, start=(start_epoch, offset))
 
@@ -491,7 +493,8 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
 
   ds = ds.map(_graph(clip), num_parallel_calls=par, deterministic=True).ignore_errors(
       log_warning=True)
-  ds = ds.batch(batch_size, drop_remainder=False).prefetch(cfg.prefetch).with_options(_options())
+  ds = ds.batch(batch_size, drop_remainder=False).prefetch(cfg.prefetch)
+  ds = ds.with_options(_options(cfg))
   # Evaluation never stops for bad clips: they are counted and listed in `.stats`.
   return _BatchIterator(ds, stats, 1.0, 1 << 62, ('video', 'label', 'key'), epoch_size=size)
 

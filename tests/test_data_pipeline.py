@@ -298,3 +298,14 @@ def test_synthetic_source_shapes():
   e = next(iter(input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4,
                                                  process_index=0, process_count=1)))
   assert e['video'].shape == (4, 6, 4, 16, 16, 3) and len(e['key']) == 4
+
+
+def test_autotune_off_gives_the_same_stream(dataset):
+  """`data.autotune=False` (configs/demo.py) changes only the threads, never the clips."""
+  d, _ = dataset
+  on = input_pipeline.make_train_dataset(make_cfg(d, autotune=True), batch_size=4, seed=5)
+  off = input_pipeline.make_train_dataset(make_cfg(d, autotune=False), batch_size=4, seed=5)
+  for _ in range(4):
+    a, b = next(on), next(off)
+    np.testing.assert_array_equal(a['video'], b['video'])
+    np.testing.assert_array_equal(a['label'], b['label'])
