@@ -32,7 +32,7 @@ $(STAMP): $(CORE)
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
