@@ -14,7 +14,7 @@ static digit frames by `python -m aim_jax.demo`, is adapted to 8-frame clips:
   full      full fine-tuning of the image model (no adapters)
 
 Measured (`make demo`, 2 CPU cores) on `task=motion` (8 motions, pairs are time
-reversals): `temporal` 91% and `aim` 95% top-1; `head` and `spatial` about 21%
+reversals): `temporal` 91% and `aim` 96% top-1; `head` and `spatial` about 21%
 (near chance within each pair: they find the pair, rarely the direction); on
 `task=appearance` (the digit) every variant learns the labels.
 
