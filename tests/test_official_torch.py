@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import torchvision_stub
 from conftest import ROOT
 
 from aim_jax.models.factory import resolve_model_config
@@ -29,48 +30,6 @@ pytestmark = [
                               'taoyang1122/adapt-image-models there)'),
 ]
 
-# Served before timm is imported, here and in the benchmark subprocess (test-only).
-FAKE_TORCHVISION = '''
-import importlib.abc, importlib.machinery, sys, types
-
-class _Any(type):
-  def __getattr__(cls, name):
-    if name.startswith('__'):
-      raise AttributeError(name)
-    return _Any(name, (), {})
-
-def _getattr(attr):
-  if attr.startswith('__'):
-    raise AttributeError(attr)
-  return _Any(attr, (), {})
-
-class _FakeTorchvision(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-  def find_spec(self, name, path, target=None):
-    if name == 'torchvision' or name.startswith('torchvision.'):
-      return importlib.machinery.ModuleSpec(name, self, is_package=True)
-    return None
-
-  def create_module(self, spec):
-    module = types.ModuleType(spec.name)
-    module.__path__ = []
-    module.__getattr__ = _getattr
-    return module
-
-  def exec_module(self, module):
-    pass
-
-def install():
-  try:
-    import torchvision  # noqa: F401
-    return None
-  except ImportError:
-    finder = _FakeTorchvision()
-    sys.meta_path.insert(0, finder)
-    return finder
-
-finder = install()
-'''
-
 
 @pytest.fixture(scope='module')
 def official_torch():
@@ -78,22 +37,9 @@ def official_torch():
   pytest.importorskip('einops')
   if importlib.util.find_spec('timm') is None:   # importing it needs torchvision (served below)
     pytest.skip('timm is not installed')
-  try:
-    # transformers caches whether torchvision exists: let it see the truth first.
-    from transformers.utils import import_utils
-    import_utils.is_torchvision_available()
-  except ImportError:
-    pass
-  namespace = {'__name__': 'fake_torchvision'}
-  exec(FAKE_TORCHVISION, namespace)  # noqa: S102 (the same code serves the subprocess)
-  try:
+  with torchvision_stub.installed():
     from aim_jax import official_torch as module
     yield module
-  finally:
-    if namespace['finder'] is not None:
-      sys.meta_path.remove(namespace['finder'])
-      for name in [n for n in sys.modules if n.split('.')[0] == 'torchvision']:
-        del sys.modules[name]
 
 
 @pytest.fixture(scope='module')
@@ -185,7 +131,9 @@ def test_benchmark_official_flag_writes_both_rows_and_ratio(tmp_path):
   out = tmp_path / 'side_by_side.json'
   argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'both', '--batch',
           '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--out', str(out)]
-  code = (FAKE_TORCHVISION + 'from aim_jax import benchmark\n'
+  code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
+          'import torchvision_stub; torchvision_stub.install()\n'
+          'from aim_jax import benchmark\n'
           f'benchmark.run({argv!r})\n')
   env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
