@@ -74,6 +74,7 @@ def build(config: Any, batch: int, mode: str, remat: str | None = None):
   from aim_jax import optim, sharding, steps
   from aim_jax import params as P
   from aim_jax.models.factory import build_model, resolve_model_config
+  from aim_jax.train import run_once    # the init compiles fast on CPU, as in training
 
   model_cfg = resolve_model_config(config.model)
   if remat is not None:
@@ -96,7 +97,8 @@ def build(config: Any, batch: int, mode: str, remat: str | None = None):
   param_sh = sharding.logical_shardings(boxed, mesh, rules)
   abstract = nn.unbox(boxed)
   with sharding.mesh_context(mesh, rules):
-    params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_sh)(jax.random.key(0))
+    params = run_once(jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_sh),
+                      jax.random.key(0))
   video = jax.jit(lambda r: jax.random.normal(r, (batch, t, s, s, 3), jnp.float32),
                   out_shardings=sharding.batch_sharding(mesh, 5))(jax.random.key(1))
   labels = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % model_cfg['num_classes'],
