@@ -38,10 +38,10 @@ test-quick: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not slow" tests
 
 demo: $(CORE)
-	$(BIN)/python -m aim_jax.demo
+	$(BIN)/python -m projects.moving_digits.demo
 
 benchmark: $(CORE)
-	$(BIN)/python -m aim_jax.benchmark --config configs/tiny.py
+	$(BIN)/python -m benchmarks.step_benchmark --config configs/tiny.py
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check aim_jax data_pipelines configs tests || true

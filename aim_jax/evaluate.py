@@ -3,7 +3,7 @@
   python -m aim_jax.evaluate --config configs/k400.py:b16_f8 --checkpoint DIR \
       [--which best] [--output_dir OUT] [--labels classes.txt] [--config.eval.split=val]
 
-DIR is either a parameter checkpoint (`aim_jax.checkpoint_io`, written by
+DIR is either a parameter checkpoint (`aim_jax.checkpoints`, written by
 `python -m aim_jax.convert` from an official AIM or CLIP checkpoint) or a
 training workdir (its latest or best checkpoint, `--which`).
 
@@ -32,102 +32,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from aim_jax import checkpoint_io, eval_lib, reports
+from aim_jax import checkpoints, errors, multiview, reports, run_config
 from aim_jax import params as P
-from aim_jax.models.factory import build_model, input_shape, resolve_model_config
-
-# Fields that only change how the model runs (or trains), never what it computes at
-# test time: taken from the config file, not the checkpoint.
-EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
-                    'temporal_attention', 'dropout_rate', 'drop_path_rate', 'drop_path_mode',
-                    'variant')
-
-
-# ---------------------------------------------------------------------------
-# Checkpoints and model configs
-# ---------------------------------------------------------------------------
-
-def load_checkpoint(path: str, which: str = 'latest') -> tuple[dict, dict, str]:
-  """-> (params as numpy, checkpoint model config, kind 'params' | 'workdir')."""
-  root = epath.Path(path)
-  if not root.exists():
-    raise checkpoint_io.CheckpointError(f'checkpoint directory {path} does not exist')
-  if checkpoint_io.is_params_checkpoint(path):
-    params, model_config, _ = checkpoint_io.load_params(path)
-    return params, model_config, 'params'
-  if not (root / checkpoint_io.CONFIG_FILE).exists():
-    raise checkpoint_io.CheckpointError(
-        f'{path} is neither a parameter checkpoint ({checkpoint_io.CONFIG_FILE} + '
-        f'{checkpoint_io.PARAMS_DIR}/) nor a training workdir ({checkpoint_io.CONFIG_FILE} + '
-        'checkpoints/)')
-  try:
-    from aim_jax.checkpointing import restore_params_from_workdir
-  except ImportError as e:  # pragma: no cover - only before training support exists
-    raise checkpoint_io.CheckpointError(
-        f'{path} looks like a training workdir but aim_jax.checkpointing is unavailable: {e}')
-  params, model_config = restore_params_from_workdir(path, which)
-  return params, model_config, 'workdir'
-
-
-def _differs(a: Any, b: Any) -> bool:
-  if isinstance(a, float) or isinstance(b, float):
-    try:
-      return not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
-    except (TypeError, ValueError):
-      return True
-  if isinstance(a, Mapping) and isinstance(b, Mapping):   # nested fields (model.swin)
-    return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
-  if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
-    return list(a) != list(b)
-  return a != b
-
-
-def merge_model_config(config_model: Optional[Mapping], checkpoint_model: Mapping) -> dict:
-  """The checkpoint's architecture with the config's execution options.
-
-  Raises ValueError naming every architecture field on which they disagree.
-  `config_model=None` takes the checkpoint's config as it is.
-  """
-  ckpt = resolve_model_config(checkpoint_model)
-  if config_model is None:
-    return ckpt
-  cfg = resolve_model_config(config_model)
-  bad = []
-  for key in ckpt:
-    if key in EXECUTION_FIELDS:
-      continue
-    if key == 'adapters':
-      if not ckpt['adapters']['enabled'] and not cfg['adapters']['enabled']:
-        continue
-      for k in ckpt['adapters']:
-        if _differs(cfg['adapters'][k], ckpt['adapters'][k]):
-          bad.append(f'model.adapters.{k}: config {cfg["adapters"][k]!r}, '
-                     f'checkpoint {ckpt["adapters"][k]!r}')
-    elif _differs(cfg[key], ckpt[key]):
-      bad.append(f'model.{key}: config {cfg[key]!r}, checkpoint {ckpt[key]!r}')
-  if bad:
-    raise ValueError('the config does not describe the checkpoint\'s model: '
-                     + '; '.join(bad))
-  out = dict(ckpt)
-  for key in EXECUTION_FIELDS:
-    if key != 'variant':
-      out[key] = cfg[key]
-  return out
-
-
-def check_data_matches_model(data_cfg: Any, model_cfg: Mapping) -> None:
-  """Frames, classes and resolution the pipeline produces must be what the model takes."""
-  bad = [f'data.{k} {data_cfg[k]!r} != model.{k} {model_cfg[k]!r}'
-         for k in ('num_frames', 'num_classes', 'image_size') if data_cfg[k] != model_cfg[k]]
-  if bad:
-    raise ValueError('data and model configs disagree: ' + '; '.join(bad))
-
-
-def num_views(data_cfg: Any, split: str) -> int:
-  """Views per video the pipeline makes for `split`: crops x clips."""
-  prefix = 'test' if split == 'test' else 'val'
-  return int(data_cfg[f'{prefix}_clips']) * int(data_cfg[f'{prefix}_crops'])
-
+from aim_jax.models.factory import build_model, input_shape
 
 def prepare_model(model_cfg: Mapping, params: Mapping):
   """-> (model, params in the model's layer layout, boxed abstract variables)."""
@@ -140,13 +47,13 @@ def prepare_model(model_cfg: Mapping, params: Mapping):
   want = set(P.names(abstract))
   if got != want:
     missing, extra = sorted(want - got), sorted(got - want)
-    raise checkpoint_io.CheckpointError(
+    raise checkpoints.CheckpointError(
         f'checkpoint parameters do not fit the model: missing {missing[:8]}'
         f'{"..." if len(missing) > 8 else ""}, unexpected {extra[:8]}'
         f'{"..." if len(extra) > 8 else ""}')
   for name, (a, b) in _pairs(params, abstract):
     if tuple(np.shape(a)) != tuple(b.shape):
-      raise checkpoint_io.CheckpointError(
+      raise checkpoints.CheckpointError(
           f'parameter {name}: checkpoint shape {np.shape(a)}, model shape {b.shape}')
   return model, params, boxed['params']
 
@@ -160,7 +67,7 @@ def _pairs(params, abstract):
 # The evaluation run
 # ---------------------------------------------------------------------------
 
-def gather_predictions(result: eval_lib.EvalResult
+def gather_predictions(result: multiview.EvalResult
                        ) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
   """Every process's per-video (keys, labels, topk_classes, topk_scores), process by process.
 
@@ -206,7 +113,7 @@ def gather_predictions(result: eval_lib.EvalResult
           np.concatenate(out_classes).astype(np.int64), np.concatenate(out_scores))
 
 
-def write_predictions(path: str, result: eval_lib.EvalResult,
+def write_predictions(path: str, result: multiview.EvalResult,
                       names: Optional[list[str]] = None) -> Optional[str]:
   """One predictions file (.csv or .jsonl) with every process's videos, written by process 0.
 
@@ -227,19 +134,18 @@ def default_output_dir(checkpoint: str, kind: str, split: str, which: str) -> st
 def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
                         output_dir: str = '', labels_file: str = '',
                         predictions_format: str = 'csv', progress: bool = True,
-                        keep_scores: bool = False) -> eval_lib.EvalResult:
+                        keep_scores: bool = False) -> multiview.EvalResult:
   """Load, check, evaluate the configured split on every device, write the reports."""
   from aim_jax import sharding
   from data_pipelines import input_pipeline
 
   if predictions_format not in ('csv', 'jsonl'):
-    raise ValueError(f"predictions format must be 'csv' or 'jsonl', got {predictions_format!r}")
-  params, ckpt_model, kind = load_checkpoint(checkpoint, which)
-  model_cfg = merge_model_config(config.model, ckpt_model)
-  check_data_matches_model(config.data, model_cfg)
+    raise errors.ConfigError(f"predictions format must be 'csv' or 'jsonl', got {predictions_format!r}")
+  params, ckpt_model, kind = checkpoints.load_checkpoint(checkpoint, which)
+  model_cfg = run_config.merge_model_config(config.model, ckpt_model)
   names = reports.read_class_names(labels_file, model_cfg['num_classes']) if labels_file else None
   split = config.eval.split
-  views = num_views(config.data, split)
+  views = multiview.num_views(config.data, split)
   model, params, boxed = prepare_model(model_cfg, params)
 
   mesh = sharding.make_mesh(config.mesh)
@@ -258,8 +164,8 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   # The step is traced under the global mesh and the logical rules, so the model's
   # activation constraints shard the folded (videos x views) batch like the input.
   with sharding.mesh_context(mesh, rules):
-    result = eval_lib.evaluate(
-        eval_lib.model_apply_fn(model), params, batches, num_classes=model_cfg['num_classes'],
+    result = multiview.evaluate(
+        multiview.model_apply_fn(model), params, batches, num_classes=model_cfg['num_classes'],
         num_views=views, batch_size=per_process, mesh=mesh,
         average_clips=config.eval.average_clips, expected_count=expected, progress=progress,
         keep_scores=keep_scores, total_steps=math.ceil(expected / processes / per_process) or None,
@@ -298,7 +204,7 @@ def define_checkpoint_flags() -> None:
   """--checkpoint (required), --which and --labels: how evaluate and predict name a model.
 
   Defined once so that both commands read a checkpoint the same way
-  (`load_checkpoint(FLAGS.checkpoint, FLAGS.which)`, `reports.read_class_names`).
+  (`checkpoints.load_checkpoint(FLAGS.checkpoint, FLAGS.which)`, `reports.read_class_names`).
   """
   from absl import flags
   flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
@@ -328,10 +234,15 @@ def main(argv) -> None:
   from aim_jax import distributed
   distributed.maybe_initialize()
   fl = flags.FLAGS
-  logging.info('config:\n%s', fl.config)
-  result = evaluate_checkpoint(fl.config, fl.checkpoint, which=fl.which,
-                               output_dir=fl.output_dir, labels_file=fl.labels,
-                               predictions_format=fl.predictions_format, progress=fl.progress)
+  logging.debug('config:\n%s', fl.config)
+  try:
+    result = evaluate_checkpoint(fl.config, fl.checkpoint, which=fl.which,
+                                 output_dir=fl.output_dir, labels_file=fl.labels,
+                                 predictions_format=fl.predictions_format, progress=fl.progress)
+  except errors.UserError as e:
+    if errors.show_traceback():
+      raise
+    raise SystemExit(errors.report(e, 'evaluate')) from None
   if jax.process_index() == 0:
     print(reports.format_metrics(result.metrics), flush=True)
 

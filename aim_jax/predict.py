@@ -31,8 +31,8 @@ import numpy as np
 from absl import logging
 from etils import epath
 
+from aim_jax import checkpoints, errors, reports, run_config
 from aim_jax import evaluate as evaluate_lib
-from aim_jax import reports
 from aim_jax.models.aim import average_views
 
 LAYOUTS = ('NCTHW', 'NTHWC')
@@ -46,8 +46,8 @@ class Predictor:
   """A checkpoint's model, parameters and the data settings its inputs need."""
 
   def __init__(self, checkpoint: str, config: Optional[Any] = None, which: str = 'latest'):
-    params, ckpt_model, kind = evaluate_lib.load_checkpoint(checkpoint, which)
-    self.model_config = evaluate_lib.merge_model_config(
+    params, ckpt_model, kind = checkpoints.load_checkpoint(checkpoint, which)
+    self.model_config = run_config.merge_model_config(
         config.model if config is not None else None, ckpt_model)
     self.data_config = self._data_config(checkpoint, kind, config)
     evaluate_lib.check_data_matches_model(self.data_config, self.model_config)
@@ -169,7 +169,15 @@ def main(argv) -> None:
   from absl import flags
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
-  fl = flags.FLAGS
+  try:
+    _predict(flags.FLAGS)
+  except (errors.UserError, VideoReadError) as e:
+    if errors.show_traceback():
+      raise
+    raise SystemExit(errors.report(e, 'predict')) from None
+
+
+def _predict(fl) -> None:
   if bool(fl.video) == bool(fl.array):
     raise SystemExit('give exactly one of --video FILE or --array FILE.npy')
   predictor = Predictor(fl.checkpoint, fl.config, fl.which)
@@ -177,7 +185,7 @@ def main(argv) -> None:
     if not fl.output:
       raise SystemExit('--array needs --output FILE.npy for the logits')
     if not epath.Path(fl.array).exists():
-      raise FileNotFoundError(f'array file {fl.array} does not exist')
+      raise errors.DataError(f'array file {fl.array} does not exist')
     logits = predict_array(predictor, np.load(fl.array), fl.layout, fl.batch_size)
     with epath.Path(fl.output).open('wb') as f:
       np.save(f, logits)

@@ -111,8 +111,11 @@ def train_step(state: State, batch: dict, *, model: nn.Module,
   new_train = {k: (v + flat_updates[k]).astype(v.dtype) for k, v in train.items()}
   new_state = {'step': step + 1, 'params': P.unflatten({**frozen, **new_train}),
                'opt_state': opt_state}
+  # The norms let the loop refuse to checkpoint a state that is not finite.
+  opt_floats = [x for x in jax.tree.leaves(opt_state) if jnp.issubdtype(x.dtype, jnp.floating)]
   metrics = {'loss': loss, 'accuracy': aux['accuracy'],
-             'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(new_train)}
+             'grad_norm': optax.global_norm(grads), 'param_norm': optax.global_norm(new_train),
+             'opt_state_norm': optax.global_norm(opt_floats)}
   if schedule is not None:
     metrics['lr'] = schedule(step)
   return new_state, metrics

@@ -45,6 +45,12 @@ def default_data_config() -> ml_collections.ConfigDict:
   return data_defaults()
 
 
+_BOOLS = {'1': True, 'true': True, 'yes': True, '0': False, 'false': False, 'no': False}
+
+# Set by the model, read by the data pipeline: one value each (see get_base_config).
+MODEL_OWNED_DATA_FIELDS = ('num_frames', 'num_classes', 'image_size')
+
+
 def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
   """'row=b16_f8,frames=16' or a bare 'b16_f8' (the first field) -> typed values.
 
@@ -64,7 +70,10 @@ def parse_arg(arg: str | None, **spec: Any) -> ml_collections.ConfigDict:
       raise KeyError(f'config argument {key!r} is not one of {sorted(spec)}')
     default = spec[key]
     if isinstance(default, bool):
-      out[key] = value.lower() in ('1', 'true', 'yes')
+      if value.lower() not in _BOOLS:
+        raise ValueError(f'config argument {key}={value!r} is not a boolean '
+                         f'(one of {", ".join(sorted(_BOOLS))})')
+      out[key] = _BOOLS[value.lower()]
     elif isinstance(default, (int, float, str)):
       out[key] = type(default)(value)
     else:
@@ -78,6 +87,11 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(default_model_config())
   c.model.variant = 'B/16'
   c.data = default_data_config()
+  # The clip length, class count and input size belong to the model; the data config
+  # holds references to them, so setting either side (`--config.model.num_frames=16`
+  # or `--config.data.num_frames=16`) sets both, and they can never disagree.
+  for field in MODEL_OWNED_DATA_FIELDS:
+    c.data[field] = c.model.get_ref(field)
   c.seed = 0
   c.batch_size = 64                 # global: 8 videos x 8 GPUs (official README)
   c.total_epochs = 30.0
@@ -105,7 +119,7 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.trainable = OFFICIAL_TRAINABLE   # regexes searched in '/'-joined parameter names
   c.full_finetune = False
-  c.init_from = ''                   # a parameter checkpoint (aim_jax.checkpoint_io)
+  c.init_from = ''                   # a parameter checkpoint (aim_jax.checkpoints)
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1                   # -1 = every device not used by fsdp/model
@@ -148,9 +162,8 @@ def set_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
 
 
 def set_frames(c: ml_collections.ConfigDict, frames: int) -> None:
-  """The clip length is set here only, for the model and the data together."""
+  """The clip length (model.num_frames; data.num_frames refers to it)."""
   c.model.num_frames = frames
-  c.data.num_frames = frames
 
 
 def split_row(row: str) -> tuple[str, int]:

@@ -13,10 +13,10 @@ temporal_embedding, ln_post, head: 10,966,672 tunable for both rows).
   siglip_b16  SigLIP (or SigLIP 2) ViT-B/16 image tower at 224 px; inputs in
               [-1, 1] (mean = std = 127.5). No class token: temporal attention
               runs over every patch token, the frozen MAP head pools each frame,
-              frames are averaged (aim_jax/formats/siglip.py). 103,849,360 params.
+              frames are averaged (aim_jax/convert/formats/siglip.py). 103,849,360 params.
   dinov2_b14  DINOv2 ViT-B/14 (518 px checkpoints resampled to 224 px at
               conversion, 16x16 patches); ImageNet mean/std; adapters act on the
-              layer-scaled branch outputs (aim_jax/formats/dinov2.py).
+              layer-scaled branch outputs (aim_jax/convert/formats/dinov2.py).
               96,690,064 params (dinov2_reg: 4 register tokens, +3,072).
 No published numbers exist for these rows.
 """

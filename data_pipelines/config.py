@@ -55,7 +55,7 @@ def default_data_config() -> ml_collections.ConfigDict:
   # tf.data's autotuning of parallelism and buffers (a model thread per iterator). Off: the
   # AUTOTUNE parallelism is the core count, and deleting an iterator no longer waits for
   # the model thread's next wake-up (up to a minute after a long run), which matters for
-  # short runs on small hosts (configs/demo.py).
+  # short runs on small hosts (projects/moving_digits/config.py).
   c.autotune = True
   # Training stops with an error naming the bad clips when more than this fraction is skipped.
   c.max_skip_rate = 0.01

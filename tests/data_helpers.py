@@ -1,6 +1,5 @@
 """Helpers for the data tests: real videos made with PyAV, records with plain tf.train."""
 
-import os
 
 import numpy as np
 

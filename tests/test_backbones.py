@@ -18,7 +18,8 @@ import pytest
 import torchvision_stub
 from conftest import GOLDEN
 
-from aim_jax import formats, official
+from aim_jax.convert import registry
+from aim_jax.convert import official_names
 from aim_jax import params as P
 from aim_jax.models.aim import VideoClassifier, average_views
 from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
@@ -36,9 +37,9 @@ def _load_golden(name):
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
   args = meta['constructor_args']
-  cfg = official.infer_aim_config(sd, heads=args['num_heads'],
+  cfg = official_names.infer_aim_config(sd, heads=args['num_heads'],
                                   adapter_scale=args['adapter_scale'])
-  params, report = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  params, report = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   assert cfg['backbone'] == 'vit_in21k'
   assert not report.unused and len(report.mapped) == len(sd)
   return d, args, cfg, params, sd
@@ -93,7 +94,7 @@ def test_in21k_tolerance_catches_a_tanh_gelu():
 @pytest.mark.parametrize('case', IN21K_CASES)
 def test_in21k_official_checkpoint_exports_back_exactly(case):
   _, _, cfg, params, sd = _load_golden(case)
-  back = official.aim_params_to_state_dict(params, cfg['heads'], 'vit_in21k')
+  back = official_names.aim_params_to_state_dict(params, cfg['heads'], 'vit_in21k')
   assert sorted(back) == sorted(sd)
   for k in sd:
     np.testing.assert_array_equal(back[k], sd[k], err_msg=k)
@@ -141,9 +142,9 @@ def _sd(module):
 
 def _convert(sd, expect, heads=4, **options):
   """Detect the format by keys, then convert (tiny models have 4 heads: not in any tensor)."""
-  found = [f.name for f in formats.detect(list(sd))]
+  found = [f.name for f in registry.detect(list(sd))]
   assert found == [expect], found
-  params, cfg, report = formats.REGISTRY[expect].convert(sd, heads=heads, **options)
+  params, cfg, report = registry.all_formats()[expect].convert(sd, heads=heads, **options)
   return params, cfg, report
 
 
@@ -208,14 +209,14 @@ def test_timm_dinov2_reg_port_converts_to_dinov2_reg(timm):
 
 def test_timm_clip_style_vit_is_refused_by_name(timm):
   sd = _sd(_timm_vit(timm, pre_norm=True))
-  with pytest.raises(official.ConversionError, match='norm_pre'):
-    formats.REGISTRY['timm_vit'].convert(sd, heads=4)
+  with pytest.raises(official_names.ConversionError, match='norm_pre'):
+    registry.all_formats()['timm_vit'].convert(sd, heads=4)
 
 
 def test_wrong_head_count_names_the_problem(timm):
   sd = _sd(_timm_vit(timm))
-  with pytest.raises(official.ConversionError, match='heads'):
-    formats.REGISTRY['timm_vit'].convert(sd, heads=5)
+  with pytest.raises(official_names.ConversionError, match='heads'):
+    registry.all_formats()['timm_vit'].convert(sd, heads=5)
 
 
 # ---------------------------------------------------------------------------
@@ -399,7 +400,7 @@ def test_hf_dinov2_converts_with_layer_scale_and_registers(registers, family):
 def test_dinov2_position_resampling_matches_hf_interpolation():
   # Checkpoints are trained at 518 px; AIM runs at 224. Here 28 px (4x4) -> 42 px (6x6).
   model = _hf_dinov2(seed=1)
-  params, cfg, report = formats.REGISTRY['dinov2'].convert(_sd(model), heads=4, image_size=42)
+  params, cfg, report = registry.all_formats()['dinov2'].convert(_sd(model), heads=4, image_size=42)
   assert cfg['image_size'] == 42 and 'resampled' in report.summary()
   images = _images(2, 42, seed=3)
   np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
@@ -519,9 +520,10 @@ def _save_safetensors(sd, path):
 
 
 def _cli_convert(src, out, *args):
-  from aim_jax import checkpoint_io, convert
+  from aim_jax import convert
+  from aim_jax import checkpoints
   assert convert.main(['image', '--src', src, '--out', str(out), *args]) == 0
-  params, cfg, metadata = checkpoint_io.load_params(str(out))
+  params, cfg, metadata = checkpoints.load_params(str(out))
   return params, cfg, metadata
 
 
@@ -548,7 +550,7 @@ def test_cli_converts_hf_siglip(tmp_path):
 
 def test_cli_converts_hf_dinov2_at_another_resolution(tmp_path):
   # Dinov2Model resamples without antialiasing, like the conversion (the registers model
-  # of transformers uses antialias=True: see aim_jax/formats/dinov2.py).
+  # of transformers uses antialias=True: see aim_jax/convert/formats/dinov2.py).
   model = _hf_dinov2(seed=10)
   src = _save_safetensors(_sd(model), tmp_path / 'model.safetensors')
   params, cfg, metadata = _cli_convert(src, tmp_path / 'out', '--heads', '4',
@@ -605,7 +607,8 @@ def test_short_training_run_from_each_converted_family_learns(family, timm, tmp_
 @pytest.mark.parametrize('case', IN21K_CASES)
 def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_back(
     tmp_path, case):
-  from aim_jax import checkpoint_io, convert
+  from aim_jax import convert
+  from aim_jax import checkpoints
   d, args, _, _, sd = _load_golden(case)
   torch.save({'meta': {'epoch': 30},
               'state_dict': {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}},
@@ -613,7 +616,7 @@ def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_bac
   argv = ['aim', '--src', str(tmp_path / 'vit_imagenet.pth'), '--out', str(tmp_path / 'out'),
           '--heads', str(args['num_heads']), '--adapter-scale', str(args['adapter_scale'])]
   assert convert.main(argv) == 0
-  params, cfg, info = checkpoint_io.load_params(str(tmp_path / 'out'))
+  params, cfg, info = checkpoints.load_params(str(tmp_path / 'out'))
   assert cfg['backbone'] == 'vit_in21k' and info['mapped'] == len(sd) and not info['unused']
   logits = build_model(cfg).apply({'params': params}, _nthwc(d['input']))
   np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
@@ -645,12 +648,12 @@ def test_cli_reads_jax_native_npz_checkpoints(timm, tmp_path, kind):
 
 def test_jax_native_checkpoints_carry_their_head_count(timm, tmp_path):
   npz = _google_npz_from_timm(_sd(_timm_vit(timm, seed=12)), 4, tmp_path / 'v.npz')
-  _, cfg, _ = formats.REGISTRY['google_vit_npz'].convert(npz)          # no heads given
+  _, cfg, _ = registry.all_formats()['google_vit_npz'].convert(npz)          # no heads given
   assert cfg['heads'] == 4
-  with pytest.raises(official.ConversionError, match='query/kernel.*4 heads'):
-    formats.REGISTRY['google_vit_npz'].convert(npz, heads=2)
+  with pytest.raises(official_names.ConversionError, match='query/kernel.*4 heads'):
+    registry.all_formats()['google_vit_npz'].convert(npz, heads=2)
   bv = _big_vision_from_hf(_sd(_hf_siglip(seed=12)), 4)
-  assert formats.REGISTRY['siglip'].convert(bv)[1]['heads'] == 4
+  assert registry.all_formats()['siglip'].convert(bv)[1]['heads'] == 4
 
 
 @pytest.mark.slow
@@ -670,5 +673,5 @@ def test_naflex_siglip2_is_refused_by_name():
   model = Siglip2VisionModel(Siglip2VisionConfig(
       hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
       patch_size=8, num_patches=16))
-  with pytest.raises(official.ConversionError, match='NaFlex'):
-    formats.REGISTRY['siglip'].convert(_sd(model), heads=4)
+  with pytest.raises(official_names.ConversionError, match='NaFlex'):
+    registry.all_formats()['siglip'].convert(_sd(model), heads=4)

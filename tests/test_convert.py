@@ -15,9 +15,11 @@ import pytest
 import torchvision_stub
 from conftest import ROOT
 
-from aim_jax import checkpoint_io, convert, torch_io
+from aim_jax import convert
+from aim_jax import checkpoints
+from aim_jax.convert import registry, torch_files
 from aim_jax.models.factory import build_encoder
-from aim_jax.official import ConversionError
+from aim_jax.convert.official_names import ConversionError
 
 TOL = 1e-4
 
@@ -59,7 +61,7 @@ def run_cli(*args):
 
 def flax_outputs(out_dir, x):
   """(embeddings, pre-projection features) of the converted encoder on NHWC images."""
-  params, cfg, meta = checkpoint_io.load_params(str(out_dir))
+  params, cfg, meta = checkpoints.load_params(str(out_dir))
   emb = build_encoder(cfg).apply({'params': params}, jnp.asarray(x))
   pre_params = {k: v for k, v in params.items() if k != 'proj'}
   pre = build_encoder(dict(cfg, output_dim=0)).apply({'params': pre_params}, jnp.asarray(x))
@@ -448,8 +450,8 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
   with open(raw, 'wb') as f:
     pickle.dump({'w': _RunsCode(marker)}, f, protocol=2)
   for path in (zipped, raw):
-    with pytest.raises(torch_io.UnsafeCheckpointError, match='system'):
-      torch_io.load(str(path))
+    with pytest.raises(torch_files.UnsafeCheckpointError, match='system'):
+      torch_files.load(str(path))
     assert convert.main(['aim', '--src', str(path), '--out', str(tmp_path / 'o')]) == 2
   assert not marker.exists()
 
@@ -473,8 +475,8 @@ def test_truncated_files_give_the_named_error(tmp_path):
     blob = (tmp_path / name).read_bytes()
     cut = tmp_path / ('cut_' + name)
     cut.write_bytes(blob[:len(blob) // 2])
-    with pytest.raises(torch_io.TruncatedCheckpointError, match='cut_'):
-      torch_io.load_state_dict(str(cut))
+    with pytest.raises(torch_files.TruncatedCheckpointError, match='cut_'):
+      torch_files.load_state_dict(str(cut))
 
 
 @pytest.mark.torch
@@ -515,8 +517,8 @@ import aim_jax, aim_jax.convert as C
 from aim_jax.models.factory import build_encoder, build_model
 assert C.main(['clip', '--src', {str(tmp_path / 'c.safetensors')!r}, '--out',
                {str(tmp_path / 'out')!r}]) == 0
-from aim_jax import checkpoint_io
-params, cfg, _ = checkpoint_io.load_params({str(tmp_path / 'out')!r})
+from aim_jax import checkpoints
+params, cfg, _ = checkpoints.load_params({str(tmp_path / 'out')!r})
 y = build_encoder(cfg).apply({{'params': params}}, jnp.zeros((1, 32, 32, 3)))
 assert y.shape == (1, 16), y.shape
 assert 'torch' not in sys.modules
@@ -529,7 +531,7 @@ print('OK')
 
 
 def test_registry_dispatch_lists_clip_and_aim_formats():
-  registry = convert.load_formats()
+  registry = registry.all_formats()
   assert {'clip', 'hf_clip', 'aim'} <= set(registry)
   assert registry['aim'].kind == 'aim' and registry['clip'].kind == 'image'
   keys = ['visual.conv1.weight', 'visual.transformer.resblocks.0.ln_1.weight']
@@ -565,7 +567,7 @@ def test_image_detection_tells_hf_clip_from_hf_siglip(tmp_path):
                  transformers.SiglipModel(transformers.SiglipConfig(
                      text_config=siglip_text.to_dict(), vision_config=siglip_vision.to_dict()))],
   }
-  convert.load_formats()
+  registry.all_formats()
   for want, instances in models.items():
     for model in instances:
       found = [f.name for f in convert.formats_lib.detect(model.state_dict(), 'image')]
@@ -573,7 +575,7 @@ def test_image_detection_tells_hf_clip_from_hf_siglip(tmp_path):
   for want, model in (('hf_clip', models['hf_clip'][0]), ('siglip', models['siglip'][0])):
     model.save_pretrained(tmp_path / want)
     run_cli('image', '--src', str(tmp_path / want), '--out', str(tmp_path / f'{want}_out'))
-    assert checkpoint_io.load_params(str(tmp_path / f'{want}_out'))[2]['format'] == want
+    assert checkpoints.load_params(str(tmp_path / f'{want}_out'))[2]['format'] == want
 
 
 def _random_clip_tower_safetensors(path, d=64, p=8, g=4, layers=1, embed=16, seed=0):
@@ -632,7 +634,7 @@ def test_every_torch_container_reads_the_same_tensors(tmp_path):
   t.save(sd, tmp_path / 'legacy.pt', _use_new_zipfile_serialization=False)
   save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / 'st.safetensors'))
   for name in ('zip.pt', 'legacy.pt', 'st.safetensors'):
-    got = torch_io.load_state_dict(str(tmp_path / name))
+    got = torch_files.load_state_dict(str(tmp_path / name))
     assert set(got) == set(sd), name
     for k, v in sd.items():
       np.testing.assert_array_equal(np.asarray(got[k], np.float64), v.double().numpy(),

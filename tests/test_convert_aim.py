@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 from conftest import GOLDEN
 
-from aim_jax import checkpoint_io, convert
+from aim_jax import convert
+from aim_jax import checkpoints
 from aim_jax import params as P
 from aim_jax.models.aim import average_views
 from aim_jax.models.factory import build_model
-from aim_jax.official import ConversionError
+from aim_jax.convert.official_names import ConversionError
 
 CASES = ['aim_tiny_case1', 'aim_tiny_case1_tadapter2']
 torch = pytest.importorskip('torch')
@@ -48,7 +49,7 @@ def test_converted_official_checkpoint_reproduces_golden_logits_and_scores(tmp_p
   if meta['num_tadapter'] == 1:
     args += ['--adapter-scale', str(meta['adapter_scale'])]   # else: the SSv2 default 1.0
   assert convert.main(args) == 0
-  params, cfg, info = checkpoint_io.load_params(str(tmp_path / 'out'))
+  params, cfg, info = checkpoints.load_params(str(tmp_path / 'out'))
   assert (cfg['num_frames'], cfg['num_classes'], cfg['adapters']['num_tadapter'],
           cfg['adapters']['scale'], cfg['image_size']) == (
               meta['num_frames'], meta['num_classes'], meta['num_tadapter'],
@@ -90,7 +91,7 @@ def test_num_frames_change_interpolates_the_temporal_embedding(tmp_path, capsys)
   assert convert.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out',
                        str(tmp_path / 'out'), '--heads', '4', '--num-frames', '8']) == 0
   assert 'NOTICE: temporal embedding interpolated (linear) from 4 to 8' in capsys.readouterr().out
-  params, cfg, _ = checkpoint_io.load_params(str(tmp_path / 'out'))
+  params, cfg, _ = checkpoints.load_params(str(tmp_path / 'out'))
   assert cfg['num_frames'] == 8
   temb = params['backbone']['temporal_embedding']
   ref = torch.nn.functional.interpolate(
@@ -137,7 +138,7 @@ def test_clip_gelu_aim_model_round_trips_through_export_aim(tmp_path):
   model = build_model(cfg)
   x = np.random.default_rng(0).normal(size=input_shape(cfg, 1)).astype(np.float32)
   params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(1), x))['params'])
-  checkpoint_io.save_params(str(tmp_path / 'src'), params, cfg)
+  checkpoints.save_params(str(tmp_path / 'src'), params, cfg)
   assert convert.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
                        str(tmp_path / 'm.pth')]) == 0
   conv = convert.load_aim(str(tmp_path / 'm.pth'), adapter_scale=0.5)

@@ -301,7 +301,7 @@ def test_synthetic_source_shapes():
 
 
 def test_autotune_off_gives_the_same_stream(dataset):
-  """`data.autotune=False` (configs/demo.py) changes only the threads, never the clips."""
+  """`data.autotune=False` (projects/moving_digits/config.py) changes only the threads, never the clips."""
   d, _ = dataset
   on = input_pipeline.make_train_dataset(make_cfg(d, autotune=True), batch_size=4, seed=5)
   off = input_pipeline.make_train_dataset(make_cfg(d, autotune=False), batch_size=4, seed=5)

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from data_pipelines import moving_digits as md
+from projects.moving_digits import data as md
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def test_mp4_round_trip_and_annotation_lists(tmp_path):
 
 
 def test_within_pair_accuracy_is_half_for_a_direction_blind_model():
-  from aim_jax import demo
+  from projects.moving_digits import demo
   blind = np.zeros((8, 8), int)
   for a, b in md.PAIRS:
     blind[a, a] = blind[a, b] = blind[b, a] = blind[b, b] = 5
@@ -106,7 +106,7 @@ def test_within_pair_accuracy_is_half_for_a_direction_blind_model():
 
 
 def test_demo_config_variants():
-  from configs import demo as demo_config
+  from projects.moving_digits import config as demo_config
   from aim_jax.models import factory
   for variant, (enabled, s, t, j) in demo_config.ADAPTERS.items():
     c = demo_config.get_config(f'variant={variant},task=motion,root=/r')
@@ -121,12 +121,13 @@ def test_demo_config_variants():
 
 
 def test_pretrained_checkpoint_reads_like_a_clip_conversion(tmp_path):
-  from aim_jax import checkpoint_io, pretrain_digits
+  from aim_jax import checkpoints
+  from projects.moving_digits import pretrain
   from aim_jax.models import factory
-  from configs import demo as demo_config
-  pretrain_digits.pretrain(str(tmp_path / 'pre'), demo_config.BACKBONE, steps=3, batch=8,
+  from projects.moving_digits import config as demo_config
+  pretrain.pretrain(str(tmp_path / 'pre'), demo_config.BACKBONE, steps=3, batch=8,
                            pool=64)
-  params, cfg, meta = checkpoint_io.load_params(str(tmp_path / 'pre'))
+  params, cfg, meta = checkpoints.load_params(str(tmp_path / 'pre'))
   assert cfg['backbone'] == 'clip' and cfg['width'] == 64 and cfg['patch_size'] == 8
   assert meta['kind'] == 'image'
   # Exactly the encoder's parameter tree: no probe head left in it.
@@ -146,7 +147,7 @@ def test_pretrained_checkpoint_reads_like_a_clip_conversion(tmp_path):
 @pytest.mark.slow
 def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.run([sys.executable, '-m', 'aim_jax.demo', '--workdir', str(tmp_path),
+  proc = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo', '--workdir', str(tmp_path),
                          '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -162,7 +163,7 @@ def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
   for variant, r in appearance.items():
     assert r['top1'] > 0.5, (variant, r['top1'])       # chance is 10%
   # A second run reuses every finished step.
-  again = subprocess.run([sys.executable, '-m', 'aim_jax.demo', '--workdir', str(tmp_path),
+  again = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo', '--workdir', str(tmp_path),
                           '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]

@@ -15,7 +15,10 @@ import numpy as np
 import pytest
 from conftest import GOLDEN, ROOT
 
-from aim_jax import checkpoint_io, eval_lib, evaluate, official, reports
+from aim_jax import evaluate, reports
+from aim_jax import checkpoints
+from aim_jax import multiview
+from aim_jax.convert import official_names
 from aim_jax import params as P
 from aim_jax.models.factory import build_model
 
@@ -61,24 +64,24 @@ def run_script(code, tmp_path, devices=8, timeout=300):
 
 SHARDED = """
 import jax, numpy as np
-from aim_jax import eval_lib
+from aim_jax import multiview
 from test_evaluate import tiny_params, tiny_videos, batches_of
 assert jax.device_count() == 8
 model, params = tiny_params()
 videos, labels = tiny_videos(13, 3)
 out = {}
-meshes = {'data8': eval_lib.eval_mesh(),
+meshes = {'data8': multiview.eval_mesh(),
           'data4_model2': jax.make_mesh((4, 2), ('data', 'model'),
                                         axis_types=(jax.sharding.AxisType.Auto,) * 2)}
 for name, mesh in meshes.items():
-  res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params, batches_of(videos, labels, 4),
+  res = multiview.evaluate(multiview.model_apply_fn(model), params, batches_of(videos, labels, 4),
                           num_classes=5, num_views=3, batch_size=4, mesh=mesh,
                           keep_scores=True, expected_count=13, progress=False)
   out[name + '/scores'] = res.scores
   out[name + '/keys'] = np.array(res.keys)
   out[name + '/labels'] = res.labels
   out[name + '/confusion'] = res.confusion
-  out[name + '/padded'] = eval_lib.padded_batch_size(4, 3, mesh)
+  out[name + '/padded'] = multiview.padded_batch_size(4, 3, mesh)
   out[name + '/metrics'] = np.array(__import__('json').dumps(res.metrics))
 np.savez('{out}', **out)
 """
@@ -93,7 +96,7 @@ def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_ba
   got = np.load(out)
   model, params = tiny_params()
   videos, labels = tiny_videos(13, 3)
-  want = eval_lib.reference_scores(eval_lib.model_apply_fn(model), params, videos, 3)
+  want = multiview.reference_scores(multiview.model_apply_fn(model), params, videos, 3)
   assert int(got['data8/padded']) == 8 and int(got['data4_model2/padded']) == 4
   for name in ('data8', 'data4_model2'):
     np.testing.assert_allclose(got[f'{name}/scores'], want, atol=2e-6, rtol=0)
@@ -106,18 +109,18 @@ def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_ba
 
 
 def test_padded_batch_fills_the_local_shards():
-  mesh = eval_lib.eval_mesh()        # one device in-process
-  assert eval_lib.padded_batch_size(5, 3, mesh) == 5
+  mesh = multiview.eval_mesh()        # one device in-process
+  assert multiview.padded_batch_size(5, 3, mesh) == 5
 
 
 def test_ragged_batches_in_process_equal_the_video_by_video_loop():
   # The fast counterpart of the 8-device test: 7 videos in batches of 3 (3, 3, 1).
   model, params = tiny_params()
   videos, labels = tiny_videos(7, 2, seed=4)
-  res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params, batches_of(videos, labels, 3),
+  res = multiview.evaluate(multiview.model_apply_fn(model), params, batches_of(videos, labels, 3),
                           num_classes=5, num_views=2, batch_size=3, keep_scores=True,
                           expected_count=7, progress=False)
-  want = eval_lib.reference_scores(eval_lib.model_apply_fn(model), params, videos, 2)
+  want = multiview.reference_scores(multiview.model_apply_fn(model), params, videos, 2)
   np.testing.assert_allclose(res.scores, want, atol=2e-6, rtol=0)
   assert res.keys == [f'vid{i:03d}' for i in range(7)] and res.metrics['num_evaluated'] == 7
   np.testing.assert_array_equal(res.topk_classes, np.argsort(-want, axis=1, kind='stable'))
@@ -130,12 +133,12 @@ def test_multiview_average_reproduces_official_scores(case):
   d = np.load(GOLDEN / f'{case}.npz')
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-  cfg = official.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
-  params, _ = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  cfg = official_names.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  params, _ = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   mv = d['multiview_input']                                   # (1, V, C, T, H, W)
   video = mv.transpose(0, 1, 3, 4, 5, 2)                      # (1, V, T, H, W, C)
   model = build_model(cfg)
-  res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params,
+  res = multiview.evaluate(multiview.model_apply_fn(model), params,
                           [dict(video=video, label=np.array([0]), key=np.array([b'golden']))],
                           num_classes=cfg['num_classes'], num_views=mv.shape[1], batch_size=1,
                           keep_scores=True, progress=False)
@@ -172,7 +175,7 @@ def test_metrics_by_hand_with_padding_and_score_mode():
   labels = np.array([0, 1, 1, 3, 5])
   videos = _logit_videos(logits)
   batches = [dict(video=videos[:3], label=labels[:3]), dict(video=videos[3:], label=labels[3:])]
-  res = eval_lib.evaluate(_view_logits_apply, {}, batches, num_classes=k, num_views=2,
+  res = multiview.evaluate(_view_logits_apply, {}, batches, num_classes=k, num_views=2,
                           batch_size=3, expected_count=6, keep_scores=True, progress=False)
   m = res.metrics
   assert m['num_evaluated'] == 5 and m['num_skipped'] == 1
@@ -187,7 +190,7 @@ def test_metrics_by_hand_with_padding_and_score_mode():
   assert res.keys == [f'p0:{i}' for i in range(5)]
   # 'score' averages logits: video 1 becomes (9 - 5) / 2 = 2 for class 2 vs (5 - 5) / 2 = 0
   # for class 1 ... still 2; check the values, not just the argmax.
-  res = eval_lib.evaluate(_view_logits_apply, {}, batches, num_classes=k, num_views=2,
+  res = multiview.evaluate(_view_logits_apply, {}, batches, num_classes=k, num_views=2,
                           batch_size=3, average_clips='score', keep_scores=True,
                           progress=False)
   np.testing.assert_allclose(res.scores, logits.mean(axis=1), atol=1e-6)
@@ -196,13 +199,13 @@ def test_metrics_by_hand_with_padding_and_score_mode():
 def test_batch_errors_name_the_problem():
   videos = _logit_videos(np.zeros((2, 2, 3)))
   with pytest.raises(ValueError, match=r'V=3'):
-    eval_lib.evaluate(_view_logits_apply, {}, [dict(video=videos, label=np.zeros(2))],
+    multiview.evaluate(_view_logits_apply, {}, [dict(video=videos, label=np.zeros(2))],
                       num_classes=3, num_views=3, batch_size=2, progress=False)
   with pytest.raises(ValueError, match='outside'):
-    eval_lib.evaluate(_view_logits_apply, {}, [dict(video=videos, label=np.array([0, 7]))],
+    multiview.evaluate(_view_logits_apply, {}, [dict(video=videos, label=np.array([0, 7]))],
                       num_classes=3, num_views=2, batch_size=2, progress=False)
   with pytest.raises(ValueError, match="average_clips"):
-    eval_lib.make_eval_step(_view_logits_apply, eval_lib.eval_mesh(), 2, 'max')
+    multiview.make_eval_step(_view_logits_apply, multiview.eval_mesh(), 2, 'max')
 
 
 # --------------------------------------------------------------------------- reports
@@ -239,10 +242,10 @@ def test_labels_file_must_match_the_head(tmp_path):
 # --------------------------------------------------------------------------- checkpoints
 
 def test_missing_checkpoint_is_named(tmp_path):
-  with pytest.raises(checkpoint_io.CheckpointError, match='nowhere.*does not exist'):
+  with pytest.raises(checkpoints.CheckpointError, match='nowhere.*does not exist'):
     evaluate.load_checkpoint(str(tmp_path / 'nowhere'))
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(checkpoint_io.CheckpointError, match='neither a parameter checkpoint'):
+  with pytest.raises(checkpoints.CheckpointError, match='neither a parameter checkpoint'):
     evaluate.load_checkpoint(str(tmp_path / 'empty'))
 
 
@@ -263,7 +266,7 @@ def test_checkpoint_params_are_checked_against_the_model(tmp_path):
   _, params = tiny_params()
   _, loaded, _ = evaluate.prepare_model(dict(TINY, scan_layers=True), params)
   assert P.is_scan_layout(loaded) and not P.is_scan_layout(params)
-  with pytest.raises(checkpoint_io.CheckpointError,
+  with pytest.raises(checkpoints.CheckpointError,
                      match=r'cls_head/fc_cls/bias: checkpoint shape \(5,\), model shape \(6,\)'):
     evaluate.prepare_model(dict(TINY, num_classes=6), params)
 
@@ -295,7 +298,7 @@ def test_evaluate_entry_point_end_to_end_on_tiny_tfrecords(tmp_path):
   cfg = dict(TINY)
   _, params = tiny_params(cfg)
   ckpt = tmp_path / 'ckpt'
-  checkpoint_io.save_params(str(ckpt), params, cfg, {'source': 'test'})
+  checkpoints.save_params(str(ckpt), params, cfg, {'source': 'test'})
   pattern = write_tiny_records(tmp_path / 'records')
   out = tmp_path / 'out'
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
@@ -328,20 +331,21 @@ def test_evaluate_entry_point_end_to_end_on_tiny_tfrecords(tmp_path):
 
 def _training_workdir(path, cfg):
   """A workdir as training writes it: frozen/ once, trainable leaves per step, best/."""
-  from aim_jax import checkpointing, steps
+  from aim_jax import steps
+  from aim_jax import checkpoints
   from configs import tiny
   _, params = tiny_params(cfg)
   names = steps.trainable_names(P.trainable_mask(params))
   train, frozen = steps.split_params(params, names)
   later = {k: v + 1.0 for k, v in train.items()}
-  ckpt = checkpointing.TrainCheckpointer(str(path), keep=2, async_save=False)
+  ckpt = checkpoints.TrainCheckpointer(str(path), keep=2, async_save=False)
   ckpt.save_frozen(frozen)
   ckpt.save_best(5, train, {'top1': 0.5, 'step': 5})
   import optax
   ckpt.save(10, later, optax.adam(1e-3).init(later), {'step': 10})
   ckpt.close()
   config = tiny.get_config()
-  checkpointing.write_run_config(str(path), config, cfg, {'source': 'test'})
+  checkpoints.write_run_config(str(path), config, cfg, {'source': 'test'})
   return params, P.unflatten({**frozen, **later}), config
 
 
@@ -383,14 +387,15 @@ pid, port, out, predictions = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.ar
 jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=2,
                            process_id=pid)
 import numpy as np
-from aim_jax import eval_lib, evaluate
+from aim_jax import evaluate
+from aim_jax import multiview
 from test_evaluate import tiny_params, tiny_videos, batches_of
 assert jax.device_count() == 8 and jax.local_device_count() == 4
 model, params = tiny_params()
 videos, labels = tiny_videos(13, 3)
 # Unequal process shards: process 0 reads 9 videos (batches 4, 4, 1), process 1 reads 4.
 sl = slice(0, 9) if pid == 0 else slice(9, 13)
-res = eval_lib.evaluate(eval_lib.model_apply_fn(model), params,
+res = multiview.evaluate(multiview.model_apply_fn(model), params,
                         batches_of(videos[sl], labels[sl], 4, sl.start), num_classes=5,
                         num_views=3, batch_size=4, keep_scores=True, expected_count=13,
                         progress=False)
@@ -424,7 +429,7 @@ def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
   outs = [np.load(tmp_path / f'out{i}.npz') for i in range(2)]
   model, params = tiny_params()
   videos, labels = tiny_videos(13, 3)
-  want = eval_lib.reference_scores(eval_lib.model_apply_fn(model), params, videos, 3)
+  want = multiview.reference_scores(multiview.model_apply_fn(model), params, videos, 3)
   np.testing.assert_allclose(np.concatenate([o['scores'] for o in outs]), want, atol=2e-6)
   np.testing.assert_array_equal(np.concatenate([o['labels'] for o in outs]), labels)
   for o in outs:   # metrics are reduced over both processes

@@ -2,7 +2,7 @@
 
 import pytest
 
-from aim_jax import demo
+from projects.moving_digits import demo
 from aim_jax.metric_writer import ScalarWriter
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aim_jax import official
+from aim_jax.convert import official_names
 from aim_jax import params as P
 from aim_jax.models import adapters as adapters_lib
 from aim_jax.models.aim import average_views
@@ -24,8 +24,8 @@ def load_case(name):
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
   # Every setting is read from the data: heads and the joint scale are not in any tensor.
-  cfg = official.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
-  params, report = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  cfg = official_names.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  params, report = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   assert not report.unused and len(report.mapped) == len(sd)
   return d, meta, cfg, params
 
@@ -159,7 +159,7 @@ def test_plain_encoder_is_a_clip_image_model_with_clip_names():
   images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   params = nn.unbox(enc.init(jax.random.key(0), images))['params']
   assert enc.apply({'params': params}, images).shape == (3, 32)
-  sd = official.encoder_to_state_dict(params, heads=4)
+  sd = official_names.encoder_to_state_dict(params, heads=4)
   expected = {'class_embedding', 'positional_embedding', 'proj', 'conv1.weight',
               'ln_pre.weight', 'ln_pre.bias', 'ln_post.weight', 'ln_post.bias'}
   for i in range(2):
@@ -209,8 +209,8 @@ def test_scan_and_remat_agree_with_loop_and_keep_the_checkpoint_layout():
     remat = build_model(dict(cfg, remat_policy=policy)).apply({'params': params}, video)
     np.testing.assert_allclose(remat, ref, atol=1e-5)
   # The official names come back unchanged from the scanned tree.
-  back = official.aim_params_to_state_dict(scanned, cfg['heads'])
-  sd = official.aim_params_to_state_dict(params, cfg['heads'])
+  back = official_names.aim_params_to_state_dict(scanned, cfg['heads'])
+  sd = official_names.aim_params_to_state_dict(params, cfg['heads'])
   assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k]) for k in sd)
 
 

@@ -1,5 +1,5 @@
 """The official PyTorch AIM, loaded from its own files with our weights, computes our function;
-`python -m aim_jax.benchmark --official DIR` times it beside ours and reports the ratio.
+`python -m benchmarks.step_benchmark --official DIR` times it beside ours and reports the ratio.
 
 Needs the official files in `.official/` (git-ignored, fetched by hand: CI has no copy) and torch.
 timm (imported by the official vit_clip.py) needs torchvision, which has no CPU build here: a
@@ -38,7 +38,7 @@ def official_torch():
   if importlib.util.find_spec('timm') is None:   # importing it needs torchvision (served below)
     pytest.skip('timm is not installed')
   with torchvision_stub.installed():
-    from aim_jax import official_torch as module
+    from benchmarks import official_torch as module
     yield module
 
 

@@ -12,7 +12,9 @@ import pytest
 from conftest import GOLDEN, ROOT
 from test_evaluate import TINY, tiny_params
 
-from aim_jax import checkpoint_io, official, predict
+from aim_jax import predict
+from aim_jax import checkpoints
+from aim_jax.convert import official_names
 from aim_jax.models.aim import average_views
 
 
@@ -37,7 +39,7 @@ def write_mp4(path, frames=40, height=40, width=56, seed=0):
 def tiny_checkpoint(tmp_path_factory):
   path = tmp_path_factory.mktemp('ckpt') / 'tiny'
   _, params = tiny_params()
-  checkpoint_io.save_params(str(path), params, TINY, {'source': 'test'})
+  checkpoints.save_params(str(path), params, TINY, {'source': 'test'})
   return str(path)
 
 
@@ -73,7 +75,7 @@ def test_unreadable_or_missing_video_is_named(tiny_checkpoint, tmp_path):
 
 
 def test_missing_checkpoint_is_named(tmp_path):
-  with pytest.raises(checkpoint_io.CheckpointError, match='missing_ckpt does not exist'):
+  with pytest.raises(checkpoints.CheckpointError, match='missing_ckpt does not exist'):
     predict.Predictor(str(tmp_path / 'missing_ckpt'))
 
 
@@ -82,10 +84,10 @@ def test_array_mode_reproduces_official_logits(case, tmp_path):
   d = np.load(GOLDEN / f'{case}.npz')
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-  cfg = official.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
-  params, _ = official.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
+  cfg = official_names.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  params, _ = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   ckpt = tmp_path / 'official'
-  checkpoint_io.save_params(str(ckpt), params, cfg)
+  checkpoints.save_params(str(ckpt), params, cfg)
   predictor = predict.Predictor(str(ckpt))
   x = d['input']                                              # (B, C, T, H, W)
   np.testing.assert_allclose(predict.predict_array(predictor, x, 'NCTHW'), d['logits'],
@@ -160,7 +162,7 @@ def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
   d = np.load(GOLDEN / 'aim_tiny_case1_tadapter2.npz')
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: torch.from_numpy(np.array(d[k])) for k in d.files if k.startswith('sd/')}
-  src = tmp_path / 'official.pth'
+  src = tmp_path / 'official_names.pth'
   torch.save({'state_dict': sd}, src)
   out = tmp_path / 'converted'
   assert convert.main(['aim', '--src', str(src), '--out', str(out), '--heads', str(meta['heads']),

@@ -13,7 +13,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from aim_jax import checkpointing, sharding
+from aim_jax import sharding
+from aim_jax import checkpoints
 from aim_jax import params as P
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -61,9 +62,9 @@ def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_dev
   workdir = tmp_path / 'eight'
   out = run_train(workdir, 8, '--config.mesh.data=4', '--config.mesh.fsdp=2')
   assert "'data': 4, 'fsdp': 2" in out.stderr
-  ref, _ = checkpointing.restore_params_from_workdir(str(one_device_run))
-  eight, _ = checkpointing.restore_params_from_workdir(str(workdir))
-  start = checkpointing._restore_numpy(workdir / 'frozen')
+  ref, _ = checkpoints.restore_params_from_workdir(str(one_device_run))
+  eight, _ = checkpoints.restore_params_from_workdir(str(workdir))
+  start = checkpoints._restore_numpy(workdir / 'frozen')
   for name, value in P.flatten(start).items():   # frozen weights were never touched
     np.testing.assert_array_equal(P.flatten(eight)[name], value, err_msg=name)
   _close(eight, ref)
@@ -72,7 +73,7 @@ def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_dev
   shutil.rmtree(workdir / 'checkpoints' / str(STEPS))
   out = run_train(workdir, 2, '--config.mesh.data=1', '--config.mesh.fsdp=2')
   assert 'resuming from' in out.stderr and 'checkpoints/3' in out.stderr
-  two, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  two, _ = checkpoints.restore_params_from_workdir(str(workdir))
   _close(two, ref)
 
 
@@ -120,11 +121,12 @@ def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
 
 CONSTRAINT_SCRIPT = r'''
 import re, jax, numpy as np, flax.linen as nn
-from aim_jax import benchmark, sharding
+from aim_jax import sharding
+from benchmarks import step_benchmark
 from configs import tiny
 cfg = tiny.get_config(); cfg.unlock()
 cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
-b = benchmark.build(cfg, 8, 'train')
+b = step_benchmark.build(cfg, 8, 'train')
 batch = {'video': b['video'], 'label': b['labels']}
 with sharding.mesh_context(b['mesh'], b['rules']):
   under_mesh = b['step'].lower(b['state'], batch).as_text()
@@ -139,7 +141,7 @@ assert constraints(rules_only) == [], constraints(rules_only)[:3]
 # (B, T, L, D) = (8, 4, 17, 32) after each block and the MLP hidden (..., 128) over 'model'.
 assert ('[{"data", "fsdp"}, {}, {}, {}]', '8x4x17x32xf32') in got, got
 assert ('[{"data", "fsdp"}, {}, {}, {"model"}]', '8x4x17x128xf32') in got, got
-e = benchmark.build(cfg, 8, 'eval')
+e = step_benchmark.build(cfg, 8, 'eval')
 with sharding.mesh_context(e['mesh'], e['rules']):
   sharded = np.asarray(e['step'](e['params'], e['video']))
 plain = np.asarray(jax.jit(lambda p, v: e['step'](p, v))(e['params'], e['video']))

@@ -10,9 +10,9 @@ import pytest
 import torchvision_stub
 from conftest import GOLDEN
 
-from aim_jax import formats
+from aim_jax.convert import formats
 from aim_jax import params as P
-from aim_jax.formats import swin as swin_format
+from aim_jax.convert.formats import swin as swin_format
 from aim_jax.models import swin as swin_lib
 from aim_jax.models.adapters import AdapterSpec
 from aim_jax.models.aim import average_views, inject
@@ -371,13 +371,15 @@ def test_timm_swin_b_at_full_size_reproduces_image_features(timm):
 
 def test_convert_aim_and_export_aim_round_trip_the_official_file_exactly(tmp_path):
   pytest.importorskip('torch')
-  from aim_jax import checkpoint_io, convert, torch_io
+  from aim_jax import convert
+  from aim_jax import checkpoints
+  from aim_jax.convert import torch_files
   _, sd, _, _, _ = load_case()
   src = tmp_path / 'aim_swin.pth'
-  torch_io.save_torch_state_dict({'state_dict': sd}, str(src))
+  torch_files.save_torch_state_dict({'state_dict': sd}, str(src))
   conv = convert.convert(str(src), str(tmp_path / 'ckpt'), 'aim', log=lambda _: None)
   assert conv.format == 'aim_swin' and not conv.report.unused and not conv.report.missing
-  _, cfg, _ = checkpoint_io.load_params(str(tmp_path / 'ckpt'))
+  _, cfg, _ = checkpoints.load_params(str(tmp_path / 'ckpt'))
   assert cfg['backbone'] == 'swin' and tuple(cfg['swin']['depths']) == (2, 2)
   back = convert.export_aim(str(tmp_path / 'ckpt'), str(tmp_path / 'back.pth'),
                             log=lambda _: None)
@@ -388,13 +390,14 @@ def test_convert_aim_and_export_aim_round_trip_the_official_file_exactly(tmp_pat
 
 
 def test_convert_image_reads_a_microsoft_checkpoint_for_aim(timm, tmp_path):
-  from aim_jax import convert, torch_io
+  from aim_jax import convert
+  from aim_jax.convert import torch_files
   model = _random_timm_swin(timm, 3, **TINY_TIMM)
   sd = swin_format.timm_to_official_names({k: v.numpy() for k, v in model.state_dict().items()})
   # Microsoft checkpoints keep the shift masks (persistent buffers): they give the resolution.
   sd['layers.0.blocks.1.attn_mask'] = swin_lib.shift_attention_mask(16, 16, 4, 2)
   src = tmp_path / 'swin_tiny_22k.pth'
-  torch_io.save_torch_state_dict({'model': sd}, str(src))
+  torch_files.save_torch_state_dict({'model': sd}, str(src))
   conv = convert.convert(str(src), str(tmp_path / 'ckpt'), 'image', log=lambda _: None)
   assert conv.format == 'swin'
   assert conv.model_config['swin']['patch_size_t'] == 2

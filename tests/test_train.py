@@ -14,7 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aim_jax import checkpoint_io, checkpointing, train
+from aim_jax import train
+from aim_jax import checkpoints
 from aim_jax import params as P
 from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
 from configs import tiny
@@ -79,7 +80,7 @@ def test_resuming_a_workdir_of_another_model_names_the_field(tmp_path):
   c = _unlocked()
   other = resolve_model_config(c.model)
   other['layers'] = 3
-  checkpointing.write_run_config(str(tmp_path), c, other, {})
+  checkpoints.write_run_config(str(tmp_path), c, other, {})
   (tmp_path / 'frozen').mkdir()
   with pytest.raises(train.ConfigError, match=r'model.layers=3.*model.layers=2'):
     train.train_and_evaluate(c, str(tmp_path))
@@ -92,7 +93,7 @@ def _save_aim(directory, **model_overrides):
   model = build_model(cfg)
   t, s = cfg['num_frames'], cfg['image_size']
   params = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, t, s, s, 3))))['params']
-  checkpoint_io.save_params(str(directory), params, cfg)
+  checkpoints.save_params(str(directory), params, cfg)
   return params
 
 
@@ -110,7 +111,7 @@ def test_init_from_encoder_fills_the_backbone_and_reports_what_stays_at_init(tmp
   encoder = build_encoder(cfg)
   s = cfg['image_size']
   enc = nn.unbox(encoder.init(jax.random.key(2), jnp.zeros((1, s, s, 3))))['params']
-  checkpoint_io.save_params(str(tmp_path / 'clip'), enc, cfg)
+  checkpoints.save_params(str(tmp_path / 'clip'), enc, cfg)
   model = build_model(cfg)
   fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, cfg['num_frames'], s, s, 3))))
   fresh = jax.tree.map(np.asarray, fresh['params'])
@@ -153,8 +154,8 @@ def test_tiny_config_learns_and_writes_its_workdir(tiny_run):
   for name in ('config.json', 'versions.json', 'frozen', 'checkpoints', 'best', 'tensorboard'):
     assert (workdir / name).exists(), name
   assert any(p.name.startswith('events.out.tfevents') for p in (workdir / 'tensorboard').iterdir())
-  params, model_cfg = checkpointing.restore_params_from_workdir(str(workdir), 'latest')
-  best, _ = checkpointing.restore_params_from_workdir(str(workdir), 'best')
+  params, model_cfg = checkpoints.restore_params_from_workdir(str(workdir), 'latest')
+  best, _ = checkpoints.restore_params_from_workdir(str(workdir), 'best')
   model = build_model(model_cfg)
   s, t = model_cfg['image_size'], model_cfg['num_frames']
   like = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0),
@@ -180,8 +181,8 @@ def test_sigkill_between_checkpoints_then_restart_equals_uninterrupted_run(tiny_
   out = run_train(workdir)
   resumed = [line for line in out.stderr.splitlines() if 'resuming from' in line]
   assert resumed and not resumed[0].endswith('/120'), resumed
-  final, _ = checkpointing.restore_params_from_workdir(str(workdir))
-  ref, _ = checkpointing.restore_params_from_workdir(str(reference))
+  final, _ = checkpoints.restore_params_from_workdir(str(workdir))
+  ref, _ = checkpoints.restore_params_from_workdir(str(reference))
   for name, value in P.flatten(ref).items():
     np.testing.assert_allclose(P.flatten(final)[name], value, rtol=1e-6, atol=1e-7,
                                err_msg=name)
@@ -202,7 +203,7 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
   log = ''.join(lines)
   assert proc.returncode == 0, log[-3000:]
   assert 'stopped by SIGTERM' in log
-  manager = checkpointing.TrainCheckpointer(str(workdir), keep=3, async_save=False)
+  manager = checkpoints.TrainCheckpointer(str(workdir), keep=3, async_save=False)
   step = manager.latest_step()
   manager.close()
   assert step is not None and 5 <= step < 120
@@ -218,9 +219,9 @@ def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_
   found = re.search(r'NonFiniteLoss: loss is (nan|inf|-inf) at step (\d+)', out.stderr)
   assert found, out.stderr[-3000:]
   bad = int(found.group(2))
-  manager = checkpointing.TrainCheckpointer(str(workdir), keep=3, async_save=False)
+  manager = checkpoints.TrainCheckpointer(str(workdir), keep=3, async_save=False)
   last = manager.latest_step()
   manager.close()
   assert last == bad - 1
-  params, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  params, _ = checkpoints.restore_params_from_workdir(str(workdir))
   assert params is not None

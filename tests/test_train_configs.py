@@ -56,7 +56,7 @@ def test_unknown_row_is_an_error():
 
 
 def test_trainer_and_steps_import_without_tensorflow():
-  code = ('import sys, aim_jax.train, aim_jax.steps, aim_jax.checkpointing; '
+  code = ('import sys, aim_jax.train, aim_jax.steps, aim_jax.checkpoints; '
           'from configs import k400; k400.get_config("b16_f8"); '
           'assert "tensorflow" not in sys.modules, "tensorflow imported"')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from aim_jax import checkpointing
+from aim_jax import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -57,5 +57,5 @@ def test_two_processes_train_a_few_steps_together_and_agree(tmp_path):
   (train0, val0), (train1, val1) = metrics(logs[0]), metrics(logs[1])
   assert len(train0) == 3 and train0 == train1
   assert val0 == val1 and val0
-  params, _ = checkpointing.restore_params_from_workdir(str(workdir))
+  params, _ = checkpoints.restore_params_from_workdir(str(workdir))
   assert all(np.isfinite(v).all() for v in params['cls_head']['fc_cls'].values())

@@ -23,6 +23,10 @@ VIT_SIZES = {
     'H': (1280, 32, 16), 'g': (1408, 40, 16), 'So400m': (1152, 27, 16),
 }
 
+# The fields that decide the parameter tree (its names and shapes), one list for every
+# check: init_from, resume, evaluation against a checkpoint, conversion.
+ARCH_FIELDS = ('backbone', 'width', 'layers', 'heads', 'patch_size', 'mlp_ratio')
+
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -95,8 +99,15 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
     if size not in VIT_SIZES or not patch.isdigit():
       raise ValueError(f'model.variant {out["variant"]!r} is not SIZE/PATCH with SIZE in '
                        f'{sorted(VIT_SIZES)}')
-    out['width'], out['layers'], out['heads'] = VIT_SIZES[size]
-    out['patch_size'] = int(patch)
+    sized = dict(zip(('width', 'layers', 'heads'), VIT_SIZES[size]), patch_size=int(patch))
+    defaults = default_model_config()
+    for k, v in sized.items():
+      # An explicit value that contradicts the variant is an error, not an override.
+      if k in given and given[k] != defaults[k] and given[k] != v:
+        raise ValueError(f'model.variant {out["variant"]!r} means model.{k}={v}, but '
+                         f'model.{k}={given[k]!r} is also set: set model.variant=\'\' to size '
+                         'the model by width/layers/heads/patch_size, or drop the field')
+    out.update(sized)
   for k in ('depths', 'num_heads'):   # JSON round trips give lists
     out['swin'][k] = tuple(int(v) for v in out['swin'][k])
   if out['width'] % out['heads']:

@@ -320,7 +320,7 @@ class ResidualAttentionBlock(nn.Module):
     # Layer scale multiplies the frozen branch output *before* any adapter sees it: the
     # temporal branch re-uses attention + ls1 exactly as the spatial one does, and
     # T_Adapter / S_Adapter act on the scaled output (DINOv2 design choice, see
-    # aim_jax/formats/dinov2.py); the joint adapter stays parallel to the scaled MLP.
+    # aim_jax/convert/formats/dinov2.py); the joint adapter stays parallel to the scaled MLP.
     return y * gammas[name].astype(y.dtype) if name in gammas else y
 
   @nn.compact

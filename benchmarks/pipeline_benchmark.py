@@ -1,6 +1,6 @@
 r"""Input-pipeline throughput: clips per second per CPU core, by stage.
 
-  python -m data_pipelines.benchmark [--seconds 15] [--cores 1,all] [--out BENCH.json]
+  python -m benchmarks.pipeline_benchmark [--seconds 15] [--cores 1,all] [--out BENCH.json]
 
 Writes synthetic DMVR records (256x340 JPEG frames at quality 90, ~25 KB each, like
 `prepare` output at short side 256), then times, each in a fresh process pinned to N cores:
@@ -173,7 +173,7 @@ def main(argv):
   for frames in [int(f) for f in FLAGS.frames.split(',')]:
     for stage in FLAGS.stages.split(','):
       for c in cores:
-        cmd = [sys.executable, '-m', 'data_pipelines.benchmark', f'--seconds={FLAGS.seconds}',
+        cmd = [sys.executable, '-m', 'benchmarks.pipeline_benchmark', f'--seconds={FLAGS.seconds}',
                f'--worker={stage}:{frames}:{c}:{pattern}']
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)

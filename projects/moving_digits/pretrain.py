@@ -6,7 +6,7 @@ parameter-checkpoint format that CLIP conversion writes (encoder params in
 loop layout + an image-encoder model config with backbone='clip'), so
 `init_from` loads it as it would load converted CLIP weights.
 
-  python -m aim_jax.pretrain_digits --out demo_workdir/pretrained
+  python -m projects.moving_digits.pretrain --out demo_workdir/pretrained
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aim_jax import checkpoint_io
+from aim_jax import checkpoints
 from aim_jax.models import factory
 
 
@@ -52,7 +52,7 @@ def pretrain(out_dir: str, backbone: Mapping, *, steps: int = 1000, batch: int =
              log_every: int = 100) -> dict:
   """Train encoder + probe on digit frames; save the encoder; -> metrics dict."""
   from data_pipelines import config as data_config
-  from data_pipelines import moving_digits as md
+  from projects.moving_digits import data as md
   d = data_config.default_data_config()
   mean = d.mean if mean is None else mean
   std = d.std if std is None else std
@@ -105,8 +105,8 @@ def pretrain(out_dir: str, backbone: Mapping, *, steps: int = 1000, batch: int =
              'train_seconds': round(train_s, 1), 'losses': losses}
   print(f'pre-training: held-out digit top-1 {acc:.1%} after {steps} steps ({train_s:.0f} s)',
         flush=True)
-  checkpoint_io.save_params(out_dir, params['encoder'], cfg, metadata={
-      'source': 'moving digits image pre-training (aim_jax.pretrain_digits)',
+  checkpoints.save_params(out_dir, params['encoder'], cfg, metadata={
+      'source': 'moving digits image pre-training (projects.moving_digits.pretrain)',
       'format': 'clip', 'kind': 'image', **{k: v for k, v in metrics.items() if k != 'losses'}})
   return metrics
 
@@ -117,7 +117,7 @@ def _bar(total: int):
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  from configs import demo as demo_config
+  from projects.moving_digits import config as demo_config
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--out', required=True)
   p.add_argument('--steps', type=int, default=1000)

@@ -34,8 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from aim_jax.errors import UserError
 
-class CheckpointReadError(ValueError):
+
+class CheckpointReadError(UserError):
   """A checkpoint file that cannot be read; the message names the file."""
 
 

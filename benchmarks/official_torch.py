@@ -1,6 +1,6 @@
 """The official PyTorch AIM (ViT_CLIP + I3DHead), run from its own files, with our weights.
 
-Used by `python -m aim_jax.benchmark --official DIR` to time the official
+Used by `python -m benchmarks.step_benchmark --official DIR` to time the official
 model beside ours in the same call, on the same device, batch and precision.
 DIR holds the official files at their repository paths (fetched into a
 git-ignored folder such as `.official/`, never committed):
@@ -44,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from aim_jax import official
+from aim_jax.convert import official_names
 from aim_jax import params as P
 
 # Official files, relative to DIR, in load order (i3d_head imports base).
@@ -99,7 +99,7 @@ def _normal_init(module: torch.nn.Module, mean: float = 0.0, std: float = 1.0,
 
 def _unused(name: str):
   def fail(*args, **kwargs):
-    raise RuntimeError(f'{name} is an import stand-in (aim_jax.official_torch); the benchmark '
+    raise RuntimeError(f'{name} is an import stand-in (benchmarks.official_torch); the benchmark '
                        'never calls it')
   return fail
 
@@ -231,7 +231,7 @@ def build_official(model_cfg: Mapping, params: Mapping, modules: OfficialModules
   head = modules.I3DHead(num_classes=model_cfg['num_classes'], in_channels=model_cfg['width'],
                          spatial_type='avg', dropout_ratio=model_cfg['dropout_rate'])
   model = OfficialRecognizer(backbone, head)
-  sd = official.aim_params_to_state_dict(params, model_cfg['heads'])
+  sd = official_names.aim_params_to_state_dict(params, model_cfg['heads'])
   model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32).copy())
                          for k, v in sd.items()}, strict=True)
   return model
@@ -247,7 +247,7 @@ def trainable_keys(params: Mapping, model_cfg: Mapping, patterns: Sequence[str],
   mask = P.trainable_mask(params, patterns, full_finetune)
   flat_p, flat_m = P.flatten(params), P.flatten(mask)
   flags = P.unflatten({k: np.full(np.shape(v), bool(flat_m[k])) for k, v in flat_p.items()})
-  sd = official.aim_params_to_state_dict(flags, model_cfg['heads'])
+  sd = official_names.aim_params_to_state_dict(flags, model_cfg['heads'])
   return {k for k, v in sd.items() if np.asarray(v).all()}
 
 

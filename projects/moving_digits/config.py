@@ -1,10 +1,10 @@
 """Moving Digits ablation (`make demo`): AIM's claim on one CPU in minutes.
 
-  python -m aim_jax.train --config configs/demo.py:variant=aim,task=motion \
+  python -m aim_jax.train --config projects/moving_digits/config.py:variant=aim,task=motion \
       --workdir demo_workdir/runs/motion_aim
 
 A 4-layer CLIP-architecture ViT (32 px, patch 8, width 64), pre-trained on
-static digit frames by `python -m aim_jax.demo`, is adapted to 8-frame clips:
+static digit frames by `python -m projects.moving_digits.demo`, is adapted to 8-frame clips:
 
   head      frozen image model; only ln_post and the head train (adapters off), so no
             gradient flows back through the backbone
@@ -48,7 +48,7 @@ STEPS = {
 }
 # AdamW peak learning rates: adapters and head 3e-3; the whole image model more gently.
 LR = {'head': 3e-3, 'spatial': 3e-3, 'temporal': 3e-3, 'aim': 3e-3, 'full': 1e-3}
-# The demo backbone; `aim_jax.demo` pre-trains exactly this image encoder.
+# The demo backbone; `projects.moving_digits.demo` pre-trains exactly this image encoder.
 BACKBONE = dict(backbone='clip', variant='', patch_size=8, width=64, layers=4, heads=4,
                 image_size=32, output_dim=0)
 NUM_FRAMES = 8
@@ -63,9 +63,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant='aim', task='motion', root='demo_workdir', steps=0,
                        batch=32, lr=0.0, val=1)
   if a.variant not in VARIANTS:
-    raise ValueError(f'configs/demo.py: variant {a.variant!r} is not one of {VARIANTS}')
+    raise ValueError(f'projects/moving_digits/config.py: variant {a.variant!r} is not one of {VARIANTS}')
   if a.task not in TASKS:
-    raise ValueError(f'configs/demo.py: task {a.task!r} is not one of {sorted(TASKS)}')
+    raise ValueError(f'projects/moving_digits/config.py: task {a.task!r} is not one of {sorted(TASKS)}')
   steps = a.steps or STEPS[a.task][a.variant]
 
   c = common.get_base_config()

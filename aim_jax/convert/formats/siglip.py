@@ -41,9 +41,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from aim_jax.formats import Format, google_npz, register
-from aim_jax.formats import vit_common as C
-from aim_jax.official import ConversionError, Report
+from aim_jax.convert.formats import google_npz
+from aim_jax.convert.registry import Format, Report, register
+from aim_jax.convert.formats import vit_common as C
+from aim_jax.errors import ConversionError
 
 _BV = 'params/img/'
 _SIGLIP_HEADS = {1152: 16}     # So400m; every other SigLIP tower has width / 64 heads

@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
@@ -95,6 +94,12 @@ class EvalResult:
   scores: Optional[np.ndarray]
   confusion: np.ndarray
   metrics: dict
+
+
+def num_views(data_cfg: Any, split: str) -> int:
+  """Views per video the pipeline makes for `split`: crops x clips ('test_*' or 'val_*')."""
+  prefix = 'test' if split == 'test' else 'val'
+  return int(data_cfg[f'{prefix}_clips']) * int(data_cfg[f'{prefix}_crops'])
 
 
 def make_eval_step(apply_fn: Callable[[Any, jax.Array], jax.Array], mesh: Mesh,
@@ -172,7 +177,7 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
              batch_size: int, mesh: Optional[Mesh] = None, average_clips: str = 'prob',
              expected_count: Optional[int] = None, top_k: int = 5, keep_scores: bool = False,
              progress: bool = True, total_steps: Optional[int] = None,
-             param_sharding: Any = None) -> EvalResult:
+             param_sharding: Any = None, step_fn: Optional[Callable] = None) -> EvalResult:
   """Run multi-view evaluation over `batches` on all devices of `mesh`.
 
   Args:
@@ -193,10 +198,12 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     total_steps: length of the bar (optional).
     param_sharding: a sharding or tree of shardings for params (default
       replicated).
+    step_fn: a step made by `make_eval_step` for this mesh and view count, to reuse
+      its compilation across calls (training evaluates many times); default: a new one.
   """
   mesh = mesh if mesh is not None else eval_mesh()
   param_sharding = param_sharding or NamedSharding(mesh, P())
-  step_fn = make_eval_step(apply_fn, mesh, num_views, average_clips, param_sharding)
+  step_fn = step_fn or make_eval_step(apply_fn, mesh, num_views, average_clips, param_sharding)
   params = jax.device_put(params, param_sharding)
   padded = padded_batch_size(batch_size, num_views, mesh)
   data_sharding = NamedSharding(mesh, P(batch_axes(mesh)))
@@ -322,14 +329,3 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
       topk_scores=cat(topk_s, (0, k)).astype(np.float32),
       scores=cat(all_scores, (0, num_classes)).astype(np.float32) if keep_scores else None,
       confusion=confusion, metrics=metrics)
-
-
-def reference_scores(apply_fn: Callable, params: Any, videos: np.ndarray, num_views: int,
-                     average_clips: str = 'prob') -> np.ndarray:
-  """Unsharded, one video at a time: (N, V, T, H, W, C) -> (N, K). For checks."""
-  apply_fn = jax.jit(apply_fn)
-  out = []
-  for v in videos:
-    logits = apply_fn(params, jnp.asarray(v))   # (V, K)
-    out.append(np.asarray(average_views(logits, num_views, average_clips))[0])
-  return np.stack(out)

@@ -21,7 +21,7 @@ from its own generator seeded by (seed, split, i).
 Writes real mp4 files (PyAV, H.264) and `path label` annotation lists that
 `python -m data_pipelines.prepare` turns into DMVR TFRecords:
 
-  python -m data_pipelines.moving_digits --out /tmp/md --train_per_class 200 \
+  python -m projects.moving_digits.data --out /tmp/md --train_per_class 200 \
       --test_per_class 50
 """
 

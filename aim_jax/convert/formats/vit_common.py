@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax import params as P
-from aim_jax.official import ConversionError, Report
+from aim_jax.convert.registry import Report
+from aim_jax.errors import ConversionError
 
 # ---------------------------------------------------------------------------
 # Tensor layouts. Torch: Linear weight (out, in), Conv2d (D, 3, p, p).

@@ -1,16 +1,16 @@
 """`make demo`: AIM's ablation end to end on Moving Digits, on one CPU, in minutes.
 
-  python -m aim_jax.demo [--workdir demo_workdir] [--size full|ci]
+  python -m projects.moving_digits.demo [--workdir demo_workdir] [--size full|ci]
 
 Steps (each is skipped when its result is already in the work directory, so a
 second run only redoes what is missing or changed):
 
   1. data      Moving Digits clips -> mp4 files + `path label` lists
-               (data_pipelines.moving_digits), then DMVR TFRecords for both
+               (projects.moving_digits.data), then DMVR TFRecords for both
                label sets through `python -m data_pipelines.prepare`.
   2. pretrain  a 4-layer CLIP-architecture ViT trained on static digit frames,
-               saved as a CLIP conversion would save it (aim_jax.pretrain_digits).
-  3. adapt     for each label set and variant (configs/demo.py): the real
+               saved as a CLIP conversion would save it (projects.moving_digits.pretrain).
+  3. adapt     for each label set and variant (projects/moving_digits/config.py): the real
                `python -m aim_jax.train` then `python -m aim_jax.evaluate`.
   4. report    WORKDIR/report/README.md: table (tunable parameters, top-1 per
                label set, within-pair accuracy on motion, training time),
@@ -61,7 +61,7 @@ class DemoSize:
 
 
 def sizes() -> dict[str, DemoSize]:
-  from configs import demo as demo_config
+  from projects.moving_digits import config as demo_config
   every = tuple(demo_config.VARIANTS)
   return {
       # `make demo`: the settings measured to show the claim in ~10 minutes on 2 cores.
@@ -129,7 +129,7 @@ def run_command(cmd: Sequence[str], log: pathlib.Path) -> float:
 
 
 def make_data(workdir: pathlib.Path, size: DemoSize, steps: Steps) -> dict:
-  from data_pipelines import moving_digits as md
+  from projects.moving_digits import data as md
   data = workdir / 'data'
   tasks = sorted(size.variants)
   inputs = dict(train=size.train_per_class, test=size.test_per_class, seed=size.seed,
@@ -152,8 +152,8 @@ def make_data(workdir: pathlib.Path, size: DemoSize, steps: Steps) -> dict:
 
 
 def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str) -> dict:
-  from aim_jax import pretrain_digits
-  from configs import demo as demo_config
+  from projects.moving_digits import pretrain
+  from projects.moving_digits import config as demo_config
   out = workdir / 'pretrained'
   inputs = dict(steps=size.pretrain_steps, seed=size.seed, backbone=demo_config.BACKBONE)
   if (rec := steps.done('pretrain', inputs)) and out.exists():
@@ -163,7 +163,7 @@ def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str)
   if out.exists():
     shutil.rmtree(out)
   t0 = time.time()
-  metrics = pretrain_digits.pretrain(str(out), demo_config.BACKBONE, steps=size.pretrain_steps,
+  metrics = pretrain.pretrain(str(out), demo_config.BACKBONE, steps=size.pretrain_steps,
                                      seed=size.seed)
   return steps.finish('pretrain', inputs, {**metrics, 'seconds': round(time.time() - t0, 1)})
 
@@ -173,7 +173,7 @@ def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str)
 
 def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int,
                val: bool = True) -> str:
-  return (f'configs/demo.py:variant={variant},task={task},root={workdir},steps={train_steps},'
+  return (f'projects/moving_digits/config.py:variant={variant},task={task},root={workdir},steps={train_steps},'
           f'val={int(val)}')
 
 
@@ -279,7 +279,7 @@ def write_report(workdir: pathlib.Path, results: Mapping[str, Mapping[str, dict]
                  wall_seconds: float) -> pathlib.Path:
   """WORKDIR/report/: README.md (table), curves.png, confusion_motion_{spatial,aim}.png."""
   from aim_jax import reports
-  from data_pipelines import moving_digits as md
+  from projects.moving_digits import data as md
   out = workdir / 'report'
   out.mkdir(parents=True, exist_ok=True)
   variants = [v for v in VARIANT_NAMES if any(v in r for r in results.values())]

@@ -1,7 +1,7 @@
 """Official AIM checkpoints (mmaction2 `.pth`: `{'state_dict': {'backbone.*', 'cls_head.*'}}`).
 
 The ViT backbones of the model zoo (CLIP `ViT_CLIP` and ImageNet-21K
-`ViT_ImageNet`) map name for name onto `aim_jax.official`. Everything but the
+`ViT_ImageNet`) map name for name onto `aim_jax.convert.official_names`. Everything but the
 head count and the joint adapter scale is read from the keys and shapes:
 width, layers, patch, resolution (positional embedding), num_frames (temporal
 embedding), num_classes (fc_cls), num_tadapter (`T_Adapter_in`), adapter ratio
@@ -15,8 +15,10 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from aim_jax import formats, official
-from aim_jax.formats import clip as clip_format
+from aim_jax.convert import registry
+from aim_jax.errors import ConversionError
+from aim_jax.convert import official_names
+from aim_jax.convert.formats import clip as clip_format
 from aim_jax.models.factory import resolve_model_config
 from aim_jax.models.vit import FAMILIES
 
@@ -36,15 +38,15 @@ def convert(state_dict: Mapping[str, np.ndarray], heads: int | None = None,
   models; 'gelu' for one built on an OpenCLIP GELU model, family 'clip_gelu'),
   which no tensor records. `export-aim` writes it into the file's meta.
   """
-  fields = official.infer_aim_config(state_dict, heads=heads, adapter_scale=adapter_scale)
+  fields = official_names.infer_aim_config(state_dict, heads=heads, adapter_scale=adapter_scale)
   if act is not None:
     if fields['backbone'] == 'clip':
       fields['backbone'] = clip_format.family_for(act)
     elif act != FAMILIES[fields['backbone']]['mlp_act']:
-      raise official.ConversionError(
+      raise ConversionError(
           f'act={act!r}: a {fields["backbone"]} backbone (backbone.cls_token) uses '
           f'{FAMILIES[fields["backbone"]]["mlp_act"]}')
-  params, report = official.aim_params_from_state_dict(state_dict, fields['heads'],
+  params, report = official_names.aim_params_from_state_dict(state_dict, fields['heads'],
                                                        fields['backbone'])
   if adapter_scale is None and fields['adapters']['joint']:
     report.notices.append(
@@ -61,6 +63,6 @@ def convert(state_dict: Mapping[str, np.ndarray], heads: int | None = None,
   return params, resolve_model_config(fields), report
 
 
-formats.register(formats.Format(
+registry.register(registry.Format(
     name='aim', kind='aim', detect=detect, convert=convert,
     description='official AIM model zoo (mmaction2 .pth with backbone.* and cls_head.*)'))

@@ -33,7 +33,9 @@ from typing import Iterable, Mapping, Optional
 
 import numpy as np
 
-from aim_jax import formats, official
+from aim_jax.convert import registry
+from aim_jax.errors import ConversionError
+from aim_jax.convert import official_names
 from aim_jax.models.factory import resolve_model_config
 
 # Per-block tensors of a CLIP visual tower (CLIP names).
@@ -76,7 +78,7 @@ def detect_hf_clip(keys: Iterable[str]) -> bool:
 
 
 def _architecture(tower: Mapping[str, np.ndarray], heads: Optional[int]) -> dict:
-  cfg = official._infer_encoder(tower, heads)   # width, layers, heads, patch, image_size, mlp
+  cfg = official_names._infer_encoder(tower, heads)   # width, layers, heads, patch, image_size, mlp
   proj = tower.get('proj')
   cfg['output_dim'] = int(np.shape(proj)[1]) if proj is not None else 0
   return cfg
@@ -88,7 +90,7 @@ def _check_complete(tower: Mapping[str, np.ndarray], layers: int, name_of) -> No
                             for k in _BLOCK_KEYS]
   for k in want:
     if k not in tower:
-      raise official.ConversionError(f'missing key {name_of(k)!r} (layer tensors of a '
+      raise ConversionError(f'missing key {name_of(k)!r} (layer tensors of a '
                                      f'{layers}-layer CLIP tower)')
 
 
@@ -99,7 +101,7 @@ OPEN_CLIP_CONFIG = 'open_clip_config.json'
 
 def family_for(act: str) -> str:
   if act not in ACTIVATION_FAMILIES:
-    raise official.ConversionError(f'act={act!r}: the CLIP encoder implements '
+    raise ConversionError(f'act={act!r}: the CLIP encoder implements '
                                    f'{sorted(ACTIVATION_FAMILIES)}')
   return ACTIVATION_FAMILIES[act]
 
@@ -123,7 +125,7 @@ def activation_from_source(path: str) -> tuple[Optional[str], str]:
       blob = json.load(f)
     model_cfg = blob['model_cfg'] if 'model_cfg' in blob else blob
     if not isinstance(model_cfg, Mapping) or 'vision_cfg' not in model_cfg:
-      raise official.ConversionError(f'{config}: no model_cfg.vision_cfg (not an OpenCLIP '
+      raise ConversionError(f'{config}: no model_cfg.vision_cfg (not an OpenCLIP '
                                      'model config)')
     quick = bool(model_cfg['quick_gelu']) if 'quick_gelu' in model_cfg else False
     return (('quick_gelu' if quick else 'gelu'),
@@ -145,7 +147,7 @@ def _model_config(arch: dict, act: str) -> dict:
 def _finish(tower, source_names, heads, report, name_of, act):
   arch = _architecture(tower, heads)
   _check_complete(tower, arch['layers'], name_of)
-  params = official.encoder_from_state_dict(tower, arch['heads'], source_names, report)
+  params = official_names.encoder_from_state_dict(tower, arch['heads'], source_names, report)
   return params, _model_config(arch, act), report
 
 
@@ -158,9 +160,9 @@ def convert_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] = No
   """
   prefix = _clip_prefix(state_dict)
   if prefix is None:
-    raise official.ConversionError('no visual.conv1.weight / visual.transformer.resblocks.0.* '
+    raise ConversionError('no visual.conv1.weight / visual.transformer.resblocks.0.* '
                                    'keys: not an OpenAI CLIP or OpenCLIP checkpoint')
-  report = official.Report()
+  report = registry.Report()
   tower, source_names = {}, {}
   for key, value in state_dict.items():
     if key.startswith(prefix):
@@ -209,24 +211,24 @@ def convert_hf_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] =
   """
   p = _hf_prefix(state_dict)
   if p is None:
-    raise official.ConversionError('no *embeddings.patch_embedding.weight key: not a Hugging '
+    raise ConversionError('no *embeddings.patch_embedding.weight key: not a Hugging '
                                    'Face CLIP vision checkpoint')
-  report = official.Report()
+  report = registry.Report()
   vision = dict((hf_config or {}).get('vision_config', hf_config or {}))
   if vision:
     # transformers' CLIPVisionConfig default is quick_gelu; its 'gelu' is the exact erf GELU.
     hidden_act = vision['hidden_act'] if 'hidden_act' in vision else 'quick_gelu'
     if hidden_act not in ACTIVATION_FAMILIES:
-      raise official.ConversionError(
+      raise ConversionError(
           f'config.json: vision hidden_act={hidden_act!r}; the CLIP encoder implements '
           f'{sorted(ACTIVATION_FAMILIES)}, so this model would not give the same numbers')
     if act is not None and act != hidden_act:
-      raise official.ConversionError(f'--act {act} but config.json says vision hidden_act='
+      raise ConversionError(f'--act {act} but config.json says vision hidden_act='
                                      f'{hidden_act!r}')
     act = hidden_act
     eps = vision.get('layer_norm_eps', 1e-5)
     if abs(float(eps) - 1e-5) > 1e-12:
-      raise official.ConversionError(f'config.json: layer_norm_eps={eps}; the CLIP encoder '
+      raise ConversionError(f'config.json: layer_norm_eps={eps}; the CLIP encoder '
                                       'uses 1e-5')
     if heads is None and 'num_attention_heads' in vision:
       heads = int(vision['num_attention_heads'])
@@ -268,7 +270,7 @@ def convert_hf_clip(state_dict: Mapping[str, np.ndarray], heads: Optional[int] =
     name = f'transformer.resblocks.{i}.attn.in_proj_{kind}'
     for letter in 'qkv':
       if letter not in parts:
-        raise official.ConversionError(
+        raise ConversionError(
             f'missing key {p}encoder.layers.{i}.self_attn.{letter}_proj.{kind}')
     # CLIP's in_proj is [q; k; v] stacked on the output axis.
     tower[name] = np.concatenate([np.asarray(parts[c][1]) for c in 'qkv'], axis=0)
@@ -298,9 +300,9 @@ def _hf_name(prefix: str, clip_name: str) -> str:
   return clip_name
 
 
-formats.register(formats.Format(
+registry.register(registry.Format(
     name='clip', kind='image', detect=detect_clip, convert=convert_clip,
     description='OpenAI CLIP (TorchScript or state dict) and OpenCLIP: visual.* keys'))
-formats.register(formats.Format(
+registry.register(registry.Format(
     name='hf_clip', kind='image', detect=detect_hf_clip, convert=convert_hf_clip,
     description='Hugging Face CLIPVisionModel / CLIPModel (safetensors or pytorch_model.bin)'))

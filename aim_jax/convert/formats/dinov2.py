@@ -38,9 +38,9 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from aim_jax.formats import Format, register
-from aim_jax.formats import vit_common as C
-from aim_jax.official import ConversionError, Report
+from aim_jax.convert.registry import Format, Report, register
+from aim_jax.convert.formats import vit_common as C
+from aim_jax.errors import ConversionError
 
 _PREFIXES = ('dinov2.', 'model.', '')
 _PATCH = 'embeddings.patch_embeddings.projection.weight'

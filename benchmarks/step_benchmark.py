@@ -1,7 +1,7 @@
 """Times the jitted train and eval steps on whatever devices are present.
 
-  python -m aim_jax.benchmark --config configs/k400.py:b16_f8 --mode train --batch 64
-  python -m aim_jax.benchmark --config configs/tiny.py --mode both --steps 20
+  python -m benchmarks.step_benchmark --config configs/k400.py:b16_f8 --mode train --batch 64
+  python -m benchmarks.step_benchmark --config configs/tiny.py --mode both --steps 20
 
 Synthetic input is placed on the devices once (sharded over the data axis), so
 the figures are the model's, not the input pipeline's; `--data real` feeds the
@@ -14,13 +14,12 @@ the batch until compilation or execution runs out of memory (with and without
 remat). Nothing here needs tensorflow unless `--data real`.
 
 `--official DIR` also times the official PyTorch AIM (its own files under DIR,
-loaded by `aim_jax.official_torch`) on the same device, per-device batch and
+loaded by `benchmarks.official_torch`) on the same device, per-device batch and
 precision, with our weights, and reports ours / official clips/s per mode.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import platform
@@ -66,68 +65,34 @@ def _percentiles(times):
 
 
 def build(config: Any, batch: int, mode: str, remat: str | None = None):
-  """Sharded state and jitted step functions for `config` at global batch `batch`."""
-  import flax.linen as nn
+  """Sharded state and jitted step functions for `config` at global batch `batch`,
+  built exactly as training builds them (`aim_jax.train_state`)."""
   import jax
   import jax.numpy as jnp
 
-  from aim_jax import optim, sharding, steps
-  from aim_jax import params as P
-  from aim_jax.models.factory import build_model, resolve_model_config
-  from aim_jax.train import run_once    # the init compiles fast on CPU, as in training
+  from aim_jax import run_config, sharding, train_state
 
-  model_cfg = resolve_model_config(config.model)
+  model_cfg = run_config.resolve_model(config.model)
   if remat is not None:
     model_cfg['remat_policy'] = remat
   mesh = sharding.make_mesh(config.mesh)
-  rules = sharding.axis_rules(config.logical_axis_rules)
-  model = build_model(model_cfg)
-  t, s = model_cfg['num_frames'], model_cfg['image_size']
   dp = sharding.data_parallel_size(mesh)
   if batch % dp:
     raise ValueError(f'--batch {batch} is not divisible by the data-parallel size {dp}')
-
-  def init(rng):
-    return model.init({'params': rng}, jnp.zeros((dp, t, s, s, 3)), train=False)['params']
-
-  # The model is traced under the global mesh (its init-time parameter constraints and
-  # activation constraints apply); the boxes are read outside it.
-  with sharding.mesh_context(mesh, rules):
-    boxed = jax.eval_shape(init, jax.random.key(0))
-  param_sh = sharding.logical_shardings(boxed, mesh, rules)
-  abstract = nn.unbox(boxed)
-  with sharding.mesh_context(mesh, rules):
-    params = run_once(jax.jit(lambda r: nn.unbox(init(r)), out_shardings=param_sh),
-                      jax.random.key(0))
+  setup = train_state.create_train_state(config, mesh, model_cfg=model_cfg)
+  params = train_state.init_params(setup)
+  t, s = model_cfg['num_frames'], model_cfg['image_size']
   video = jax.jit(lambda r: jax.random.normal(r, (batch, t, s, s, 3), jnp.float32),
                   out_shardings=sharding.batch_sharding(mesh, 5))(jax.random.key(1))
   labels = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % model_cfg['num_classes'],
                           sharding.batch_sharding(mesh, 1))
-  rep = sharding.replicated(mesh)
-  out = dict(model_cfg=model_cfg, mesh=mesh, rules=rules, params=params, video=video,
-             labels=labels, abstract=abstract)
+  out = dict(model_cfg=model_cfg, mesh=mesh, rules=setup.rules, params=params, video=video,
+             labels=labels, abstract=setup.abstract_params)
   if mode == 'train':
-    mask = P.trainable_mask(abstract, list(config.trainable), config.full_finetune)
-    trainable = steps.trainable_names(mask)
-    schedule = optim.make_schedule(config.optimizer, 1000, 10000)
-    tx, _ = optim.make_optimizer(abstract, config.optimizer, schedule, list(config.trainable),
-                                 config.full_finetune)
-    opt_sh = sharding.like_params(param_sh, jax.eval_shape(tx.init, abstract), mesh)
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-    state = {'step': jax.device_put(jnp.zeros((), jnp.int32), rep), 'params': params,
-             'opt_state': opt_state}
-    state_sh = {'step': rep, 'params': param_sh, 'opt_state': opt_sh}
-    fn = functools.partial(steps.train_step, model=model, tx=tx, trainable=trainable, seed=0,
-                           num_classes=model_cfg['num_classes'])
-    batch_sh = {'video': sharding.batch_sharding(mesh, 5),
-                'label': sharding.batch_sharding(mesh, 1)}
-    out['step'] = jax.jit(fn, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, rep),
-                          donate_argnums=(0,))
-    out['state'] = state
+    out['step'] = train_state.train_step_fn(setup)
+    out['state'] = train_state.state_from_params(setup, params)
   else:
-    fn = functools.partial(steps.eval_logits, model=model)
-    out['step'] = jax.jit(lambda p, v: fn(p, video=v), in_shardings=(
-        param_sh, sharding.batch_sharding(mesh, 5)), out_shardings=sharding.batch_sharding(mesh, 2))
+    out['step'] = train_state.eval_logits_fn(setup)
   return out
 
 
@@ -238,7 +203,7 @@ def main(argv):
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
   official_run = None
   if FLAGS.official:
-    from aim_jax import official_torch   # imports torch: only under --official
+    from benchmarks import official_torch
     official_run = official_torch.run_official(config, batch, modes, FLAGS.official,
                                                FLAGS.steps, FLAGS.warmup)
   results = []
@@ -287,7 +252,7 @@ def _define_flags():
   flags.DEFINE_string('out', '', 'write the results as JSON here')
   flags.DEFINE_string('official', '', 'folder holding the official AIM files (mmaction/models/'
                       '...): also time the official PyTorch model, same batch and precision, '
-                      'and report ours / official (aim_jax.official_torch; needs torch)')
+                      'and report ours / official (benchmarks.official_torch; needs torch)')
   flags.mark_flags_as_required(['config'])
 
 

@@ -17,48 +17,14 @@ Torch -> Flax, per tensor kind (D width, H heads, hd = D / H):
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Callable, Mapping, Optional
 
 import numpy as np
 
 from aim_jax import params as P
-
-
-class ConversionError(ValueError):
-  """A checkpoint that does not fit the model; the message names the key."""
-
-
-@dataclasses.dataclass
-class Report:
-  """What a conversion did with every key, never silently."""
-  mapped: list = dataclasses.field(default_factory=list)        # (source key, target name)
-  unused: list = dataclasses.field(default_factory=list)        # source keys not mapped
-  missing: list = dataclasses.field(default_factory=list)       # target names left at init
-  notices: list = dataclasses.field(default_factory=list)
-
-  def summary(self) -> str:
-    lines = [f'mapped {len(self.mapped)} tensors']
-    if self.unused:
-      lines.append(f'unused source keys ({len(self.unused)}): ' + _abbrev(self.unused))
-    if self.missing:
-      lines.append(f'target parameters left at initialisation ({len(self.missing)}): '
-                   + _abbrev(self.missing))
-    lines.extend(self.notices)
-    return '\n'.join(lines)
-
-
-def _abbrev(names, n=12):
-  names = list(names)
-  groups = {}
-  for k in names:
-    g = re.sub(r'\.\d+\.|_\d+/', '.*.', k)
-    groups.setdefault(g, 0)
-    groups[g] += 1
-  items = [f'{g} (x{c})' if c > 1 else g for g, c in groups.items()]
-  more = f' ... and {len(items) - n} more' if len(items) > n else ''
-  return ', '.join(items[:n]) + more
+from aim_jax.convert.registry import Report
+from aim_jax.errors import ConversionError
 
 
 # ---------------------------------------------------------------------------

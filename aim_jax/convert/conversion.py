@@ -1,47 +1,32 @@
-"""PyTorch checkpoints -> parameter checkpoints (orbax tree + model config), and back.
-
-  python -m aim_jax.convert clip --src ViT-B-16.pt --out ckpt/clip_b16 [--act gelu]
-  python -m aim_jax.convert image --src model.safetensors --out DIR [--format NAME]
-  python -m aim_jax.convert aim --src vit_b_clip_8frame_k400.pth --out DIR [--heads N]
-      [--adapter-scale S]
-  python -m aim_jax.convert export-aim --src DIR --out model.pth
-  python -m aim_jax.convert formats            # list the registered formats
-
-The written directory is what training (`--config.init_from=DIR`), evaluation
-and prediction (`--checkpoint DIR`) read (`aim_jax.checkpoint_io`). Image
-models (`clip`, `image`) give encoder params (`params['backbone']` of an AIM
-model, plus CLIP's `proj`); `aim` gives a whole AIM model.
-
-Formats live in `aim_jax.formats.<name>` and register themselves; the source
-format is detected from the key names (`--format` picks one). Nothing in a
-checkpoint is executed: see `aim_jax.torch_io`. Every conversion ends with a
-summary of the mapped keys, the unused source keys (e.g. CLIP's text tower) and
-the target parameters left at initialisation (the adapters, for an image model).
+"""Conversion of PyTorch (and big_vision) checkpoints to parameter checkpoints, and back.
 
 Python API: `load_clip(path)`, `load_image(path)`, `load_aim(path)` ->
 `Conversion(params, model_config, report, format)`; `convert(...)` also writes
-the directory; `export_aim(dir, path)`.
+the directory (`aim_jax.checkpoints.save_params`); `export_aim(dir, path)` writes
+the official `.pth`. The command line is `aim_jax.convert.cli`.
+
+Formats live in `aim_jax.convert.formats.<name>` and register themselves
+(`aim_jax.convert.registry`); the source format is detected from the key names.
+Nothing in a checkpoint is executed (`aim_jax.convert.torch_files`). Every
+conversion ends with a summary of the mapped keys, the unused source keys (e.g.
+CLIP's text tower) and the target parameters left at initialisation.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import importlib
 import inspect
 import json
 import os
-import pkgutil
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from aim_jax import formats as formats_lib
-from aim_jax import official, torch_io
 from aim_jax import params as P
-from aim_jax.official import ConversionError, Report
+from aim_jax.convert import official_names, registry, torch_files
+from aim_jax.convert.registry import Report
+from aim_jax.errors import ConversionError
 
 # Keys under which trainers nest the model's state dict, tried in this order.
 _NESTED_KEYS = ('state_dict', 'model', 'module', 'model_state_dict', 'state_dict_ema')
@@ -63,13 +48,6 @@ class Conversion:
   source: str = ''
 
 
-def load_formats() -> dict[str, formats_lib.Format]:
-  """Import every module of `aim_jax.formats` (each registers its formats)."""
-  for info in pkgutil.iter_modules(formats_lib.__path__):
-    importlib.import_module(f'{formats_lib.__name__}.{info.name}')
-  return formats_lib.REGISTRY
-
-
 # ---------------------------------------------------------------------------
 # Reading.
 
@@ -86,7 +64,7 @@ def _weights_file(path: str) -> list[str]:
                'open_clip_pytorch_model.bin'):
     if os.path.exists(os.path.join(path, name)):
       return [os.path.join(path, name)]
-  raise torch_io.CheckpointReadError(f'{path}: directory without model.safetensors or '
+  raise torch_files.CheckpointReadError(f'{path}: directory without model.safetensors or '
                                      'pytorch_model.bin')
 
 
@@ -96,11 +74,11 @@ def _unwrap(obj: Any, path: str, log: Callable[[str], None],
 
   `info` (if given) receives the file's `meta` entry (mmcv, `export-aim`).
   """
-  if isinstance(obj, torch_io.ScriptModuleState):
+  if isinstance(obj, torch_files.ScriptModuleState):
     log(f'  TorchScript archive ({obj.qualified_name}): read its tensors, no code run')
-    return torch_io.state_dict_of(obj, path)
+    return torch_files.state_dict_of(obj, path)
   if not isinstance(obj, Mapping):
-    raise torch_io.CheckpointReadError(f'{path}: top-level object is {type(obj).__name__}')
+    raise torch_files.CheckpointReadError(f'{path}: top-level object is {type(obj).__name__}')
   if info is not None and isinstance(obj.get('meta'), Mapping):
     info['meta'] = dict(obj['meta'])
   for key in _NESTED_KEYS:
@@ -114,7 +92,7 @@ def _unwrap(obj: Any, path: str, log: Callable[[str], None],
       break
   arrays = {k: v for k, v in obj.items() if isinstance(v, np.ndarray)}
   if not arrays:
-    raise torch_io.CheckpointReadError(
+    raise torch_files.CheckpointReadError(
         f'{path}: no tensors at the top level or under {"/".join(_NESTED_KEYS)}')
   if all(k.startswith('module.') for k in arrays):
     log('  stripped the DistributedDataParallel prefix module.')
@@ -136,7 +114,7 @@ def read_state_dict(path: str, log: Callable[[str], None] = print,
       with np.load(f, allow_pickle=False) as npz:
         sd.update({k: npz[k] for k in npz.files})
       continue
-    sd.update(_unwrap(torch_io.load(f), f, log, info))
+    sd.update(_unwrap(torch_files.load(f), f, log, info))
   return sd
 
 
@@ -159,7 +137,7 @@ def _activation(fmt_name: str, src: str, info: Mapping) -> tuple[str | None, str
   -> (activation or None, where it comes from).
   """
   if fmt_name == 'clip':
-    from aim_jax.formats import clip as clip_format
+    from aim_jax.convert.formats import clip as clip_format
     act, why = clip_format.activation_from_source(src)
   elif fmt_name == 'aim':
     meta = info['meta'] if 'meta' in info else {}
@@ -369,26 +347,26 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
   `act`: MLP activation of a CLIP ('quick_gelu' | 'gelu'); by default read from
   what the source states (`_activation`), else the format's default.
   """
-  registry = load_formats()
+  known = registry.all_formats()
   log(f'[1/4] reading {src}')
   info: dict = {}
   sd = read_state_dict(src, log, info)
   log(f'  {len(sd)} tensors')
   if format_name:
-    if format_name not in registry:
-      raise ConversionError(f'--format {format_name!r} is not one of {sorted(registry)}')
-    fmt = registry[format_name]
+    if format_name not in known:
+      raise ConversionError(f'--format {format_name!r} is not one of {sorted(known)}')
+    fmt = known[format_name]
     if kind != 'any' and fmt.kind != kind:
       raise ConversionError(f'format {format_name!r} converts {fmt.kind} checkpoints, not {kind}')
   else:
-    found = [f for f in formats_lib.detect(sd.keys(), None if kind == 'any' else kind)
+    found = [f for f in registry.detect(sd.keys(), None if kind == 'any' else kind)
              if among is None or f.name in among]
     if not found:
       sample = ', '.join(sorted(sd)[:6])
       raise ConversionError(
           f'{src}: no registered {kind} format {"among " + str(list(among)) + " " if among else ""}'
           f'recognises these keys ({sample}, ...); '
-          f'known formats: {sorted(registry)} (pick one with --format)')
+          f'known formats: {sorted(known)} (pick one with --format)')
     if len(found) > 1:
       raise ConversionError(f'{src}: keys match several formats {[f.name for f in found]}; '
                             'pick one with --format')
@@ -437,12 +415,12 @@ def load_aim(path: str, **options) -> Conversion:
 
 
 def write(conv: Conversion, out: str, log: Callable[[str], None] = print) -> None:
-  from aim_jax import checkpoint_io
+  from aim_jax import checkpoints
   log(f'[4/4] writing {out}')
   metadata = dict(kind=conv.kind, format=conv.format, source=os.path.abspath(conv.source),
                   mapped=len(conv.report.mapped), unused=conv.report.unused,
                   left_at_init=conv.report.missing, notices=conv.report.notices)
-  checkpoint_io.save_params(out, conv.params, conv.model_config, metadata)
+  checkpoints.save_params(out, conv.params, conv.model_config, metadata)
 
 
 def convert(src: str, out: str, kind: str = 'image', format_name: str | None = None,
@@ -461,84 +439,23 @@ def convert(src: str, out: str, kind: str = 'image', format_name: str | None = N
 
 def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print) -> dict:
   """A parameter checkpoint of an AIM model -> official `{'state_dict': ...}` `.pth`."""
-  from aim_jax import checkpoint_io
+  from aim_jax import checkpoints
   from aim_jax.models.factory import resolve_model_config
   log(f'[1/2] reading {src_dir}')
-  params, model_config, _ = checkpoint_io.load_params(src_dir)
+  params, model_config, _ = checkpoints.load_params(src_dir)
   cfg = resolve_model_config(model_config)
   if 'backbone' not in params or 'cls_head' not in params:
     raise ConversionError(f'{src_dir}: holds an image encoder, not an AIM model '
                           '(no backbone/ and cls_head/ parameters)')
   if cfg['backbone'] == 'swin':
-    from aim_jax.formats import swin as swin_format   # official SwinTransformer2D_Adapter
+    from aim_jax.convert.formats import swin as swin_format   # official SwinTransformer2D_Adapter
     sd = swin_format.aim_params_to_state_dict(params, cfg)
   elif cfg['backbone'] not in ('clip', 'clip_gelu', 'vit_in21k'):
     raise ConversionError(f'{src_dir}: backbone {cfg["backbone"]!r} has no official AIM format')
   else:
-    sd = official.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
+    sd = official_names.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
   log(f'[2/2] writing {len(sd)} tensors to {out_path}')
-  torch_io.save_torch_state_dict(
+  torch_files.save_torch_state_dict(
       {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',
                                   'model_config': json.dumps(cfg)}}, out_path)
   return sd
-
-
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog='python -m aim_jax.convert', description=__doc__.split('\n')[0])
-  sub = p.add_subparsers(dest='command', required=True)
-  for name, help_ in (('clip', 'OpenAI CLIP / OpenCLIP / Hugging Face CLIP image tower'),
-                      ('image', 'any registered image-model format'),
-                      ('aim', 'official AIM model zoo checkpoint (.pth)')):
-    s = sub.add_parser(name, help=help_)
-    s.add_argument('--src', required=True, help='checkpoint file or Hugging Face directory')
-    s.add_argument('--out', required=True, help='output directory (local or gs://)')
-    if name != 'aim':
-      s.add_argument('--format', default=None, help='skip detection (see `formats`)')
-    s.add_argument('--heads', type=int, default=None, help='attention heads (default width/64)')
-    s.add_argument('--act', choices=('quick_gelu', 'gelu'), default=None,
-                   help='CLIP MLP activation: quick_gelu (OpenAI, OpenCLIP -quickgelu) or gelu '
-                   '(OpenCLIP without -quickgelu, e.g. LAION); default: from '
-                   'open_clip_config.json or the path\'s names, else quick_gelu')
-    if name == 'aim':
-      s.add_argument('--adapter-scale', type=float, default=None,
-                     help='joint adapter scale (default: official 0.5, 1.0 with num_tadapter=2)')
-    s.add_argument('--image-size', type=int, default=None,
-                   help='interpolate the positional embedding to this input size (bicubic)')
-    s.add_argument('--num-frames', type=int, default=None,
-                   help='interpolate the temporal embedding to this many frames (linear)')
-  e = sub.add_parser('export-aim', help='parameter checkpoint -> official AIM .pth')
-  e.add_argument('--src', required=True)
-  e.add_argument('--out', required=True)
-  sub.add_parser('formats', help='list the registered formats')
-  return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    if args.command == 'formats':
-      for f in load_formats().values():
-        print(f'{f.name:12s} {f.kind:6s} {f.description}')
-      return 0
-    if args.command == 'export-aim':
-      export_aim(args.src, args.out)
-      return 0
-    kind = 'aim' if args.command == 'aim' else 'image'
-    fmt = getattr(args, 'format', None)
-    convert(args.src, args.out, kind, fmt, heads=args.heads, act=args.act,
-            adapter_scale=getattr(args, 'adapter_scale', None), image_size=args.image_size,
-            num_frames=args.num_frames,
-            among=CLIP_FORMATS if args.command == 'clip' and not fmt else None)
-    return 0
-  except (ConversionError, torch_io.CheckpointReadError) as e:
-    print(f'error: {type(e).__name__}: {e}', file=sys.stderr)
-    return 2
-
-
-def run() -> None:
-  """Console script `aim-convert`."""
-  sys.exit(main())
-
-
-if __name__ == '__main__':
-  run()

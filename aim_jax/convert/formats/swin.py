@@ -28,9 +28,9 @@ from typing import Any
 import numpy as np
 
 from aim_jax import params as P
-from aim_jax.formats import Format, register
+from aim_jax.convert.registry import Format, Report, register
 from aim_jax.models import swin as swin_lib
-from aim_jax.official import ConversionError, Report
+from aim_jax.errors import ConversionError
 
 # Module names whose `.weight` is a LayerNorm scale.
 _NORM = re.compile(r'(^|\.)(norm|norm1|norm2)$')
@@ -202,7 +202,7 @@ def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None) -> di
   T' comes from the temporal bias table (2T'-1 rows) or `temporal_embedding`;
   `num_frames` = T' * pt. The joint scale is the official hard-coded 0.5.
   """
-  from aim_jax.official import split_recognizer
+  from aim_jax.convert.official_names import split_recognizer
   backbone, head, _ = split_recognizer(sd)
   fields = _infer_swin(backbone)
   if 'weight' not in head:
@@ -240,7 +240,7 @@ def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None) -> di
 def aim_params_from_state_dict(sd: Mapping[str, Any], model_config: Mapping | None = None
                                ) -> tuple[dict, dict, Report]:
   """Official AIM Swin recognizer -> ({'backbone', 'cls_head'} params, model config, report)."""
-  from aim_jax.official import head_from_state_dict, split_recognizer
+  from aim_jax.convert.official_names import head_from_state_dict, split_recognizer
   cfg = model_config if model_config is not None else infer_aim_config(sd)
   report = Report()
   backbone, head, other = split_recognizer(sd)

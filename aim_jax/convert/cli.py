@@ -1,0 +1,83 @@
+r"""The `convert` command: PyTorch checkpoints -> parameter checkpoints, and back.
+
+  python -m aim_jax.convert clip --src ViT-B-16.pt --out ckpt/clip_b16 [--act gelu]
+  python -m aim_jax.convert image --src model.safetensors --out DIR [--format NAME]
+  python -m aim_jax.convert aim --src vit_b_clip_8frame_k400.pth --out DIR [--heads N]
+      [--adapter-scale S]
+  python -m aim_jax.convert export-aim --src DIR --out model.pth
+  python -m aim_jax.convert formats            # list the registered formats
+
+The written directory is what training (`--config.init_from=DIR`), evaluation
+and prediction (`--checkpoint DIR`) read (`aim_jax.checkpoints`). Image models
+(`clip`, `image`) give encoder params (`params['backbone']` of an AIM model, plus
+CLIP's `proj`); `aim` gives a whole AIM model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from aim_jax import errors
+from aim_jax.convert import registry
+from aim_jax.convert.conversion import CLIP_FORMATS, convert, export_aim
+
+
+def _parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog='python -m aim_jax.convert', description=__doc__.split('\n')[0])
+  sub = p.add_subparsers(dest='command', required=True)
+  for name, help_ in (('clip', 'OpenAI CLIP / OpenCLIP / Hugging Face CLIP image tower'),
+                      ('image', 'any registered image-model format'),
+                      ('aim', 'official AIM model zoo checkpoint (.pth)')):
+    s = sub.add_parser(name, help=help_)
+    s.add_argument('--src', required=True, help='checkpoint file or Hugging Face directory')
+    s.add_argument('--out', required=True, help='output directory (local or gs://)')
+    if name != 'aim':
+      s.add_argument('--format', default=None, help='skip detection (see `formats`)')
+    s.add_argument('--heads', type=int, default=None, help='attention heads (default width/64)')
+    s.add_argument('--act', choices=('quick_gelu', 'gelu'), default=None,
+                   help='CLIP MLP activation: quick_gelu (OpenAI, OpenCLIP -quickgelu) or gelu '
+                   '(OpenCLIP without -quickgelu, e.g. LAION); default: from '
+                   'open_clip_config.json or the path\'s names, else quick_gelu')
+    if name == 'aim':
+      s.add_argument('--adapter-scale', type=float, default=None,
+                     help='joint adapter scale (default: official 0.5, 1.0 with num_tadapter=2)')
+    s.add_argument('--image-size', type=int, default=None,
+                   help='interpolate the positional embedding to this input size (bicubic)')
+    s.add_argument('--num-frames', type=int, default=None,
+                   help='interpolate the temporal embedding to this many frames (linear)')
+  e = sub.add_parser('export-aim', help='parameter checkpoint -> official AIM .pth')
+  e.add_argument('--src', required=True)
+  e.add_argument('--out', required=True)
+  sub.add_parser('formats', help='list the registered formats')
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  try:
+    if args.command == 'formats':
+      for f in registry.all_formats().values():
+        print(f'{f.name:12s} {f.kind:6s} {f.description}')
+      return 0
+    if args.command == 'export-aim':
+      export_aim(args.src, args.out)
+      return 0
+    kind = 'aim' if args.command == 'aim' else 'image'
+    fmt = getattr(args, 'format', None)
+    convert(args.src, args.out, kind, fmt, heads=args.heads, act=args.act,
+            adapter_scale=getattr(args, 'adapter_scale', None), image_size=args.image_size,
+            num_frames=args.num_frames,
+            among=CLIP_FORMATS if args.command == 'clip' and not fmt else None)
+    return 0
+  except errors.UserError as e:
+    if errors.show_traceback():
+      raise
+    return errors.report(e, 'convert')
+
+
+def run() -> None:
+  """Console script `aim-convert`."""
+  sys.exit(main())
+

@@ -1,0 +1,49 @@
+"""The errors a user can cause, and how every command reports them.
+
+Each is a `UserError`: the command line prints one line naming the file, key or
+field and exits non-zero (`EXIT_USER_ERROR`), without a traceback; set
+`AIM_JAX_TRACEBACK=1` (or pass `--verbosity=1` to the absl commands) to see it.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+# Exit codes shared by every command and by the launchers (launch/, docs/launch.md).
+EXIT_OK = 0
+EXIT_USER_ERROR = 2          # bad config, checkpoint, data or arguments: do not retry
+EXIT_NONFINITE = 3           # training diverged (NaN/inf): do not retry as is
+EXIT_PREEMPTED = 75          # SIGTERM: a checkpoint was written; requeue and resume (EX_TEMPFAIL)
+
+
+class UserError(ValueError):
+  """An input the user can fix; the message names the file, key or field."""
+
+
+class ConfigError(UserError):
+  """A config that cannot run; the message names the field."""
+
+
+class CheckpointError(UserError):
+  """A checkpoint directory that is missing, incomplete, damaged or of another model."""
+
+
+class ConversionError(UserError):
+  """A source checkpoint that cannot be converted as asked."""
+
+
+class DataError(UserError):
+  """Input data (videos, records, annotation lists) that cannot be used as asked."""
+
+
+def show_traceback() -> bool:
+  return os.environ.get('AIM_JAX_TRACEBACK', '') not in ('', '0')
+
+
+def report(error: BaseException, prog: str) -> int:
+  """Print `prog: ErrorType: message` on one line (stderr) and return the exit code."""
+  message = ' '.join(str(error).split('\n'))
+  print(f'{prog}: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
+  return EXIT_USER_ERROR

@@ -1,0 +1,137 @@
+"""Run configs: checked once, before anything is compiled or written.
+
+A run config (configs/*.py, `configs.common.get_base_config`) holds the model
+config (`aim_jax.models.factory` owns its fields and resolves it), the data
+config (`data_pipelines.config`; its clip length, classes and input size are
+references to the model's), and the training fields checked here. Every error
+is a `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from aim_jax.errors import ConfigError
+from aim_jax.models.factory import resolve_model_config
+
+
+def resolve_model(model: Mapping | Any) -> dict:
+  """The model config resolved (defaults filled, variant decoded), or a ConfigError."""
+  try:
+    return resolve_model_config(model)
+  except (KeyError, ValueError) as e:
+    raise ConfigError(str(e).strip('"')) from None
+
+
+def _positive_int(config: Any, name: str, value: Any, allow: tuple = ()) -> None:
+  if value in allow:
+    return
+  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+    extra = f' (or {", ".join(map(str, allow))})' if allow else ''
+    raise ConfigError(f'{name}={value!r} must be a positive integer{extra}')
+
+
+def check_training_config(config: Any, process_count: int, dp_size: int) -> None:
+  """Every training field that can be wrong fails here, before compiling."""
+  d = config.data
+  for name in ('num_frames', 'num_classes', 'image_size'):
+    if d[name] != config.model[name]:   # only when a config broke the references
+      raise ConfigError(f'data.{name}={d[name]} differs from model.{name}='
+                        f'{config.model[name]}: set model.{name} only')
+  if not isinstance(config.total_steps, int) or config.total_steps < 0:
+    raise ConfigError(f'total_steps={config.total_steps!r} must be >= 0 (0 = from total_epochs)')
+  if config.total_epochs < 0 or not math.isfinite(config.total_epochs):
+    raise ConfigError(f'total_epochs={config.total_epochs!r} must be >= 0')
+  if config.total_steps == 0 and config.total_epochs == 0:
+    raise ConfigError('set total_steps or total_epochs (both are 0)')
+  if not isinstance(config.steps_per_epoch, int) or config.steps_per_epoch < 0:
+    raise ConfigError(f'steps_per_epoch={config.steps_per_epoch!r} must be >= 0 (0 = counted)')
+  _positive_int(config, 'batch_size', config.batch_size)
+  _positive_int(config, 'grad_accum_steps', config.grad_accum_steps)
+  _positive_int(config, 'log_every_steps', config.log_every_steps)
+  _positive_int(config, 'checkpoint.every_steps', config.checkpoint.every_steps)
+  _positive_int(config, 'checkpoint.keep', config.checkpoint.keep)
+  _positive_int(config, 'eval.batch_size', config.eval.batch_size)
+  if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < -1:
+    raise ConfigError(f'eval_every_steps={config.eval_every_steps!r} must be a positive '
+                      'integer, 0 (every 5 epochs) or -1 (never)')
+  accum = config.grad_accum_steps
+  if config.batch_size % accum:
+    raise ConfigError(f'batch_size={config.batch_size} is not divisible by '
+                      f'grad_accum_steps={accum}')
+  micro = config.batch_size // accum
+  if micro % dp_size:
+    raise ConfigError(
+        f'batch_size={config.batch_size} (per micro-batch {micro} with grad_accum_steps='
+        f'{accum}) is not divisible by the data-parallel size {dp_size} '
+        '(mesh.data x mesh.fsdp)')
+  if config.batch_size % process_count:
+    raise ConfigError(f'batch_size={config.batch_size} is not divisible by the number of '
+                      f'processes {process_count}')
+  if config.eval.batch_size % dp_size or config.eval.batch_size % process_count:
+    raise ConfigError(f'eval.batch_size={config.eval.batch_size} is not divisible by the '
+                      f'data-parallel size {dp_size} and the process count {process_count}')
+  if config.device_prefetch < 0:
+    raise ConfigError(f'device_prefetch={config.device_prefetch} must be >= 0 (0 = no prefetch)')
+  if config.eval.average_clips not in ('prob', 'score'):
+    raise ConfigError(f"eval.average_clips must be 'prob' or 'score', got "
+                      f'{config.eval.average_clips!r}')
+  if not 0 <= config.label_smoothing < 1:
+    raise ConfigError(f'label_smoothing={config.label_smoothing} is not in [0, 1)')
+  if config.mixup_alpha < 0:
+    raise ConfigError(f'mixup_alpha={config.mixup_alpha} must be >= 0')
+
+
+# Fields that only change how the model runs (or trains), never what it computes at
+# test time: taken from the config file, not the checkpoint.
+EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
+                    'temporal_attention', 'dropout_rate', 'drop_path_rate', 'drop_path_mode',
+                    'variant')
+
+
+def _differs(a: Any, b: Any) -> bool:
+  if isinstance(a, float) or isinstance(b, float):
+    try:
+      return not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9)
+    except (TypeError, ValueError):
+      return True
+  if isinstance(a, Mapping) and isinstance(b, Mapping):   # nested fields (model.swin)
+    return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
+  if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+    return list(a) != list(b)
+  return a != b
+
+
+def merge_model_config(config_model: Optional[Mapping], checkpoint_model: Mapping) -> dict:
+  """The checkpoint's architecture with the config's execution options.
+
+  Raises ValueError naming every architecture field on which they disagree.
+  `config_model=None` takes the checkpoint's config as it is.
+  """
+  ckpt = resolve_model(checkpoint_model)
+  if config_model is None:
+    return ckpt
+  cfg = resolve_model(config_model)
+  bad = []
+  for key in ckpt:
+    if key in EXECUTION_FIELDS:
+      continue
+    if key == 'adapters':
+      if not ckpt['adapters']['enabled'] and not cfg['adapters']['enabled']:
+        continue
+      for k in ckpt['adapters']:
+        if _differs(cfg['adapters'][k], ckpt['adapters'][k]):
+          bad.append(f'model.adapters.{k}: config {cfg["adapters"][k]!r}, '
+                     f'checkpoint {ckpt["adapters"][k]!r}')
+    elif _differs(cfg[key], ckpt[key]):
+      bad.append(f'model.{key}: config {cfg[key]!r}, checkpoint {ckpt[key]!r}')
+  if bad:
+    raise ConfigError('the config does not describe the checkpoint\'s model: '
+                     + '; '.join(bad))
+  out = dict(ckpt)
+  for key in EXECUTION_FIELDS:
+    if key != 'variant':
+      out[key] = cfg[key]
+  return out

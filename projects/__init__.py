@@ -1,0 +1,1 @@
+"""Projects built on aim-jax that are not part of the library."""

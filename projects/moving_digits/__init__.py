@@ -1,0 +1,1 @@
+"""Moving Digits: the ablation `make demo` runs (data, image pre-training, config, driver)."""
