@@ -50,7 +50,6 @@ class Predictor:
     self.model_config = run_config.merge_model_config(
         config.model if config is not None else None, ckpt_model)
     self.data_config = self._data_config(checkpoint, kind, config)
-    evaluate_lib.check_data_matches_model(self.data_config, self.model_config)
     self.average_clips = config.eval.average_clips if config is not None else 'prob'
     self.model, params, _ = evaluate_lib.prepare_model(self.model_config, params)
     self.params = jax.device_put(params)

@@ -531,16 +531,16 @@ print('OK')
 
 
 def test_registry_dispatch_lists_clip_and_aim_formats():
-  registry = registry.all_formats()
-  assert {'clip', 'hf_clip', 'aim'} <= set(registry)
-  assert registry['aim'].kind == 'aim' and registry['clip'].kind == 'image'
+  known = registry.all_formats()
+  assert {'clip', 'hf_clip', 'aim'} <= set(known)
+  assert known['aim'].kind == 'aim' and known['clip'].kind == 'image'
   keys = ['visual.conv1.weight', 'visual.transformer.resblocks.0.ln_1.weight']
-  assert [f.name for f in convert.formats_lib.detect(keys)] == ['clip']
+  assert [f.name for f in registry.detect(keys)] == ['clip']
   hf = ['vision_model.embeddings.patch_embedding.weight', 'vision_model.embeddings.class_embedding',
         'vision_model.encoder.layers.0.self_attn.q_proj.weight']
-  assert 'hf_clip' in [f.name for f in convert.formats_lib.detect(hf)]
+  assert 'hf_clip' in [f.name for f in registry.detect(hf)]
   # SigLIP's HF tower has the same names but no class token: not CLIP.
-  assert 'hf_clip' not in [f.name for f in convert.formats_lib.detect(hf[:1] + hf[2:])]
+  assert 'hf_clip' not in [f.name for f in registry.detect(hf[:1] + hf[2:])]
 
 
 @pytest.mark.torch
@@ -570,7 +570,7 @@ def test_image_detection_tells_hf_clip_from_hf_siglip(tmp_path):
   registry.all_formats()
   for want, instances in models.items():
     for model in instances:
-      found = [f.name for f in convert.formats_lib.detect(model.state_dict(), 'image')]
+      found = [f.name for f in registry.detect(model.state_dict(), 'image')]
       assert found == [want], (type(model).__name__, found)
   for want, model in (('hf_clip', models['hf_clip'][0]), ('siglip', models['siglip'][0])):
     model.save_pretrained(tmp_path / want)

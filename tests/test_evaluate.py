@@ -15,16 +15,26 @@ import numpy as np
 import pytest
 from conftest import GOLDEN, ROOT
 
-from aim_jax import evaluate, reports
-from aim_jax import checkpoints
-from aim_jax import multiview
-from aim_jax.convert import official_names
+from aim_jax import checkpoints, evaluate, multiview, reports, run_config
 from aim_jax import params as P
+from aim_jax.convert import official_names
+from aim_jax.models.aim import average_views
 from aim_jax.models.factory import build_model
 
 TINY = dict(patch_size=8, width=32, layers=2, heads=2, image_size=32, num_frames=4,
             num_classes=5, variant='')
 
+
+
+def reference_scores(apply_fn, params, videos: np.ndarray, num_views: int,
+                     average_clips: str = 'prob') -> np.ndarray:
+  """Unsharded, one video at a time: (N, V, T, H, W, C) -> (N, K). For checks."""
+  apply_fn = jax.jit(apply_fn)
+  out = []
+  for v in videos:
+    logits = apply_fn(params, jnp.asarray(v))   # (V, K)
+    out.append(np.asarray(average_views(logits, num_views, average_clips))[0])
+  return np.stack(out)
 
 def tiny_params(cfg=TINY, seed=0):
   """Init params, perturbed so that adapters and head are not zero (a real function)."""
@@ -96,7 +106,7 @@ def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_ba
   got = np.load(out)
   model, params = tiny_params()
   videos, labels = tiny_videos(13, 3)
-  want = multiview.reference_scores(multiview.model_apply_fn(model), params, videos, 3)
+  want = reference_scores(multiview.model_apply_fn(model), params, videos, 3)
   assert int(got['data8/padded']) == 8 and int(got['data4_model2/padded']) == 4
   for name in ('data8', 'data4_model2'):
     np.testing.assert_allclose(got[f'{name}/scores'], want, atol=2e-6, rtol=0)
@@ -120,7 +130,7 @@ def test_ragged_batches_in_process_equal_the_video_by_video_loop():
   res = multiview.evaluate(multiview.model_apply_fn(model), params, batches_of(videos, labels, 3),
                           num_classes=5, num_views=2, batch_size=3, keep_scores=True,
                           expected_count=7, progress=False)
-  want = multiview.reference_scores(multiview.model_apply_fn(model), params, videos, 2)
+  want = reference_scores(multiview.model_apply_fn(model), params, videos, 2)
   np.testing.assert_allclose(res.scores, want, atol=2e-6, rtol=0)
   assert res.keys == [f'vid{i:03d}' for i in range(7)] and res.metrics['num_evaluated'] == 7
   np.testing.assert_array_equal(res.topk_classes, np.argsort(-want, axis=1, kind='stable'))
@@ -243,23 +253,20 @@ def test_labels_file_must_match_the_head(tmp_path):
 
 def test_missing_checkpoint_is_named(tmp_path):
   with pytest.raises(checkpoints.CheckpointError, match='nowhere.*does not exist'):
-    evaluate.load_checkpoint(str(tmp_path / 'nowhere'))
+    checkpoints.load_checkpoint(str(tmp_path / 'nowhere'))
   (tmp_path / 'empty').mkdir()
   with pytest.raises(checkpoints.CheckpointError, match='neither a parameter checkpoint'):
-    evaluate.load_checkpoint(str(tmp_path / 'empty'))
+    checkpoints.load_checkpoint(str(tmp_path / 'empty'))
 
 
 def test_config_and_checkpoint_model_must_agree():
   ckpt = dict(TINY)
-  merged = evaluate.merge_model_config(dict(TINY, dtype='bfloat16', scan_layers=True), ckpt)
+  merged = run_config.merge_model_config(dict(TINY, dtype='bfloat16', scan_layers=True), ckpt)
   assert merged['dtype'] == 'bfloat16' and merged['scan_layers'] and merged['num_frames'] == 4
   with pytest.raises(ValueError, match=r'model.num_frames: config 8, checkpoint 4'):
-    evaluate.merge_model_config(dict(TINY, num_frames=8), ckpt)
+    run_config.merge_model_config(dict(TINY, num_frames=8), ckpt)
   with pytest.raises(ValueError, match=r'model.num_classes.*model.adapters.scale'):
-    evaluate.merge_model_config(dict(TINY, num_classes=7, adapters=dict(scale=1.0)), ckpt)
-  with pytest.raises(ValueError, match=r'data.num_frames 8 != model.num_frames 4'):
-    evaluate.check_data_matches_model(dict(num_frames=8, num_classes=5, image_size=32),
-                                      evaluate.merge_model_config(None, ckpt))
+    run_config.merge_model_config(dict(TINY, num_classes=7, adapters=dict(scale=1.0)), ckpt)
 
 
 def test_checkpoint_params_are_checked_against_the_model(tmp_path):
@@ -345,7 +352,7 @@ def _training_workdir(path, cfg):
   ckpt.save(10, later, optax.adam(1e-3).init(later), {'step': 10})
   ckpt.close()
   config = tiny.get_config()
-  checkpoints.write_run_config(str(path), config, cfg, {'source': 'test'})
+  checkpoints.start_run(str(path), config, cfg, {'source': 'test'})
   return params, P.unflatten({**frozen, **later}), config
 
 
@@ -353,7 +360,7 @@ def test_training_workdir_latest_and_best(tmp_path):
   workdir = tmp_path / 'run'
   best, latest, _ = _training_workdir(workdir, dict(TINY))
   for which, want in (('latest', latest), ('best', best)):
-    params, model_cfg, kind = evaluate.load_checkpoint(str(workdir), which)
+    params, model_cfg, kind = checkpoints.load_checkpoint(str(workdir), which)
     assert kind == 'workdir' and model_cfg['num_frames'] == 4
     got, want = P.flatten(params), P.flatten(want)
     assert sorted(got) == sorted(want)
@@ -429,7 +436,7 @@ def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
   outs = [np.load(tmp_path / f'out{i}.npz') for i in range(2)]
   model, params = tiny_params()
   videos, labels = tiny_videos(13, 3)
-  want = multiview.reference_scores(multiview.model_apply_fn(model), params, videos, 3)
+  want = reference_scores(multiview.model_apply_fn(model), params, videos, 3)
   np.testing.assert_allclose(np.concatenate([o['scores'] for o in outs]), want, atol=2e-6)
   np.testing.assert_array_equal(np.concatenate([o['labels'] for o in outs]), labels)
   for o in outs:   # metrics are reduced over both processes

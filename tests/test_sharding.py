@@ -1,21 +1,29 @@
 """Sharded training equals single-device training; checkpoints move between meshes.
 
-The multi-device runs are subprocesses of `python -m aim_jax.train` with 8 (or 2)
-simulated CPU devices (XLA_FLAGS must be set before jax is imported).
+The whole training runs are subprocesses of `python -m aim_jax.train` on 1, 8 and 2
+simulated CPU devices (the device count is fixed when jax is imported); everything
+else runs in-process on the 8 CPU devices conftest sets up.
 """
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as PS
 
-from aim_jax import sharding
-from aim_jax import checkpoints
+from aim_jax import checkpoints, optim, sharding, train_state
 from aim_jax import params as P
+from aim_jax.models.factory import build_model, resolve_model_config
+from benchmarks import step_benchmark
+from configs import tiny
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -49,6 +57,13 @@ def one_device_run(tmp_path_factory):
   return workdir
 
 
+def _fresh_params():
+  cfg = tiny.get_config()
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)))
+  setup = train_state.create_train_state(cfg, mesh)
+  return train_state.host_params(train_state.init_params(setup))
+
+
 def _close(a, b):
   fa, fb = P.flatten(a), P.flatten(b)
   assert fa.keys() == fb.keys()
@@ -64,9 +79,13 @@ def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_dev
   assert "'data': 4, 'fsdp': 2" in out.stderr
   ref, _ = checkpoints.restore_params_from_workdir(str(one_device_run))
   eight, _ = checkpoints.restore_params_from_workdir(str(workdir))
-  start = checkpoints._restore_numpy(workdir / 'frozen')
-  for name, value in P.flatten(start).items():   # frozen weights were never touched
-    np.testing.assert_array_equal(P.flatten(eight)[name], value, err_msg=name)
+  # The frozen weights of the 8-device run are the fresh initialisation (seed 0), built
+  # here independently, bit for bit (nothing in training wrote them).
+  fresh = P.flatten(_fresh_params())
+  frozen = [k for k in fresh if not re.search('|'.join(tiny.get_config().trainable), k)]
+  assert frozen
+  for name in frozen:
+    np.testing.assert_array_equal(P.flatten(eight)[name], fresh[name], err_msg=name)
   _close(eight, ref)
 
   # Resume the 8-device run's step-3 checkpoint on a 2-device (fsdp=2) mesh.
@@ -77,85 +96,78 @@ def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_dev
   _close(two, ref)
 
 
-SHARDING_SCRIPT = r'''
-import jax, jax.numpy as jnp, flax.linen as nn
-from jax.sharding import PartitionSpec as PS
-from aim_jax import sharding, optim, params as P
-from aim_jax.models.factory import build_model, resolve_model_config
-from configs import common, tiny
-cfg = tiny.get_config(); cfg.unlock()
-cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 2, 2, 2
-mesh = sharding.make_mesh(cfg.mesh)
-model_cfg = resolve_model_config(cfg.model)
-model = build_model(model_cfg)
-x = jnp.zeros((4, model_cfg['num_frames'], 32, 32, 3))
-boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)['params'])
-sh = P.flatten(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules))
-assert sh['backbone/resblocks_0/mlp/c_fc/kernel'].spec == PS('fsdp', 'model'), sh['backbone/resblocks_0/mlp/c_fc/kernel']
-assert sh['backbone/resblocks_0/attn/qkv/kernel'].spec == PS('fsdp', None, 'model', None)
-assert sh['backbone/resblocks_0/S_Adapter/D_fc1/kernel'].spec == PS('fsdp', None)
-assert sh['cls_head/fc_cls/bias'].spec == PS(None)
-# 'kv' (head dim 16) over 'model' is dropped only when it does not divide: here it divides.
-replicate = [r if r[0] != 'embed' else ('embed', None) for r in cfg.logical_axis_rules]
-rep = P.flatten(sharding.logical_shardings(boxed, mesh, replicate))
-assert rep['backbone/conv1/kernel'].spec == PS(None, None, None, None)
-params = nn.unbox(boxed)
-sched = optim.make_schedule(cfg.optimizer, 10, 100)
-tx, _ = optim.make_optimizer(params, cfg.optimizer, sched, list(cfg.trainable))
-opt = jax.eval_shape(tx.init, params)
-opt_sh = sharding.like_params(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules), opt, mesh)
-specs = [(jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]]
-mu = [s for k, s in specs if "mu" in k and "S_Adapter']['D_fc1']['kernel" in k]
-assert mu and all(s == PS('fsdp', None) for s in mu), specs
-print('OK')
-'''
-
-
 def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  out = subprocess.run([sys.executable, '-c', SHARDING_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0 and 'OK' in out.stdout, out.stderr[-3000:]
-
-
-CONSTRAINT_SCRIPT = r'''
-import re, jax, numpy as np, flax.linen as nn
-from aim_jax import sharding
-from benchmarks import step_benchmark
-from configs import tiny
-cfg = tiny.get_config(); cfg.unlock()
-cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
-b = step_benchmark.build(cfg, 8, 'train')
-batch = {'video': b['video'], 'label': b['labels']}
-with sharding.mesh_context(b['mesh'], b['rules']):
-  under_mesh = b['step'].lower(b['state'], batch).as_text()
-with nn.logical_axis_rules(b['rules']):                 # rules without a global mesh
-  rules_only = b['step'].lower(b['state'], batch).as_text()
-def constraints(text):
-  # Shardy: sdy.sharding_constraint %x <@mesh, [{"data", "fsdp"}, {}, {}, {}]> : tensor<...>
-  return re.findall(r'sharding_constraint %\S+ <@\w+, (\[.*?\])> : tensor<([^>]*)>', text)
-got = constraints(under_mesh)
-print('CONSTRAINTS', got)
-assert constraints(rules_only) == [], constraints(rules_only)[:3]
-# (B, T, L, D) = (8, 4, 17, 32) after each block and the MLP hidden (..., 128) over 'model'.
-assert ('[{"data", "fsdp"}, {}, {}, {}]', '8x4x17x32xf32') in got, got
-assert ('[{"data", "fsdp"}, {}, {}, {"model"}]', '8x4x17x128xf32') in got, got
-e = step_benchmark.build(cfg, 8, 'eval')
-with sharding.mesh_context(e['mesh'], e['rules']):
-  sharded = np.asarray(e['step'](e['params'], e['video']))
-plain = np.asarray(jax.jit(lambda p, v: e['step'](p, v))(e['params'], e['video']))
-np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-5)
-print('OK')
-'''
+  # In-process: conftest gives this process 8 CPU devices.
+  cfg = tiny.get_config(); cfg.unlock()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 2, 2, 2
+  mesh = sharding.make_mesh(cfg.mesh)
+  model_cfg = resolve_model_config(cfg.model)
+  model = build_model(model_cfg)
+  x = jnp.zeros((4, model_cfg['num_frames'], 32, 32, 3))
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)['params'])
+  sh = P.flatten(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules))
+  assert sh['backbone/resblocks_0/mlp/c_fc/kernel'].spec == PS('fsdp', 'model'), sh['backbone/resblocks_0/mlp/c_fc/kernel']
+  assert sh['backbone/resblocks_0/attn/qkv/kernel'].spec == PS('fsdp', None, 'model', None)
+  assert sh['backbone/resblocks_0/S_Adapter/D_fc1/kernel'].spec == PS('fsdp', None)
+  assert sh['cls_head/fc_cls/bias'].spec == PS(None)
+  # 'kv' (head dim 16) over 'model' is dropped only when it does not divide: here it divides.
+  replicate = [r if r[0] != 'embed' else ('embed', None) for r in cfg.logical_axis_rules]
+  rep = P.flatten(sharding.logical_shardings(boxed, mesh, replicate))
+  assert rep['backbone/conv1/kernel'].spec == PS(None, None, None, None)
+  params = nn.unbox(boxed)
+  sched = optim.make_schedule(cfg.optimizer, 10, 100)
+  tx, _ = optim.make_optimizer(params, cfg.optimizer, sched, list(cfg.trainable))
+  opt = jax.eval_shape(tx.init, params)
+  opt_sh = sharding.like_params(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules), opt, mesh)
+  specs = [(jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]]
+  mu = [s for k, s in specs if "mu" in k and "S_Adapter']['D_fc1']['kernel" in k]
+  assert mu and all(s == PS('fsdp', None) for s in mu), specs
 
 
 def test_activation_constraints_are_in_the_step_traced_under_the_global_mesh():
   # Under sharding.mesh_context the model's nn.with_logical_constraint calls become
   # sharding annotations of the (data=4, fsdp=2) mesh; with the rules alone (no global
   # mesh) flax drops them. The eval logits do not change.
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=8')
-  out = subprocess.run([sys.executable, '-c', CONSTRAINT_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0 and 'OK' in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+  cfg = tiny.get_config(); cfg.unlock()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
+  b = step_benchmark.build(cfg, 8, 'train')
+  batch = {'video': b['video'], 'label': b['labels']}
+  with sharding.mesh_context(b['mesh'], b['rules']):
+    under_mesh = b['step'].lower(b['state'], batch).as_text()
+  with nn.logical_axis_rules(b['rules']):                 # rules without a global mesh
+    rules_only = b['step'].lower(b['state'], batch).as_text()
+  def constraints(text):
+    # Shardy: sdy.sharding_constraint %x <@mesh, [{"data", "fsdp"}, {}, {}, {}]> : tensor<...>
+    return re.findall(r'sharding_constraint %\S+ <@\w+, (\[.*?\])> : tensor<([^>]*)>', text)
+  got = constraints(under_mesh)
+  assert constraints(rules_only) == [], constraints(rules_only)[:3]
+  # (B, T, L, D) = (8, 4, 17, 32) after each block and the MLP hidden (..., 128) over 'model'.
+  assert ('[{"data", "fsdp"}, {}, {}, {}]', '8x4x17x32xf32') in got, got
+  assert ('[{"data", "fsdp"}, {}, {}, {"model"}]', '8x4x17x128xf32') in got, got
+  e = step_benchmark.build(cfg, 8, 'eval')
+  with sharding.mesh_context(e['mesh'], e['rules']):
+    sharded = np.asarray(e['step'](e['params'], e['video']))
+  plain = np.asarray(jax.jit(lambda p, v: e['step'](p, v))(e['params'], e['video']))
+  np.testing.assert_allclose(sharded, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_train_step_never_changes_a_frozen_weight():
+  # 8 devices, fsdp=2: two real steps, then every frozen leaf is bit-identical to before
+  # and every trainable leaf has moved.
+  cfg = tiny.get_config(); cfg.unlock()
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
+  b = step_benchmark.build(cfg, 8, 'train')
+  before = P.flatten(jax.tree.map(np.asarray, jax.device_get(b['state']['params'])))
+  state = b['state']
+  batch = {'video': b['video'], 'label': b['labels']}
+  with sharding.mesh_context(b['mesh'], b['rules']):
+    for _ in range(2):
+      state, _ = b['step'](state, batch)
+  after = P.flatten(jax.tree.map(np.asarray, jax.device_get(state['params'])))
+  trainable = P.flatten(P.trainable_mask(before and P.unflatten(before), list(cfg.trainable)))
+  frozen = [k for k, v in trainable.items() if not v]
+  assert frozen and len(frozen) < len(before)
+  for name in frozen:
+    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  moved = [k for k, v in trainable.items() if v and not np.array_equal(after[k], before[k])]
+  assert len(moved) == sum(trainable.values()), set(k for k, v in trainable.items() if v) - set(moved)

@@ -102,16 +102,6 @@ def resample_grid(pos: np.ndarray, new_grid: int) -> np.ndarray:
 # ---------------------------------------------------------------------------
 
 
-def strip_prefix(sd: Mapping, prefixes: tuple) -> tuple[dict, list]:
-  """Keep keys under the first prefix that occurs; the rest are returned as unused."""
-  keys = list(sd)
-  for prefix in prefixes:
-    if any(k.startswith(prefix) for k in keys):
-      kept = {k[len(prefix):]: sd[k] for k in keys if k.startswith(prefix)}
-      return kept, [k for k in keys if not k.startswith(prefix)]
-  return dict(sd), []
-
-
 def take(sd: Mapping, key: str, where: str = '') -> np.ndarray:
   if key not in sd:
     raise ConversionError(f'missing key {where}{key!r}')
