@@ -170,9 +170,9 @@ def load_init_from(path: str, params: dict, model_cfg: Mapping) -> tuple[dict, l
   The checkpoint holds either a plain image encoder (e.g. converted CLIP): it
   goes into params['backbone'] and the adapters, temporal embedding and head
   stay at init; or a full AIM model: every leaf is taken. A head of another
-  class count is left at init. -> (params, names left at init).
+  class count is left at init. -> (params, names left at init). The architecture
+  was checked by `check_init_from` before anything was compiled (train.Plan).
   """
-  check_init_from(path, model_cfg)
   loaded, _, _ = load_params(path, like=params)
   flat_loaded = P.flatten(loaded)
   if not any(k.startswith('backbone/') for k in flat_loaded):
@@ -218,7 +218,7 @@ RUNTIME_FIELDS = ('progress_bar', 'log_every_steps', 'checkpoint', 'device_prefe
                   'logical_axis_rules', 'eval', 'eval_every_steps', 'data.autotune',
                   'data.num_parallel_calls', 'data.prefetch', 'data.train_files',
                   'data.val_files', 'data.test_files', 'data.tfds_data_dir',
-                  'data.max_skip_rate', 'data.skip_rate_min_examples', 'model.scan_layers',
+                  'data.max_skip_rate', 'data.skip_rate_min_examples',
                   'model.remat_policy', 'model.attention_impl', 'model.temporal_attention')
 
 

@@ -64,9 +64,9 @@ class TrainSetup:
     return sharding.mesh_context(self.mesh, self.rules)
 
   def describe(self) -> list[str]:
-    mask = P.trainable_mask(self.abstract_params, list(self.config.trainable),
-                            self.config.full_finetune)
-    n_train, n_total = P.count(self.abstract_params, mask), P.count(self.abstract_params)
+    flat = P.flatten(self.abstract_params)
+    n_train = sum(int(np.prod(v.shape)) for k, v in flat.items() if k in self.trainable)
+    n_total = sum(int(np.prod(v.shape)) for v in flat.values())
     return [f'parameters: {n_train} trainable of {n_total} ({100 * n_train / n_total:.2f}%)']
 
 

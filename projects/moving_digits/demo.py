@@ -69,7 +69,7 @@ def sizes() -> dict[str, DemoSize]:
                        steps=demo_config.STEPS, variants={'motion': every, 'appearance': every}),
       # CI (tests/test_demo.py): the contrast that matters, as small as still shows it.
       'ci': DemoSize(train_per_class=64, test_per_class=16, pretrain_steps=600,
-                     steps={'motion': {'spatial': 150, 'temporal': 500, 'aim': 500},
+                     steps={'motion': {'spatial': 500, 'temporal': 500, 'aim': 500},
                             'appearance': {v: 60 for v in every}},
                      variants={'motion': ('spatial', 'temporal', 'aim'), 'appearance': every}),
   }
