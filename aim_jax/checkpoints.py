@@ -43,7 +43,7 @@ from etils import epath
 
 from aim_jax import params as P
 from aim_jax.errors import CheckpointError, ConfigError
-from aim_jax.models.factory import ARCH_FIELDS
+from aim_jax.models.factory import ARCH_FIELDS, build_model, input_shape
 from aim_jax.run_config import resolve_model
 
 CONFIG_FILE = 'config.json'
@@ -136,6 +136,48 @@ def load_checkpoint(path: str, which: str = 'latest') -> tuple[dict, dict, str]:
         f'training workdir ({CONFIG_FILE} + {CHECKPOINTS}/)')
   params, model_config = restore_params_from_workdir(path, which)
   return params, model_config, 'workdir'
+
+
+def prepare_model(model_cfg: Mapping, params: Mapping):
+  """-> (model, params in the model's layer layout, boxed abstract variables)."""
+  import flax.linen as nn
+  model = build_model(model_cfg)
+  dummy = np.zeros(input_shape(model_cfg, 1), np.float32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
+  abstract = nn.unbox(boxed)['params']
+  params = P.match_layout(params, abstract)
+  got = set(P.names(params))
+  want = set(P.names(abstract))
+  if got != want:
+    missing, extra = sorted(want - got), sorted(got - want)
+    raise CheckpointError(
+        f'checkpoint parameters do not fit the model: missing {missing[:8]}'
+        f'{"..." if len(missing) > 8 else ""}, unexpected {extra[:8]}'
+        f'{"..." if len(extra) > 8 else ""}')
+  for name, (a, b) in _pairs(params, abstract):
+    if tuple(np.shape(a)) != tuple(b.shape):
+      raise CheckpointError(
+          f'parameter {name}: checkpoint shape {np.shape(a)}, model shape {b.shape}')
+  return model, params, boxed['params']
+
+
+def _pairs(params, abstract):
+  fa, fb = P.flatten(params), P.flatten(abstract)
+  return ((k, (fa[k], fb[k])) for k in sorted(fa))
+
+
+def define_checkpoint_flags() -> None:
+  """--checkpoint (required), --which and --labels: how evaluate and predict name a model.
+
+  Defined once so that both commands read a checkpoint the same way
+  (`checkpoints.load_checkpoint(FLAGS.checkpoint, FLAGS.which)`, `reports.read_class_names`).
+  """
+  from absl import flags
+  flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
+  flags.DEFINE_enum('which', 'latest', ['latest', 'best'],
+                    'Which checkpoint of a training workdir to use.')
+  flags.DEFINE_string('labels', '', 'Class names, one per line (reports and printed classes).')
+  flags.mark_flag_as_required('checkpoint')
 
 
 # ---------------------------------------------------------------------------------------

@@ -23,45 +23,14 @@ predictions.csv (or .jsonl), summary.json, per_class.csv, confusion.png.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any, Optional
 
-import flax.linen as nn
 import jax
 import numpy as np
 from absl import logging
 from etils import epath
 
 from aim_jax import checkpoints, errors, multiview, reports, run_config
-from aim_jax import params as P
-from aim_jax.models.factory import build_model, input_shape
-
-def prepare_model(model_cfg: Mapping, params: Mapping):
-  """-> (model, params in the model's layer layout, boxed abstract variables)."""
-  model = build_model(model_cfg)
-  dummy = np.zeros(input_shape(model_cfg, 1), np.float32)
-  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy))
-  abstract = nn.unbox(boxed)['params']
-  params = P.match_layout(params, abstract)
-  got = set(P.names(params))
-  want = set(P.names(abstract))
-  if got != want:
-    missing, extra = sorted(want - got), sorted(got - want)
-    raise checkpoints.CheckpointError(
-        f'checkpoint parameters do not fit the model: missing {missing[:8]}'
-        f'{"..." if len(missing) > 8 else ""}, unexpected {extra[:8]}'
-        f'{"..." if len(extra) > 8 else ""}')
-  for name, (a, b) in _pairs(params, abstract):
-    if tuple(np.shape(a)) != tuple(b.shape):
-      raise checkpoints.CheckpointError(
-          f'parameter {name}: checkpoint shape {np.shape(a)}, model shape {b.shape}')
-  return model, params, boxed['params']
-
-
-def _pairs(params, abstract):
-  fa, fb = P.flatten(params), P.flatten(abstract)
-  return ((k, (fa[k], fb[k])) for k in sorted(fa))
-
 
 # ---------------------------------------------------------------------------
 # The evaluation run
@@ -146,7 +115,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   names = reports.read_class_names(labels_file, model_cfg['num_classes']) if labels_file else None
   split = config.eval.split
   views = multiview.num_views(config.data, split)
-  model, params, boxed = prepare_model(model_cfg, params)
+  model, params, boxed = checkpoints.prepare_model(model_cfg, params)
 
   mesh = sharding.make_mesh(config.mesh)
   rules = sharding.axis_rules(config.logical_axis_rules)
@@ -200,26 +169,12 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
 # Command line
 # ---------------------------------------------------------------------------
 
-def define_checkpoint_flags() -> None:
-  """--checkpoint (required), --which and --labels: how evaluate and predict name a model.
-
-  Defined once so that both commands read a checkpoint the same way
-  (`checkpoints.load_checkpoint(FLAGS.checkpoint, FLAGS.which)`, `reports.read_class_names`).
-  """
-  from absl import flags
-  flags.DEFINE_string('checkpoint', None, 'Parameter checkpoint or training workdir.')
-  flags.DEFINE_enum('which', 'latest', ['latest', 'best'],
-                    'Which checkpoint of a training workdir to use.')
-  flags.DEFINE_string('labels', '', 'Class names, one per line (reports and printed classes).')
-  flags.mark_flag_as_required('checkpoint')
-
-
 def _define_flags():
   from absl import flags
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
                                   lock_config=True)
-  define_checkpoint_flags()
+  checkpoints.define_checkpoint_flags()
   flags.DEFINE_string('output_dir', '', 'Where reports go (default CHECKPOINT/eval_<split>).')
   flags.DEFINE_enum('predictions_format', 'csv', ['csv', 'jsonl'], 'Per-video predictions file.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')

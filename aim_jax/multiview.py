@@ -205,71 +205,140 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
   param_sharding = param_sharding or NamedSharding(mesh, P())
   step_fn = step_fn or make_eval_step(apply_fn, mesh, num_views, average_clips, param_sharding)
   params = jax.device_put(params, param_sharding)
-  padded = padded_batch_size(batch_size, num_views, mesh)
-  data_sharding = NamedSharding(mesh, P(batch_axes(mesh)))
-  k = min(top_k, num_classes)
-
-  keys: list[str] = []
-  labels, topk_c, topk_s, all_scores = [], [], [], []
-  confusion = np.zeros((num_classes, num_classes), np.int64)
-  counters = dict(top5_hits=0, clips_after_first=0)
-  t_start = time.perf_counter()
-  t_first = None
-  frame_shape = None
+  book = _Booking(num_classes, num_views, min(top_k, num_classes), keep_scores)
   bar = None
   if progress and jax.process_index() == 0:
     from tqdm import tqdm
     bar = tqdm(total=total_steps, desc='eval', unit='batch')
-
-  def finish(pending) -> None:
-    """Fetch one step's (replicated) scores and book this process's real rows."""
-    nonlocal t_first
-    device_scores, b, label, batch_keys = pending
-    scores = np.asarray(device_scores)[rows:rows + b]      # (b, K)
-    if t_first is None:
-      t_first = time.perf_counter()
-    else:
-      counters['clips_after_first'] += b * num_views
-    if b:
-      keys.extend(batch_keys)
-      order = np.argsort(-scores, axis=1, kind='stable')[:, :k]
-      labels.append(label)
-      topk_c.append(order)
-      topk_s.append(np.take_along_axis(scores, order, axis=1))
-      if keep_scores:
-        all_scores.append(scores)
-      np.add.at(confusion, (label, order[:, 0]), 1)
-      counters['top5_hits'] += int((order[:, :min(5, k)] == label[:, None]).any(axis=1).sum())
-    if bar is not None:
-      bar.update(1)
-
-  iterator: Iterator = iter(batches)
-  exhausted = False
-  rows = None      # first video row of this process in the (padded * processes) global batch
+  t_start = time.perf_counter()
   pending = None   # the step in flight: its result is fetched after the next one is dispatched
+  for global_video, b, label, batch_keys in _global_batches(
+      batches, mesh, num_views, num_classes, batch_size, book):
+    dispatched = (step_fn(params, global_video), b, label, batch_keys)   # asynchronous
+    if pending is not None:
+      book.add(*pending)
+      if bar is not None:
+        bar.update(1)
+    pending = dispatched
+  if pending is not None:
+    book.add(*pending)
+  if bar is not None:
+    bar.close()
+  return book.result(time.perf_counter() - t_start, expected_count, average_clips)
+
+
+class _Booking:
+  """This process's per-video results, booked as each step's scores arrive."""
+
+  def __init__(self, num_classes: int, num_views: int, k: int, keep_scores: bool):
+    self.num_classes, self.num_views, self.k, self.keep_scores = (
+        num_classes, num_views, k, keep_scores)
+    self.keys: list[str] = []
+    self.labels, self.topk_c, self.topk_s, self.scores = [], [], [], []
+    self.confusion = np.zeros((num_classes, num_classes), np.int64)
+    self.top5_hits = self.clips_after_first = 0
+    self.rows = None        # first video row of this process in the global batch
+    self.t_first = None
+    self.in_flight = 0      # videos dispatched but not booked yet (for key numbering)
+
+  def add(self, device_scores: Any, b: int, label: np.ndarray, batch_keys: list[str]) -> None:
+    """Fetch one step's (replicated) scores and book this process's real rows."""
+    scores = np.asarray(device_scores)[self.rows:self.rows + b]      # (b, K)
+    self.in_flight -= b
+    if self.t_first is None:
+      self.t_first = time.perf_counter()
+    else:
+      self.clips_after_first += b * self.num_views
+    if not b:
+      return
+    self.keys.extend(batch_keys)
+    order = np.argsort(-scores, axis=1, kind='stable')[:, :self.k]
+    self.labels.append(label)
+    self.topk_c.append(order)
+    self.topk_s.append(np.take_along_axis(scores, order, axis=1))
+    if self.keep_scores:
+      self.scores.append(scores)
+    np.add.at(self.confusion, (label, order[:, 0]), 1)
+    self.top5_hits += int((order[:, :min(5, self.k)] == label[:, None]).any(axis=1).sum())
+
+  def result(self, seconds: float, expected_count: Optional[int],
+             average_clips: str) -> EvalResult:
+    t_end = time.perf_counter()
+    confusion = _sum_over_processes(self.confusion)
+    top5_hits = int(_sum_over_processes(np.array([self.top5_hits], np.int64))[0])
+    clips_after_first = int(_sum_over_processes(
+        np.array([self.clips_after_first], np.int64))[0])
+    metrics = metrics_from_confusion(confusion, top5_hits)
+    n, v = metrics['num_evaluated'], self.num_views
+    # Throughput excludes the first step (compilation) when there is more than one step.
+    if clips_after_first and self.t_first is not None and t_end > self.t_first:
+      steady, clips = t_end - self.t_first, clips_after_first
+    else:
+      steady, clips = seconds, n * v
+    metrics.update(
+        num_skipped=(int(expected_count) - n) if expected_count is not None else 0,
+        num_views=int(v), average_clips=average_clips,
+        clips_per_second=float(clips / steady) if steady > 0 else float('nan'),
+        videos_per_second=float(clips / v / steady) if steady > 0 else float('nan'),
+        seconds=float(seconds))
+    if expected_count is not None and n > expected_count:
+      raise RuntimeError(f'evaluated {n} videos but the split holds {expected_count}: '
+                         'some videos were counted more than once')
+    if len(set(self.keys)) != len(self.keys):
+      logging.warning('%d duplicate video ids among the %d evaluated on this process',
+                      len(self.keys) - len(set(self.keys)), len(self.keys))
+
+    def cat(xs, shape):
+      return np.concatenate(xs) if xs else np.zeros(shape)
+
+    k = self.k
+    return EvalResult(
+        keys=self.keys, labels=cat(self.labels, (0,)).astype(np.int64),
+        topk_classes=cat(self.topk_c, (0, k)).astype(np.int64),
+        topk_scores=cat(self.topk_s, (0, k)).astype(np.float32),
+        scores=(cat(self.scores, (0, self.num_classes)).astype(np.float32)
+                if self.keep_scores else None),
+        confusion=confusion, metrics=metrics)
+
+
+def _check_batch(batch: Mapping, num_views: int, num_classes: int, batch_size: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  video = np.asarray(batch['video'])
+  label = np.asarray(batch['label']).reshape(-1).astype(np.int64)
+  b = video.shape[0]
+  if video.ndim != 6 or video.shape[1] != num_views:
+    raise ValueError(f"batch['video'] has shape {video.shape}; expected "
+                     f'(B, V={num_views}, T, H, W, C)')
+  if b > batch_size or label.shape[0] != b:
+    raise ValueError(f'batch of {b} videos and {label.shape[0]} labels; expected equal '
+                     f'counts of at most batch_size={batch_size}')
+  if np.any((label < 0) | (label >= num_classes)):
+    raise ValueError(f'labels {label[(label < 0) | (label >= num_classes)]} are outside '
+                     f'[0, num_classes={num_classes})')
+  return video, label
+
+
+def _global_batches(batches: Iterable[Mapping[str, Any]], mesh: Mesh, num_views: int,
+                    num_classes: int, batch_size: int, book: _Booking) -> Iterator[tuple]:
+  """This process's batches, padded to a fixed size and folded (videos x views), as global
+  arrays over the mesh's batch axes -> (global video, real videos, labels, keys). Runs
+  until every process is out of data (a process with none left feeds padding)."""
+  padded = padded_batch_size(batch_size, num_views, mesh)
+  data_sharding = NamedSharding(mesh, P(batch_axes(mesh)))
+  iterator: Iterator = iter(batches)
+  exhausted, frame_shape = False, None
   while True:
     batch = None
     if not exhausted:
       batch = next(iterator, None)
       exhausted = batch is None
     if not _any_process(batch is not None):
-      break
+      return
     if batch is not None:
-      video = np.asarray(batch['video'])
-      label = np.asarray(batch['label']).reshape(-1).astype(np.int64)
+      video, label = _check_batch(batch, num_views, num_classes, batch_size)
       b = video.shape[0]
-      if video.ndim != 6 or video.shape[1] != num_views:
-        raise ValueError(f"batch['video'] has shape {video.shape}; expected "
-                         f'(B, V={num_views}, T, H, W, C)')
-      if b > batch_size or label.shape[0] != b:
-        raise ValueError(f'batch of {b} videos and {label.shape[0]} labels; expected equal '
-                         f'counts of at most batch_size={batch_size}')
-      if frame_shape is None:
-        frame_shape = tuple(video.shape[2:])
-      if np.any((label < 0) | (label >= num_classes)):
-        raise ValueError(f'labels {label[(label < 0) | (label >= num_classes)]} are outside '
-                         f'[0, num_classes={num_classes})')
-      batch_keys = _keys_of(batch, b, len(keys) + (pending[1] if pending else 0))
+      frame_shape = frame_shape or tuple(video.shape[2:])
+      batch_keys = _keys_of(batch, b, len(book.keys) + book.in_flight)
     else:
       if frame_shape is None:
         raise ValueError('this process received no evaluation batch at all while others did; '
@@ -282,50 +351,9 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
       local[:b] = video if b else 0.0
     local = local.reshape((padded * num_views,) + frame_shape)   # (padded*V, T, H, W, C)
     global_shape = (padded * num_views * jax.process_count(),) + frame_shape
-    if rows is None:
+    if book.rows is None:
       index_map = data_sharding.addressable_devices_indices_map(global_shape)
-      rows = min(idx[0].start or 0 for idx in index_map.values()) // num_views
-    global_video = jax.make_array_from_process_local_data(data_sharding, local, global_shape)
-    dispatched = (step_fn(params, global_video), b, label, batch_keys)   # asynchronous
-    if pending is not None:
-      finish(pending)
-    pending = dispatched
-  if pending is not None:
-    finish(pending)
-  if bar is not None:
-    bar.close()
-  t_end = time.perf_counter()
-
-  confusion = _sum_over_processes(confusion)
-  top5_hits = int(_sum_over_processes(np.array([counters['top5_hits']], np.int64))[0])
-  clips_after_first = int(_sum_over_processes(
-      np.array([counters['clips_after_first']], np.int64))[0])
-  metrics = metrics_from_confusion(confusion, top5_hits)
-  n = metrics['num_evaluated']
-  # Throughput excludes the first step (compilation) when there is more than one step.
-  if clips_after_first and t_first is not None and t_end > t_first:
-    seconds_steady, clips = t_end - t_first, clips_after_first
-  else:
-    seconds_steady, clips = t_end - t_start, n * num_views
-  metrics.update(
-      num_skipped=(int(expected_count) - n) if expected_count is not None else 0,
-      num_views=int(num_views), average_clips=average_clips,
-      clips_per_second=float(clips / seconds_steady) if seconds_steady > 0 else float('nan'),
-      videos_per_second=float(clips / num_views / seconds_steady) if seconds_steady > 0
-      else float('nan'),
-      seconds=float(t_end - t_start))
-  if expected_count is not None and n > expected_count:
-    raise RuntimeError(f'evaluated {n} videos but the split holds {expected_count}: '
-                       'some videos were counted more than once')
-  if len(set(keys)) != len(keys):
-    logging.warning('%d duplicate video ids among the %d evaluated on this process',
-                    len(keys) - len(set(keys)), len(keys))
-  def cat(xs, shape):
-    return np.concatenate(xs) if xs else np.zeros(shape)
-
-  return EvalResult(
-      keys=keys, labels=cat(labels, (0,)).astype(np.int64),
-      topk_classes=cat(topk_c, (0, k)).astype(np.int64),
-      topk_scores=cat(topk_s, (0, k)).astype(np.float32),
-      scores=cat(all_scores, (0, num_classes)).astype(np.float32) if keep_scores else None,
-      confusion=confusion, metrics=metrics)
+      book.rows = min(idx[0].start or 0 for idx in index_map.values()) // num_views
+    book.in_flight += b
+    yield (jax.make_array_from_process_local_data(data_sharding, local, global_shape), b,
+           label, batch_keys)

@@ -32,7 +32,6 @@ from absl import logging
 from etils import epath
 
 from aim_jax import checkpoints, errors, reports, run_config
-from aim_jax import evaluate as evaluate_lib
 from aim_jax.models.aim import average_views
 
 LAYOUTS = ('NCTHW', 'NTHWC')
@@ -51,7 +50,7 @@ class Predictor:
         config.model if config is not None else None, ckpt_model)
     self.data_config = self._data_config(checkpoint, kind, config)
     self.average_clips = config.eval.average_clips if config is not None else 'prob'
-    self.model, params, _ = evaluate_lib.prepare_model(self.model_config, params)
+    self.model, params, _ = checkpoints.prepare_model(self.model_config, params)
     self.params = jax.device_put(params)
     self._apply = jax.jit(lambda p, x: self.model.apply({'params': p}, x, train=False))
 
@@ -152,7 +151,7 @@ def _define_flags():
   from ml_collections import config_flags
   config_flags.DEFINE_config_file('config', None, 'Optional config (its data and eval settings).',
                                   lock_config=True)
-  evaluate_lib.define_checkpoint_flags()          # --checkpoint, --which, --labels
+  checkpoints.define_checkpoint_flags()          # --checkpoint, --which, --labels
   flags.DEFINE_string('video', '', 'A video file to classify.')
   flags.DEFINE_integer('top_k', 5, 'How many classes to print.')
   flags.DEFINE_alias('top-k', 'top_k')

@@ -18,6 +18,7 @@ import pytest
 import torchvision_stub
 from conftest import GOLDEN
 
+from aim_jax.convert import cli as convert_cli
 from aim_jax.convert import registry
 from aim_jax.convert import official_names
 from aim_jax import params as P
@@ -520,9 +521,8 @@ def _save_safetensors(sd, path):
 
 
 def _cli_convert(src, out, *args):
-  from aim_jax import convert
   from aim_jax import checkpoints
-  assert convert.main(['image', '--src', src, '--out', str(out), *args]) == 0
+  assert convert_cli.main(['image', '--src', src, '--out', str(out), *args]) == 0
   params, cfg, metadata = checkpoints.load_params(str(out))
   return params, cfg, metadata
 
@@ -607,7 +607,6 @@ def test_short_training_run_from_each_converted_family_learns(family, timm, tmp_
 @pytest.mark.parametrize('case', IN21K_CASES)
 def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_back(
     tmp_path, case):
-  from aim_jax import convert
   from aim_jax import checkpoints
   d, args, _, _, sd = _load_golden(case)
   torch.save({'meta': {'epoch': 30},
@@ -615,12 +614,12 @@ def test_official_in21k_checkpoint_converts_with_the_aim_command_and_exports_bac
              tmp_path / 'vit_imagenet.pth')
   argv = ['aim', '--src', str(tmp_path / 'vit_imagenet.pth'), '--out', str(tmp_path / 'out'),
           '--heads', str(args['num_heads']), '--adapter-scale', str(args['adapter_scale'])]
-  assert convert.main(argv) == 0
+  assert convert_cli.main(argv) == 0
   params, cfg, info = checkpoints.load_params(str(tmp_path / 'out'))
   assert cfg['backbone'] == 'vit_in21k' and info['mapped'] == len(sd) and not info['unused']
   logits = build_model(cfg).apply({'params': params}, _nthwc(d['input']))
   np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
-  assert convert.main(['export-aim', '--src', str(tmp_path / 'out'), '--out',
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'out'), '--out',
                        str(tmp_path / 'back.pth')]) == 0
   back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)['state_dict']
   assert set(back) == set(sd)

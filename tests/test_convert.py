@@ -15,6 +15,7 @@ import pytest
 import torchvision_stub
 from conftest import ROOT
 
+from aim_jax.convert import cli as convert_cli
 from aim_jax import convert
 from aim_jax import checkpoints
 from aim_jax.convert import registry, torch_files
@@ -56,7 +57,7 @@ def torch_images(x):
 
 
 def run_cli(*args):
-  assert convert.main(list(args)) == 0
+  assert convert_cli.main(list(args)) == 0
 
 
 def flax_outputs(out_dir, x):
@@ -452,7 +453,7 @@ def test_checkpoint_that_would_run_code_is_refused(tmp_path):
   for path in (zipped, raw):
     with pytest.raises(torch_files.UnsafeCheckpointError, match='system'):
       torch_files.load(str(path))
-    assert convert.main(['aim', '--src', str(path), '--out', str(tmp_path / 'o')]) == 2
+    assert convert_cli.main(['aim', '--src', str(path), '--out', str(tmp_path / 'o')]) == 2
   assert not marker.exists()
 
 
@@ -609,7 +610,7 @@ def test_converted_clip_is_what_training_init_from_loads(tmp_path):
   train = pytest.importorskip('aim_jax.train')
   from aim_jax.models.factory import build_model, resolve_model_config
   sd = _random_clip_tower_safetensors(tmp_path / 'c.safetensors', layers=2)
-  assert convert.main(['clip', '--src', str(tmp_path / 'c.safetensors'), '--out',
+  assert convert_cli.main(['clip', '--src', str(tmp_path / 'c.safetensors'), '--out',
                        str(tmp_path / 'out')]) == 0
   cfg = resolve_model_config(dict(width=64, layers=2, heads=1, patch_size=8, image_size=32,
                                   num_frames=2, num_classes=3))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import GOLDEN
 
+from aim_jax.convert import cli as convert_cli
 from aim_jax import convert
 from aim_jax import checkpoints
 from aim_jax import params as P
@@ -48,7 +49,7 @@ def test_converted_official_checkpoint_reproduces_golden_logits_and_scores(tmp_p
           '--heads', str(meta['heads'])]
   if meta['num_tadapter'] == 1:
     args += ['--adapter-scale', str(meta['adapter_scale'])]   # else: the SSv2 default 1.0
-  assert convert.main(args) == 0
+  assert convert_cli.main(args) == 0
   params, cfg, info = checkpoints.load_params(str(tmp_path / 'out'))
   assert (cfg['num_frames'], cfg['num_classes'], cfg['adapters']['num_tadapter'],
           cfg['adapters']['scale'], cfg['image_size']) == (
@@ -71,7 +72,7 @@ def test_export_aim_round_trip_is_exact(tmp_path, case):
   write_mmaction_pth(sd, tmp_path / 'model.pth')
   conv = convert.convert(str(tmp_path / 'model.pth'), str(tmp_path / 'out'), 'aim',
                          heads=meta['heads'])
-  assert convert.main(['export-aim', '--src', str(tmp_path / 'out'), '--out',
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'out'), '--out',
                        str(tmp_path / 'back.pth')]) == 0
   back = torch.load(tmp_path / 'back.pth', map_location='cpu', weights_only=True)
   assert set(back) >= {'state_dict', 'meta'}
@@ -88,7 +89,7 @@ def test_export_aim_round_trip_is_exact(tmp_path, case):
 def test_num_frames_change_interpolates_the_temporal_embedding(tmp_path, capsys):
   _, _, sd = golden('aim_tiny_case1')
   write_mmaction_pth(sd, tmp_path / 'model.pth')
-  assert convert.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out',
+  assert convert_cli.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out',
                        str(tmp_path / 'out'), '--heads', '4', '--num-frames', '8']) == 0
   assert 'NOTICE: temporal embedding interpolated (linear) from 4 to 8' in capsys.readouterr().out
   params, cfg, _ = checkpoints.load_params(str(tmp_path / 'out'))
@@ -139,7 +140,7 @@ def test_clip_gelu_aim_model_round_trips_through_export_aim(tmp_path):
   x = np.random.default_rng(0).normal(size=input_shape(cfg, 1)).astype(np.float32)
   params = jax.tree.map(np.asarray, nn.unbox(model.init(jax.random.key(1), x))['params'])
   checkpoints.save_params(str(tmp_path / 'src'), params, cfg)
-  assert convert.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
                        str(tmp_path / 'm.pth')]) == 0
   conv = convert.load_aim(str(tmp_path / 'm.pth'), adapter_scale=0.5)
   assert conv.model_config['backbone'] == 'clip_gelu'

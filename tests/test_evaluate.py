@@ -119,8 +119,10 @@ def test_sharded_eval_on_8_devices_equals_single_device_loop_with_ragged_last_ba
 
 
 def test_padded_batch_fills_the_local_shards():
-  mesh = multiview.eval_mesh()        # one device in-process
-  assert multiview.padded_batch_size(5, 3, mesh) == 5
+  one = multiview.eval_mesh(jax.devices()[:1])
+  assert multiview.padded_batch_size(5, 3, one) == 5
+  # 8 devices in-process (conftest): 5 videos x 3 views = 15 rows pad to 8 videos (24 rows).
+  assert multiview.padded_batch_size(5, 3, multiview.eval_mesh()) == 8
 
 
 def test_ragged_batches_in_process_equal_the_video_by_video_loop():
@@ -271,11 +273,11 @@ def test_config_and_checkpoint_model_must_agree():
 
 def test_checkpoint_params_are_checked_against_the_model(tmp_path):
   _, params = tiny_params()
-  _, loaded, _ = evaluate.prepare_model(dict(TINY, scan_layers=True), params)
+  _, loaded, _ = checkpoints.prepare_model(dict(TINY, scan_layers=True), params)
   assert P.is_scan_layout(loaded) and not P.is_scan_layout(params)
   with pytest.raises(checkpoints.CheckpointError,
                      match=r'cls_head/fc_cls/bias: checkpoint shape \(5,\), model shape \(6,\)'):
-    evaluate.prepare_model(dict(TINY, num_classes=6), params)
+    checkpoints.prepare_model(dict(TINY, num_classes=6), params)
 
 
 def write_tiny_records(directory, num_videos=11, bad_label_at=4, frames=12):

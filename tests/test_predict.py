@@ -12,6 +12,7 @@ import pytest
 from conftest import GOLDEN, ROOT
 from test_evaluate import TINY, tiny_params
 
+from aim_jax.convert import cli as convert_cli
 from aim_jax import predict
 from aim_jax import checkpoints
 from aim_jax.convert import official_names
@@ -158,14 +159,13 @@ def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
   """The documented path: official .pth -> `aim_jax.convert aim` -> `predict --array`."""
   torch = pytest.importorskip('torch')
 
-  from aim_jax import convert
   d = np.load(GOLDEN / 'aim_tiny_case1_tadapter2.npz')
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: torch.from_numpy(np.array(d[k])) for k in d.files if k.startswith('sd/')}
   src = tmp_path / 'official_names.pth'
   torch.save({'state_dict': sd}, src)
   out = tmp_path / 'converted'
-  assert convert.main(['aim', '--src', str(src), '--out', str(out), '--heads', str(meta['heads']),
+  assert convert_cli.main(['aim', '--src', str(src), '--out', str(out), '--heads', str(meta['heads']),
                        '--adapter-scale', str(meta['adapter_scale'])]) in (0, None)
   np.save(tmp_path / 'input.npy', d['input'])
   env = dict(os.environ, JAX_PLATFORMS='cpu')
