@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -364,10 +365,7 @@ def test_training_workdir_latest_and_best(tmp_path):
   for which, want in (('latest', latest), ('best', best)):
     params, model_cfg, kind = checkpoints.load_checkpoint(str(workdir), which)
     assert kind == 'workdir' and model_cfg['num_frames'] == 4
-    got, want = P.flatten(params), P.flatten(want)
-    assert sorted(got) == sorted(want)
-    for k in want:
-      np.testing.assert_array_equal(got[k], want[k], err_msg=f'{which}: {k}')
+    chex.assert_trees_all_equal(P.flatten(params), P.flatten(want))   # keys, shapes, values
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 import json
 
 import flax.linen as nn
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -158,7 +159,7 @@ def test_plain_encoder_is_a_clip_image_model_with_clip_names():
   enc = build_encoder(cfg)
   images = jax.random.normal(jax.random.key(0), (3, 32, 32, 3))
   params = nn.unbox(enc.init(jax.random.key(0), images))['params']
-  assert enc.apply({'params': params}, images).shape == (3, 32)
+  chex.assert_shape(enc.apply({'params': params}, images), (3, 32))
   sd = official_names.encoder_to_state_dict(params, heads=4)
   expected = {'class_embedding', 'positional_embedding', 'proj', 'conv1.weight',
               'ln_pre.weight', 'ln_pre.bias', 'ln_post.weight', 'ln_post.bias'}
@@ -168,8 +169,8 @@ def test_plain_encoder_is_a_clip_image_model_with_clip_names():
         'attn.out_proj.bias', 'ln_1.weight', 'ln_1.bias', 'ln_2.weight', 'ln_2.bias',
         'mlp.c_fc.weight', 'mlp.c_fc.bias', 'mlp.c_proj.weight', 'mlp.c_proj.bias')}
   assert set(sd) == expected
-  assert sd['conv1.weight'].shape == (64, 3, 8, 8)
-  assert sd['transformer.resblocks.0.attn.in_proj_weight'].shape == (192, 64)
+  chex.assert_shape([sd['conv1.weight'], sd['transformer.resblocks.0.attn.in_proj_weight']],
+                    [(64, 3, 8, 8), (192, 64)])
 
 
 def test_jit_and_eager_agree():

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -167,7 +168,6 @@ def test_a_train_step_never_changes_a_frozen_weight():
   trainable = P.flatten(P.trainable_mask(before and P.unflatten(before), list(cfg.trainable)))
   frozen = [k for k, v in trainable.items() if not v]
   assert frozen and len(frozen) < len(before)
-  for name in frozen:
-    np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+  chex.assert_trees_all_equal({k: after[k] for k in frozen}, {k: before[k] for k in frozen})
   moved = [k for k, v in trainable.items() if v and not np.array_equal(after[k], before[k])]
   assert len(moved) == sum(trainable.values()), set(k for k, v in trainable.items() if v) - set(moved)
