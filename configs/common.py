@@ -7,7 +7,8 @@ overridden on the command line with `--config.FIELD=VALUE`.
 Defaults are the official recipe (AIM, ICLR 2023; taoyang1122/adapt-image-models
 configs/recognition/vit/vitclip_*): AdamW 3e-4, wd 0.05 with mmcv paramwise
 exemptions, global batch 64, epoch-wise cosine with 2.5 warm-up epochs from
-0.1x, eval every few epochs.
+0.1x, eval every few epochs. docs/recipes.md lists every row, its sources and
+what differs from the official files; tests/test_paper_rows.py pins them.
 """
 
 from __future__ import annotations

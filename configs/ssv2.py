@@ -14,7 +14,7 @@ Rows:
       50M tunable), which need num_tadapter=2 like the B/16 rows: 50,643,118
       tunable at 8 frames (one temporal adapter would give 38M).
   l14_f8_official_file  vitclip_large_sthv2.py exactly: 8 frames and the default
-      num_tadapter=1 (the file does not set it), 38,028,478 tunable. Not a
+      num_tadapter=1 (the file does not set it), 38,029,486 tunable. Not a
       paper row; kept to reproduce runs of the official file.
 """
 
