@@ -129,7 +129,7 @@ def load_config_here(spec: str, overrides: Sequence[str] = (), root: Path = ROOT
                               f'(no module {e.name!r}): install aim-jax there, or pass '
                               '--no-config-check') from None
     raise LaunchError(f'config {spec!r}: {_one_line(e)}') from None
-  except Exception as e:  # pylint: disable=broad-except
+  except Exception as e:  # noqa: BLE001 (whatever get_config raises is the config's error)
     raise LaunchError(f'config {spec!r}: {_one_line(e)}') from None
   for override in overrides:
     if override.startswith('--config.'):
@@ -146,7 +146,7 @@ def _check_field(spec: str, config, override: str) -> None:
   field = override[len('--config.'):].partition('=')[0]
   node = config
   for part in field.split('.'):
-    if hasattr(node, 'keys') and part in node.keys():
+    if hasattr(node, 'keys') and part in node:
       node = node[part]
     elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
       node = node[int(part)]

@@ -256,7 +256,7 @@ def test_tpu_without_dependencies_here_checks_the_config_on_the_workers(monkeypa
                'gs://my-bucket/w', '--config.total_steps=3', '--', '--alsologtostderr')
   assert "# config 'configs/k400.py:b16_f8': cannot be loaded by python3 (no module 'jax'): " \
          'the workers load it before starting' in script
-  start = shlex.split([ln for ln in steps(script) if 'nohup' in ln][0])[-1]
+  start = shlex.split(next(ln for ln in steps(script) if 'nohup' in ln))[-1]
   check = ('~/aim-jax-venv/bin/python launch/launch.py check-config configs/k400.py:b16_f8 '
            '--config.total_steps=3 && ')
   assert check in start and start.index(check) < start.index('nohup')
@@ -312,8 +312,9 @@ def test_slurm_submits_the_batch_script_with_the_job_shape(nodes, gpus, per, tas
                                                        ('gpu', '4', '')])
 def test_slurm_batch_script_runs_srun_with_device_ids(tmp_path, per, gpus_on_node, expected):
   fake_tool(tmp_path / 'srun', f'''
-      printf 'ids=%s tf=%s ' "${{JAX_LOCAL_DEVICE_IDS:-}}" "$TF_CPP_MIN_LOG_LEVEL" > {tmp_path}/srun.out
-      echo "cpus=$SRUN_CPUS_PER_TASK args=$*" >> {tmp_path}/srun.out
+      out={tmp_path}/srun.out
+      printf 'ids=%s tf=%s ' "${{JAX_LOCAL_DEVICE_IDS:-}}" "$TF_CPP_MIN_LOG_LEVEL" > "$out"
+      echo "cpus=$SRUN_CPUS_PER_TASK args=$*" >> "$out"
   ''')
   env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', SLURM_JOB_ID='77',
              SLURM_JOB_NUM_NODES='2', SLURM_JOB_NODELIST='gpu[01-02]', SLURM_NTASKS='2',
