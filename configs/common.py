@@ -7,7 +7,8 @@ overridden on the command line with `--config.FIELD=VALUE`.
 Defaults are the official recipe (AIM, ICLR 2023; taoyang1122/adapt-image-models
 configs/recognition/vit/vitclip_*): AdamW 3e-4, wd 0.05 with mmcv paramwise
 exemptions, global batch 64, epoch-wise cosine with 2.5 warm-up epochs from
-0.1x, eval every few epochs.
+0.1x, eval every few epochs. docs/recipes.md lists every row, its sources and
+what differs from the official files; tests/test_paper_rows.py pins them.
 """
 
 from __future__ import annotations
@@ -148,17 +149,24 @@ def get_base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def set_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
-  """'b16' | 'l14': CLIP ViT-B/16 or ViT-L/14; large models use lr_mult 0.1 on the backbone."""
+def set_backbone(c: ml_collections.ConfigDict, backbone: str,
+                 backbone_lr_mult: float = 1.0) -> None:
+  """'b16' | 'l14': CLIP ViT-B/16 or ViT-L/14.
+
+  `backbone_lr_mult` is mmcv's paramwise `{'backbone': lr_mult}`. Only two
+  official files set it (0.1): vitclip_large_k400.py and vitclip_large_sthv2.py;
+  the K700 and Diving-48 large files train the L/14 adapters at the base lr.
+  'backbone' is the longest custom key, so with it backbone.ln_post also gets
+  the 0.1x lr and keeps weight decay (mmcv's longest-key rule).
+  """
   if backbone == 'b16':
     c.model.variant = 'B/16'
   elif backbone == 'l14':
     c.model.variant = 'L/14'
-    # vitclip_large_*: paramwise custom_keys {'backbone': lr_mult 0.1}. 'backbone' is the
-    # longest key, so backbone.ln_post gets lr 0.1x and weight decay (aim_spec.md section 7).
-    c.optimizer.lr_mults = ml_collections.ConfigDict({'backbone': 0.1})
   else:
     raise ValueError(f"backbone {backbone!r} is not 'b16' or 'l14'")
+  if backbone_lr_mult != 1.0:
+    c.optimizer.lr_mults = ml_collections.ConfigDict({'backbone': backbone_lr_mult})
 
 
 def set_frames(c: ml_collections.ConfigDict, frames: int) -> None:

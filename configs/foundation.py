@@ -7,7 +7,7 @@ r"""AIM on image foundation models beyond the paper: SigLIP B/16 and DINOv2 B/14
       --config.init_from=/ckpt/siglip_b16 --config.data.train_files=...
 
 The dataset recipe is configs/k400.py:b16_f8 (AdamW 3e-4, wd 0.05, batch 64,
-30 epochs, dense 8x8 sampling, 3 clips x 1 crop); only the backbone and the
+30 epochs, dense 8x16 sampling, 3 clips x 1 crop); only the backbone and the
 input statistics change. Same adapters and freeze rule (36 adapters,
 temporal_embedding, ln_post, head: 10,966,672 tunable for both rows).
   siglip_b16  SigLIP (or SigLIP 2) ViT-B/16 image tower at 224 px; inputs in

@@ -9,8 +9,8 @@ r"""AIM on the ImageNet-21K ViT-B/16 (the official `ViT_ImageNet`; paper Tables 
 
 Recipe (official vit_imagenet_{k400,ssv2}.py; aim_backbones_spec.md section 4):
 the CLIP recipe of the same dataset (configs/k400.py, configs/ssv2.py) except
-ImageNet mean/std (not CLIP's), and on K400 8 frames at interval 16 (test 3
-clips x centre crop). SSv2: num_tadapter 2, adapter scale 1, 8 uniform frames,
+ImageNet mean/std (not CLIP's). K400: 8 frames at interval 16 (test 3 clips x
+centre crop), as configs/k400.py:b16_f8. SSv2: num_tadapter 2, adapter scale 1, 8 uniform frames,
 1 clip x 3 crops. Drop path 0.2, per frame (the official timm layout).
 The official code loads `jx_vit_base_p16_224-80ecf9dd.pth` (IN-21k pre-train
 + IN-1k fine-tune, trained with mean = std = 0.5) but normalises with the

@@ -5,6 +5,8 @@ r"""Kinetics-700, AIM (README model zoo): B/16 76.9 top-1 and L/14 80.4, 32x3x3 
 Official vitclip_base_k700.py: dense sampling, test 3 clips x 3 crops (ThreeCrop at
 short side 224), 30 epochs. The shipped file samples 8x16; the README rows are 32
 frames (interval 4, as K400), which `b16_f32`/`l14_f32` use; `b16_f8` is the file.
+vitclip_large_k700.py sets no backbone lr multiplier (unlike the large K400 and
+SSv2 files): the L/14 adapters train at the base lr 3e-4.
 """
 
 import ml_collections

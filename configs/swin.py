@@ -1,6 +1,7 @@
-"""AIM on Swin-B (Table 6 of the paper): Kinetics-400, 32 frames, 82.1% top-1, 9.2M tunable.
+r"""AIM on Swin-B (Table 6 of the paper): Kinetics-400, 32 frames, 82.1% top-1, 9.2M tunable.
 
-  python -m aim_jax.convert swin swin_base_patch4_window7_224_22k.pth /ckpt/swin_b_in22k
+  python -m aim_jax.convert image --src swin_base_patch4_window7_224_22k.pth \
+      --out /ckpt/swin_b_in22k     # a 2D Swin checkpoint: format 'swin', detected
   python -m aim_jax.train --config configs/swin.py:k400 --workdir /runs/swin_b_k400 \
       --config.init_from=/ckpt/swin_b_in22k --config.data.train_files=... \
       --config.data.val_files=...
@@ -16,7 +17,10 @@ mmcv's longest matching key decides, so every backbone parameter, adapters
 included, trains at 0.1x and keeps weight decay, and only the head gets the
 base lr; gradient accumulation 2 (SSv2 4), 30 (SSv2 60) epochs, 2.5 warm-up
 epochs, cosine, drop path 0.2 (SSv2 0.4). Test: 4 clips x 3 crops (SSv2 1 x 3),
-'prob' averaging.
+'prob' averaging. SSv2 (swin2d_adapter_patch244_window7_sthv2_1k.py) also has the
+CLIP SSv2 augmentations: no flip, RandAugment (n=4, m=7), random erasing 0.25,
+label smoothing 0.1. The official runs used apex mixed precision (O1): both
+paper rows compute in bfloat16 with float32 parameters, as the CLIP rows.
 
 Freeze rule quirks kept from the official code: `temporal_position_bias_table`
 and the final `norm` stay frozen (no substring of the rule matches them).
@@ -39,11 +43,14 @@ IMAGENET_STD = (58.395, 57.12, 57.375)
 # row -> dataset settings (official swin2d_adapter configs).
 ROWS = {
     'k400': dict(num_classes=400, frames=32, sampling='dense', frame_interval=2, lr=1e-3,
-                 grad_accum=2, epochs=30.0, drop_path=0.2, test_clips=4, test_crops=3),
+                 grad_accum=2, epochs=30.0, drop_path=0.2, test_clips=4, test_crops=3,
+                 dtype='bfloat16'),
     'ssv2': dict(num_classes=174, frames=32, sampling='uniform', frame_interval=1, lr=3e-4,
-                 grad_accum=4, epochs=60.0, drop_path=0.4, test_clips=1, test_crops=3),
+                 grad_accum=4, epochs=60.0, drop_path=0.4, test_clips=1, test_crops=3,
+                 dtype='bfloat16'),
     'tiny': dict(num_classes=5, frames=4, sampling='uniform', frame_interval=1, lr=1e-2,
-                 grad_accum=2, epochs=1.0, drop_path=0.1, test_clips=1, test_crops=1),
+                 grad_accum=2, epochs=1.0, drop_path=0.1, test_clips=1, test_crops=1,
+                 dtype='float32'),   # a CPU smoke run: float32 is faster there
 }
 
 
@@ -74,6 +81,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.std = IMAGENET_STD
   c.data.test_clips = row['test_clips']
   c.data.test_crops = row['test_crops']
+
+  c.model.dtype = row['dtype']
+  if a.row == 'ssv2':
+    c.data.flip_prob = 0.0            # left/right matters in SSv2 labels
+    c.data.randaugment_n, c.data.randaugment_m = 4, 7
+    c.data.random_erasing_prob = 0.25
+    c.label_smoothing = 0.1
 
   c.total_epochs = row['epochs']
   c.grad_accum_steps = row['grad_accum']

@@ -2,16 +2,18 @@
 cluster or a Cloud TPU VM slice, with JAX's own multi-host runtime.
 
 Every launcher here does the same three things: validate its arguments (the
-config file exists, the workdir is a local path or gs://, slice and node counts
-are possible) before anything starts; build one bash script whose last step is
-the same `python -m aim_jax.train --config C --workdir W [--config.X=Y ...]`
-line; then print that script (`--dry-run`) or run it with bash. What is printed
-is exactly what runs, so a dry run can be saved and replayed.
+config loads as the job will load it, with every --config.FIELD it overrides;
+the workdir is a local path or gs://; slice and node counts are possible)
+before anything starts; build one bash script whose last step is the same
+`python -m aim_jax.train --config C --workdir W [--config.X=Y ...]` line; then
+print that script (`--dry-run`) or run it with bash. What is printed is exactly
+what runs, so a dry run can be saved and replayed.
 
   launch/local.sh CONFIG WORKDIR [--processes N --cpu-devices K]   one machine
   launch/multinode.sh --coordinator H:P --num-processes N --process-id I CONFIG WORKDIR
   launch/slurm_submit.sh --nodes N --gpus-per-node G CONFIG WORKDIR   (-> slurm.sbatch)
   launch/tpu_pod.sh train|evaluate|logs|stop|delete --name TPU --zone Z ...
+  python launch/launch.py check-config CONFIG [--config.X=Y ...]  load it, nothing else
 
 Processes find each other through `aim_jax.distributed.maybe_initialize()`:
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (local, plain
@@ -19,13 +21,18 @@ multi-node), SLURM's variables (slurm.sbatch) or Cloud TPU metadata
 (AIM_JAX_DISTRIBUTED=auto on TPU VMs). No process manager of our own beyond
 starting the simulated local processes and waiting for them.
 
-Standard library only: it runs on a laptop that has gcloud but no jax.
+The launcher itself is standard library only. Loading a config imports what the
+config imports (aim_jax, jax, ml_collections): with the job's interpreter
+(`--python`) for local, multi-node and SLURM jobs; for TPU slices with this
+interpreter, or, on a laptop that has gcloud but no jax, on every worker right
+before the job starts. --no-config-check skips the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 import shlex
 import shutil
@@ -37,6 +44,10 @@ from typing import Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRIES = {'train': 'aim_jax.train', 'evaluate': 'aim_jax.evaluate'}
+# SLURM --cpus-per-task default: cores per GPU for tf.data video decoding and
+# augmentation (one process per GPU gets 8, one per node 8 x its GPUs). Nodes with
+# 8 GPUs have 64 to 224 cores; raise it with --cpus-per-task where yours has more.
+CPUS_PER_GPU = 8
 # Names on TPU workers (relative to $HOME): the copied source, its venv, logs.
 REMOTE_SRC = 'aim-jax'
 REMOTE_VENV = 'aim-jax-venv'
@@ -86,6 +97,92 @@ def validate_config(spec: str, *, cwd: Path | None = None, root: Path = ROOT) ->
   except ValueError:
     shown = str(found)
   return shown + (f':{arg}' if arg is not None else '')
+
+
+class ConfigUnavailable(LaunchError):
+  """This interpreter cannot import what the config needs (jax, ml_collections, ...)."""
+
+
+def load_config_here(spec: str, overrides: Sequence[str] = (), root: Path = ROOT) -> None:
+  """Loads `spec` as the job will and checks the override fields; raises LaunchError.
+
+  Like ml_collections' config flag: import the file as a module (the repository
+  root on sys.path, as `python -m aim_jax.train` run from it has), then call
+  get_config(ARG), or get_config() without an argument. Every --config.FIELD of
+  `overrides` must name a field of the result.
+  """
+  import importlib.machinery
+  import importlib.util
+  path, arg = split_config(spec)
+  file = Path(path) if Path(path).is_absolute() else root / path
+  if str(root) not in sys.path:
+    sys.path.insert(0, str(root))
+  try:
+    loader = importlib.machinery.SourceFileLoader('aim_launch_config', str(file))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+    loader.exec_module(module)
+    config = module.get_config() if arg is None else module.get_config(arg)
+  except ModuleNotFoundError as e:
+    top = (e.name or '').split('.')[0]
+    if top and not (root / top).exists() and not (root / f'{top}.py').exists():
+      raise ConfigUnavailable(f'config {spec!r}: cannot be loaded by {sys.executable} '
+                              f'(no module {e.name!r}): install aim-jax there, or pass '
+                              '--no-config-check') from None
+    raise LaunchError(f'config {spec!r}: {_one_line(e)}') from None
+  except Exception as e:  # noqa: BLE001 (whatever get_config raises is the config's error)
+    raise LaunchError(f'config {spec!r}: {_one_line(e)}') from None
+  for override in overrides:
+    if override.startswith('--config.'):
+      _check_field(spec, config, override)
+
+
+def _one_line(e: BaseException) -> str:
+  text = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 else e
+  return f'{type(e).__name__}: ' + ' '.join(str(text).split())
+
+
+def _check_field(spec: str, config, override: str) -> None:
+  """--config.a.b=V must name an existing field a.b (as the job's flag parser requires)."""
+  field = override[len('--config.'):].partition('=')[0]
+  node = config
+  for part in field.split('.'):
+    if hasattr(node, 'keys') and part in node:
+      node = node[part]
+    elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+      node = node[int(part)]
+    else:
+      raise LaunchError(f'--config.{field}: config {spec!r} has no field {field!r}')
+
+
+def check_config_loads(args: argparse.Namespace, config: str, overrides: Sequence[str],
+                       python: str | None) -> None:
+  """Loads the config before anything starts, with the job's interpreter `python`.
+
+  The current interpreter loads it in-process; another one (`--python`) runs
+  `launch.py check-config` from the repository root. --no-config-check skips it.
+  """
+  if getattr(args, 'no_config_check', False):
+    return
+  if python is None or _same_interpreter(python):
+    load_config_here(config, overrides)
+    return
+  argv = [python, str(ROOT / 'launch' / 'launch.py'), 'check-config', config, *overrides]
+  try:
+    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  except (OSError, subprocess.TimeoutExpired) as e:
+    raise LaunchError(f'--python {python}: cannot run it here to load config {config!r} '
+                      f'({_one_line(e)}); pass --no-config-check to skip the check') from None
+  if out.returncode:
+    errors = [ln[len('launch: error: '):] for ln in out.stderr.splitlines()
+              if ln.startswith('launch: error: ')]
+    raise LaunchError(errors[-1] if errors else
+                      f'--python {python}: loading config {config!r} failed (exit '
+                      f'{out.returncode}): ' + ' '.join(out.stderr.split()[-40:]))
+
+
+def _same_interpreter(python: str) -> bool:
+  found = shutil.which(python) or python
+  return os.path.abspath(found) == os.path.abspath(sys.executable)
 
 
 _SCHEME = re.compile(r'^([A-Za-z][A-Za-z0-9+.-]*)://')
@@ -275,6 +372,7 @@ def local_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
     raise LaunchError(f'--processes {processes}: several processes on one machine are a CPU '
                       'simulation of a multi-host job; add --cpu-devices K (devices per process)')
   config = validate_config(args.config)
+  check_config_loads(args, config, overrides, args.python)
   directory = _job_dir(args)
   env = validate_env(args.env)
   if args.cpu_devices is not None:
@@ -334,6 +432,7 @@ def multinode_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
     env.append(('JAX_LOCAL_DEVICE_IDS', args.local_device_ids))
   env += validate_env(args.env)
   config = validate_config(args.config)
+  check_config_loads(args, config, overrides, args.python)
   directory = _job_dir(args)
   notes = [f'process {args.process_id} of {n}; coordinator {coordinator} (process 0 serves it)']
   if not directory.startswith('gs://') and n > 1:
@@ -347,19 +446,23 @@ def slurm_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   nodes = positive('--nodes', args.nodes)
   gpus = positive('--gpus-per-node', args.gpus_per_node)
   config = validate_config(args.config)
+  check_config_loads(args, config, overrides, args.python)
   directory = _job_dir(args)
   tasks = gpus if args.process_per == 'gpu' else 1
+  cpus = args.cpus_per_task
+  cpus = CPUS_PER_GPU * (gpus // tasks) if cpus is None else positive('--cpus-per-task', cpus)
   sbatch = ['sbatch', f'--job-name={args.job_name}', f'--nodes={nodes}',
             f'--ntasks-per-node={tasks}', f'--gpus-per-node={gpus}', f'--chdir={ROOT}',
             f'--export=ALL,AIM_SLURM_PROCESS_PER={args.process_per}']
   for flag in ('partition', 'account', 'time', 'cpus_per_task', 'output'):
-    value = getattr(args, flag)
+    value = cpus if flag == 'cpus_per_task' else getattr(args, flag)
     if value is not None:
       sbatch.append(f'--{flag.replace("_", "-")}={value}')
   sbatch += list(args.sbatch_arg)
   argv = entry_argv(args.job, args.python, config, directory, overrides)
   notes = [f'{nodes} node(s) x {gpus} GPU(s), one process per {args.process_per}: '
-           f'{nodes * tasks} JAX process(es), {nodes * gpus} devices']
+           f'{nodes * tasks} JAX process(es), {nodes * gpus} devices, '
+           f'{cpus} CPU core(s) per process']
   if not directory.startswith('gs://') and nodes > 1:
     notes.append(f'{directory} must be on a file system every node shares')
   env = validate_env(args.env)
@@ -396,6 +499,13 @@ def tpu_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   if Path(split_config(config)[0]).is_absolute():
     raise LaunchError(f'config {args.config!r}: must lie inside {ROOT}, the tree copied to '
                       'the TPU workers')
+  # The workers' interpreter is not here: load the config with this one, or, where it
+  # lacks aim-jax's dependencies, on every worker just before the job starts.
+  remote_check = False
+  try:
+    check_config_loads(args, config, overrides, None)
+  except ConfigUnavailable as e:
+    remote_check = str(e)
   directory = validate_dir(args.dir, what='workdir' if args.job == 'train' else 'checkpoint',
                            require_gcs=True)
   env = [('AIM_JAX_DISTRIBUTED', 'auto')] + validate_env(args.env)
@@ -406,7 +516,9 @@ def tpu_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   steps = _tpu_create_steps(args, tpu)
   if not args.no_install:
     steps += _tpu_install_steps(args)
-  steps += _tpu_start_steps(args, config, directory, env, overrides)
+  if remote_check:
+    notes.append(f'{remote_check.split(": install")[0]}: the workers load it before starting')
+  steps += _tpu_start_steps(args, config, directory, env, overrides, bool(remote_check))
   return Plan(notes, steps)
 
 
@@ -465,13 +577,16 @@ def _tpu_install_steps(args: argparse.Namespace) -> list[str]:
 
 
 def _tpu_start_steps(args: argparse.Namespace, config: str, directory: str,
-                     env: list[tuple[str, str]], overrides: list[str]) -> list[str]:
+                     env: list[tuple[str, str]], overrides: list[str],
+                     check_config: bool = False) -> list[str]:
   argv = entry_argv(args.job, f'~/{REMOTE_VENV}/bin/python', config, directory, overrides)
   log, pid = f'~/{REMOTE_LOGS}/{args.job}.log', f'~/{REMOTE_LOGS}/{args.job}.pid'
   # The interpreter stays unquoted so that the worker's shell expands `~`.
   line = argv[0] + ' ' + shlex.join(argv[1:])
+  check = [f'~/{REMOTE_VENV}/bin/python launch/launch.py check-config '
+           + shlex.join([config, *[o for o in overrides if o.startswith('--config.')]])]
   remote = ' && '.join([
-      f'cd ~/{REMOTE_SRC}', f'mkdir -p ~/{REMOTE_LOGS}',
+      f'cd ~/{REMOTE_SRC}', f'mkdir -p ~/{REMOTE_LOGS}', *(check if check_config else []),
       f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "$(hostname): a '
       f'{args.job} job is still running (pid $(cat {pid})); stop it first" >&2; exit 1; fi',
       # nohup: the job outlives this ssh session; SIGTERM (stop) makes it checkpoint.
@@ -518,6 +633,11 @@ def _add_job_args(p: argparse.ArgumentParser, default_python: str | None) -> Non
   p.add_argument('--env', action='append', default=[], metavar='NAME=VALUE',
                  help='extra environment for the job (repeatable)')
   p.add_argument('--dry-run', action='store_true', help='print the script, run nothing')
+  p.add_argument('--no-config-check', action='store_true', help=NO_CHECK_HELP)
+
+
+NO_CHECK_HELP = ('do not load the config before starting (by default it is imported and '
+                 'get_config(ARG) called, as the job will, so a wrong row fails here)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -556,7 +676,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--partition')
   p.add_argument('--account')
   p.add_argument('--time', help='wall-clock limit, e.g. 24:00:00')
-  p.add_argument('--cpus-per-task', type=int)
+  p.add_argument('--cpus-per-task', type=int,
+                 help=f'CPU cores per process for data loading (default: {CPUS_PER_GPU} per '
+                      'GPU of the process)')
   p.add_argument('--output', help='sbatch --output pattern (default: slurm.sbatch\'s)')
   p.add_argument('--sbatch-arg', action='append', default=[],
                  help='extra sbatch flag, e.g. --sbatch-arg=--qos=high (repeatable)')
@@ -582,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument('--jax-version', help='pin jax[tpu]==VERSION (default: newest)')
     q.add_argument('--env', action='append', default=[], metavar='NAME=VALUE')
     q.add_argument('--follow', action='store_true', help='then follow worker 0\'s log')
+    q.add_argument('--no-config-check', action='store_true', help=NO_CHECK_HELP)
     q.set_defaults(job=action)
   for action, helptext in (('logs', 'follow a worker\'s log'),
                            ('stop', 'SIGTERM the job on every worker (it checkpoints)'),
@@ -592,6 +715,10 @@ def build_parser() -> argparse.ArgumentParser:
     if action == 'logs':
       q.add_argument('--worker', default='0', help='worker index, or all')
       q.add_argument('--lines', type=int, default=200)
+
+  p = sub.add_parser('check-config', allow_abbrev=False,
+                     help='load a config (and check --config.FIELD overrides) as the job will')
+  p.add_argument('config', help='configs/NAME.py[:ARG]')
   return parser
 
 
@@ -602,8 +729,15 @@ def _add_tpu_common(q: argparse.ArgumentParser) -> None:
   q.add_argument('--dry-run', action='store_true', help='print the script, run nothing')
 
 
+def check_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
+  """`check-config`: nothing to run; raises LaunchError if the config does not load."""
+  config = validate_config(args.config)
+  load_config_here(config, overrides)
+  return Plan([f'config {config} loads'], [])
+
+
 PLANNERS = {'local': local_plan, 'multinode': multinode_plan, 'slurm': slurm_plan,
-            'tpu': tpu_plan}
+            'tpu': tpu_plan, 'check-config': check_plan}
 TOOLS = {'slurm': 'sbatch (SLURM)', 'tpu': 'gcloud (Google Cloud CLI)'}
 
 
@@ -623,6 +757,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except LaunchError as e:
     print(f'launch: error: {e}', file=sys.stderr)
     return 2
+  if args.launcher == 'check-config':
+    print(f'launch: {plan.notes[0]}')
+    return 0
   if args.dry_run:
     sys.stdout.write(plan.script())
     return 0

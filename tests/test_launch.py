@@ -108,7 +108,8 @@ def test_local_processes_fail_together(tmp_path):
   ''')
   t0 = time.time()
   rc = launch.main(['local', 'configs/tiny.py', str(tmp_path / 'wd'), '--python', str(fake),
-                    '--processes', '3', '--cpu-devices', '2', '--port', '5555'])
+                    '--processes', '3', '--cpu-devices', '2', '--port', '5555',
+                    '--no-config-check'])
   assert rc == 1
   assert time.time() - t0 < 30, 'the sleeping processes were not stopped'
   for i in range(3):
@@ -120,14 +121,15 @@ def test_local_processes_fail_together(tmp_path):
 
 
 def test_local_wrapper_script_dry_run_and_error_exit(tmp_path):
+  env = dict(os.environ, PYTHON=PY)   # the launcher loads the config: it needs aim-jax
   out = subprocess.run([str(ROOT / 'launch' / 'local.sh'), 'configs/tiny.py', str(tmp_path),
-                        '--dry-run'], capture_output=True, text=True, cwd=tmp_path)
+                        '--dry-run'], capture_output=True, text=True, cwd=tmp_path, env=env)
   assert out.returncode == 0, out.stderr
   last = out.stdout.strip().splitlines()[-1]
   assert last.startswith('exec ') and last.endswith(
       f'-m aim_jax.train --config configs/tiny.py --workdir {tmp_path}')
   out = subprocess.run([str(ROOT / 'launch' / 'local.sh'), 'configs/nope.py', str(tmp_path),
-                        '--dry-run'], capture_output=True, text=True)
+                        '--dry-run'], capture_output=True, text=True, env=env)
   assert out.returncode == 2 and out.stdout == ''
   assert ("launch: error: config 'configs/nope.py': file configs/nope.py does not exist"
           in out.stderr)
@@ -165,6 +167,8 @@ def test_local_wrapper_script_dry_run_and_error_exit(tmp_path):
     (['slurm', '--nodes', '0', 'configs/tiny.py', '/tmp/w'], '--nodes must be >= 1'),
     (['slurm', '--gpus-per-node', '0', 'configs/tiny.py', '/tmp/w'],
      '--gpus-per-node must be >= 1'),
+    (['slurm', '--cpus-per-task', '0', 'configs/tiny.py', '/tmp/w'],
+     '--cpus-per-task must be >= 1'),
 ])
 def test_argument_errors_name_the_argument(argv, message):
   assert message in error_of(*argv)
@@ -175,6 +179,87 @@ def test_argparse_errors_exit_2_without_running(capsys):
     launch.plan_from_args(['slurm', '--nodes', 'two', 'configs/tiny.py', '/tmp/w'])
   assert e.value.code == 2
   assert "invalid int value: 'two'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# the config is loaded as the job will load it, before anything starts
+# --------------------------------------------------------------------------
+
+BAD_ROW = "config 'configs/k400.py:b16_f9': ValueError: k400 row 'b16_f9' is not one of"
+LAUNCHERS = {
+    'local': ['local'],
+    'multinode': ['multinode', '--coordinator', 'n0:1', '--num-processes', '2',
+                  '--process-id', '0'],
+    'slurm': ['slurm'],
+    'tpu': ['tpu', 'train', '--name', 'aim-pod', '--zone', 'z', '--accelerator', 'v4-8'],
+}
+
+
+@pytest.mark.parametrize('launcher', list(LAUNCHERS))
+def test_a_config_row_that_does_not_exist_fails_before_anything_starts(launcher):
+  python = [] if launcher == 'tpu' else ['--python', PY]
+  message = error_of(*LAUNCHERS[launcher], 'configs/k400.py:b16_f9', 'gs://my-bucket/w',
+                     *python)
+  assert message.startswith(BAD_ROW) and '\n' not in message
+  # ... and a row that exists passes (the sentence above is the only difference).
+  dry(*LAUNCHERS[launcher], 'configs/k400.py:b16_f8', 'gs://my-bucket/w', *python)
+
+
+@pytest.mark.parametrize('launcher', list(LAUNCHERS))
+def test_an_override_of_a_field_that_does_not_exist_fails(launcher):
+  python = [] if launcher == 'tpu' else ['--python', PY]
+  message = error_of(*LAUNCHERS[launcher], 'configs/tiny.py', 'gs://my-bucket/w', *python,
+                     '--config.data.trian_files=x')
+  assert message == ("--config.data.trian_files: config 'configs/tiny.py' has no field "
+                     "'data.trian_files'")
+  dry(*LAUNCHERS[launcher], 'configs/tiny.py', 'gs://my-bucket/w', *python,
+      '--config.data.train_files=x', '--config.model.swin.depths.0=3')
+
+
+def test_wrapper_script_exits_2_with_one_line_for_a_missing_row(tmp_path):
+  out = subprocess.run([str(ROOT / 'launch' / 'slurm_submit.sh'), 'configs/k400.py:b16_f9',
+                        str(tmp_path), '--dry-run'], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHON=PY))
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.startswith('launch: error: ' + BAD_ROW) and out.stderr.count('\n') == 1
+
+
+def test_no_config_check_skips_loading():
+  dry('slurm', 'configs/k400.py:b16_f9', '/tmp/w', '--python', PY, '--no-config-check')
+
+
+def test_another_interpreter_loads_the_config_in_a_subprocess(tmp_path):
+  """--python other than the launcher's own: `launch.py check-config` runs with it."""
+  other = fake_tool(tmp_path / 'python', f'exec {PY} "$@"\n')
+  message = error_of('slurm', 'configs/k400.py:b16_f9', '/tmp/w', '--python', str(other))
+  assert message.startswith(BAD_ROW)
+  dry('slurm', 'configs/k400.py:b16_f8', '/tmp/w', '--python', str(other))
+  # An interpreter without aim-jax's dependencies (-S: no site-packages) cannot run the job.
+  bare = fake_tool(tmp_path / 'bare', f'exec {PY} -S "$@"\n')
+  assert 'install aim-jax there, or pass --no-config-check' in error_of(
+      'slurm', 'configs/k400.py:b16_f8', '/tmp/w', '--python', str(bare))
+  assert '--no-config-check to skip the check' in error_of(
+      'slurm', 'configs/k400.py:b16_f8', '/tmp/w', '--python', str(tmp_path / 'missing'))
+
+
+def test_check_config_command():
+  assert launch.main(['check-config', 'configs/ssv2.py:l14_f16']) == 0
+  assert launch.main(['check-config', 'configs/ssv2.py:l14_f64']) == 2
+
+
+def test_tpu_without_dependencies_here_checks_the_config_on_the_workers(monkeypatch):
+  def unavailable(spec, overrides=(), root=ROOT):
+    raise launch.ConfigUnavailable(f"config {spec!r}: cannot be loaded by python3 (no module "
+                                   "'jax'): install aim-jax there, or pass --no-config-check")
+  monkeypatch.setattr(launch, 'load_config_here', unavailable)
+  script = dry('tpu', 'train', *TPU, '--accelerator', 'v4-8', 'configs/k400.py:b16_f8',
+               'gs://my-bucket/w', '--config.total_steps=3', '--', '--alsologtostderr')
+  assert "# config 'configs/k400.py:b16_f8': cannot be loaded by python3 (no module 'jax'): " \
+         'the workers load it before starting' in script
+  start = shlex.split(next(ln for ln in steps(script) if 'nohup' in ln))[-1]
+  check = ('~/aim-jax-venv/bin/python launch/launch.py check-config configs/k400.py:b16_f8 '
+           '--config.total_steps=3 && ')
+  assert check in start and start.index(check) < start.index('nohup')
 
 
 # --------------------------------------------------------------------------
@@ -216,7 +301,8 @@ def test_slurm_submits_the_batch_script_with_the_job_shape(nodes, gpus, per, tas
   assert shlex.split(line) == [
       'sbatch', '--job-name=aim-jax', f'--nodes={nodes}', f'--ntasks-per-node={tasks}',
       f'--gpus-per-node={gpus}', f'--chdir={ROOT}', f'--export=ALL,AIM_SLURM_PROCESS_PER={per}',
-      '--partition=a100', '--time=24:00:00', str(ROOT / 'launch' / 'slurm.sbatch'),
+      '--partition=a100', '--time=24:00:00', f'--cpus-per-task={8 * gpus // tasks}',
+      str(ROOT / 'launch' / 'slurm.sbatch'),
       PY, '-m', 'aim_jax.train', '--config', 'configs/tiny.py:frames=8',
       '--workdir', 'gs://my-bucket/run', '--config.init_from=gs://my-bucket/c']
   assert f'{nodes * tasks} JAX process(es), {nodes * gpus} devices' in script
@@ -226,20 +312,37 @@ def test_slurm_submits_the_batch_script_with_the_job_shape(nodes, gpus, per, tas
                                                        ('gpu', '4', '')])
 def test_slurm_batch_script_runs_srun_with_device_ids(tmp_path, per, gpus_on_node, expected):
   fake_tool(tmp_path / 'srun', f'''
-      echo "ids=${{JAX_LOCAL_DEVICE_IDS:-}} tf=$TF_CPP_MIN_LOG_LEVEL args=$*" > {tmp_path}/srun.out
+      out={tmp_path}/srun.out
+      printf 'ids=%s tf=%s ' "${{JAX_LOCAL_DEVICE_IDS:-}}" "$TF_CPP_MIN_LOG_LEVEL" > "$out"
+      echo "cpus=$SRUN_CPUS_PER_TASK args=$*" >> "$out"
   ''')
   env = dict(os.environ, PATH=f'{tmp_path}:{os.environ["PATH"]}', SLURM_JOB_ID='77',
              SLURM_JOB_NUM_NODES='2', SLURM_JOB_NODELIST='gpu[01-02]', SLURM_NTASKS='2',
-             SLURM_GPUS_ON_NODE=gpus_on_node, AIM_SLURM_PROCESS_PER=per)
-  env.pop('JAX_LOCAL_DEVICE_IDS', None)
-  env.pop('TF_CPP_MIN_LOG_LEVEL', None)
+             SLURM_GPUS_ON_NODE=gpus_on_node, AIM_SLURM_PROCESS_PER=per, SLURM_CPUS_PER_TASK='12')
+  for k in ('JAX_LOCAL_DEVICE_IDS', 'TF_CPP_MIN_LOG_LEVEL', 'SRUN_CPUS_PER_TASK'):
+    env.pop(k, None)
   out = subprocess.run(['bash', str(ROOT / 'launch' / 'slurm.sbatch'), PY, '-m',
                         'aim_jax.train', '--config', 'configs/tiny.py', '--workdir', '/w'],
                        env=env, capture_output=True, text=True)
   assert out.returncode == 0, out.stderr
+  # srun no longer inherits sbatch's --cpus-per-task (Slurm >= 22.05): passed on explicitly.
   assert (tmp_path / 'srun.out').read_text().strip() == (
-      f'ids={expected} tf=1 args=--kill-on-bad-exit=1 {PY} -m aim_jax.train '
+      f'ids={expected} tf=1 cpus=12 args=--kill-on-bad-exit=1 {PY} -m aim_jax.train '
       '--config configs/tiny.py --workdir /w')
+
+
+@pytest.mark.parametrize('extra,expected', [
+    ([], 8), (['--process-per', 'node'], 64), (['--gpus-per-node', '4', '--process-per', 'node'],
+                                               32), (['--cpus-per-task', '14'], 14)])
+def test_slurm_cpus_per_task_defaults_to_8_per_gpu_of_the_process(extra, expected):
+  script = dry('slurm', 'configs/tiny.py', '/tmp/w', '--python', PY, *extra)
+  assert f'--cpus-per-task={expected} ' in steps(script)[0]
+  assert f'{expected} CPU core(s) per process' in script
+
+
+def test_slurm_batch_script_asks_for_8_cores_per_task_when_submitted_directly():
+  header = (ROOT / 'launch' / 'slurm.sbatch').read_text()
+  assert '#SBATCH --ntasks-per-node=8\n' in header and '#SBATCH --cpus-per-task=8\n' in header
 
 
 def test_slurm_batch_script_without_a_command_is_a_usage_error():

@@ -48,6 +48,25 @@ def test_table7_six_adapted_blocks_give_5640976(position, count):
   assert counts(with_adapters(B16_K400, position=position, position_count=count))[0] == 5_640_976
 
 
+# A count that selects nothing, or more blocks than exist, is an error naming the field
+# (it used to build no adapters at all, or silently adapt every block).
+@pytest.mark.parametrize('position,count,message', [
+    ('bottom', 0, 'position_count=0 must be in 1..12'),
+    ('top', 0, 'position_count=0 must be in 1..12'),
+    ('bottom', 13, 'position_count=13 must be in 1..12'),
+    ('top', 24, 'position_count=24 must be in 1..12'),
+    ('all', 6, "position_count=6 is only used with model.adapters.position 'bottom' or 'top'"),
+    ('every_other', 3, 'position_count=3 is only used'),
+])
+def test_adapter_position_count_out_of_range_is_an_error(position, count, message):
+  with pytest.raises(ValueError, match=message):
+    build_model(with_adapters(B16_K400, position=position, position_count=count))
+
+
+def test_adapter_position_count_of_every_block_is_all_blocks():
+  assert counts(with_adapters(B16_K400, position='top', position_count=12))[0] == 10_966_672
+
+
 # Table 1 (IN-21K ViT-B/16, SSv2): 3.7M / 10.8M (two temporal adapters) / 14.3M.
 def test_table1_in21k_spatial_adaptation_is_3_7m():
   tunable, _ = counts(with_adapters(IN21K_SSV2, temporal=False, joint=False))

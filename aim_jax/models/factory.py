@@ -125,10 +125,26 @@ def adapter_spec(cfg: Mapping) -> AdapterSpec | None:
   a = cfg['adapters']
   if not a['enabled'] or not (a['spatial'] or a['temporal'] or a['joint']):
     return None
+  check_adapter_position(a['position'], a['position_count'], num_blocks(cfg))
   return AdapterSpec(
       spatial=a['spatial'], temporal=a['temporal'], joint=a['joint'],
       num_tadapter=a['num_tadapter'], ratio=a['ratio'], scale=a['scale'],
       layers=layer_selection(a['position'], num_blocks(cfg), a['position_count']))
+
+
+def check_adapter_position(position: str, count: int, blocks: int) -> None:
+  """'bottom'/'top' need 1 <= position_count <= blocks; the others take no count.
+
+  Without this, 'bottom' with the default count 0 adapts no block at all and a
+  count above the depth is silently clamped to every block.
+  """
+  if position in ('bottom', 'top'):
+    if not 1 <= count <= blocks:
+      raise ValueError(f'model.adapters.position_count={count} must be in 1..{blocks} (the '
+                       f'number of blocks) with model.adapters.position={position!r}')
+  elif count:
+    raise ValueError(f'model.adapters.position_count={count} is only used with '
+                     f"model.adapters.position 'bottom' or 'top', not {position!r}: set it to 0")
 
 
 def num_blocks(cfg: Mapping) -> int:
