@@ -586,3 +586,24 @@ def test_local_launcher_trains_tiny_with_two_simulated_processes(tmp_path):
   versions = json.loads((workdir / 'versions.json').read_text())
   assert (versions['process_count'], versions['device_count']) == (2, 4)
   assert (workdir / 'checkpoints' / '4').is_dir()
+
+
+@pytest.mark.parametrize('code,requeued,exit_code', [(75, True, 0), (0, False, 0),
+                                                     (2, False, 2), (3, False, 3)])
+def test_sbatch_requeues_only_a_preempted_run(tmp_path, code, requeued, exit_code):
+  # srun and scontrol stand-ins on PATH: the script's own exit-code logic is what runs.
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  (bin_dir / 'srun').write_text(f'#!/bin/sh\nexit {code}\n')
+  (bin_dir / 'scontrol').write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol.args\n')
+  for f in bin_dir.iterdir():
+    f.chmod(0o755)
+  env = dict(os.environ, PATH=f'{bin_dir}:{os.environ["PATH"]}', SLURM_JOB_ID='123',
+             SLURM_JOB_NUM_NODES='1', SLURM_JOB_NODELIST='n1', SLURM_NTASKS='1')
+  out = subprocess.run(['bash', str(ROOT / 'launch' / 'slurm.sbatch'), 'python', '-m',
+                        'aim_jax.train'], env=env, capture_output=True, text=True, timeout=60)
+  assert out.returncode == exit_code, out.stderr
+  args = tmp_path / 'scontrol.args'
+  assert args.exists() == requeued
+  if requeued:
+    assert args.read_text().split() == ['requeue', '123']
