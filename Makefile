@@ -44,7 +44,7 @@ benchmark: $(CORE)
 	$(BIN)/python -m benchmarks.step_benchmark --config configs/tiny.py
 
 lint: $(STAMP)
-	$(BIN)/python -m ruff check aim_jax data_pipelines configs tests || true
+	$(BIN)/python -m ruff check aim_jax data_pipelines configs benchmarks projects launch tests
 
 clean:
 	rm -rf $(VENV) demo_workdir

@@ -109,7 +109,8 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   from data_pipelines import input_pipeline
 
   if predictions_format not in ('csv', 'jsonl'):
-    raise errors.ConfigError(f"predictions format must be 'csv' or 'jsonl', got {predictions_format!r}")
+    raise errors.ConfigError("predictions format must be 'csv' or 'jsonl', got "
+                             f'{predictions_format!r}')
   params, ckpt_model, kind = checkpoints.load_checkpoint(checkpoint, which)
   model_cfg = run_config.merge_model_config(config.model, ckpt_model)
   names = reports.read_class_names(labels_file, model_cfg['num_classes']) if labels_file else None

@@ -137,6 +137,7 @@ def like_params(param_shardings: Any, tree: Any, mesh: Mesh) -> Any:
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
-def put_global(local: np.ndarray, sharding: NamedSharding, global_shape: Sequence[int]) -> jax.Array:
+def put_global(local: np.ndarray, sharding: NamedSharding,
+               global_shape: Sequence[int]) -> jax.Array:
   """A process-local batch slice -> one global array (multi-host safe)."""
   return jax.make_array_from_process_local_data(sharding, local, tuple(global_shape))

@@ -92,9 +92,9 @@ def train_step(state: State, batch: dict, *, model: nn.Module,
     def body(carry, xs):
       g_sum, l_sum, a_sum = carry
       i, v, y = xs
-      (l, aux_i), g = loss_fn(train, v, y, jax.random.fold_in(rng, i))
+      (loss_i, aux_i), g = loss_fn(train, v, y, jax.random.fold_in(rng, i))
       g_sum = jax.tree.map(jnp.add, g_sum, g)
-      return (g_sum, l_sum + l, a_sum + aux_i['accuracy']), None
+      return (g_sum, l_sum + loss_i, a_sum + aux_i['accuracy']), None
 
     zeros = jax.tree.map(jnp.zeros_like, train)
     (g_sum, l_sum, a_sum), _ = jax.lax.scan(

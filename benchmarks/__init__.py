@@ -1,1 +1,1 @@
-"""Benchmarks: the model step (ours and the official PyTorch AIM side by side) and the input pipeline."""
+"""Benchmarks: the model step (beside the official PyTorch AIM) and the input pipeline."""

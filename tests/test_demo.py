@@ -112,7 +112,8 @@ def test_demo_config_variants():
     c = demo_config.get_config(f'variant={variant},task=motion,root=/r')
     m = factory.resolve_model_config(c.model)
     assert m['adapters']['enabled'] == enabled
-    assert (m['adapters']['spatial'], m['adapters']['temporal'], m['adapters']['joint']) == (s, t, j)
+    a = m['adapters']
+    assert (a['spatial'], a['temporal'], a['joint']) == (s, t, j)
     assert c.full_finetune == (variant == 'full')
     assert c.data.flip_prob == 0.0                      # a flip would turn left into right
     assert c.init_from == '/r/pretrained'
@@ -147,7 +148,8 @@ def test_pretrained_checkpoint_reads_like_a_clip_conversion(tmp_path):
 @pytest.mark.slow
 def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
-  proc = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo', '--workdir', str(tmp_path),
+  proc = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo',
+                         '--workdir', str(tmp_path),
                          '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
                         timeout=1800)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -163,7 +165,8 @@ def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
   for variant, r in appearance.items():
     assert r['top1'] > 0.5, (variant, r['top1'])       # chance is 10%
   # A second run reuses every finished step.
-  again = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo', '--workdir', str(tmp_path),
+  again = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo',
+                          '--workdir', str(tmp_path),
                           '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=300)
   assert again.returncode == 0, again.stderr[-3000:]

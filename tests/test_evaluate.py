@@ -146,7 +146,8 @@ def test_multiview_average_reproduces_official_scores(case):
   d = np.load(GOLDEN / f'{case}.npz')
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-  cfg = official_names.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  cfg = official_names.infer_aim_config(sd, heads=meta['heads'],
+                                        adapter_scale=meta['adapter_scale'])
   params, _ = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   mv = d['multiview_input']                                   # (1, V, C, T, H, W)
   video = mv.transpose(0, 1, 3, 4, 5, 2)                      # (1, V, T, H, W, C)

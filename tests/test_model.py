@@ -25,7 +25,8 @@ def load_case(name):
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
   # Every setting is read from the data: heads and the joint scale are not in any tensor.
-  cfg = official_names.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  cfg = official_names.infer_aim_config(sd, heads=meta['heads'],
+                                        adapter_scale=meta['adapter_scale'])
   params, report = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   assert not report.unused and len(report.mapped) == len(sd)
   return d, meta, cfg, params

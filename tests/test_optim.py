@@ -128,7 +128,8 @@ def test_frozen_params_have_no_optimizer_state():
   assert moments['mu'] == moments['nu'] == set(trainable)
   n_state = sum(x.size for x in jax.tree_util.tree_leaves(state['opt_state']))
   n_train = sum(v.size for k, v in P.flatten(start).items() if k in trainable)
-  counts = len(set(P.flatten(optim.param_labels(start, tiny.get_config().optimizer)[0]).values())) - 1
+  labels = optim.param_labels(start, tiny.get_config().optimizer)[0]
+  counts = len(set(P.flatten(labels).values())) - 1
   # mu and nu, plus two step counts per group (Adam's and the schedule's).
   assert n_state == 2 * n_train + 2 * counts
 

@@ -85,7 +85,8 @@ def test_array_mode_reproduces_official_logits(case, tmp_path):
   d = np.load(GOLDEN / f'{case}.npz')
   meta = json.loads(str(d['config_json'][0]))
   sd = {k[3:]: d[k] for k in d.files if k.startswith('sd/')}
-  cfg = official_names.infer_aim_config(sd, heads=meta['heads'], adapter_scale=meta['adapter_scale'])
+  cfg = official_names.infer_aim_config(sd, heads=meta['heads'],
+                                        adapter_scale=meta['adapter_scale'])
   params, _ = official_names.aim_params_from_state_dict(sd, cfg['heads'], cfg['backbone'])
   ckpt = tmp_path / 'official'
   checkpoints.save_params(str(ckpt), params, cfg)
@@ -165,7 +166,8 @@ def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
   src = tmp_path / 'official_names.pth'
   torch.save({'state_dict': sd}, src)
   out = tmp_path / 'converted'
-  assert convert_cli.main(['aim', '--src', str(src), '--out', str(out), '--heads', str(meta['heads']),
+  assert convert_cli.main(['aim', '--src', str(src), '--out', str(out),
+                           '--heads', str(meta['heads']),
                        '--adapter-scale', str(meta['adapter_scale'])]) in (0, None)
   np.save(tmp_path / 'input.npy', d['input'])
   env = dict(os.environ, JAX_PLATFORMS='cpu')

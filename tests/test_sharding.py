@@ -99,7 +99,8 @@ def test_data4_fsdp2_mesh_equals_one_device_then_restores_on_two_devices(one_dev
 
 def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
   # In-process: conftest gives this process 8 CPU devices.
-  cfg = tiny.get_config(); cfg.unlock()
+  cfg = tiny.get_config()
+  cfg.unlock()
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 2, 2, 2
   mesh = sharding.make_mesh(cfg.mesh)
   model_cfg = resolve_model_config(cfg.model)
@@ -107,7 +108,8 @@ def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
   x = jnp.zeros((4, model_cfg['num_frames'], 32, 32, 3))
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), x)['params'])
   sh = P.flatten(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules))
-  assert sh['backbone/resblocks_0/mlp/c_fc/kernel'].spec == PS('fsdp', 'model'), sh['backbone/resblocks_0/mlp/c_fc/kernel']
+  fc = sh['backbone/resblocks_0/mlp/c_fc/kernel']
+  assert fc.spec == PS('fsdp', 'model'), fc
   assert sh['backbone/resblocks_0/attn/qkv/kernel'].spec == PS('fsdp', None, 'model', None)
   assert sh['backbone/resblocks_0/S_Adapter/D_fc1/kernel'].spec == PS('fsdp', None)
   assert sh['cls_head/fc_cls/bias'].spec == PS(None)
@@ -119,8 +121,10 @@ def test_logical_rules_shard_frozen_weights_over_fsdp_and_moments_like_params():
   sched = optim.make_schedule(cfg.optimizer, 10, 100)
   tx, _ = optim.make_optimizer(params, cfg.optimizer, sched, list(cfg.trainable))
   opt = jax.eval_shape(tx.init, params)
-  opt_sh = sharding.like_params(sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules), opt, mesh)
-  specs = [(jax.tree_util.keystr(p), s.spec) for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]]
+  param_sh = sharding.logical_shardings(boxed, mesh, cfg.logical_axis_rules)
+  opt_sh = sharding.like_params(param_sh, opt, mesh)
+  specs = [(jax.tree_util.keystr(p), s.spec)
+           for p, s in jax.tree_util.tree_flatten_with_path(opt_sh)[0]]
   mu = [s for k, s in specs if "mu" in k and "S_Adapter']['D_fc1']['kernel" in k]
   assert mu and all(s == PS('fsdp', None) for s in mu), specs
 
@@ -129,7 +133,8 @@ def test_activation_constraints_are_in_the_step_traced_under_the_global_mesh():
   # Under sharding.mesh_context the model's nn.with_logical_constraint calls become
   # sharding annotations of the (data=4, fsdp=2) mesh; with the rules alone (no global
   # mesh) flax drops them. The eval logits do not change.
-  cfg = tiny.get_config(); cfg.unlock()
+  cfg = tiny.get_config()
+  cfg.unlock()
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
   b = step_benchmark.build(cfg, 8, 'train')
   batch = {'video': b['video'], 'label': b['labels']}
@@ -155,7 +160,8 @@ def test_activation_constraints_are_in_the_step_traced_under_the_global_mesh():
 def test_a_train_step_never_changes_a_frozen_weight():
   # 8 devices, fsdp=2: two real steps, then every frozen leaf is bit-identical to before
   # and every trainable leaf has moved.
-  cfg = tiny.get_config(); cfg.unlock()
+  cfg = tiny.get_config()
+  cfg.unlock()
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.model = 4, 2, 1
   b = step_benchmark.build(cfg, 8, 'train')
   before = P.flatten(jax.tree.map(np.asarray, jax.device_get(b['state']['params'])))
@@ -170,4 +176,4 @@ def test_a_train_step_never_changes_a_frozen_weight():
   assert frozen and len(frozen) < len(before)
   chex.assert_trees_all_equal({k: after[k] for k in frozen}, {k: before[k] for k in frozen})
   moved = [k for k, v in trainable.items() if v and not np.array_equal(after[k], before[k])]
-  assert len(moved) == sum(trainable.values()), set(k for k, v in trainable.items() if v) - set(moved)
+  assert len(moved) == sum(trainable.values()), {k for k, v in trainable.items() if v} - set(moved)

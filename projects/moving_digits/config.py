@@ -63,9 +63,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant='aim', task='motion', root='demo_workdir', steps=0,
                        batch=32, lr=0.0, val=1)
   if a.variant not in VARIANTS:
-    raise ValueError(f'projects/moving_digits/config.py: variant {a.variant!r} is not one of {VARIANTS}')
+    raise ValueError(f'projects/moving_digits/config.py: variant {a.variant!r} is not one of '
+                     f'{VARIANTS}')
   if a.task not in TASKS:
-    raise ValueError(f'projects/moving_digits/config.py: task {a.task!r} is not one of {sorted(TASKS)}')
+    raise ValueError(f'projects/moving_digits/config.py: task {a.task!r} is not one of '
+                     f'{sorted(TASKS)}')
   steps = a.steps or STEPS[a.task][a.variant]
 
   c = common.get_base_config()

@@ -88,7 +88,10 @@ def digit_images(seed: int, test_fraction: float = 0.2) -> dict[str, tuple[np.nd
 
 def background(rng: np.random.Generator, canvas: int, frames: int,
                noise_std: float) -> np.ndarray:
-  """Smooth random colour texture (fixed camera) plus fresh noise per frame: (T, H, W, 3) float 0..255."""
+  """Smooth random colour texture (fixed camera) plus fresh noise per frame.
+
+  -> (T, H, W, 3) float 0..255.
+  """
   coarse = rng.uniform(0.0, 110.0, size=(5, 5, 3))
   grid = np.linspace(0, 4, canvas)
   i0 = np.clip(np.floor(grid).astype(int), 0, 3)
@@ -185,7 +188,8 @@ class Clip:
 
 def clips(split: str, per_class: int, seed: int,
           cfg: MovingDigitsConfig = MovingDigitsConfig()) -> Iterator[Clip]:
-  """The clips of a split: `per_class` per motion class, balanced, digits drawn from the split's images."""
+  """The clips of a split: `per_class` per motion class, balanced, digits drawn from the
+  split's images."""
   images, digits = digit_images(seed, cfg.test_fraction)[split]
   for i in range(per_class * len(MOTIONS)):
     rng = np.random.default_rng([seed, _SPLIT_ID[split], i])

@@ -173,7 +173,8 @@ def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str)
 
 def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int,
                val: bool = True) -> str:
-  return (f'projects/moving_digits/config.py:variant={variant},task={task},root={workdir},steps={train_steps},'
+  return (f'projects/moving_digits/config.py:variant={variant},task={task},root={workdir},'
+          f'steps={train_steps},'
           f'val={int(val)}')
 
 
