@@ -132,6 +132,18 @@ def test_a_second_run_on_a_busy_workdir_is_refused_and_writes_nothing(finished):
   assert _steps(finished['workdir']) == [40, 60]
 
 
+@pytest.mark.slow
+def test_rerunning_a_finished_run_exits_0_and_changes_no_checkpoint(finished, tmp_path):
+  workdir = tmp_path / 'w'
+  shutil.copytree(finished['workdir'], workdir)
+  before = {k: v for k, v in _snapshot(workdir).items() if k.startswith(('checkpoints', 'best'))}
+  out = _run(_train_cmd(workdir))
+  assert out.returncode == errors.EXIT_OK, out.stderr[-3000:]
+  assert f'resuming from {workdir}/checkpoints/60' in out.stderr
+  assert {k: v for k, v in _snapshot(workdir).items()
+          if k.startswith(('checkpoints', 'best'))} == before
+
+
 def _dead_pid():
   proc = subprocess.Popen([sys.executable, '-c', 'pass'])
   proc.wait()
@@ -184,6 +196,23 @@ def _damage(step_dir):
   assert files
   for p in files:
     p.write_bytes(p.read_bytes()[:100])
+
+
+def test_reading_a_damaged_checkpoint_prints_no_late_tracebacks(tmp_path, monkeypatch):
+  # A failed orbax read leaves tensorstore reads in flight; their callbacks used to print
+  # an 'Event loop is closed' traceback each, around the one-line error.
+  params = {'w': np.arange(4096, dtype=np.float32).reshape(64, 64), 'b': np.ones(64, np.float32)}
+  checkpoints.save_params(str(tmp_path / 'ckpt'), params, {'variant': 'Ti/16'})
+  files = [p for p in (tmp_path / 'ckpt' / 'params').rglob('*') if p.parent.name == 'd']
+  for p in files:
+    p.write_bytes(p.read_bytes()[:50])
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  for _ in range(8):
+    with pytest.raises(errors.CheckpointError, match=rf'{tmp_path / "ckpt" / "params"} is damaged'):
+      checkpoints.load_params(str(tmp_path / 'ckpt'))
+  time.sleep(1)
+  assert [str(r.exc_value) for r in reported] == []
 
 
 @pytest.fixture(scope='module')

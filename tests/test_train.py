@@ -192,11 +192,12 @@ def test_sigkill_between_checkpoints_then_restart_equals_uninterrupted_run(tiny_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+def test_sigterm_saves_exits_75_and_the_rerun_equals_uninterrupted_run(tiny_run, tmp_path):
+  reference, _ = tiny_run
   workdir = tmp_path / 'term'
-  proc = subprocess.Popen(
-      _cmd(workdir, '--config.log_every_steps=1', '--config.checkpoint.every_steps=1000'),
-      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  overrides = ('--config.log_every_steps=1', '--config.checkpoint.every_steps=1000')
+  proc = subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   lines = []
   for line in proc.stderr:
     lines.append(line)
@@ -204,27 +205,40 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
       proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=300)
   log = ''.join(lines)
-  assert proc.returncode == 0, log[-3000:]
+  assert proc.returncode == errors.EXIT_PREEMPTED, log[-3000:]
   assert 'stopped by SIGTERM' in log
   manager = checkpoints.TrainCheckpointer(str(workdir), keep=3, async_save=False)
   step = manager.latest_step()
   manager.close()
   assert step is not None and 5 <= step < 120
+  assert not (workdir / 'LOCK').exists()
+  out = run_train(workdir, *overrides)          # the requeued command: resumes, finishes, exits 0
+  assert out.returncode == errors.EXIT_OK
+  assert f'resuming from {workdir}/checkpoints/{step}' in out.stderr
+  final, _ = checkpoints.restore_params_from_workdir(str(workdir))
+  ref, _ = checkpoints.restore_params_from_workdir(str(reference))
+  for name, value in P.flatten(ref).items():
+    np.testing.assert_allclose(P.flatten(final)[name], value, rtol=1e-6, atol=1e-7,
+                               err_msg=name)
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+def test_a_huge_learning_rate_stops_with_exit_3_before_saving_the_bad_state(tmp_path):
+  # lr=1e30: the loss of step 1 is finite, the updated parameters' norm is not (it
+  # overflows float32). Nothing may be saved; the message says no checkpoint exists.
   workdir = tmp_path / 'nan'
   out = run_train(workdir, '--config.optimizer.lr=1e30', '--config.optimizer.warmup_epochs=0',
                   '--config.checkpoint.every_steps=1', '--config.checkpoint.async_save=False',
                   check=False)
-  assert out.returncode != 0
-  found = re.search(r'NonFiniteLoss: loss is (nan|inf|-inf) at step (\d+)', out.stderr)
+  assert out.returncode == errors.EXIT_NONFINITE, out.stderr[-3000:]
+  found = re.search(r'train: NonFiniteLoss: (.*) at step (\d+) ', out.stderr)
   assert found, out.stderr[-3000:]
   bad = int(found.group(2))
+  assert 'param_norm is inf' in found.group(1) or 'loss is' in found.group(1), found.group(0)
   manager = checkpoints.TrainCheckpointer(str(workdir), keep=3, async_save=False)
   last = manager.latest_step()
   manager.close()
-  assert last == bad - 1
-  params, _ = checkpoints.restore_params_from_workdir(str(workdir))
-  assert params is not None
+  if bad == 1:
+    assert last is None and 'none: no checkpoint was written' in out.stderr
+  else:
+    assert last == bad - 1 and f'last good checkpoint is step {last} in' in out.stderr
