@@ -100,6 +100,7 @@ def load_params(directory: str, like: Optional[Mapping] = None) -> tuple[dict, d
   """
   import orbax.checkpoint as ocp
   model_config, metadata = load_config(directory)
+  _quiet_late_read_callbacks()
   path = epath.Path(directory) / PARAMS_DIR
   if not path.exists():
     raise CheckpointError(f'{directory} has no {PARAMS_DIR}/ directory (incomplete checkpoint)')
@@ -117,6 +118,30 @@ def load_params(directory: str, like: Optional[Mapping] = None) -> tuple[dict, d
 def _first_line(e: BaseException) -> str:
   text = str(e).strip().split('\n')[0]
   return f'{type(e).__name__}: {text[:300]}'
+
+
+def _quiet_late_read_callbacks() -> None:
+  """Drop the 'Event loop is closed' reports of reads left pending by a failed restore.
+
+  When orbax fails to read a damaged checkpoint, its event loop is closed while some
+  tensorstore reads are still in flight; their completion callbacks then raise into
+  `sys.unraisablehook`, which prints a traceback per read (possibly after the one-line
+  error). Those reports carry no information, so exactly they are dropped; anything
+  else goes to the previous hook. Installed once per process.
+  """
+  import sys
+  previous = sys.unraisablehook
+  if getattr(previous, '_aim_jax_quiet', False):
+    return
+
+  def hook(unraisable):
+    if (unraisable.exc_type is RuntimeError and unraisable.object is None
+        and str(unraisable.exc_value) == 'Event loop is closed'):
+      return
+    previous(unraisable)
+
+  hook._aim_jax_quiet = True
+  sys.unraisablehook = hook
 
 
 # ---------------------------------------------------------------------------------------
@@ -533,6 +558,7 @@ class TrainCheckpointer:
     to WORKDIR/damaged/checkpoints-<step>-<time>, named in a warning and kept in
     `self.damaged`; the previous step is tried next.
     """
+    _quiet_late_read_callbacks()
     while True:
       step = self.manager.latest_step()
       if step is None:
@@ -610,6 +636,7 @@ class TrainCheckpointer:
 def _restore_numpy(path: epath.Path) -> Any:
   """A StandardCheckpointer/StandardSave tree -> numpy, on whatever devices are here."""
   ocp = _ocp()
+  _quiet_late_read_callbacks()
   try:
     with ocp.StandardCheckpointer() as ckptr:
       meta = ckptr.metadata(_abs(path))

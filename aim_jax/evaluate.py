@@ -206,7 +206,7 @@ def main(argv) -> None:
 def run() -> None:
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=run_config.flags_parser('evaluate'))
 
 
 if __name__ == '__main__':

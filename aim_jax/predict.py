@@ -201,7 +201,7 @@ def _predict(fl) -> None:
 def run() -> None:
   from absl import app
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=run_config.flags_parser('predict'))
 
 
 if __name__ == '__main__':

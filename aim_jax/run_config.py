@@ -135,3 +135,78 @@ def merge_model_config(config_model: Optional[Mapping], checkpoint_model: Mappin
     if key != 'variant':
       out[key] = cfg[key]
   return out
+
+
+# ---------------------------------------------------------------------------------------
+# The command line: `--config FILE[:ARG]` and `--config.FIELD=VALUE` overrides.
+# ---------------------------------------------------------------------------------------
+def _flag_value(argv: list[str], name: str) -> Optional[str]:
+  for i, arg in enumerate(argv):
+    if arg == f'--{name}' and i + 1 < len(argv):
+      return argv[i + 1]
+    if arg.startswith(f'--{name}='):
+      return arg.split('=', 1)[1]
+  return None
+
+
+def _loaded_config(flags: Any, config_arg: str) -> Any:
+  """The config file's config, without the overrides (None if it does not load)."""
+  try:
+    return flags.FLAGS['config'].parser.parse(config_arg)
+  except Exception:  # reported by the caller
+    return None
+
+
+def command_line_error(argv: list[str], error: BaseException) -> str:
+  """What went wrong while parsing `argv`, in one line naming the flag, file or field."""
+  import os
+
+  from absl import flags
+  text = str(error)
+  if 'Traceback (most recent call last)' in text:   # a config file's get_config() raised
+    lines = [line.strip() for line in text.strip().split('\n') if line.strip()]
+    text = f'{lines[0].split(": Error whilst")[0]}: {lines[-1]}'
+  text = ' '.join(text.split())
+  config_arg = _flag_value(argv, 'config')
+  if config_arg is not None:
+    path = config_arg.split(':', 1)[0]
+    if not os.path.exists(path):
+      return f'--config {config_arg}: config file {path} does not exist'
+    config = _loaded_config(flags, config_arg)
+    if hasattr(config, 'to_dict'):
+      from ml_collections.config_flags import config_path
+      for arg in argv[1:]:
+        if arg.startswith('--config.'):
+          field = arg[len('--config.'):].split('=', 1)[0]
+          try:
+            config_path.get_value(field, config)
+          except (AttributeError, KeyError, IndexError, ValueError):
+            return f'{arg}: the config ({path}) has no field {field}'
+  if isinstance(error, flags.Error):            # absl's own: names the flag already
+    return text
+  if config_arg is not None:
+    return f'--config {config_arg}: {type(error).__name__}: {text}'
+  return f'{type(error).__name__}: {text}'
+
+
+def flags_parser(prog: str):
+  """An absl `app.run(flags_parser=...)`: a bad flag, config file, config argument or
+  override ends the command with one line and `EXIT_USER_ERROR`, not a traceback
+  (`AIM_JAX_TRACEBACK=1` shows it)."""
+  def parse(argv: list[str]) -> list[str]:
+    import sys
+
+    from absl import flags
+
+    from aim_jax import errors
+    try:
+      rest = flags.FLAGS(argv)
+      if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
+        flags.FLAGS.config.keys()   # config_flags defers a file that failed to load to here
+      return rest
+    except Exception as e:  # everything here comes from the command line or the config file
+      if errors.show_traceback():
+        raise
+      print(f'{prog}: {command_line_error(argv, e)}', file=sys.stderr, flush=True)
+      raise SystemExit(errors.EXIT_USER_ERROR) from None
+  return parse

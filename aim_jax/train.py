@@ -451,7 +451,8 @@ def run(argv: list[str] | None = None) -> None:
   """Console entry (`aim-train`)."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   _define_flags()
-  app.run(main, argv=argv)
+  from aim_jax import run_config
+  app.run(main, argv=argv, flags_parser=run_config.flags_parser('train'))
 
 
 if __name__ == '__main__':

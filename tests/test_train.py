@@ -14,8 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aim_jax import train
-from aim_jax import checkpoints
+from aim_jax import checkpoints, errors, run_config, train
 from aim_jax import params as P
 from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
 from configs import tiny
@@ -57,32 +56,36 @@ def _unlocked():
   return c
 
 
-def test_frames_mismatch_names_the_fields(tmp_path):
+def test_model_and_data_share_one_clip_length():
+  # configs/common.py makes data.num_frames (and num_classes, image_size) a reference to
+  # the model's field: setting either side sets both, so they can never disagree.
   c = _unlocked()
   c.data.num_frames = 8
-  with pytest.raises(train.ConfigError, match=r'data.num_frames=8 .*model.num_frames=4'):
-    train.train_and_evaluate(c, str(tmp_path / 'w'))
-  assert not (tmp_path / 'w').exists()
+  assert c.model.num_frames == 8
+  c.model.num_frames = 2
+  assert c.data.num_frames == 2
+  c.model.num_classes, c.data.image_size = 7, 64
+  assert (c.data.num_classes, c.model.image_size) == (7, 64)
+  run_config.check_training_config(c, process_count=1, dp_size=1)
 
 
 def test_batch_not_divisible_names_the_field():
   c = _unlocked()
-  model_cfg = resolve_model_config(c.model)
   c.batch_size = 6
-  with pytest.raises(train.ConfigError, match=r'batch_size=6 .*data-parallel size 4'):
-    train.check_config(c, model_cfg, num_devices=4, process_count=1, dp_size=4)
+  with pytest.raises(errors.ConfigError, match=r'batch_size=6 .*data-parallel size 4'):
+    run_config.check_training_config(c, process_count=1, dp_size=4)
   c.batch_size, c.grad_accum_steps = 8, 3
-  with pytest.raises(train.ConfigError, match='grad_accum_steps=3'):
-    train.check_config(c, model_cfg, num_devices=1, process_count=1, dp_size=1)
+  with pytest.raises(errors.ConfigError, match='grad_accum_steps=3'):
+    run_config.check_training_config(c, process_count=1, dp_size=1)
 
 
 def test_resuming_a_workdir_of_another_model_names_the_field(tmp_path):
   c = _unlocked()
   other = resolve_model_config(c.model)
   other['layers'] = 3
-  checkpoints.write_run_config(str(tmp_path), c, other, {})
+  checkpoints.start_run(str(tmp_path), c, other, {})
   (tmp_path / 'frozen').mkdir()
-  with pytest.raises(train.ConfigError, match=r'model.layers=3.*model.layers=2'):
+  with pytest.raises(errors.ConfigError, match=r'model.layers=3.*model.layers=2'):
     train.train_and_evaluate(c, str(tmp_path))
 
 
@@ -101,7 +104,7 @@ def test_init_from_another_architecture_names_the_field(tmp_path):
   _save_aim(tmp_path / 'wide', width=64, heads=4)
   c = _unlocked()
   c.init_from = str(tmp_path / 'wide')
-  with pytest.raises(train.ConfigError, match=r'model.width=64.*model.width=32'):
+  with pytest.raises(errors.ConfigError, match=r'model.width=64.*model.width=32'):
     train.train_and_evaluate(c, str(tmp_path / 'w'))
 
 
@@ -115,7 +118,7 @@ def test_init_from_encoder_fills_the_backbone_and_reports_what_stays_at_init(tmp
   model = build_model(cfg)
   fresh = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, cfg['num_frames'], s, s, 3))))
   fresh = jax.tree.map(np.asarray, fresh['params'])
-  merged, at_init = train.load_init_from(str(tmp_path / 'clip'), fresh, cfg)
+  merged, at_init = checkpoints.load_init_from(str(tmp_path / 'clip'), fresh, cfg)
   merged, fresh, enc = P.flatten(merged), P.flatten(fresh), P.flatten(enc)
   for name, value in enc.items():
     np.testing.assert_array_equal(merged[f'backbone/{name}'], value)
@@ -130,7 +133,7 @@ def test_init_from_full_aim_takes_every_leaf(tmp_path):
   saved = _save_aim(tmp_path / 'aim')
   cfg = resolve_model_config(_unlocked().model)
   fresh = jax.tree.map(np.zeros_like, saved)
-  merged, at_init = train.load_init_from(str(tmp_path / 'aim'), fresh, cfg)
+  merged, at_init = checkpoints.load_init_from(str(tmp_path / 'aim'), fresh, cfg)
   assert at_init == []
   for name, value in P.flatten(saved).items():
     np.testing.assert_array_equal(P.flatten(merged)[name], value)
@@ -189,11 +192,12 @@ def test_sigkill_between_checkpoints_then_restart_equals_uninterrupted_run(tiny_
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
+def test_sigterm_saves_exits_75_and_the_rerun_equals_uninterrupted_run(tiny_run, tmp_path):
+  reference, _ = tiny_run
   workdir = tmp_path / 'term'
-  proc = subprocess.Popen(
-      _cmd(workdir, '--config.log_every_steps=1', '--config.checkpoint.every_steps=1000'),
-      cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  overrides = ('--config.log_every_steps=1', '--config.checkpoint.every_steps=1000')
+  proc = subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=_env(),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   lines = []
   for line in proc.stderr:
     lines.append(line)
@@ -201,27 +205,40 @@ def test_sigterm_saves_a_checkpoint_before_exiting(tmp_path):
       proc.send_signal(signal.SIGTERM)
   proc.wait(timeout=300)
   log = ''.join(lines)
-  assert proc.returncode == 0, log[-3000:]
+  assert proc.returncode == errors.EXIT_PREEMPTED, log[-3000:]
   assert 'stopped by SIGTERM' in log
   manager = checkpoints.TrainCheckpointer(str(workdir), keep=3, async_save=False)
   step = manager.latest_step()
   manager.close()
   assert step is not None and 5 <= step < 120
+  assert not (workdir / 'LOCK').exists()
+  out = run_train(workdir, *overrides)          # the requeued command: resumes, finishes, exits 0
+  assert out.returncode == errors.EXIT_OK
+  assert f'resuming from {workdir}/checkpoints/{step}' in out.stderr
+  final, _ = checkpoints.restore_params_from_workdir(str(workdir))
+  ref, _ = checkpoints.restore_params_from_workdir(str(reference))
+  for name, value in P.flatten(ref).items():
+    np.testing.assert_allclose(P.flatten(final)[name], value, rtol=1e-6, atol=1e-7,
+                               err_msg=name)
 
 
 @pytest.mark.slow
-def test_nonfinite_loss_stops_naming_the_step_and_keeps_the_last_checkpoint(tmp_path):
+def test_a_huge_learning_rate_stops_with_exit_3_before_saving_the_bad_state(tmp_path):
+  # lr=1e30: the loss of step 1 is finite, the updated parameters' norm is not (it
+  # overflows float32). Nothing may be saved; the message says no checkpoint exists.
   workdir = tmp_path / 'nan'
   out = run_train(workdir, '--config.optimizer.lr=1e30', '--config.optimizer.warmup_epochs=0',
                   '--config.checkpoint.every_steps=1', '--config.checkpoint.async_save=False',
                   check=False)
-  assert out.returncode != 0
-  found = re.search(r'NonFiniteLoss: loss is (nan|inf|-inf) at step (\d+)', out.stderr)
+  assert out.returncode == errors.EXIT_NONFINITE, out.stderr[-3000:]
+  found = re.search(r'train: NonFiniteLoss: (.*) at step (\d+) ', out.stderr)
   assert found, out.stderr[-3000:]
   bad = int(found.group(2))
+  assert 'param_norm is inf' in found.group(1) or 'loss is' in found.group(1), found.group(0)
   manager = checkpoints.TrainCheckpointer(str(workdir), keep=3, async_save=False)
   last = manager.latest_step()
   manager.close()
-  assert last == bad - 1
-  params, _ = checkpoints.restore_params_from_workdir(str(workdir))
-  assert params is not None
+  if bad == 1:
+    assert last is None and 'none: no checkpoint was written' in out.stderr
+  else:
+    assert last == bad - 1 and f'last good checkpoint is step {last} in' in out.stderr

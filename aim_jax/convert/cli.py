@@ -4,13 +4,15 @@ r"""The `convert` command: PyTorch checkpoints -> parameter checkpoints, and bac
   python -m aim_jax.convert image --src model.safetensors --out DIR [--format NAME]
   python -m aim_jax.convert aim --src vit_b_clip_8frame_k400.pth --out DIR [--heads N]
       [--adapter-scale S]
-  python -m aim_jax.convert export-aim --src DIR --out model.pth
+  python -m aim_jax.convert export-aim --src DIR --out model.pth [--which latest|best]
+  python -m aim_jax.convert export-params --src WORKDIR --out DIR [--which latest|best]
   python -m aim_jax.convert formats            # list the registered formats
 
 The written directory is what training (`--config.init_from=DIR`), evaluation
 and prediction (`--checkpoint DIR`) read (`aim_jax.checkpoints`). Image models
 (`clip`, `image`) give encoder params (`params['backbone']` of an AIM model, plus
-CLIP's `proj`); `aim` gives a whole AIM model.
+CLIP's `proj`); `aim` gives a whole AIM model. `export-aim` and `export-params` read a
+parameter checkpoint or a training workdir (its latest or best checkpoint).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 
 from aim_jax import errors
 from aim_jax.convert import registry
-from aim_jax.convert.conversion import CLIP_FORMATS, convert, export_aim
+from aim_jax.convert.conversion import CLIP_FORMATS, convert, export_aim, export_params
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,9 +49,17 @@ def _parser() -> argparse.ArgumentParser:
                    help='interpolate the positional embedding to this input size (bicubic)')
     s.add_argument('--num-frames', type=int, default=None,
                    help='interpolate the temporal embedding to this many frames (linear)')
-  e = sub.add_parser('export-aim', help='parameter checkpoint -> official AIM .pth')
-  e.add_argument('--src', required=True)
-  e.add_argument('--out', required=True)
+  for name, help_, out in (
+      ('export-aim', 'parameter checkpoint or training workdir -> official AIM .pth',
+       'output .pth file'),
+      ('export-params', 'training workdir -> parameter checkpoint (no optimiser state)',
+       'output directory (local or gs://)')):
+    e = sub.add_parser(name, help=help_)
+    e.add_argument('--src', required=True,
+                   help='parameter checkpoint or training workdir (python -m aim_jax.train)')
+    e.add_argument('--out', required=True, help=out)
+    e.add_argument('--which', choices=('latest', 'best'), default='latest',
+                   help="a workdir's last checkpoint or its best by validation top-1")
   sub.add_parser('formats', help='list the registered formats')
   return p
 
@@ -62,7 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'{f.name:12s} {f.kind:6s} {f.description}')
       return 0
     if args.command == 'export-aim':
-      export_aim(args.src, args.out)
+      export_aim(args.src, args.out, which=args.which)
+      return 0
+    if args.command == 'export-params':
+      export_params(args.src, args.out, args.which)
       return 0
     kind = 'aim' if args.command == 'aim' else 'image'
     fmt = getattr(args, 'format', None)

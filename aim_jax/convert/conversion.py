@@ -437,12 +437,35 @@ def convert(src: str, out: str, kind: str = 'image', format_name: str | None = N
   return conv
 
 
-def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print) -> dict:
-  """A parameter checkpoint of an AIM model -> official `{'state_dict': ...}` `.pth`."""
+def export_params(src_dir: str, out_dir: str, which: str = 'latest',
+                  log: Callable[[str], None] = print) -> dict:
+  """A training workdir (or a parameter checkpoint) -> a plain parameter checkpoint.
+
+  The frozen and trainable parameters of the run's `which` ('latest' or 'best')
+  checkpoint, with the run's model config: what `init_from`, evaluation,
+  prediction and `export-aim` read, without the optimiser state.
+  """
+  from aim_jax import checkpoints
+  log(f'[1/2] reading {src_dir} ({which})')
+  params, model_config, kind = checkpoints.load_checkpoint(src_dir, which)
+  log(f'[2/2] writing {out_dir}')
+  checkpoints.save_params(out_dir, params, model_config, {
+      'kind': 'aim_export', 'source': src_dir, 'source_kind': kind,
+      'which': which if kind == 'workdir' else None})
+  return params
+
+
+def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print,
+               which: str = 'latest') -> dict:
+  """An AIM model -> official `{'state_dict': ...}` `.pth`.
+
+  `src_dir`: a parameter checkpoint, or a training workdir (its `which` checkpoint:
+  'latest' or 'best').
+  """
   from aim_jax import checkpoints
   from aim_jax.models.factory import resolve_model_config
   log(f'[1/2] reading {src_dir}')
-  params, model_config, _ = checkpoints.load_params(src_dir)
+  params, model_config, _ = checkpoints.load_checkpoint(src_dir, which)
   cfg = resolve_model_config(model_config)
   if 'backbone' not in params or 'cls_head' not in params:
     raise ConversionError(f'{src_dir}: holds an image encoder, not an AIM model '
@@ -455,7 +478,12 @@ def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print) 
   else:
     sd = official_names.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
   log(f'[2/2] writing {len(sd)} tensors to {out_path}')
-  torch_files.save_torch_state_dict(
-      {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',
-                                  'model_config': json.dumps(cfg)}}, out_path)
+  try:
+    if '://' not in out_path:
+      os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    torch_files.save_torch_state_dict(
+        {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',
+                                    'model_config': json.dumps(cfg)}}, out_path)
+  except (OSError, RuntimeError) as e:   # torch.save reports a bad path as RuntimeError
+    raise ConversionError(f'cannot write {out_path}: {" ".join(str(e).split())}') from None
   return sd

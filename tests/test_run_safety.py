@@ -1,0 +1,471 @@
+"""A training run never loses or corrupts work (docs/training.md, "What a run guarantees").
+
+One lock per workdir, no checkpoint of a non-finite state, damaged steps moved aside
+and skipped, a failed save stops the run at once, the workdir's config is its identity,
+workdirs export like parameter checkpoints, and every command reports a user error in
+one line. The tiny config (configs/tiny.py) on CPU; subprocesses where exit codes and
+signals matter, shortened to 60 steps and shared between tests where they can be.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from aim_jax import checkpoints, errors, run_config, train
+from aim_jax import params as P
+from aim_jax.convert import cli as convert_cli
+from aim_jax.models.factory import build_model
+from configs import tiny
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# 60 steps, checkpoints at 20, 40, 60 (2 kept), validation at 60: a resumable short run.
+SHORT = ('--config.total_steps=60', '--config.checkpoint.every_steps=20',
+         '--config.log_every_steps=5', '--config.progress_bar=False')
+
+
+def _env(**extra):
+  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
+              XLA_FLAGS='--xla_force_host_platform_device_count=1', **extra)
+
+
+def _train_cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
+          '--workdir', str(workdir), *SHORT, *overrides]
+
+
+def _run(cmd, timeout=900, **env):
+  return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _error_lines(stderr, prog):
+  return [line for line in stderr.splitlines() if line.startswith(f'{prog}: ')]
+
+
+def _steps(workdir, sub='checkpoints'):
+  path = pathlib.Path(workdir) / sub
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit()) if path.is_dir() else []
+
+
+def _snapshot(workdir):
+  """Every file of a workdir -> (size, mtime, first bytes): what a refused run must not touch."""
+  out = {}
+  for p in sorted(pathlib.Path(workdir).rglob('*')):
+    if p.is_file():
+      st = p.stat()
+      out[str(p.relative_to(workdir))] = (st.st_size, st.st_mtime_ns, p.read_bytes()[:256])
+  return out
+
+
+def _wait_for(path, proc, timeout=600):
+  deadline = time.time() + timeout
+  while not path.exists():
+    assert proc.poll() is None, f'the run ended before {path} appeared'
+    assert time.time() < deadline, f'{path} did not appear in {timeout} s'
+    time.sleep(0.05)
+
+
+def _read_until(proc, needle, lines):
+  for line in proc.stderr:
+    lines.append(line)
+    if needle in line:
+      return
+  raise AssertionError(f'the run ended before logging {needle!r}:\n' + ''.join(lines)[-3000:])
+
+
+def _unlocked():
+  c = tiny.get_config()
+  c.unlock()
+  return c
+
+
+# -- 1. one run per workdir -----------------------------------------------------------------
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+  """A 60-step run (seed 0), paused at step 25 while a second run (seed 1) is started on
+  the same workdir; then let to finish."""
+  workdir = tmp_path_factory.mktemp('run') / 'w'
+  first = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.PIPE, text=True)
+  lines = []
+  try:
+    _read_until(first, '] step 25/', lines)
+    _wait_for(workdir / 'checkpoints' / '20' / '_CHECKPOINT_METADATA', first)
+    first.send_signal(signal.SIGSTOP)
+    before = _snapshot(workdir)
+    second = _run(_train_cmd(workdir, '--config.seed=1'), timeout=300)
+    after = _snapshot(workdir)
+    first.send_signal(signal.SIGCONT)
+    lines.extend(first.stderr)
+    first.wait(timeout=600)
+  finally:
+    if first.poll() is None:
+      first.send_signal(signal.SIGCONT)
+      first.kill()
+  return dict(workdir=workdir, pid=first.pid, returncode=first.returncode, log=''.join(lines),
+              second=second, before=before, after=after)
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_workdir_is_refused_and_writes_nothing(finished):
+  second = finished['second']
+  assert second.returncode == errors.EXIT_USER_ERROR, second.stderr[-3000:]
+  assert 'Traceback' not in second.stderr
+  [line] = _error_lines(second.stderr, 'train')
+  assert f'in use by process {finished["pid"]} on {socket.gethostname()} (started 20' in line
+  assert str(finished['workdir']) in line
+  assert finished['after'] == finished['before']       # config.json, frozen/, checkpoints/
+  # The first run went on undisturbed, with its own config, and released the lock.
+  assert finished['returncode'] == errors.EXIT_OK, finished['log'][-3000:]
+  saved = json.loads((finished['workdir'] / 'config.json').read_text())
+  assert saved['config']['seed'] == 0
+  assert not (finished['workdir'] / 'LOCK').exists()
+  assert _steps(finished['workdir']) == [40, 60]
+
+
+@pytest.mark.slow
+def test_rerunning_a_finished_run_exits_0_and_changes_no_checkpoint(finished, tmp_path):
+  workdir = tmp_path / 'w'
+  shutil.copytree(finished['workdir'], workdir)
+  before = {k: v for k, v in _snapshot(workdir).items() if k.startswith(('checkpoints', 'best'))}
+  out = _run(_train_cmd(workdir))
+  assert out.returncode == errors.EXIT_OK, out.stderr[-3000:]
+  assert f'resuming from {workdir}/checkpoints/60' in out.stderr
+  assert {k: v for k, v in _snapshot(workdir).items()
+          if k.startswith(('checkpoints', 'best'))} == before
+
+
+def _dead_pid():
+  proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+  proc.wait()
+  return proc.pid
+
+
+def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, caplog):
+  lock_file = tmp_path / 'LOCK'
+  dead = _dead_pid()
+  lock_file.write_text(json.dumps({'host': socket.gethostname(), 'pid': dead,
+                                   'started': '2020-01-01T00:00:00'}))
+  with caplog.at_level('WARNING'):
+    with checkpoints.WorkdirLock(str(tmp_path)):
+      assert json.loads(lock_file.read_text())['pid'] == os.getpid()
+  assert f'taking over the lock of process {dead}' in caplog.text
+  assert not lock_file.exists()
+
+
+def test_a_live_or_foreign_lock_is_refused_naming_the_holder(tmp_path):
+  lock_file = tmp_path / 'LOCK'
+  for holder in ({'host': socket.gethostname(), 'pid': os.getppid()},     # alive, this host
+                 {'host': 'another-host', 'pid': _dead_pid()}):         # cannot be checked
+    lock_file.write_text(json.dumps({**holder, 'started': '2020-01-01T00:00:00'}))
+    with pytest.raises(errors.ConfigError,
+                       match=rf'in use by process {holder["pid"]} on {holder["host"]} '
+                       r'\(started 2020-01-01T00:00:00\)'):
+      checkpoints.WorkdirLock(str(tmp_path)).acquire()
+    assert json.loads(lock_file.read_text())['pid'] == holder['pid']
+
+
+# -- 2. a non-finite update is never saved ------------------------------------------------
+@pytest.mark.slow
+def test_nan_before_the_first_checkpoint_stops_and_says_none_was_written(tmp_path):
+  workdir = tmp_path / 'w'
+  out = _run(_train_cmd(workdir, '--config.optimizer.lr=nan'))
+  assert out.returncode == errors.EXIT_NONFINITE, out.stderr[-3000:]
+  [line] = _error_lines(out.stderr, 'train')
+  # The loss of step 1 is computed before the update: finite; the parameters are not.
+  assert 'NonFiniteLoss: param_norm is nan at step 1 ' in line, line
+  assert 'loss is' not in line
+  assert 'none: no checkpoint was written' in line and 'step None' not in line
+  assert _steps(workdir) == []
+  assert 'Traceback' not in out.stderr
+
+
+# -- 3. damaged steps: skipped, moved aside, named ------------------------------------------
+def _damage(step_dir):
+  """Truncate the array data files of a step's params (what a crash mid-copy leaves)."""
+  files = [p for p in (step_dir / 'params').rglob('*') if p.is_file() and p.parent.name == 'd']
+  assert files
+  for p in files:
+    p.write_bytes(p.read_bytes()[:100])
+
+
+def test_reading_a_damaged_checkpoint_prints_no_late_tracebacks(tmp_path, monkeypatch):
+  # A failed orbax read leaves tensorstore reads in flight; their callbacks used to print
+  # an 'Event loop is closed' traceback each, around the one-line error.
+  params = {'w': np.arange(4096, dtype=np.float32).reshape(64, 64), 'b': np.ones(64, np.float32)}
+  checkpoints.save_params(str(tmp_path / 'ckpt'), params, {'variant': 'Ti/16'})
+  files = [p for p in (tmp_path / 'ckpt' / 'params').rglob('*') if p.parent.name == 'd']
+  for p in files:
+    p.write_bytes(p.read_bytes()[:50])
+  reported = []
+  monkeypatch.setattr(sys, 'unraisablehook', reported.append)
+  for _ in range(8):
+    with pytest.raises(errors.CheckpointError, match=rf'{tmp_path / "ckpt" / "params"} is damaged'):
+      checkpoints.load_params(str(tmp_path / 'ckpt'))
+  time.sleep(1)
+  assert [str(r.exc_value) for r in reported] == []
+
+
+@pytest.fixture(scope='module')
+def damaged(finished, tmp_path_factory):
+  """The finished run with its newest step (60) truncated: evaluate it, then resume it
+  with a diverging learning rate (recorded config change) and 10 more steps."""
+  workdir = tmp_path_factory.mktemp('damaged') / 'w'
+  shutil.copytree(finished['workdir'], workdir)
+  _damage(workdir / 'checkpoints' / '60')
+  config_json = (workdir / 'config.json').read_bytes()
+  evaluated = _run([sys.executable, '-m', 'aim_jax.evaluate', '--config', 'configs/tiny.py',
+                    '--checkpoint', str(workdir), '--progress=false'], timeout=600)
+  resumed = _run(_train_cmd(workdir, '--config.total_steps=70', '--config.optimizer.lr=nan',
+                            '--on_config_change=record'))
+  return dict(workdir=workdir, evaluated=evaluated, resumed=resumed, config_json=config_json)
+
+
+@pytest.mark.slow
+def test_evaluate_names_the_damaged_step_in_one_line(damaged):
+  out = damaged['evaluated']
+  assert out.returncode == errors.EXIT_USER_ERROR, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr
+  [line] = _error_lines(out.stderr, 'evaluate')
+  assert f'CheckpointError: {damaged["workdir"] / "checkpoints" / "60"}' in line, line
+
+
+@pytest.mark.slow
+def test_resume_skips_a_damaged_step_and_moves_it_aside(damaged):
+  workdir, log = damaged['workdir'], damaged['resumed'].stderr
+  assert f'checkpoint {workdir / "checkpoints" / "60"} is damaged' in log, log[-3000:]
+  assert f'resuming from {workdir}/checkpoints/40' in log
+  [moved] = list((workdir / 'damaged').iterdir())
+  assert moved.name.startswith('checkpoints-60-')
+  assert sorted(p.name for p in moved.iterdir()) >= ['meta', 'opt_state', 'params']
+  assert _steps(workdir) == [40]
+
+
+@pytest.mark.slow
+def test_nan_after_a_resume_names_the_real_last_good_step_and_saves_nothing(damaged):
+  workdir, out = damaged['workdir'], damaged['resumed']
+  assert out.returncode == errors.EXIT_NONFINITE, out.stderr[-3000:]
+  [line] = _error_lines(out.stderr, 'train')
+  assert 'param_norm is nan at step 41 ' in line, line
+  assert f'The last good checkpoint is step 40 in {workdir}/checkpoints' in line
+  assert _steps(workdir) == [40]
+  params, _ = checkpoints.restore_params_from_workdir(str(workdir))
+  assert all(np.isfinite(v).all() for v in P.flatten(params).values())
+
+
+# -- 8. the workdir's config is its identity ------------------------------------------------
+@pytest.mark.slow
+def test_a_recorded_config_change_leaves_config_json_as_it_was(damaged):
+  workdir = damaged['workdir']
+  assert (workdir / 'config.json').read_bytes() == damaged['config_json']
+  [record] = [json.loads(line) for line in (workdir / 'config_changes.jsonl').open()]
+  assert record['changes'] == ['optimizer.lr: 0.01 -> nan', 'total_steps: 60 -> 70']
+  assert record['config']['total_steps'] == 70
+
+
+def _workdir_with_run(path):
+  c = _unlocked()
+  c.total_steps = 60
+  checkpoints.start_run(str(path), c, run_config.resolve_model(c.model), {})
+  (path / 'frozen').mkdir()
+  return c
+
+
+def test_resuming_with_another_batch_size_is_refused_naming_the_field(tmp_path):
+  c = _workdir_with_run(tmp_path)
+  saved = (tmp_path / 'config.json').read_bytes()
+  c.batch_size = 16
+  with pytest.raises(errors.ConfigError, match=r'changed: batch_size: 8 -> 16 .*'
+                     r'--on_config_change=record'):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert (tmp_path / 'config.json').read_bytes() == saved
+  assert not (tmp_path / 'config_changes.jsonl').exists()
+  assert not (tmp_path / 'LOCK').exists()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'frozen']
+
+
+def test_a_recorded_batch_size_change_is_appended_to_config_changes(tmp_path):
+  c = _workdir_with_run(tmp_path)
+  saved = (tmp_path / 'config.json').read_bytes()
+  model_cfg = run_config.resolve_model(c.model)
+  c.log_every_steps, c.checkpoint.keep = 1, 7          # runtime fields: no record needed
+  checkpoints.start_run(str(tmp_path), c, model_cfg, {})
+  assert not (tmp_path / 'config_changes.jsonl').exists()
+  c.batch_size = 16
+  checkpoints.start_run(str(tmp_path), c, model_cfg, {}, on_config_change='record')
+  c.batch_size = 32
+  checkpoints.start_run(str(tmp_path), c, model_cfg, {}, on_config_change='record')
+  records = [json.loads(line) for line in (tmp_path / 'config_changes.jsonl').open()]
+  assert [r['changes'] for r in records] == [['batch_size: 8 -> 16'], ['batch_size: 8 -> 32']]
+  assert records[1]['config']['batch_size'] == 32
+  assert (tmp_path / 'config.json').read_bytes() == saved
+
+
+# -- 4. a workdir that cannot be written stops the run at once --------------------------------
+@pytest.mark.slow
+def test_an_unwritable_checkpoint_dir_stops_the_run_at_once(tmp_path):
+  # Tests run as root, for whom permission bits do not block writes: the checkpoints/
+  # directory is replaced by a regular file, which refuses writes for everyone.
+  workdir = tmp_path / 'w'
+  proc = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  lines = []
+  try:
+    _read_until(proc, '] step 25/', lines)
+    _wait_for(workdir / 'checkpoints' / '20' / '_CHECKPOINT_METADATA', proc)
+    proc.send_signal(signal.SIGSTOP)
+    time.sleep(0.5)
+    (workdir / 'checkpoints').rename(workdir / 'kept')
+    (workdir / 'checkpoints').write_text('not a directory')
+    start = time.time()
+    proc.send_signal(signal.SIGCONT)
+    lines.extend(proc.stderr)
+    proc.wait(timeout=300)
+    elapsed = time.time() - start
+  finally:
+    if proc.poll() is None:
+      proc.send_signal(signal.SIGCONT)
+      proc.kill()
+  log = ''.join(lines)
+  assert proc.returncode == errors.EXIT_USER_ERROR, log[-3000:]
+  assert 'Traceback' not in log
+  [line] = _error_lines(log, 'train')
+  assert f'SaveFailed: cannot write checkpoints to {workdir / "checkpoints"}: ' in line, line
+  assert 'File exists' in line or 'Not a directory' in line, line
+  assert '] step 45/' not in log           # stopped at the save of step 40
+  assert elapsed < 120, elapsed
+  (workdir / 'checkpoints').unlink()
+  (workdir / 'kept').rename(workdir / 'checkpoints')
+  assert _steps(workdir) == [20]
+  params, _, kind = checkpoints.load_checkpoint(str(workdir))
+  assert kind == 'workdir' and all(np.isfinite(v).all() for v in P.flatten(params).values())
+
+
+# -- 5. a workdir exports like a parameter checkpoint -----------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize('which', ['latest', 'best'])
+def test_workdir_export_aim_then_convert_aim_gives_the_same_logits(finished, tmp_path, which):
+  workdir = str(finished['workdir'])
+  params, cfg = checkpoints.restore_params_from_workdir(workdir, which)
+  pth = tmp_path / 'out' / 'model.pth'
+  assert convert_cli.main(['export-aim', '--src', workdir, '--out', str(pth),
+                           '--which', which]) == 0
+  assert convert_cli.main(['aim', '--src', str(pth), '--out', str(tmp_path / 'conv'),
+                           '--heads', str(cfg['heads']),
+                           '--adapter-scale', str(cfg['adapters']['scale'])]) == 0
+  converted, conv_cfg, _ = checkpoints.load_params(str(tmp_path / 'conv'), like=params)
+  assert set(P.flatten(converted)) == set(P.flatten(params))
+  t, s = cfg['num_frames'], cfg['image_size']
+  video = np.random.RandomState(0).rand(2, t, s, s, 3).astype(np.float32)
+  expected = build_model(cfg).apply({'params': params}, video)
+  got = build_model(run_config.resolve_model(conv_cfg)).apply({'params': converted}, video)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+@pytest.mark.slow
+def test_workdir_export_params_writes_a_plain_parameter_checkpoint(finished, tmp_path):
+  workdir = str(finished['workdir'])
+  out = tmp_path / 'params_best'
+  assert convert_cli.main(['export-params', '--src', workdir, '--out', str(out),
+                           '--which', 'best']) == 0
+  assert checkpoints.is_params_checkpoint(str(out))
+  assert not (out / 'checkpoints').exists() and not (out / 'frozen').exists()
+  params, cfg, metadata = checkpoints.load_params(str(out))
+  ref, ref_cfg = checkpoints.restore_params_from_workdir(workdir, 'best')
+  assert metadata['which'] == 'best' and metadata['source_kind'] == 'workdir'
+  assert run_config.resolve_model(cfg) == run_config.resolve_model(ref_cfg)
+  flat = P.flatten(params)
+  for name, value in P.flatten(ref).items():
+    np.testing.assert_array_equal(flat[name], value, err_msg=name)
+  # ... and it is what init_from reads: every leaf taken.
+  _, at_init = checkpoints.load_init_from(str(out), jax.tree.map(np.zeros_like, ref), cfg)
+  assert at_init == []
+
+
+def test_export_of_a_directory_that_is_no_checkpoint_is_one_line(tmp_path, capsys):
+  for command in ('export-aim', 'export-params'):
+    assert convert_cli.main([command, '--src', str(tmp_path), '--out',
+                             str(tmp_path / 'x')]) == errors.EXIT_USER_ERROR
+    [line] = _error_lines(capsys.readouterr().err, 'convert')
+    assert f'CheckpointError: {tmp_path} is neither a parameter checkpoint' in line
+
+
+# -- 7. a config that cannot run fails before compiling ------------------------------------------
+@pytest.mark.parametrize('field,value', [('checkpoint.every_steps', 0), ('log_every_steps', 0),
+                                         ('total_steps', -5), ('checkpoint.keep', 0)])
+def test_a_field_that_cannot_run_is_named_before_anything_is_written(tmp_path, field, value):
+  c = _unlocked()
+  holder, _, name = ('c.' + field).rpartition('.')
+  setattr(eval(holder), name, value)
+  with pytest.raises(errors.ConfigError, match=rf'^{field}={value} must be'):
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert not (tmp_path / 'w').exists()
+
+
+# -- 9. every command: a user error is one line and a non-zero exit ------------------------------
+CLI_ERRORS = [
+    ('train', ['--config.total_steps=-5'], 'ConfigError: total_steps=-5 must be >= 0'),
+    ('train', ['--config.checkpoint.every_steps=0'],
+     'ConfigError: checkpoint.every_steps=0 must be a positive integer'),
+    ('train', ['--config.log_every_steps=0'], 'log_every_steps=0 must be a positive integer'),
+    ('train', ['--config.optimizer.nope=1'],
+     '--config.optimizer.nope=1: the config (configs/tiny.py) has no field optimizer.nope'),
+    ('train', ['--config.batch_size=eight'], 'flag --config.batch_size=eight: invalid literal'),
+    ('convert', ['aim', '--src', '{tmp}/none.pth', '--out', '{tmp}/o'], '{tmp}/none.pth'),
+    ('convert', ['export-aim', '--src', '{tmp}', '--out', '{tmp}/o.pth'],
+     'CheckpointError: {tmp} is neither'),
+    ('predict', ['--checkpoint', '{tmp}/none', '--video', 'x.mp4'],
+     'CheckpointError: checkpoint directory {tmp}/none does not exist'),
+    pytest.param('evaluate', ['--config', 'configs/tiny.py', '--checkpoint', '{tmp}/none'],
+                 'CheckpointError: checkpoint directory {tmp}/none does not exist',
+                 marks=pytest.mark.slow),        # imports TensorFlow: ~25 s on 2 cores
+]
+
+
+def _cli(prog, args, tmp_path):
+  args = [a.replace('{tmp}', str(tmp_path)) for a in args]
+  if prog == 'train':
+    return [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
+            '--workdir', str(tmp_path / 'w'), *args]
+  return [sys.executable, '-m', f'aim_jax.{prog}', *args]
+
+
+@pytest.mark.parametrize('prog,args,message', CLI_ERRORS)
+def test_a_user_error_is_one_line_and_exit_2(tmp_path, prog, args, message):
+  out = _run(_cli(prog, args, tmp_path), timeout=300)
+  assert out.returncode == errors.EXIT_USER_ERROR, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  [line] = _error_lines(out.stderr, prog)
+  assert message.replace('{tmp}', str(tmp_path)) in line, line
+  assert not (tmp_path / 'w').exists()
+
+
+@pytest.mark.parametrize('prog,args', [('train', ['--config.total_steps=-5']),
+                                       ('train', ['--config.optimizer.nope=1']),
+                                       ('convert', ['export-aim', '--src', '{tmp}', '--out', 'x'])])
+def test_aim_jax_traceback_shows_the_traceback(tmp_path, prog, args):
+  out = _run(_cli(prog, args, tmp_path), timeout=300, AIM_JAX_TRACEBACK='1')
+  assert out.returncode != 0
+  assert 'Traceback (most recent call last)' in out.stderr
+
+
+@pytest.mark.parametrize('config_arg,message', [
+    ('configs/nope.py', 'config file configs/nope.py does not exist'),
+    ('configs/tiny.py:bogus=1', "config argument 'bogus' is not one of ['frames', 'steps']"),
+    ('configs/tiny.py:frames=x', "ValueError: invalid literal for int() with base 10: 'x'"),
+])
+def test_a_bad_config_file_or_argument_is_one_line(tmp_path, config_arg, message):
+  out = _run([sys.executable, '-m', 'aim_jax.train', '--config', config_arg,
+              '--workdir', str(tmp_path / 'w')], timeout=300)
+  assert out.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in out.stderr
+  [line] = _error_lines(out.stderr, 'train')
+  assert config_arg in line and message in line, line
