@@ -53,3 +53,27 @@ def write_dmvr_records(path: str, videos):
       for f in frames:
         fl.feature.add().bytes_list.value[:] = [tf.io.encode_jpeg(f, quality=100).numpy()]
       w.write(seq.SerializeToString())
+
+
+def dmvr_generator_record(jpegs, *, video_path: str, start: float, end: float,
+                          label_name=None, caption=None, label_map=None, audio=None):
+  """A SequenceExample built step by step as DMVR's `examples/generate_from_file.py` builds
+  one (`generate_sequence_example`): label index and text, caption, one bytes feature per
+  frame, optional waveform, the video path and the clip's start/end in microseconds.
+  Plain tf.train only (no project code)."""
+  import tensorflow as tf
+  seq = tf.train.SequenceExample()
+  if label_name:
+    seq.context.feature['clip/label/index'].int64_list.value[:] = (label_map[label_name],)
+    seq.context.feature['clip/label/text'].bytes_list.value[:] = (label_name.encode(),)
+  if caption:
+    seq.context.feature['caption/string'].bytes_list.value[:] = (caption.encode(),)
+  for jpeg in jpegs:
+    seq.feature_lists.feature_list['image/encoded'].feature.add().bytes_list.value[:] = [jpeg]
+  if audio is not None:
+    seq.feature_lists.feature_list['WAVEFORM/feature/floats'].feature.add(
+    ).float_list.value[:] = audio
+  seq.context.feature['video/filename'].bytes_list.value[:] = (video_path.encode(),)
+  seq.context.feature['clip/start/timestamp'].int64_list.value[:] = (int(1000000 * start),)
+  seq.context.feature['clip/end/timestamp'].int64_list.value[:] = (int(1000000 * end),)
+  return seq

@@ -100,3 +100,75 @@ def test_prepare_reports_and_skips_bad_videos(tmp_path):
   assert any(k == 'broken' for k, _ in reasons)
   assert any('label 9 outside [0, 3)' in f['reason'] for f in report['failures'])
   assert len(report['failures']) == 3
+
+
+def _write_shard(path, examples, meta: bool):
+  """A shard of `examples` and, if `meta`, the JSON prepare leaves beside it (with bytes)."""
+  data = [ex.SerializeToString() for ex in examples]
+  with tf.io.TFRecordWriter(str(path)) as w:
+    for d in data:
+      w.write(d)
+  if meta:
+    with open(prepare.shard_meta_path(str(path)), 'w') as f:
+      json.dump({'complete': True, 'videos': len(data), 'bytes': sum(map(len, data))}, f)
+  return [len(d) for d in data]
+
+
+@pytest.fixture(params=[False, True], ids=['no_json', 'prepare_json'])
+def cut_shard(tmp_path, request):
+  """Two shards of 6 clips; the second cut inside its 4th record (3 readable, 3 lost)."""
+  good = tmp_path / 'cut-train.tfrecord-00000-of-00002'
+  cut = tmp_path / 'cut-train.tfrecord-00001-of-00002'
+  _write_shard(good, [records.make_sequence_example(_jpegs(6), k % 4, filename=f'a{k}')
+                      for k in range(6)], request.param)
+  sizes = _write_shard(cut, [records.make_sequence_example(_jpegs(6), k % 4, filename=f'b{k}')
+                             for k in range(6)], request.param)
+  with open(cut, 'r+b') as f:  # a copy that stopped half way through record 4
+    f.truncate(sum(s + 16 for s in sizes[:3]) + 16 + sizes[3] // 2)
+  cfg = config_lib.default_data_config()
+  cfg.train_files = cfg.test_files = str(tmp_path / 'cut-train.tfrecord-*')
+  cfg.num_classes, cfg.num_frames, cfg.frame_interval = 4, 4, 1
+  cfg.image_size, cfg.train_short_side, cfg.test_short_side = 16, 24, 16
+  cfg.test_clips = cfg.test_crops = 1
+  cfg.shuffle_buffer = 1
+  cfg.skip_rate_min_examples = 10_000
+  return cfg, str(cut), request.param
+
+
+def _shard_entries(stats, cut):
+  return [(f, k, r) for f, k, r in stats.named if f == cut]
+
+
+def test_truncated_shard_is_named_with_its_reason_in_eval(cut_shard):
+  cfg, cut, has_json = cut_shard
+  # the split holds 12 videos when prepare's JSON says so, else the 9 that can be read
+  assert input_pipeline.count_examples(cfg, 'test') == (12 if has_json else 9)
+  it = input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4, process_index=0,
+                                        process_count=1)
+  keys = sorted(k.decode() for b in it for k in b['key'])
+  assert keys == sorted([f'a{k}' for k in range(6)] + ['b0', 'b1', 'b2'])
+  (f, key, reason), = _shard_entries(it.stats, cut)
+  assert key == os.path.basename(cut)
+  assert 'truncated' in reason and 'DataLossError' in reason
+  assert ('after 3 of 6 records' if has_json else 'after 3 records') in reason
+  assert it.stats.decode_errors == 0
+  assert it.stats.lost_records == (3 if has_json else 1)
+
+
+def test_truncated_shard_is_named_in_training_and_skip_rate_error(cut_shard):
+  cfg, cut, has_json = cut_shard
+  it = input_pipeline.make_train_dataset(cfg, batch_size=9, seed=0, process_index=0,
+                                         process_count=1)
+  b = next(it)  # one epoch: 9 readable clips
+  assert b['video'].shape == (9, 4, 16, 16, 3)
+  next(it)
+  entries = _shard_entries(it.stats, cut)
+  assert entries and all('truncated' in r and 'DataLossError' in r for _, _, r in entries)
+  assert it.stats.decode_errors == 0  # not mistaken for JPEG decode errors
+  cfg.skip_rate_min_examples, cfg.max_skip_rate = 5, 0.01
+  it = input_pipeline.make_train_dataset(cfg, batch_size=3, seed=0, process_index=0,
+                                         process_count=1)
+  with pytest.raises(RuntimeError, match=r'first named: .*cut-train.tfrecord-00001-of-00002.*'
+                                         r'truncated or corrupt'):
+    for _ in range(10):
+      next(it)
