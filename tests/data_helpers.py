@@ -11,12 +11,14 @@ def frame_value(i: int) -> int:
   return 5 * i
 
 
-def make_video(path: str, num_frames: int, height: int = 64, width: int = 96, fps: int = 25):
+def make_video(path: str, num_frames: int, height: int = 64, width: int = 96, fps: int = 25,
+               faststart: bool = False):
   """Writes an H.264 mp4 whose frame i is flat grey `frame_value(i)` in R and B, and a
-  left-to-right ramp in G (so crops and flips can be seen after decoding)."""
+  left-to-right ramp in G (so crops and flips can be seen after decoding). `faststart` puts
+  the index (moov) before the frames (mdat), as `ffmpeg -movflags +faststart` does."""
   import av
   ramp = np.linspace(0, 255, width).astype(np.uint8)
-  with av.open(path, 'w') as out:
+  with av.open(path, 'w', options={'movflags': '+faststart'} if faststart else {}) as out:
     stream = out.add_stream('libx264', rate=fps)
     stream.width, stream.height, stream.pix_fmt = width, height, 'yuv444p'
     stream.options = {'crf': '0', 'preset': 'ultrafast'}
@@ -77,3 +79,14 @@ def dmvr_generator_record(jpegs, *, video_path: str, start: float, end: float,
   seq.context.feature['clip/start/timestamp'].int64_list.value[:] = (int(1000000 * start),)
   seq.context.feature['clip/end/timestamp'].int64_list.value[:] = (int(1000000 * end),)
   return seq
+
+
+def truncate_mp4(src: str, dst: str, keep: float = 0.5) -> str:
+  """Copies a faststart mp4 cut `keep` of the way through its frame data (mdat): the index
+  still opens, the frames after the cut are gone (an interrupted download or copy)."""
+  data = open(src, 'rb').read()
+  moov, mdat = data.find(b'moov'), data.find(b'mdat')
+  assert 0 < moov < mdat, 'not a faststart mp4'
+  with open(dst, 'wb') as f:
+    f.write(data[:mdat + int((len(data) - mdat) * keep)])
+  return dst

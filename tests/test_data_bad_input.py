@@ -172,3 +172,52 @@ def test_truncated_shard_is_named_in_training_and_skip_rate_error(cut_shard):
                                          r'truncated or corrupt'):
     for _ in range(10):
       next(it)
+
+
+def test_truncated_faststart_mp4_and_one_frame_video_are_reported(tmp_path):
+  """A faststart mp4 cut half way opens and decodes without error to a short clip; a 1-frame
+  video decodes fine: prepare reports both (frames decoded vs stated), and --min_frames
+  skips and lists videos below it."""
+  vids = tmp_path / 'vids'
+  os.makedirs(vids)
+  full = h.make_video(str(vids / 'full.mp4'), 40, faststart=True)
+  h.truncate_mp4(full, str(vids / 'cut.mp4'), keep=0.5)
+  h.make_video(str(vids / 'one.mp4'), 1, faststart=True)
+  h.make_video(str(vids / 'three.mp4'), 3)
+  report = video_io_report(str(vids / 'cut.mp4'))
+  assert report.expected == 40 and 0 < report.decoded < 30
+  assert 'truncated or damaged' in report.shortfall()
+  assert video_io_report(full).shortfall() == ''
+  trimmed = video_io_report(full, start_s=0.4, end_s=1.2)  # a Kinetics-style trim window
+  assert (trimmed.expected, trimmed.decoded, trimmed.shortfall()) == (20, 20, '')
+  beyond = video_io_report(full, start_s=1.0, end_s=9.0)  # window past the end: 1 s stated
+  assert (beyond.expected, beyond.decoded, beyond.shortfall()) == (15, 15, '')
+  (tmp_path / 'list.txt').write_text('full.mp4 0\ncut.mp4 1\none.mp4 0\nthree.mp4 1\n')
+  entries = annotations.read('list', str(tmp_path / 'list.txt'), str(vids), num_classes=2)
+  out = prepare.prepare(entries, out_dir=str(tmp_path / 'out'), name='x', split='train',
+                        opts=prepare.Options(short_side=32, min_frames=2, warn_frames=8),
+                        num_shards=1, progress=False)
+  assert out['videos_written'] == 3
+  fail, = out['failures']
+  assert fail['key'] == 'one' and 'fewer than --min_frames=2' in fail['reason']
+  warnings = {w['key']: w for w in out['warnings']}
+  assert sorted(warnings) == ['cut', 'three']
+  cut = warnings['cut']
+  assert cut['frames_stated'] == 40 and cut['frames_decoded'] == cut['frames_written'] < 30
+  assert f"decoded {cut['frames_decoded']} of the 40 frames" in cut['reason']
+  assert 'only 3 frame(s)' in warnings['three']['reason']
+  with open(tmp_path / 'out' / 'x-train.report.json') as f:
+    assert len(json.load(f)['warnings']) == 2
+  # without --min_frames the 1-frame video is written, and still listed
+  out = prepare.prepare(entries, out_dir=str(tmp_path / 'out2'), name='x', split='train',
+                        opts=prepare.Options(short_side=32), num_shards=1, progress=False)
+  assert out['videos_written'] == 4 and not out['failures']
+  assert 'only 1 frame(s)' in {w['key']: w for w in out['warnings']}['one']['reason']
+
+
+def video_io_report(path, **kw):
+  from data_pipelines import video_io
+  report = video_io.DecodeReport()
+  frames = list(video_io.decode_video(path, report=report, **kw))
+  assert len(frames) == report.decoded
+  return report
