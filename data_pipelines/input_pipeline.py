@@ -476,18 +476,48 @@ def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,
     views = ops.center_crop(frames, size)[None]  # (1, clips*T, S, S, 3)
   elif crops == 3:
     views = ops.three_crop(frames, size)  # (3, clips*T, S, S, 3)
+  elif crops == 10:
+    views = ten_crop(frames, size)  # (10, clips*T, S, S, 3)
   else:
     raise ValueError(f'data.{split}_crops must be 1 or 3, got {crops}')
   views = tf.reshape(views, [crops * clips, t, size, size, 3])  # crop-major, then clip
   return ops.normalize(views, cfg.mean, cfg.std)
 
 
+def ten_crop(frames: tf.Tensor, size: int) -> tf.Tensor:
+  """mmaction2 TenCrop -> (10, T, size, size, 3): upper left, upper right, lower left, lower
+  right, centre at offsets 0, 4*step, 2*step (step = (side - size)//4 on each axis), each
+  followed by its horizontal flip."""
+  shape = tf.shape(frames)
+  hs, ws = (shape[1] - size) // 4, (shape[2] - size) // 4
+  views = []
+  for x, y in ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2)):
+    crop = frames[:, y * hs:y * hs + size, x * ws:x * ws + size, :]
+    views += [crop, tf.reverse(crop, axis=[2])]
+  return tf.stack(views, axis=0)
+
+
+_CROPS = {1: 'the centre crop', 3: 'three crops along the long side',
+          10: 'ten crops: four corners and the centre, each also flipped'}
+
+
 def _views(cfg, split: str) -> Tuple[int, int]:
-  if split == 'val':
-    return cfg.val_clips, cfg.val_crops
-  if split == 'test':
-    return cfg.test_clips, cfg.test_crops
-  raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
+  """(clips, crops) of an evaluation split, checked: a bad value fails here, naming its field."""
+  if split not in ('val', 'test'):
+    raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
+  clips, crops = cfg[f'{split}_clips'], cfg[f'{split}_crops']
+  if isinstance(crops, bool) or crops not in _CROPS or not isinstance(crops, int):
+    raise ValueError(f'data.{split}_crops={crops!r} is not supported; use '
+                     + ', '.join(f'{k} ({v})' for k, v in _CROPS.items()))
+  if isinstance(clips, bool) or not isinstance(clips, int) or clips < 1:
+    raise ValueError(f'data.{split}_clips={clips!r} must be a positive integer')
+  return clips, crops
+
+
+def check_views(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the view fields of both evaluation splits (one-line errors naming the field)."""
+  for split in ('val', 'test'):
+    _views(cfg, split)
 
 
 def _options(cfg: ml_collections.ConfigDict, deterministic: bool = True) -> tf.data.Options:
@@ -506,6 +536,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
                        start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite iterator of {'video': f32 (B,T,H,W,3), 'label': i32 (B,)}; B per process."""
   cfg = data_cfg
+  check_views(cfg)  # evaluation during and after training uses them: fail now, not hours later
   pi, pc = _process(process_index, process_count)
   if cfg.source == 'synthetic':
     return _synthetic_train(cfg, batch_size, seed, pi, start_step)

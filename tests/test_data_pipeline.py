@@ -382,3 +382,50 @@ def test_dmvr_generator_records_read_by_pipeline(tmp_path):
   assert got == {f'/videos/v{k}.mp4': k % 2 for k in range(3)}
   assert [(k, r) for _, k, r in it.stats.named] == [('/videos/empty.mp4', 'record has no frames')]
   assert it.stats.decode_errors == 0
+
+
+def _ten_crop_reference(frames, size):
+  """mmaction2 TenCrop on (T, H, W, C): corners and centre with step (side - size)//4 per
+  axis, each crop followed by its horizontal flip."""
+  _, hgt, wid, _ = frames.shape
+  ws, hs = (wid - size) // 4, (hgt - size) // 4
+  out = []
+  for x, y in ((0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs)):
+    crop = frames[:, y:y + size, x:x + size]
+    out += [crop, crop[:, :, ::-1]]
+  return np.stack(out)
+
+
+def test_ten_crop_matches_mmaction_layout():
+  frames = np.random.RandomState(0).randint(0, 255, (3, 41, 57, 3)).astype(np.float32)
+  for size in (32, 41):
+    got = input_pipeline.ten_crop(tf.constant(frames), size).numpy()
+    np.testing.assert_array_equal(got, _ten_crop_reference(frames, size))
+
+
+def test_view_settings_checked_with_one_line_error_naming_the_field(dataset):
+  d, _ = dataset
+  for field, value in (('test_crops', 2), ('val_crops', 5), ('test_clips', 0)):
+    cfg = make_cfg(d, **{field: value})
+    split = field.split('_')[0]
+    with pytest.raises(ValueError, match=rf'^data\.{field}={value} ') as err:
+      input_pipeline.make_eval_dataset(cfg, split=split, batch_size=2, process_index=0,
+                                       process_count=1)
+    assert '\n' not in str(err.value)
+    with pytest.raises(ValueError, match=rf'^data\.{field}={value} '):  # before training starts
+      input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0,
+                                        process_count=1)
+  cfg = make_cfg(d, test_crops=2)
+  with pytest.raises(ValueError, match=r'^data\.test_crops=2 '):
+    video_io.load_video_clip(str(d / 'vids' / 'v0.mp4'), cfg)
+
+
+def test_eval_ten_crops(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, test_clips=2, test_crops=10)
+  b = next(iter(input_pipeline.make_eval_dataset(cfg, split='test', batch_size=3,
+                                                 process_index=0, process_count=1)))
+  assert b['video'].shape == (3, 20, 8, 32, 32, 3)
+  v = b['video'][0].reshape(10, 2, 8, 32, 32, 3)  # crop-major, then clip
+  np.testing.assert_array_equal(v[1], v[0][..., ::-1, :])  # each crop, then its flip
+  assert not np.array_equal(v[0], v[2])  # upper left vs upper right of a 32x48 frame
