@@ -368,34 +368,36 @@ def _read_file(path, size, expected):
   the prepare JSON promises (-1: unknown).
   """
   base = tf.strings.split(path, '/')[-1]
-  recs = tf.data.TFRecordDataset(path).enumerate().map(
-      _graph(lambda i, raw: (i, raw, tf.constant(False))))
-  recs = recs.ignore_errors()  # an error ends this file's records (what is left is unreadable)
-  end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b''),
-                                      tf.constant(True)))
+  # An error ends this file's records (what follows it is unreadable); then the end marker
+  # (index -1) comes, and the scan compares the bytes read with the file size.
+  recs = tf.data.TFRecordDataset(path).enumerate().ignore_errors()
+  end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b'')))
 
-  def account(state, el):
+  def account(state, i, raw):
     nbytes, count = state
-    i, raw, eof = el
-    rec = tf.cast(tf.strings.length(raw), tf.int64) + _RECORD_OVERHEAD
-    nbytes = tf.where(eof, nbytes, nbytes + rec)
+    eof = tf.less(i, 0)
+    nbytes = tf.where(eof, nbytes,
+                      nbytes + tf.cast(tf.strings.length(raw), tf.int64) + _RECORD_OVERHEAD)
     count = tf.where(eof, count, count + 1)
     cut = tf.logical_and(eof, tf.not_equal(nbytes, size))
-    of = tf.where(expected >= 0, tf.strings.join([' of ', tf.strings.as_string(expected)]), '')
-    problem = tf.where(cut, tf.strings.join([
-        'shard truncated or corrupt: reading stopped with an error (DataLossError) after ',
-        tf.strings.as_string(count), of, ' records, ', tf.strings.as_string(nbytes), ' of ',
-        tf.strings.as_string(size), ' bytes']), '')
+
+    def describe():  # only on a cut shard's marker: no string work per record
+      of = tf.where(expected >= 0, tf.strings.join([' of ', tf.strings.as_string(expected)]), '')
+      return tf.strings.join([
+          'shard truncated or corrupt: reading stopped with an error (DataLossError) after ',
+          tf.strings.as_string(count), of, ' records, ', tf.strings.as_string(nbytes), ' of ',
+          tf.strings.as_string(size), ' bytes'])
+
+    problem = tf.cond(cut, describe, lambda: tf.constant(''))
     lost = tf.where(cut, tf.where(expected >= 0, tf.maximum(expected - count, 1), 1), 0)
-    out = {'file': path, 'base': base, 'file_index': tf.where(eof, count, i), 'raw': raw,
-           'problem': problem, 'lost': tf.cast(lost, tf.int64), 'eof': eof}
-    return (nbytes, count), out
+    # file_index: the record's index; on a cut shard's marker, the records read; -1: clean end
+    index = tf.where(eof, tf.where(cut, count, -1), i)
+    return (nbytes, count), {'file': path, 'base': base, 'file_index': index, 'raw': raw,
+                             'problem': problem, 'lost': tf.cast(lost, tf.int64)}
 
   ds = recs.concatenate(end).scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
-                                  _graph(account))
-  ds = ds.filter(_graph(lambda el: tf.logical_or(tf.logical_not(el['eof']),
-                                                 tf.not_equal(el['problem'], ''))))
-  return ds.map(_graph(lambda el: {k: v for k, v in el.items() if k != 'eof'}))
+                                  _graph(lambda state, el: account(state, *el)))
+  return ds.filter(_graph(lambda el: el['file_index'] >= 0))
 
 
 def _parse(el):
