@@ -91,7 +91,8 @@ class Predictor:
     try:
       clip = video_io.load_video_clip(path, self.data_config, split=split)
     except Exception as e:  # PyAV, TF and sampling errors all mean "cannot use this file".
-      raise VideoReadError(f'cannot read video {path}: {type(e).__name__}: {e}') from e
+      first = (str(e).strip().splitlines() or [''])[0]  # TF errors run to many lines
+      raise VideoReadError(f'cannot read video {path}: {type(e).__name__}: {first}') from e
     return clip
 
   def video_scores(self, path: str, split: str = 'test') -> np.ndarray:
@@ -178,6 +179,8 @@ def main(argv) -> None:
 def _predict(fl) -> None:
   if bool(fl.video) == bool(fl.array):
     raise SystemExit('give exactly one of --video FILE or --array FILE.npy')
+  if fl.video and not epath.Path(fl.video).exists():  # before the checkpoint is loaded
+    raise SystemExit(f'video file {fl.video} does not exist')
   predictor = Predictor(fl.checkpoint, fl.config, fl.which)
   if fl.array:
     if not fl.output:
@@ -190,7 +193,10 @@ def _predict(fl) -> None:
     print(f'{fl.array} {fl.layout} -> logits {logits.shape} saved to {fl.output}', flush=True)
     return
   names = reports.read_class_names(fl.labels, predictor.num_classes) if fl.labels else None
-  scores = predictor.video_scores(fl.video)
+  try:
+    scores = predictor.video_scores(fl.video)
+  except (FileNotFoundError, VideoReadError) as e:  # one line naming the file, no traceback
+    raise SystemExit(str(e)) from None
   rows = top_k(scores, min(fl.top_k, predictor.num_classes), names)
   logging.info('data: %s', predictor.data_config)
   print(format_top_k(fl.video, rows, predictor.average_clips), flush=True)

@@ -6,15 +6,18 @@
 * Something-Something-v2 JSON: a list of {`id`, `template` with [brackets], ...} and the
   `labels.json` dict from bracket-free template to class index; files `ID.webm`.
 * Diving-48 JSON: a list of {`vid_name`, `label`, ...}; files `VID_NAME.mp4`.
-* Plain list: `relative/path label` per line (the mmaction2 "videos list").
-A label the class list does not know is an `Entry` with `error` set, reported, not written.
+* Plain list: `relative/path label` per line (the mmaction2 "videos list"); the label is a
+  class index, or a class name when a class list (`--labels`) maps names to indices (names
+  may hold spaces; a tab between path and label is also accepted).
+A label the class list does not know is an `Entry` with `error` set, reported, not written;
+a line that cannot be read at all stops reading with an error naming the file and line.
 """
 
 import csv
 import dataclasses
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 VIDEO_EXTENSIONS = ('.mp4', '.webm', '.avi', '.mkv', '.mov', '.m4v')
 
@@ -69,8 +72,12 @@ def kinetics(csv_path: str, videos: Dict[str, str], classes: Optional[Sequence[s
     classes = sorted({r['label'] for r in rows}) if has_label else []
   lookup = {c: i for i, c in enumerate(classes)}
   out = []
-  for r in rows:
-    yid, t0, t1 = r['youtube_id'], int(float(r['time_start'])), int(float(r['time_end']))
+  for row, r in enumerate(rows, start=2):  # line 1 is the header
+    try:
+      yid, t0, t1 = r['youtube_id'], int(float(r['time_start'])), int(float(r['time_end']))
+    except (TypeError, ValueError) as e:
+      raise ValueError(f'{csv_path}: line {row}: time_start/time_end must be seconds, got '
+                       f'{r.get("time_start")!r}, {r.get("time_end")!r}') from e
     trimmed = f'{yid}_{t0:06d}_{t1:06d}'
     text = r['label'] if has_label else ''
     label = lookup.get(text, -1)
@@ -106,8 +113,12 @@ def diving48(json_path: str, videos: Dict[str, str], num_classes: int) -> List[E
   with open(json_path) as f:
     items = json.load(f)
   out = []
-  for item in items:
-    vid, label = str(item['vid_name']), int(item['label'])
+  for i, item in enumerate(items):
+    try:
+      vid, label = str(item['vid_name']), int(item['label'])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f'{json_path}: item {i}: needs "vid_name" and an integer "label", got '
+                       f'{item!r}') from e
     e = Entry(key=vid, path=videos.get(vid, ''), label=label, label_text=str(label))
     if not 0 <= label < num_classes:
       e.error = f'label {label} outside [0, {num_classes})'
@@ -115,20 +126,54 @@ def diving48(json_path: str, videos: Dict[str, str], num_classes: int) -> List[E
   return out
 
 
+def _is_int(text: str) -> bool:
+  return text.lstrip('-').isdigit()
+
+
+def _split_list_line(line: str, lookup: Dict[str, int]) -> Tuple[str, str]:
+  """`path label` -> (path, label): a tab separates if present, else the last space, unless a
+  longer tail of the line is a class name (names with spaces: `a b.mp4 playing guitar`)."""
+  if '\t' in line:
+    rel, _, label = line.rpartition('\t')
+    return rel.strip(), label.strip()
+  rel, _, label = line.rpartition(' ')
+  if lookup and not _is_int(label):
+    words = line.split(' ')
+    for i in range(1, len(words)):
+      if ' '.join(words[i:]) in lookup:
+        return ' '.join(words[:i]), ' '.join(words[i:])
+  return rel, label
+
+
 def plain_list(list_path: str, videos_dir: str, num_classes: int,
-               classes: Optional[Sequence[str]]) -> List[Entry]:
+               classes: Optional[Sequence[str]], labels_path: str = '') -> List[Entry]:
+  """Entries of a `path label` list; labels are indices, or names of `classes`."""
+  lookup = {c: i for i, c in enumerate(classes)} if classes else {}
   out = []
-  for line in _read_lines(list_path):
-    rel, _, label_s = line.rpartition(' ')
+  with open(list_path) as f:
+    lines = [(n, l.strip()) for n, l in enumerate(f, start=1) if l.strip()]
+  for n, line in lines:
+    rel, label_s = _split_list_line(line, lookup)
     if not rel:
-      raise ValueError(f'{list_path}: line {line!r} is not "path label"')
-    label = int(label_s)
+      raise ValueError(f'{list_path}: line {n}: {line!r} is not "path label"')
+    error = ''
+    if _is_int(label_s):
+      label = int(label_s)
+      text = classes[label] if classes and 0 <= label < len(classes) else label_s
+      if not 0 <= label < num_classes:
+        error = f'label {label} outside [0, {num_classes})'
+    elif lookup:
+      label, text = lookup.get(label_s, -1), label_s
+      if label < 0:
+        error = f'label {label_s!r} not in the class list {labels_path}'.rstrip()
+    else:
+      raise ValueError(f'{list_path}: line {n}: label {label_s!r} is not a class index; to '
+                       'use class names give --labels FILE (one class name per line; its line '
+                       'order gives the indices)')
     path = rel if os.path.isabs(rel) else os.path.join(videos_dir, rel)
     key = os.path.splitext(rel)[0]
-    text = classes[label] if classes and 0 <= label < len(classes) else str(label)
-    e = Entry(key=key, path=path if os.path.exists(path) else '', label=label, label_text=text)
-    if not 0 <= label < num_classes:
-      e.error = f'label {label} outside [0, {num_classes})'
+    e = Entry(key=key, path=path if os.path.exists(path) else '', label=label, label_text=text,
+              error=error)
     out.append(e)
   return out
 
@@ -163,5 +208,5 @@ def read(fmt: str, annotations: str, videos_dir: str, *, labels: str = '',
   if fmt == 'diving48':
     return diving48(annotations, index_videos(videos_dir), num_classes)
   if fmt == 'list':
-    return plain_list(annotations, videos_dir, num_classes, classes)
+    return plain_list(annotations, videos_dir, num_classes, classes, labels)
   raise ValueError(f"--format must be auto, kinetics, ssv2, diving48 or list; got {fmt!r}")

@@ -66,15 +66,18 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> Tupl
   return process_index, process_count
 
 
-def _reported_counts(path: str) -> Optional[int]:
-  """Record count of a shard from the prepare JSON beside it, if there is one."""
+_RECORD_OVERHEAD = 16  # TFRecord framing per record: length (8 B), its CRC (4 B), data CRC (4 B)
+
+
+def _reported(path: str) -> Optional[Tuple[int, Optional[int]]]:
+  """(records, record bytes or None) of a shard from the prepare JSON beside it, if any."""
   meta = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.json')  # prepare's
   if os.path.exists(meta):
     try:
       with open(meta) as f:
         stats = json.load(f)
       if stats['complete']:
-        return int(stats['videos'])
+        return int(stats['videos']), (int(stats['bytes']) if 'bytes' in stats else None)
     except (OSError, ValueError, KeyError):
       pass
   for report in glob.glob(os.path.join(os.path.dirname(path), '*.report.json')):
@@ -85,19 +88,72 @@ def _reported_counts(path: str) -> Optional[int]:
       continue
     entry = shards.get(os.path.basename(path))
     if entry is not None and entry.get('complete'):
-      return int(entry['videos'])
+      return int(entry['videos']), (int(entry['bytes']) if 'bytes' in entry else None)
   return None
 
 
-def file_record_counts(files: Sequence[str]) -> List[int]:
-  """Records per file: from the prepare report when present, else by reading (no parsing)."""
-  counts = []
+@dataclasses.dataclass
+class _Shard:
+  """A TFRecord file as the reader sees it.
+
+  size: bytes on disk; expected: records the prepare JSON promises (-1: no JSON);
+  records: records that can be read (the JSON's count when the file size agrees with it,
+  else counted by reading); truncated: reading stops early with an error (DataLossError).
+  """
+  path: str
+  size: int
+  expected: int = -1
+  records: int = -1
+  truncated: bool = False
+
+  @property
+  def positions(self) -> int:
+    """Elements this shard puts in the stream: its readable records plus one marker if cut."""
+    return self.records + int(self.truncated)
+
+
+def _shard_meta(files: Sequence[str]) -> List[_Shard]:
+  """Size and promised record count of every file (a stat and the JSON; no record reading)."""
+  out = []
   for path in files:
-    n = _reported_counts(path)
-    if n is None:
-      n = int(tf.data.TFRecordDataset(path).reduce(np.int64(0), lambda c, _: c + 1))
-    counts.append(n)
-  return counts
+    size = int(tf.io.gfile.stat(path).length)
+    rep = _reported(path)
+    shard = _Shard(path, size)
+    if rep is not None:
+      shard.expected = rep[0]
+      if rep[1] is None or rep[1] + _RECORD_OVERHEAD * rep[0] == size:
+        shard.records = rep[0]  # the file is exactly what prepare wrote
+      else:
+        logging.warning('Shard %s is %d bytes but its prepare JSON describes %d records of '
+                        '%d bytes (%d with framing): truncated or changed; reading it to count',
+                        path, size, rep[0], rep[1], rep[1] + _RECORD_OVERHEAD * rep[0])
+    out.append(shard)
+  return out
+
+
+def _shards(files: Sequence[str]) -> List[_Shard]:
+  """`_shard_meta` plus readable record counts, reading the files the JSON cannot vouch for."""
+  out = _shard_meta(files)
+  for shard in out:
+    if shard.records < 0:
+      ds = _read_file(tf.constant(shard.path), tf.constant(shard.size, tf.int64),
+                      tf.constant(shard.expected, tf.int64))
+      count, cut = ds.reduce((np.int64(0), False), lambda c, el: (
+          c[0] + tf.cast(tf.equal(el['problem'], ''), tf.int64),
+          tf.logical_or(c[1], tf.not_equal(el['problem'], ''))))
+      shard.records, shard.truncated = int(count), bool(cut)
+      if shard.truncated:
+        logging.warning('Shard %s is truncated or corrupt: reading stops with a DataLossError '
+                        'after %d records (%s)', shard.path, shard.records,
+                        f'of {shard.expected} written' if shard.expected >= 0 else
+                        'the rest is lost')
+  return out
+
+
+def file_record_counts(files: Sequence[str]) -> List[int]:
+  """Readable records per file: from the prepare report when present, else by reading (no
+  parsing). A truncated file counts the records before the cut (and is logged)."""
+  return [s.records for s in _shards(files)]
 
 
 def _keep_mask(basename, index, fraction: float):
@@ -119,6 +175,12 @@ def _kept_count(files: Sequence[str], counts: Sequence[int], fraction: float) ->
   return total
 
 
+def _kept_positions(shards: Sequence[_Shard], fraction: float) -> int:
+  """Stream elements of these shards after `train_fraction` (a truncation marker is kept)."""
+  return (_kept_count([s.path for s in shards], [s.records for s in shards], fraction)
+          + sum(int(s.truncated) for s in shards))
+
+
 def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   """Number of videos of a split (over all processes)."""
   if split == 'train' and data_cfg.num_train_examples:
@@ -133,7 +195,11 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   field = _split_field(split)
   files = list_files(getattr(data_cfg, field), field)
   fraction = data_cfg.train_fraction if split == 'train' else 1.0
-  return _kept_count(files, file_record_counts(files), fraction)
+  # Videos the split holds: a truncated shard counts what prepare wrote into it when its JSON
+  # says (the records lost are then skipped videos), else what can still be read.
+  shards = _shards(files)
+  return _kept_count(files, [s.expected if s.expected >= 0 else s.records for s in shards],
+                     fraction)
 
 
 def _split_field(split: str) -> str:
@@ -147,23 +213,37 @@ def _split_field(split: str) -> str:
 
 @dataclasses.dataclass
 class SkipStats:
-  """Clips skipped so far: those named before decoding (file, key, reason) and decode errors."""
+  """Clips skipped so far: those named before decoding (file, key, reason) and decode errors.
+
+  A truncated or corrupt shard is one entry of `named` (key: the shard's name, reason: where
+  reading stopped); the records it lost are counted in `lost_records` (what its prepare JSON
+  promised minus what could be read; 1 when there is no JSON to say).
+  """
   named: List[Tuple[str, str, str]] = dataclasses.field(default_factory=list)
   named_positions: set = dataclasses.field(default_factory=set)
   decode_errors: int = 0
+  lost_records: int = 0
+  shard_entries: int = 0
   lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
   @property
   def total(self) -> int:
-    return len(self.named) + self.decode_errors
+    return len(self.named) - self.shard_entries + self.lost_records + self.decode_errors
 
-  def record(self, epoch, index, file, key, reason) -> bool:
+  def record(self, epoch, index, file, key, reason, lost=0) -> bool:
     item = (file.numpy().decode('utf-8', 'replace'), key.numpy().decode('utf-8', 'replace'),
             reason.numpy().decode('utf-8', 'replace'))
+    lost = int(lost)
     with self.lock:
       self.named.append(item)
       self.named_positions.add((int(epoch), int(index)))
-    logging.warning('Skipping clip %s in %s: %s', item[1], item[0], item[2])
+      if lost > 0:
+        self.shard_entries += 1
+        self.lost_records += lost
+    if lost > 0:
+      logging.warning('Shard %s: %s', item[0], item[2])
+    else:
+      logging.warning('Skipping clip %s in %s: %s', item[1], item[0], item[2])
     return False
 
 
@@ -174,18 +254,22 @@ def _check_valid(ex, num_classes: int, stats: SkipStats):
   label_ok = tf.logical_and(ex['label'] >= 0, ex['label'] < num_classes)
   soi = tf.strings.substr(frames, 0, 2)
   jpeg_ok = tf.reduce_all(tf.equal(soi, b'\xff\xd8'))
-  reason = tf.case([(tf.logical_not(has_frames), lambda: tf.constant('record has no frames')),
+  problem = ex.get('problem', tf.constant(''))  # set on a truncated shard's marker
+  lost = ex.get('lost', tf.constant(0, tf.int64))
+  reason = tf.case([(tf.not_equal(problem, ''), lambda: problem),
+                    (tf.logical_not(has_frames), lambda: tf.constant('record has no frames')),
                     (tf.logical_not(label_ok),
                      lambda: tf.strings.format('label {} outside [0, %d)' % num_classes,
                                                ex['label'])),
                     (tf.logical_not(jpeg_ok), lambda: tf.constant('frame is not a JPEG'))],
                    default=lambda: tf.constant(''))
-  valid = tf.logical_and(has_frames, tf.logical_and(label_ok, jpeg_ok))
+  valid = tf.logical_and(tf.logical_and(tf.equal(problem, ''), has_frames),
+                         tf.logical_and(label_ok, jpeg_ok))
 
   def log_skip():
     out = tf.py_function(
-        lambda e, i, f, k, r: stats.record(e.numpy(), i.numpy(), f, k, r),
-        [ex['_epoch'], ex['_index'], ex['file'], ex['key'], reason], tf.bool)
+        lambda e, i, f, k, r, n: stats.record(e.numpy(), i.numpy(), f, k, r, n.numpy()),
+        [ex['_epoch'], ex['_index'], ex['file'], ex['key'], reason, lost], tf.bool)
     return tf.reshape(out, [])
 
   return tf.cond(valid, lambda: tf.constant(True), log_skip)
@@ -276,11 +360,44 @@ def _graph(fn):
 
 
 
-def _read_file(path):
-  """(file, index-in-file, raw record) for every record of one shard."""
+def _read_file(path, size, expected):
+  """(file, index-in-file, raw record) for every record of one shard, then, if reading stops
+  with an error before the end of the file (truncated or corrupt: DataLossError), one marker
+  element naming the shard and the cut in 'problem' ('' on records), with the records lost
+  in 'lost'. Bytes read are checked against the file `size`; `expected` is the record count
+  the prepare JSON promises (-1: unknown).
+  """
   base = tf.strings.split(path, '/')[-1]
-  ds = tf.data.TFRecordDataset(path).enumerate()
-  return ds.map(_graph(lambda i, raw: {'file': path, 'base': base, 'file_index': i, 'raw': raw}))
+  # An error ends this file's records (what follows it is unreadable); then the end marker
+  # (index -1) comes, and the scan compares the bytes read with the file size.
+  recs = tf.data.TFRecordDataset(path).enumerate().ignore_errors()
+  end = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b'')))
+
+  def account(state, i, raw):
+    nbytes, count = state
+    eof = tf.less(i, 0)
+    nbytes = tf.where(eof, nbytes,
+                      nbytes + tf.cast(tf.strings.length(raw), tf.int64) + _RECORD_OVERHEAD)
+    count = tf.where(eof, count, count + 1)
+    cut = tf.logical_and(eof, tf.not_equal(nbytes, size))
+
+    def describe():  # only on a cut shard's marker: no string work per record
+      of = tf.where(expected >= 0, tf.strings.join([' of ', tf.strings.as_string(expected)]), '')
+      return tf.strings.join([
+          'shard truncated or corrupt: reading stopped with an error (DataLossError) after ',
+          tf.strings.as_string(count), of, ' records, ', tf.strings.as_string(nbytes), ' of ',
+          tf.strings.as_string(size), ' bytes'])
+
+    problem = tf.cond(cut, describe, lambda: tf.constant(''))
+    lost = tf.where(cut, tf.where(expected >= 0, tf.maximum(expected - count, 1), 1), 0)
+    # file_index: the record's index; on a cut shard's marker, the records read; -1: clean end
+    index = tf.where(eof, tf.where(cut, count, -1), i)
+    return (nbytes, count), {'file': path, 'base': base, 'file_index': index, 'raw': raw,
+                             'problem': problem, 'lost': tf.cast(lost, tf.int64)}
+
+  ds = recs.concatenate(end).scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)),
+                                  _graph(lambda state, el: account(state, *el)))
+  return ds.filter(_graph(lambda el: el['file_index'] >= 0))
 
 
 def _parse(el):
@@ -288,20 +405,26 @@ def _parse(el):
   key = tf.where(tf.equal(ex['filename'], ''),
                  tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
                  ex['filename'])
-  return {'frames': ex['frames'], 'label': ex['label'], 'key': key, 'file': el['file']}
+  key = tf.where(tf.equal(el['problem'], ''), key, el['base'])  # a cut shard: named by itself
+  return {'frames': ex['frames'], 'label': ex['label'], 'key': key, 'file': el['file'],
+          'problem': el['problem'], 'lost': el['lost']}
 
 
-def _records(files: Sequence[str], *, epoch, seed_base, shuffle_files: bool,
+def _records(shards: Sequence[_Shard], *, epoch, seed_base, shuffle_files: bool,
              record_shard: Optional[Tuple[int, int]], fraction: float, num_parallel_calls: int):
-  files_t = tf.constant(list(files))
+  order = tf.range(len(shards))
   if shuffle_files:
-    files_t = tf.random.experimental.stateless_shuffle(
-        files_t, seed=tf.random.experimental.stateless_fold_in(seed_base, epoch))
-  ds = tf.data.Dataset.from_tensor_slices(files_t).interleave(
-      _graph(_read_file), cycle_length=min(len(files), _CYCLE_LENGTH), block_length=1,
+    order = tf.random.experimental.stateless_shuffle(
+        order, seed=tf.random.experimental.stateless_fold_in(seed_base, epoch))
+  meta = (tf.gather(tf.constant([s.path for s in shards]), order),
+          tf.gather(tf.constant([s.size for s in shards], tf.int64), order),
+          tf.gather(tf.constant([s.expected for s in shards], tf.int64), order))
+  ds = tf.data.Dataset.from_tensor_slices(meta).interleave(
+      _graph(_read_file), cycle_length=min(len(shards), _CYCLE_LENGTH), block_length=1,
       num_parallel_calls=num_parallel_calls, deterministic=True)
-  if fraction < 1.0:
-    ds = ds.filter(_graph(lambda el: _keep_mask(el['base'], el['file_index'], fraction)))
+  if fraction < 1.0:  # a truncation marker is always kept
+    ds = ds.filter(_graph(lambda el: tf.logical_or(
+        tf.not_equal(el['problem'], ''), _keep_mask(el['base'], el['file_index'], fraction))))
   if record_shard is not None:
     ds = ds.shard(*record_shard)
   return ds
@@ -355,18 +478,48 @@ def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,
     views = ops.center_crop(frames, size)[None]  # (1, clips*T, S, S, 3)
   elif crops == 3:
     views = ops.three_crop(frames, size)  # (3, clips*T, S, S, 3)
+  elif crops == 10:
+    views = ten_crop(frames, size)  # (10, clips*T, S, S, 3)
   else:
     raise ValueError(f'data.{split}_crops must be 1 or 3, got {crops}')
   views = tf.reshape(views, [crops * clips, t, size, size, 3])  # crop-major, then clip
   return ops.normalize(views, cfg.mean, cfg.std)
 
 
+def ten_crop(frames: tf.Tensor, size: int) -> tf.Tensor:
+  """mmaction2 TenCrop -> (10, T, size, size, 3): upper left, upper right, lower left, lower
+  right, centre at offsets 0, 4*step, 2*step (step = (side - size)//4 on each axis), each
+  followed by its horizontal flip."""
+  shape = tf.shape(frames)
+  hs, ws = (shape[1] - size) // 4, (shape[2] - size) // 4
+  views = []
+  for x, y in ((0, 0), (4, 0), (0, 4), (4, 4), (2, 2)):
+    crop = frames[:, y * hs:y * hs + size, x * ws:x * ws + size, :]
+    views += [crop, tf.reverse(crop, axis=[2])]
+  return tf.stack(views, axis=0)
+
+
+_CROPS = {1: 'the centre crop', 3: 'three crops along the long side',
+          10: 'ten crops: four corners and the centre, each also flipped'}
+
+
 def _views(cfg, split: str) -> Tuple[int, int]:
-  if split == 'val':
-    return cfg.val_clips, cfg.val_crops
-  if split == 'test':
-    return cfg.test_clips, cfg.test_crops
-  raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
+  """(clips, crops) of an evaluation split, checked: a bad value fails here, naming its field."""
+  if split not in ('val', 'test'):
+    raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
+  clips, crops = cfg[f'{split}_clips'], cfg[f'{split}_crops']
+  if isinstance(crops, bool) or crops not in _CROPS or not isinstance(crops, int):
+    raise ValueError(f'data.{split}_crops={crops!r} is not supported; use '
+                     + ', '.join(f'{k} ({v})' for k, v in _CROPS.items()))
+  if isinstance(clips, bool) or not isinstance(clips, int) or clips < 1:
+    raise ValueError(f'data.{split}_clips={clips!r} must be a positive integer')
+  return clips, crops
+
+
+def check_views(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the view fields of both evaluation splits (one-line errors naming the field)."""
+  for split in ('val', 'test'):
+    _views(cfg, split)
 
 
 def _options(cfg: ml_collections.ConfigDict, deterministic: bool = True) -> tf.data.Options:
@@ -385,6 +538,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
                        start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite iterator of {'video': f32 (B,T,H,W,3), 'label': i32 (B,)}; B per process."""
   cfg = data_cfg
+  check_views(cfg)  # evaluation during and after training uses them: fail now, not hours later
   pi, pc = _process(process_index, process_count)
   if cfg.source == 'synthetic':
     return _synthetic_train(cfg, batch_size, seed, pi, start_step)
@@ -401,9 +555,10 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
     else:  # fewer shards than processes: every process reads all, keeps every pc-th record
       record_shard = (pc, pi)
     per_epoch = None
+    shards = _shard_meta(files)
 
     def epoch_records(epoch):
-      return _records(files, epoch=epoch, seed_base=seed_base, shuffle_files=True,
+      return _records(shards, epoch=epoch, seed_base=seed_base, shuffle_files=True,
                       record_shard=record_shard, fraction=cfg.train_fraction,
                       num_parallel_calls=par).map(_graph(_parse))
   else:
@@ -413,9 +568,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
     # Records per epoch of this process: from the prepare JSON files when every shard has
     # one (no reading); otherwise counted by reading, but only when resuming needs it. Without
     # it, decode errors at an epoch's end are not counted (named skips still are).
-    reported = [_reported_counts(f) for f in files]
-    if start_step or all(n is not None for n in reported):
-      per_epoch = _kept_count(files, file_record_counts(files), cfg.train_fraction)
+    if start_step or all(s.records >= 0 for s in shards):
+      per_epoch = _kept_positions(_shards(files), cfg.train_fraction)
       if record_shard is not None:
         per_epoch = len(range(pi, per_epoch, pc))
   start_epoch, offset = 0, 0
@@ -473,9 +627,10 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   elif cfg.source == 'tfrecord':
     field = _split_field(split)
     files = list_files(getattr(cfg, field), field)
-    ds = _records(files, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
+    shards = _shards(files)
+    ds = _records(shards, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
                   fraction=1.0, num_parallel_calls=par).map(_graph(_parse))
-    size = len(range(pi, sum(file_record_counts(files)), pc))
+    size = len(range(pi, sum(s.positions for s in shards), pc))
   else:
     raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
 

@@ -2,7 +2,8 @@ r"""Raw videos -> DMVR-layout TFRecord shards (JPEG frames), in parallel, resuma
 
   python -m data_pipelines.prepare --videos DIR --annotations FILE --out DIR --split train \
       [--format auto|kinetics|ssv2|diving48|list] [--labels FILE] [--name NAME] \
-      [--short_side 256] [--fps 0] [--num_shards 0] [--num_workers N]
+      [--short_side 256] [--fps 0] [--min_frames 1] [--warn_frames 8] [--num_shards 0] \
+      [--num_workers N]
 
 Each video is decoded with PyAV, resized to the short side, optionally resampled to `--fps`
 (0 keeps every frame), JPEG-encoded and written as one SequenceExample (records.py). Videos
@@ -10,7 +11,10 @@ are spread over `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shards by a seeded shuffle;
 is written by one worker to a temporary file, renamed when complete, and described by a hidden
 JSON file beside it (`.SHARD.json`, which no shard glob matches). A re-run skips shards whose JSON says they are complete for the same videos,
 so an interrupted preparation resumes. `NAME-SPLIT.report.json` lists videos written,
-frames, bytes and every failure with its reason; readers take record counts from it.
+frames, bytes, every failure with its reason (videos not written, among them those with fewer
+than `--min_frames` frames) and every warning (videos written that decoded to fewer frames than
+their container states, i.e. truncated or damaged files, or to fewer than `--warn_frames`);
+readers take record counts from it.
 """
 
 import concurrent.futures
@@ -24,7 +28,7 @@ import os
 import random
 import sys
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from absl import app
 from absl import flags
@@ -40,7 +44,12 @@ class Options:
   short_side: int = 256
   fps: float = 0.0
   jpeg_quality: int = 90
-  min_frames: int = 1
+  min_frames: int = 1   # videos with fewer frames are not written (a failure in the report)
+  warn_frames: int = 8  # videos written with fewer frames are listed among the warnings
+
+
+# Options that change only the report, not the shards: left out of the resume fingerprint.
+_REPORT_ONLY = ('warn_frames',)
 
 
 def encode_jpeg(frame, quality: int) -> bytes:
@@ -50,22 +59,40 @@ def encode_jpeg(frame, quality: int) -> bytes:
   return buf.getvalue()
 
 
-def video_frames(entry: annotations_lib.Entry, opts: Options) -> List[bytes]:
-  """JPEG frames of one entry; raises ValueError/OSError/av errors with the reason."""
+def video_frames(entry: annotations_lib.Entry, opts: Options,
+                 report: Optional[video_io.DecodeReport] = None) -> List[bytes]:
+  """JPEG frames of one entry; raises ValueError/OSError/av errors with the reason.
+
+  `report` (filled) compares the frames decoded with those the container states.
+  """
   if entry.error:
     raise ValueError(entry.error)
   if not entry.path:
     raise FileNotFoundError('video file not found')
+  report = video_io.DecodeReport() if report is None else report
   frames = [encode_jpeg(f, opts.jpeg_quality)
             for f in video_io.decode_video(entry.path, short_side=opts.short_side, fps=opts.fps,
-                                           start_s=entry.start_s, end_s=entry.end_s)]
+                                           start_s=entry.start_s, end_s=entry.end_s,
+                                           report=report)]
   if len(frames) < opts.min_frames:
-    raise ValueError(f'{len(frames)} frames decoded (need {opts.min_frames})')
+    short = report.shortfall()
+    raise ValueError(f'{len(frames)} frames decoded, fewer than --min_frames={opts.min_frames}'
+                     + (f' ({short})' if short else ''))
   return frames
 
 
+def _warning(frames: int, report: video_io.DecodeReport, opts: Options) -> str:
+  """Why a written video deserves a look ('' when it does not)."""
+  notes = [report.shortfall()] if report.shortfall() else []
+  if frames < opts.warn_frames:
+    notes.append(f'only {frames} frame(s) written, fewer than --warn_frames={opts.warn_frames} '
+                 '(its clips repeat frames)')
+  return '; '.join(notes)
+
+
 def _fingerprint(entries: Sequence[annotations_lib.Entry], opts: Options) -> str:
-  h = hashlib.sha256(json.dumps(dataclasses.asdict(opts), sort_keys=True).encode())
+  shards_opts = {k: v for k, v in dataclasses.asdict(opts).items() if k not in _REPORT_ONLY}
+  h = hashlib.sha256(json.dumps(shards_opts, sort_keys=True).encode())
   for e in entries:
     h.update(f'{e.key}\t{e.path}\t{e.label}\t{e.start_s}\t{e.end_s}\n'.encode())
   return h.hexdigest()[:16]
@@ -81,18 +108,25 @@ def write_shard(task) -> Dict:
   """Writes one shard (worker entry point); returns its stats (also saved beside it)."""
   shard_path, entries, opts = task
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  stats = {'videos': 0, 'frames': 0, 'bytes': 0, 'failures': [], 'complete': False,
-           'fingerprint': _fingerprint(entries, opts)}
+  stats = {'videos': 0, 'frames': 0, 'bytes': 0, 'failures': [], 'warnings': [],
+           'complete': False, 'fingerprint': _fingerprint(entries, opts)}
   tmp = shard_path + '.tmp'
   with tf.io.TFRecordWriter(tmp) as writer:
     for e in entries:
+      report = video_io.DecodeReport()
       try:
-        frames = video_frames(e, opts)
+        frames = video_frames(e, opts, report)
       except Exception as err:  # pylint: disable=broad-except
         # One bad video must not stop a preparation of 300k: report it and go on.
         stats['failures'].append({'key': e.key, 'path': e.path,
                                   'reason': f'{type(err).__name__}: {err}'.strip()})
         continue
+      warning = _warning(len(frames), report, opts)
+      if warning:
+        stats['warnings'].append({'key': e.key, 'path': e.path, 'reason': warning,
+                                  'frames_written': len(frames),
+                                  'frames_decoded': report.decoded,
+                                  'frames_stated': report.expected})
       start_us = int(e.start_s * 1e6) if e.start_s is not None else None
       end_us = int(e.end_s * 1e6) if e.end_s is not None else None
       data = records.make_sequence_example(frames, e.label, e.label_text, e.key, start_us,
@@ -169,6 +203,7 @@ def prepare(entries: Sequence[annotations_lib.Entry], *, out_dir: str, name: str
       'frames': sum(s['frames'] for s in report_shards.values()),
       'bytes': sum(s['bytes'] for s in report_shards.values()),
       'failures': [f for s in report_shards.values() for f in s['failures']],
+      'warnings': [w for s in report_shards.values() for w in s.get('warnings', [])],
       'seconds': round(time.time() - t0, 2),
       'options': dataclasses.asdict(opts),
       'shards': dict(sorted(report_shards.items())),
@@ -176,9 +211,10 @@ def prepare(entries: Sequence[annotations_lib.Entry], *, out_dir: str, name: str
   path = os.path.join(out_dir, f'{name}-{split}.report.json')
   with open(path, 'w') as f:
     json.dump(report, f, indent=1)
-  logging.info('Wrote %d/%d videos (%d frames, %.1f MB) in %d shards; %d failures; report %s',
-               report['videos_written'], len(entries), report['frames'], report['bytes'] / 1e6,
-               num_shards, len(report['failures']), path)
+  logging.info('Wrote %d/%d videos (%d frames, %.1f MB) in %d shards; %d failures, %d written '
+               'with warnings; report %s', report['videos_written'], len(entries),
+               report['frames'], report['bytes'] / 1e6, num_shards, len(report['failures']),
+               len(report['warnings']), path)
   return report
 
 
@@ -213,6 +249,10 @@ def _define_flags():
   flags.DEFINE_integer('short_side', 256, 'Resize frames to this short side (0 keeps the size).')
   flags.DEFINE_float('fps', 0.0, 'Keep frames at this rate (0 keeps every frame).')
   flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality.')
+  flags.DEFINE_integer('min_frames', 1, 'Videos decoding to fewer frames are not written; the '
+                       'report lists them among the failures.')
+  flags.DEFINE_integer('warn_frames', 8, 'Videos written with fewer frames are listed among the '
+                       'warnings (as are videos that decode short of their stated length).')
   flags.DEFINE_integer('num_shards', 0, 'Number of shards (0: one per 200 videos).')
   flags.DEFINE_integer('num_workers', max(1, (os.cpu_count() or 2) - 1), 'Writer processes.')
   flags.DEFINE_integer('seed', 0, 'Seed of the video-to-shard assignment.')
@@ -226,13 +266,20 @@ def main(argv):
   entries = annotations_lib.read(FLAGS.format, FLAGS.annotations, FLAGS.videos,
                                  labels=FLAGS.labels, num_classes=FLAGS.num_classes)
   name = FLAGS.name or os.path.splitext(os.path.basename(FLAGS.annotations))[0]
-  opts = Options(short_side=FLAGS.short_side, fps=FLAGS.fps, jpeg_quality=FLAGS.jpeg_quality)
+  opts = Options(short_side=FLAGS.short_side, fps=FLAGS.fps, jpeg_quality=FLAGS.jpeg_quality,
+                 min_frames=FLAGS.min_frames, warn_frames=FLAGS.warn_frames)
   report = prepare(entries, out_dir=FLAGS.out, name=name, split=FLAGS.split, opts=opts,
                    num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers, seed=FLAGS.seed)
   print(json.dumps({k: report[k] for k in ('videos_requested', 'videos_written', 'frames', 'bytes',
                                            'seconds')}))
   for fail in report['failures'][:20]:
     print(f"FAILED {fail['key']} ({fail['path']}): {fail['reason']}")
+  for warn in report['warnings'][:20]:
+    print(f"WARNING {warn['key']} ({warn['path']}): {warn['reason']}")
+  for what in ('failures', 'warnings'):
+    if len(report[what]) > 20:
+      print(f'... {len(report[what]) - 20} more {what} in '
+            f'{os.path.join(FLAGS.out, f"{name}-{FLAGS.split}.report.json")}')
 
 
 if __name__ == '__main__':

@@ -309,3 +309,123 @@ def test_autotune_off_gives_the_same_stream(dataset):
     a, b = next(on), next(off)
     np.testing.assert_array_equal(a['video'], b['video'])
     np.testing.assert_array_equal(a['label'], b['label'])
+
+
+def _jpeg_frames(n):
+  return [tf.io.encode_jpeg(np.full((24, 32, 3), h.frame_value(i), np.uint8)).numpy()
+          for i in range(n)]
+
+
+def test_parser_returns_every_dmvr_context_field():
+  """Records as DMVR's own generator writes them: every context field comes back."""
+  label_map = {'space': 0, 'javeline_throw': 1}
+  seq = h.dmvr_generator_record(
+      _jpeg_frames(5), video_path='/tmp/BRKM_Javeline_Throw.webm', start=0.0, end=3.0,
+      label_name='javeline_throw', caption='someone is throwing a javeline',
+      label_map=label_map, audio=np.linspace(-1, 1, 480).tolist())
+  ex = records.parse_sequence_example(seq.SerializeToString())
+  assert ex['frames'].shape == (5,)
+  assert int(ex['label']) == 1 and ex['labels'].numpy().tolist() == [1]
+  assert int(ex['label_count']) == 1
+  assert ex['label_text'].numpy().tolist() == [b'javeline_throw']
+  assert ex['caption'].numpy().tolist() == [b'someone is throwing a javeline']
+  assert ex['filename'].numpy() == b'/tmp/BRKM_Javeline_Throw.webm'
+  assert (int(ex['start_us']), int(ex['end_us'])) == (0, 3_000_000)
+  # no label, no caption and no frames, as the generator writes an unlabelled, empty clip
+  bare = h.dmvr_generator_record([], video_path='/v/x.mp4', start=1.5, end=6.0)
+  ex = records.parse_sequence_example(bare.SerializeToString())
+  assert ex['frames'].shape == (0,) and int(ex['label']) == -1 and int(ex['label_count']) == 0
+  assert ex['label_text'].shape == (0,) and ex['caption'].shape == (0,)
+  assert (int(ex['start_us']), int(ex['end_us'])) == (1_500_000, 6_000_000)
+  # the other spellings in use: clip/label/string, several captions and labels, video_id
+  seq = tf.train.SequenceExample()
+  seq.context.feature['clip/label/index'].int64_list.value[:] = [42, 7]
+  seq.context.feature['clip/label/string'].bytes_list.value[:] = [b'label', b'other']
+  seq.context.feature['caption/string'].bytes_list.value[:] = [b'hello world', b'again']
+  seq.context.feature['video_id'].bytes_list.value[:] = [b'vid42']
+  seq.feature_lists.feature_list['image/encoded'].feature.add().bytes_list.value[:] = \
+      _jpeg_frames(1)
+  ex = records.parse_sequence_example(seq.SerializeToString())
+  assert int(ex['label']) == 42 and ex['labels'].numpy().tolist() == [42, 7]
+  assert ex['label_text'].numpy().tolist() == [b'label', b'other']
+  assert ex['caption'].numpy().tolist() == [b'hello world', b'again']
+  assert ex['filename'].numpy() == b'vid42'
+  assert (int(ex['start_us']), int(ex['end_us'])) == (-1, -1)
+  # our writer stores the same fields under the same keys
+  ours = records.make_sequence_example(_jpeg_frames(2), 3, 'abseiling', 'k1', 2_000_000,
+                                       12_000_000)
+  ex = records.parse_sequence_example(ours.SerializeToString())
+  assert ex['label_text'].numpy().tolist() == [b'abseiling']
+  assert (ex['filename'].numpy(), int(ex['start_us']), int(ex['end_us'])) == (
+      b'k1', 2_000_000, 12_000_000)
+
+
+def test_dmvr_generator_records_read_by_pipeline(tmp_path):
+  """Shards as DMVR's generator writes them (one with an empty clip) evaluate here, keyed by
+  the video path; the empty clip is named, not a parse failure."""
+  label_map = {'a': 0, 'b': 1}
+  path = tmp_path / 'gen-00000-of-00001'
+  with tf.io.TFRecordWriter(str(path)) as w:
+    for k in range(3):
+      w.write(h.dmvr_generator_record(
+          _jpeg_frames(6 + k), video_path=f'/videos/v{k}.mp4', start=0.0, end=1.0,
+          label_name='ab'[k % 2], caption=f'clip {k}', label_map=label_map).SerializeToString())
+    w.write(h.dmvr_generator_record([], video_path='/videos/empty.mp4', start=0.0,
+                                    end=1.0).SerializeToString())
+  cfg = config_lib.default_data_config()
+  cfg.test_files = str(path)
+  cfg.num_classes, cfg.num_frames, cfg.frame_interval = 2, 4, 1
+  cfg.image_size, cfg.test_short_side, cfg.test_clips, cfg.test_crops = 16, 16, 1, 1
+  it = input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4, process_index=0,
+                                        process_count=1)
+  got = {k.decode(): int(l) for b in it for k, l in zip(b['key'], b['label'])}
+  assert got == {f'/videos/v{k}.mp4': k % 2 for k in range(3)}
+  assert [(k, r) for _, k, r in it.stats.named] == [('/videos/empty.mp4', 'record has no frames')]
+  assert it.stats.decode_errors == 0
+
+
+def _ten_crop_reference(frames, size):
+  """mmaction2 TenCrop on (T, H, W, C): corners and centre with step (side - size)//4 per
+  axis, each crop followed by its horizontal flip."""
+  _, hgt, wid, _ = frames.shape
+  ws, hs = (wid - size) // 4, (hgt - size) // 4
+  out = []
+  for x, y in ((0, 0), (4 * ws, 0), (0, 4 * hs), (4 * ws, 4 * hs), (2 * ws, 2 * hs)):
+    crop = frames[:, y:y + size, x:x + size]
+    out += [crop, crop[:, :, ::-1]]
+  return np.stack(out)
+
+
+def test_ten_crop_matches_mmaction_layout():
+  frames = np.random.RandomState(0).randint(0, 255, (3, 41, 57, 3)).astype(np.float32)
+  for size in (32, 41):
+    got = input_pipeline.ten_crop(tf.constant(frames), size).numpy()
+    np.testing.assert_array_equal(got, _ten_crop_reference(frames, size))
+
+
+def test_view_settings_checked_with_one_line_error_naming_the_field(dataset):
+  d, _ = dataset
+  for field, value in (('test_crops', 2), ('val_crops', 5), ('test_clips', 0)):
+    cfg = make_cfg(d, **{field: value})
+    split = field.split('_')[0]
+    with pytest.raises(ValueError, match=rf'^data\.{field}={value} ') as err:
+      input_pipeline.make_eval_dataset(cfg, split=split, batch_size=2, process_index=0,
+                                       process_count=1)
+    assert '\n' not in str(err.value)
+    with pytest.raises(ValueError, match=rf'^data\.{field}={value} '):  # before training starts
+      input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0,
+                                        process_count=1)
+  cfg = make_cfg(d, test_crops=2)
+  with pytest.raises(ValueError, match=r'^data\.test_crops=2 '):
+    video_io.load_video_clip(str(d / 'vids' / 'v0.mp4'), cfg)
+
+
+def test_eval_ten_crops(dataset):
+  d, _ = dataset
+  cfg = make_cfg(d, test_clips=2, test_crops=10)
+  b = next(iter(input_pipeline.make_eval_dataset(cfg, split='test', batch_size=3,
+                                                 process_index=0, process_count=1)))
+  assert b['video'].shape == (3, 20, 8, 32, 32, 3)
+  v = b['video'][0].reshape(10, 2, 8, 32, 32, 3)  # crop-major, then clip
+  np.testing.assert_array_equal(v[1], v[0][..., ::-1, :])  # each crop, then its flip
+  assert not np.array_equal(v[0], v[2])  # upper left vs upper right of a 32x48 frame

@@ -132,3 +132,33 @@ def test_cli_parallel_workers_with_report(tmp_path):
   assert sorted(report['shards']) == ['cli-val.tfrecord-00000-of-00002',
                                       'cli-val.tfrecord-00001-of-00002']
   assert all(s['complete'] for s in report['shards'].values())
+
+
+def test_plain_list_class_names_with_labels_file(tmp_path):
+  os.makedirs(tmp_path / 'v')
+  for name in ('a.mp4', 'my clip.mp4', 'c.mp4', 'd.mp4'):
+    (tmp_path / 'v' / name).write_bytes(b'x')
+  (tmp_path / 'classes.txt').write_text('jumping\nplaying guitar\nswimming\n')
+  (tmp_path / 'l.txt').write_text('a.mp4 jumping\nmy clip.mp4 playing guitar\n'
+                                  'c.mp4\tswimming\nd.mp4 2\nd.mp4 dancing\n')
+  entries = annotations.read('list', str(tmp_path / 'l.txt'), str(tmp_path / 'v'),
+                             labels=str(tmp_path / 'classes.txt'))
+  assert [(e.key, e.label, e.label_text, e.error) for e in entries[:4]] == [
+      ('a', 0, 'jumping', ''), ('my clip', 1, 'playing guitar', ''), ('c', 2, 'swimming', ''),
+      ('d', 2, 'swimming', '')]
+  assert entries[4].label == -1 and "'dancing' not in the class list" in entries[4].error
+  # without a class list a name cannot be mapped: one error naming file and line
+  with pytest.raises(ValueError, match=r"l\.txt: line 1: label 'jumping' is not a class "
+                                       r'index.*--labels'):
+    annotations.read('list', str(tmp_path / 'l.txt'), str(tmp_path / 'v'), num_classes=3)
+
+
+def test_annotation_rows_that_cannot_be_read_name_file_and_line(tmp_path):
+  csv = tmp_path / 'k.csv'
+  csv.write_text('label,youtube_id,time_start,time_end,split\na,x,0,10,train\na,y,start,10,train\n')
+  with pytest.raises(ValueError, match=r'k\.csv: line 3: time_start/time_end'):
+    annotations.read('kinetics', str(csv), str(tmp_path))
+  (tmp_path / 'd.json').write_text(json.dumps([{'vid_name': 'a', 'label': 1},
+                                               {'vid_name': 'b', 'label': 'back dive'}]))
+  with pytest.raises(ValueError, match=r'd\.json: item 1: needs "vid_name" and an integer'):
+    annotations.read('diving48', str(tmp_path / 'd.json'), str(tmp_path))

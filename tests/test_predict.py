@@ -206,3 +206,19 @@ except flags.IllegalFlagValueError as e:
     assert lines[1] == 'required: True', (module, lines)
   assert seen['evaluate'] == seen['predict']
   assert seen['predict']['which'][1:] == ['latest', ['best', 'latest']]
+
+
+@pytest.mark.slow  # two interpreters that import jax and TensorFlow
+def test_command_line_missing_or_broken_video_is_one_line(tiny_checkpoint, tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  missing = tmp_path / 'nothing.mp4'
+  bad = tmp_path / 'broken.mp4'
+  bad.write_bytes(b'this is not a video' * 100)
+  for video, message in ((missing, f'video file {missing} does not exist'),
+                         (bad, f'cannot read video {bad}: ')):
+    proc = subprocess.run([sys.executable, '-m', 'aim_jax.predict', '--checkpoint',
+                           tiny_checkpoint, '--video', str(video)], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
