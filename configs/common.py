@@ -155,7 +155,8 @@ def set_backbone(c: ml_collections.ConfigDict, backbone: str) -> None:
   elif backbone == 'l14':
     c.model.variant = 'L/14'
     # vitclip_large_*: paramwise custom_keys {'backbone': lr_mult 0.1}. 'backbone' is the
-    # longest key, so backbone.ln_post gets lr 0.1x and weight decay (aim_spec.md section 7).
+    # longest key, so backbone.ln_post gets lr 0.1x and weight decay
+    # (docs/official_recipe.md#paramwise).
     c.optimizer.lr_mults = ml_collections.ConfigDict({'backbone': 0.1})
   else:
     raise ValueError(f"backbone {backbone!r} is not 'b16' or 'l14'")

@@ -1,6 +1,6 @@
 """DMVR record layout: one `tf.train.SequenceExample` per video.
 
-Keys follow deepmind/dmvr (see ecosystem.md §6) so shards made for DMVR readers (Scenic's
+Keys follow deepmind/dmvr (docs/formats.md#dmvr-records) so shards made for DMVR readers (Scenic's
 ViViT among others) read here and ours read there:
 
   feature_lists['image/encoded']   one bytes feature per frame (JPEG)
