@@ -3,13 +3,13 @@
 * Freezing: `optax.multi_transform` with `optax.set_to_zero()` for frozen
   leaves, so they get neither optimiser state nor an update. (`optax.masked`
   alone would pass frozen gradients through unchanged, see
-  shared/notes/ecosystem.md section 4.)
+  docs/official_recipe.md#frozen-updates.)
 * Parameter groups: mmcv's `DefaultOptimizerConstructor` with
   `paramwise_cfg.custom_keys`: the *longest* key that is a substring of the
   name decides both `lr_mult` and `decay_mult` (default 1). The official
   configs exempt class/positional embeddings and every LayerNorm from weight
   decay; large models add `backbone: lr_mult 0.1`, so `backbone.ln_post` gets
-  lr 0.1x and weight decay (aim_spec.md section 7).
+  lr 0.1x and weight decay (docs/official_recipe.md#paramwise).
 * Schedule: mmcv `CosineAnnealing(by_epoch=True, min_lr=0)` with a linear
   warm-up by iteration from `warmup_ratio` x the scheduled lr.
 """

@@ -7,7 +7,7 @@ r"""AIM on the ImageNet-21K ViT-B/16 (the official `ViT_ImageNet`; paper Tables 
       --config.data.val_files=...
   python -m aim_jax.evaluate --config configs/in21k.py:k400 --checkpoint /runs/in21k_k400
 
-Recipe (official vit_imagenet_{k400,ssv2}.py; aim_backbones_spec.md section 4):
+Recipe (official vit_imagenet_{k400,ssv2}.py; docs/official_recipe.md#datasets):
 the CLIP recipe of the same dataset (configs/k400.py, configs/ssv2.py) except
 ImageNet mean/std (not CLIP's). K400: 8 frames at interval 16 (test 3 clips x
 centre crop), as configs/k400.py:b16_f8. SSv2: num_tadapter 2, adapter scale 1, 8 uniform frames,

@@ -9,7 +9,7 @@ r"""AIM on Swin-B (Table 6 of the paper): Kinetics-400, 32 frames, 82.1% top-1, 
 
 The official recipe (taoyang1122/adapt-image-models,
 configs/recognition/swin/swin2d_adapter_patch244_window7_{kinetics400,sthv2}_1k.py;
-aim_backbones_spec.md section 4): an ImageNet-21K 2D Swin-B with a Conv3d
+docs/official_recipe.md#datasets): an ImageNet-21K 2D Swin-B with a Conv3d
 patch embedding (2, 4, 4), so 32 frames give T' = 16 time tokens; ImageNet
 mean/std; AdamW lr 1e-3 (SSv2 3e-4), wd 0.05 with the Swin exemptions
 (relative_position_bias_table, absolute_pos_embed, norm), backbone lr x0.1:

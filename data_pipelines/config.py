@@ -1,7 +1,8 @@
 """Default data configuration: the one place every data field is defined.
 
 Library code reads these fields with attribute access (never `.get(key, default)`), so a
-misspelt override fails loudly. Values follow the official AIM recipe (aim_spec.md §8):
+misspelt override fails loudly. Values follow the official AIM recipe
+(docs/official_recipe.md#datasets):
 CLIP mean/std on 0..255, short side 256 for training/validation and 224 for testing.
 """
 

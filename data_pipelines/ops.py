@@ -1,6 +1,6 @@
 """Video ops on whole clips: one random draw per clip, applied to every frame.
 
-Geometry follows mmaction2 as the official AIM configs use it (aim_spec.md §8):
+Geometry follows mmaction2 as the official AIM configs use it (docs/sampling.md#spatial):
 `Resize(-1, S)` (short side S, sizes `int(x*scale + 0.5)`), `RandomResizedCrop` (10 attempts,
 area and log-uniform ratio, `round(sqrt(...))` sides, centre-square fallback), `Resize(224,
 224, keep_ratio=False)`, `Flip`, `CenterCrop` and `ThreeCrop` (left/top, right/bottom,

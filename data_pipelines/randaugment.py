@@ -1,6 +1,7 @@
 """RandAugment for video: n ops of magnitude m drawn once per clip, applied to every frame.
 
-The SSv2 recipe uses imgaug `RandAugment(n=4, m=7)` on whole clips (aim_spec.md §8); imgaug
+The SSv2 recipe uses imgaug `RandAugment(n=4, m=7)` on whole clips
+(docs/official_recipe.md#augmentations); imgaug
 draws the ops once (`to_deterministic`) so all frames get the same ones. The op set is
 imgaug's: identity, autocontrast, equalize, rotate, solarize, color, posterize, contrast,
 brightness, sharpness, shear x/y, translate x/y; m is on imgaug's 0..30 scale. Magnitude

@@ -1,8 +1,8 @@
 """DMVR record layout: one `tf.train.SequenceExample` per video.
 
 Keys follow deepmind/dmvr (its `modalities.py` readers and `examples/generate_from_file.py`
-writer), so shards made for DMVR readers (Scenic's ViViT among others) read here and ours
-read there:
+writer; docs/formats.md#dmvr-records), so shards made for DMVR readers (Scenic's ViViT among
+others) read here and ours read there:
 
   feature_lists['image/encoded']   one bytes feature per frame (JPEG)
   context['clip/label/index']      int64 list (multi-label capable; training uses the first)

@@ -1,6 +1,6 @@
 """Frame-index samplers, run on the encoded frame list *before* any JPEG is decoded.
 
-All samplers follow the official AIM/mmaction2 `SampleFrames` arithmetic (aim_spec.md §8) so
+All samplers follow the official AIM/mmaction2 `SampleFrames` arithmetic (docs/sampling.md) so
 a clip sampled here is the clip the official recipe would sample from the same frames:
 
 * dense training: one clip of `clip_len` frames `interval` apart at a random offset in

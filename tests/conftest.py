@@ -17,7 +17,8 @@ if 'xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' ' + _HOST_DEVICES).strip()
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = ROOT / 'tests' / 'golden'
+# AIM_GOLDEN_DIR: run the golden tests on regenerated files (tests/golden/regenerate.py).
+GOLDEN = pathlib.Path(os.environ.get('AIM_GOLDEN_DIR') or ROOT / 'tests' / 'golden')
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 

@@ -9,7 +9,7 @@ from data_pipelines import ops  # noqa: E402
 from data_pipelines import sampling  # noqa: E402
 
 
-# ----- numpy references written from aim_spec.md §8 (mmaction2 SampleFrames)
+# ----- numpy references written from docs/sampling.md (mmaction2 SampleFrames)
 
 
 def ref_dense_test(n, clip_len, interval, num_clips):

@@ -52,7 +52,8 @@ def test_official_groups_base_model():
   _, _, _, params = _tiny_params()
   labels, groups = optim.param_labels(params, _opt_cfg())
   flat = P.flatten(labels)
-  # Only ln_post among the trainable leaves is exempt from weight decay (aim_spec.md 7).
+  # Only ln_post among the trainable leaves is exempt from weight decay
+  # (docs/official_recipe.md#paramwise).
   assert flat['backbone/ln_post/scale'] == flat['backbone/ln_post/bias'] == 'lr1_wd0'
   assert flat['backbone/temporal_embedding'] == 'lr1_wd0.05'
   assert flat['backbone/resblocks_0/S_Adapter/D_fc1/bias'] == 'lr1_wd0.05'

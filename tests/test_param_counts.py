@@ -86,7 +86,7 @@ def test_table1_in21k_plus_joint_is_14_3m():
   assert abs(tunable - 14.3e6) < 0.1e6
 
 
-# aim_backbones_spec §3: the official ViT_ImageNet, instantiated.
+# docs/official_recipe.md#parameter-counts: the official ViT_ImageNet, instantiated.
 @pytest.mark.parametrize('cfg,expected', [
     (dict(B16_K400, backbone='vit_in21k'), (10_966_672, 96_763_792)),
     (IN21K_SSV2, (14_343_342, 100_140_462)),

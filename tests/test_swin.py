@@ -266,7 +266,7 @@ def test_num_tadapter_2_is_refused():
 
 
 # ---------------------------------------------------------------------------
-# Official Swin-B counts (aim_backbones_spec.md section 3).
+# Official Swin-B counts (docs/official_recipe.md#parameter-counts).
 
 @pytest.mark.parametrize('row,tunable,total', [('k400', 9_172_080, 95_927_276),
                                                ('ssv2', 8_940_430, 95_695_626)])

@@ -121,7 +121,7 @@ def _target_name(key: str) -> Optional[tuple[str, str]]:
   return None
 
 
-# timm ViT names -> CLIP names (aim_backbones_spec §1); the qkv/proj tensors have
+# timm ViT names -> CLIP names (docs/state_dict_names.md#vit-in21k); the qkv/proj tensors have
 # the same layout as in_proj/out_proj.
 _TIMM_TO_CLIP = [
     (r'^patch_embed\.proj\.', 'conv1.'),
