@@ -10,7 +10,7 @@ import pytest
 import torchvision_stub
 from conftest import GOLDEN
 
-from aim_jax.convert import formats
+from aim_jax.convert import registry
 from aim_jax import params as P
 from aim_jax.convert.formats import swin as swin_format
 from aim_jax.models import swin as swin_lib
@@ -136,10 +136,10 @@ def test_buffers_that_disagree_with_the_config_are_an_error():
 
 def test_formats_registry_detects_the_swin_families():
   _, sd, _, _, _ = load_case()
-  assert [f.name for f in formats.detect(sd.keys(), kind='aim')] == ['aim_swin']
+  assert [f.name for f in registry.detect(sd.keys(), kind='aim')] == ['aim_swin']
   image_keys = [k[len('backbone.'):] for k in sd if k.startswith('backbone.')]
-  assert 'swin' in [f.name for f in formats.detect(image_keys, kind='image')]
-  assert 'aim_swin' not in [f.name for f in formats.detect(image_keys)]
+  assert 'swin' in [f.name for f in registry.detect(image_keys, kind='image')]
+  assert 'aim_swin' not in [f.name for f in registry.detect(image_keys)]
 
 
 # ---------------------------------------------------------------------------
