@@ -674,3 +674,81 @@ def test_naflex_siglip2_is_refused_by_name():
       patch_size=8, num_patches=16))
   with pytest.raises(official_names.ConversionError, match='NaFlex'):
     registry.all_formats()['siglip'].convert(_sd(model), heads=4)
+
+
+# ---------------------------------------------------------------------------
+# The head count is read where the source records it (config.json beside the weights),
+# and guessed, with a notice, only where nothing does (aim_jax/convert/source_config.py).
+
+def _saved_pretrained(model, directory):
+  model.save_pretrained(str(directory))           # config.json + model.safetensors
+  assert {'config.json', 'model.safetensors'} <= {p.name for p in directory.iterdir()}
+  return str(directory)
+
+
+@pytest.mark.parametrize('family', ['siglip', 'dinov2'])
+def test_save_pretrained_heads_come_from_config_json_and_features_match(family, tmp_path):
+  # Width 64 with 4 heads: head dim 16, so width/64 (1 head) would be silently wrong.
+  if family == 'siglip':
+    model = _hf_siglip(seed=13, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    size = 32
+  else:
+    model = _hf_dinov2(seed=13, hidden_size=64, num_attention_heads=4)
+    size = 28
+  src = _saved_pretrained(model, tmp_path / 'hf')
+  params, cfg, metadata = _cli_convert(src, tmp_path / 'out')         # no --heads
+  assert metadata['format'] == family and cfg['heads'] == 4
+  assert any(n.startswith('heads=4 read from') and 'num_attention_heads=4' in n
+             for n in metadata['notices']), metadata['notices']
+  assert not any('guessed' in n for n in metadata['notices'])
+  images = _images(2, size, seed=13)
+  np.testing.assert_allclose(_features(cfg, params, images), _hf_pooled(model, images),
+                             atol=1e-5, rtol=0)
+  # The same weights without their config: width/64 is a guess, and the report says so.
+  bare = tmp_path / 'bare'
+  bare.mkdir()
+  (bare / 'model.safetensors').write_bytes((tmp_path / 'hf' / 'model.safetensors').read_bytes())
+  _, cfg, metadata = _cli_convert(str(bare), tmp_path / 'out_bare')
+  assert cfg['heads'] == 1
+  assert 'heads=1 guessed as width/64: no config records it; pass --heads' in metadata['notices']
+
+
+def test_heads_that_contradict_config_json_are_an_error_naming_both(tmp_path, capsys):
+  src = _saved_pretrained(_hf_siglip(seed=14, hidden_size=64, intermediate_size=128,
+                                     num_attention_heads=4), tmp_path / 'hf')
+  assert convert_cli.main(['image', '--src', src, '--out', str(tmp_path / 'o'),
+                           '--heads', '2']) != 0
+  err = capsys.readouterr().err
+  assert '--heads 2 contradicts' in err and 'num_attention_heads=4' in err, err
+  # A config.json of another model (another width) is not read as this one's.
+  blob = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  blob['hidden_size'] = 128
+  (tmp_path / 'hf' / 'config.json').write_text(json.dumps(blob))
+  assert convert_cli.main(['image', '--src', src, '--out', str(tmp_path / 'o2')]) != 0
+  err = capsys.readouterr().err
+  assert '128 wide' in err and '64 wide' in err, err
+
+
+def test_composite_hf_config_without_heads_uses_the_transformers_default(tmp_path):
+  # Older transformers saved only non-default fields: `vision_config` of google/siglip-base-*
+  # names no num_attention_heads, so SiglipVisionConfig's default (12) applies.
+  from aim_jax.convert import source_config
+  (tmp_path / 'config.json').write_text(json.dumps(
+      {'model_type': 'siglip', 'vision_config': {'model_type': 'siglip_vision_model'}}))
+  found = source_config.recorded('siglip', str(tmp_path))['heads']
+  assert (found.value, found.width) == (12, 768)
+  assert 'default' in found.why and 'vision_config.num_attention_heads' in found.why
+
+
+def test_timm_config_json_records_the_heads(timm, tmp_path):
+  from timm.models import _hub
+  model = _randomise(timm.create_model(
+      'vit_tiny_patch16_224', pretrained=False, num_classes=0, img_size=32, patch_size=8,
+      embed_dim=64, depth=2, num_heads=4), 15)
+  _hub.save_for_hf(model, str(tmp_path / 'hub'))        # config.json with model_args
+  params, cfg, metadata = _cli_convert(str(tmp_path / 'hub'), tmp_path / 'out')
+  assert metadata['format'] == 'timm_vit' and cfg['heads'] == 4
+  assert any('model_args.num_heads=4' in n for n in metadata['notices'])
+  images = _images(2, 32, seed=15)
+  np.testing.assert_allclose(_features(cfg, params, images), _timm_features(model, images),
+                             atol=1e-5, rtol=0)

@@ -107,6 +107,12 @@ def save_openai_torchscript(model, path, size):
   `model` keeps float32 compute on the float16-rounded weights (the reference).
   """
   t = _torch()
+  # OpenAI's archives hold these as 0-d tensors (clip.load reads input_resolution.item()).
+  for name, value in (('input_resolution', size), ('context_length', 8), ('vocab_size', 100)):
+    if not hasattr(model, name) or not t.is_tensor(getattr(model, name)):
+      if hasattr(model, name):
+        delattr(model, name)
+      model.register_buffer(name, t.tensor(value))
   with t.no_grad():
     model.half().float()
     traced = t.jit.trace(model, (t.zeros(1, 3, size, size), t.zeros(1, 8, dtype=t.long)),
@@ -132,6 +138,10 @@ def test_openai_clip_torchscript_archive_reads_without_running_code_and_matches(
   assert meta['format'] == 'clip'
   assert any('float16' in n for n in meta['notices'])
   assert any(u.startswith('token_embedding') for u in meta['unused'])   # text tower reported
+  # 0-d tensors of the archive are reported like every other unused key.
+  assert {'logit_scale', 'input_resolution', 'context_length', 'vocab_size'} <= set(
+      meta['unused']), meta['unused']
+  assert any('heads=2 guessed as width/64' in n for n in meta['notices'])
   assert 'backbone/temporal_embedding' in meta['left_at_init']
   assert any('Adapter' in m for m in meta['left_at_init'])
 
@@ -204,8 +214,10 @@ def test_open_clip_state_dict_matches(tmp_path, ext):
   x = images(seed=5)
   ref_emb, ref_pre = torch_visual_outputs(model.visual, x)
   run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'out'))
-  emb, pre, cfg, _ = flax_outputs(tmp_path / 'out', x)
+  emb, pre, cfg, meta = flax_outputs(tmp_path / 'out', x)
   assert cfg['output_dim'] == 48
+  # The 0-d logit_scale is an unused key whichever container held it.
+  assert 'logit_scale' in meta['unused'], meta['unused']
   assert_close(emb, ref_emb)
   assert_close(pre, ref_pre)
 
@@ -641,3 +653,32 @@ def test_every_torch_container_reads_the_same_tensors(tmp_path):
       np.testing.assert_array_equal(np.asarray(got[k], np.float64), v.double().numpy(),
                                     err_msg=f'{name}:{k}')
       assert got[k].shape == tuple(v.shape)
+      assert isinstance(got[k], np.ndarray), (name, k, type(got[k]))   # 0-d too
+
+
+@pytest.mark.torch
+def test_open_clip_config_head_width_gives_the_heads(tmp_path):
+  """OpenCLIP builds width / head_width heads; a head_width of 32 is not width/64."""
+  t = _torch()
+  install_fake_torchvision()
+  import open_clip
+  vision = open_clip.model.CLIPVisionCfg(layers=2, width=128, head_width=32, patch_size=8,
+                                         image_size=32)
+  text = open_clip.model.CLIPTextCfg(context_length=8, vocab_size=100, width=64, heads=1,
+                                     layers=1)
+  model = randomize(open_clip.model.CLIP(48, vision, text, quick_gelu=True), 7)
+  assert model.visual.transformer.resblocks[0].attn.num_heads == 4
+  t.save(model.state_dict(), tmp_path / 'open_clip_pytorch_model.bin')
+  write_open_clip_config(tmp_path, quick_gelu=True)
+  blob = json.loads((tmp_path / 'open_clip_config.json').read_text())
+  blob['model_cfg']['vision_cfg']['head_width'] = 32
+  (tmp_path / 'open_clip_config.json').write_text(json.dumps(blob))
+  x = images(seed=7)
+  ref_emb, _ = torch_visual_outputs(model.visual, x)
+  run_cli('clip', '--src', str(tmp_path), '--out', str(tmp_path / 'out'))
+  emb, _, cfg, meta = flax_outputs(tmp_path / 'out', x)
+  assert cfg['heads'] == 4
+  assert any('head_width=32' in n for n in meta['notices']), meta['notices']
+  assert_close(emb, ref_emb)
+  with pytest.raises(ConversionError, match=r'--heads 2 contradicts .*head_width=32'):
+    convert.load_clip(str(tmp_path), heads=2, log=lambda _: None)

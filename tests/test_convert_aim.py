@@ -158,3 +158,67 @@ def test_clip_gelu_aim_model_round_trips_through_export_aim(tmp_path):
   assert convert.load_aim(str(tmp_path / 'zoo.pth'), heads=4).model_config['backbone'] == 'clip'
   assert convert.load_aim(str(tmp_path / 'zoo.pth'), heads=4,
                           act='gelu').model_config['backbone'] == 'clip_gelu'
+
+
+def _random_aim(tmp_path, seed=0, **fields):
+  """A small AIM model with random (non-zero) weights, saved as a parameter checkpoint."""
+  import jax
+
+  from aim_jax.models.factory import input_shape, resolve_model_config
+  cfg = resolve_model_config(dict(backbone='clip', layers=2, patch_size=8, image_size=32,
+                                  num_frames=2, num_classes=5, **fields))
+  model = build_model(cfg)
+  x = np.random.default_rng(seed).normal(size=input_shape(cfg, 1)).astype(np.float32)
+  import flax.linen as nn
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), x))['params'])
+  rng = np.random.default_rng(seed + 1)
+  params = P.unflatten({k: (0.1 * rng.normal(size=v.shape)).astype(np.float32)
+                        for k, v in P.flatten(shapes).items()})
+  checkpoints.save_params(str(tmp_path / 'src'), params, cfg)
+  return cfg, params, x
+
+
+@pytest.mark.parametrize('width,heads,scale', [(64, 4, 0.8), (32, 2, 1.0)])
+def test_export_aim_then_convert_aim_gives_the_same_logits_exactly(tmp_path, width, heads,
+                                                                   scale):
+  """Heads (not width/64) and the adapter scale travel in the exported file's meta."""
+  cfg, params, x = _random_aim(tmp_path, width=width, heads=heads,
+                               adapters=dict(scale=scale))
+  assert (cfg['heads'], cfg['adapters']['scale']) == (heads, scale)
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
+                           str(tmp_path / 'm.pth')]) == 0
+  assert convert_cli.main(['aim', '--src', str(tmp_path / 'm.pth'), '--out',
+                           str(tmp_path / 'back')]) == 0
+  got_params, got_cfg, info = checkpoints.load_params(str(tmp_path / 'back'))
+  assert (got_cfg['heads'], got_cfg['adapters']['scale']) == (heads, scale)
+  assert any(n.startswith(f'heads={heads} read from the file\'s meta.model_config')
+             for n in info['notices']), info['notices']
+  assert not any('guessed' in n or 'official default' in n for n in info['notices'])
+  want = build_model(cfg).apply({'params': params}, x)
+  got = build_model(got_cfg).apply({'params': got_params}, x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_flags_that_contradict_the_exported_meta_are_an_error_naming_both(tmp_path, capsys):
+  _random_aim(tmp_path, width=64, heads=4, adapters=dict(scale=0.8))
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
+                           str(tmp_path / 'm.pth')]) == 0
+  capsys.readouterr()
+  for flag, value, recorded in (('--heads', '1', 'heads=4'),
+                                ('--adapter-scale', '0.5', 'adapters.scale=0.8')):
+    assert convert_cli.main(['aim', '--src', str(tmp_path / 'm.pth'), '--out',
+                             str(tmp_path / 'o'), flag, value]) != 0
+    err = capsys.readouterr().err
+    assert f'{flag} {value}' in err and recorded in err and 'meta.model_config' in err, err
+  # Flags that agree with the meta are fine.
+  assert convert.load_aim(str(tmp_path / 'm.pth'), heads=4,
+                          adapter_scale=0.8).model_config['heads'] == 4
+
+
+def test_official_file_without_meta_reports_the_guesses(tmp_path):
+  _, _, sd = golden('aim_tiny_case1')
+  write_mmaction_pth(sd, tmp_path / 'zoo.pth')
+  notices = convert.load_aim(str(tmp_path / 'zoo.pth'), log=lambda _: None).report.notices
+  assert any(n.startswith('heads=') and 'guessed as width/64: no config records it; pass '
+             '--heads' in n for n in notices), notices
+  assert any('adapter scale 0.5' in n for n in notices), notices

@@ -10,7 +10,7 @@ import pytest
 import torchvision_stub
 from conftest import GOLDEN
 
-from aim_jax.convert import formats
+from aim_jax.convert import registry
 from aim_jax import params as P
 from aim_jax.convert.formats import swin as swin_format
 from aim_jax.models import swin as swin_lib
@@ -136,10 +136,10 @@ def test_buffers_that_disagree_with_the_config_are_an_error():
 
 def test_formats_registry_detects_the_swin_families():
   _, sd, _, _, _ = load_case()
-  assert [f.name for f in formats.detect(sd.keys(), kind='aim')] == ['aim_swin']
+  assert [f.name for f in registry.detect(sd.keys(), kind='aim')] == ['aim_swin']
   image_keys = [k[len('backbone.'):] for k in sd if k.startswith('backbone.')]
-  assert 'swin' in [f.name for f in formats.detect(image_keys, kind='image')]
-  assert 'aim_swin' not in [f.name for f in formats.detect(image_keys)]
+  assert 'swin' in [f.name for f in registry.detect(image_keys, kind='image')]
+  assert 'aim_swin' not in [f.name for f in registry.detect(image_keys)]
 
 
 # ---------------------------------------------------------------------------
@@ -290,11 +290,13 @@ def timm():
     yield timm_module
 
 
-def _random_timm_swin(timm, seed, **kwargs):
+def _random_timm_swin(timm, seed, arch=None, **kwargs):
+  """`arch`: build through timm.create_model (a hub model name, as save_for_hf needs)."""
   import torch
   from timm.models.swin_transformer import SwinTransformer
   torch.manual_seed(seed)
-  model = SwinTransformer(num_classes=0, **kwargs).eval()
+  model = (timm.create_model(arch, pretrained=False, num_classes=0, **kwargs) if arch
+           else SwinTransformer(num_classes=0, **kwargs)).eval()
   with torch.no_grad():                       # non-trivial LayerNorms, biases and bias tables
     for name, p in model.named_parameters():
       if name.endswith('.weight') and p.ndim == 1:
@@ -443,3 +445,81 @@ def test_bfloat16_compute_stays_close_to_the_official_logits():
                   model=build_model(dict(cfg, dtype='bfloat16')))
   err = np.abs(np.asarray(logits, np.float32) - d['logits']).max()
   assert 1e-5 < err < 2e-2     # bf16 really used, and still close (measured 2.2e-3)
+
+
+# ---------------------------------------------------------------------------
+# The input resolution comes from the source (config, shift mask, shrunk window), else 224
+# with a notice: the shift masks depend on it, so a wrong one changes every feature.
+
+TWO_STAGE_TIMM = dict(img_size=64, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+                      window_size=4)   # stages 16, 8: no window shrinks, timm saves no mask
+
+
+def _two_frame_features(cfg, params, images):
+  clip = jnp.repeat(jnp.asarray(images)[:, None], 2, axis=1)   # (B, 2, H, W, 3)
+  encoder = inject(build_encoder(cfg), None, 2)
+  return jax.jit(encoder.apply)({'params': params}, clip)[:, 0]
+
+
+def test_swin_image_size_comes_from_timm_config_json(timm, tmp_path):
+  from aim_jax import convert
+  from timm.models import _hub
+  model = _random_timm_swin(timm, 4, arch='swin_tiny_patch4_window7_224', **TWO_STAGE_TIMM)
+  _hub.save_for_hf(model, str(tmp_path / 'hub'))       # config.json: model_args.img_size [64, 64]
+  conv = convert.convert(str(tmp_path / 'hub'), str(tmp_path / 'ckpt'), 'image',
+                         log=lambda _: None)
+  assert conv.format == 'swin' and conv.model_config['image_size'] == 64
+  assert any(n.startswith('image_size=64 read from') and 'model_args.img_size' in n
+             for n in conv.report.notices), conv.report.notices
+  images = np.random.RandomState(4).randn(2, 64, 64, 3).astype(np.float32)
+  np.testing.assert_allclose(_two_frame_features(conv.model_config, conv.params, images),
+                             _timm_features(model, images), atol=1e-4, rtol=0)
+  # Without the config nothing records it: 224 is assumed, and the report says so ...
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  from safetensors.numpy import save_file
+  save_file(sd, str(tmp_path / 'bare.safetensors'))
+  conv = convert.load_image(str(tmp_path / 'bare.safetensors'), log=lambda _: None)
+  assert conv.model_config['image_size'] == 224
+  assert any(n.startswith('image_size=224 assumed') and '--image-size' in n
+             for n in conv.report.notices), conv.report.notices
+  # ... and --image-size sets it (relative tables do not depend on it; masks follow it).
+  conv = convert.load_image(str(tmp_path / 'bare.safetensors'), image_size=64,
+                            log=lambda _: None)
+  assert conv.model_config['image_size'] == 64
+  np.testing.assert_allclose(_two_frame_features(conv.model_config, conv.params, images),
+                             _timm_features(model, images), atol=1e-4, rtol=0)
+
+
+def test_swin_image_size_from_a_shrunk_window_and_from_the_shift_mask(timm):
+  model = _random_timm_swin(timm, 5, **TINY_TIMM)     # the last stage's window shrank to 2
+  sd = {k: v.numpy() for k, v in model.state_dict().items()}
+  _, cfg, report = swin_format.image_params_from_state_dict(sd, patch_size_t=1)
+  assert cfg['image_size'] == 64
+  assert any("stage 3's window 2" in n for n in report.notices), report.notices
+  two = _random_timm_swin(timm, 6, **TWO_STAGE_TIMM)
+  sd = swin_format.timm_to_official_names({k: v.numpy() for k, v in two.state_dict().items()})
+  sd['layers.0.blocks.1.attn_mask'] = swin_lib.shift_attention_mask(16, 16, 4, 2)
+  _, cfg, report = swin_format.image_params_from_state_dict(sd, patch_size_t=1)
+  assert cfg['image_size'] == 64
+  assert any('attn_mask (16 windows)' in n for n in report.notices), report.notices
+  with pytest.raises(swin_format.ConversionError, match='image_size 96 contradicts'):
+    swin_format.image_params_from_state_dict(sd, patch_size_t=1, image_size=96)
+
+
+def test_swin_adapter_scale_and_image_size_travel_through_export_aim(tmp_path):
+  pytest.importorskip('torch')
+  from aim_jax import checkpoints, convert
+  from aim_jax.convert import torch_files
+  _, sd, _, _, _ = load_case()
+  src = tmp_path / 'aim_swin.pth'
+  torch_files.save_torch_state_dict({'state_dict': sd}, str(src))
+  first = convert.load_aim(str(src), log=lambda _: None)
+  assert first.model_config['adapters']['scale'] == 0.5
+  assert any('adapter scale 0.5' in n for n in first.report.notices)
+  cfg = dict(first.model_config, adapters=dict(first.model_config['adapters'], scale=0.75))
+  checkpoints.save_params(str(tmp_path / 'ckpt'), first.params, cfg)
+  convert.export_aim(str(tmp_path / 'ckpt'), str(tmp_path / 'back.pth'), log=lambda _: None)
+  back = convert.load_aim(str(tmp_path / 'back.pth'), log=lambda _: None)
+  assert back.model_config['adapters']['scale'] == 0.75
+  assert back.model_config['image_size'] == first.model_config['image_size']
+  assert any('adapters.scale=0.75' in n for n in back.report.notices), back.report.notices

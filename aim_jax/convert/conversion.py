@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from aim_jax import params as P
-from aim_jax.convert import official_names, registry, torch_files
+from aim_jax.convert import official_names, registry, source_config, torch_files
 from aim_jax.convert.registry import Report
 from aim_jax.errors import ConversionError
 
@@ -248,8 +248,18 @@ def _apply_resizes(conv: Conversion, image_size: int | None, num_frames: int | N
     if image_size % cfg['patch_size']:
       raise ConversionError(f'--image-size {image_size} is not a multiple of the patch size '
                             f'{cfg["patch_size"]}')
-    if 'positional_embedding' not in enc:
+    if cfg['backbone'] == 'swin':
+      # Relative position tables do not depend on the resolution; the shift masks are
+      # computed from image_size.
+      msg = (f'NOTICE: image_size set to {image_size} (--image-size; the source is '
+             f'{cfg["image_size"]}px): the shifted-window masks follow it')
+      cfg['image_size'] = image_size
+      conv.report.notices.append(msg)
+      log(msg)
+      image_size = None
+    elif 'positional_embedding' not in enc:
       raise ConversionError(f'--image-size: format {conv.format} has no positional_embedding')
+  if image_size and image_size != cfg['image_size']:
     old = enc['positional_embedding'].shape
     enc['positional_embedding'] = resize_positional_embedding(
         enc['positional_embedding'], image_size // cfg['patch_size'],
@@ -383,12 +393,18 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
     log(f'  MLP activation {act}' + (f' ({why})' if why else ' (--act)'))
   pre = Report()
   sd = _float32(sd, pre)
+  found = source_config.recorded(fmt.name, os.fspath(src), info.get('meta'))
+  heads = source_config.agree('heads', '--heads', heads, found.get('heads'))
+  adapter_scale = source_config.agree('adapter_scale', '--adapter-scale', adapter_scale,
+                                      found.get('adapter_scale'))
   (params, model_config, report), unsupported = _call_with_supported(
       fmt.convert, sd, heads=heads, adapter_scale=adapter_scale, act=act,
-      hf_config=_hf_config(src) if fmt.name == 'hf_clip' else None)
+      hf_config=_hf_config(src) if fmt.name == 'hf_clip' else None,
+      source_image_size=found['image_size'].value if 'image_size' in found else None)
   if unsupported:
     raise ConversionError(f'format {fmt.name!r} takes no option {", ".join(unsupported)}')
   report.notices[:0] = pre.notices
+  _note_recorded(found, model_config, report, log)
   if why:
     report.notices.append(f'MLP activation {act} read from {why}')
   params = P.to_loop_layout(params)
@@ -397,6 +413,19 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
   log('[3/4] checking every parameter against the model the config describes')
   verify(conv)
   return conv
+
+
+def _note_recorded(found: Mapping, model_config: Mapping, report: Report,
+                   log: Callable[[str], None]) -> None:
+  """Say what was read from beside the weights; a config of another width is an error."""
+  heads = found.get('heads')
+  if heads is not None and heads.width is not None and heads.width != model_config['width']:
+    raise ConversionError(f'{heads.why} belongs to a model {heads.width} wide, but the weights '
+                          f'are {model_config["width"]} wide: not this model\'s config')
+  for name, value in found.items():
+    msg = f'{name}={value.value} read from {value.why}'
+    report.notices.append(msg)
+    log(f'  {msg}')
 
 
 def load_image(path: str, format_name: str | None = None, **options) -> Conversion:

@@ -378,7 +378,7 @@ def _infer_encoder(sd: Mapping[str, np.ndarray], heads: Optional[int]) -> dict:
   if layers == 0:
     raise ConversionError('no transformer.resblocks.* keys: not a ViT checkpoint')
   mlp = np.shape(sd.get('transformer.resblocks.0.mlp.c_fc.weight', np.zeros((4 * width, 1))))[0]
-  heads = heads or width // 64
+  heads = heads or max(1, width // 64)
   if width % heads:
     raise ConversionError(f'width {width} is not divisible by heads={heads}; pass the head count')
   return dict(width=int(width), layers=int(layers), heads=int(heads), patch_size=int(patch),

@@ -71,6 +71,11 @@ class Report:
     return '\n'.join(lines)
 
 
+def heads_guessed(heads: int, rule: str = 'width/64') -> str:
+  """The report line of a head count that nothing records (see convert/source_config.py)."""
+  return f'heads={heads} guessed as {rule}: no config records it; pass --heads'
+
+
 def _abbrev(names, n=12):
   names = list(names)
   groups = {}

@@ -116,7 +116,9 @@ def _rebuild_tensor(storage, offset, size, stride, *unused):
   flat, origin = storage
   size, stride = tuple(int(s) for s in size), tuple(int(s) for s in stride)
   if not size:
-    return flat[offset].copy()
+    # A 0-d tensor (CLIP's logit_scale, a TorchScript archive's input_resolution) stays a
+    # 0-d array, as safetensors gives it, so state dicts keep it and reports name it.
+    return np.array(flat[offset])
   span = 1 + sum((n - 1) * s for n, s in zip(size, stride)) if all(size) else 0
   if offset + span > flat.size:
     raise TruncatedCheckpointError(

@@ -6,7 +6,9 @@ head count and the joint adapter scale is read from the keys and shapes:
 width, layers, patch, resolution (positional embedding), num_frames (temporal
 embedding), num_classes (fc_cls), num_tadapter (`T_Adapter_in`), adapter ratio
 and positions. The head count defaults to width / 64 and the scale to the
-official 0.5 (1.0 with num_tadapter=2, the SSv2 recipe); both can be given.
+official 0.5 (1.0 with num_tadapter=2, the SSv2 recipe); both can be given, and
+`python -m aim_jax.convert aim` reads both from the file's `meta.model_config`
+where `export-aim` wrote it (`aim_jax.convert.source_config`).
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ def convert(state_dict: Mapping[str, np.ndarray], heads: int | None = None,
                               '' if act else '; pass --act gelu for a backbone built on an '
                               'OpenCLIP GELU model'))
   if heads is None:
-    report.notices.append(f'heads={fields["heads"]} (width / 64; pass --heads otherwise)')
+    report.notices.append(registry.heads_guessed(fields['heads']))
   return params, resolve_model_config(fields), report
 
 

@@ -146,6 +146,8 @@ def _model_config(arch: dict, act: str) -> dict:
 
 def _finish(tower, source_names, heads, report, name_of, act):
   arch = _architecture(tower, heads)
+  if not heads:
+    report.notices.append(registry.heads_guessed(arch['heads']))
   _check_complete(tower, arch['layers'], name_of)
   params = official_names.encoder_from_state_dict(tower, arch['heads'], source_names, report)
   return params, _model_config(arch, act), report

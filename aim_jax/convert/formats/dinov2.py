@@ -63,7 +63,8 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
             image_size: int | None = None, **unused_options) -> tuple[dict, dict, Report]:
   """DINOv2 HF state dict -> (dinov2 encoder params, model config, report).
 
-  `heads` defaults to width / 64 (S 6, B 12, L 16, g 24).
+  `heads` defaults to width / 64 (S 6, B 12, L 16, g 24), said in the report;
+  `python -m aim_jax.convert` reads it from a config.json beside the weights.
   """
   report = Report()
   prefix = next((p for p in _PREFIXES if p + _PATCH in sd), None)
@@ -76,7 +77,7 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
                           '(giant) is not supported by this encoder')
   weight = C.take(sub, _PATCH, prefix)
   width, patch = int(weight.shape[0]), int(weight.shape[-1])
-  heads = C.heads_for(width, heads)
+  heads = C.heads_for(width, heads, report)
   flat = {}
 
   def put(src, target, value):

@@ -128,9 +128,9 @@ def _from_hf(sd: Mapping, heads: int | None, report: Report) -> dict:
   width = int(weight.shape[0])
   if not heads:
     # Not stored in any tensor. SigLIP B and L have width / 64; So400m (1152) has 16.
-    heads = _SIGLIP_HEADS.get(width, width // 64)
-    report.notices.append(f'heads not given: assumed {heads} (SigLIP with width {width}); '
-                          'pass --heads if the model differs')
+    heads = _SIGLIP_HEADS.get(width, max(1, width // 64))
+    report.notices.append(C.heads_guessed(
+        heads, 'width/64' if width not in _SIGLIP_HEADS else f'SigLIP So400m\'s (width {width})'))
   heads = C.heads_for(width, heads)
   flat = {}
 
@@ -198,7 +198,8 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
   """SigLIP image tower (big_vision .npz dict or HF state dict) -> (params, config, report).
 
   `heads`: read from the big_vision kernels; for HF weights it defaults to width / 64
-  (B 12, L 16) and 16 for So400m (width 1152).
+  (B 12, L 16) and 16 for So400m (width 1152), said in the report;
+  `python -m aim_jax.convert` reads it from a config.json beside the weights.
   """
   report = Report()
   sd = {k: np.asarray(v) for k, v in sd.items()}

@@ -165,7 +165,7 @@ def _infer_swin(sd: Mapping[str, Any], timm_layout: bool = False) -> dict:
       depths[s] = max(depths.get(s, 0), j + 1)
   if not depths or sorted(depths) != list(range(len(depths))):
     raise ConversionError(f'layers.*.blocks.* keys give stages {sorted(depths)}: not a Swin')
-  heads, window = [], None
+  heads, windows = [], []
   for s in range(len(depths)):
     key = f'layers.{s}.blocks.0.attn.relative_position_bias_table'
     if key not in sd:
@@ -175,18 +175,54 @@ def _infer_swin(sd: Mapping[str, Any], timm_layout: bool = False) -> dict:
     ws = (round(np.sqrt(rows)) + 1) // 2
     if (2 * ws - 1) ** 2 != rows:
       raise ConversionError(f'key {key}: {rows} rows is not (2ws-1)^2')
-    window = ws if window is None else max(window, ws)   # the last stage may have shrunk
-  # Resolution: the stage-0 shift mask holds (r0 / ws)^2 windows; else assume 224.
-  image_size = 224
-  mask = sd.get('layers.0.blocks.1.attn_mask')
-  if mask is not None:
-    n_windows = np.shape(mask)[0]
-    image_size = round(np.sqrt(n_windows)) * window * patch
+    windows.append(ws)
+  window = max(windows)                                  # the last stages may have shrunk
+  image_size, why = _implied_image_size(sd, windows, patch)
   mlp = np.shape(sd.get('layers.0.blocks.0.mlp.fc1.weight', np.zeros((4 * embed_dim, 1))))[0]
-  return dict(patch_size=patch, image_size=image_size, mlp_ratio=float(mlp / embed_dim),
+  return dict(patch_size=patch, image_size=image_size, image_size_why=why,
+              mlp_ratio=float(mlp / embed_dim),
               swin=dict(embed_dim=embed_dim, depths=tuple(depths[s] for s in range(len(depths))),
                         num_heads=tuple(heads), window_size=int(window), patch_size_t=pt,
                         t_relative='temporal_embedding' not in sd))
+
+
+def _implied_image_size(sd: Mapping[str, Any], windows: list, patch: int
+                        ) -> tuple[int | None, str]:
+  """The input resolution the tensors imply, or (None, '') where none does.
+
+  The stage-0 shift mask (a persistent buffer in Microsoft's and the official AIM
+  files) holds (r0 / ws)^2 windows. A stage whose window is smaller than the others
+  shrank to its resolution (official rule: window = resolution when the stage is no
+  larger than the window), so r_s = its window and r0 = r_s * 2^s.
+  """
+  window = max(windows)
+  mask = sd.get('layers.0.blocks.1.attn_mask')
+  if mask is not None:
+    size = round(np.sqrt(np.shape(mask)[0])) * window * patch
+    return int(size), f'the shift mask layers.0.blocks.1.attn_mask ({np.shape(mask)[0]} windows)'
+  for s, ws in enumerate(windows):
+    if ws < window:
+      return int(ws * 2 ** s * patch), (f'stage {s}\'s window {ws} (smaller than {window}: '
+                                        f'the stage resolution)')
+  return None, ''
+
+
+def _source_image_size(fields: dict, given: int | None, report: Report) -> None:
+  """Fix fields['image_size']: given (read from a config by the caller), else implied by the
+  tensors, else 224 with a notice; a given size the tensors contradict is an error."""
+  implied, why = fields.pop('image_size'), fields.pop('image_size_why')
+  if given is not None:
+    if implied is not None and implied != given:
+      raise ConversionError(f'the recorded image_size {given} contradicts {why}, which means '
+                            f'{implied}')
+    fields['image_size'] = int(given)
+  elif implied is not None:
+    fields['image_size'] = implied
+    report.notices.append(f'image_size={implied} read from {why}')
+  else:
+    fields['image_size'] = 224
+    report.notices.append('image_size=224 assumed: no config, shift mask or window records it; '
+                          'pass --image-size')
 
 
 def _model_config(fields: Mapping, **extra) -> dict:
@@ -196,15 +232,19 @@ def _model_config(fields: Mapping, **extra) -> dict:
   return resolve_model_config(cfg)
 
 
-def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None) -> dict:
+def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None,
+                     adapter_scale: float | None = None, image_size: int | None = None,
+                     report: Report | None = None) -> dict:
   """Model config of an official AIM Swin recognizer state dict.
 
   T' comes from the temporal bias table (2T'-1 rows) or `temporal_embedding`;
-  `num_frames` = T' * pt. The joint scale is the official hard-coded 0.5.
+  `num_frames` = T' * pt. The joint scale defaults to the official hard-coded 0.5;
+  `image_size` (what a config records) to what the shift masks imply (else 224).
   """
   from aim_jax.convert.official_names import split_recognizer
   backbone, head, _ = split_recognizer(sd)
   fields = _infer_swin(backbone)
+  _source_image_size(fields, image_size, report if report is not None else Report())
   if 'weight' not in head:
     raise ConversionError('missing key cls_head.fc_cls.weight (not an AIM recognizer checkpoint?)')
   pt = fields['swin']['patch_size_t']
@@ -228,7 +268,8 @@ def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None) -> di
       ratio = np.shape(backbone[k])[0] / np.shape(backbone[k])[1]
       break
   adapters = dict(enabled=adapted, spatial=has('S_Adapter2'), temporal=has('T_Adapter'),
-                  joint=has('S_Adapter'), num_tadapter=1, ratio=float(ratio), scale=0.5,
+                  joint=has('S_Adapter'), num_tadapter=1, ratio=float(ratio),
+                  scale=0.5 if adapter_scale is None else float(adapter_scale),
                   position='all', position_count=0)
   return _model_config(fields, num_frames=int(num_frames),
                        num_classes=int(np.shape(head['weight'])[0]), adapters=adapters)
@@ -237,12 +278,17 @@ def infer_aim_config(sd: Mapping[str, Any], num_frames: int | None = None) -> di
 # ---------------------------------------------------------------------------
 # Public conversions.
 
-def aim_params_from_state_dict(sd: Mapping[str, Any], model_config: Mapping | None = None
-                               ) -> tuple[dict, dict, Report]:
+def aim_params_from_state_dict(sd: Mapping[str, Any], model_config: Mapping | None = None,
+                               adapter_scale: float | None = None,
+                               image_size: int | None = None) -> tuple[dict, dict, Report]:
   """Official AIM Swin recognizer -> ({'backbone', 'cls_head'} params, model config, report)."""
   from aim_jax.convert.official_names import head_from_state_dict, split_recognizer
-  cfg = model_config if model_config is not None else infer_aim_config(sd)
   report = Report()
+  cfg = model_config if model_config is not None else infer_aim_config(
+      sd, adapter_scale=adapter_scale, image_size=image_size, report=report)
+  if model_config is None and adapter_scale is None and cfg['adapters']['joint']:
+    report.notices.append('adapter scale 0.5 (the official constant; no tensor records it: '
+                          'pass --adapter-scale if the model was trained with another)')
   backbone, head, other = split_recognizer(sd)
   report.unused.extend(other)
   enc = encoder_from_state_dict(backbone, report, prefix='backbone.')
@@ -321,8 +367,7 @@ def image_params_from_state_dict(sd: Mapping[str, Any], patch_size_t: int = 2,
     report.notices.append('timm layout: layers.{s+1}.downsample -> layers.{s}.downsample')
   sd = {k: np.asarray(v) for k, v in sd.items()}
   fields = _infer_swin(sd)
-  if image_size is not None:
-    fields['image_size'] = image_size
+  _source_image_size(fields, image_size, report)
   w = sd['patch_embed.proj.weight']
   if w.ndim == 4:
     sd['patch_embed.proj.weight'] = np.repeat(w[:, :, None], patch_size_t, axis=2) / patch_size_t
@@ -346,13 +391,13 @@ def _detect_image(keys) -> bool:
   return 'layers.0.blocks.0.attn.relative_position_bias_table' in keys
 
 
-def _convert_aim(sd):
-  return aim_params_from_state_dict(sd)
+def _convert_aim(sd, *, adapter_scale=None, source_image_size=None):
+  return aim_params_from_state_dict(sd, adapter_scale=adapter_scale, image_size=source_image_size)
 
 
-def _convert_image(sd):
+def _convert_image(sd, *, source_image_size=None):
   # The official AIM Swin inflates with pt = 2 (patch244 configs).
-  return image_params_from_state_dict(sd, patch_size_t=2)
+  return image_params_from_state_dict(sd, patch_size_t=2, image_size=source_image_size)
 
 
 register(Format('aim_swin', 'aim', _detect_aim, _convert_aim,

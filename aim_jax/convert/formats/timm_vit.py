@@ -83,7 +83,7 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
         raise ConversionError(f'key {key!r}: {why}')
   weight = C.take(sd, 'patch_embed.proj.weight')
   width, patch = int(weight.shape[0]), int(weight.shape[-1])
-  heads = C.heads_for(width, heads)
+  heads = C.heads_for(width, heads, report)
   flat = {}
   for key, value in sd.items():
     m = re.match(r'^blocks\.(\d+)\.(.*)$', key)

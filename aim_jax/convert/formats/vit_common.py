@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax import params as P
-from aim_jax.convert.registry import Report
+from aim_jax.convert.registry import Report, heads_guessed
 from aim_jax.errors import ConversionError
 
 # ---------------------------------------------------------------------------
@@ -161,8 +161,12 @@ def finish(flat: dict, fields: dict, report: Report, image_size: int | None = No
   return P.unflatten(flat), cfg, report
 
 
-def heads_for(width: int, heads: int | None) -> int:
-  heads = heads or max(1, width // 64)
+def heads_for(width: int, heads: int | None, report: Report | None = None) -> int:
+  """The given head count, else width/64 (every released ViT), said in `report`."""
+  if not heads:
+    heads = max(1, width // 64)
+    if report is not None:
+      report.notices.append(heads_guessed(heads))
   if width % heads:
     raise ConversionError(f'width {width} is not divisible by heads={heads}; pass heads=')
   return heads
