@@ -417,7 +417,7 @@ def _init_params(model_cfg: Mapping, seed: int = 0) -> tuple[Any, dict]:
 
 def run_official(config: Any, batch: int, modes: Sequence[str], official_dir: str,
                  steps_n: int, warmup: int, official_modes: Sequence[str] = ('eager',),
-                 compile_backend: str = 'inductor') -> dict:
+                 compile_backend: str = 'inductor', on_row=None) -> dict:
   """Official rows for `modes` x `official_modes` at our per-device batch, plus a same-weights
   logits check.
 
@@ -427,7 +427,8 @@ def run_official(config: Any, batch: int, modes: Sequence[str], official_dir: st
   whereas JAX's pool is kept until the process ends. The official model gets our
   initial parameters (strict load), our dtype, our trainable set and our
   optimiser groups. A compiled run that fails (out of memory, or a compiler
-  error) gives a row with its `error` and the other rows still run.
+  error) gives a row with its `error` and the other rows still run. `on_row`
+  is called with each row as soon as it is measured.
   """
   import jax
 
@@ -476,6 +477,8 @@ def run_official(config: Any, batch: int, modes: Sequence[str], official_dir: st
         if not compiled:
           raise
         rows.append(dict(failed, error=f'{type(e).__name__}: {str(e)[:300]}'))
+      if on_row is not None:
+        on_row(rows[-1])
       del model, groups
       if compiled:
         torch._dynamo.reset()        # drop the compiled graphs (and what they hold)

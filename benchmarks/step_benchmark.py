@@ -239,14 +239,27 @@ def main(argv):
   config = FLAGS.config
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
+  results, official_rows = [], []
+
+  def write_out(extra: dict, complete: bool) -> None:
+    # Written after every stage, so a run stopped by a time limit keeps what it measured.
+    if FLAGS.out:
+      with open(FLAGS.out, 'w') as f:
+        json.dump({'results': results, **extra, 'complete': complete, 'versions': versions(),
+                   'argv': sys.argv, 'date': time.strftime('%Y-%m-%d')}, f, indent=1)
+
+  def official_row(row: dict) -> None:
+    official_rows.append(row)
+    print(json.dumps({'official_row': row}), flush=True)
+    write_out({'official_rows_so_far': official_rows}, complete=False)
+
   official_run = None
   if FLAGS.official:
     from benchmarks import official_torch
     official_run = official_torch.run_official(
         config, batch, modes, FLAGS.official, FLAGS.steps, FLAGS.warmup,
         official_modes=[m for m in FLAGS.official_modes.split(',') if m],
-        compile_backend=FLAGS.official_compile_backend)
-  results = []
+        compile_backend=FLAGS.official_compile_backend, on_row=official_row)
   data_iter = None
   for mode in modes:
     if FLAGS.data == 'real':
@@ -263,6 +276,7 @@ def main(argv):
       r['max_batch_remat'] = find_max_batch(config, mode, batch, 'full', FLAGS.max_batch_limit)
     results.append(r)
     print(json.dumps(r, indent=1), flush=True)
+    write_out({'official_rows_so_far': official_rows} if official_rows else {}, complete=False)
   print(HEADER)
   for r in results:
     print(format_row(r))
@@ -275,10 +289,7 @@ def main(argv):
     compared = official_torch.compare(results, official_run)
     print(json.dumps(compared['official_info'], indent=1))
     print(official_torch.format_side_by_side(results, compared))
-  if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      json.dump({'results': results, **compared, 'versions': versions(), 'argv': sys.argv,
-                 'date': time.strftime('%Y-%m-%d')}, f, indent=1)
+  write_out(compared, complete=True)
 
 
 def _define_flags():

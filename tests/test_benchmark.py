@@ -2,10 +2,13 @@
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
+from conftest import ROOT, cpu_env
 
-from benchmarks import profile_kernels, step_benchmark
+from benchmarks import attention_smoke, profile_kernels, step_benchmark
 from configs import tiny
 
 
@@ -112,3 +115,37 @@ def test_profile_counts_gpu_stream_kernels_only():
 def test_profile_reports_a_missing_trace(tmp_path):
   with pytest.raises(FileNotFoundError, match='no \\*.trace.json.gz'):
     profile_kernels.summarize_trace(tmp_path, steps=1)
+
+
+def test_attention_smoke_pads_to_an_even_length_and_matches_xla(tmp_path):
+  out = tmp_path / 'att.json'
+  assert attention_smoke.main(['--implementation', 'xla', '--batch', '2', '--heads', '2',
+                               '--tokens', '5', '--head_dim', '8', '--dtype', 'float32',
+                               '--out', str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r['tokens'] == 5 and r['padded_tokens'] == 6
+  assert r['padded']['ok'] and r['padded']['max_abs_diff_vs_xla']['dk_padding'] == 0.0
+  assert max(r['padded']['max_abs_diff_vs_xla'].values()) < 1e-5
+  assert r['odd_length_grad']['ok']        # XLA accepts 5 under grad; cuDNN is what may not
+
+
+@pytest.mark.slow   # a subprocess: imports and one tiny compilation (~30 s idle)
+def test_step_benchmark_cli_never_imports_tensorflow_on_synthetic_data(tmp_path):
+  out = tmp_path / 'b.json'
+  code = ('import atexit, sys\n'
+          'atexit.register(lambda: print("TENSORFLOW_LOADED", "tensorflow" in sys.modules))\n'
+          'from benchmarks import step_benchmark\n'
+          f'step_benchmark.run(["b", "--config", "configs/tiny.py", "--mode", "eval", "--batch",'
+          f' "2", "--steps", "1", "--warmup", "0", "--out", {str(out)!r}])\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=cpu_env(1), timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'TENSORFLOW_LOADED False' in proc.stdout
+  result = json.loads(out.read_text())
+  assert result['complete'] is True and [r['mode'] for r in result['results']] == ['eval']
+
+
+def test_gpu_script_refuses_an_unknown_option(tmp_path):
+  proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(tmp_path), '--gpu'],
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 2 and 'unknown option --gpu' in proc.stderr
