@@ -63,7 +63,12 @@ if [ "$SMOKE" = 1 ]; then
   BATCH=2; BATCH_L=2; STEPS=2; BACKEND=aot_eager
   ATT="--implementation xla --batch 2 --heads 2 --head_dim 16"
   # The GPU image has no tensorflow: make it unimportable; serve torchvision's test stub.
-  BENCH=("$PY" -c "import sys; sys.modules['tensorflow'] = None; sys.path.insert(0, 'tests')
+  BENCH=("$PY" -c "import sys
+class NoTensorflow:  # a finder: 'tensorflow' stays absent from sys.modules, as on the GPU image
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'tensorflow':
+      raise ModuleNotFoundError(f'No module named {name!r} (gpu.sh --cpu-smoke)', name=name)
+sys.meta_path.insert(0, NoTensorflow()); sys.path.insert(0, 'tests')
 import torchvision_stub; torchvision_stub.install()
 from benchmarks import step_benchmark; step_benchmark.run(['step_benchmark'] + sys.argv[1:])")
 else
