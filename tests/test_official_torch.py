@@ -212,6 +212,7 @@ def test_benchmark_official_flag_writes_every_row_and_ratio(tmp_path):
     assert result['ratio'][b['official_mode']][a['mode']] == pytest.approx(
         a['clips_per_s'] / b['clips_per_s'])
   assert theirs[0]['trainable_params'] > 0 and theirs[2]['compile_s'] > 0
+  assert result['complete'] is True and 'official_rows_so_far' not in result
   info = result['official_info']
   assert info['device'] == 'cpu' and info['logits_max_abs_diff'] < 1e-5
   assert info['official_modes'] == ['eager', 'compiled']
