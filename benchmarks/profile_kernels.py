@@ -12,7 +12,8 @@ Which events are device ops:
   processes. On a GPU each event is one kernel on a stream (`nvjet_sm90_*`,
   `gemm_fusion_dot_123`, `loop_add_fusion_4`, cuDNN kernels...). When the trace
   also holds op-level lines (`XLA Ops`, `XLA Modules`, `Steps`), only the stream
-  lines are counted, so no time is counted twice.
+  lines are counted, so no time is counted twice; without stream lines (a TPU),
+  the `XLA Ops` line.
 * CPU (no device process): XLA:CPU runs each HLO op (a thunk) on its worker
   threads, named after the HLO instruction (`ynn_fusion.117`, `dot.54`,
   `multiply_reduce_fusion.74`). Events named like an HLO instruction on threads
@@ -113,8 +114,11 @@ def device_op_events(events: Iterable[Mapping]) -> tuple[list[Mapping], str]:
       return threads.get((e.get('pid'), e.get('tid')), '').lower()
     on_device = [e for e in complete if e.get('pid') in device_pids]
     streams = [e for e in on_device if 'stream' in line(e)]
-    if streams:
+    if streams:                                   # GPU: the kernels, per CUDA stream
       return streams, 'device'
+    xla_ops = [e for e in on_device if line(e) == 'xla ops']
+    if xla_ops:                                   # TPU: one line of ops, beside module/step lines
+      return xla_ops, 'device'
     return [e for e in on_device if not line(e).startswith(_OP_LINES)] or on_device, 'device'
   python_threads = {k for k, n in threads.items() if n.lower() in ('python', 'main')}
   return [e for e in complete if (e.get('pid'), e.get('tid')) not in python_threads

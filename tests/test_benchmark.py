@@ -149,3 +149,15 @@ def test_gpu_script_refuses_an_unknown_option(tmp_path):
   proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(tmp_path), '--gpu'],
                         capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 2 and 'unknown option --gpu' in proc.stderr
+
+
+def test_profile_without_stream_lines_counts_the_xla_ops_line():
+  events = [dict(ph='M', name='process_name', pid=1, args=dict(name='/device:TPU:0')),
+            dict(ph='M', name='thread_name', pid=1, tid=1, args=dict(name='XLA Modules')),
+            dict(ph='M', name='thread_name', pid=1, tid=2, args=dict(name='XLA Ops')),
+            dict(ph='X', pid=1, tid=1, ts=0, dur=100.0, name='jit_step(123)'),
+            dict(ph='X', pid=1, tid=2, ts=0, dur=60.0, name='fusion.3'),
+            dict(ph='X', pid=1, tid=2, ts=60, dur=40.0, name='convolution.1')]
+  s = profile_kernels.summarize_events(events, steps=1)
+  assert s['events'] == 2 and s['kernel_ms_per_step'] == pytest.approx(0.1)
+  assert s['families']['gemm']['ms_per_step'] == pytest.approx(0.04)
