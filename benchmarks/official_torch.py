@@ -64,6 +64,8 @@ class OfficialModules:
   I3DHead: type
   stand_ins: list        # modules served by `_import_shims` (names)
   files: dict            # relative path -> sha256 of the file that was run
+  root: pathlib.Path | None = None            # the folder they were loaded from
+  loaded: dict = dataclasses.field(default_factory=dict)   # module name -> official module
 
 
 # ---------------------------------------------------------------------------
@@ -175,7 +177,20 @@ def load_official(official_dir: str | os.PathLike) -> OfficialModules:
   return OfficialModules(
       ViT_CLIP=loaded['mmaction.models.backbones.vit_clip'].ViT_CLIP,
       I3DHead=loaded['mmaction.models.heads.i3d_head'].I3DHead,
-      stand_ins=sorted(stand_ins), files=files)
+      stand_ins=sorted(stand_ins), files=files, root=root, loaded=loaded)
+
+
+@contextlib.contextmanager
+def importable(modules: OfficialModules) -> Iterator[None]:
+  """The official modules and their import shims in `sys.modules` again, until exit.
+
+  torch.compile (Dynamo) looks the official classes' modules up by name while it
+  traces (`mmaction.models.backbones.vit_clip`, and what those import): compiling
+  and running a compiled official model happens inside this.
+  """
+  with _import_shims(modules.root, []):
+    sys.modules.update(modules.loaded)
+    yield
 
 
 # ---------------------------------------------------------------------------
@@ -289,10 +304,19 @@ def _sync(device: torch.device) -> None:
     torch.cuda.synchronize(device)
 
 
+OFFICIAL_MODES = ('eager', 'compiled')
+
+
 def time_official(model: OfficialRecognizer, *, mode: str, batch: int, model_cfg: Mapping,
                   groups: list[dict] | None, optimizer_cfg: Any, steps_n: int, warmup: int,
-                  device: torch.device, seed: int = 0) -> dict:
+                  device: torch.device, seed: int = 0, compiled: bool = False,
+                  compile_backend: str = 'inductor') -> dict:
   """Time the official train step (fwd + bwd + AdamW) or eval step (no_grad) like ours.
+
+  `compiled`: the official model as a PyTorch user with today's tools runs it:
+  `torch.compile(model, backend=compile_backend)` and fused AdamW, same autocast,
+  same weights and trainable set. Step 0 compiles (reported as `compile_s`).
+  Call it inside `importable(modules)` (Dynamo resolves the official modules).
 
   Precision follows our `model.dtype`: torch.autocast in bf16 / fp16 (the
   official training used apex AMP O1, which casts per op likewise), with dynamic
@@ -308,17 +332,18 @@ def time_official(model: OfficialRecognizer, *, mode: str, batch: int, model_cfg
   labels = (torch.arange(batch) % model_cfg['num_classes']).to(device)
   model.to(device)
   autocast = lambda: torch.autocast(device.type, dtype=amp, enabled=amp is not None)
+  net = torch.compile(model, backend=compile_backend) if compiled else model
   if mode == 'train':
     model.train()
     opt = torch.optim.AdamW(groups, lr=float(optimizer_cfg.lr),
                             betas=(float(optimizer_cfg.b1), float(optimizer_cfg.b2)),
-                            eps=float(optimizer_cfg.eps))
+                            eps=float(optimizer_cfg.eps), fused=compiled or None)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
 
     def step():
       opt.zero_grad(set_to_none=True)
       with autocast():
-        loss = F.cross_entropy(model(video).float(), labels)
+        loss = F.cross_entropy(net(video).float(), labels)
       scaler.scale(loss).backward()
       scaler.step(opt)
       scaler.update()
@@ -328,12 +353,12 @@ def time_official(model: OfficialRecognizer, *, mode: str, batch: int, model_cfg
 
     def step():
       with torch.no_grad(), autocast():
-        return model(video)
+        return net(video)
 
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats(device)
   times = []
-  for i in range(1 + warmup + steps_n):     # step 0: eager first-call costs (cuBLAS handles...)
+  for i in range(1 + warmup + steps_n):  # step 0: compiles, or eager first-call costs (cuBLAS...)
     _sync(device)
     t0 = time.perf_counter()
     step()
@@ -344,10 +369,14 @@ def time_official(model: OfficialRecognizer, *, mode: str, batch: int, model_cfg
   kind = (torch.cuda.get_device_name(device) if device.type == 'cuda'
           else platform.processor() or platform.machine())
   return dict(
-      impl='official_torch', mode=mode, batch=batch, dtype=model_cfg['dtype'],
-      frames=t, devices=1, device_kind=kind,
+      impl='official_torch_compile' if compiled else 'official_torch',
+      official_mode='compiled' if compiled else 'eager', mode=mode, batch=batch,
+      dtype=model_cfg['dtype'], frames=t, devices=1, device_kind=kind,
       clips_per_s=batch / med, step_s_median=med, step_s_p10=float(np.percentile(timed, 10)),
       step_s_p90=float(np.percentile(timed, 90)), first_step_s=times[0],
+      compile_s=times[0] if compiled else None,
+      compile_backend=compile_backend if compiled else None,
+      fused_adamw=bool(compiled) if mode == 'train' else None,
       peak_memory_bytes=(int(torch.cuda.max_memory_allocated(device))
                          if device.type == 'cuda' else None),
       autocast=str(amp).replace('torch.', '') if amp is not None else 'none',
@@ -387,18 +416,28 @@ def _init_params(model_cfg: Mapping, seed: int = 0) -> tuple[Any, dict]:
 
 
 def run_official(config: Any, batch: int, modes: Sequence[str], official_dir: str,
-                 steps_n: int, warmup: int) -> dict:
-  """Official rows for `modes` at our per-device batch, plus a same-weights logits check.
+                 steps_n: int, warmup: int, official_modes: Sequence[str] = ('eager',),
+                 compile_backend: str = 'inductor', on_row=None) -> dict:
+  """Official rows for `modes` x `official_modes` at our per-device batch, plus a same-weights
+  logits check.
 
-  Runs before our steps are timed: torch's cached memory is handed back
-  (`empty_cache`) before JAX allocates, whereas JAX's pool is kept until
-  the process ends. The official model gets our initial parameters (strict
-  load), our dtype, our trainable set and our optimiser groups.
+  `official_modes`: 'eager' (as released) and/or 'compiled' (`torch.compile`
+  and fused AdamW, see `time_official`). Runs before our steps are timed:
+  torch's cached memory is handed back (`empty_cache`) before JAX allocates,
+  whereas JAX's pool is kept until the process ends. The official model gets our
+  initial parameters (strict load), our dtype, our trainable set and our
+  optimiser groups. A compiled run that fails (out of memory, or a compiler
+  error) gives a row with its `error` and the other rows still run. `on_row`
+  is called with each row as soon as it is measured.
   """
   import jax
 
   from aim_jax.models.factory import resolve_model_config
 
+  unknown = [m for m in official_modes if m not in OFFICIAL_MODES]
+  if unknown or not official_modes:
+    raise ValueError(f'--official_modes {",".join(official_modes)!r}: choose from '
+                     f'{",".join(OFFICIAL_MODES)}')
   model_cfg = resolve_model_config(config.model)
   modules = load_official(official_dir)
   devices = jax.devices()
@@ -417,52 +456,76 @@ def run_official(config: Any, batch: int, modes: Sequence[str], official_dir: st
                            model_cfg['dtype'], device)
 
   rows = []
-  for mode in modes:
-    model = build_official(model_cfg, params, modules).to(device)   # before AdamW holds them
-    groups = param_groups(model, keys, config.optimizer) if mode == 'train' else None
-    try:
-      rows.append(time_official(model, mode=mode, batch=batch // len(devices),
-                                model_cfg=model_cfg, groups=groups,
-                                optimizer_cfg=config.optimizer, steps_n=steps_n, warmup=warmup,
-                                device=device))
-    except torch.OutOfMemoryError as e:   # the official model may not fit where ours does
-      rows.append(dict(impl='official_torch', mode=mode, batch=batch // len(devices),
-                       dtype=model_cfg['dtype'], error=f'out of memory: {str(e)[:300]}'))
-    del model, groups
-    if device.type == 'cuda':
-      torch.cuda.empty_cache()
+  for official_mode in official_modes:
+    compiled = official_mode == 'compiled'
+    for mode in modes:
+      model = build_official(model_cfg, params, modules).to(device)   # before AdamW holds them
+      groups = param_groups(model, keys, config.optimizer) if mode == 'train' else None
+      failed = dict(impl='official_torch_compile' if compiled else 'official_torch',
+                    official_mode=official_mode, mode=mode, batch=batch // len(devices),
+                    dtype=model_cfg['dtype'])
+      try:
+        with importable(modules) if compiled else contextlib.nullcontext():
+          rows.append(time_official(model, mode=mode, batch=batch // len(devices),
+                                    model_cfg=model_cfg, groups=groups,
+                                    optimizer_cfg=config.optimizer, steps_n=steps_n,
+                                    warmup=warmup, device=device, compiled=compiled,
+                                    compile_backend=compile_backend))
+      except torch.OutOfMemoryError as e:   # the official model may not fit where ours does
+        rows.append(dict(failed, error=f'out of memory: {str(e)[:300]}'))
+      except Exception as e:  # noqa: BLE001  a torch.compile failure must not lose the others
+        if not compiled:
+          raise
+        rows.append(dict(failed, error=f'{type(e).__name__}: {str(e)[:300]}'))
+      if on_row is not None:
+        on_row(rows[-1])
+      del model, groups
+      if compiled:
+        torch._dynamo.reset()        # drop the compiled graphs (and what they hold)
+      if device.type == 'cuda':
+        torch.cuda.empty_cache()
   return dict(rows=rows, info=dict(
       dir=str(pathlib.Path(official_dir).resolve()), files=modules.files,
       stand_ins=modules.stand_ins, torch=torch.__version__, device=str(device),
       trainable_tensors=len(keys), logits_max_abs_diff=float(np.abs(ours - theirs).max()),
-      logits_max_abs=float(np.abs(ours).max())))
+      logits_max_abs=float(np.abs(ours).max()), official_modes=list(official_modes),
+      compile_backend=compile_backend if 'compiled' in official_modes else None))
 
 
 def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
-  """JSON fields: official rows (MACs, MFU filled in from ours) and ours / official per mode.
+  """JSON fields: the official rows (MACs, MFU filled in from ours), and the ratios.
 
-  Both are per device: our clips/s over our devices against one torch device.
+  `ratio[official_mode][mode]` = our clips/s per device / that official row's
+  clips/s (None where the official row failed), e.g. ratio['eager']['train'],
+  ratio['compiled']['train']. Both are per device: our clips/s over our
+  devices against one torch device.
   """
   rows, ratio = [], {}
-  by_mode = {r['mode']: r for r in official_run['rows']}
-  for ours in jax_results:
-    theirs = dict(by_mode[ours['mode']])
+  ours_by_mode = {r['mode']: r for r in jax_results}
+  for official in official_run['rows']:
+    ours = ours_by_mode.get(official['mode'])
+    if ours is None:
+      continue
+    theirs = dict(official)
+    theirs.setdefault('official_mode', 'eager')
     rows.append(theirs)
+    by_mode = ratio.setdefault(theirs['official_mode'], {})
     if 'error' in theirs:
-      ratio[ours['mode']] = None
+      by_mode[ours['mode']] = None
       continue
     ours_per_device = ours['clips_per_s'] / ours['devices']
     theirs['gmacs_per_clip'] = ours['gmacs_per_clip']
     theirs['mfu'] = (ours['mfu'] * theirs['clips_per_s'] / ours_per_device
                      if ours['mfu'] is not None else None)
-    ratio[ours['mode']] = ours_per_device / theirs['clips_per_s']
+    by_mode[ours['mode']] = ours_per_device / theirs['clips_per_s']
   return dict(official=rows, ratio=ratio, official_info=dict(official_run['info']))
 
 
 def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
-  """Markdown rows: ours and official per mode, per device, with the ratio."""
+  """Markdown rows per mode: ours, then each official mode, per device; the last column is
+  ours / that row."""
   lines = [('| impl | mode | batch/device | dtype | clips/s/device | step ms median (p10-p90) | '
-            'peak GiB | MFU | ours / official |'), '|---|---|---|---|---|---|---|---|---|']
+            'peak GiB | MFU | ours / this |'), '|---|---|---|---|---|---|---|---|---|']
 
   def row(impl, r, per_device_batch, clips, ratio):
     mem = f'{r["peak_memory_bytes"] / 2**30:.1f}' if r['peak_memory_bytes'] else 'n/a'
@@ -471,14 +534,17 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
             f'{1e3 * r["step_s_median"]:.1f} ({1e3 * r["step_s_p10"]:.1f}-'
             f'{1e3 * r["step_s_p90"]:.1f}) | {mem} | {mfu} | {ratio} |')
 
-  for ours, theirs in zip(jax_results, compared['official']):
-    ratio = compared['ratio'][ours['mode']]
+  for ours in jax_results:
     lines.append(row('aim_jax', ours, ours['batch'] // ours['devices'],
-                     ours['clips_per_s'] / ours['devices'],
-                     f'{ratio:.2f}x' if ratio is not None else 'n/a'))
-    if 'error' in theirs:
-      lines.append(f'| official torch | {theirs["mode"]} | {theirs["batch"]} | {theirs["dtype"]} '
-                   f'| {theirs["error"].splitlines()[0][:60]} | | | | |')
-    else:
-      lines.append(row('official torch', theirs, theirs['batch'], theirs['clips_per_s'], ''))
+                     ours['clips_per_s'] / ours['devices'], ''))
+    for theirs in compared['official']:
+      if theirs['mode'] != ours['mode']:
+        continue
+      impl = f'official torch {theirs["official_mode"]}'
+      if 'error' in theirs:
+        lines.append(f'| {impl} | {theirs["mode"]} | {theirs["batch"]} | {theirs["dtype"]} '
+                     f'| {theirs["error"].splitlines()[0][:60]} | | | | n/a |')
+        continue
+      ratio = compared['ratio'][theirs['official_mode']][ours['mode']]
+      lines.append(row(impl, theirs, theirs['batch'], theirs['clips_per_s'], f'{ratio:.2f}x'))
   return '\n'.join(lines)

@@ -11,11 +11,15 @@ time (median, p10-p90), compile time, peak device memory, the analytic MACs
 per clip (`aim_jax.flops`: the paper's GFLOPs are multiply-adds) and MFU =
 2 * MACs * clips/s / (devices * peak bf16 FLOP/s). `--find-max-batch` doubles
 the batch until compilation or execution runs out of memory (with and without
-remat). Nothing here needs tensorflow unless `--data real`.
+remat). `--profile DIR` traces a few more steps with the JAX profiler and
+reports where the device time goes, by kernel family (`benchmarks.profile_kernels`).
+Nothing here needs tensorflow unless `--data real`.
 
 `--official DIR` also times the official PyTorch AIM (its own files under DIR,
 loaded by `benchmarks.official_torch`) on the same device, per-device batch and
-precision, with our weights, and reports ours / official clips/s per mode.
+precision, with our weights: as released (eager) and modernised (torch.compile,
+fused AdamW), `--official_modes`; it reports ours / each official row's clips/s
+per mode.
 """
 
 from __future__ import annotations
@@ -97,12 +101,15 @@ def build(config: Any, batch: int, mode: str, remat: str | None = None):
 
 
 def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
-               remat: str | None = None, data_iter=None) -> dict:
+               remat: str | None = None, data_iter=None, profile_dir: str | None = None,
+               profile_steps: int = 3) -> dict:
   """Compile, warm up, then time `steps_n` synchronised steps.
 
   The steps are traced under the global mesh and the logical rules
   (`sharding.mesh_context`): the model's activation constraints are in the
-  compiled program, as in training.
+  compiled program, as in training. With `profile_dir`, `profile_steps` more
+  steps then run under the JAX profiler (trace in `profile_dir/MODE`) and
+  `r['profile']` holds their kernel time by family (`profile_kernels`).
   """
   import jax
 
@@ -128,17 +135,25 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
       compiled = b['step'].lower(b['params'], video).compile()
     compile_s = time.perf_counter() - t0
     state = b.get('state')
-    times = []
-    for i in range(warmup + steps_n):
+
+    def one_step():
+      nonlocal state
       video, labels = next_batch()
-      t0 = time.perf_counter()
       if mode == 'train':
         state, metrics = compiled(state, {'video': video, 'label': labels})
         jax.block_until_ready((state['step'], metrics))
       else:
         jax.block_until_ready(compiled(b['params'], video))
+
+    times = []
+    for i in range(warmup + steps_n):
+      t0 = time.perf_counter()
+      one_step()
       if i >= warmup:
         times.append(time.perf_counter() - t0)
+    profile = None
+    if profile_dir:
+      profile = trace_steps(one_step, os.path.join(profile_dir, mode), profile_steps)
   med, p10, p90 = _percentiles(times)
   devices = jax.devices()
   macs = flops.train_macs(b['model_cfg'], config.full_finetune) if mode == 'train' else \
@@ -152,7 +167,30 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
       clips_per_s=clips_s, step_s_median=med, step_s_p10=p10, step_s_p90=p90,
       compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(devices),
       gmacs_per_clip=macs / 1e9,
-      mfu=(2 * macs * clips_s / (len(devices) * peak)) if peak else None, steps=steps_n)
+      mfu=(2 * macs * clips_s / (len(devices) * peak)) if peak else None, steps=steps_n,
+      **({'profile': profile} if profile is not None else {}))
+
+
+def trace_steps(one_step, trace_dir: str, steps_n: int) -> dict:
+  """Run `steps_n` synchronised steps under the JAX profiler; their kernel time by family.
+
+  The full per-kernel table also goes to `trace_dir/kernels.json`, beside the trace.
+  """
+  import jax
+
+  from benchmarks import profile_kernels
+
+  os.makedirs(trace_dir, exist_ok=True)
+  t0 = time.perf_counter()
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(steps_n):
+      one_step()
+  wall = time.perf_counter() - t0
+  summary = profile_kernels.summarize_trace(trace_dir, steps_n, wall)
+  with open(os.path.join(trace_dir, 'kernels.json'), 'w') as f:
+    json.dump(summary, f, indent=1)
+  summary.pop('kernels_ms_per_step')      # the JSON of the run keeps the top kernels only
+  return summary
 
 
 def find_max_batch(config: Any, mode: str, start: int, remat: str | None, limit: int) -> int:
@@ -187,7 +225,7 @@ def format_row(r: dict) -> str:
 
 
 HEADER = ('| mode | frames | batch | dtype | remat | clips/s | step ms median (p10-p90) | '
-          'compile s | peak GiB | GMACs/clip | MFU |\n|---|---|---|---|---|---|---|---|---|---|---|')
+          'compile s | peak GiB | GMACs/clip | MFU |\n' + '|---' * 11 + '|')
 
 
 def main(argv):
@@ -201,12 +239,27 @@ def main(argv):
   config = FLAGS.config
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
+  results, official_rows = [], []
+
+  def write_out(extra: dict, complete: bool) -> None:
+    # Written after every stage, so a run stopped by a time limit keeps what it measured.
+    if FLAGS.out:
+      with open(FLAGS.out, 'w') as f:
+        json.dump({'results': results, **extra, 'complete': complete, 'versions': versions(),
+                   'argv': sys.argv, 'date': time.strftime('%Y-%m-%d')}, f, indent=1)
+
+  def official_row(row: dict) -> None:
+    official_rows.append(row)
+    print(json.dumps({'official_row': row}), flush=True)
+    write_out({'official_rows_so_far': official_rows}, complete=False)
+
   official_run = None
   if FLAGS.official:
     from benchmarks import official_torch
-    official_run = official_torch.run_official(config, batch, modes, FLAGS.official,
-                                               FLAGS.steps, FLAGS.warmup)
-  results = []
+    official_run = official_torch.run_official(
+        config, batch, modes, FLAGS.official, FLAGS.steps, FLAGS.warmup,
+        official_modes=[m for m in FLAGS.official_modes.split(',') if m],
+        compile_backend=FLAGS.official_compile_backend, on_row=official_row)
   data_iter = None
   for mode in modes:
     if FLAGS.data == 'real':
@@ -215,25 +268,28 @@ def main(argv):
       data_iter = iter(input_pipeline.make_train_dataset(
           config.data, batch_size=batch // jax.process_count(), seed=0))
     r = time_steps(config, batch, mode, FLAGS.steps, FLAGS.warmup,
-                   remat=FLAGS.remat or None, data_iter=data_iter)
+                   remat=FLAGS.remat or None, data_iter=data_iter,
+                   profile_dir=FLAGS.profile or None, profile_steps=FLAGS.profile_steps)
     r['data'] = FLAGS.data
     if FLAGS.find_max_batch:
       r['max_batch_no_remat'] = find_max_batch(config, mode, batch, 'none', FLAGS.max_batch_limit)
       r['max_batch_remat'] = find_max_batch(config, mode, batch, 'full', FLAGS.max_batch_limit)
     results.append(r)
     print(json.dumps(r, indent=1), flush=True)
+    write_out({'official_rows_so_far': official_rows} if official_rows else {}, complete=False)
   print(HEADER)
   for r in results:
     print(format_row(r))
+  for r in results:
+    if 'profile' in r:
+      from benchmarks import profile_kernels
+      print(profile_kernels.format_summary(r['mode'], r['profile']))
   compared = {}
   if official_run is not None:
     compared = official_torch.compare(results, official_run)
     print(json.dumps(compared['official_info'], indent=1))
     print(official_torch.format_side_by_side(results, compared))
-  if FLAGS.out:
-    with open(FLAGS.out, 'w') as f:
-      json.dump({'results': results, **compared, 'versions': versions(), 'argv': sys.argv,
-                 'date': time.strftime('%Y-%m-%d')}, f, indent=1)
+  write_out(compared, complete=True)
 
 
 def _define_flags():
@@ -253,6 +309,17 @@ def _define_flags():
   flags.DEFINE_string('official', '', 'folder holding the official AIM files (mmaction/models/'
                       '...): also time the official PyTorch model, same batch and precision, '
                       'and report ours / official (benchmarks.official_torch; needs torch)')
+  flags.DEFINE_string('official_modes', 'eager,compiled',
+                      'with --official: which official runs, comma-separated: eager (as '
+                      'released) and/or compiled (torch.compile + fused AdamW, same autocast, '
+                      'weights and trainable set)')
+  flags.DEFINE_string('official_compile_backend', 'inductor',
+                      'torch.compile backend of the compiled official run (inductor needs a C++ '
+                      "compiler on CPU; 'eager' only checks the Dynamo path)")
+  flags.DEFINE_string('profile', '', 'also trace --profile_steps steps per mode with the JAX '
+                      'profiler into DIR/MODE and report kernel time by family (GEMM, attention, '
+                      'transpose/copy, reduction, elementwise, other) in ms/step and %')
+  flags.DEFINE_integer('profile_steps', 3, 'steps traced under --profile')
   flags.mark_flags_as_required(['config'])
 
 

@@ -1,18 +1,24 @@
 """The benchmark times real jitted steps and reports consistent figures."""
 
-import pytest
+import json
+import re
+import subprocess
+import sys
 
-from benchmarks import step_benchmark
+import pytest
+from conftest import ROOT, cpu_env
+
+from benchmarks import attention_smoke, profile_kernels, step_benchmark
 from configs import tiny
 
 
 @pytest.mark.parametrize('mode', ['train', 'eval'])
 def test_time_steps_reports_consistent_figures(mode):
   config = tiny.get_config()
-  r = step_benchmark.time_steps(config, batch=4, mode=mode, steps_n=3, warmup=1)
-  assert r['steps'] == 3 and r['batch'] == 4 and r['devices'] >= 1
+  r = step_benchmark.time_steps(config, batch=8, mode=mode, steps_n=3, warmup=1)
+  assert r['steps'] == 3 and r['batch'] == 8 and r['devices'] >= 1
   assert r['step_s_p10'] <= r['step_s_median'] <= r['step_s_p90']
-  assert r['clips_per_s'] == pytest.approx(4 / r['step_s_median'])
+  assert r['clips_per_s'] == pytest.approx(8 / r['step_s_median'])
   assert r['compile_s'] > 0 and r['gmacs_per_clip'] > 0
   assert r['mfu'] is None  # no bf16 peak is claimed for a CPU
   assert step_benchmark.format_row(r).count('|') == 12
@@ -22,3 +28,136 @@ def test_peak_table_knows_the_accelerators_we_report():
   class Dev:
     device_kind = 'NVIDIA H100 80GB HBM3'
   assert step_benchmark.device_peak(Dev()) == 989e12
+
+
+def test_profile_traces_a_real_cpu_step_and_sums_kernels_by_family(tmp_path):
+  config = tiny.get_config()
+  r = step_benchmark.time_steps(config, batch=8, mode='eval', steps_n=1, warmup=0,
+                                profile_dir=str(tmp_path), profile_steps=2)
+  p = r['profile']
+  assert p['source'] == 'cpu' and p['steps'] == 2 and p['events'] > 0
+  assert p['trace_file'].startswith(str(tmp_path / 'eval')) and p['trace_file'].endswith('.gz')
+  fams = p['families']
+  assert set(fams) == set(profile_kernels.FAMILY_NAMES)
+  assert sum(f['share'] for f in fams.values()) == pytest.approx(1.0)
+  assert sum(f['ms_per_step'] for f in fams.values()) == pytest.approx(p['kernel_ms_per_step'])
+  assert fams['gemm']['ms_per_step'] > 0          # the projections: XLA:CPU dot / ynn_fusion ops
+  # Only XLA ops are counted, never the runtime's own events (ThunkExecutor::Execute, ...).
+  names = [k['name'] for k in p['top_kernels']]
+  assert names and all(re.fullmatch(r'[a-z][a-z0-9_\-.]*', n) for n in names), names
+  full = json.loads((tmp_path / 'eval' / 'kernels.json').read_text())
+  assert sum(full['kernels_ms_per_step'].values()) == pytest.approx(p['kernel_ms_per_step'])
+  table = profile_kernels.format_summary('eval', p)
+  assert '| gemm |' in table and table.count('\n') == len(profile_kernels.FAMILY_NAMES) + 2
+
+
+# Kernel names as an XLA GPU trace of our B/16 train step names them (jax 0.11, H200).
+GPU_KERNELS = {
+    'nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT': 'gemm',
+    'gemm_fusion_dot_868': 'gemm',
+    'void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_128x128_32x5'
+    '_nhwc_align8>(cutlass_tensorop_bf16_s16816fprop_optimized_bf16_128x128_32x5_nhwc_align8::'
+    'Params)': 'gemm',
+    'input_transpose_fusion_50': 'transpose/copy',
+    'loop_transpose_fusion_23': 'transpose/copy',
+    'wrapped_transpose_12': 'transpose/copy',
+    'void nhwcAddPaddingKernel<__nv_bfloat16, __nv_bfloat16, float, true, '
+    '(cudnnKernelDataType_t)0>(int, int)': 'transpose/copy',
+    'Memset ': 'transpose/copy',
+    'input_reduce_fusion_66': 'reduction',
+    'input_add_reduce_fusion_120': 'reduction',
+    'loop_multiply_fusion_11': 'elementwise',
+    'loop_convert_fusion': 'elementwise',
+    'fusion_2937': 'elementwise',
+    'wrapped_slice_1': 'elementwise',
+    'cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128': 'attention',
+    'some_custom_kernel': 'other',
+}
+
+
+def test_profile_families_of_gpu_kernel_names():
+  for name, fam in GPU_KERNELS.items():
+    assert profile_kernels.family(name) == fam, name
+
+
+def test_profile_counts_gpu_stream_kernels_only():
+  meta = [
+      dict(ph='M', name='process_name', pid=1, args=dict(name='/device:GPU:0')),
+      dict(ph='M', name='thread_name', pid=1, tid=10, args=dict(name='Stream #13(Compute)')),
+      dict(ph='M', name='thread_name', pid=1, tid=11, args=dict(name='XLA Ops')),
+      dict(ph='M', name='process_name', pid=2, args=dict(name='/host:CPU')),
+      dict(ph='M', name='thread_name', pid=2, tid=20, args=dict(name='python')),
+  ]
+  kernels = [('nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT', 300.0),
+             ('gemm_fusion_dot_868', 100.0), ('input_transpose_fusion_50', 200.0),
+             ('input_reduce_fusion_66', 100.0), ('loop_add_fusion_48', 150.0),
+             ('nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT', 150.0)]
+  events = meta + [dict(ph='X', pid=1, tid=10, ts=i, dur=d, name=n)
+                   for i, (n, d) in enumerate(kernels)]
+  events += [dict(ph='X', pid=1, tid=11, ts=0, dur=5000.0, name='fusion.1'),      # op line
+             dict(ph='X', pid=2, tid=20, ts=0, dur=9000.0, name='PjitFunction(step)'),
+             dict(ph='i', pid=1, tid=10, ts=0, name='marker')]
+  s = profile_kernels.summarize_events(events, steps=2, wall_s=0.001)
+  assert s['source'] == 'device' and s['events'] == 6 and s['distinct_kernels'] == 5
+  assert s['kernel_ms_per_step'] == pytest.approx(1000.0 / 1e3 / 2)
+  assert s['wall_ms_per_step'] == pytest.approx(0.5)
+  fams = s['families']
+  assert fams['gemm']['ms_per_step'] == pytest.approx(0.275)     # (300 + 150 + 100) us / 2
+  assert fams['gemm']['share'] == pytest.approx(0.55)
+  assert fams['transpose/copy']['share'] == pytest.approx(0.2)
+  assert fams['reduction']['share'] == pytest.approx(0.1)
+  assert fams['elementwise']['share'] == pytest.approx(0.15)
+  assert fams['attention']['ms_per_step'] == 0.0
+  assert s['top_kernels'][0] == dict(name='nvjet_sm90_tst_128x160_64x5_2x1_v_bz_NNT',
+                                     family='gemm', ms_per_step=pytest.approx(0.225))
+
+
+def test_profile_reports_a_missing_trace(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no \\*.trace.json.gz'):
+    profile_kernels.summarize_trace(tmp_path, steps=1)
+
+
+def test_attention_smoke_pads_to_an_even_length_and_matches_xla(tmp_path):
+  out = tmp_path / 'att.json'
+  assert attention_smoke.main(['--implementation', 'xla', '--batch', '2', '--heads', '2',
+                               '--tokens', '5', '--head_dim', '8', '--dtype', 'float32',
+                               '--out', str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r['tokens'] == 5 and r['padded_tokens'] == 6
+  assert r['padded']['ok'] and r['padded']['max_abs_diff_vs_xla']['dk_padding'] == 0.0
+  assert max(r['padded']['max_abs_diff_vs_xla'].values()) < 1e-5
+  assert r['odd_length_grad']['ok']        # XLA accepts 5 under grad; cuDNN is what may not
+
+
+@pytest.mark.slow   # a subprocess: imports and one tiny compilation (~30 s idle)
+def test_step_benchmark_cli_never_imports_tensorflow_on_synthetic_data(tmp_path):
+  out = tmp_path / 'b.json'
+  code = ('import atexit, sys\n'
+          'atexit.register(lambda: print("TENSORFLOW_LOADED", "tensorflow" in sys.modules))\n'
+          'from benchmarks import step_benchmark\n'
+          f'step_benchmark.run(["b", "--config", "configs/tiny.py", "--mode", "eval", "--batch",'
+          f' "2", "--steps", "1", "--warmup", "0", "--out", {str(out)!r}])\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=cpu_env(1), timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'TENSORFLOW_LOADED False' in proc.stdout
+  result = json.loads(out.read_text())
+  assert result['complete'] is True and [r['mode'] for r in result['results']] == ['eval']
+
+
+def test_gpu_script_refuses_an_unknown_option(tmp_path):
+  proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(tmp_path), '--gpu'],
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 2 and 'unknown option --gpu' in proc.stderr
+
+
+def test_profile_without_stream_lines_counts_the_xla_ops_line():
+  events = [dict(ph='M', name='process_name', pid=1, args=dict(name='/device:TPU:0')),
+            dict(ph='M', name='thread_name', pid=1, tid=1, args=dict(name='XLA Modules')),
+            dict(ph='M', name='thread_name', pid=1, tid=2, args=dict(name='XLA Ops')),
+            dict(ph='X', pid=1, tid=1, ts=0, dur=100.0, name='jit_step(123)'),
+            dict(ph='X', pid=1, tid=2, ts=0, dur=60.0, name='fusion.3'),
+            dict(ph='X', pid=1, tid=2, ts=60, dur=40.0, name='convolution.1')]
+  s = profile_kernels.summarize_events(events, steps=1)
+  assert s['events'] == 2 and s['kernel_ms_per_step'] == pytest.approx(0.1)
+  assert s['families']['gemm']['ms_per_step'] == pytest.approx(0.04)

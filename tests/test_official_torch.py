@@ -106,47 +106,115 @@ def test_official_refuses_a_config_it_cannot_express(official_torch, modules):
     official_torch.build_official(cfg, {}, modules)
 
 
-def test_ratio_is_ours_per_device_over_official_and_survives_an_official_oom(official_torch):
+def test_ratio_is_ours_per_device_over_each_official_row_and_survives_an_official_failure(
+    official_torch):
   ours = [dict(mode='train', batch=64, devices=2, dtype='bfloat16', clips_per_s=100.0, mfu=0.4,
                gmacs_per_clip=202.1, step_s_median=0.64, step_s_p10=0.6, step_s_p90=0.7,
                peak_memory_bytes=2**34),
           dict(mode='eval', batch=64, devices=2, dtype='bfloat16', clips_per_s=300.0, mfu=None,
                gmacs_per_clip=202.1, step_s_median=0.2, step_s_p10=0.2, step_s_p90=0.2,
                peak_memory_bytes=None)]
+  timed = dict(batch=32, dtype='bfloat16', step_s_p10=0.1, step_s_p90=0.2, peak_memory_bytes=None)
   run = dict(info={'device': 'cuda'}, rows=[
-      dict(impl='official_torch', mode='train', batch=32, dtype='bfloat16', clips_per_s=20.0,
-           step_s_median=1.6, step_s_p10=1.5, step_s_p90=1.7, peak_memory_bytes=None),
-      dict(impl='official_torch', mode='eval', batch=32, dtype='bfloat16',
-           error='out of memory: CUDA')])
+      dict(timed, impl='official_torch', official_mode='eager', mode='train', clips_per_s=20.0,
+           step_s_median=1.6),
+      dict(impl='official_torch', official_mode='eager', mode='eval', batch=32,
+           dtype='bfloat16', error='out of memory: CUDA'),
+      dict(timed, impl='official_torch_compile', official_mode='compiled', mode='train',
+           clips_per_s=40.0, step_s_median=0.8),
+      dict(timed, impl='official_torch_compile', official_mode='compiled', mode='eval',
+           clips_per_s=200.0, step_s_median=0.16)])
   compared = official_torch.compare(ours, run)
-  assert compared['ratio'] == {'train': pytest.approx(2.5), 'eval': None}   # (100 / 2) / 20
+  assert compared['ratio'] == {'eager': {'train': pytest.approx(2.5), 'eval': None},  # (100/2)/20
+                               'compiled': {'train': pytest.approx(1.25),
+                                            'eval': pytest.approx(0.75)}}
   assert compared['official'][0]['mfu'] == pytest.approx(0.4 * 20 / 50)
-  table = official_torch.format_side_by_side(ours, compared)
-  assert '| 2.50x |' in table and 'out of memory' in table
+  table = official_torch.format_side_by_side(ours, compared).splitlines()
+  assert [line.split('|')[1].strip() for line in table[2:]] == [
+      'aim_jax', 'official torch eager', 'official torch compiled',
+      'aim_jax', 'official torch eager', 'official torch compiled']
+  assert table[3].endswith('| 2.50x |') and table[4].endswith('| 1.25x |')
+  assert 'out of memory' in table[6] and table[7].endswith('| 0.75x |')
 
 
-@pytest.mark.slow   # a subprocess: JAX + torch imports, two compilations (~25 s idle, 60 s loaded)
-def test_benchmark_official_flag_writes_both_rows_and_ratio(tmp_path):
+def test_compiled_official_traces_with_dynamo_and_computes_the_eager_function(official_torch,
+                                                                            modules):
+  """torch.compile through Dynamo + AOTAutograd (backend aot_eager: the graphs inductor would
+  get, without a C++ compiler) on the official files, inside `importable`: same logits as eager,
+  and the fused-AdamW train step updates exactly the trainable set."""
+  torch = official_torch.torch
+  config = tiny.get_config()
+  cfg = resolve_model_config(config.model)
+  params = _randomised_params(official_torch, cfg, seed=3)
+  clips = np.random.default_rng(5).normal(size=(2, 4, 32, 32, 3)).astype(np.float32)
+  eager = official_torch.official_logits(official_torch.build_official(cfg, params, modules),
+                                         clips, 'float32', torch.device('cpu'))
+  model = official_torch.build_official(cfg, params, modules)
+  keys = official_torch.trainable_keys(params, cfg, list(config.trainable))
+  groups = official_torch.param_groups(model, keys, config.optimizer)
+  before = {n: p.detach().clone() for n, p in model.named_parameters()}
+  torch._dynamo.reset()
+  with official_torch.importable(modules):
+    assert 'mmaction.models.backbones.vit_clip' in sys.modules
+    compiled = torch.compile(model, backend='aot_eager')
+    with torch.no_grad():
+      logits = compiled.eval()(torch.from_numpy(clips.transpose(0, 4, 1, 2, 3).copy()))
+    np.testing.assert_allclose(logits.numpy(), eager, atol=1e-5, rtol=0)
+    row = official_torch.time_official(
+        model, mode='train', batch=2, model_cfg=cfg, groups=groups,
+        optimizer_cfg=config.optimizer, steps_n=1, warmup=0, device=torch.device('cpu'),
+        compiled=True, compile_backend='aot_eager')
+  assert not [n for n in sys.modules if n.split('.')[0] in ('mmaction', 'mmcv')]
+  assert row['impl'] == 'official_torch_compile' and row['official_mode'] == 'compiled'
+  assert row['compile_s'] == row['first_step_s'] > 0 and row['fused_adamw'] is True
+  assert row['compile_backend'] == 'aot_eager' and row['clips_per_s'] > 0
+  changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+  assert changed == keys
+  torch._dynamo.reset()
+
+
+def test_official_modes_are_checked(official_torch):
+  with pytest.raises(ValueError, match='--official_modes .*eager,compiled'):
+    official_torch.run_official(tiny.get_config(), 2, ['train'], str(OFFICIAL), 1, 0,
+                                official_modes=['jit'])
+
+
+@pytest.mark.slow   # a subprocess: JAX + torch imports, compilations (~1-2 min idle, more loaded)
+def test_benchmark_official_flag_writes_every_row_and_ratio(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'side_by_side.json'
   argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'both', '--batch',
-          '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--out', str(out)]
+          '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--official_modes',
+          'eager,compiled', '--official_compile_backend', 'aot_eager', '--out', str(out)]
   code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
           'import torchvision_stub; torchvision_stub.install()\n'
-          'from aim_jax import benchmark\n'
-          f'benchmark.run({argv!r})\n')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3')
+          'from benchmarks import step_benchmark\n'
+          f'step_benchmark.run({argv!r})\n')
+  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300, check=False)
+                        text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'tensorflow' not in proc.stderr
   result = json.loads(out.read_text())
   ours, theirs = result['results'], result['official']
-  assert [r['mode'] for r in ours] == [r['mode'] for r in theirs] == ['train', 'eval']
-  for a, b in zip(ours, theirs):
-    assert b['impl'] == 'official_torch' and b['batch'] == a['batch'] == 2
+  assert [r['mode'] for r in ours] == ['train', 'eval']
+  assert [(r['official_mode'], r['mode']) for r in theirs] == [
+      ('eager', 'train'), ('eager', 'eval'), ('compiled', 'train'), ('compiled', 'eval')]
+  by_mode = {r['mode']: r for r in ours}
+  for b in theirs:
+    a = by_mode[b['mode']]
+    assert 'error' not in b, b
+    assert b['impl'] == {'eager': 'official_torch', 'compiled': 'official_torch_compile'}[
+        b['official_mode']]
+    assert b['batch'] == a['batch'] == 2
     assert b['dtype'] == a['dtype'] and b['steps'] == 2 and b['clips_per_s'] > 0
-    assert result['ratio'][a['mode']] == pytest.approx(a['clips_per_s'] / b['clips_per_s'])
-  assert theirs[0]['trainable_params'] > 0
+    assert result['ratio'][b['official_mode']][a['mode']] == pytest.approx(
+        a['clips_per_s'] / b['clips_per_s'])
+  assert theirs[0]['trainable_params'] > 0 and theirs[2]['compile_s'] > 0
+  assert result['complete'] is True and 'official_rows_so_far' not in result
   info = result['official_info']
   assert info['device'] == 'cpu' and info['logits_max_abs_diff'] < 1e-5
-  assert '| official torch | train | 2 |' in proc.stdout
+  assert info['official_modes'] == ['eager', 'compiled']
+  assert '| official torch eager | train | 2 |' in proc.stdout
+  assert '| official torch compiled | eval | 2 |' in proc.stdout

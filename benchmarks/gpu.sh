@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# The project's GPU measurements in one call, from a bare GPU machine, within 8 minutes.
+#
+#   bash benchmarks/gpu.sh OUT_DIR                # on the GPU (one H200), from the checkout root
+#   bash benchmarks/gpu.sh OUT_DIR --cpu-smoke    # the same steps on CPU, configs/tiny.py
+#
+# Runs from a checkout holding .official/ (the official AIM files, see BENCHMARKS.md) and
+# .whl/ (wheels of the packages the machine lacks: `pip download ml_collections -d .whl`).
+# Carried wheels whose distribution is not installed are installed (no index, no deps) into
+# a folder put on PYTHONPATH. Then, each part with its own time limit, log and JSON in
+# OUT_DIR, so a part that fails or runs out of time leaves the others' figures:
+#   env.txt                  devices and versions
+#   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
+#                            compiled, side by side, plus the kernel profile of our step
+#   b16_eval.json / .log     the same for eval
+#   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step)
+#   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length
+#   l14_train.json / .log    L/14 8x224 batch 32 train, scan_layers
+#   summary.txt              each part's exit status and time
+# --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
+# backend (no C++ compile), tensorflow made unimportable (the GPU image has none), the test
+# torchvision stub served when torchvision is missing; checks the script end to end.
+set -u
+OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--cpu-smoke]}
+SMOKE=0
+case "${2:-}" in
+  --cpu-smoke) SMOKE=1 ;;
+  '') ;;
+  *) echo "gpu.sh: unknown option ${2} (only --cpu-smoke)" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.." || exit 1
+mkdir -p "$OUT" || exit 1
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+# Seconds for the whole script (parts are cut to fit) and a factor on each part's limit:
+# a CPU smoke run compiles slowly, it gets more of both.
+if [ "$SMOKE" = 1 ]; then SCALE=${GPU_SH_SCALE:-8}; else SCALE=${GPU_SH_SCALE:-1}; fi
+BUDGET=${GPU_SH_BUDGET_S:-$(( 470 * SCALE ))}
+S=$(date +%s)
+el() { echo $(( $(date +%s) - S )); }
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+
+# Carried wheels, only for what is missing.
+SITE=${GPU_SH_SITE:-/tmp/aim_gpu_site}
+for whl in .whl/*.whl; do
+  [ -e "$whl" ] || continue
+  dist=$(basename "$whl" | cut -d- -f1)
+  if ! "$PY" -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$dist" \
+      2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+        "$whl" || exit 1
+    echo "installed $dist from $whl"
+  fi
+done
+export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c 'import ml_collections' || {
+  echo 'gpu.sh: ml_collections is missing: carry its wheel (pip download ml_collections -d .whl)' >&2
+  exit 1; }
+
+if [ "$SMOKE" = 1 ]; then
+  export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=''
+  CFG=configs/tiny.py; CFG_L=configs/tiny.py
+  BATCH=2; BATCH_L=2; STEPS=2; BACKEND=aot_eager
+  ATT="--implementation xla --batch 2 --heads 2 --head_dim 16"
+  # The GPU image has no tensorflow: make it unimportable; serve torchvision's test stub.
+  BENCH=("$PY" -c "import sys
+class NoTensorflow:  # a finder: 'tensorflow' stays absent from sys.modules, as on the GPU image
+  def find_spec(self, name, path=None, target=None):
+    if name.split('.')[0] == 'tensorflow':
+      raise ModuleNotFoundError(f'No module named {name!r} (gpu.sh --cpu-smoke)', name=name)
+sys.meta_path.insert(0, NoTensorflow()); sys.path.insert(0, 'tests')
+import torchvision_stub; torchvision_stub.install()
+from benchmarks import step_benchmark; step_benchmark.run(['step_benchmark'] + sys.argv[1:])")
+else
+  CFG=configs/k400.py:b16_f8; CFG_L=configs/k400.py:l14_f8
+  BATCH=64; BATCH_L=32; STEPS=10; BACKEND=inductor
+  ATT=""
+  BENCH=("$PY" -m benchmarks.step_benchmark)
+fi
+OFFICIAL=()
+if [ -f .official/mmaction/models/backbones/vit_clip.py ]; then
+  OFFICIAL=(--official .official --official_modes eager,compiled
+            --official_compile_backend "$BACKEND")
+else
+  echo 'gpu.sh: no .official/ here: ours only (carry .official for the side by side)'
+fi
+
+{ nvidia-smi -L 2>/dev/null; echo "cpus $(nproc)"; git log -1 --format='commit %h %s' 2>/dev/null
+  "$PY" -c "import jax, flax, optax, sys; print('python', sys.version.split()[0], 'jax',
+jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+
+# part NAME LIMIT_S COMMAND...: run with timeout min(LIMIT_S, what is left), output to NAME.log.
+part() {
+  local name=$1 lim=$(( $2 * SCALE )); shift 2
+  local left=$(( BUDGET - $(el) ))
+  [ "$left" -lt "$lim" ] && lim=$left
+  if [ "$lim" -lt 20 ]; then
+    echo "$name: skipped, $(el) s used of $BUDGET" | tee -a "$OUT/summary.txt"; return
+  fi
+  timeout --kill-after=5 "$lim" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "$name: rc=$rc$([ $rc = 124 ] && echo " (time limit $lim s)") at $(el) s" \
+    | tee -a "$OUT/summary.txt"
+  grep -E '^\| (aim_jax|official|train|eval|gemm|attention|transpose|reduction|elementwise|other|all)' \
+    "$OUT/$name.log" | head -24
+}
+: > "$OUT/summary.txt"
+COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
+part b16_train 200 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" \
+  --profile "$OUT/profile" --out "$OUT/b16_train.json"
+part b16_eval 140 "${BENCH[@]}" "${COMMON[@]}" --mode eval "${OFFICIAL[@]}" \
+  --profile "$OUT/profile" --out "$OUT/b16_eval.json"
+# shellcheck disable=SC2086
+part cudnn_attention 45 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
+part l14_train 75 "${BENCH[@]}" --config "$CFG_L" --batch "$BATCH_L" --steps 5 --mode train \
+  --config.model.scan_layers=True --out "$OUT/l14_train.json"
+echo "done at $(el) s" | tee -a "$OUT/summary.txt"
+! grep -qE 'rc=[1-9]' "$OUT/summary.txt"
