@@ -439,18 +439,37 @@ def _train_clip(ex, cfg):
   idx = sampling.train_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
                                interval=cfg.frame_interval, seed=seeds[0])
   encoded = tf.gather(ex['frames'], idx)  # sample before decoding: only T JPEGs decoded
-  video = ops.decode_crop_resize(encoded, short_side=cfg.train_short_side, size=cfg.image_size,
-                                 seed=seeds[1], area_range=tuple(cfg.area_range),
-                                 aspect_ratio_range=tuple(cfg.aspect_ratio_range))
-  video = ops.random_flip(video, cfg.flip_prob, seeds[2])
   if cfg.randaugment_n > 0:
-    from data_pipelines import randaugment  # pylint: disable=g-import-not-at-top
-    video = randaugment.randaugment(video, cfg.randaugment_n, cfg.randaugment_m, seeds[3])
+    video = _randaugment_clip(encoded, cfg, seeds)
+  else:
+    video = ops.decode_crop_resize(encoded, short_side=cfg.train_short_side, size=cfg.image_size,
+                                   seed=seeds[1], area_range=tuple(cfg.area_range),
+                                   aspect_ratio_range=tuple(cfg.aspect_ratio_range))
+    video = ops.random_flip(video, cfg.flip_prob, seeds[2])
   video = ops.pca_lighting(video, cfg.color_jitter, seeds[4])
   video = ops.normalize(video, cfg.mean, cfg.std)
   video = ops.random_erasing(video, cfg.random_erasing_prob, seeds[5])
   video = tf.ensure_shape(video, [cfg.num_frames, cfg.image_size, cfg.image_size, 3])
   return {'video': video, 'label': ex['label'], '_epoch': ex['_epoch'], '_index': ex['_index']}
+
+
+def _randaugment_clip(encoded, cfg, seeds):
+  """Crop, flip and imgaug RandAugment(n, m) with one resize: RandAugment's initial crop is
+  folded into the random-resized-crop window, its flip merged with the recipe's flip."""
+  from data_pipelines import randaugment  # pylint: disable=g-import-not-at-top
+  ra_flip, crop, order, signs, cutout_u = randaugment.draw(seeds[3], cfg.randaugment_n,
+                                                           cfg.randaugment_m)
+  recipe_flip = tf.logical_and(cfg.flip_prob > 0,
+                               tf.random.stateless_uniform([], seeds[2]) < cfg.flip_prob)
+  # crop sides are drawn after both flips (top, right, bottom, left): unflip them
+  crop = tf.where(tf.not_equal(recipe_flip, ra_flip), tf.gather(crop, [0, 3, 2, 1]), crop)
+  video = ops.decode_crop_resize(
+      encoded, short_side=cfg.train_short_side, size=cfg.image_size, seed=seeds[1],
+      area_range=tuple(cfg.area_range), aspect_ratio_range=tuple(cfg.aspect_ratio_range),
+      window_fn=lambda t, l, h, w: randaugment.crop_window(t, l, h, w, crop, cfg.image_size))
+  video = tf.ensure_shape(tf.round(video), [cfg.num_frames, cfg.image_size, cfg.image_size, 3])
+  return randaugment.randaugment_ops(video, tf.not_equal(recipe_flip, ra_flip), order, signs,
+                                     cutout_u, cfg.randaugment_m)
 
 
 def eval_views(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *, split: str) -> tf.Tensor:

@@ -7,6 +7,7 @@ area and log-uniform ratio, `round(sqrt(...))` sides, centre-square fallback), `
 middle, with offsets `2*step` and `step`, `step = (long - crop)//2`). Frames are (T, H, W, 3).
 """
 
+import math
 from typing import Sequence, Tuple
 
 import tensorflow as tf
@@ -77,17 +78,20 @@ def decode_frames(encoded: tf.Tensor) -> tf.Tensor:
 
 
 def decode_crop_resize(encoded: tf.Tensor, *, short_side: int, size: int, seed,
-                       area_range, aspect_ratio_range) -> tf.Tensor:
+                       area_range, aspect_ratio_range, window_fn=None) -> tf.Tensor:
   """Training geometry: short-side resize, random resized crop, resize to (size, size).
 
   Only the crop window is decoded when the stored frames already have the short side the
   recipe resizes to (what `prepare` writes by default): `decode_and_crop_jpeg` then gives the
   same pixels as decode-then-crop for less work. Otherwise frames are decoded whole, resized
-  and cropped. Returns (T, size, size, 3) float32 in 0..255.
+  and cropped. `window_fn(top, left, h, w)`, if given, adjusts the crop box before decoding
+  (RandAugment folds its initial crop in there). Returns (T, size, size, 3) float32 in 0..255.
   """
   shape = tf.io.extract_jpeg_shape(encoded[0])
   rh, rw = short_side_size(shape[0], shape[1], short_side)
   top, left, ch, cw = random_resized_crop_box(rh, rw, seed, area_range, aspect_ratio_range)
+  if window_fn is not None:
+    top, left, ch, cw = window_fn(top, left, ch, cw)
 
   def crop_decode():
     window = tf.stack([top, left, ch, cw])
@@ -167,36 +171,50 @@ def pca_lighting(frames: tf.Tensor, alpha_std: float, seed) -> tf.Tensor:
   return tf.cast(frames, tf.float32) + rgb
 
 
-def random_erasing(frames: tf.Tensor, prob: float, seed, min_area: float = 0.02,
-                   max_area: float = 1 / 3, min_aspect: float = 0.3,
-                   max_attempts: int = 10) -> tf.Tensor:
-  """timm RandomErasing (mode 'pixel', one box) with the same box on every frame.
+def erasing_box(height, width, seed, min_area: float = 0.02, max_area: float = 1 / 3,
+                min_aspect: float = 0.3, max_attempts: int = 10):
+  """timm 0.5.4 `RandomErasing._erase` box draws (count 1) -> (ok, top, left, h, w).
 
-  Runs on normalised frames: the box is filled with N(0, 1) noise, fresh per pixel and per
-  frame (timm's per-pixel mode), at the position drawn once per clip.
+  Up to 10 attempts: area U(min_area, max_area) * H*W, aspect exp(U(log 0.3, log 1/0.3)),
+  h = round(sqrt(area*aspect)), w = round(sqrt(area/aspect)) (half to even, as Python's
+  round); the first attempt with h < H and w < W wins, at top U{0..H-h}, left U{0..W-w}.
+  """
+  seeds = tf.random.experimental.stateless_split(seed, 3)
+  h = tf.cast(height, tf.int32)
+  w = tf.cast(width, tf.int32)
+  area = tf.cast(h * w, tf.float64)
+  targets = tf.random.stateless_uniform([max_attempts], seeds[0], min_area, max_area,
+                                        dtype=tf.float64) * area
+  log_r = tf.random.stateless_uniform([max_attempts], seeds[1], math.log(min_aspect),
+                                      math.log(1.0 / min_aspect), dtype=tf.float64)
+  ratio = tf.exp(log_r)
+  eh = tf.cast(tf.math.round(tf.sqrt(targets * ratio)), tf.int32)
+  ew = tf.cast(tf.math.round(tf.sqrt(targets / ratio)), tf.int32)
+  ok = tf.logical_and(eh < h, ew < w)
+  first = tf.cast(tf.argmax(tf.cast(ok, tf.int32)), tf.int32)
+  bh, bw = eh[first], ew[first]
+  u = tf.random.stateless_uniform([2], seeds[2], dtype=tf.float64)
+  top = tf.minimum(tf.cast(tf.floor(u[0] * tf.cast(h - bh + 1, tf.float64)), tf.int32), h - bh)
+  left = tf.minimum(tf.cast(tf.floor(u[1] * tf.cast(w - bw + 1, tf.float64)), tf.int32), w - bw)
+  return tf.reduce_any(ok), top, left, bh, bw
+
+
+def random_erasing(frames: tf.Tensor, prob: float, seed) -> tf.Tensor:
+  """timm 0.5.4 `RandomErasing(probability=prob)` defaults, one box for the whole clip.
+
+  The official recipe runs it per frame with the random state reset, so every frame gets the
+  same box; mode 'const' fills it with 0 on the normalised frames (the mean colour). Applied
+  when U(0,1) <= prob (timm returns early on `random() > probability`).
   """
   if prob <= 0:
     return frames
-  seeds = tf.random.experimental.stateless_split(seed, 5)
+  seeds = tf.random.experimental.stateless_split(seed, 2)
   shape = tf.shape(frames)
-  h, w = shape[1], shape[2]
-  area = tf.cast(h * w, tf.float32)
-  targets = tf.random.stateless_uniform([max_attempts], seeds[0], min_area, max_area) * area
-  log_r = tf.random.stateless_uniform([max_attempts], seeds[1], tf.math.log(min_aspect),
-                                      tf.math.log(1.0 / min_aspect))
-  ratio = tf.exp(log_r)
-  eh = tf.cast(tf.round(tf.sqrt(targets * ratio)), tf.int32)
-  ew = tf.cast(tf.round(tf.sqrt(targets / ratio)), tf.int32)
-  ok = tf.logical_and(eh < h, ew < w)
-  first = tf.cast(tf.argmax(tf.cast(ok, tf.int32)), tf.int32)
-  u = tf.random.stateless_uniform([3], seeds[2])
-  apply = tf.logical_and(u[0] < prob, tf.reduce_any(ok))
-  bh, bw = eh[first], ew[first]
-  top = tf.cast(tf.floor(u[1] * tf.cast(h - bh + 1, tf.float32)), tf.int32)
-  left = tf.cast(tf.floor(u[2] * tf.cast(w - bw + 1, tf.float32)), tf.int32)
-  rows = tf.range(h)[:, None]
-  cols = tf.range(w)[None, :]
-  box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)  # (H, W)
-  box = tf.logical_and(box, apply)[None, :, :, None]
-  noise = tf.random.stateless_normal(shape, seeds[3], dtype=frames.dtype)
-  return tf.where(box, noise, frames)
+  ok, top, left, bh, bw = erasing_box(shape[1], shape[2], seeds[1])
+  apply = tf.logical_and(tf.random.stateless_uniform([], seeds[0]) <= prob, ok)
+  rows = tf.range(shape[1])[:, None, None]
+  cols = tf.range(shape[2])[None, :, None]
+  box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
+  keep = 1.0 - tf.cast(tf.logical_and(box, apply), frames.dtype)  # (H, W, 1)
+  keep = tf.broadcast_to(keep, tf.concat([shape[1:3], shape[3:]], 0))[None]  # (1, H, W, C)
+  return frames * keep

@@ -1,125 +1,335 @@
-"""RandAugment for video: n ops of magnitude m drawn once per clip, applied to every frame.
+"""imgaug 0.4.0 `RandAugment(n, m)` for video: one draw per clip, the same ops on every frame.
 
-The SSv2 recipe uses imgaug `RandAugment(n=4, m=7)` on whole clips
-(docs/official_recipe.md#augmentations); imgaug
-draws the ops once (`to_deterministic`) so all frames get the same ones. The op set is
-imgaug's: identity, autocontrast, equalize, rotate, solarize, color, posterize, contrast,
-brightness, sharpness, shear x/y, translate x/y; m is on imgaug's 0..30 scale. Magnitude
-maps follow the common RandAugment table (rotate 30°, shear 0.3, translate 45 %, enhance
-factors 1 ± 0.9, posterize 8 -> 4 bits, solarize threshold 256 -> 0) at m = 30. Works on
-float32 (T, H, W, 3) in 0..255; affine fills with grey 128.
+The SSv2 recipe (docs/official_recipe.md#augmentations) runs `iaa.RandAugment(n=4, m=7)` through mmaction2's
+`Imgaug` wrapper, which calls `to_deterministic()` once per clip, so every frame of a clip
+gets the same flip, crop, ops, order, signs and positions. imgaug's augmenter is:
+
+1. always: horizontal flip with probability 0.5, then crop `round(U(0, m) * side / 224)`
+   pixels from each side independently and resize back (bilinear);
+2. then `SomeOf(n, ops, random_order=True)`: n *distinct* ops out of the 18 in `OPS`,
+   applied in random order, with magnitudes from m (0..30 scale) as in `magnitudes`.
+
+docs/data_pipeline.md has the op table (op, formula, value at m=7, imgaug's parameter).
+
+Speed (benchmark.py `train_ra`): the ops run on the 224x224 uint8-valued clip in float32
+(integer values, rounded after the crop resize as imgaug's uint8 frames are); the initial
+crop is folded into the random-resized-crop window (`crop_window`, one resize per clip);
+the five affine ops use PIL's nearest-neighbour sampling, so each is an integer index map
+(precomputed with numpy when the graph is built) and one row gather per clip; colour ops are
+a few elementwise ops each, with PIL's truncating arithmetic.
 """
 
 import math
+from typing import Dict, Tuple
 
+import numpy as np
 import tensorflow as tf
 
-OPS = ('identity', 'autocontrast', 'equalize', 'rotate', 'solarize', 'color', 'posterize',
-       'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
-_MAX_M = 30.0
+OPS = ('identity', 'autocontrast', 'equalize', 'invert', 'rotate', 'posterize', 'solarize',
+       'color', 'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x',
+       'translate_y', 'cutout', 'blur', 'smooth')
+GEOMETRIC = ('rotate', 'shear_x', 'shear_y', 'translate_x', 'translate_y')
+M_MAX = 30.0
+FILL = 128.0  # imgaug RandAugment's cval for affine fill and cutout
 
 
-def _gray(x):
-  return tf.reduce_sum(x * tf.constant([0.299, 0.587, 0.114]), axis=-1, keepdims=True)
+def magnitudes(m: float) -> Dict[str, float]:
+  """imgaug's per-op parameters at magnitude m (before the random sign where there is one)."""
+  m = float(m)
+  return {
+      'rotate_deg': m * 30.0 / M_MAX,
+      'posterize_bits': 8 - min(max(int(m * 6.0 / M_MAX), 0), 6),
+      'solarize_threshold': min(max(256 - int(m * 256.0 / M_MAX), 0), 256),
+      'enhance': m * 0.9 / M_MAX,  # factor clip(1 +- this, 0.1, 1.9)
+      'shear_deg': m * float(np.rad2deg(0.3)) / M_MAX,
+      'translate_frac': m * 0.33 / M_MAX,
+      'cutout_frac': min(max(m * (20.0 / 32.0) / M_MAX, 0.0), 20.0 / 32.0),
+      'crop_max_px224': m,  # per side, in pixels of a 224 image
+  }
 
 
-def _blend(degenerate, x, factor):
-  return degenerate + factor * (x - degenerate)
+# ------------------------------------------------------------------ affine (PIL nearest)
 
 
-def _affine(x, a0, a1, a2, b0, b1, b2):
-  """Output pixel (x, y) samples input (a0 x + a1 y + a2, b0 x + b1 y + b2)."""
+def affine_matrix(op: str, sign: float, height: int, width: int, m: float) -> np.ndarray:
+  """The 2x3 output->input matrix imgaug's `pillike.warp_affine` hands to PIL (float32)."""
+  mag = magnitudes(m)
+  rot = sh_x = sh_y = tx = ty = 0.0
+  center = (0.0, 0.0)
+  if op == 'rotate':
+    rot, center = sign * mag['rotate_deg'], (0.5, 0.5)
+  elif op == 'shear_x':
+    sh_x = sign * mag['shear_deg']
+  elif op == 'shear_y':
+    sh_y = sign * mag['shear_deg']
+  elif op == 'translate_x':
+    tx = sign * mag['translate_frac'] * width
+  elif op == 'translate_y':
+    ty = sign * mag['translate_frac'] * height
+  else:
+    raise ValueError(f'not an affine op: {op!r}')
+  cx, cy = width * center[0], height * center[1]
+  r, shx, shy = np.deg2rad([-rot, sh_x, sh_y])
+  f32 = lambda a: np.array(a, np.float32)
+  mats = [
+      f32([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]]),
+      f32([[np.cos(r), np.sin(r), 0], [-np.sin(r), np.cos(r), 0], [0, 0, 1]]),
+      f32([[1, np.tanh(shx), 0], [np.tanh(shy), 1, 0], [0, 0, 1]]),  # imgaug uses tanh
+      f32(np.eye(3)),  # scale 1
+      f32([[1, 0, tx], [0, 1, ty], [0, 0, 1]]),
+      f32([[1, 0, cx], [0, 1, cy], [0, 0, 1]]),
+  ]
+  fwd = f32(np.eye(3))
+  for mat in mats:
+    fwd = np.matmul(mat, fwd)
+  return np.linalg.inv(fwd)[:2].astype(np.float32)
+
+
+def nearest_index_map(matrix: np.ndarray, height: int, width: int) -> np.ndarray:
+  """PIL `Image.transform(AFFINE, NEAREST)`: flat source index per output pixel, h*w = fill.
+
+  PIL samples output pixel (x, y) at matrix @ (x + 0.5, y + 0.5, 1) and takes the pixel
+  `int(v)` (-1 for negative v), filling what falls outside.
+  """
+  a = matrix.astype(np.float64)
+  y, x = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing='ij')
+  u = a[0, 0] * x + a[0, 1] * y + a[0, 2]
+  v = a[1, 0] * x + a[1, 1] * y + a[1, 2]
+  ui = np.where(u < 0, -1, np.floor(u)).astype(np.int64)
+  vi = np.where(v < 0, -1, np.floor(v)).astype(np.int64)
+  inside = (ui >= 0) & (ui < width) & (vi >= 0) & (vi < height)
+  return np.where(inside, vi * width + ui, height * width).reshape(-1).astype(np.int32)
+
+
+def _index_maps(height: int, width: int, m: float) -> np.ndarray:
+  """(len(GEOMETRIC) * 2, h*w) maps: row 2*k + (sign > 0) for GEOMETRIC[k]."""
+  rows = []
+  for op in GEOMETRIC:
+    for sign in (-1.0, 1.0):
+      rows.append(nearest_index_map(affine_matrix(op, sign, height, width, m), height, width))
+  return np.stack(rows)
+
+
+def _gather_pixels(x, index):
+  """x (T, H, W, 3), index (H*W,) flat source pixel or H*W for the fill colour."""
   shape = tf.shape(x)
-  t = tf.stack([a0, a1, a2, b0, b1, b2, 0.0, 0.0])
-  t = tf.tile(tf.cast(t, tf.float32)[None], [shape[0], 1])
-  return tf.raw_ops.ImageProjectiveTransformV3(
-      images=x, transforms=t, output_shape=shape[1:3], interpolation='BILINEAR',
-      fill_mode='CONSTANT', fill_value=128.0)
+  flat = tf.reshape(x, [shape[0], -1, 3])
+  flat = tf.concat([flat, tf.fill([shape[0], 1, 3], tf.constant(FILL, x.dtype))], axis=1)
+  return tf.reshape(tf.gather(flat, index, axis=1), shape)
 
 
-def _autocontrast(x):
+# ------------------------------------------------------------------ colour ops (PIL arithmetic)
+
+
+def _blend(degenerate, x, factor: float):
+  """PIL `Image.blend(degenerate, x, factor)` on uint8: float32 `d + f*(x-d)`, truncated."""
+  out = degenerate + factor * (x - degenerate)
+  if factor < 0 or factor > 1:
+    out = tf.clip_by_value(out, 0.0, 255.0)
+  return tf.floor(out)
+
+
+def luminance(x, channels: int = 1):
+  """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 2**15) >> 16 (exact in float32), repeated
+  over `channels` output channels (a 1x1 convolution: no broadcasting over the last axis)."""
+  k = tf.tile(tf.constant([19595.0, 38470.0, 7471.0], shape=[1, 1, 3, 1]), [1, 1, 1, channels])
+  return tf.floor((tf.nn.conv2d(x, k, 1, 'VALID') + 32768.0) * (1.0 / 65536.0))
+
+
+def _filter(x, kernel: np.ndarray, divisor: float):
+  """PIL `ImageFilter.Kernel` on uint8: border of size//2 kept, interior rounded and clipped."""
+  size = kernel.shape[0]
+  b = size // 2
+  k = tf.constant(np.tile(kernel[:, :, None, None].astype(np.float32), [1, 1, 3, 1]) / divisor)
+  inner = tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], 'VALID')
+  inner = tf.floor(tf.clip_by_value(inner + 0.5, 0.0, 255.0))
+  mid = tf.concat([x[:, b:-b, :b], inner, x[:, b:-b, -b:]], axis=2)
+  return tf.concat([x[:, :b], mid, x[:, -b:]], axis=1)
+
+
+_SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]])
+_BLUR = np.array([[1, 1, 1, 1, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1], [1, 0, 0, 0, 1],
+                  [1, 1, 1, 1, 1]])
+
+
+def smooth(x):
+  return _filter(x, _SMOOTH, 13.0)
+
+
+def blur(x):
+  return _filter(x, _BLUR, 16.0)
+
+
+def autocontrast(x):
+  """imgaug `_autocontrast_no_pil` (cutoff 0) per frame and channel: lo/hi = the channel's
+  min/max, v -> trunc(clip(v*s - lo*s, 0, 255)) with s = 255/(hi-lo); unchanged if hi <= lo.
+
+  Computed as the exact quotient's floor; imgaug's float64 table can be one lower where the
+  exact value is an integer and its rounding falls just below it.
+  """
   lo = tf.reduce_min(x, axis=[1, 2], keepdims=True)
   hi = tf.reduce_max(x, axis=[1, 2], keepdims=True)
-  scale = tf.where(hi > lo, 255.0 / tf.maximum(hi - lo, 1e-3), 1.0)
-  return tf.where(hi > lo, (x - lo) * scale, x)
+  # floor(255 (v - lo) / (hi - lo)): the numerator is an exact integer and one correctly
+  # rounded division cannot cross an integer, so this is the exact quotient's floor
+  out = tf.floor((x - lo) * 255.0 / tf.maximum(hi - lo, 1.0))
+  return tf.where(hi <= lo, x, out)
 
 
-def _equalize(x):
-  """Histogram equalisation per frame and channel (vectorised over the clip)."""
-  shape = tf.shape(x)
-  t = shape[0]
-  v = tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.int32)  # (T, H, W, 3)
+def equalize(x):
+  """imgaug `_equalize_no_pil_` (what it uses at 224x224) per frame and channel.
+
+  step = (count of pixels below 255) // 255; lut[v] = (step//2 + cumsum(hist)[v-1]) // step,
+  clipped to 255; identity when one value only or step is 0.
+  """
+  t = x.shape[0]
+  v = tf.cast(x, tf.int32)
   ids = (tf.range(t)[:, None, None, None] * 3 + tf.range(3)[None, None, None, :]) * 256 + v
-  hist = tf.reshape(tf.math.bincount(tf.reshape(ids, [-1]), minlength=t * 3 * 256,
-                                     maxlength=t * 3 * 256), [t * 3, 256])
-  cdf = tf.cast(tf.cumsum(hist, axis=1), tf.float32)
-  total = cdf[:, -1:]
-  cdf_min = tf.reduce_min(tf.where(hist > 0, cdf, total), axis=1, keepdims=True)
-  lut = tf.where(total > cdf_min, (cdf - cdf_min) / tf.maximum(total - cdf_min, 1.0) * 255.0,
-                 tf.cast(tf.range(256), tf.float32)[None])  # flat channel: unchanged
-  return tf.reshape(tf.gather(tf.reshape(lut, [-1]), tf.reshape(ids, [-1])), shape)
+  hist = tf.reshape(tf.math.unsorted_segment_sum(tf.ones_like(ids), ids, t * 3 * 256),
+                    [t * 3, 256])
+  step = tf.reduce_sum(hist[:, :-1], axis=1, keepdims=True) // 255
+  nonzero = tf.reduce_sum(tf.cast(hist > 0, tf.int32), axis=1, keepdims=True)
+  cum = tf.cumsum(hist, axis=1, exclusive=True)
+  lut = tf.minimum((step // 2 + cum) // tf.maximum(step, 1), 255)
+  ident = tf.logical_or(nonzero <= 1, step == 0)
+  lut = tf.where(ident, tf.range(256)[None], lut)
+  return tf.cast(tf.gather(tf.reshape(lut, [-1]), ids), tf.float32)
 
 
-def _sharpness(x, factor):
-  k = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-  k = tf.tile(k[:, :, None, None], [1, 1, 3, 1])
-  blurred = tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], 'SAME')
-  # keep the border pixels, as PIL's ImageEnhance.Sharpness does
-  h, w = tf.shape(x)[1], tf.shape(x)[2]
-  rows = tf.range(h)[:, None]
-  cols = tf.range(w)[None, :]
-  inner = ((rows > 0) & (rows < h - 1) & (cols > 0) & (cols < w - 1))[None, :, :, None]
-  return _blend(tf.where(inner, blurred, x), x, factor)
+def contrast(x, factor: float):
+  """PIL ImageEnhance.Contrast: blend with the frame's mean luminance int(mean + 0.5)."""
+  mean = tf.floor(tf.reduce_mean(luminance(x), axis=[1, 2, 3], keepdims=True) + 0.5)
+  return _blend(mean, x, factor)
 
 
-def apply_op(x: tf.Tensor, op, level, sign) -> tf.Tensor:
-  """Applies op number `op` (index into OPS) at `level` in [0, 1] with `sign` in {-1, 1}."""
-  h = tf.cast(tf.shape(x)[1], tf.float32)
-  w = tf.cast(tf.shape(x)[2], tf.float32)
-  enhance = 1.0 + sign * 0.9 * level
+def cutout_box(u, height: int, width: int, m: float):
+  """imgaug Cutout (squared, position uniform) box (y1, y2, x1, x2) from u = (pos_x, pos_y)."""
+  size = magnitudes(m)['cutout_frac']
+  y1 = (u[1] - size / 2) * height
+  y2 = (u[1] + size / 2) * height
+  half = (y2 - y1) / 2
+  xc = u[0] * width
+  x1, x2 = xc - half, xc + half
+  clip = lambda v, hi: tf.clip_by_value(tf.cast(v, tf.int32), 0, hi)  # int() then clamp
+  return clip(y1, height), clip(y2, height), clip(x1, width), clip(x2, width)
 
-  def rotate():
-    a = sign * level * 30.0 * math.pi / 180.0
-    c, s = tf.cos(a), tf.sin(a)
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    return _affine(x, c, -s, cx - c * cx + s * cy, s, c, cy - s * cx - c * cy)
 
-  def posterize():
-    shift = tf.cast(tf.round(level * 4.0), tf.float32)  # 0..4 bits dropped
-    q = tf.pow(2.0, shift)
-    return tf.floor(tf.round(x) / q) * q
+def cutout(x, u, m: float):
+  shape = x.shape
+  y1, y2, x1, x2 = cutout_box(u, shape[1], shape[2], m)
+  rows = tf.range(shape[1])[:, None, None]
+  cols = tf.range(shape[2])[None, :, None]
+  box = (rows >= y1) & (rows < y2) & (cols >= x1) & (cols < x2)
+  mask = tf.cast(tf.broadcast_to(box, [shape[1], shape[2], 3]), tf.float32)[None]
+  return x + mask * (FILL - x)
 
-  def contrast():
-    mean = tf.reduce_mean(_gray(x), axis=[1, 2, 3], keepdims=True)
-    return _blend(mean, x, enhance)
 
-  branches = [
-      lambda: x,
-      lambda: _autocontrast(x),
-      lambda: _equalize(x),
-      rotate,
-      lambda: tf.where(x < 256.0 - level * 256.0, x, 255.0 - x),
-      lambda: _blend(_gray(x), x, enhance),
-      posterize,
-      contrast,
-      lambda: x * enhance,
-      lambda: _sharpness(x, enhance),
-      lambda: _affine(x, 1.0, sign * level * 0.3, 0.0, 0.0, 1.0, 0.0),
-      lambda: _affine(x, 1.0, 0.0, 0.0, sign * level * 0.3, 1.0, 0.0),
-      lambda: _affine(x, 1.0, 0.0, -sign * level * 0.45 * w, 0.0, 1.0, 0.0),
-      lambda: _affine(x, 1.0, 0.0, 0.0, 0.0, 1.0, -sign * level * 0.45 * h),
-  ]
-  out = tf.switch_case(tf.cast(op, tf.int32), branches)
-  return tf.clip_by_value(tf.ensure_shape(out, x.shape), 0.0, 255.0)
+# ------------------------------------------------------------------ the augmenter
+
+
+def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None):
+  """Op number `op` (index into OPS) with `sign` in {-1, 1} at magnitude m on a (T, H, W, 3)
+  float32 clip of uint8 values (static H, W)."""
+  h, w = x.shape[1], x.shape[2]
+  mag = magnitudes(m)
+  if maps is None:
+    maps = tf.constant(_index_maps(h, w, m))
+  if cutout_u is None:
+    cutout_u = tf.constant([0.5, 0.5])
+  sign = tf.cast(sign, tf.float32)
+  hi_f = min(1.0 + mag['enhance'], 1.9)
+  lo_f = max(1.0 - mag['enhance'], 0.1)
+  bits = mag['posterize_bits']
+  q = float(2 ** (8 - bits))
+
+  def enhance(fn):
+    return lambda: tf.cond(sign > 0, lambda: fn(hi_f), lambda: fn(lo_f))
+
+  def geometric(k):
+    return lambda: _gather_pixels(x, maps[2 * k + tf.cast(sign > 0, tf.int32)])
+
+  branches = {
+      'identity': lambda: x,
+      'autocontrast': lambda: autocontrast(x),
+      'equalize': lambda: equalize(x),
+      'invert': lambda: 255.0 - x,
+      'posterize': lambda: tf.floor(x * (1.0 / q)) * q,
+      'solarize': lambda: x + tf.cast(x >= mag['solarize_threshold'], tf.float32) * (255.0 - 2 * x),
+      'color': enhance(lambda f: _blend(luminance(x, 3), x, f)),
+      'contrast': enhance(lambda f: contrast(x, f)),
+      'brightness': enhance(lambda f: _blend(0.0, x, f)),
+      'sharpness': enhance(lambda f: _blend(smooth(x), x, f)),
+      'cutout': lambda: cutout(x, cutout_u, m),
+      'blur': lambda: blur(x),
+      'smooth': lambda: smooth(x),
+  }
+  for k, name in enumerate(GEOMETRIC):
+    branches[name] = geometric(k)
+  fns = [branches[name] for name in OPS]
+  out = tf.switch_case(tf.cast(op, tf.int32), fns)
+  return tf.ensure_shape(out, x.shape)
+
+
+def draw(seed, num_ops: int, magnitude: float):
+  """One clip's draws: flip, crop sides (px of a 224 image: top, right, bottom, left), ops in
+  order, signs, cutout position."""
+  seeds = tf.random.experimental.stateless_split(seed, 5)
+  flip = tf.random.stateless_uniform([], seeds[0]) < 0.5
+  crop = tf.random.stateless_uniform([4], seeds[1], 0.0, float(magnitude), dtype=tf.float64)
+  n = min(int(num_ops), len(OPS))
+  order = tf.argsort(tf.random.stateless_uniform([len(OPS)], seeds[2]))[:n]
+  signs = tf.where(tf.random.stateless_uniform([n], seeds[3]) < 0.5, -1.0, 1.0)
+  cutout_u = tf.random.stateless_uniform([2], seeds[4])
+  return flip, crop, order, signs, cutout_u
+
+
+def crop_window(top, left, height, width, crop_px224, size: int):
+  """Folds imgaug's initial crop (pixels of the `size` output per side, drawn as
+  round(U(0, m) * size / 224)) into a source window (top, left, height, width) that is
+  resized to `size`: the window shrinks by the same fractions, rounded to whole pixels."""
+  px = tf.math.round(crop_px224 * (size / 224.0))  # np.round: half to even, as tf.round
+  frac = px / float(size)  # top, right, bottom, left
+  hf, wf = tf.cast(height, tf.float64), tf.cast(width, tf.float64)
+  ct = tf.cast(tf.math.round(frac[0] * hf), tf.int32)
+  cb = tf.cast(tf.math.round(frac[2] * hf), tf.int32)
+  cl = tf.cast(tf.math.round(frac[3] * wf), tf.int32)
+  cr = tf.cast(tf.math.round(frac[1] * wf), tf.int32)
+  new_h = tf.maximum(height - ct - cb, 1)
+  new_w = tf.maximum(width - cl - cr, 1)
+  return top + ct, left + cl, new_h, new_w
+
+
+def _ops_stage(x, flip, order, signs, cutout_u, magnitude: float):
+  h, w = x.shape[1], x.shape[2]
+  x = tf.cond(flip, lambda: tf.reverse(x, axis=[2]), lambda: x)
+  maps = tf.constant(_index_maps(h, w, magnitude))
+  for i in range(order.shape[0]):
+    x = apply_op(x, order[i], signs[i], magnitude, cutout_u=cutout_u, maps=maps)
+  return x
+
+
+def randaugment_ops(x, flip, order, signs, cutout_u, magnitude: float):
+  """The main stage on a (T, H, W, 3) float32 clip of uint8 values (static shape): optional
+  flip, then the drawn ops in order. Returns float32 of uint8 values."""
+  if None in x.shape:
+    raise ValueError(f'randaugment needs a static clip shape, got {x.shape}')
+  return _ops_stage(x, flip, order, signs, cutout_u, magnitude)
 
 
 def randaugment(video: tf.Tensor, num_ops: int, magnitude: float, seed) -> tf.Tensor:
-  """n random ops (with replacement) at magnitude m, each drawn once for the whole clip."""
-  x = tf.clip_by_value(tf.round(tf.cast(video, tf.float32)), 0.0, 255.0)  # uint8 values
-  level = min(float(magnitude), _MAX_M) / _MAX_M
-  seeds = tf.random.experimental.stateless_split(seed, 2)
-  ops = tf.random.stateless_uniform([num_ops], seeds[0], 0, len(OPS), dtype=tf.int32)
-  signs = tf.where(tf.random.stateless_uniform([num_ops], seeds[1]) < 0.5, -1.0, 1.0)
-  for i in range(num_ops):
-    x = apply_op(x, ops[i], level, signs[i])
-  return x
+  """imgaug RandAugment(n, m) on a whole (T, H, W, 3) clip, one draw for all frames.
+
+  The initial crop is applied here as imgaug does it (crop, bilinear resize back); the
+  training pipeline folds it into its crop window instead (`crop_window`).
+  """
+  x = tf.clip_by_value(tf.round(tf.cast(video, tf.float32)), 0.0, 255.0)
+  if num_ops <= 0:
+    return x
+  flip, crop, order, signs, cutout_u = draw(seed, num_ops, magnitude)
+  h, w = x.shape[1], x.shape[2]
+  px = tf.cast(tf.math.round(crop * (h / 224.0)), tf.int32)
+  pw = tf.cast(tf.math.round(crop * (w / 224.0)), tf.int32)
+  x = tf.cond(flip, lambda: tf.reverse(x, axis=[2]), lambda: x)
+  cropped = x[:, px[0]:h - px[2], pw[3]:w - pw[1]]
+  x = tf.round(tf.image.resize(cropped, [h, w], method='bilinear'))
+  x = tf.ensure_shape(x, [None, h, w, 3])
+  return randaugment_ops(x, tf.constant(False), order, signs, cutout_u, magnitude)

@@ -185,7 +185,33 @@ def test_decode_crop_resize_crop_window_path_equals_full_decode():
   np.testing.assert_allclose(got2, want2, atol=1e-3)
 
 
-def test_random_erasing_same_box_on_every_frame():
+def ref_timm_box(h, w, areas, log_ratios, u_top, u_left):
+  """timm 0.5.4 RandomErasing._erase for given uniform draws (count 1, 10 attempts)."""
+  for target, lr in zip(areas, log_ratios):
+    target = target * h * w
+    ratio = np.exp(lr)
+    bh, bw = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+    if bw < w and bh < h:
+      return int(np.floor(u_top * (h - bh + 1))), int(np.floor(u_left * (w - bw + 1))), bh, bw
+  return None
+
+
+def test_erasing_box_follows_timm_draws():
+  for s in range(30):
+    seed = tf.constant([s, 11])
+    seeds = tf.random.experimental.stateless_split(seed, 3)
+    areas = tf.random.stateless_uniform([10], seeds[0], 0.02, 1 / 3, dtype=tf.float64).numpy()
+    logr = tf.random.stateless_uniform([10], seeds[1], np.log(0.3), np.log(1 / 0.3),
+                                       dtype=tf.float64).numpy()
+    u = tf.random.stateless_uniform([2], seeds[2], dtype=tf.float64).numpy()
+    ok, top, left, bh, bw = [int(v) for v in ops.erasing_box(32, 48, seed)]
+    want = ref_timm_box(32, 48, areas, logr, u[0], u[1])
+    assert bool(ok) == (want is not None)
+    if want is not None:
+      assert (top, left, bh, bw) == want
+
+
+def test_random_erasing_fills_zero_same_box_every_frame():
   x = tf.fill([4, 32, 32, 3], 7.0)
   hits = 0
   for s in range(20):
@@ -193,11 +219,15 @@ def test_random_erasing_same_box_on_every_frame():
     mask = y != 7.0
     if mask.any():
       hits += 1
-      np.testing.assert_array_equal(mask[0].any(-1), mask[3].any(-1))
+      assert (y[mask] == 0).all()  # timm mode 'const': zeros on the normalised clip
+      np.testing.assert_array_equal(mask[0], mask[3])
       frac = mask[0].any(-1).mean()
       assert 0.015 < frac < 0.37  # sides are rounded: slightly above 1/3 is possible
   assert hits >= 18
   np.testing.assert_array_equal(ops.random_erasing(x, 0.0, tf.constant([0, 0])).numpy(), x.numpy())
+  applied = [bool((ops.random_erasing(x, 0.25, tf.constant([s, 4])).numpy() == 0).any())
+             for s in range(200)]
+  assert 25 < sum(applied) < 75
 
 
 def test_pca_lighting_one_shift_per_clip():
@@ -208,34 +238,7 @@ def test_pca_lighting_one_shift_per_clip():
   np.testing.assert_allclose(y, np.broadcast_to(shift, y.shape))
 
 
-# ----- RandAugment
-
-
-def test_randaugment_every_op_same_on_every_frame():
-  from data_pipelines import randaugment
-  rng = np.random.RandomState(0)
-  frame = rng.randint(60, 180, (1, 24, 32, 3)).astype(np.float32)  # low contrast: autocontrast acts
-  clip = tf.constant(np.repeat(frame, 3, axis=0))
-  for op in range(len(randaugment.OPS)):
-    for sign in (-1.0, 1.0):
-      out = randaugment.apply_op(clip, op, 0.5, sign).numpy()
-      assert out.shape == clip.shape and 0 <= out.min() and out.max() <= 255
-      np.testing.assert_allclose(out[0], out[2], atol=1e-4)  # identical frames stay identical
-      if randaugment.OPS[op] != 'identity':
-        assert np.abs(out - clip.numpy()).max() > 1, randaugment.OPS[op]
-
-
-def test_randaugment_clip_consistent_and_seeded():
-  from data_pipelines import randaugment
-  rng = np.random.RandomState(1)
-  frame = rng.randint(0, 255, (1, 16, 16, 3)).astype(np.float32)
-  clip = tf.constant(np.repeat(frame, 4, axis=0))
-  a = randaugment.randaugment(clip, 4, 7, tf.constant([1, 2])).numpy()
-  b = randaugment.randaugment(clip, 4, 7, tf.constant([1, 2])).numpy()
-  np.testing.assert_array_equal(a, b)
-  np.testing.assert_allclose(a[0], a[3], atol=1e-4)
-  np.testing.assert_array_equal(randaugment.randaugment(clip, 0, 7, tf.constant([1, 2])).numpy(),
-                                clip.numpy())
+# ----- RandAugment: tests/test_randaugment.py
 
 
 # ----- batch-level options
