@@ -65,20 +65,26 @@ class DropPath(nn.Module):
     'frame':  one draw per (clip, frame). Official ViT_ImageNet (batch-first `(B*T, N, D)`).
     'sample': one draw per clip, the textbook stochastic depth.
   Identity when `deterministic` or the rate is 0. The rate may be a traced scalar
-  (under `nn.scan` each layer gets its own rate).
+  (under `nn.scan` each layer gets its own rate). `valid_len`: the real tokens of a
+  token axis padded after them; 'token' draws for those only (the same draws as
+  without padding) and keeps the padding.
   """
   mode: str = 'token'
 
   @nn.compact
-  def __call__(self, x: jax.Array, rate, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, rate, deterministic: bool,
+               valid_len: Optional[int] = None) -> jax.Array:
     if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
     b, t, l, _ = x.shape
-    shape = {'token': (1, 1, l, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
+    lv = l if valid_len is None else valid_len
+    shape = {'token': (1, 1, lv, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
     if self.mode not in shape:
       raise ValueError(f"drop_path_mode must be one of {sorted(shape)}, got {self.mode!r}")
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape[self.mode])
+    if self.mode == 'token' and lv != l:
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, l - lv), (0, 0)), constant_values=True)
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 

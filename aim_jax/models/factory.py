@@ -53,7 +53,13 @@ def default_model_config() -> dict:
       remat_policy='none',      # 'none' | 'full' | any jax.checkpoint_policies name
       dtype='float32',          # compute dtype; params stay param_dtype
       param_dtype='float32',
-      attention_impl='',        # '' (XLA) | 'cudnn'
+      attention_impl='',        # '' (XLA) | 'xla' | 'cudnn' | 'pallas' (models/vit.py ATTENTION_IMPLS)
+      # Token padding for fused attention kernels (models/vit.py token_padding):
+      # multiple 0 = the implementation's need (1 XLA, 8 cuDNN, 32 Pallas); mode
+      # 'stream' pads once after ln_pre, 'call' pads inside each spatial attention.
+      attention_pad_multiple=0,
+      attention_pad_mode='stream',
+      qkv_projection='fused',   # 'fused' one (D, 3D) product | 'split' q, k, v products
       # How the temporal branch attends over T (same numbers either way, see
       # models/vit.py MultiHeadAttention): 'einsum' on the (B, T, L, D) layout, no
       # activation transposes | 'dot_product_attention': swap to (B, L, T, D) and back.
@@ -166,7 +172,9 @@ def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
       scan_layers=cfg['scan_layers'], remat_policy=cfg['remat_policy'],
       dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']],
       attention_impl=cfg['attention_impl'] or None,
-      temporal_attention=cfg['temporal_attention'], **family)
+      temporal_attention=cfg['temporal_attention'], qkv_projection=cfg['qkv_projection'],
+      attention_pad_multiple=cfg['attention_pad_multiple'],
+      attention_pad_mode=cfg['attention_pad_mode'], **family)
 
 
 def build_swin_encoder(cfg: Mapping) -> SwinTransformer:

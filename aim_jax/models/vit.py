@@ -107,12 +107,17 @@ class Projection(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spec: str, x: jax.Array) -> jax.Array:
+  def __call__(self, spec: str, x: jax.Array, select: Optional[int] = None) -> jax.Array:
     # spec: einsum 'input,kernel->output'; the output ends with bias_shape.
+    # select: use kernel[:, select] and bias[select] only (a slice of the weights, e.g.
+    # q, k or v of a (D, 3, H, hd) kernel); spec then names the sliced kernel.
     kernel = self.param('kernel', LP(trunc_normal_02, self.kernel_axes), self.kernel_shape,
                         self.param_dtype)
     bias = (self.param('bias', LP(init.zeros, self.bias_axes), self.bias_shape,
                        self.param_dtype) if self.use_bias else None)
+    if select is not None:
+      kernel = kernel[:, select]
+      bias = None if bias is None else bias[select]
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jnp.einsum(spec, x, kernel)
     return y if bias is None else y + bias
@@ -137,7 +142,99 @@ def attend_over_axis1(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
   return jnp.einsum('bahqk,bkahd->bqahd', probs, v)           # (B, S, A, H, hd)
 
 
-TEMPORAL_ATTENTION = ('einsum', 'dot_product_attention')
+def attend_over_axis1_elementwise(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attend_over_axis1` with broadcast multiplies and sums instead of batched dots.
+
+  Every operand keeps the `(B, S, A, H, hd)` layout and every intermediate is
+  `(B, Sq, Sk, A, H[, hd])`: reductions over hd or Sk only, so the compiler needs
+  no transposes (a batched dot wants its batch axes (B, A, H) leading). The
+  products are formed in float32 inside the reduction (no S x S x D tensor is
+  stored once XLA fuses the multiply into the sum). Meant for short clips
+  (S = T frames), where a dot of S x hd x S is far too small to use a matrix unit.
+  """
+  hd = q.shape[-1]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  logits = jnp.sum(q[:, :, None].astype(acc) * k[:, None].astype(acc), axis=-1)  # (B,Sq,Sk,A,H)
+  logits = logits * jnp.asarray(hd ** -0.5, acc)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=2).astype(v.dtype)
+  y = jnp.sum(probs[..., None].astype(acc) * v[:, None].astype(acc), axis=2)       # (B,Sq,A,H,hd)
+  return y.astype(v.dtype)
+
+
+TEMPORAL_ATTENTION = ('einsum', 'elementwise', 'dot_product_attention')
+
+# model.attention_impl: how attention over a folded (N, S, H, hd) sequence runs.
+#   'xla' (or '' / None): jax.nn.dot_product_attention's XLA path, on every backend.
+#   'cudnn': cuDNN flash attention (NVIDIA GPUs; BTNH layout, no transposes).
+#   'pallas': the Pallas Triton flash attention of jax.experimental.pallas.ops.gpu
+#     (NVIDIA GPUs; interpreted, slowly, on CPU so tests can check it).
+ATTENTION_IMPLS = ('xla', 'cudnn', 'pallas')
+# Token padding multiple per implementation when model.attention_pad_multiple is 0:
+# cuDNN refuses odd lengths under grad; the Pallas kernel tiles the sequence by >= 16.
+DEFAULT_PAD_MULTIPLE = {'xla': 1, 'cudnn': 8, 'pallas': 32}
+PAD_MODES = ('stream', 'call')
+QKV_PROJECTIONS = ('fused', 'split')
+
+
+def round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def check_attention_impl(impl: Optional[str]) -> str:
+  impl = impl or 'xla'
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f'model.attention_impl must be one of {list(ATTENTION_IMPLS)} (or \'\'), '
+                     f'got {impl!r}')
+  return impl
+
+
+def pad_multiple_for(impl: Optional[str], multiple: int = 0) -> int:
+  """The token padding multiple: `multiple` if set (> 0), else the implementation's need."""
+  if multiple < 0:
+    raise ValueError(f'model.attention_pad_multiple must be >= 0, got {multiple}')
+  return multiple or DEFAULT_PAD_MULTIPLE[check_attention_impl(impl)]
+
+
+def _pallas_attention(q, k, v, valid: int) -> jax.Array:
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # pylint: disable=g-import-not-at-top
+  n, s, _, hd = q.shape
+  block = next((b for b in (128, 64, 32, 16) if s % b == 0), None)
+  if block is None:
+    raise ValueError(f"attention_impl='pallas' needs a sequence length that is a multiple of 16, "
+                     f'got {s} (set model.attention_pad_multiple to 16, 32 or 64)')
+  bwd = min(block, 32)
+  sizes = pallas_gpu.BlockSizes(block_q=block, block_k=block, block_q_dkv=bwd, block_kv_dkv=bwd,
+                                block_q_dq=bwd, block_kv_dq=bwd)
+  # Padded keys get segment 0, real tokens 1: a real query never attends to padding.
+  seg = None if valid == s else jnp.broadcast_to(
+      (jnp.arange(s) < valid).astype(jnp.int32), (n, s))
+  return pallas_gpu.mha(q, k, v, seg, sm_scale=hd ** -0.5, block_sizes=sizes,
+                        interpret=jax.default_backend() == 'cpu')
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Optional[str] = None,
+              valid_len: Optional[int] = None, pad_multiple: int = 1) -> jax.Array:
+  """Softmax attention over axis 1 of `(N, S, H, hd)` q, k, v (BTNH, the layout of every kernel).
+
+  Keys at positions >= `valid_len` (padding carried by the stream) get no weight;
+  their query rows are computed but meaningless. With `pad_multiple` > 1 the
+  sequence is padded here to a multiple (masked the same way) and the output sliced
+  back: the per-call alternative to padding the stream once.
+  """
+  impl = check_attention_impl(impl)
+  n, s = q.shape[:2]
+  valid = s if valid_len is None else valid_len
+  s_pad = round_up(s, pad_multiple)
+  if s_pad != s:
+    widths = ((0, 0), (0, s_pad - s), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+  if impl == 'pallas':
+    y = _pallas_attention(q, k, v, valid)
+  else:
+    lengths = (None if valid == s_pad else jnp.full((n,), valid, jnp.int32))
+    y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
+                                     implementation=impl)
+  return y[:, :s] if s_pad != s else y
 
 
 class MultiHeadAttention(nn.Module):
@@ -145,27 +242,41 @@ class MultiHeadAttention(nn.Module):
 
   One module called on two layouts shares its weights: AIM's temporal branch
   re-uses the frozen spatial attention along time (official vit_clip.py).
-  Spatial attention (axis 2) is `jax.nn.dot_product_attention` over L with the
-  batch axes (B, T) folded (a free reshape). Temporal attention (axis 1):
-  'einsum' projects q/k/v on the `(B, T, L, ...)` layout and attends over T in
-  place (`attend_over_axis1`); 'dot_product_attention' swaps the activations to
-  `(B, L, T, D)` and back around `jax.nn.dot_product_attention`.
+  Spatial attention (axis 2) folds the batch axes (B, T) (a free reshape) and
+  runs `attention` on `(B*T, L, H, hd)`, the BTNH layout every fused kernel takes.
+  Temporal attention (axis 1), `temporal_attention`:
+    'einsum': batched dots over T on the `(B, T, L, H, hd)` layout (`attend_over_axis1`);
+    'elementwise': the same by broadcast multiplies and sums (`attend_over_axis1_elementwise`);
+    'dot_product_attention': the L axis folded into the heads, `(B, T, L*H, hd)`
+      (a free reshape), through `attention` with `attention_impl` ('pallas' runs
+      this one on XLA: its kernel tiles sequences by >= 16 frames).
+  `qkv_projection`: 'fused' one (D, 3*D) product then q/k/v slices; 'split' three
+  (D, D) products on slices of the same kernel (contiguous q, k, v for a fused
+  kernel, no activation slicing). Same parameters, same numbers.
   """
   num_heads: int
   qkv_bias: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: Optional[str] = None   # None (XLA), 'cudnn' on GPU
+  attention_impl: Optional[str] = None   # see ATTENTION_IMPLS; None = 'xla'
   temporal_attention: str = 'einsum'     # see TEMPORAL_ATTENTION
+  qkv_projection: str = 'fused'          # 'fused' | 'split'
+  pad_multiple: int = 1                  # per-call token padding of the spatial attention
 
   @nn.compact
-  def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None,
+               valid_len: Optional[int] = None) -> jax.Array:
     # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T).
+    # valid_len: along L, the real tokens when the stream carries padding after them.
     if axis not in (1, 2):
       raise ValueError(f'MultiHeadAttention: axis must be 1 (temporal) or 2 (spatial), got {axis}')
     if self.temporal_attention not in TEMPORAL_ATTENTION:
       raise ValueError(f'model.temporal_attention must be one of {TEMPORAL_ATTENTION}, '
                        f'got {self.temporal_attention!r}')
+    if self.qkv_projection not in QKV_PROJECTIONS:
+      raise ValueError(f'model.qkv_projection must be one of {list(QKV_PROJECTIONS)}, '
+                       f'got {self.qkv_projection!r}')
+    impl = check_attention_impl(self.attention_impl)
     d = x.shape[-1]
     h = self.num_heads
     hd = d // h
@@ -173,26 +284,35 @@ class MultiHeadAttention(nn.Module):
     qkv_proj = proj((d, 3, h, hd), ('embed', None, 'heads', 'kv'), (3, h, hd),
                     (None, 'heads', 'kv'), use_bias=self.qkv_bias, name='qkv')
     out_proj = proj((h, hd, d), ('heads', 'kv', 'embed'), (d,), ('embed',), name='out')
-    swap = axis == 1 and self.temporal_attention == 'dot_product_attention'
-    if swap:
-      x = jnp.swapaxes(x, 1, 2)                        # (B, T, L, D) -> (B, L, T, D)
     b, a1, a2, _ = x.shape
-    qkv = qkv_proj('...d,dchk->...chk', x)             # (B, A1, A2, 3, H, hd)
-    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    if axis == 2 or swap:
-      fold = lambda t: t.reshape(b * a1, a2, h, hd)    # (B, A1, A2, H, hd) -> (N, S, H, hd)
+    if self.qkv_projection == 'split':
+      q, k, v = (qkv_proj('...d,dhk->...hk', x, select=i) for i in range(3))  # (B, A1, A2, H, hd)
+    else:
+      qkv = qkv_proj('...d,dchk->...chk', x)           # (B, A1, A2, 3, H, hd)
+      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    if bias is not None:
+      if axis != 2:
+        raise ValueError('MultiHeadAttention: an attention bias is only supported along L (axis=2)')
+      fold = lambda t: t.reshape(b * a1, a2, h, hd)
       y = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias,
                                        implementation=self.attention_impl)
       y = y.reshape(b, a1, a2, h, hd)
+    elif axis == 2:
+      fold = lambda t: t.reshape(b * a1, a2, h, hd)    # (B, T, L, H, hd) -> (B*T, L, H, hd)
+      y = attention(fold(q), fold(k), fold(v), impl=impl, valid_len=valid_len,
+                    pad_multiple=self.pad_multiple)
+      y = y.reshape(b, a1, a2, h, hd)
+    elif self.temporal_attention == 'dot_product_attention':
+      fold = lambda t: t.reshape(b, a1, a2 * h, hd)    # (B, T, L, H, hd) -> (B, T, L*H, hd)
+      timpl = 'xla' if impl == 'pallas' else impl
+      y = attention(fold(q), fold(k), fold(v), impl=timpl,
+                    pad_multiple=2 if timpl == 'cudnn' else 1)
+      y = y.reshape(b, a1, a2, h, hd)
+    elif self.temporal_attention == 'elementwise':
+      y = attend_over_axis1_elementwise(q, k, v)       # (B, T, L, H, hd)
     else:
-      if bias is not None:
-        raise ValueError("MultiHeadAttention: an attention bias is only supported along L "
-                         "(axis=2) or with temporal_attention='dot_product_attention'")
       y = attend_over_axis1(q, k, v)                   # (B, T, L, H, hd)
-    y = out_proj('...hk,hkd->...d', y)                 # (B, A1, A2, D)
-    if swap:
-      y = jnp.swapaxes(y, 1, 2)                        # (B, L, T, D) -> (B, T, L, D)
-    return y
+    return out_proj('...hk,hkd->...d', y)              # (B, A1, A2, D)
 
 
 class Mlp(nn.Module):
@@ -302,6 +422,9 @@ class ResidualAttentionBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   temporal_attention: str = 'einsum'
+  qkv_projection: str = 'fused'
+  pad_multiple: int = 1          # per-call padding of the spatial attention (pad mode 'call')
+  valid_len: Optional[int] = None  # real tokens when the stream carries padding (mode 'stream')
   scanned: bool = False          # (carry, xs) signature for nn.scan
 
   def _norm(self, name):
@@ -331,8 +454,10 @@ class ResidualAttentionBlock(nn.Module):
     attn = MultiHeadAttention(self.num_heads, qkv_bias=self.qkv_bias, dtype=self.dtype,
                               param_dtype=self.param_dtype,
                               attention_impl=self.attention_impl,
-                              temporal_attention=self.temporal_attention, name='attn')
-    drop_path = DropPath(self.drop_path_mode)
+                              temporal_attention=self.temporal_attention,
+                              qkv_projection=self.qkv_projection,
+                              pad_multiple=self.pad_multiple, name='attn')
+    drop_path = functools.partial(DropPath(self.drop_path_mode), valid_len=self.valid_len)
     gammas = self._gammas(d)
 
     if self.t_adapter is not None:
@@ -345,7 +470,7 @@ class ResidualAttentionBlock(nn.Module):
       self.sow('intermediates', 'tbranch', xt)
       x = x + drop_path(xt, drop_rate, self.deterministic)
 
-    xs = attn(ln_1(x), axis=2)                         # (B, T, L, D), attention over L
+    xs = attn(ln_1(x), axis=2, valid_len=self.valid_len)   # (B, T, L, D), attention over L
     xs = self._scaled(gammas, 'ls1', xs)
     if self.s_adapter is not None:
       xs = self.s_adapter(name='S_Adapter')(xs)
@@ -405,17 +530,45 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: Optional[str] = None
   temporal_attention: str = 'einsum'
+  qkv_projection: str = 'fused'
+  attention_pad_multiple: int = 0   # 0: the implementation's need (DEFAULT_PAD_MULTIPLE)
+  attention_pad_mode: str = 'stream'
 
   @property
   def grid(self) -> int:
     return self.image_size // self.patch_size
 
+  @property
+  def num_tokens(self) -> int:
+    """Tokens per frame: class token, registers, patches."""
+    return int(self.class_token) + self.num_registers + self.grid * self.grid
+
+  def token_padding(self) -> tuple[int, int]:
+    """(stream length, per-call multiple): where the sequence is padded for the kernel.
+
+    Mode 'stream': the token axis is padded once after ln_pre to a multiple of the
+    padding multiple and carried through every block (padded keys are masked out of
+    the spatial attention; pad rows never mix with real ones and are sliced off
+    before ln_post). Mode 'call': each spatial attention pads and slices itself.
+    """
+    if self.attention_pad_mode not in PAD_MODES:
+      raise ValueError(f'model.attention_pad_mode must be one of {list(PAD_MODES)}, '
+                       f'got {self.attention_pad_mode!r}')
+    m = pad_multiple_for(self.attention_impl, self.attention_pad_multiple)
+    n = self.num_tokens
+    if self.attention_pad_mode == 'stream':
+      return round_up(n, m), 1
+    return n, m
+
   def block_kwargs(self, layer: int, deterministic: bool) -> dict:
+    stream_len, call_multiple = self.token_padding()
     kw = dict(num_heads=self.heads, mlp_ratio=self.mlp_ratio, mlp_act=self.mlp_act,
               ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, layer_scale=self.layer_scale,
               drop_path_mode=self.drop_path_mode, deterministic=deterministic,
               dtype=self.dtype, param_dtype=self.param_dtype,
-              attention_impl=self.attention_impl, temporal_attention=self.temporal_attention)
+              attention_impl=self.attention_impl, temporal_attention=self.temporal_attention,
+              qkv_projection=self.qkv_projection, pad_multiple=call_multiple,
+              valid_len=self.num_tokens if stream_len != self.num_tokens else None)
     if self.adapters is not None:
       kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
       kw['mlp_adapter_scale'] = self.adapters.scale
@@ -478,6 +631,10 @@ class VisionTransformer(nn.Module):
                        bias_init=LP(init.zeros, ('embed',)), name='ln_pre')(x)
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
     self.sow('intermediates', 'after_ln_pre', x)
+    n_tokens = x.shape[2]
+    stream_len, _ = self.token_padding()
+    if stream_len != n_tokens:                         # padded rows after the real tokens
+      x = jnp.pad(x, ((0, 0), (0, 0), (0, stream_len - n_tokens), (0, 0)))
 
     rates = np.linspace(0.0, self.drop_path_rate, self.layers).tolist()
     deterministic = not train
@@ -493,7 +650,9 @@ class VisionTransformer(nn.Module):
       block_cls = self._remat(ResidualAttentionBlock)
       for i in range(self.layers):
         x = block_cls(**self.block_kwargs(i, deterministic), name=f'resblocks_{i}')(x, rates[i])
-        self.sow('intermediates', f'block{i}_out', x)
+        self.sow('intermediates', f'block{i}_out', x[:, :, :n_tokens])
+
+    x = x[:, :, :n_tokens]                             # drop the stream padding (if any)
 
     x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
                      scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),

@@ -1,0 +1,200 @@
+"""Fused-attention plumbing: token padding with masked keys, the Pallas kernel, the
+temporal attention forms and the split q/k/v projection give the unpadded XLA numbers.
+
+On CPU the padded path runs jax.nn.dot_product_attention's XLA implementation with
+`key_value_seq_lengths` (the same masking cuDNN gets) and the Pallas kernel runs
+interpreted; the GPU kernels themselves are checked by the BENCHMARKS.md GPU plan.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aim_jax import params as P
+from aim_jax.models import vit
+from aim_jax.models.factory import build_model
+from test_model import load_case, ncthw_to_nthwc
+
+# 1 + 4*4 = 17 tokens: odd, like ViT-B/16's 197.
+TINY = dict(patch_size=8, width=64, layers=2, heads=4, image_size=32, num_frames=4,
+            num_classes=5, drop_path_rate=0.3, dropout_rate=0.0)
+
+
+def _perturbed_params(cfg, batch=2, seed=0):
+  """Init, then noise on every leaf: adapters' zero-init D_fc2 would make their
+  gradients (and the temporal branch's effect) vanish."""
+  model = build_model(cfg)
+  video = jnp.zeros((batch, cfg['num_frames'], 32, 32, 3))
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(seed), video)['params'])
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [p + 0.05 * jax.random.normal(k, p.shape, p.dtype) for p, k in zip(leaves, keys)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+def _loss_and_trainable_grads(cfg, params, video, train=True):
+  model = build_model(cfg)
+  mask = P.flatten(P.trainable_mask(params))
+  flat = P.flatten(params)
+  trainable = {k: v for k, v in flat.items() if mask[k]}
+  frozen = {k: v for k, v in flat.items() if not mask[k]}
+
+  def loss(t):
+    logits = model.apply({'params': P.unflatten({**frozen, **t})}, video, train=train,
+                         rngs={'dropout': jax.random.key(3)})
+    return jnp.sum(jnp.sin(logits))
+
+  return jax.jit(jax.value_and_grad(loss))(trainable)
+
+
+def _video(cfg, batch=2):
+  return jax.random.normal(jax.random.key(7), (batch, cfg['num_frames'], 32, 32, 3))
+
+
+def _assert_same(a, b, tol=1e-5):
+  (la, ga), (lb, gb) = a, b
+  np.testing.assert_allclose(la, lb, rtol=tol, atol=tol)
+  assert ga.keys() == gb.keys()
+  for k in ga:
+    assert np.abs(np.asarray(ga[k])).max() > 0, k
+    np.testing.assert_allclose(ga[k], gb[k], rtol=tol, atol=tol, err_msg=k)
+
+
+@pytest.mark.parametrize('mode', ['stream', 'call'])
+@pytest.mark.parametrize('multiple', [2, 8])
+def test_padded_masked_attention_matches_unpadded_forward_and_backward(mode, multiple):
+  """17 tokens padded to 18 / 24 with masked keys: same loss and same gradient of every
+  trainable parameter in training mode (token drop path on), fp32."""
+  params = _perturbed_params(TINY)
+  video = _video(TINY)
+  ref = _loss_and_trainable_grads(TINY, params, video)
+  padded = dict(TINY, attention_impl='xla', attention_pad_multiple=multiple,
+                attention_pad_mode=mode)
+  _assert_same(_loss_and_trainable_grads(padded, params, video), ref)
+
+
+def test_stream_padding_reaches_the_blocks_and_is_sliced_off():
+  cfg = dict(TINY, attention_pad_multiple=8)
+  model = build_model(cfg)
+  assert model.backbone.token_padding() == (24, 1)
+  assert build_model(dict(cfg, attention_pad_mode='call')).backbone.token_padding() == (17, 8)
+  assert build_model(dict(TINY, attention_impl='cudnn')).backbone.token_padding() == (24, 1)
+  assert build_model(TINY).backbone.token_padding() == (17, 1)     # XLA: nothing padded
+  params = _perturbed_params(TINY)
+  seen = []
+
+  def spy(next_fun, args, kwargs, context):
+    if isinstance(context.module, vit.MultiHeadAttention):
+      seen.append((args[0].shape, kwargs.get('axis'), kwargs.get('valid_len')))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(spy):
+    logits = jax.jit(model.apply)({'params': params}, _video(cfg))
+  assert logits.shape == (2, 5)
+  assert {(s[2], a, v) for s, a, v in seen} == {(24, 1, None), (24, 2, 17)}
+
+
+@pytest.mark.parametrize('case', ['aim_tiny_case1'])
+def test_golden_logits_unchanged_with_stream_padding(case):
+  """The official parity (tests/test_model.py) holds with the padded stream too."""
+  d, _, cfg, params = load_case(case)
+  model = build_model(dict(cfg, attention_pad_multiple=8))
+  logits = model.apply({'params': params}, ncthw_to_nthwc(d['input']))
+  np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize('temporal', ['elementwise', 'dot_product_attention'])
+def test_temporal_attention_forms_match_einsum(temporal):
+  params = _perturbed_params(TINY)
+  video = _video(TINY)
+  ref = _loss_and_trainable_grads(TINY, params, video)
+  _assert_same(_loss_and_trainable_grads(dict(TINY, temporal_attention=temporal), params, video),
+               ref)
+
+
+def test_split_qkv_projection_matches_fused():
+  """Same loss and the same gradient of every parameter, the (D, 3, H, hd) kernel too."""
+  params = _perturbed_params(TINY)
+  video = _video(TINY)
+  full = lambda c: jax.jit(jax.value_and_grad(
+      lambda p: jnp.sum(jnp.sin(build_model(c).apply({'params': p}, video)))))(params)
+  (l1, g1), (l2, g2) = full(TINY), full(dict(TINY, qkv_projection='split'))
+  np.testing.assert_allclose(l1, l2, rtol=1e-5)
+  g1, g2 = P.flatten(g1), P.flatten(g2)
+  assert 'backbone/resblocks_0/attn/qkv/kernel' in g1
+  for k in g1:
+    np.testing.assert_allclose(g1[k], g2[k], rtol=1e-5, atol=1e-5, err_msg=k)
+
+
+def test_cudnn_path_gets_an_even_padded_length_and_a_length_mask(monkeypatch):
+  """attention_impl='cudnn' (checked on CPU by recording the calls): the spatial
+  attention sees 17 tokens padded to 24 with key_value_seq_lengths 17 and no bias (cuDNN
+  refuses odd lengths under grad), the temporal one (B, T, L*H, hd) with the heads
+  folded; numbers as the XLA path."""
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def record(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+    calls.append((q.shape, implementation, bias is None and mask is None,
+                  None if kw.get('key_value_seq_lengths') is None
+                  else np.asarray(kw['key_value_seq_lengths']).tolist()))
+    return real(q, k, v, bias, mask, implementation='xla', **kw)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', record)
+  cfg = dict(TINY, temporal_attention='dot_product_attention', dropout_rate=0.0)
+  params = _perturbed_params(cfg)
+  video = _video(cfg)
+  ref = _loss_and_trainable_grads(cfg, params, video)
+  calls.clear()
+  got = _loss_and_trainable_grads(dict(cfg, attention_impl='cudnn', qkv_projection='split'),
+                                  params, video)
+  _assert_same(got, ref)
+  assert {(c[0], c[1], c[2]) for c in calls} == {((8, 24, 4, 16), 'cudnn', True),
+                                                 ((2, 4, 24 * 4, 16), 'cudnn', True)}
+  assert [c[3] for c in calls if c[0][1] == 24] == [[17] * 8] * 2
+  assert all(c[3] is None for c in calls if c[0][1] == 4)
+
+
+def test_pallas_attention_interpreted_matches_xla():
+  """attention_impl='pallas' (jax.experimental.pallas.ops.gpu.attention, interpreted on
+  CPU): tokens padded to 32 with padded keys in their own segment; temporal attention
+  folded into the heads. One clip of two frames keeps the interpreter quick."""
+  cfg = dict(TINY, num_frames=2, temporal_attention='dot_product_attention')
+  params = _perturbed_params(cfg, batch=1)
+  video = _video(cfg, batch=1)
+  ref = _loss_and_trainable_grads(cfg, params, video)
+  pallas = dict(cfg, attention_impl='pallas', qkv_projection='split')
+  assert build_model(pallas).backbone.token_padding() == (32, 1)
+  _assert_same(_loss_and_trainable_grads(pallas, params, video), ref, tol=2e-5)
+
+
+def test_attention_helper_pads_and_masks_per_call():
+  ks = jax.random.split(jax.random.key(0), 3)
+  q, k, v = (jax.random.normal(kk, (3, 11, 2, 8)) for kk in ks)
+  ref = jax.nn.dot_product_attention(q, k, v)
+  y = vit.attention(q, k, v, pad_multiple=16)
+  assert y.shape == q.shape
+  np.testing.assert_allclose(y, ref, atol=1e-6)
+  # Keys past valid_len carry no weight: changing them changes nothing for real queries.
+  k2 = k.at[:, 7:].set(100.0)
+  y1 = vit.attention(q, k, v, valid_len=7)
+  y2 = vit.attention(q, k2, v.at[:, 7:].multiply(3.0), valid_len=7)
+  np.testing.assert_allclose(y1[:, :7], y2[:, :7], atol=1e-6)
+  np.testing.assert_allclose(y1[:, :7], jax.nn.dot_product_attention(q[:, :7], k[:, :7],
+                                                                    v[:, :7]), atol=1e-6)
+
+
+def test_attention_options_errors_name_the_field():
+  video = jnp.zeros((1, 4, 32, 32, 3))
+  for bad, field in [(dict(attention_impl='flash'), 'model.attention_impl'),
+                     (dict(attention_pad_mode='once'), 'model.attention_pad_mode'),
+                     (dict(attention_pad_multiple=-1), 'model.attention_pad_multiple'),
+                     (dict(qkv_projection='packed'), 'model.qkv_projection'),
+                     (dict(temporal_attention='flash'), 'model.temporal_attention')]:
+    with pytest.raises(ValueError, match=field):
+      build_model(dict(TINY, **bad)).init(jax.random.key(0), video)
+  with pytest.raises(ValueError, match='multiple of 16'):
+    build_model(dict(TINY, attention_impl='pallas', attention_pad_multiple=6)).init(
+        jax.random.key(0), video)
