@@ -286,7 +286,9 @@ RUNTIME_FIELDS = ('progress_bar', 'log_every_steps', 'checkpoint', 'device_prefe
                   'data.num_parallel_calls', 'data.prefetch', 'data.train_files',
                   'data.val_files', 'data.test_files', 'data.tfds_data_dir',
                   'data.max_skip_rate', 'data.skip_rate_min_examples',
-                  'model.remat_policy', 'model.attention_impl', 'model.temporal_attention')
+                  'model.remat_policy', 'model.attention_impl', 'model.temporal_attention',
+                  'model.attention_pad_multiple', 'model.attention_pad_mode',
+                  'model.qkv_projection')
 
 
 class WorkdirLock:

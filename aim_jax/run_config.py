@@ -87,6 +87,7 @@ def check_training_config(config: Any, process_count: int, dp_size: int) -> None
 # Fields that only change how the model runs (or trains), never what it computes at
 # test time: taken from the config file, not the checkpoint.
 EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
+                    'attention_pad_multiple', 'attention_pad_mode', 'qkv_projection',
                     'temporal_attention', 'dropout_rate', 'drop_path_rate', 'drop_path_mode',
                     'variant')
 
