@@ -65,3 +65,32 @@ def test_trainer_and_steps_import_without_tensorflow():
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                        env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_a_misspelt_boolean_in_a_config_argument_is_an_error():
+  import pytest
+  from configs import common
+  assert common.parse_arg('full=true,n=3', full=False, n=1).full is True
+  assert common.parse_arg('full=0', full=True).full is False
+  with pytest.raises(ValueError, match=r"full='ture' is not a boolean"):
+    common.parse_arg('full=ture', full=False)
+
+
+def test_the_clip_length_classes_and_size_have_one_owner():
+  # data.* are references to model.*: setting either sets both; they can never disagree.
+  from configs import k400
+  c = k400.get_config('b16_f8')
+  c.unlock()
+  c.data.num_frames = 16
+  assert c.model.num_frames == 16
+  c.model.num_classes = 7
+  assert c.data.num_classes == 7
+  assert c.to_dict()['data']['image_size'] == c.model.image_size
+
+
+def test_variant_and_an_explicit_width_that_contradicts_it_is_an_error():
+  import pytest
+  from aim_jax.models.factory import resolve_model_config
+  assert resolve_model_config(dict(variant='B/16', width=768))['layers'] == 12   # agrees
+  with pytest.raises(ValueError, match=r"model.variant 'B/16' means model.width=768"):
+    resolve_model_config(dict(variant='B/16', width=512))
