@@ -526,7 +526,7 @@ class Block(importlib.abc.MetaPathFinder):
       raise ImportError('torch is blocked in this test')
 sys.meta_path.insert(0, Block())
 import jax, jax.numpy as jnp
-import aim_jax, aim_jax.convert as C
+import aim_jax, aim_jax.convert.cli as C
 from aim_jax.models.factory import build_encoder, build_model
 assert C.main(['clip', '--src', {str(tmp_path / 'c.safetensors')!r}, '--out',
                {str(tmp_path / 'out')!r}]) == 0

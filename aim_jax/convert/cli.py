@@ -37,16 +37,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument('--out', required=True, help='output directory (local or gs://)')
     if name != 'aim':
       s.add_argument('--format', default=None, help='skip detection (see `formats`)')
-    s.add_argument('--heads', type=int, default=None, help='attention heads (default width/64)')
+    s.add_argument('--heads', type=int, default=None,
+                   help='attention heads (default: what the config beside the weights or the '
+                   'file\'s meta records, else width/64, reported; docs/conversion.md)')
     s.add_argument('--act', choices=('quick_gelu', 'gelu'), default=None,
                    help='CLIP MLP activation: quick_gelu (OpenAI, OpenCLIP -quickgelu) or gelu '
                    '(OpenCLIP without -quickgelu, e.g. LAION); default: from '
                    'open_clip_config.json or the path\'s names, else quick_gelu')
     if name == 'aim':
       s.add_argument('--adapter-scale', type=float, default=None,
-                     help='joint adapter scale (default: official 0.5, 1.0 with num_tadapter=2)')
+                     help='joint adapter scale (default: the file\'s meta, else official 0.5, '
+                     '1.0 with num_tadapter=2)')
     s.add_argument('--image-size', type=int, default=None,
-                   help='interpolate the positional embedding to this input size (bicubic)')
+                   help='interpolate the positional embedding to this input size (bicubic); '
+                   'Swin: the input size (the shift masks follow it)')
     s.add_argument('--num-frames', type=int, default=None,
                    help='interpolate the temporal embedding to this many frames (linear)')
   for name, help_, out in (
