@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu.sh OUT_DIR --cpu-smoke    # the same steps on CPU, configs/tiny.py
 #
 # Runs from a checkout holding .official/ (the official AIM files, see BENCHMARKS.md) and
-# .whl/ (wheels of the packages the machine lacks: `pip download ml_collections -d .whl`).
+# .whl/ (wheels of the packages the machine may lack: ml_collections and its dependencies,
+# `pip download --only-binary=:all: --python-version 3.12 ... -d .whl ml_collections`).
 # Carried wheels whose distribution is not installed are installed (no index, no deps) into
 # a folder put on PYTHONPATH. Then, each part with its own time limit, log and JSON in
 # OUT_DIR, so a part that fails or runs out of time leaves the others' figures:
@@ -55,7 +56,8 @@ for whl in .whl/*.whl; do
 done
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import ml_collections' || {
-  echo 'gpu.sh: ml_collections is missing: carry its wheel (pip download ml_collections -d .whl)' >&2
+  echo 'gpu.sh: ml_collections does not import (above): carry it and its dependencies in .whl/' \
+    '(pip download ... -d .whl ml_collections, BENCHMARKS.md)' >&2
   exit 1; }
 
 if [ "$SMOKE" = 1 ]; then
@@ -105,8 +107,8 @@ part() {
   local rc=$?
   echo "$name: rc=$rc$([ $rc = 124 ] && echo " (time limit $lim s)") at $(el) s" \
     | tee -a "$OUT/summary.txt"
-  grep -E '^\| (impl|mode|aim_jax|official|train|eval|gemm|attention|transpose|reduction|elementwise|other|all)' \
-    "$OUT/$name.log" | head -24
+  local rows='impl|mode|aim_jax|official|train|eval|gemm|attention|transpose|reduction|'
+  grep -E "^\| (${rows}elementwise|other|all)" "$OUT/$name.log" | head -24
 }
 : > "$OUT/summary.txt"
 COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
