@@ -30,9 +30,9 @@ case "${2:-}" in
   '') ;;
   *) echo "gpu.sh: unknown option ${2} (only --cpu-smoke)" >&2; exit 2 ;;
 esac
-cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$OUT" || exit 1
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)          # before the cd below: a relative OUT_DIR is the caller's
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 # Seconds for the whole script (parts are cut to fit) and a factor on each part's limit:
 # a CPU smoke run compiles slowly, it gets more of both.
