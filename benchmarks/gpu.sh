@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu.sh OUT_DIR --cpu-smoke    # the same steps on CPU, configs/tiny.py
 #
 # Runs from a checkout holding .official/ (the official AIM files, see BENCHMARKS.md) and
-# .whl/ (wheels of the packages the machine lacks: `pip download ml_collections -d .whl`).
+# .whl/ (wheels of the packages the machine may lack: ml_collections and its dependencies,
+# `pip download --only-binary=:all: --python-version 3.12 ... -d .whl ml_collections`).
 # Carried wheels whose distribution is not installed are installed (no index, no deps) into
 # a folder put on PYTHONPATH. Then, each part with its own time limit, log and JSON in
 # OUT_DIR, so a part that fails or runs out of time leaves the others' figures:
@@ -18,8 +19,9 @@
 #   l14_train.json / .log    L/14 8x224 batch 32 train, scan_layers
 #   summary.txt              each part's exit status and time
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
-# backend (no C++ compile), tensorflow made unimportable (the GPU image has none), the test
-# torchvision stub served when torchvision is missing; checks the script end to end.
+# backend (no C++ compile), a check that tensorflow was never imported (the GPU image has
+# none), the test torchvision stub served when torchvision is missing; checks the script end
+# to end.
 set -u
 OUT=${1:?usage: bash benchmarks/gpu.sh OUT_DIR [--cpu-smoke]}
 SMOKE=0
@@ -28,9 +30,9 @@ case "${2:-}" in
   '') ;;
   *) echo "gpu.sh: unknown option ${2} (only --cpu-smoke)" >&2; exit 2 ;;
 esac
-cd "$(dirname "$0")/.." || exit 1
 mkdir -p "$OUT" || exit 1
-OUT=$(cd "$OUT" && pwd)
+OUT=$(cd "$OUT" && pwd)          # before the cd below: a relative OUT_DIR is the caller's
+cd "$(dirname "$0")/.." || exit 1
 PY=${PYTHON:-python3}
 # Seconds for the whole script (parts are cut to fit) and a factor on each part's limit:
 # a CPU smoke run compiles slowly, it gets more of both.
@@ -54,7 +56,8 @@ for whl in .whl/*.whl; do
 done
 export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c 'import ml_collections' || {
-  echo 'gpu.sh: ml_collections is missing: carry its wheel (pip download ml_collections -d .whl)' >&2
+  echo 'gpu.sh: ml_collections does not import (above): carry it and its dependencies in .whl/' \
+    '(pip download ... -d .whl ml_collections, BENCHMARKS.md)' >&2
   exit 1; }
 
 if [ "$SMOKE" = 1 ]; then
@@ -62,13 +65,13 @@ if [ "$SMOKE" = 1 ]; then
   CFG=configs/tiny.py; CFG_L=configs/tiny.py
   BATCH=2; BATCH_L=2; STEPS=2; BACKEND=aot_eager
   ATT="--implementation xla --batch 2 --heads 2 --head_dim 16"
-  # The GPU image has no tensorflow: make it unimportable; serve torchvision's test stub.
-  BENCH=("$PY" -c "import sys
-class NoTensorflow:  # a finder: 'tensorflow' stays absent from sys.modules, as on the GPU image
-  def find_spec(self, name, path=None, target=None):
-    if name.split('.')[0] == 'tensorflow':
-      raise ModuleNotFoundError(f'No module named {name!r} (gpu.sh --cpu-smoke)', name=name)
-sys.meta_path.insert(0, NoTensorflow()); sys.path.insert(0, 'tests')
+  # The GPU image has no tensorflow: fail if it was imported; serve torchvision's test stub.
+  BENCH=("$PY" -c "import atexit, os, sys
+def no_tensorflow():  # the GPU image has none: a run that imported it fails here
+  if 'tensorflow' in sys.modules:
+    print('gpu.sh --cpu-smoke: tensorflow was imported', file=sys.stderr, flush=True)
+    os._exit(3)
+atexit.register(no_tensorflow); sys.path.insert(0, 'tests')
 import torchvision_stub; torchvision_stub.install()
 from benchmarks import step_benchmark; step_benchmark.run(['step_benchmark'] + sys.argv[1:])")
 else
@@ -104,8 +107,8 @@ part() {
   local rc=$?
   echo "$name: rc=$rc$([ $rc = 124 ] && echo " (time limit $lim s)") at $(el) s" \
     | tee -a "$OUT/summary.txt"
-  grep -E '^\| (aim_jax|official|train|eval|gemm|attention|transpose|reduction|elementwise|other|all)' \
-    "$OUT/$name.log" | head -24
+  local rows='impl|mode|aim_jax|official|train|eval|gemm|attention|transpose|reduction|'
+  grep -E "^\| (${rows}elementwise|other|all)" "$OUT/$name.log" | head -24
 }
 : > "$OUT/summary.txt"
 COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)

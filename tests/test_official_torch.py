@@ -137,6 +137,7 @@ def test_ratio_is_ours_per_device_over_each_official_row_and_survives_an_officia
   assert 'out of memory' in table[6] and table[7].endswith('| 0.75x |')
 
 
+@pytest.mark.slow   # Dynamo + AOTAutograd tracing of the official model (~50 s loaded)
 def test_compiled_official_traces_with_dynamo_and_computes_the_eager_function(official_torch,
                                                                             modules):
   """torch.compile through Dynamo + AOTAutograd (backend aot_eager: the graphs inductor would
