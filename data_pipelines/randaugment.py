@@ -19,8 +19,7 @@ the five affine ops use PIL's nearest-neighbour sampling, so each is an integer 
 a few elementwise ops each, with PIL's truncating arithmetic.
 """
 
-import math
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
