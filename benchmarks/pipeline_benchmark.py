@@ -11,10 +11,14 @@ cost, robust to other load on a shared machine).
   parse      read + parse + sample indices (no decoding)
   decode     + decode the sampled JPEGs (crop window only)
   train      full training clip: + resize 224, flip, normalise, batch (recipe default)
-  train_ra   + RandAugment(4, 7) + random erasing 0.25 (SSv2 recipe)
+  train_ra   + RandAugment(4, 7) + random erasing 0.25 (SSv2 recipe: imgaug's RandAugment
+             with its flip and crop, uniform sampling)
   eval       test views: 3 clips x 1 crop at short side 224 (K400 recipe); rates are
              videos (3 views each), pipeline construction left out
+  eval_3crop test views: 1 clip x 3 crops (SSv2 / Diving-48 recipe), videos per second
+  train_long `train` on 300-frame records (10 s at 30 fps): the cost of long videos
 for 8x224 and 16x224 clips, and a bare `tf.io.decode_jpeg` of 224x224 frames as the bound.
+Each row also gives the cores needed for 500 clips/s (500 / clips per CPU-second).
 """
 
 import json
@@ -35,30 +39,32 @@ def _define_flags():
   flags.DEFINE_float('seconds', 15.0, 'Timed seconds per measurement (after warm-up).')
   flags.DEFINE_string('cores', '1,all', 'Comma-separated core counts ("all" = every core).')
   flags.DEFINE_string('frames', '8,16', 'Clip lengths.')
-  flags.DEFINE_string('stages', 'parse,decode,train,train_ra,eval,jpeg_bound', 'Stages.')
+  flags.DEFINE_string('stages', 'parse,decode,train,train_ra,eval,eval_3crop,train_long,jpeg_bound',
+                      'Stages.')
   flags.DEFINE_string('records', '', 'Directory for the synthetic records (default: temp).')
   flags.DEFINE_string('out', '', 'Write results as JSON here.')
   flags.DEFINE_string('worker', '', 'Internal: run one measurement "stage:frames:cores:dir".')
 
 
-def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64) -> str:
+def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64,
+                  name: str = 'bench') -> str:
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from data_pipelines import records  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
-  pattern = os.path.join(out_dir, 'bench-train.tfrecord-*')
-  if tf.io.gfile.glob(pattern):
+  pattern = os.path.join(out_dir, f'{name}-train.tfrecord-*')
+  if len(tf.io.gfile.glob(pattern)) == 4:
     return pattern
   rng = np.random.RandomState(0)
   for shard in range(4):
-    path = os.path.join(out_dir, records.shard_name('bench', 'train', shard, 4))
+    path = os.path.join(out_dir, records.shard_name(name, 'train', shard, 4))
     with tf.io.TFRecordWriter(path) as w:
       for v in range(num_videos // 4):
         # smooth texture plus fine noise, drifting over time: JPEG sizes like real video
         base = tf.image.resize(rng.uniform(0, 255, (1, 16, 22, 3)).astype('float32'), [256, 404])
         jpegs = []
         for t in range(num_frames):
-          img = base[0, :, t:t + 340] + rng.normal(0, 6, (256, 340, 3))
+          img = base[0, :, t % 64:t % 64 + 340] + rng.normal(0, 6, (256, 340, 3))
           img = tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
           jpegs.append(tf.io.encode_jpeg(img, quality=90).numpy())
         w.write(records.make_sequence_example(jpegs, v % 10, filename=f'v{shard}_{v}')
@@ -100,13 +106,16 @@ def _stage_dataset(stage: str, frames: int, pattern: str):
   cfg.train_files = cfg.test_files = pattern
   cfg.num_classes, cfg.num_frames, cfg.frame_interval = 10, frames, 4
   cfg.shuffle_buffer, cfg.prefetch = 64, 4
-  if stage == 'train':
+  if stage == 'train_long':
+    cfg.train_files = pattern.replace('bench-train', 'benchlong-train')
+  if stage in ('train', 'train_long'):
     return ip.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1), 8
   if stage == 'train_ra':
+    cfg.sampling, cfg.flip_prob = 'uniform', 0.0
     cfg.randaugment_n, cfg.randaugment_m, cfg.random_erasing_prob = 4, 7, 0.25
     return ip.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1), 8
-  if stage == 'eval':
-    cfg.test_clips, cfg.test_crops = 3, 1
+  if stage in ('eval', 'eval_3crop'):
+    cfg.test_clips, cfg.test_crops = (3, 1) if stage == 'eval' else (1, 3)
     return _RebuildingIterator(lambda: ip.make_eval_dataset(
         cfg, split='test', batch_size=8, process_index=0, process_count=1)), 8
   files = ip.list_files(pattern)
@@ -152,7 +161,7 @@ def _worker(spec: str) -> dict:
   # rates also measure the other processes' load.
   return {'stage': stage, 'frames': frames, 'cores': cores, 'clips_per_s': n / dt,
           'clips_per_s_per_core': n / dt / cores, 'clips_per_cpu_s': n / cpu,
-          'cpu_utilisation': cpu / dt / cores}
+          'cores_per_500_clips_s': 500.0 / (n / cpu), 'cpu_utilisation': cpu / dt / cores}
 
 
 def _cpu_seconds() -> float:
@@ -167,6 +176,8 @@ def main(argv):
     return
   out_dir = FLAGS.records or os.path.join(tempfile.gettempdir(), 'aim_data_bench')
   pattern = write_records(out_dir)
+  if 'train_long' in FLAGS.stages.split(','):
+    write_records(out_dir, num_videos=8, num_frames=300, name='benchlong')
   all_cores = len(os.sched_getaffinity(0))
   cores = sorted({all_cores if c == 'all' else int(c) for c in FLAGS.cores.split(',')})
   results = []
@@ -185,7 +196,8 @@ def main(argv):
         results.append(r)
         print(f"{stage:10s} {frames:2d}x224  cores={c:2d}  {r['clips_per_s']:8.1f} clips/s  "
               f"{r['clips_per_s_per_core']:8.1f} clips/s/core  {r['clips_per_cpu_s']:8.1f} "
-              f"clips/CPU-s  (cpu use {r['cpu_utilisation']:.0%})", flush=True)
+              f"clips/CPU-s  {r['cores_per_500_clips_s']:5.1f} cores/500 clips/s  "
+              f"(cpu use {r['cpu_utilisation']:.0%})", flush=True)
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:
       json.dump({'cpu_cores': all_cores, 'results': results}, f, indent=1)

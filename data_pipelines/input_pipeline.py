@@ -494,15 +494,16 @@ def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,
   short = cfg.test_short_side if split == 'test' else cfg.train_short_side
   frames = ops.resize_short_side(frames, short)
   if crops == 1:
-    views = ops.center_crop(frames, size)[None]  # (1, clips*T, S, S, 3)
+    views = ops.normalize(ops.center_crop(frames, size), cfg.mean, cfg.std)[None]
   elif crops == 3:
-    views = ops.three_crop(frames, size)  # (3, clips*T, S, S, 3)
+    # normalise the frames once (1.33x a view at 224x298), then slice three views: less work
+    # than normalising the three views, and the same values (normalising is per pixel)
+    views = ops.three_crop(ops.normalize(frames, cfg.mean, cfg.std), size)
   elif crops == 10:
-    views = ten_crop(frames, size)  # (10, clips*T, S, S, 3)
+    views = ten_crop(ops.normalize(frames, cfg.mean, cfg.std), size)  # (10, clips*T, S, S, 3)
   else:
-    raise ValueError(f'data.{split}_crops must be 1 or 3, got {crops}')
-  views = tf.reshape(views, [crops * clips, t, size, size, 3])  # crop-major, then clip
-  return ops.normalize(views, cfg.mean, cfg.std)
+    raise ValueError(f'data.{split}_crops must be 1, 3 or 10, got {crops}')
+  return tf.reshape(views, [crops * clips, t, size, size, 3])  # crop-major, then clip
 
 
 def ten_crop(frames: tf.Tensor, size: int) -> tf.Tensor:

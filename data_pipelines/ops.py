@@ -215,6 +215,10 @@ def random_erasing(frames: tf.Tensor, prob: float, seed) -> tf.Tensor:
   rows = tf.range(shape[1])[:, None, None]
   cols = tf.range(shape[2])[None, :, None]
   box = (rows >= top) & (rows < top + bh) & (cols >= left) & (cols < left + bw)
-  keep = 1.0 - tf.cast(tf.logical_and(box, apply), frames.dtype)  # (H, W, 1)
-  keep = tf.broadcast_to(keep, tf.concat([shape[1:3], shape[3:]], 0))[None]  # (1, H, W, C)
-  return frames * keep
+
+  def erase():
+    keep = 1.0 - tf.cast(box, frames.dtype)  # (H, W, 1)
+    keep = tf.broadcast_to(keep, tf.concat([shape[1:3], shape[3:]], 0))[None]  # (1, H, W, C)
+    return frames * keep
+
+  return tf.cond(apply, erase, lambda: tf.identity(frames))

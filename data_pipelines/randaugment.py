@@ -19,8 +19,7 @@ the five affine ops use PIL's nearest-neighbour sampling, so each is an integer 
 a few elementwise ops each, with PIL's truncating arithmetic.
 """
 
-import math
-from typing import Dict, Tuple
+from typing import Dict
 
 import numpy as np
 import tensorflow as tf
@@ -110,6 +109,30 @@ def _index_maps(height: int, width: int, m: float) -> np.ndarray:
   return np.stack(rows)
 
 
+def translation_shift(op: str, sign: float, height: int, width: int, m: float) -> int:
+  """Whole-pixel shift that PIL's nearest sampling makes of a translation (out[i] = in[i - k])."""
+  index = nearest_index_map(affine_matrix(op, sign, height, width, m), height, width)
+  index = index.reshape(height, width)
+  if op == 'translate_x':
+    src, i = index[height // 2, width // 2], width // 2
+    return int(i - src % width) if src < height * width else (width if sign > 0 else -width)
+  src, i = index[height // 2, width // 2], height // 2
+  return int(i - src // width) if src < height * width else (height if sign > 0 else -height)
+
+
+def _shift(x, k: int, axis: int):
+  """out[i] = x[i - k] along `axis` (1 rows, 2 columns), FILL where that is outside."""
+  n = x.shape[axis]
+  k = max(min(k, n), -n)
+  pad = [[0, 0]] * 4
+  pad[axis] = [k, 0] if k >= 0 else [0, -k]
+  padded = tf.pad(x, pad, constant_values=FILL)
+  start = [0, 0, 0, 0]
+  start[axis] = 0 if k >= 0 else -k
+  size = list(x.shape)
+  return tf.slice(padded, start, size)
+
+
 def _gather_pixels(x, index):
   """x (T, H, W, 3), index (H*W,) flat source pixel or H*W for the fill colour."""
   shape = tf.shape(x)
@@ -160,19 +183,30 @@ def blur(x):
   return _filter(x, _BLUR, 16.0)
 
 
+def _per_channel_affine(x, scale, offset):
+  """x * scale + offset with (T, 3) scale/offset: a 1x1 convolution per frame (broadcasting
+  over a last axis of 3 runs several times slower in TF on CPU)."""
+  outs = []
+  for t in range(x.shape[0]):
+    kernel = tf.linalg.diag(scale[t])[None, None]
+    outs.append(tf.nn.bias_add(tf.nn.conv2d(x[t:t + 1], kernel, 1, 'VALID'), offset[t]))
+  return tf.concat(outs, axis=0)
+
+
 def autocontrast(x):
   """imgaug `_autocontrast_no_pil` (cutoff 0) per frame and channel: lo/hi = the channel's
-  min/max, v -> trunc(clip(v*s - lo*s, 0, 255)) with s = 255/(hi-lo); unchanged if hi <= lo.
+  min/max, v -> floor(255 (v - lo) / (hi - lo)); unchanged if hi <= lo.
 
-  Computed as the exact quotient's floor; imgaug's float64 table can be one lower where the
-  exact value is an integer and its rounding falls just below it.
+  Computed as v*s + o + 1e-3 with s = 255/(hi-lo): the exact quotient is either an integer
+  or at least 1/255 from one, and float32 is off by < 1e-4 here, so the floor is the exact
+  quotient's. imgaug's float64 table can be one lower where the exact value is an integer.
   """
-  lo = tf.reduce_min(x, axis=[1, 2], keepdims=True)
-  hi = tf.reduce_max(x, axis=[1, 2], keepdims=True)
-  # floor(255 (v - lo) / (hi - lo)): the numerator is an exact integer and one correctly
-  # rounded division cannot cross an integer, so this is the exact quotient's floor
-  out = tf.floor((x - lo) * 255.0 / tf.maximum(hi - lo, 1.0))
-  return tf.where(hi <= lo, x, out)
+  lo = tf.reduce_min(x, axis=[1, 2])  # (T, 3)
+  hi = tf.reduce_max(x, axis=[1, 2])
+  spread = hi > lo
+  scale = tf.where(spread, 255.0 / tf.maximum(hi - lo, 1.0), 1.0)
+  offset = tf.where(spread, -lo * scale, 0.0) + 1e-3
+  return tf.floor(tf.clip_by_value(_per_channel_affine(x, scale, offset), 0.0, 255.0))
 
 
 def equalize(x):
@@ -182,17 +216,19 @@ def equalize(x):
   clipped to 255; identity when one value only or step is 0.
   """
   t = x.shape[0]
-  v = tf.cast(x, tf.int32)
-  ids = (tf.range(t)[:, None, None, None] * 3 + tf.range(3)[None, None, None, :]) * 256 + v
-  hist = tf.reshape(tf.math.unsorted_segment_sum(tf.ones_like(ids), ids, t * 3 * 256),
-                    [t * 3, 256])
+  # bin id (frame*3 + channel)*256 + v: bias_add for the channel part and a leading-axis
+  # broadcast for the frame part (a (T,1,1,3) broadcast add is several times slower)
+  ids = x + tf.reshape(tf.range(t, dtype=tf.float32) * 768.0, [t, 1, 1, 1])
+  ids = tf.cast(tf.nn.bias_add(ids, tf.constant([0.0, 256.0, 512.0])), tf.int32)
+  hist = tf.reshape(tf.math.bincount(tf.reshape(ids, [-1]), minlength=t * 3 * 256,
+                                     maxlength=t * 3 * 256), [t * 3, 256])
   step = tf.reduce_sum(hist[:, :-1], axis=1, keepdims=True) // 255
   nonzero = tf.reduce_sum(tf.cast(hist > 0, tf.int32), axis=1, keepdims=True)
   cum = tf.cumsum(hist, axis=1, exclusive=True)
   lut = tf.minimum((step // 2 + cum) // tf.maximum(step, 1), 255)
   ident = tf.logical_or(nonzero <= 1, step == 0)
   lut = tf.where(ident, tf.range(256)[None], lut)
-  return tf.cast(tf.gather(tf.reshape(lut, [-1]), ids), tf.float32)
+  return tf.gather(tf.reshape(tf.cast(lut, tf.float32), [-1]), ids)
 
 
 def contrast(x, factor: float):
@@ -264,6 +300,10 @@ def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None):
   }
   for k, name in enumerate(GEOMETRIC):
     branches[name] = geometric(k)
+  for name, axis in (('translate_x', 2), ('translate_y', 1)):  # a pure shift: pad and slice
+    pos, neg = (translation_shift(name, sg, h, w, m) for sg in (1.0, -1.0))
+    branches[name] = (lambda p, n, a: lambda: tf.cond(sign > 0, lambda: _shift(x, p, a),
+                                                      lambda: _shift(x, n, a)))(pos, neg, axis)
   fns = [branches[name] for name in OPS]
   out = tf.switch_case(tf.cast(op, tf.int32), fns)
   return tf.ensure_shape(out, x.shape)

@@ -187,7 +187,7 @@ def test_decode_crop_resize_crop_window_path_equals_full_decode():
 
 def ref_timm_box(h, w, areas, log_ratios, u_top, u_left):
   """timm 0.5.4 RandomErasing._erase for given uniform draws (count 1, 10 attempts)."""
-  for target, lr in zip(areas, log_ratios):
+  for target, lr in zip(areas, log_ratios, strict=True):
     target = target * h * w
     ratio = np.exp(lr)
     bh, bw = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))

@@ -133,7 +133,7 @@ def test_enhance_ops_match_pil(name, cls):
   x = textured(3)
   for sign in (-1.0, 1.0):
     factor = 1.0 + sign * ra.magnitudes(M)['enhance']
-    want = per_frame(lambda im: cls(im).enhance(factor), x)
+    want = per_frame(lambda im, f=factor: cls(im).enhance(f), x)
     assert_close(run_op(name, x, sign), want)
 
 
