@@ -14,8 +14,11 @@ bad before the resume point (each shifts the order by one clip).
 
 Bad input: records with no frames, labels outside [0, num_classes), or frames that are not
 JPEG are skipped before decoding and logged with file and key; a JPEG that fails to decode
-is dropped by `ignore_errors` and counted from the gap it leaves. The iterator raises once
-the skip rate exceeds `max_skip_rate` (after `skip_rate_min_examples` clips).
+is dropped by `ignore_errors` and counted from the gap it leaves. A shard that cannot be read
+to its end (truncated or corrupt: DataLossError; the bytes read fall short of its size) adds
+one named entry for the shard with where reading stopped. The iterator raises once the skip
+rate exceeds `max_skip_rate` (after `skip_rate_min_examples` clips), also when no clip at all
+gets through. docs/data.md lists what is reported.
 """
 
 import dataclasses
@@ -255,7 +258,6 @@ def _validity(ex, num_classes: int):
   soi = tf.strings.substr(frames, 0, 2)
   jpeg_ok = tf.reduce_all(tf.equal(soi, b'\xff\xd8'))
   problem = ex.get('problem', tf.constant(''))  # set on a truncated shard's marker
-  lost = ex.get('lost', tf.constant(0, tf.int64))
   reason = tf.case([(tf.not_equal(problem, ''), lambda: problem),
                     (tf.logical_not(has_frames), lambda: tf.constant('record has no frames')),
                     (tf.logical_not(label_ok),
