@@ -14,8 +14,11 @@ bad before the resume point (each shifts the order by one clip).
 
 Bad input: records with no frames, labels outside [0, num_classes), or frames that are not
 JPEG are skipped before decoding and logged with file and key; a JPEG that fails to decode
-is dropped by `ignore_errors` and counted from the gap it leaves. The iterator raises once
-the skip rate exceeds `max_skip_rate` (after `skip_rate_min_examples` clips).
+is dropped by `ignore_errors` and counted from the gap it leaves. A shard that cannot be read
+to its end (truncated or corrupt: DataLossError; the bytes read fall short of its size) adds
+one named entry for the shard with where reading stopped. The iterator raises once the skip
+rate exceeds `max_skip_rate` (after `skip_rate_min_examples` clips), also when no clip at all
+gets through. docs/data.md lists what is reported.
 """
 
 import dataclasses
@@ -247,15 +250,14 @@ class SkipStats:
     return False
 
 
-def _check_valid(ex, num_classes: int, stats: SkipStats):
-  """Filter predicate: cheap checks on the parsed record, logging what it drops."""
+def _validity(ex, num_classes: int):
+  """(valid, reason) of a parsed record from cheap checks (no decoding); reason '' if valid."""
   frames = ex['frames']
   has_frames = tf.size(frames) > 0
   label_ok = tf.logical_and(ex['label'] >= 0, ex['label'] < num_classes)
   soi = tf.strings.substr(frames, 0, 2)
   jpeg_ok = tf.reduce_all(tf.equal(soi, b'\xff\xd8'))
   problem = ex.get('problem', tf.constant(''))  # set on a truncated shard's marker
-  lost = ex.get('lost', tf.constant(0, tf.int64))
   reason = tf.case([(tf.not_equal(problem, ''), lambda: problem),
                     (tf.logical_not(has_frames), lambda: tf.constant('record has no frames')),
                     (tf.logical_not(label_ok),
@@ -265,6 +267,16 @@ def _check_valid(ex, num_classes: int, stats: SkipStats):
                    default=lambda: tf.constant(''))
   valid = tf.logical_and(tf.logical_and(tf.equal(problem, ''), has_frames),
                          tf.logical_and(label_ok, jpeg_ok))
+  return valid, reason
+
+
+def _check_valid(ex, num_classes: int, stats: SkipStats):
+  """Filter predicate: cheap checks on the parsed record, logging what it drops."""
+  if '_valid' in ex:  # already checked by `_stop_above_skip_rate`
+    valid, reason = ex['_valid'], ex['_reason']
+  else:
+    valid, reason = _validity(ex, num_classes)
+  lost = ex.get('lost', tf.constant(0, tf.int64))
 
   def log_skip():
     out = tf.py_function(
@@ -273,6 +285,30 @@ def _check_valid(ex, num_classes: int, stats: SkipStats):
     return tf.reshape(out, [])
 
   return tf.cond(valid, lambda: tf.constant(True), log_skip)
+
+
+def _stop_above_skip_rate(ds: tf.data.Dataset, num_classes: int, max_skip_rate: float,
+                          min_examples: int) -> tf.data.Dataset:
+  """Checks each record and ends the (infinite) training stream once the share of records
+  failing the checks exceeds `max_skip_rate` (after `min_examples`), so that a source where
+  every record is bad stops with the skip-rate error instead of filtering forever without
+  producing a batch. `_BatchIterator` turns the end into that error.
+  """
+  def step(state, ex):
+    seen, bad = state
+    # Decided on the records before this one: the record that crosses the limit still
+    # reaches the filter, which names it, and the stream ends at the next.
+    stop = tf.logical_and(seen >= min_examples, tf.cast(bad, tf.float64)
+                          > max_skip_rate * tf.cast(seen, tf.float64))
+    valid, reason = _validity(ex, num_classes)
+    seen, bad = seen + 1, bad + tf.cast(tf.logical_not(valid), tf.int64)
+    ex = dict(ex)
+    ex['_valid'], ex['_reason'], ex['_stop'] = valid, reason, stop
+    return (seen, bad), ex
+
+  ds = ds.scan((tf.constant(0, tf.int64), tf.constant(0, tf.int64)), _graph(step))
+  ds = ds.take_while(_graph(lambda ex: tf.logical_not(ex['_stop'])))
+  return ds.map(_graph(lambda ex: {k: v for k, v in ex.items() if k != '_stop'}))
 
 
 class _BatchIterator:
@@ -285,8 +321,9 @@ class _BatchIterator:
 
   def __init__(self, ds: tf.data.Dataset, stats: SkipStats, max_skip_rate: float,
                min_examples: int, outputs: Sequence[str], epoch_size: Optional[int] = None,
-               start: Tuple[int, int] = (0, 0)):
+               start: Tuple[int, int] = (0, 0), infinite: bool = False):
     self._it = ds.as_numpy_iterator()
+    self._infinite = infinite  # an end of the stream means `_stop_above_skip_rate` ended it
     self.stats = stats
     self._max_skip_rate = max_skip_rate
     self._min_examples = min_examples
@@ -319,6 +356,8 @@ class _BatchIterator:
     try:
       batch = next(self._it)
     except StopIteration:
+      if self._infinite:
+        raise RuntimeError(self._skip_message()) from None
       if self._epoch_size is not None:  # finite (eval) stream: clips dropped at its end
         with self.stats.lock:
           self.stats.decode_errors += self._unnamed(self._last[0], self._last[1] + 1,
@@ -336,14 +375,19 @@ class _BatchIterator:
     self._check_skip_rate()
     return {k: batch[k] for k in self._outputs}
 
+  def _skip_message(self) -> str:
+    skipped = self.stats.total
+    seen = max(self.examples + skipped, 1)
+    named = '; '.join(f'{k} in {f}: {r}' for f, k, r in self.stats.named[:10])
+    return (f'Skipped {skipped} of {seen} clips ({skipped / seen:.2%}), above data.max_skip_rate='
+            f'{self._max_skip_rate}: {self.stats.decode_errors} decode errors; first named: '
+            f'{named}')
+
   def _check_skip_rate(self):
     skipped = self.stats.total
     seen = self.examples + skipped
     if seen >= self._min_examples and skipped > self._max_skip_rate * seen:
-      named = '; '.join(f'{k} in {f}: {r}' for f, k, r in self.stats.named[:10])
-      raise RuntimeError(
-          f'Skipped {skipped} of {seen} clips ({skipped / seen:.2%}), above data.max_skip_rate='
-          f'{self._max_skip_rate}: {self.stats.decode_errors} decode errors; first named: {named}')
+      raise RuntimeError(self._skip_message())
 
 
 # ------------------------------------------------------------------ record streams
@@ -615,6 +659,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   first = one_epoch(tf.constant(start_epoch, tf.int64)).skip(offset)
   rest = tf.data.Dataset.range(start_epoch + 1, 2**62).flat_map(_graph(one_epoch))
   ds = first.concatenate(rest)
+  ds = _stop_above_skip_rate(ds, cfg.num_classes, cfg.max_skip_rate, cfg.skip_rate_min_examples)
   ds = ds.filter(_graph(lambda ex: _check_valid(ex, cfg.num_classes, stats)))
   ds = ds.map(_graph(lambda ex: _train_clip(ex, cfg)), num_parallel_calls=par,
               deterministic=True)
@@ -622,7 +667,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   ds = ds.batch(batch_size, drop_remainder=True).prefetch(cfg.prefetch)
   ds = ds.with_options(_options(cfg))
   return _BatchIterator(ds, stats, cfg.max_skip_rate, cfg.skip_rate_min_examples,
-                        ('video', 'label'), epoch_size=per_epoch, start=(start_epoch, offset))
+                        ('video', 'label'), epoch_size=per_epoch, start=(start_epoch, offset),
+                        infinite=True)
 
 
 def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_size: int,

@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import threading
 
 import numpy as np
 import pytest
@@ -221,3 +223,33 @@ def video_io_report(path, **kw):
   frames = list(video_io.decode_video(path, report=report, **kw))
   assert len(frames) == report.decoded
   return report
+
+
+def test_training_on_a_source_with_no_good_clip_stops_instead_of_hanging(tmp_path):
+  """Every record fails the checks (here: frames that are not JPEG), so no batch can ever be
+  made: the skip-rate error comes, naming the clips, instead of an endless filter."""
+  path = tmp_path / 'png-train.tfrecord-00000-of-00001'
+  png = tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)).numpy()
+  _write_shard(path, [records.make_sequence_example([png] * 4, 0, filename=f'p{k}')
+                      for k in range(5)], meta=False)
+  cfg = config_lib.default_data_config()
+  cfg.train_files = str(path)
+  cfg.num_classes, cfg.num_frames, cfg.frame_interval, cfg.image_size = 2, 2, 1, 8
+  cfg.skip_rate_min_examples = 20
+  it = input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0,
+                                         process_count=1)
+  result = {}
+
+  def first_batch():  # in a thread: a stream that filters forever must fail the test, not hang it
+    try:
+      result['batch'] = next(it)
+    except Exception as e:  # pylint: disable=broad-except
+      result['error'] = e
+
+  worker = threading.Thread(target=first_batch, daemon=True)
+  worker.start()
+  worker.join(timeout=180)
+  assert 'error' in result, 'no error after 180 s: the stream skips every clip forever'
+  assert isinstance(result['error'], RuntimeError)
+  assert re.search(r'above data.max_skip_rate=0.01.*first named: p\d in .*png-train.*frame is '
+                   r'not a JPEG', str(result['error'])), result['error']
