@@ -198,3 +198,24 @@ def test_attention_options_errors_name_the_field():
   with pytest.raises(ValueError, match='multiple of 16'):
     build_model(dict(TINY, attention_impl='pallas', attention_pad_multiple=6)).init(
         jax.random.key(0), video)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU (cuDNN, Triton)')
+@pytest.mark.parametrize('impl', ['cudnn', 'pallas'])
+@pytest.mark.parametrize('temporal', ['elementwise', 'dot_product_attention'])
+def test_fused_kernels_on_gpu_match_xla(impl, temporal):
+  """The GPU smoke test of the BENCHMARKS.md GPU plan: the real kernels, forward and
+  backward, bf16 compute, against the XLA path (cuDNN on CUDA 13 may have no execution
+  plan: jax-ml/jax#32430; then only the Pallas rows apply)."""
+  cfg = dict(TINY, heads=1, temporal_attention=temporal, dtype='bfloat16')  # head dim 64
+  params = _perturbed_params(cfg)
+  video = _video(cfg)
+  ref = _loss_and_trainable_grads(cfg, params, video)
+  got = _loss_and_trainable_grads(dict(cfg, attention_impl=impl, qkv_projection='split'),
+                                  params, video)
+  (la, ga), (lb, gb) = got, ref
+  np.testing.assert_allclose(la, lb, rtol=3e-2, atol=3e-2)
+  for k in ga:
+    scale = float(np.abs(np.asarray(gb[k], np.float32)).max()) + 1e-6
+    err = float(np.abs(np.asarray(ga[k], np.float32) - np.asarray(gb[k], np.float32)).max())
+    assert err <= 5e-2 * scale, (k, err, scale)

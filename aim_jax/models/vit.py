@@ -231,7 +231,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Optional[str] =
   if impl == 'pallas':
     y = _pallas_attention(q, k, v, valid)
   else:
-    lengths = (None if valid == s_pad else jnp.full((n,), valid, jnp.int32))
+    lengths = None if valid == s_pad else np.full((n,), valid, np.int32)   # a constant
     y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                      implementation=impl)
   return y[:, :s] if s_pad != s else y
