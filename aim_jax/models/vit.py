@@ -196,7 +196,7 @@ def pad_multiple_for(impl: Optional[str], multiple: int = 0) -> int:
 
 
 def _pallas_attention(q, k, v, valid: int) -> jax.Array:
-  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # GPU-only module
   n, s, _, hd = q.shape
   block = next((b for b in (128, 64, 32, 16) if s % b == 0), None)
   if block is None:
