@@ -40,7 +40,7 @@ from aim_jax.models.factory import build_model, input_shape, resolve_model_confi
 # test time: taken from the config file, not the checkpoint.
 EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
                     'temporal_attention', 'dropout_rate', 'drop_path_rate', 'drop_path_mode',
-                    'variant')
+                    'variant', 'attention_pad_multiple', 'attention_pad_mode', 'qkv_projection')
 
 
 # ---------------------------------------------------------------------------

@@ -219,3 +219,16 @@ def test_fused_kernels_on_gpu_match_xla(impl, temporal):
     scale = float(np.abs(np.asarray(gb[k], np.float32)).max()) + 1e-6
     err = float(np.abs(np.asarray(ga[k], np.float32) - np.asarray(gb[k], np.float32)).max())
     assert err <= 5e-2 * scale, (k, err, scale)
+
+
+def test_evaluation_may_switch_the_attention_options_of_a_checkpoint():
+  """The new fields are execution options: evaluating a default-trained checkpoint with
+  cuDNN, padding and split q/k/v is not an architecture mismatch."""
+  from aim_jax.evaluate import merge_model_config
+  fast = dict(TINY, attention_impl='cudnn', attention_pad_multiple=16, attention_pad_mode='call',
+              qkv_projection='split', temporal_attention='elementwise')
+  merged = merge_model_config(fast, TINY)
+  assert {k: merged[k] for k in ('attention_impl', 'attention_pad_multiple', 'attention_pad_mode',
+                                 'qkv_projection', 'temporal_attention')} == {
+      'attention_impl': 'cudnn', 'attention_pad_multiple': 16, 'attention_pad_mode': 'call',
+      'qkv_projection': 'split', 'temporal_attention': 'elementwise'}
