@@ -232,3 +232,14 @@ def test_evaluation_may_switch_the_attention_options_of_a_checkpoint():
                                  'qkv_projection', 'temporal_attention')} == {
       'attention_impl': 'cudnn', 'attention_pad_multiple': 16, 'attention_pad_mode': 'call',
       'qkv_projection': 'split', 'temporal_attention': 'elementwise'}
+
+
+def test_stream_padding_under_layer_scan_and_remat():
+  """scan_layers + remat carry the padded stream too (valid_len is a static block field).
+  (Scan draws its drop-path masks per layer differently from the loop: compare scans.)"""
+  params = P.to_scan_layout(_perturbed_params(TINY))
+  video = _video(TINY)
+  scan = dict(TINY, scan_layers=True, remat_policy='full')
+  ref = _loss_and_trainable_grads(scan, params, video)
+  _assert_same(_loss_and_trainable_grads(dict(scan, attention_pad_multiple=8), params, video),
+               ref)
