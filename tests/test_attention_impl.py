@@ -198,3 +198,48 @@ def test_attention_options_errors_name_the_field():
   with pytest.raises(ValueError, match='multiple of 16'):
     build_model(dict(TINY, attention_impl='pallas', attention_pad_multiple=6)).init(
         jax.random.key(0), video)
+
+
+@pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU (cuDNN, Triton)')
+@pytest.mark.parametrize('impl', ['cudnn', 'pallas'])
+@pytest.mark.parametrize('temporal', ['elementwise', 'dot_product_attention'])
+def test_fused_kernels_on_gpu_match_xla(impl, temporal):
+  """The GPU smoke test of the BENCHMARKS.md GPU plan: the real kernels, forward and
+  backward, bf16 compute, against the XLA path (cuDNN on CUDA 13 may have no execution
+  plan: jax-ml/jax#32430; then only the Pallas rows apply)."""
+  cfg = dict(TINY, heads=1, temporal_attention=temporal, dtype='bfloat16')  # head dim 64
+  params = _perturbed_params(cfg)
+  video = _video(cfg)
+  ref = _loss_and_trainable_grads(cfg, params, video)
+  got = _loss_and_trainable_grads(dict(cfg, attention_impl=impl, qkv_projection='split'),
+                                  params, video)
+  (la, ga), (lb, gb) = got, ref
+  np.testing.assert_allclose(la, lb, rtol=3e-2, atol=3e-2)
+  for k in ga:
+    scale = float(np.abs(np.asarray(gb[k], np.float32)).max()) + 1e-6
+    err = float(np.abs(np.asarray(ga[k], np.float32) - np.asarray(gb[k], np.float32)).max())
+    assert err <= 5e-2 * scale, (k, err, scale)
+
+
+def test_evaluation_may_switch_the_attention_options_of_a_checkpoint():
+  """The new fields are execution options: evaluating a default-trained checkpoint with
+  cuDNN, padding and split q/k/v is not an architecture mismatch."""
+  from aim_jax.evaluate import merge_model_config
+  fast = dict(TINY, attention_impl='cudnn', attention_pad_multiple=16, attention_pad_mode='call',
+              qkv_projection='split', temporal_attention='elementwise')
+  merged = merge_model_config(fast, TINY)
+  assert {k: merged[k] for k in ('attention_impl', 'attention_pad_multiple', 'attention_pad_mode',
+                                 'qkv_projection', 'temporal_attention')} == {
+      'attention_impl': 'cudnn', 'attention_pad_multiple': 16, 'attention_pad_mode': 'call',
+      'qkv_projection': 'split', 'temporal_attention': 'elementwise'}
+
+
+def test_stream_padding_under_layer_scan_and_remat():
+  """scan_layers + remat carry the padded stream too (valid_len is a static block field).
+  (Scan draws its drop-path masks per layer differently from the loop: compare scans.)"""
+  params = P.to_scan_layout(_perturbed_params(TINY))
+  video = _video(TINY)
+  scan = dict(TINY, scan_layers=True, remat_policy='full')
+  ref = _loss_and_trainable_grads(scan, params, video)
+  _assert_same(_loss_and_trainable_grads(dict(scan, attention_pad_multiple=8), params, video),
+               ref)

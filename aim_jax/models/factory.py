@@ -53,16 +53,17 @@ def default_model_config() -> dict:
       remat_policy='none',      # 'none' | 'full' | any jax.checkpoint_policies name
       dtype='float32',          # compute dtype; params stay param_dtype
       param_dtype='float32',
-      attention_impl='',        # '' (XLA) | 'xla' | 'cudnn' | 'pallas' (models/vit.py ATTENTION_IMPLS)
+      attention_impl='',        # '' (XLA) | 'xla' | 'cudnn' | 'pallas' (vit.py ATTENTION_IMPLS)
       # Token padding for fused attention kernels (models/vit.py token_padding):
       # multiple 0 = the implementation's need (1 XLA, 8 cuDNN, 32 Pallas); mode
       # 'stream' pads once after ln_pre, 'call' pads inside each spatial attention.
       attention_pad_multiple=0,
       attention_pad_mode='stream',
       qkv_projection='fused',   # 'fused' one (D, 3D) product | 'split' q, k, v products
-      # How the temporal branch attends over T (same numbers either way, see
-      # models/vit.py MultiHeadAttention): 'einsum' on the (B, T, L, D) layout, no
-      # activation transposes | 'dot_product_attention': swap to (B, L, T, D) and back.
+      # How the temporal branch attends over T (same numbers each way, see
+      # models/vit.py MultiHeadAttention): 'einsum' batched dots on the (B, T, L, D)
+      # layout | 'elementwise' multiplies and sums, no dots, no transposes |
+      # 'dot_product_attention': L folded into the heads, through attention_impl.
       temporal_attention='einsum',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(

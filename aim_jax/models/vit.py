@@ -196,7 +196,7 @@ def pad_multiple_for(impl: Optional[str], multiple: int = 0) -> int:
 
 
 def _pallas_attention(q, k, v, valid: int) -> jax.Array:
-  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # pylint: disable=g-import-not-at-top
+  from jax.experimental.pallas.ops.gpu import attention as pallas_gpu  # GPU-only module
   n, s, _, hd = q.shape
   block = next((b for b in (128, 64, 32, 16) if s % b == 0), None)
   if block is None:
@@ -231,7 +231,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Optional[str] =
   if impl == 'pallas':
     y = _pallas_attention(q, k, v, valid)
   else:
-    lengths = (None if valid == s_pad else jnp.full((n,), valid, jnp.int32))
+    lengths = None if valid == s_pad else np.full((n,), valid, np.int32)   # a constant
     y = jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths,
                                      implementation=impl)
   return y[:, :s] if s_pad != s else y
