@@ -280,24 +280,32 @@ class WorkdirLock:
   def acquire(self) -> None:
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
           'started': datetime.datetime.now().isoformat(timespec='seconds')}
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-      if self._create(json.dumps(me)):
-        self.held = True
-        return
-      holder = self._holder()
-      same_host = holder.get('host') == me['host']
-      if same_host and isinstance(holder.get('pid'), int) and not self._alive(holder['pid']):
-        logging.warning('workdir %s: taking over the lock of process %s (started %s), '
-                        'which is no longer running', self.path.parent, holder['pid'],
-                        holder.get('started'))
-        self.path.unlink(missing_ok=True)
-        continue
-      raise ConfigError(
-          f'workdir {self.path.parent} is in use by process {holder.get("pid")} on '
-          f'{holder.get("host")} (started {holder.get("started")}): use another --workdir, '
-          f'or wait for it to finish (the lock is {self.path})')
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      for _ in range(2):
+        if self._create(json.dumps(me)):
+          self.held = True
+          return
+        self._refuse_or_take_over(me)
+    except OSError as e:   # the first write into the workdir: a path that cannot be one
+      raise ConfigError(f'cannot use {self.path.parent} as a workdir: '
+                        f'{e.strerror or e}{f" ({e.filename})" if e.filename else ""}') from None
     raise ConfigError(f'workdir {self.path.parent}: could not take the lock {self.path}')
+
+  def _refuse_or_take_over(self, me: dict) -> None:
+    """A live holder (or one on another host) -> ConfigError; a dead one: removed."""
+    holder = self._holder()
+    same_host = holder.get('host') == me['host']
+    if same_host and isinstance(holder.get('pid'), int) and not self._alive(holder['pid']):
+      logging.warning('workdir %s: taking over the lock of process %s (started %s), '
+                      'which is no longer running', self.path.parent, holder['pid'],
+                      holder.get('started'))
+      self.path.unlink(missing_ok=True)
+      return
+    raise ConfigError(
+        f'workdir {self.path.parent} is in use by process {holder.get("pid")} on '
+        f'{holder.get("host")} (started {holder.get("started")}): use another --workdir, '
+        f'or wait for it to finish (the lock is {self.path})')
 
   def _create(self, text: str) -> bool:
     if str(self.path).startswith(('gs://', 's3://')):
@@ -600,7 +608,8 @@ def _restore_numpy(path: epath.Path) -> Any:
       meta = ckptr.metadata(_abs(path))
       tree = getattr(getattr(meta, 'item_metadata', None), 'tree', None)
       if tree is None:
-        raise CheckpointError(f'{path} is damaged or incomplete: no tree metadata')
+        raise CheckpointError(f'{path} is damaged or incomplete: its array metadata cannot '
+                              'be read')
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           tree)
@@ -633,7 +642,15 @@ def restore_params_from_workdir(workdir: str, which: str = 'latest') -> tuple[di
   manager.close()
   if step is None:
     raise CheckpointError(f'{sub} holds no finished checkpoint')
-  trainable = _restore_numpy(sub / str(step) / 'params')
+  try:
+    trainable = _restore_numpy(sub / str(step) / 'params')
+  except CheckpointError as e:
+    earlier = sorted((int(p.name) for p in sub.iterdir() if p.name.isdigit() and
+                      int(p.name) != step), reverse=True)
+    raise CheckpointError(
+        f'{e} (nothing falls back silently; earlier steps in {sub}: '
+        f'{", ".join(map(str, earlier)) or "none"}; resuming training moves a damaged step '
+        f'to {root / DAMAGED}/)') from None
   frozen = _restore_numpy(root / FROZEN) if (root / FROZEN).exists() else {}
   params = P.unflatten({**P.flatten(frozen), **P.flatten(trainable)})
   return params, model_config
