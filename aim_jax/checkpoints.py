@@ -268,14 +268,34 @@ class WorkdirLock:
       return {}
 
   @staticmethod
-  def _alive(pid: int) -> bool:
+  def _alive(pid: int, started: Any = None) -> bool:
+    """Whether the process that took the lock still runs on this host.
+
+    Our own pid cannot hold a lock we failed to create (a container restarted with the
+    same pid), and a live pid whose process started after the lock was taken is a reuse
+    of the number (Linux: /proc/PID/stat), not the holder.
+    """
+    if pid == os.getpid():
+      return False
     try:
       os.kill(pid, 0)
     except ProcessLookupError:
       return False
     except PermissionError:
-      return True
-    return True
+      pass
+    return not WorkdirLock._started_after(pid, started)
+
+  @staticmethod
+  def _started_after(pid: int, started: Any) -> bool:
+    try:
+      taken = datetime.datetime.fromisoformat(str(started)).timestamp()
+      with open(f'/proc/{pid}/stat') as f:
+        start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])   # field 22: starttime
+      with open('/proc/stat') as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith('btime'))
+    except (OSError, ValueError, IndexError, StopIteration):
+      return False         # not Linux, or no start time: trust the pid
+    return boot + start_ticks / os.sysconf('SC_CLK_TCK') > taken + 2
 
   def acquire(self) -> None:
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
@@ -296,7 +316,8 @@ class WorkdirLock:
     """A live holder (or one on another host) -> ConfigError; a dead one: removed."""
     holder = self._holder()
     same_host = holder.get('host') == me['host']
-    if same_host and isinstance(holder.get('pid'), int) and not self._alive(holder['pid']):
+    if (same_host and isinstance(holder.get('pid'), int)
+        and not self._alive(holder['pid'], holder.get('started'))):
       logging.warning('workdir %s: taking over the lock of process %s (started %s), '
                       'which is no longer running', self.path.parent, holder['pid'],
                       holder.get('started'))

@@ -164,14 +164,31 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_with_a_notice(tmp_path, ca
 
 def test_a_live_or_foreign_lock_is_refused_naming_the_holder(tmp_path):
   lock_file = tmp_path / 'LOCK'
+  now = time.strftime('%Y-%m-%dT%H:%M:%S')
   for holder in ({'host': socket.gethostname(), 'pid': os.getppid()},     # alive, this host
                  {'host': 'another-host', 'pid': _dead_pid()}):         # cannot be checked
-    lock_file.write_text(json.dumps({**holder, 'started': '2020-01-01T00:00:00'}))
+    lock_file.write_text(json.dumps({**holder, 'started': now}))
     with pytest.raises(errors.ConfigError,
                        match=rf'in use by process {holder["pid"]} on {holder["host"]} '
-                       r'\(started 2020-01-01T00:00:00\)'):
+                       rf'\(started {now}\)'):
       checkpoints.WorkdirLock(str(tmp_path)).acquire()
     assert json.loads(lock_file.read_text())['pid'] == holder['pid']
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/stat'), reason='process start times: Linux')
+def test_a_lock_whose_pid_was_reused_is_taken_over(tmp_path):
+  # A run killed in a container, restarted with the same pid (or another process that
+  # got the number): the pid is alive, but it is not the process that took the lock.
+  lock_file = tmp_path / 'LOCK'
+  for pid in (os.getpid(), os.getppid()):
+    lock_file.write_text(json.dumps({'host': socket.gethostname(), 'pid': pid,
+                                     'started': '2020-01-01T00:00:00'}))
+    with checkpoints.WorkdirLock(str(tmp_path)):
+      assert json.loads(lock_file.read_text())['pid'] == os.getpid()
+  lock_file.write_text(json.dumps({'host': socket.gethostname(), 'pid': os.getpid(),
+                                   'started': time.strftime('%Y-%m-%dT%H:%M:%S')}))
+  with checkpoints.WorkdirLock(str(tmp_path)):       # our own pid: never a holder
+    pass
 
 
 def test_a_workdir_that_cannot_be_created_is_one_config_error(tmp_path):
@@ -244,6 +261,7 @@ def test_evaluate_names_the_damaged_step_in_one_line(damaged):
   assert 'Traceback' not in out.stderr
   [line] = _error_lines(out.stderr, 'evaluate')
   assert f'CheckpointError: {damaged["workdir"] / "checkpoints" / "60"}' in line, line
+  assert f'earlier steps in {damaged["workdir"] / "checkpoints"}: 40;' in line, line
 
 
 @pytest.mark.slow
@@ -411,8 +429,11 @@ def test_export_of_a_directory_that_is_no_checkpoint_is_one_line(tmp_path, capsy
                                          ('total_steps', -5), ('checkpoint.keep', 0)])
 def test_a_field_that_cannot_run_is_named_before_anything_is_written(tmp_path, field, value):
   c = _unlocked()
-  holder, _, name = ('c.' + field).rpartition('.')
-  setattr(eval(holder), name, value)
+  *parents, name = field.split('.')
+  holder = c
+  for part in parents:
+    holder = holder[part]
+  holder[name] = value
   with pytest.raises(errors.ConfigError, match=rf'^{field}={value} must be'):
     train.train_and_evaluate(c, str(tmp_path / 'w'))
   assert not (tmp_path / 'w').exists()
