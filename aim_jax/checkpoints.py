@@ -523,9 +523,9 @@ class TrainCheckpointer:
           params=ocp.args.StandardSave(trainable),
           opt_state=ocp.args.StandardSave(opt_state_to_dict(opt_state)),
           meta=ocp.args.JsonSave(dict(meta))), force=force)
-    except OSError as e:
+    except Exception as e:  # orbax waits for the previous save here and re-raises its error
       raise SaveFailed(f'saving step {step} to {self.workdir / CHECKPOINTS} failed: '
-                       f'{e}') from None
+                       f'{_first_line(e)} (the last good checkpoint is unchanged)') from e
 
   def restore(self, step: int, trainable_like: Any, trainable_shardings: Any,
               opt_state_like: Any, opt_state_shardings: Any) -> tuple[Any, Any, dict]:
@@ -606,18 +606,35 @@ class TrainCheckpointer:
                             'a copy, or start a new workdir)') from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    if self.best is not None:
-      self.best.wait_until_finished()
+    """Wait for the background saves; one that failed raises SaveFailed."""
+    for m in (self.manager, self.best):
+      if m is None:
+        continue
+      try:
+        m.wait_until_finished()
+      except Exception as e:  # orbax re-raises the background save's error as it was
+        raise SaveFailed(f'a background checkpoint save in {self.workdir} failed: '
+                         f'{_first_line(e)}') from e
     self.check_for_errors()
 
-  def close(self) -> None:
+  def close(self, quiet: bool = False) -> None:
+    """Wait for the background saves and close. `quiet`: another error is already being
+    reported, so a failed save is logged instead of raised."""
     try:
       self.wait()
+    except SaveFailed as e:
+      if not quiet:
+        raise
+      logging.error('%s', e)
     finally:
-      self.manager.close()
-      if self.best is not None:
-        self.best.close()
+      for m in (self.manager, self.best):
+        if m is not None:
+          try:
+            m.close()
+          except Exception as e:  # a failed save may surface again here
+            if not quiet:
+              raise SaveFailed(f'closing the checkpoints of {self.workdir} failed: '
+                               f'{_first_line(e)}') from e
 
 
 def _restore_numpy(path: epath.Path) -> Any:

@@ -340,15 +340,16 @@ def test_a_recorded_batch_size_change_is_appended_to_config_changes(tmp_path):
 def test_an_unwritable_checkpoint_dir_stops_the_run_at_once(tmp_path):
   # Tests run as root, for whom permission bits do not block writes: the checkpoints/
   # directory is replaced by a regular file, which refuses writes for everyone.
+  # Saves are synchronous here, so the run is stopped between the saves of steps 20 and
+  # 40 and meets the replaced directory at the next one (the background case: below).
   workdir = tmp_path / 'w'
-  proc = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(_train_cmd(workdir, '--config.checkpoint.async_save=False'), cwd=ROOT,
+                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          text=True)
   lines = []
   try:
-    _read_until(proc, '] step 25/', lines)
-    _wait_for(workdir / 'checkpoints' / '20' / '_CHECKPOINT_METADATA', proc)
+    _wait_for(workdir / 'checkpoints' / '20', proc)
     proc.send_signal(signal.SIGSTOP)
-    time.sleep(0.5)
     (workdir / 'checkpoints').rename(workdir / 'kept')
     (workdir / 'checkpoints').write_text('not a directory')
     start = time.time()
@@ -367,12 +368,33 @@ def test_an_unwritable_checkpoint_dir_stops_the_run_at_once(tmp_path):
   assert f'SaveFailed: cannot write checkpoints to {workdir / "checkpoints"}: ' in line, line
   assert 'File exists' in line or 'Not a directory' in line, line
   assert '] step 45/' not in log           # stopped at the save of step 40
+  assert not list(workdir.glob('kept/4*'))
   assert elapsed < 120, elapsed
   (workdir / 'checkpoints').unlink()
   (workdir / 'kept').rename(workdir / 'checkpoints')
   assert _steps(workdir) == [20]
   params, _, kind = checkpoints.load_checkpoint(str(workdir))
   assert kind == 'workdir' and all(np.isfinite(v).all() for v in P.flatten(params).values())
+
+
+def test_a_failed_background_save_is_a_save_failed_error_not_a_raw_one(tmp_path, monkeypatch):
+  # A write that fails after the directory probe (disk full, a directory vanishing during
+  # an asynchronous save): the error surfaces at the next save or wait, as SaveFailed.
+  ckpt = checkpoints.TrainCheckpointer(str(tmp_path), keep=2, async_save=True, keep_best=False)
+  params = {'w': np.ones((64, 64), np.float32)}
+  opt_state = ({'mu': np.zeros((64, 64), np.float32)},)
+  ckpt.save(1, params, opt_state, {'step': 1})
+  ckpt.wait()
+  monkeypatch.setattr(ckpt, '_probe', lambda directory: None)
+  (tmp_path / 'checkpoints').rename(tmp_path / 'kept')
+  (tmp_path / 'checkpoints').write_text('not a directory')
+  with pytest.raises(checkpoints.SaveFailed, match=rf'{tmp_path}.*Not a directory'):
+    ckpt.save(2, params, opt_state, {'step': 2})
+    ckpt.wait()
+  ckpt.close(quiet=True)
+  (tmp_path / 'checkpoints').unlink()
+  (tmp_path / 'kept').rename(tmp_path / 'checkpoints')
+  assert _steps(tmp_path) == [1]
 
 
 # -- 5. a workdir exports like a parameter checkpoint -----------------------------------------
