@@ -312,36 +312,65 @@ class WorkdirLock:
       return {}
 
   @staticmethod
-  def _alive(pid: int) -> bool:
+  def _alive(pid: int, started: Any = None) -> bool:
+    """Whether the process that took the lock still runs on this host.
+
+    Our own pid cannot hold a lock we failed to create (a container restarted with the
+    same pid), and a live pid whose process started after the lock was taken is a reuse
+    of the number (Linux: /proc/PID/stat), not the holder.
+    """
+    if pid == os.getpid():
+      return False
     try:
       os.kill(pid, 0)
     except ProcessLookupError:
       return False
     except PermissionError:
-      return True
-    return True
+      pass
+    return not WorkdirLock._started_after(pid, started)
+
+  @staticmethod
+  def _started_after(pid: int, started: Any) -> bool:
+    try:
+      taken = datetime.datetime.fromisoformat(str(started)).timestamp()
+      with open(f'/proc/{pid}/stat') as f:
+        start_ticks = int(f.read().rsplit(')', 1)[1].split()[19])   # field 22: starttime
+      with open('/proc/stat') as f:
+        boot = next(int(line.split()[1]) for line in f if line.startswith('btime'))
+    except (OSError, ValueError, IndexError, StopIteration):
+      return False         # not Linux, or no start time: trust the pid
+    return boot + start_ticks / os.sysconf('SC_CLK_TCK') > taken + 2
 
   def acquire(self) -> None:
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
           'started': datetime.datetime.now().isoformat(timespec='seconds')}
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-      if self._create(json.dumps(me)):
-        self.held = True
-        return
-      holder = self._holder()
-      same_host = holder.get('host') == me['host']
-      if same_host and isinstance(holder.get('pid'), int) and not self._alive(holder['pid']):
-        logging.warning('workdir %s: taking over the lock of process %s (started %s), '
-                        'which is no longer running', self.path.parent, holder['pid'],
-                        holder.get('started'))
-        self.path.unlink(missing_ok=True)
-        continue
-      raise ConfigError(
-          f'workdir {self.path.parent} is in use by process {holder.get("pid")} on '
-          f'{holder.get("host")} (started {holder.get("started")}): use another --workdir, '
-          f'or wait for it to finish (the lock is {self.path})')
+    try:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      for _ in range(2):
+        if self._create(json.dumps(me)):
+          self.held = True
+          return
+        self._refuse_or_take_over(me)
+    except OSError as e:   # the first write into the workdir: a path that cannot be one
+      raise ConfigError(f'cannot use {self.path.parent} as a workdir: '
+                        f'{e.strerror or e}{f" ({e.filename})" if e.filename else ""}') from None
     raise ConfigError(f'workdir {self.path.parent}: could not take the lock {self.path}')
+
+  def _refuse_or_take_over(self, me: dict) -> None:
+    """A live holder (or one on another host) -> ConfigError; a dead one: removed."""
+    holder = self._holder()
+    same_host = holder.get('host') == me['host']
+    if (same_host and isinstance(holder.get('pid'), int)
+        and not self._alive(holder['pid'], holder.get('started'))):
+      logging.warning('workdir %s: taking over the lock of process %s (started %s), '
+                      'which is no longer running', self.path.parent, holder['pid'],
+                      holder.get('started'))
+      self.path.unlink(missing_ok=True)
+      return
+    raise ConfigError(
+        f'workdir {self.path.parent} is in use by process {holder.get("pid")} on '
+        f'{holder.get("host")} (started {holder.get("started")}): use another --workdir, '
+        f'or wait for it to finish (the lock is {self.path})')
 
   def _create(self, text: str) -> bool:
     if str(self.path).startswith(('gs://', 's3://')):
@@ -538,9 +567,9 @@ class TrainCheckpointer:
           params=ocp.args.StandardSave(trainable),
           opt_state=ocp.args.StandardSave(opt_state_to_dict(opt_state)),
           meta=ocp.args.JsonSave(dict(meta))), force=force)
-    except OSError as e:
+    except Exception as e:  # orbax waits for the previous save here and re-raises its error
       raise SaveFailed(f'saving step {step} to {self.workdir / CHECKPOINTS} failed: '
-                       f'{e}') from None
+                       f'{_first_line(e)} (the last good checkpoint is unchanged)') from e
 
   def restore(self, step: int, trainable_like: Any, trainable_shardings: Any,
               opt_state_like: Any, opt_state_shardings: Any) -> tuple[Any, Any, dict]:
@@ -621,18 +650,35 @@ class TrainCheckpointer:
                             'a copy, or start a new workdir)') from None
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
-    if self.best is not None:
-      self.best.wait_until_finished()
+    """Wait for the background saves; one that failed raises SaveFailed."""
+    for m in (self.manager, self.best):
+      if m is None:
+        continue
+      try:
+        m.wait_until_finished()
+      except Exception as e:  # orbax re-raises the background save's error as it was
+        raise SaveFailed(f'a background checkpoint save in {self.workdir} failed: '
+                         f'{_first_line(e)}') from e
     self.check_for_errors()
 
-  def close(self) -> None:
+  def close(self, quiet: bool = False) -> None:
+    """Wait for the background saves and close. `quiet`: another error is already being
+    reported, so a failed save is logged instead of raised."""
     try:
       self.wait()
+    except SaveFailed as e:
+      if not quiet:
+        raise
+      logging.error('%s', e)
     finally:
-      self.manager.close()
-      if self.best is not None:
-        self.best.close()
+      for m in (self.manager, self.best):
+        if m is not None:
+          try:
+            m.close()
+          except Exception as e:  # a failed save may surface again here
+            if not quiet:
+              raise SaveFailed(f'closing the checkpoints of {self.workdir} failed: '
+                               f'{_first_line(e)}') from e
 
 
 def _restore_numpy(path: epath.Path) -> Any:
@@ -644,7 +690,8 @@ def _restore_numpy(path: epath.Path) -> Any:
       meta = ckptr.metadata(_abs(path))
       tree = getattr(getattr(meta, 'item_metadata', None), 'tree', None)
       if tree is None:
-        raise CheckpointError(f'{path} is damaged or incomplete: no tree metadata')
+        raise CheckpointError(f'{path} is damaged or incomplete: its array metadata cannot '
+                              'be read')
       device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       like = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
                           tree)
@@ -677,7 +724,15 @@ def restore_params_from_workdir(workdir: str, which: str = 'latest') -> tuple[di
   manager.close()
   if step is None:
     raise CheckpointError(f'{sub} holds no finished checkpoint')
-  trainable = _restore_numpy(sub / str(step) / 'params')
+  try:
+    trainable = _restore_numpy(sub / str(step) / 'params')
+  except CheckpointError as e:
+    earlier = sorted((int(p.name) for p in sub.iterdir() if p.name.isdigit() and
+                      int(p.name) != step), reverse=True)
+    raise CheckpointError(
+        f'{e} (nothing falls back silently; earlier steps in {sub}: '
+        f'{", ".join(map(str, earlier)) or "none"}; resuming training moves a damaged step '
+        f'to {root / DAMAGED}/)') from None
   frozen = _restore_numpy(root / FROZEN) if (root / FROZEN).exists() else {}
   params = P.unflatten({**P.flatten(frozen), **P.flatten(trainable)})
   return params, model_config

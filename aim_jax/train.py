@@ -299,9 +299,12 @@ def _train(config: Any, workdir: str, plan: Plan, on_config_change: str) -> Outc
         multiview.model_apply_fn(setup.model), setup.mesh,
         multiview.num_views(config.data, config.eval.split), config.eval.average_clips,
         setup.param_shardings)
-    return _loop(setup, plan, ckpt, state, start, workdir, eval_step)
-  finally:
-    ckpt.close()
+    outcome = _loop(setup, plan, ckpt, state, start, workdir, eval_step)
+  except BaseException:
+    ckpt.close(quiet=True)     # the error in flight is the one to report
+    raise
+  ckpt.close()                 # a failed last save is an error of the run
+  return outcome
 
 
 def _loop(setup: Any, plan: Plan, ckpt: Any, state: dict, start: int, workdir: str,

@@ -506,6 +506,9 @@ def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print,
     raise ConversionError(f'{src_dir}: backbone {cfg["backbone"]!r} has no official AIM format')
   else:
     sd = official_names.aim_params_to_state_dict(params, cfg['heads'], cfg['backbone'])
+  # torch.from_numpy wants writable arrays (restored ones are read-only): copy those only.
+  sd = {k: np.require(v, requirements=['C', 'W']) if isinstance(v, np.ndarray) else v
+        for k, v in sd.items()}
   log(f'[2/2] writing {len(sd)} tensors to {out_path}')
   try:
     if '://' not in out_path:
