@@ -526,8 +526,14 @@ def eval_views(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *, split: str)
   n = tf.shape(frames)[0]
   idx = sampling.eval_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
                               interval=cfg.frame_interval, num_clips=clips)  # (clips, T)
-  encoded = tf.gather(frames, tf.reshape(idx, [-1]))  # (clips*T,)
-  return eval_views_from_frames(ops.decode_frames(encoded), cfg, split=split)
+  flat = tf.reshape(idx, [-1])  # (clips*T,)
+  # Frames repeat when the video is shorter than the clips (offsets 0, indices wrapped):
+  # decode each distinct frame once.
+  uniq, pos = tf.unique(flat)
+  decoded = tf.cond(tf.size(uniq) < tf.size(flat),
+                    lambda: tf.gather(ops.decode_frames(tf.gather(frames, uniq)), pos),
+                    lambda: ops.decode_frames(tf.gather(frames, flat)))
+  return eval_views_from_frames(decoded, cfg, split=split)
 
 
 def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,

@@ -96,3 +96,23 @@ def test_benchmark_stages_build_the_recipes(tmp_path):
   assert next(it)['video'].shape[1:] == (3, 4, 224, 224, 3)
   it, _ = benchmark._stage_dataset('train_long', 4, pattern)
   assert next(it)['video'].shape == (8, 4, 224, 224, 3)
+
+
+def test_eval_decodes_repeated_frames_once_with_the_same_views():
+  enc = encoded_clip(t=6, seed=3)  # 6 frames, 3 clips of 4 x interval 2: offsets 0, wrapped
+  cfg = config_lib.default_data_config()
+  cfg.num_frames, cfg.frame_interval, cfg.image_size, cfg.test_short_side = 4, 2, 48, 48
+  cfg.test_clips, cfg.test_crops = 3, 1
+  got = input_pipeline.eval_views(enc, cfg, split='test').numpy()
+  from data_pipelines import sampling
+  idx = sampling.dense_test_indices(6, 4, 2, 3).numpy().reshape(-1)
+  assert len(set(idx.tolist())) < len(idx)
+  frames = ops.decode_frames(tf.gather(enc, idx))
+  want = input_pipeline.eval_views_from_frames(frames, cfg, split='test').numpy()
+  np.testing.assert_array_equal(got, want)
+  long_enc = encoded_clip(t=40, seed=4)  # no repeats: the plain path
+  got = input_pipeline.eval_views(long_enc, cfg, split='test').numpy()
+  idx = sampling.dense_test_indices(40, 4, 2, 3).numpy().reshape(-1)
+  want = input_pipeline.eval_views_from_frames(ops.decode_frames(tf.gather(long_enc, idx)), cfg,
+                                               split='test').numpy()
+  np.testing.assert_array_equal(got, want)
