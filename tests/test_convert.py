@@ -15,12 +15,11 @@ import pytest
 import torchvision_stub
 from conftest import ROOT
 
+from aim_jax import checkpoints, convert
 from aim_jax.convert import cli as convert_cli
-from aim_jax import convert
-from aim_jax import checkpoints
 from aim_jax.convert import registry, torch_files
-from aim_jax.models.factory import build_encoder
 from aim_jax.convert.official_names import ConversionError
+from aim_jax.models.factory import build_encoder
 
 TOL = 1e-4
 
@@ -619,16 +618,15 @@ def test_converted_clip_is_what_training_init_from_loads(tmp_path):
   """The written directory is the contract with `--config.init_from`: the encoder goes into
   params['backbone'], adapters / temporal embedding / head stay at init, proj is dropped."""
   import flax.linen as nn
-  train = pytest.importorskip('aim_jax.train')
   from aim_jax.models.factory import build_model, resolve_model_config
   sd = _random_clip_tower_safetensors(tmp_path / 'c.safetensors', layers=2)
   assert convert_cli.main(['clip', '--src', str(tmp_path / 'c.safetensors'), '--out',
-                       str(tmp_path / 'out')]) == 0
+                           str(tmp_path / 'out')]) == 0
   cfg = resolve_model_config(dict(width=64, layers=2, heads=1, patch_size=8, image_size=32,
                                   num_frames=2, num_classes=3))
   x = jnp.zeros((1, 2, 32, 32, 3))
   params = jax.tree.map(np.asarray, nn.unbox(build_model(cfg).init(jax.random.key(0), x))['params'])
-  merged, at_init = train.load_init_from(str(tmp_path / 'out'), params, cfg)
+  merged, at_init = checkpoints.load_init_from(str(tmp_path / 'out'), params, cfg)
   np.testing.assert_array_equal(merged['backbone']['conv1']['kernel'],
                                 sd['visual.conv1.weight'].astype(np.float32).transpose(2, 3, 1, 0))
   assert 'backbone/temporal_embedding' in at_init and 'cls_head/fc_cls/kernel' in at_init
