@@ -188,7 +188,7 @@ def main(argv):
                f'--worker={stage}:{frames}:{c}:{pattern}']
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        line = [l for l in res.stdout.splitlines() if l.startswith('RESULT ')]
+        line = [s for s in res.stdout.splitlines() if s.startswith('RESULT ')]
         if not line:
           print(f'{stage} {frames}f {c} cores FAILED:\n{res.stderr[-2000:]}', file=sys.stderr)
           continue

@@ -47,7 +47,7 @@ def index_videos(videos_dir: str) -> Dict[str, str]:
 
 def _read_lines(path: str) -> List[str]:
   with open(path) as f:
-    return [l.strip() for l in f if l.strip()]
+    return [row.strip() for row in f if row.strip()]
 
 
 def read_class_names(path: str) -> List[str]:
@@ -61,7 +61,8 @@ def read_class_names(path: str) -> List[str]:
   return _read_lines(path)
 
 
-def kinetics(csv_path: str, videos: Dict[str, str], classes: Optional[Sequence[str]]) -> List[Entry]:
+def kinetics(csv_path: str, videos: Dict[str, str],
+             classes: Optional[Sequence[str]]) -> List[Entry]:
   with open(csv_path, newline='') as f:
     rows = list(csv.DictReader(f))
   for field in ('youtube_id', 'time_start', 'time_end'):
@@ -151,7 +152,7 @@ def plain_list(list_path: str, videos_dir: str, num_classes: int,
   lookup = {c: i for i, c in enumerate(classes)} if classes else {}
   out = []
   with open(list_path) as f:
-    lines = [(n, l.strip()) for n, l in enumerate(f, start=1) if l.strip()]
+    lines = [(n, row.strip()) for n, row in enumerate(f, start=1) if row.strip()]
   for n, line in lines:
     rel, label_s = _split_list_line(line, lookup)
     if not rel:

@@ -194,7 +194,8 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
     from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.count_examples(data_cfg, split)
   if data_cfg.source != 'tfrecord':
-    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {data_cfg.source!r}")
+    raise ValueError("data.source must be 'tfrecord', 'tfds' or 'synthetic', got "
+                     f'{data_cfg.source!r}')
   field = _split_field(split)
   files = list_files(getattr(data_cfg, field), field)
   fraction = data_cfg.train_fraction if split == 'train' else 1.0
@@ -510,7 +511,8 @@ def _randaugment_clip(encoded, cfg, seeds):
   video = ops.decode_crop_resize(
       encoded, short_side=cfg.train_short_side, size=cfg.image_size, seed=seeds[1],
       area_range=tuple(cfg.area_range), aspect_ratio_range=tuple(cfg.aspect_ratio_range),
-      window_fn=lambda t, l, h, w: randaugment.crop_window(t, l, h, w, crop, cfg.image_size))
+      window_fn=lambda top, left, h, w: randaugment.crop_window(top, left, h, w, crop,
+                                                                cfg.image_size))
   video = tf.ensure_shape(tf.round(video), [cfg.num_frames, cfg.image_size, cfg.image_size, 3])
   return randaugment.randaugment_ops(video, tf.not_equal(recipe_flip, ra_flip), order, signs,
                                      cutout_u, cfg.randaugment_m)

@@ -22,7 +22,8 @@ def short_side_size(height, width, short_side: int) -> Tuple[tf.Tensor, tf.Tenso
   h = tf.cast(height, tf.float64)
   w = tf.cast(width, tf.float64)
   scale = float(short_side) / tf.minimum(h, w)
-  return (tf.cast(tf.floor(h * scale + 0.5), tf.int32), tf.cast(tf.floor(w * scale + 0.5), tf.int32))
+  return (tf.cast(tf.floor(h * scale + 0.5), tf.int32),
+          tf.cast(tf.floor(w * scale + 0.5), tf.int32))
 
 
 def resize(frames: tf.Tensor, height, width) -> tf.Tensor:
@@ -48,8 +49,9 @@ def random_resized_crop_box(height, width, seed, area_range: Sequence[float],
   w = tf.cast(width, tf.int32)
   area = tf.cast(h * w, tf.float64)
   lo, hi = float(aspect_ratio_range[0]), float(aspect_ratio_range[1])
-  log_ratio = tf.random.stateless_uniform([max_attempts], seeds[0], tf.math.log(tf.constant(lo, tf.float64)),
-                                          tf.math.log(tf.constant(hi, tf.float64)), dtype=tf.float64)
+  log_ratio = tf.random.stateless_uniform(
+      [max_attempts], seeds[0], tf.math.log(tf.constant(lo, tf.float64)),
+      tf.math.log(tf.constant(hi, tf.float64)), dtype=tf.float64)
   ratios = tf.exp(log_ratio)
   targets = tf.random.stateless_uniform([max_attempts], seeds[1], float(area_range[0]),
                                         float(area_range[1]), dtype=tf.float64) * area

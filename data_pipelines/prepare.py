@@ -9,7 +9,8 @@ Each video is decoded with PyAV, resized to the short side, optionally resampled
 (0 keeps every frame), JPEG-encoded and written as one SequenceExample (records.py). Videos
 are spread over `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shards by a seeded shuffle; each shard
 is written by one worker to a temporary file, renamed when complete, and described by a hidden
-JSON file beside it (`.SHARD.json`, which no shard glob matches). A re-run skips shards whose JSON says they are complete for the same videos,
+JSON file beside it (`.SHARD.json`, which no shard glob matches). A re-run skips shards whose
+JSON says they are complete for the same videos,
 so an interrupted preparation resumes. `NAME-SPLIT.report.json` lists videos written,
 frames, bytes, every failure with its reason (videos not written, among them those with fewer
 than `--min_frames` frames) and every warning (videos written that decoded to fewer frames than
@@ -244,8 +245,10 @@ def _define_flags():
   flags.DEFINE_string('name', '', 'Data set name in shard names (default: annotations stem).')
   flags.DEFINE_enum('format', 'auto', ['auto', 'kinetics', 'ssv2', 'diving48', 'list'],
                     'Annotation format.')
-  flags.DEFINE_string('labels', '', 'Class list: text (one per line), JSON list, or SSv2 labels.json.')
-  flags.DEFINE_integer('num_classes', 0, 'Labels outside [0, num_classes) are reported (0: from labels).')
+  flags.DEFINE_string('labels', '',
+                      'Class list: text (one per line), JSON list, or SSv2 labels.json.')
+  flags.DEFINE_integer('num_classes', 0,
+                       'Labels outside [0, num_classes) are reported (0: from labels).')
   flags.DEFINE_integer('short_side', 256, 'Resize frames to this short side (0 keeps the size).')
   flags.DEFINE_float('fps', 0.0, 'Keep frames at this rate (0 keeps every frame).')
   flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality.')

@@ -1,6 +1,7 @@
 """imgaug 0.4.0 `RandAugment(n, m)` for video: one draw per clip, the same ops on every frame.
 
-The SSv2 recipe (docs/official_recipe.md#augmentations) runs `iaa.RandAugment(n=4, m=7)` through mmaction2's
+The SSv2 recipe (docs/official_recipe.md#augmentations) runs `iaa.RandAugment(n=4, m=7)`
+through mmaction2's
 `Imgaug` wrapper, which calls `to_deterministic()` once per clip, so every frame of a clip
 gets the same flip, crop, ops, order, signs and positions. imgaug's augmenter is:
 

@@ -60,7 +60,8 @@ def _records(cfg: ml_collections.ConfigDict, split: str, pi: int, pc: int,
 
   def convert(i, ex):
     if 'video_id' in ex:
-      key = tf.strings.as_string(ex['video_id']) if ex['video_id'].dtype != tf.string else ex['video_id']
+      vid = ex['video_id']
+      key = tf.strings.as_string(vid) if vid.dtype != tf.string else vid
     else:
       key = tf.strings.join([source, ':', tf.strings.as_string(i)])
     return {'frames': ex['video'], 'label': tf.cast(ex['label'], tf.int32), 'key': key,

@@ -301,7 +301,8 @@ def test_synthetic_source_shapes():
 
 
 def test_autotune_off_gives_the_same_stream(dataset):
-  """`data.autotune=False` (projects/moving_digits/config.py) changes only the threads, never the clips."""
+  """`data.autotune=False` (projects/moving_digits/config.py) changes only the threads, never
+  the clips."""
   d, _ = dataset
   on = input_pipeline.make_train_dataset(make_cfg(d, autotune=True), batch_size=4, seed=5)
   off = input_pipeline.make_train_dataset(make_cfg(d, autotune=False), batch_size=4, seed=5)
@@ -378,7 +379,7 @@ def test_dmvr_generator_records_read_by_pipeline(tmp_path):
   cfg.image_size, cfg.test_short_side, cfg.test_clips, cfg.test_crops = 16, 16, 1, 1
   it = input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4, process_index=0,
                                         process_count=1)
-  got = {k.decode(): int(l) for b in it for k, l in zip(b['key'], b['label'])}
+  got = {k.decode(): int(y) for b in it for k, y in zip(b['key'], b['label'])}
   assert got == {f'/videos/v{k}.mp4': k % 2 for k in range(3)}
   assert [(k, r) for _, k, r in it.stats.named] == [('/videos/empty.mp4', 'record has no frames')]
   assert it.stats.decode_errors == 0

@@ -26,7 +26,8 @@ def test_kinetics_csv_trimmed_and_untrimmed_files(tmp_path):
   (vids / 'bbb.mp4').write_bytes(b'x')
   csv = tmp_path / 'train.csv'
   csv.write_text('label,youtube_id,time_start,time_end,split\n'
-                 'abseiling,aaa,2,12,train\n"air drumming",bbb,5,15,train\nabseiling,ccc,0,10,train\n')
+                 'abseiling,aaa,2,12,train\n"air drumming",bbb,5,15,train\n'
+                 'abseiling,ccc,0,10,train\n')
   entries = annotations.read('auto', str(csv), str(vids))
   assert [(e.key, e.label, e.label_text) for e in entries] == [
       ('aaa_000002_000012', 0, 'abseiling'), ('bbb_000005_000015', 1, 'air drumming'),

@@ -16,7 +16,8 @@ Names (optionally under `dinov2.`; both the older `attention.attention.query`
 / `attention.output.dense` and the newer `attention.q_proj` / `o_proj` spellings):
   embeddings.patch_embeddings.projection (D, 3, p, p) -> conv1
   embeddings.cls_token (1, 1, D), position_embeddings (1, 1 + N, D),
-  embeddings.register_tokens (1, R, D)         -> class_embedding, positional_embedding, register_tokens
+  embeddings.register_tokens (1, R, D)
+      -> class_embedding, positional_embedding, register_tokens
   encoder.layer.{i}.norm1/norm2                -> resblocks_{i}/ln_1, ln_2
   encoder.layer.{i}.attention.{q,k,v}          -> attn/qkv (D, 3, H, hd)
   encoder.layer.{i}.attention.{o_proj|output.dense} -> attn/out (H, hd, D)
@@ -102,7 +103,8 @@ def convert(sd: Mapping[str, np.ndarray], *, heads: int | None = None,
     for j, name in (('1', 'c_fc'), ('2', 'c_proj')):
       put(f'{bp}mlp.fc{j}.weight', f'{out}mlp/{name}/kernel',
           C.linear(C.take(sub, f'{bp}mlp.fc{j}.weight', prefix)))
-      put(f'{bp}mlp.fc{j}.bias', f'{out}mlp/{name}/bias', C.take(sub, f'{bp}mlp.fc{j}.bias', prefix))
+      put(f'{bp}mlp.fc{j}.bias', f'{out}mlp/{name}/bias',
+          C.take(sub, f'{bp}mlp.fc{j}.bias', prefix))
     ws = [find(bp, r, 'weight') for r in 'qkv']
     bs = [find(bp, r, 'bias') for r in 'qkv']
     flat[out + 'attn/qkv/kernel'] = C.stack_qkv(*[C.heads_in(sub[k], heads) for k in ws])

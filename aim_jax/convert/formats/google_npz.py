@@ -8,7 +8,8 @@ query/key/value into our fused qkv:
   cls (1, 1, D)                                     -> class_embedding (D,)
   Transformer/posembed_input/pos_embedding (1, N, D) -> positional_embedding (N, D)
   Transformer/encoderblock_{i}/LayerNorm_0, LayerNorm_2       -> ln_1, ln_2
-  .../MultiHeadDotProductAttention_1/{query,key,value}/kernel (D, H, hd) -> attn/qkv/kernel (D, 3, H, hd)
+  .../MultiHeadDotProductAttention_1/{query,key,value}/kernel (D, H, hd)
+      -> attn/qkv/kernel (D, 3, H, hd)
   .../MultiHeadDotProductAttention_1/out/kernel (H, hd, D)    -> attn/out/kernel
   .../MlpBlock_3/Dense_0, Dense_1                   -> mlp/c_fc, mlp/c_proj
   Transformer/encoder_norm                          -> ln_post

@@ -8,7 +8,8 @@ LayerNorm eps 1e-6, no norm_pre, class-token pooling), and timm's DINOv2 ports
 
 timm names -> ours (torch layouts are transposed, fused qkv split by head):
   patch_embed.proj.weight (D, 3, p, p) / .bias  -> conv1/kernel (p, p, 3, D) / conv1/bias
-  cls_token (1, 1, D), pos_embed (1, N, D)       -> class_embedding (D,), positional_embedding (N, D)
+  cls_token (1, 1, D), pos_embed (1, N, D)
+      -> class_embedding (D,), positional_embedding (N, D)
   reg_token (1, R, D)                            -> register_tokens (R, D)
   blocks.{i}.norm1/norm2                         -> resblocks_{i}/ln_1, ln_2
   blocks.{i}.attn.qkv.weight (3D, D) / .bias     -> attn/qkv/kernel (D, 3, H, hd) / bias (3, H, hd)
