@@ -10,11 +10,11 @@ keeps every frame), JPEG-encoded and written as one SequenceExample (records.py)
 spread over `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shards by a seeded shuffle; each shard is
 written by one worker to a temporary file, renamed when complete, and described by a hidden
 JSON file beside it (`.SHARD.json`, which no shard glob matches). A re-run skips shards whose
-JSON says they are complete for the same videos, so an interrupted preparation resumes. `NAME-
-SPLIT.report.json` lists videos written, frames, bytes, every failure with its reason (videos
-not written, among them those with fewer than `--min_frames` frames) and every warning (videos
-written that decoded to fewer frames than their container states, i.e. truncated or damaged
-files, or to fewer than `--warn_frames`); readers take record counts from it.
+JSON says they are complete for the same videos, so an interrupted preparation resumes.
+`NAME-SPLIT.report.json` lists videos written, frames, bytes, every failure with its reason
+(videos not written, among them those with fewer than `--min_frames` frames) and every warning
+(videos written that decoded to fewer frames than their container states, i.e. truncated or
+damaged files, or to fewer than `--warn_frames`); readers take record counts from it.
 """
 
 import concurrent.futures
