@@ -8,7 +8,10 @@ is the *same* module with adapter factories set on its blocks: see
 Layout: a video enters as `(B, T, H, W, C)` (channels last, already normalised)
 and the activations stay `(B, T, L, D)` through every block, so the spatial
 attention runs over L with batch axes (B, T) and the temporal attention over T
-with batch axes (B, L): no `(b t)` folding or sequence-first permutes.
+with batch axes (B, L): no `(b t)` folding or sequence-first permutes. For a fused
+attention kernel (`attention_impl` 'cudnn' / 'pallas') the token axis L may carry
+padding after the real tokens (`attention_pad_mode='stream'`), masked out of the
+spatial attention and sliced off before `ln_post` (see `VisionTransformer.token_padding`).
 
 Parameter tree (loop layout; `scan_layers=True` stacks the blocks under
 `resblocks` with a leading layer axis, see `aim_jax.models.layout`):
@@ -295,7 +298,7 @@ class MultiHeadAttention(nn.Module):
         raise ValueError('MultiHeadAttention: an attention bias is only supported along L (axis=2)')
       fold = lambda t: t.reshape(b * a1, a2, h, hd)
       y = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=bias,
-                                       implementation=self.attention_impl)
+                                       implementation='xla' if impl == 'pallas' else impl)
       y = y.reshape(b, a1, a2, h, hd)
     elif axis == 2:
       fold = lambda t: t.reshape(b * a1, a2, h, hd)    # (B, T, L, H, hd) -> (B*T, L, H, hd)
