@@ -163,6 +163,10 @@ def set_backbone(c: ml_collections.ConfigDict, backbone: str,
     c.model.variant = 'B/16'
   elif backbone == 'l14':
     c.model.variant = 'L/14'
+    # nn.scan over the 24 blocks: one block compiled instead of 24 (CPU, one L/14 train
+    # step: 21 s instead of 255 s; BENCHMARKS.md). Same numbers; parameter checkpoints
+    # stay in the loop layout.
+    c.model.scan_layers = True
   else:
     raise ValueError(f"backbone {backbone!r} is not 'b16' or 'l14'")
   if backbone_lr_mult != 1.0:

@@ -126,13 +126,13 @@ def test_bf16_forward_keeps_activations_in_bf16():
   jaxpr = jax.make_jaxpr(lambda p, v: model.apply({'params': p}, v, train=True,
                                                   rngs={'dropout': jax.random.key(0)}))(
                                                       params, video).jaxpr
-  l, d = 17, cfg['width']
+  n_tok, d = 17, cfg['width']
   offenders, in_layernorm = [], 0
   for e in _eqns(jaxpr):
     for v in e.outvars:
       a = v.aval
-      if (getattr(a, 'dtype', None) == jnp.float32 and a.size >= B * T * l * d
-          and a.size % (l * d) == 0 and ACTIVATION_DIMS & set(a.shape)):
+      if (getattr(a, 'dtype', None) == jnp.float32 and a.size >= B * T * n_tok * d
+          and a.size % (n_tok * d) == 0 and ACTIVATION_DIMS & set(a.shape)):
         where = str(e.source_info.name_stack)
         if re.search(r'/ln_(pre|1|2|post)\b', where):
           in_layernorm += 1

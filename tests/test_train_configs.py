@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from aim_jax import params as P
-from aim_jax import train
+from aim_jax import run_config
 from aim_jax.models.factory import build_model, resolve_model_config
 
 ROWS = {
@@ -26,7 +26,7 @@ ROWS = {
 def test_paper_row_is_consistent(name, row):
   c = importlib.import_module(f'configs.{name}').get_config(row)
   model_cfg = resolve_model_config(c.model)
-  train.check_config(c, model_cfg, num_devices=8, process_count=1, dp_size=8)
+  run_config.check_training_config(c, process_count=1, dp_size=8)
   assert c.batch_size == 64 and c.optimizer.lr == 3e-4 and c.optimizer.weight_decay == 0.05
   assert c.optimizer.warmup_epochs == 2.5 and c.optimizer.schedule == 'cosine_epoch'
   assert c.total_epochs == (50 if name in ('ssv2', 'diving48') else 30)

@@ -76,15 +76,15 @@ class DropPath(nn.Module):
                valid_len: Optional[int] = None) -> jax.Array:
     if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
       return x
-    b, t, l, _ = x.shape
-    lv = l if valid_len is None else valid_len
+    b, t, tokens, _ = x.shape
+    lv = tokens if valid_len is None else valid_len
     shape = {'token': (1, 1, lv, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
     if self.mode not in shape:
       raise ValueError(f"drop_path_mode must be one of {sorted(shape)}, got {self.mode!r}")
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape[self.mode])
-    if self.mode == 'token' and lv != l:
-      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, l - lv), (0, 0)), constant_values=True)
+    if self.mode == 'token' and lv != tokens:
+      mask = jnp.pad(mask, ((0, 0), (0, 0), (0, tokens - lv), (0, 0)), constant_values=True)
     return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
 
 
@@ -147,4 +147,5 @@ def layer_selection(kind: str, num_layers: int, count: int = 0) -> Optional[tupl
     return tuple(range(num_layers - count, num_layers))
   if kind == 'every_other':
     return tuple(range(0, num_layers, 2))
-  raise ValueError(f"adapters.position must be 'all', 'bottom', 'top' or 'every_other', got {kind!r}")
+  raise ValueError("adapters.position must be 'all', 'bottom', 'top' or 'every_other', "
+                   f'got {kind!r}')
