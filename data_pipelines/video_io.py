@@ -136,12 +136,3 @@ def load_video_clip(path: str, data_cfg, split: str = 'test') -> np.ndarray:
   picked = tf.gather(frames, tf.reshape(idx, [-1]))  # (clips*T, H, W, 3)
   views = input_pipeline.eval_views_from_frames(picked, data_cfg, split=split)
   return np.asarray(views, np.float32)
-
-
-def video_info(path: str) -> Tuple[int, float, int, int]:
-  """(frames, duration seconds, height, width) from the container header (frames may be 0)."""
-  import av  # pylint: disable=g-import-not-at-top
-  with av.open(path) as container:
-    s = container.streams.video[0]
-    dur = float(s.duration * s.time_base) if s.duration and s.time_base else math.nan
-    return int(s.frames or 0), dur, s.codec_context.height, s.codec_context.width
