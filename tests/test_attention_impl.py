@@ -224,7 +224,7 @@ def test_fused_kernels_on_gpu_match_xla(impl, temporal):
 def test_evaluation_may_switch_the_attention_options_of_a_checkpoint():
   """The new fields are execution options: evaluating a default-trained checkpoint with
   cuDNN, padding and split q/k/v is not an architecture mismatch."""
-  from aim_jax.evaluate import merge_model_config
+  from aim_jax.run_config import merge_model_config
   fast = dict(TINY, attention_impl='cudnn', attention_pad_multiple=16, attention_pad_mode='call',
               qkv_projection='split', temporal_attention='elementwise')
   merged = merge_model_config(fast, TINY)

@@ -85,16 +85,16 @@ def test_three_crop_views_normalised_before_slicing_are_unchanged():
 
 
 def test_benchmark_stages_build_the_recipes(tmp_path):
-  from data_pipelines import benchmark
-  pattern = benchmark.write_records(str(tmp_path), num_videos=4, num_frames=12)
-  long_pattern = benchmark.write_records(str(tmp_path), num_videos=4, num_frames=20,
+  from benchmarks import pipeline_benchmark
+  pattern = pipeline_benchmark.write_records(str(tmp_path), num_videos=4, num_frames=12)
+  long_pattern = pipeline_benchmark.write_records(str(tmp_path), num_videos=4, num_frames=20,
                                          name='benchlong')
   assert long_pattern == pattern.replace('bench-train', 'benchlong-train')
-  it, per = benchmark._stage_dataset('train_ra', 4, pattern)
+  it, per = pipeline_benchmark._stage_dataset('train_ra', 4, pattern)
   assert next(it)['video'].shape == (8, 4, 224, 224, 3) and per == 8
-  it, _ = benchmark._stage_dataset('eval_3crop', 4, pattern)
+  it, _ = pipeline_benchmark._stage_dataset('eval_3crop', 4, pattern)
   assert next(it)['video'].shape[1:] == (3, 4, 224, 224, 3)
-  it, _ = benchmark._stage_dataset('train_long', 4, pattern)
+  it, _ = pipeline_benchmark._stage_dataset('train_long', 4, pattern)
   assert next(it)['video'].shape == (8, 4, 224, 224, 3)
 
 
