@@ -8,6 +8,7 @@ Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -47,3 +48,18 @@ def report(error: BaseException, prog: str) -> int:
   message = ' '.join(str(error).split('\n'))
   print(f'{prog}: {type(error).__name__}: {message}', file=sys.stderr, flush=True)
   return EXIT_USER_ERROR
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops orbax's per-save/restore INFO chatter; warnings and errors still pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Every command's log shows the project's lines, not orbax's INFO chatter."""
+  from absl import logging as absl_logging
+  handler = absl_logging.get_absl_handler()
+  if not any(isinstance(f, _QuietLibraries) for f in handler.filters):
+    handler.addFilter(_QuietLibraries())

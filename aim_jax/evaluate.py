@@ -187,6 +187,7 @@ def main(argv) -> None:
   from absl import flags
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
+  errors.quiet_library_logs()
   from aim_jax import distributed
   distributed.maybe_initialize()
   fl = flags.FLAGS

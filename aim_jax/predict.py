@@ -168,6 +168,7 @@ def main(argv) -> None:
   from absl import flags
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
+  errors.quiet_library_logs()
   try:
     _predict(flags.FLAGS)
   except (errors.UserError, VideoReadError) as e:

@@ -26,7 +26,6 @@ uninterrupted one (bit-exact).
 
 from __future__ import annotations
 
-import logging as std_logging
 import math
 import os
 import platform
@@ -412,17 +411,10 @@ def _loop(setup: Any, plan: Plan, ckpt: Any, state: dict, start: int, workdir: s
 # ---------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------
-class _QuietOrbax(std_logging.Filter):
-  """Drops orbax's per-save INFO chatter (warnings and errors still pass)."""
-
-  def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
-
-
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  errors.quiet_library_logs()
   try:
     outcome = train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.on_config_change)
   except NonFiniteLoss as e:

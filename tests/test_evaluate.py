@@ -334,6 +334,10 @@ def test_evaluate_entry_point_end_to_end_on_tiny_tfrecords(tmp_path):
   assert m['top1'] == pytest.approx(np.mean([r['correct'] for r in rows]))
   assert (out / 'confusion.png').exists() and (out / 'per_class.csv').exists()
   assert 'top1' in proc.stdout
+  # The log is the project's: no orbax INFO chatter, no dump of the whole config.
+  assert '/orbax/' not in proc.stderr and 'checkpointer' not in proc.stderr.lower(), \
+      proc.stderr[-2000:]
+  assert 'logical_axis_rules' not in proc.stderr and 'config:' not in proc.stderr
 
   # A config whose model disagrees with the checkpoint is refused, naming the field.
   proc = subprocess.run(cmd + ['--config.model.num_frames=8', '--config.data.num_frames=8'],

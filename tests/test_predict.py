@@ -124,6 +124,7 @@ def test_command_line_prints_top_k_with_label_names(tiny_checkpoint, tmp_path):
                            ['walk', 'run', 'jump', 'swim', 'climb'])
   assert [r['class_name'] for r in top] == [r['class_name'] for r in expected]
   assert f'1. {expected[0]["score"]:8.4f}  {expected[0]["class_name"]}' in proc.stdout
+  assert 'checkpointer' not in proc.stderr.lower() and 'config:' not in proc.stderr
 
   (tmp_path / 'three.txt').write_text('a\nb\nc\n')
   proc = subprocess.run(base + ['--labels', str(tmp_path / 'three.txt')], env=env, cwd=ROOT,
