@@ -37,7 +37,7 @@ from aim_jax.models.aim import average_views
 LAYOUTS = ('NCTHW', 'NTHWC')
 
 
-class VideoReadError(RuntimeError):
+class VideoReadError(errors.DataError):
   """A video file that cannot be opened, decoded or sampled."""
 
 
@@ -86,7 +86,7 @@ class Predictor:
   def load_video(self, path: str, split: str = 'test') -> np.ndarray:
     """A video file -> (V, T, H, W, 3) normalised views; errors name the file."""
     if not epath.Path(path).exists():
-      raise FileNotFoundError(f'video file {path} does not exist')
+      raise errors.DataError(f'video file {path} does not exist')
     from data_pipelines import video_io
     try:
       clip = video_io.load_video_clip(path, self.data_config, split=split)
@@ -179,13 +179,13 @@ def main(argv) -> None:
 
 def _predict(fl) -> None:
   if bool(fl.video) == bool(fl.array):
-    raise SystemExit('give exactly one of --video FILE or --array FILE.npy')
+    raise errors.ConfigError('give exactly one of --video FILE or --array FILE.npy')
   if fl.video and not epath.Path(fl.video).exists():  # before the checkpoint is loaded
-    raise SystemExit(f'video file {fl.video} does not exist')
+    raise errors.DataError(f'video file {fl.video} does not exist')
   predictor = Predictor(fl.checkpoint, fl.config, fl.which)
   if fl.array:
     if not fl.output:
-      raise SystemExit('--array needs --output FILE.npy for the logits')
+      raise errors.ConfigError('--array needs --output FILE.npy for the logits')
     if not epath.Path(fl.array).exists():
       raise errors.DataError(f'array file {fl.array} does not exist')
     logits = predict_array(predictor, np.load(fl.array), fl.layout, fl.batch_size)
@@ -194,10 +194,7 @@ def _predict(fl) -> None:
     print(f'{fl.array} {fl.layout} -> logits {logits.shape} saved to {fl.output}', flush=True)
     return
   names = reports.read_class_names(fl.labels, predictor.num_classes) if fl.labels else None
-  try:
-    scores = predictor.video_scores(fl.video)
-  except (FileNotFoundError, VideoReadError) as e:  # one line naming the file, no traceback
-    raise SystemExit(str(e)) from None
+  scores = predictor.video_scores(fl.video)   # a DataError names the file (main: one line)
   rows = top_k(scores, min(fl.top_k, predictor.num_classes), names)
   logging.info('data: %s', predictor.data_config)
   print(format_top_k(fl.video, rows, predictor.average_clips), flush=True)

@@ -13,6 +13,7 @@ from conftest import GOLDEN, ROOT
 from test_evaluate import TINY, tiny_params
 
 from aim_jax.convert import cli as convert_cli
+from aim_jax import errors
 from aim_jax import predict
 from aim_jax import checkpoints
 from aim_jax.convert import official_names
@@ -67,7 +68,7 @@ def test_video_top_k_equals_model_on_the_same_preprocessed_clip(tiny_checkpoint,
 
 def test_unreadable_or_missing_video_is_named(tiny_checkpoint, tmp_path):
   predictor = predict.Predictor(tiny_checkpoint)
-  with pytest.raises(FileNotFoundError, match='video file .*nothing.mp4 does not exist'):
+  with pytest.raises(errors.DataError, match='video file .*nothing.mp4 does not exist'):
     predictor.video_scores(str(tmp_path / 'nothing.mp4'))
   bad = tmp_path / 'broken.mp4'
   bad.write_bytes(b'this is not a video' * 100)
@@ -220,6 +221,7 @@ def test_command_line_missing_or_broken_video_is_one_line(tiny_checkpoint, tmp_p
     proc = subprocess.run([sys.executable, '-m', 'aim_jax.predict', '--checkpoint',
                            tiny_checkpoint, '--video', str(video)], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]     # errors.EXIT_USER_ERROR
     assert 'Traceback' not in proc.stderr, proc.stderr[-2000:]
-    assert proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('predict: ') and message in last, proc.stderr[-2000:]

@@ -473,8 +473,9 @@ CLI_ERRORS = [
     ('convert', ['aim', '--src', '{tmp}/none.pth', '--out', '{tmp}/o'], '{tmp}/none.pth'),
     ('convert', ['export-aim', '--src', '{tmp}', '--out', '{tmp}/o.pth'],
      'CheckpointError: {tmp} is neither'),
+    # The video is checked first (before a checkpoint is loaded): the missing file is named.
     ('predict', ['--checkpoint', '{tmp}/none', '--video', 'x.mp4'],
-     'CheckpointError: checkpoint directory {tmp}/none does not exist'),
+     'DataError: video file x.mp4 does not exist'),
     pytest.param('evaluate', ['--config', 'configs/tiny.py', '--checkpoint', '{tmp}/none'],
                  'CheckpointError: checkpoint directory {tmp}/none does not exist',
                  marks=pytest.mark.slow),        # imports TensorFlow: ~25 s on 2 cores
