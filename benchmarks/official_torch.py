@@ -156,6 +156,22 @@ def _import_shims(root: pathlib.Path, stand_ins: list) -> Iterator[None]:
     sys.modules.update(saved)
 
 
+def exec_files(root: pathlib.Path, files: Mapping[str, str]) -> dict[str, types.ModuleType]:
+  """Execute official source files {module name: path under root} as those modules, in order.
+
+  Call inside `_import_shims` (their mmcv/mmaction imports resolve to stand-ins); each module
+  is registered in sys.modules first, so relative imports (`.base`) resolve through it.
+  """
+  loaded = {}
+  for name, rel in files.items():
+    spec = importlib.util.spec_from_file_location(name, root / rel)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    loaded[name] = module
+  return loaded
+
+
 def load_official(official_dir: str | os.PathLike) -> OfficialModules:
   """Import ViT_CLIP and I3DHead from the official files under `official_dir`."""
   root = pathlib.Path(official_dir).resolve()
@@ -165,14 +181,8 @@ def load_official(official_dir: str | os.PathLike) -> OfficialModules:
                               'holding mmaction/models/{backbones,heads}/ of '
                               'taoyang1122/adapt-image-models)')
   stand_ins: list = []
-  loaded = {}
   with _import_shims(root, stand_ins):
-    for name, rel in FILES.items():
-      spec = importlib.util.spec_from_file_location(name, root / rel)
-      module = importlib.util.module_from_spec(spec)
-      sys.modules[name] = module            # relative imports (`.base`) resolve through it
-      spec.loader.exec_module(module)
-      loaded[name] = module
+    loaded = exec_files(root, FILES)
   files = {rel: hashlib.sha256((root / rel).read_bytes()).hexdigest() for rel in FILES.values()}
   return OfficialModules(
       ViT_CLIP=loaded['mmaction.models.backbones.vit_clip'].ViT_CLIP,

@@ -120,15 +120,10 @@ def load_official(root: pathlib.Path) -> dict[str, Any]:
     if not (root / rel).is_file():
       raise FileNotFoundError(f'{root / rel}: official file missing (copy it from {OFFICIAL_REPO} '
                               f'at {OFFICIAL_COMMIT[:7]}; see tests/golden/README.md)')
-  loaded, stand_ins = {}, []
+  stand_ins: list = []
   with ot._import_shims(root, stand_ins), _turtle_if_missing():
     try:
-      for name, rel in FILES.items():
-        spec = importlib.util.spec_from_file_location(name, root / rel)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module          # relative imports (`.base`) resolve through it
-        spec.loader.exec_module(module)
-        loaded[name] = module
+      loaded = ot.exec_files(root, FILES)
     finally:
       for name in FILES:
         sys.modules.pop(name, None)
