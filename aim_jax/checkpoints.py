@@ -546,16 +546,21 @@ class TrainCheckpointer:
       raise SaveFailed(f'cannot write checkpoints to {directory}: {e.strerror or e} '
                        f'(the last good checkpoint is unchanged)') from None
 
-  def check_for_errors(self) -> None:
-    """Raise SaveFailed if a background save has failed."""
+  def _on_managers(self, method: str) -> None:
+    """Call `method` of the periodic and best managers; a background save's error (orbax
+    wraps or re-raises the OS error) becomes SaveFailed naming the workdir."""
     for m in (self.manager, self.best):
       if m is None:
         continue
       try:
-        m.check_for_errors()
-      except Exception as e:  # orbax wraps the OS error
+        getattr(m, method)()
+      except Exception as e:
         raise SaveFailed(f'a background checkpoint save in {self.workdir} failed: '
-                         f'{_first_line(e)}') from None
+                         f'{_first_line(e)}') from e
+
+  def check_for_errors(self) -> None:
+    """Raise SaveFailed if a background save has failed."""
+    self._on_managers('check_for_errors')
 
   def save(self, step: int, trainable: Any, opt_state: Any, meta: Mapping,
            force: bool = True) -> None:
@@ -651,14 +656,7 @@ class TrainCheckpointer:
 
   def wait(self) -> None:
     """Wait for the background saves; one that failed raises SaveFailed."""
-    for m in (self.manager, self.best):
-      if m is None:
-        continue
-      try:
-        m.wait_until_finished()
-      except Exception as e:  # orbax re-raises the background save's error as it was
-        raise SaveFailed(f'a background checkpoint save in {self.workdir} failed: '
-                         f'{_first_line(e)}') from e
+    self._on_managers('wait_until_finished')
     self.check_for_errors()
 
   def close(self, quiet: bool = False) -> None:
