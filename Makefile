@@ -31,11 +31,17 @@ $(STAMP): $(CORE)
 	-$(BIN)/pip install -q --no-deps open_clip_torch timm clip-anytorch
 	touch $(STAMP)
 
+# Two workers (pytest-xdist; a module's tests stay on one worker, so its shared fixtures
+# are built once) and one XLA compilation cache for the run, removed afterwards.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra --durations=15 tests
+	@cache=$$(mktemp -d -t aim-jax-tests-xla-XXXXXX); \
+	JAX_COMPILATION_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -ra --durations=15 \
+	  -n 2 --dist loadfile tests; rc=$$?; rm -rf $$cache; exit $$rc
 
 test-quick: $(STAMP)
-	$(BIN)/python -m pytest -q -ra -m "not slow" tests
+	@cache=$$(mktemp -d -t aim-jax-tests-xla-XXXXXX); \
+	JAX_COMPILATION_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -ra -m "not slow" \
+	  -n 2 --dist loadfile tests; rc=$$?; rm -rf $$cache; exit $$rc
 
 demo: $(CORE)
 	$(BIN)/python -m projects.moving_digits.demo

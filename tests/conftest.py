@@ -3,9 +3,12 @@
 Subprocesses (signals, multi-process runs, command lines) get the environment of
 `cpu_env(devices)` and choose their own device count.
 """
+import atexit
 import os
 import pathlib
+import shutil
 import sys
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -15,6 +18,17 @@ _HOST_DEVICES = '--xla_force_host_platform_device_count=8'
 _flags = os.environ.get('XLA_FLAGS', '')
 if 'xla_force_host_platform_device_count' not in _flags:
   os.environ['XLA_FLAGS'] = (_flags + ' ' + _HOST_DEVICES).strip()
+
+# One XLA compilation cache for the whole test run, shared by the in-process tests and
+# every subprocess they start: the same tiny programs (train step, eval step, init) are
+# compiled by dozens of tests. A hit loads the executable XLA built before for the same
+# program, flags and devices, so results are unchanged. `make test` passes one fresh
+# directory to all its workers and removes it; a plain `pytest` makes one per process and
+# removes it at exit.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='aim-jax-tests-xla-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # AIM_GOLDEN_DIR: run the golden tests on regenerated files (tests/golden/regenerate.py).
@@ -30,3 +44,12 @@ def cpu_env(devices: int = 1, **extra: str) -> dict:
   return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
               XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={devices}'.strip(),
               **extra)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules with a slow test first: with `make test`'s two workers, a long module started
+  last would leave one worker idle at the end."""
+  slow = {item.module.__name__ for item in items if item.get_closest_marker('slow')}
+  demo_first = ('test_demo',)
+  items.sort(key=lambda item: (item.module.__name__.split('.')[-1] not in demo_first,
+                               item.module.__name__ not in slow))

@@ -146,7 +146,7 @@ def test_pretrained_checkpoint_reads_like_a_clip_conversion(tmp_path):
 
 
 @pytest.mark.slow
-def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
+def test_ci_demo_shows_that_aim_tells_motions_apart_and_spatial_adapters_do_not(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3')
   proc = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo',
                          '--workdir', str(tmp_path),
@@ -160,7 +160,6 @@ def test_ci_demo_shows_that_temporal_adaptation_is_needed_for_motion(tmp_path):
   res = json.loads((report / 'results.json').read_text())['results']
   motion, appearance = res['motion'], res['appearance']
   spatial = motion['spatial']['top1']
-  assert motion['temporal']['top1'] > spatial + 0.25, motion
   assert motion['aim']['top1'] > spatial + 0.25, motion
   for variant, r in appearance.items():
     assert r['top1'] > 0.5, (variant, r['top1'])       # chance is 10%
