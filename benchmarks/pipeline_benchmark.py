@@ -14,8 +14,12 @@ cost, robust to other load on a shared machine).
   train_ra   + RandAugment(4, 7) + random erasing 0.25 (SSv2 recipe: imgaug's RandAugment
              with its flip and crop, uniform sampling)
   eval       test views: 3 clips x 1 crop at short side 224 (K400 recipe); rates are
-             videos (3 views each), pipeline construction left out
+             videos (3 views each): whole epochs of 144 videos, each pipeline's
+             construction and first batch (its start) left out
   eval_3crop test views: 1 clip x 3 crops (SSv2 / Diving-48 recipe), videos per second
+  eval_224, eval_3crop_224
+             the same on a test split prepared at the test short side (`prepare
+             --short_side 224`): 224x298 frames, no resize left to do
   train_long `train` on 300-frame records (10 s at 30 fps): the cost of long videos
 for 8x224 and 16x224 clips, and a bare `tf.io.decode_jpeg` of 224x224 frames as the bound.
 Each row also gives the cores needed for 500 clips/s (500 / clips per CPU-second).
@@ -39,15 +43,17 @@ def _define_flags():
   flags.DEFINE_float('seconds', 15.0, 'Timed seconds per measurement (after warm-up).')
   flags.DEFINE_string('cores', '1,all', 'Comma-separated core counts ("all" = every core).')
   flags.DEFINE_string('frames', '8,16', 'Clip lengths.')
-  flags.DEFINE_string('stages', 'parse,decode,train,train_ra,eval,eval_3crop,train_long,jpeg_bound',
-                      'Stages.')
+  flags.DEFINE_string('stages', 'parse,decode,train,train_ra,eval,eval_3crop,eval_224,'
+                      'eval_3crop_224,train_long,jpeg_bound', 'Stages.')
   flags.DEFINE_string('records', '', 'Directory for the synthetic records (default: temp).')
   flags.DEFINE_string('out', '', 'Write results as JSON here.')
   flags.DEFINE_string('worker', '', 'Internal: run one measurement "stage:frames:cores:dir".')
 
 
 def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64,
-                  name: str = 'bench') -> str:
+                  name: str = 'bench', short_side: int = 256) -> str:
+  """Synthetic records as `prepare --short_side S` writes them: the 256x340 frames below,
+  resized to short side S (bilinear, as prepare's resize) when S is not 256."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from data_pipelines import records  # pylint: disable=g-import-not-at-top
@@ -65,34 +71,20 @@ def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64,
         jpegs = []
         for t in range(num_frames):
           img = base[0, :, t % 64:t % 64 + 340] + rng.normal(0, 6, (256, 340, 3))
-          img = tf.cast(tf.clip_by_value(img, 0, 255), tf.uint8)
+          if short_side != 256:
+            img = tf.image.resize(img, [short_side, round(340 * short_side / 256)])
+          img = tf.cast(tf.clip_by_value(tf.round(img), 0, 255), tf.uint8)
           jpegs.append(tf.io.encode_jpeg(img, quality=90).numpy())
         w.write(records.make_sequence_example(jpegs, v % 10, filename=f'v{shard}_{v}')
                 .SerializeToString())
   return pattern
 
 
-class _RebuildingIterator:
-  """Restarts a finite (eval) pipeline when it ends; `build_cpu_s` is the rebuild cost,
-  left out of the rates since a real evaluation builds its pipeline once."""
+class _EvalEpochs:
+  """A finite (evaluation) pipeline, built anew for each timed epoch."""
 
   def __init__(self, build):
-    self._build = build
-    self.build_cpu_s = 0.0
-    self._it = self._timed_build()
-
-  def _timed_build(self):
-    c0 = _cpu_seconds()
-    it = iter(self._build())
-    self.build_cpu_s += _cpu_seconds() - c0
-    return it
-
-  def __next__(self):
-    try:
-      return next(self._it)
-    except StopIteration:
-      self._it = self._timed_build()
-      return next(self._it)
+    self.build = build
 
 
 def _stage_dataset(stage: str, frames: int, pattern: str):
@@ -114,9 +106,13 @@ def _stage_dataset(stage: str, frames: int, pattern: str):
     cfg.sampling, cfg.flip_prob = 'uniform', 0.0
     cfg.randaugment_n, cfg.randaugment_m, cfg.random_erasing_prob = 4, 7, 0.25
     return ip.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1), 8
-  if stage in ('eval', 'eval_3crop'):
-    cfg.test_clips, cfg.test_crops = (3, 1) if stage == 'eval' else (1, 3)
-    return _RebuildingIterator(lambda: ip.make_eval_dataset(
+  # test splits of 144 videos, so that the pipeline's start, left out of the rates, comes
+  # once every 18 batches; `_224`: prepared at the test short side (224), not at 256
+  cfg.test_files = pattern.replace('bench-train', 'bench224test-train' if stage.endswith('_224')
+                                   else 'benchtest-train')
+  if stage in ('eval', 'eval_3crop', 'eval_224', 'eval_3crop_224'):
+    cfg.test_clips, cfg.test_crops = (1, 3) if stage.startswith('eval_3crop') else (3, 1)
+    return _EvalEpochs(lambda: ip.make_eval_dataset(
         cfg, split='test', batch_size=8, process_index=0, process_count=1)), 8
   files = ip.list_files(pattern)
   ds = tf.data.Dataset.from_tensor_slices(files).repeat().interleave(
@@ -143,20 +139,41 @@ def _stage_dataset(stage: str, frames: int, pattern: str):
   return ds.batch(8).prefetch(4).as_numpy_iterator(), 8
 
 
+def _eval_epochs(it: _EvalEpochs, seconds: float) -> tuple:
+  """Whole evaluation epochs: each pipeline is built and its first batch taken untimed (its
+  start), then the rest of the epoch is timed; epochs repeat until `seconds` are timed (at
+  least one). -> (videos, wall s, CPU s)."""
+  n, dt, cpu = 0, 0.0, 0.0
+  while True:
+    epoch = iter(it.build())
+    next(epoch)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for batch in epoch:
+      n += len(batch['label'])
+    dt, cpu = dt + time.perf_counter() - t0, cpu + _cpu_seconds() - c0
+    if dt >= seconds:
+      return n, dt, cpu
+
+
 def _worker(spec: str) -> dict:
   stage, frames, cores, pattern = spec.split(':', 3)
   frames, cores = int(frames), int(cores)
   os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:cores]))
   it, per = _stage_dataset(stage, frames, pattern)
+  if isinstance(it, _EvalEpochs):
+    n, dt, cpu = _eval_epochs(it, FLAGS.seconds)
+    return _rates(stage, frames, cores, n, dt, cpu)
   for _ in range(3):
     next(it)
-  build0 = getattr(it, 'build_cpu_s', 0.0)
   n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
   while time.perf_counter() - t0 < FLAGS.seconds:
     batch = next(it)
     n += len(batch['label']) if isinstance(batch, dict) else per
   dt, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-  cpu -= getattr(it, 'build_cpu_s', 0.0) - build0
+  return _rates(stage, frames, cores, n, dt, cpu)
+
+
+def _rates(stage, frames, cores, n, dt, cpu) -> dict:
   # clips per CPU-second is the per-core cost even on a shared machine, where wall-clock
   # rates also measure the other processes' load.
   return {'stage': stage, 'frames': frames, 'cores': cores, 'clips_per_s': n / dt,
@@ -178,6 +195,10 @@ def main(argv):
   pattern = write_records(out_dir)
   if 'train_long' in FLAGS.stages.split(','):
     write_records(out_dir, num_videos=8, num_frames=300, name='benchlong')
+  if any(s.startswith('eval') for s in FLAGS.stages.split(',')):
+    write_records(out_dir, num_videos=144, name='benchtest')
+  if any(s.endswith('_224') for s in FLAGS.stages.split(',')):
+    write_records(out_dir, num_videos=144, name='bench224test', short_side=224)
   all_cores = len(os.sched_getaffinity(0))
   cores = sorted({all_cores if c == 'all' else int(c) for c in FLAGS.cores.split(',')})
   results = []
