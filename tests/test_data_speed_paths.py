@@ -93,17 +93,14 @@ def test_benchmark_stages_build_the_recipes(tmp_path):
   assert long_pattern == pattern.replace('bench-train', 'benchlong-train')
   it, per = pipeline_benchmark._stage_dataset('train_ra', 4, pattern)
   assert next(it)['video'].shape == (8, 4, 224, 224, 3) and per == 8
-  # evaluation stages read their own test splits, at 256 and prepared at 224
-  pipeline_benchmark.write_records(str(tmp_path), num_videos=12, num_frames=12, name='benchtest')
-  small = pipeline_benchmark.write_records(str(tmp_path), num_videos=12, num_frames=12,
+  # evaluation stages read their own test splits (here the one prepared at 224)
+  small = pipeline_benchmark.write_records(str(tmp_path), num_videos=12, num_frames=4,
                                            name='bench224test', short_side=224)
   frame = tf.io.decode_jpeg(next(iter(tf.data.TFRecordDataset(tf.io.gfile.glob(small))
                                       .map(records.parse_sequence_example)))['frames'][0])
   assert frame.shape == (224, 298, 3)
-  it, _ = pipeline_benchmark._stage_dataset('eval_3crop', 4, pattern)
-  assert next(iter(it.build()))['video'].shape[1:] == (3, 4, 224, 224, 3)
   # one epoch of 12 videos in batches of 8: the first batch is the pipeline's start, untimed
-  it, _ = pipeline_benchmark._stage_dataset('eval_224', 4, pattern)
+  it, _ = pipeline_benchmark._stage_dataset('eval_3crop_224', 4, pattern)
   n, dt, cpu = pipeline_benchmark._eval_epochs(it, 0.0)
   assert n == 4 and dt > 0 and cpu > 0
   it, _ = pipeline_benchmark._stage_dataset('train_long', 4, pattern)
