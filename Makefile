@@ -32,16 +32,14 @@ $(STAMP): $(CORE)
 	touch $(STAMP)
 
 # Two workers (pytest-xdist; a module's tests stay on one worker, so its shared fixtures
-# are built once) and one XLA compilation cache for the run, removed afterwards.
+# are built once); tests/conftest.py gives the run one XLA compilation cache.
+PYTEST := $(BIN)/python -m pytest -q -ra -n 2 --dist loadfile
+
 test: $(STAMP)
-	@cache=$$(mktemp -d -t aim-jax-tests-xla-XXXXXX); \
-	JAX_COMPILATION_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -ra --durations=15 \
-	  -n 2 --dist loadfile tests; rc=$$?; rm -rf $$cache; exit $$rc
+	$(PYTEST) --durations=15 tests
 
 test-quick: $(STAMP)
-	@cache=$$(mktemp -d -t aim-jax-tests-xla-XXXXXX); \
-	JAX_COMPILATION_CACHE_DIR=$$cache $(BIN)/python -m pytest -q -ra -m "not slow" \
-	  -n 2 --dist loadfile tests; rc=$$?; rm -rf $$cache; exit $$rc
+	$(PYTEST) -m "not slow" tests
 
 demo: $(CORE)
 	$(BIN)/python -m projects.moving_digits.demo

@@ -106,11 +106,11 @@ def _stage_dataset(stage: str, frames: int, pattern: str):
     cfg.sampling, cfg.flip_prob = 'uniform', 0.0
     cfg.randaugment_n, cfg.randaugment_m, cfg.random_erasing_prob = 4, 7, 0.25
     return ip.make_train_dataset(cfg, batch_size=8, seed=0, process_index=0, process_count=1), 8
-  # test splits of 144 videos, so that the pipeline's start, left out of the rates, comes
-  # once every 18 batches; `_224`: prepared at the test short side (224), not at 256
-  cfg.test_files = pattern.replace('bench-train', 'bench224test-train' if stage.endswith('_224')
-                                   else 'benchtest-train')
   if stage in ('eval', 'eval_3crop', 'eval_224', 'eval_3crop_224'):
+    # test splits of 144 videos, so that the pipeline's start, left out of the rates, comes
+    # once every 18 batches; `_224`: prepared at the test short side (224), not at 256
+    cfg.test_files = pattern.replace(
+        'bench-train', 'bench224test-train' if stage.endswith('_224') else 'benchtest-train')
     cfg.test_clips, cfg.test_crops = (1, 3) if stage.startswith('eval_3crop') else (3, 1)
     return _EvalEpochs(lambda: ip.make_eval_dataset(
         cfg, split='test', batch_size=8, process_index=0, process_count=1)), 8
@@ -195,7 +195,7 @@ def main(argv):
   pattern = write_records(out_dir)
   if 'train_long' in FLAGS.stages.split(','):
     write_records(out_dir, num_videos=8, num_frames=300, name='benchlong')
-  if any(s.startswith('eval') for s in FLAGS.stages.split(',')):
+  if any(s.startswith('eval') and not s.endswith('_224') for s in FLAGS.stages.split(',')):
     write_records(out_dir, num_videos=144, name='benchtest')
   if any(s.endswith('_224') for s in FLAGS.stages.split(',')):
     write_records(out_dir, num_videos=144, name='bench224test', short_side=224)

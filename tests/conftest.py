@@ -22,9 +22,9 @@ if 'xla_force_host_platform_device_count' not in _flags:
 # One XLA compilation cache for the whole test run, shared by the in-process tests and
 # every subprocess they start: the same tiny programs (train step, eval step, init) are
 # compiled by dozens of tests. A hit loads the executable XLA built before for the same
-# program, flags and devices, so results are unchanged. `make test` passes one fresh
-# directory to all its workers and removes it; a plain `pytest` makes one per process and
-# removes it at exit.
+# program, flags and devices, so results are unchanged. The process that loads this file
+# first (pytest itself, or pytest-xdist's controller, whose workers inherit the variable)
+# makes a fresh directory and removes it at exit; a directory already set is used as is.
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='aim-jax-tests-xla-')
   atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
