@@ -21,6 +21,9 @@ cost, robust to other load on a shared machine).
              the same on a test split prepared at the test short side (`prepare
              --short_side 224`): 224x298 frames, no resize left to do
   train_long `train` on 300-frame records (10 s at 30 fps): the cost of long videos
+  STAGE_whole  any stage with `data.frame_index='off'`: whole records read and parsed
+             instead of only the sampled frames through the frame index (the records
+             carry one, as `prepare` writes them)
 for 8x224 and 16x224 clips, and a bare `tf.io.decode_jpeg` of 224x224 frames as the bound.
 Each row also gives the cores needed for 500 clips/s (500 / clips per CPU-second).
 """
@@ -53,13 +56,18 @@ def _define_flags():
 def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64,
                   name: str = 'bench', short_side: int = 256) -> str:
   """Synthetic records as `prepare --short_side S` writes them: the 256x340 frames below,
-  resized to short side S (bilinear, as prepare's resize) when S is not 256."""
+  resized to short side S (bilinear, as prepare's resize) when S is not 256, with the frame
+  index beside each shard."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines import frame_index  # pylint: disable=g-import-not-at-top
   from data_pipelines import records  # pylint: disable=g-import-not-at-top
   os.makedirs(out_dir, exist_ok=True)
   pattern = os.path.join(out_dir, f'{name}-train.tfrecord-*')
   if len(tf.io.gfile.glob(pattern)) == 4:
+    for path in tf.io.gfile.glob(pattern):
+      if frame_index.valid_index(path, os.path.getsize(path)) is None:
+        frame_index.build(path)
     return pattern
   rng = np.random.RandomState(0)
   for shard in range(4):
@@ -77,6 +85,7 @@ def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64,
           jpegs.append(tf.io.encode_jpeg(img, quality=90).numpy())
         w.write(records.make_sequence_example(jpegs, v % 10, filename=f'v{shard}_{v}')
                 .SerializeToString())
+    frame_index.build(path)
   return pattern
 
 
@@ -98,6 +107,8 @@ def _stage_dataset(stage: str, frames: int, pattern: str):
   cfg.train_files = cfg.test_files = pattern
   cfg.num_classes, cfg.num_frames, cfg.frame_interval = 10, frames, 4
   cfg.shuffle_buffer, cfg.prefetch = 64, 4
+  if stage.endswith('_whole'):
+    stage, cfg.frame_index = stage[:-len('_whole')], 'off'
   if stage == 'train_long':
     cfg.train_files = pattern.replace('bench-train', 'benchlong-train')
   if stage in ('train', 'train_long'):
@@ -193,11 +204,12 @@ def main(argv):
     return
   out_dir = FLAGS.records or os.path.join(tempfile.gettempdir(), 'aim_data_bench')
   pattern = write_records(out_dir)
-  if 'train_long' in FLAGS.stages.split(','):
+  stages = [s[:-len('_whole')] if s.endswith('_whole') else s for s in FLAGS.stages.split(',')]
+  if 'train_long' in stages:
     write_records(out_dir, num_videos=8, num_frames=300, name='benchlong')
-  if any(s.startswith('eval') and not s.endswith('_224') for s in FLAGS.stages.split(',')):
+  if any(s.startswith('eval') and not s.endswith('_224') for s in stages):
     write_records(out_dir, num_videos=144, name='benchtest')
-  if any(s.endswith('_224') for s in FLAGS.stages.split(',')):
+  if any(s.endswith('_224') for s in stages):
     write_records(out_dir, num_videos=144, name='bench224test', short_side=224)
   all_cores = len(os.sched_getaffinity(0))
   cores = sorted({all_cores if c == 'all' else int(c) for c in FLAGS.cores.split(',')})

@@ -66,4 +66,9 @@ def default_data_config() -> ml_collections.ConfigDict:
   c.train_fraction = 1.0
   # 0 = count the records (from the prepare report beside the shards, or by reading them).
   c.num_train_examples = 0
+  # Frame indexes beside the shards (data_pipelines/frame_index.py): 'auto' reads only the
+  # sampled frames when every shard has an index made for its current size (prepare writes
+  # them; `python -m data_pipelines.frame_index` builds them for other shards), else whole
+  # records; 'off' always whole records; 'require' fails naming a shard without one.
+  c.frame_index = 'auto'
   return c

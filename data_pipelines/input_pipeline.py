@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines import frame_index
 from data_pipelines import ops
 from data_pipelines import records
 from data_pipelines import sampling
@@ -101,13 +102,15 @@ class _Shard:
 
   size: bytes on disk; expected: records the prepare JSON promises (-1: no JSON);
   records: records that can be read (the JSON's count when the file size agrees with it,
-  else counted by reading); truncated: reading stops early with an error (DataLossError).
+  else counted by reading); truncated: reading stops early with an error (DataLossError);
+  index: its frame index (data_pipelines/frame_index.py) when the pipeline reads through it.
   """
   path: str
   size: int
   expected: int = -1
   records: int = -1
   truncated: bool = False
+  index: str = ''
 
   @property
   def positions(self) -> int:
@@ -134,9 +137,38 @@ def _shard_meta(files: Sequence[str]) -> List[_Shard]:
   return out
 
 
-def _shards(files: Sequence[str]) -> List[_Shard]:
-  """`_shard_meta` plus readable record counts, reading the files the JSON cannot vouch for."""
+def _use_index(shards: Sequence[_Shard], mode: str) -> bool:
+  """Reads through the shards' frame indexes when `mode` ('auto', 'off', 'require') says so
+  and every shard has one made for its current size; sets `index` (and `records`, known from
+  the index) on each. Returns whether the indexes are used."""
+  if mode not in ('auto', 'off', 'require'):
+    raise ValueError(f"data.frame_index must be 'auto', 'off' or 'require', got {mode!r}")
+  if mode == 'off' or not shards:
+    return False
+  found = [frame_index.valid_index(s.path, s.size) for s in shards]
+  missing = [s.path for s, f in zip(shards, found) if f is None]
+  if missing:
+    if mode == 'require':
+      raise ValueError(f'data.frame_index=require: {missing[0]} has no usable frame index '
+                       f'{frame_index.index_path(missing[0])} ({len(missing)} of {len(shards)} '
+                       'shards lack one; python -m data_pipelines.frame_index builds them)')
+    if len(missing) < len(shards):
+      logging.warning('%d of %d shards have no usable frame index (first: %s): reading whole '
+                      'records for all (python -m data_pipelines.frame_index builds them)',
+                      len(missing), len(shards), missing[0])
+    return False
+  for shard, (path, count) in zip(shards, found):
+    shard.index = path
+    if shard.records < 0:
+      shard.records = count  # the index was made from this very file: no cut, no counting
+  return True
+
+
+def _shards(files: Sequence[str], index_mode: str = 'off') -> List[_Shard]:
+  """`_shard_meta` plus readable record counts, reading the files the JSON (or the frame
+  index, with `index_mode`) cannot vouch for."""
   out = _shard_meta(files)
+  _use_index(out, index_mode)
   for shard in out:
     if shard.records < 0:
       ds = _read_file(tf.constant(shard.path), tf.constant(shard.size, tf.int64),
@@ -201,7 +233,7 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   fraction = data_cfg.train_fraction if split == 'train' else 1.0
   # Videos the split holds: a truncated shard counts what prepare wrote into it when its JSON
   # says (the records lost are then skipped videos), else what can still be read.
-  shards = _shards(files)
+  shards = _shards(files, data_cfg.frame_index)
   return _kept_count(files, [s.expected if s.expected >= 0 else s.records for s in shards],
                      fraction)
 
@@ -253,11 +285,15 @@ class SkipStats:
 
 def _validity(ex, num_classes: int):
   """(valid, reason) of a parsed record from cheap checks (no decoding); reason '' if valid."""
-  frames = ex['frames']
-  has_frames = tf.size(frames) > 0
   label_ok = tf.logical_and(ex['label'] >= 0, ex['label'] < num_classes)
-  soi = tf.strings.substr(frames, 0, 2)
-  jpeg_ok = tf.reduce_all(tf.equal(soi, b'\xff\xd8'))
+  if 'offsets' in ex:  # read through a frame index: it says whether every frame is a JPEG
+    has_frames = tf.size(ex['offsets']) > 0
+    jpeg_ok = ex['jpeg_ok']
+  else:
+    frames = ex['frames']
+    has_frames = tf.size(frames) > 0
+    soi = tf.strings.substr(frames, 0, 2)
+    jpeg_ok = tf.reduce_all(tf.equal(soi, b'\xff\xd8'))
   problem = ex.get('problem', tf.constant(''))  # set on a truncated shard's marker
   reason = tf.case([(tf.not_equal(problem, ''), lambda: problem),
                     (tf.logical_not(has_frames), lambda: tf.constant('record has no frames')),
@@ -445,7 +481,29 @@ def _read_file(path, size, expected):
   return ds.filter(_graph(lambda el: el['file_index'] >= 0))
 
 
+def _read_index_file(path, index):
+  """The frame index entries of one shard as records: (file, index-in-file, frame offsets
+  and lengths, label, filename, jpeg_ok) for each, in file order (the index was made for
+  this file's size, so nothing is cut)."""
+  base = tf.strings.split(path, '/')[-1]
+
+  def entry(i, raw):
+    e = frame_index.parse_entry(raw)
+    e.update(file=path, base=base, file_index=i, problem=tf.constant(''),
+             lost=tf.constant(0, tf.int64))
+    return e
+
+  return tf.data.TFRecordDataset(index).skip(1).enumerate().map(_graph(entry))
+
+
 def _parse(el):
+  if 'offsets' in el:  # a frame index entry: nothing to parse, the frames are read later
+    key = tf.where(tf.equal(el['filename'], ''),
+                   tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
+                   el['filename'])
+    return {'offsets': el['offsets'], 'lengths': el['lengths'], 'jpeg_ok': el['jpeg_ok'],
+            'label': el['label'], 'key': key, 'file': el['file'], 'problem': el['problem'],
+            'lost': el['lost']}
   ex = records.parse_sequence_example(el['raw'])
   key = tf.where(tf.equal(ex['filename'], ''),
                  tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
@@ -461,11 +519,16 @@ def _records(shards: Sequence[_Shard], *, epoch, seed_base, shuffle_files: bool,
   if shuffle_files:
     order = tf.random.experimental.stateless_shuffle(
         order, seed=tf.random.experimental.stateless_fold_in(seed_base, epoch))
-  meta = (tf.gather(tf.constant([s.path for s in shards]), order),
-          tf.gather(tf.constant([s.size for s in shards], tf.int64), order),
-          tf.gather(tf.constant([s.expected for s in shards], tf.int64), order))
+  paths = tf.gather(tf.constant([s.path for s in shards]), order)
+  if shards and all(s.index for s in shards):  # the same records in the same order
+    meta, read = (paths, tf.gather(tf.constant([s.index for s in shards]), order)), \
+        _read_index_file
+  else:
+    meta, read = (paths, tf.gather(tf.constant([s.size for s in shards], tf.int64), order),
+                  tf.gather(tf.constant([s.expected for s in shards], tf.int64), order)), \
+        _read_file
   ds = tf.data.Dataset.from_tensor_slices(meta).interleave(
-      _graph(_read_file), cycle_length=min(len(shards), _CYCLE_LENGTH), block_length=1,
+      _graph(read), cycle_length=min(len(shards), _CYCLE_LENGTH), block_length=1,
       num_parallel_calls=num_parallel_calls, deterministic=True)
   if fraction < 1.0:  # a truncation marker is always kept
     ds = ds.filter(_graph(lambda el: tf.logical_or(
@@ -480,10 +543,10 @@ def _records(shards: Sequence[_Shard], *, epoch, seed_base, shuffle_files: bool,
 
 def _train_clip(ex, cfg):
   seeds = tf.random.experimental.stateless_split(ex['_seed'], 6)
-  n = tf.shape(ex['frames'])[0]
+  n, fetch = _frame_source(ex)
   idx = sampling.train_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
                                interval=cfg.frame_interval, seed=seeds[0])
-  encoded = tf.gather(ex['frames'], idx)  # sample before decoding: only T JPEGs decoded
+  encoded = fetch(idx)  # sample before decoding (and reading): only T JPEGs decoded
   if cfg.randaugment_n > 0:
     video = _randaugment_clip(encoded, cfg, seeds)
   else:
@@ -496,6 +559,17 @@ def _train_clip(ex, cfg):
   video = ops.random_erasing(video, cfg.random_erasing_prob, seeds[5])
   video = tf.ensure_shape(video, [cfg.num_frames, cfg.image_size, cfg.image_size, 3])
   return {'video': video, 'label': ex['label'], '_epoch': ex['_epoch'], '_index': ex['_index']}
+
+
+def _frame_source(ex):
+  """(frame count, fetch) of a record: fetch(indices) -> the encoded frames at them, read
+  from the shard through the frame index, or taken from the parsed record."""
+  if 'offsets' in ex:
+    def fetch(idx):
+      return frame_index.read_frames(ex['file'], tf.gather(ex['offsets'], idx),
+                                     tf.gather(ex['lengths'], idx))
+    return tf.size(ex['offsets']), fetch
+  return tf.shape(ex['frames'])[0], lambda idx: tf.gather(ex['frames'], idx)
 
 
 def _randaugment_clip(encoded, cfg, seeds):
@@ -524,17 +598,21 @@ def eval_views(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *, split: str)
   V = crops * clips, crop-major then clip (the official layout). Validation resizes the short
   side to `train_short_side` (256), test to `test_short_side` (224), as the official recipe.
   """
+  return _eval_views(tf.shape(frames)[0], lambda idx: tf.gather(frames, idx), cfg, split)
+
+
+def _eval_views(n, fetch, cfg: ml_collections.ConfigDict, split: str) -> tf.Tensor:
+  """`eval_views` of a video of n frames whose encoded frames `fetch(indices)` returns."""
   clips, crops = _views(cfg, split)
-  n = tf.shape(frames)[0]
   idx = sampling.eval_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
                               interval=cfg.frame_interval, num_clips=clips)  # (clips, T)
   flat = tf.reshape(idx, [-1])  # (clips*T,)
   # Frames repeat when the video is shorter than the clips (offsets 0, indices wrapped):
-  # decode each distinct frame once.
+  # read and decode each distinct frame once.
   uniq, pos = tf.unique(flat)
   decoded = tf.cond(tf.size(uniq) < tf.size(flat),
-                    lambda: tf.gather(ops.decode_frames(tf.gather(frames, uniq)), pos),
-                    lambda: ops.decode_frames(tf.gather(frames, flat)))
+                    lambda: tf.gather(ops.decode_frames(fetch(uniq)), pos),
+                    lambda: ops.decode_frames(fetch(flat)))
   return eval_views_from_frames(decoded, cfg, split=split)
 
 
@@ -628,6 +706,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
       record_shard = (pc, pi)
     per_epoch = None
     shards = _shard_meta(files)
+    _use_index(shards, cfg.frame_index)
 
     def epoch_records(epoch):
       return _records(shards, epoch=epoch, seed_base=seed_base, shuffle_files=True,
@@ -641,7 +720,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
     # one (no reading); otherwise counted by reading, but only when resuming needs it. Without
     # it, decode errors at an epoch's end are not counted (named skips still are).
     if start_step or all(s.records >= 0 for s in shards):
-      per_epoch = _kept_positions(_shards(files), cfg.train_fraction)
+      per_epoch = _kept_positions(_shards(files, cfg.frame_index), cfg.train_fraction)
       if record_shard is not None:
         per_epoch = len(range(pi, per_epoch, pc))
   start_epoch, offset = 0, 0
@@ -701,7 +780,7 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   elif cfg.source == 'tfrecord':
     field = _split_field(split)
     files = list_files(getattr(cfg, field), field)
-    shards = _shards(files)
+    shards = _shards(files, cfg.frame_index)
     ds = _records(shards, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
                   fraction=1.0, num_parallel_calls=par).map(_graph(_parse))
     size = len(range(pi, sum(s.positions for s in shards), pc))
@@ -717,7 +796,7 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   ds = ds.filter(_graph(lambda ex: _check_valid(ex, cfg.num_classes, stats)))
 
   def clip(ex):
-    return {'video': eval_views(ex['frames'], cfg, split=split), 'label': ex['label'],
+    return {'video': _eval_views(*_frame_source(ex), cfg, split), 'label': ex['label'],
             'key': ex['key'], '_epoch': ex['_epoch'], '_index': ex['_index']}
 
   ds = ds.map(_graph(clip), num_parallel_calls=par, deterministic=True).ignore_errors(

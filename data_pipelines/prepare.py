@@ -35,6 +35,7 @@ from absl import flags
 from absl import logging
 
 from data_pipelines import annotations as annotations_lib
+from data_pipelines import frame_index
 from data_pipelines import records
 from data_pipelines import video_io
 
@@ -111,6 +112,7 @@ def write_shard(task) -> Dict:
   stats = {'videos': 0, 'frames': 0, 'bytes': 0, 'failures': [], 'warnings': [],
            'complete': False, 'fingerprint': _fingerprint(entries, opts)}
   tmp = shard_path + '.tmp'
+  index_entries, offset = [], 0
   with tf.io.TFRecordWriter(tmp) as writer:
     for e in entries:
       report = video_io.DecodeReport()
@@ -132,10 +134,13 @@ def write_shard(task) -> Dict:
       data = records.make_sequence_example(frames, e.label, e.label_text, e.key, start_us,
                                            end_us).SerializeToString()
       writer.write(data)
+      index_entries.append(frame_index.entry(offset, data, frames, e.label, e.key.encode()))
+      offset += frame_index.record_size(data)
       stats['videos'] += 1
       stats['frames'] += len(frames)
       stats['bytes'] += len(data)
   os.replace(tmp, shard_path)
+  frame_index.write(shard_path, index_entries, offset)
   stats['complete'] = True
   with open(shard_meta_path(shard_path), 'w') as f:
     json.dump(stats, f)

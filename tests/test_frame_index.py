@@ -1,0 +1,171 @@
+"""Frame index (data_pipelines/frame_index.py): exact spans, the same clips as whole records,
+stale or missing indexes never used silently."""
+
+import logging
+import os
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip('tensorflow')
+
+from data_pipelines import annotations  # noqa: E402
+from data_pipelines import config as config_lib  # noqa: E402
+from data_pipelines import frame_index  # noqa: E402
+from data_pipelines import input_pipeline  # noqa: E402
+from data_pipelines import prepare  # noqa: E402
+from data_pipelines import records  # noqa: E402
+from tests import data_helpers as h  # noqa: E402
+
+LENGTHS = [40, 7, 33, 26, 60, 19]   # one video shorter than the 8-frame clip
+
+
+def _frames(n, k):
+  rng = np.random.RandomState(k)
+  base = rng.randint(0, 255, (1, 24, 36, 3)).astype(np.float32)
+  out = np.clip(base + rng.normal(0, 20, (n, 24, 36, 3)), 0, 255).astype(np.uint8)
+  if n > 10:
+    out[3:6] = out[3]  # identical consecutive frames: identical JPEG bytes
+  return out
+
+
+def _write_shards(d, name='idx', split='train'):
+  """Two shards made with plain tf.train (no project code): DMVR's generator layout with
+  timestamps, caption and audio in one, the plain layout in the other."""
+  d.mkdir(parents=True, exist_ok=True)
+  paths = [str(d / records.shard_name(name, split, i, 2)) for i in range(2)]
+  h.write_dmvr_records(paths[0], [(f'plain{k}', k % 3, _frames(n, k))
+                                  for k, n in enumerate(LENGTHS[:3])])
+  with tf.io.TFRecordWriter(paths[1]) as w:
+    for k, n in enumerate(LENGTHS[3:], 3):
+      jpegs = [tf.io.encode_jpeg(f, quality=90).numpy() for f in _frames(n, k)]
+      seq = h.dmvr_generator_record(jpegs, video_path=f'gen{k}.mp4', start=0.5, end=2.5,
+                                    label_name=f'c{k % 3}', caption='a caption',
+                                    label_map={f'c{i}': i for i in range(3)},
+                                    audio=np.linspace(0, 1, 50).tolist())
+      w.write(seq.SerializeToString())
+  return paths, str(d / f'{name}-{split}.tfrecord-*')
+
+
+def _index_entries(shard):
+  raw = list(tf.data.TFRecordDataset(frame_index.index_path(shard)).as_numpy_iterator())
+  return raw[0], [frame_index.parse_entry(r) for r in raw[1:]]
+
+
+def test_index_spans_are_each_frames_jpeg_bytes_in_the_shard(tmp_path):
+  paths, _ = _write_shards(tmp_path)
+  for path in paths:
+    stats = frame_index.build(path)
+    blob = open(path, 'rb').read()
+    assert frame_index.read_header(frame_index.index_path(path)) == (len(blob), stats['records'])
+    recs = [records.parse_sequence_example(r) for r in tf.data.TFRecordDataset(path)]
+    _, entries = _index_entries(path)
+    assert len(entries) == len(recs) == stats['records'] == 3
+    for rec, e in zip(recs, entries):
+      frames = rec['frames'].numpy().tolist()
+      spans = [blob[o:o + n] for o, n in zip(e['offsets'].numpy(), e['lengths'].numpy())]
+      assert spans == frames and len(frames) in LENGTHS
+      assert int(e['label']) == int(rec['label']) and e['filename'].numpy() == rec['filename']
+      assert bool(e['jpeg_ok'])
+
+
+@pytest.mark.parametrize('recipe', ['k400', 'ssv2', 'eval'])
+def test_reading_through_the_index_gives_the_clips_of_whole_records(tmp_path, recipe):
+  paths, pattern = _write_shards(tmp_path)
+  for path in paths:
+    frame_index.build(path)
+  cfg = config_lib.default_data_config()
+  cfg.train_files = cfg.test_files = pattern
+  cfg.num_classes, cfg.num_frames, cfg.frame_interval = 3, 8, 2
+  cfg.image_size, cfg.train_short_side, cfg.test_short_side = 32, 32, 32
+  cfg.shuffle_buffer = 4
+  if recipe == 'ssv2':
+    cfg.sampling, cfg.flip_prob = 'uniform', 0.0
+    cfg.randaugment_n, cfg.randaugment_m, cfg.random_erasing_prob = 4, 7, 0.25
+
+  def batches(mode):
+    cfg.frame_index = mode
+    if recipe == 'eval':
+      it = input_pipeline.make_eval_dataset(cfg, split='test', batch_size=4, process_index=0,
+                                            process_count=1)
+      return list(it)
+    it = input_pipeline.make_train_dataset(cfg, batch_size=4, seed=3, process_index=0,
+                                           process_count=1)
+    return [next(it) for _ in range(5)]  # three epochs of six videos
+
+  whole, indexed = batches('off'), batches('require')
+  assert len(whole) == len(indexed) > 1
+  for a, b in zip(whole, indexed):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_prepare_writes_the_index_that_a_rebuild_gives(tmp_path):
+  vids = tmp_path / 'vids'
+  vids.mkdir()
+  for k in range(4):
+    h.make_video(str(vids / f'v{k}.mp4'), 9 + k, height=32, width=48)
+  (tmp_path / 'list.txt').write_text(''.join(f'v{k}.mp4 {k % 2}\n' for k in range(4)))
+  entries = annotations.read('list', str(tmp_path / 'list.txt'), str(vids), num_classes=2)
+  out = tmp_path / 'out'
+  prepare.prepare(entries, out_dir=str(out), name='p', split='train',
+                  opts=prepare.Options(short_side=32), num_shards=2, progress=False)
+  for i in range(2):
+    shard = str(out / records.shard_name('p', 'train', i, 2))
+    written = open(frame_index.index_path(shard), 'rb').read()
+    frame_index.build(shard)
+    assert open(frame_index.index_path(shard), 'rb').read() == written
+  assert sorted(os.listdir(out))[0].startswith('.')  # hidden: shard globs never match it
+
+
+def test_a_stale_or_missing_index_is_not_used_and_require_names_the_shard(tmp_path, caplog):
+  paths, pattern = _write_shards(tmp_path)
+  for path in paths:
+    frame_index.build(path)
+  cfg = config_lib.default_data_config()
+  cfg.test_files = pattern
+  cfg.num_classes, cfg.num_frames, cfg.sampling = 3, 4, 'uniform'
+  cfg.image_size, cfg.test_short_side, cfg.test_clips, cfg.test_crops = 32, 32, 1, 1
+
+  def keys(mode):
+    cfg.frame_index = mode
+    return sorted(k.decode() for b in input_pipeline.make_eval_dataset(
+        cfg, split='test', batch_size=4, process_index=0, process_count=1) for k in b['key'])
+
+  assert len(keys('require')) == 6
+  # a record appended to shard 1 after indexing: its index describes another file
+  with open(paths[0], 'rb') as src:
+    n = int.from_bytes(src.read(8), 'little')
+    src.seek(0)
+    first = src.read(frame_index.record_size(b'') + n)
+  with open(paths[1], 'ab') as f:
+    f.write(first)
+  with caplog.at_level(logging.WARNING):
+    got = keys('auto')
+  assert len(got) == 7 and got.count('plain0') == 2   # whole records: the new one is read
+  assert frame_index.index_path(paths[1]) in caplog.text and 'Ignoring frame index' in caplog.text
+  with pytest.raises(ValueError, match=r'frame_index=require: .*idx-train.tfrecord-00001-of-00002'):
+    keys('require')
+  os.remove(frame_index.index_path(paths[0]))
+  with pytest.raises(ValueError, match='idx-train.tfrecord-00000-of-00002 has no usable'):
+    keys('require')
+  cfg.frame_index = 'sometimes'
+  with pytest.raises(ValueError, match="data.frame_index must be 'auto', 'off' or 'require'"):
+    keys('sometimes')
+
+
+def test_command_line_builds_indexes_and_names_a_bad_file(tmp_path, capsys):
+  paths, pattern = _write_shards(tmp_path)
+  assert frame_index.main([pattern]) == 0
+  out = capsys.readouterr().out
+  assert all(os.path.exists(frame_index.index_path(p)) for p in paths)
+  assert f'{frame_index.index_path(paths[0])}: 3 records, {sum(LENGTHS[:3])} frames' in out
+  bad = tmp_path / 'junk.tfrecord'
+  bad.write_bytes(b'not a tfrecord at all, just some bytes')
+  assert frame_index.main([str(bad)]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and str(bad) in err[0] and 'not indexed' in err[0]
+  assert not os.path.exists(frame_index.index_path(str(bad)))
+  assert frame_index.main([str(tmp_path / 'none-*')]) == 2
+  assert 'no file matches' in capsys.readouterr().err
