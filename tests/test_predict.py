@@ -2,14 +2,13 @@
 official logits from an official-layout array, errors that name the file."""
 
 import json
-import os
 import subprocess
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN, ROOT
+from conftest import GOLDEN, ROOT, cpu_env
 from test_evaluate import TINY, tiny_params
 
 from aim_jax.convert import cli as convert_cli
@@ -113,7 +112,7 @@ def test_command_line_prints_top_k_with_label_names(tiny_checkpoint, tmp_path):
   write_mp4(video, seed=3)
   labels = tmp_path / 'classes.txt'
   labels.write_text('\n'.join(['walk', 'run', 'jump', 'swim', 'climb']) + '\n')
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = cpu_env(1)
   base = [sys.executable, '-m', 'aim_jax.predict', '--checkpoint', tiny_checkpoint,
           '--video', str(video), '--top-k', '2']
   cmd = base + ['--labels', str(labels), '--output', str(tmp_path / 'top.json')]
@@ -172,7 +171,7 @@ def test_official_checkpoint_through_convert_predicts_official_logits(tmp_path):
                            '--heads', str(meta['heads']),
                        '--adapter-scale', str(meta['adapter_scale'])]) in (0, None)
   np.save(tmp_path / 'input.npy', d['input'])
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = cpu_env(1)
   proc = subprocess.run([sys.executable, '-m', 'aim_jax.predict', '--checkpoint', str(out),
                          '--array', str(tmp_path / 'input.npy'), '--layout', 'NCTHW',
                          '--output', str(tmp_path / 'logits.npy')], env=env, cwd=ROOT,
@@ -197,7 +196,7 @@ try:
 except flags.IllegalFlagValueError as e:
   print('required:', 'checkpoint' in str(e))
 '''
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = cpu_env(1)
   seen = {}
   for module in ('evaluate', 'predict'):
     proc = subprocess.run([sys.executable, '-c', code.format(module=module)], env=env, cwd=ROOT,
@@ -212,7 +211,7 @@ except flags.IllegalFlagValueError as e:
 
 @pytest.mark.slow  # two interpreters that import jax and TensorFlow
 def test_command_line_missing_or_broken_video_is_one_line(tiny_checkpoint, tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env = cpu_env(1)
   missing = tmp_path / 'nothing.mp4'
   bad = tmp_path / 'broken.mp4'
   bad.write_bytes(b'this is not a video' * 100)
