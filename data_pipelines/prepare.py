@@ -181,6 +181,8 @@ def prepare(entries: Sequence[annotations_lib.Entry], *, out_dir: str, name: str
     part = entries[i::num_shards]
     stats = _shard_done(path, _fingerprint(part, opts))
     if stats is not None:
+      if frame_index.valid_index(path, os.path.getsize(path)) is None:
+        frame_index.build(path)  # finished by a version that wrote no frame index
       report_shards[os.path.basename(path)] = stats
       done.append(path)
     else:

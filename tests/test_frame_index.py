@@ -111,12 +111,23 @@ def test_prepare_writes_the_index_that_a_rebuild_gives(tmp_path):
   out = tmp_path / 'out'
   prepare.prepare(entries, out_dir=str(out), name='p', split='train',
                   opts=prepare.Options(short_side=32), num_shards=2, progress=False)
+  written_by_prepare = []
   for i in range(2):
     shard = str(out / records.shard_name('p', 'train', i, 2))
     written = open(frame_index.index_path(shard), 'rb').read()
+    written_by_prepare.append(written)
     frame_index.build(shard)
     assert open(frame_index.index_path(shard), 'rb').read() == written
   assert sorted(os.listdir(out))[0].startswith('.')  # hidden: shard globs never match it
+  # A preparation finished without indexes (an older version) gets them when resumed,
+  # without rewriting its shards.
+  shard = str(out / records.shard_name('p', 'train', 0, 2))
+  os.remove(frame_index.index_path(shard))
+  mtime = os.path.getmtime(shard)
+  prepare.prepare(entries, out_dir=str(out), name='p', split='train',
+                  opts=prepare.Options(short_side=32), num_shards=2, progress=False)
+  assert os.path.getmtime(shard) == mtime
+  assert open(frame_index.index_path(shard), 'rb').read() == written_by_prepare[0]
 
 
 def test_a_stale_or_missing_index_is_not_used_and_require_names_the_shard(tmp_path, caplog):
