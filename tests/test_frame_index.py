@@ -79,6 +79,7 @@ def test_reading_through_the_index_gives_the_clips_of_whole_records(tmp_path, re
   cfg.num_classes, cfg.num_frames, cfg.frame_interval = 3, 8, 2
   cfg.image_size, cfg.train_short_side, cfg.test_short_side = 32, 32, 32
   cfg.shuffle_buffer = 4
+  cfg.autotune = False  # fixed parallelism: no autotuner thread to wait for at iterator deletion
   if recipe == 'ssv2':
     cfg.sampling, cfg.flip_prob = 'uniform', 0.0
     cfg.randaugment_n, cfg.randaugment_m, cfg.random_erasing_prob = 4, 7, 0.25
@@ -138,6 +139,7 @@ def test_a_stale_or_missing_index_is_not_used_and_require_names_the_shard(tmp_pa
   cfg.test_files = pattern
   cfg.num_classes, cfg.num_frames, cfg.sampling = 3, 4, 'uniform'
   cfg.image_size, cfg.test_short_side, cfg.test_clips, cfg.test_crops = 32, 32, 1, 1
+  cfg.autotune = False
 
   def keys(mode):
     cfg.frame_index = mode
