@@ -69,6 +69,21 @@ def test_index_spans_are_each_frames_jpeg_bytes_in_the_shard(tmp_path):
       assert bool(e['jpeg_ok'])
 
 
+def test_frames_read_one_by_one_or_by_one_covering_read_are_the_same(tmp_path):
+  paths, _ = _write_shards(tmp_path)
+  frame_index.build(paths[1])
+  blob = open(paths[1], 'rb').read()
+  _, entries = _index_entries(paths[1])
+  off, length = entries[1]['offsets'].numpy(), entries[1]['lengths'].numpy()
+  pick = np.array([9, 2, 2, 30])  # out of order, repeated, far apart
+  want = [blob[o:o + n] for o, n in zip(off[pick], length[pick])]
+  for covering in (False, True):
+    got = frame_index._read_spans(paths[1].encode(), off[pick], length[pick], covering)
+    assert got.tolist() == want
+  with pytest.raises(ValueError, match='past the end of the file'):
+    frame_index._read_spans(paths[1], np.array([len(blob) - 4]), np.array([10]), True)
+
+
 @pytest.mark.parametrize('recipe', ['k400', 'ssv2', 'eval'])
 def test_reading_through_the_index_gives_the_clips_of_whole_records(tmp_path, recipe):
   paths, pattern = _write_shards(tmp_path)
