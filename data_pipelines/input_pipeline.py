@@ -3,7 +3,10 @@
 Order (as DMVR's `make_dataset`, on plain tf.data): files -> per-process file shard ->
 per-epoch file shuffle -> interleave(TFRecordDataset) -> record shuffle -> parse (no
 decoding) -> cheap validity checks (skip, count, log) -> sample frame indices -> decode only
-the sampled JPEGs -> augment -> normalise -> batch -> prefetch.
+the sampled JPEGs -> augment -> normalise -> batch -> prefetch. Where every shard has a frame
+index (data_pipelines/frame_index.py, `data.frame_index`), the index entries take the records'
+place up to the shuffle, and only the sampled JPEGs are read from the shard: the same records
+in the same order, the same clips.
 
 Determinism: every random draw is stateless, keyed on (seed, process, epoch, position in
 the epoch), and the shuffles are seeded per epoch, so one seed gives the same clips in the
