@@ -53,6 +53,12 @@ def _define_flags():
   flags.DEFINE_string('worker', '', 'Internal: run one measurement "stage:frames:cores:dir".')
 
 
+def _base_stage(stage: str) -> tuple:
+  """'STAGE_whole' -> ('STAGE', 'off'); 'STAGE' -> ('STAGE', 'auto'): the stage and the
+  `data.frame_index` it runs with."""
+  return (stage[:-len('_whole')], 'off') if stage.endswith('_whole') else (stage, 'auto')
+
+
 def write_records(out_dir: str, num_videos: int = 48, num_frames: int = 64,
                   name: str = 'bench', short_side: int = 256) -> str:
   """Synthetic records as `prepare --short_side S` writes them: the 256x340 frames below,
@@ -107,8 +113,7 @@ def _stage_dataset(stage: str, frames: int, pattern: str):
   cfg.train_files = cfg.test_files = pattern
   cfg.num_classes, cfg.num_frames, cfg.frame_interval = 10, frames, 4
   cfg.shuffle_buffer, cfg.prefetch = 64, 4
-  if stage.endswith('_whole'):
-    stage, cfg.frame_index = stage[:-len('_whole')], 'off'
+  stage, cfg.frame_index = _base_stage(stage)
   if stage == 'train_long':
     cfg.train_files = pattern.replace('bench-train', 'benchlong-train')
   if stage in ('train', 'train_long'):
@@ -204,7 +209,7 @@ def main(argv):
     return
   out_dir = FLAGS.records or os.path.join(tempfile.gettempdir(), 'aim_data_bench')
   pattern = write_records(out_dir)
-  stages = [s[:-len('_whole')] if s.endswith('_whole') else s for s in FLAGS.stages.split(',')]
+  stages = [_base_stage(s)[0] for s in FLAGS.stages.split(',')]
   if 'train_long' in stages:
     write_records(out_dir, num_videos=8, num_frames=300, name='benchlong')
   if any(s.startswith('eval') and not s.endswith('_224') for s in stages):

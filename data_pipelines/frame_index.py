@@ -104,14 +104,11 @@ def _parsed(data: bytes):
   return jpegs, (labels[0] if labels else -1), filename
 
 
-def entry(record_offset: int, data: bytes, jpegs: Optional[Sequence[bytes]] = None,
-          label: Optional[int] = None, filename: Optional[bytes] = None) -> bytes:
+def entry(record_offset: int, data: bytes, jpegs: Sequence[bytes], label: int,
+          filename: bytes) -> bytes:
   """The serialized index entry of the record whose data starts at `record_offset` + 12 in
-  the shard. `jpegs`, `label`, `filename` are what the record holds (parsed from `data` when
-  not given)."""
+  the shard. `jpegs`, `label`, `filename` are what the record `data` holds."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if jpegs is None or label is None or filename is None:
-    jpegs, label, filename = _parsed(data)
   spans = frame_spans(data, jpegs)
   base = record_offset + _HEADER
   ex = tf.train.Example()
@@ -159,9 +156,9 @@ def build(shard_path: str) -> dict:
   entries, offset, frames = [], 0, 0
   try:
     for raw in tf.data.TFRecordDataset(shard_path).as_numpy_iterator():
-      e = entry(offset, raw)
-      entries.append(e)
-      frames += len(tf.train.Example.FromString(e).features.feature['length'].int64_list.value)
+      jpegs, label, filename = _parsed(raw)
+      entries.append(entry(offset, raw, jpegs, label, filename))
+      frames += len(jpegs)
       offset += record_size(raw)
   except tf.errors.DataLossError as err:
     raise ValueError(f'{shard_path}: truncated or corrupt after {len(entries)} records '

@@ -172,7 +172,12 @@ def _shards(files: Sequence[str], index_mode: str = 'off') -> List[_Shard]:
   index, with `index_mode`) cannot vouch for."""
   out = _shard_meta(files)
   _use_index(out, index_mode)
-  for shard in out:
+  return _count_records(out)
+
+
+def _count_records(shards: List[_Shard]) -> List[_Shard]:
+  """Sets `records` and `truncated` of the shards whose count is unknown, by reading them."""
+  for shard in shards:
     if shard.records < 0:
       ds = _read_file(tf.constant(shard.path), tf.constant(shard.size, tf.int64),
                       tf.constant(shard.expected, tf.int64))
@@ -185,7 +190,7 @@ def _shards(files: Sequence[str], index_mode: str = 'off') -> List[_Shard]:
                         'after %d records (%s)', shard.path, shard.records,
                         f'of {shard.expected} written' if shard.expected >= 0 else
                         'the rest is lost')
-  return out
+  return shards
 
 
 def file_record_counts(files: Sequence[str]) -> List[int]:
@@ -499,18 +504,20 @@ def _read_index_file(path, index):
   return tf.data.TFRecordDataset(index).skip(1).enumerate().map(_graph(entry))
 
 
+def _key(filename, el):
+  """A record's key: its filename, else SHARD:INDEX."""
+  return tf.where(tf.equal(filename, ''),
+                  tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
+                  filename)
+
+
 def _parse(el):
   if 'offsets' in el:  # a frame index entry: nothing to parse, the frames are read later
-    key = tf.where(tf.equal(el['filename'], ''),
-                   tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
-                   el['filename'])
     return {'offsets': el['offsets'], 'lengths': el['lengths'], 'jpeg_ok': el['jpeg_ok'],
-            'label': el['label'], 'key': key, 'file': el['file'], 'problem': el['problem'],
-            'lost': el['lost']}
+            'label': el['label'], 'key': _key(el['filename'], el), 'file': el['file'],
+            'problem': el['problem'], 'lost': el['lost']}
   ex = records.parse_sequence_example(el['raw'])
-  key = tf.where(tf.equal(ex['filename'], ''),
-                 tf.strings.join([el['base'], ':', tf.strings.as_string(el['file_index'])]),
-                 ex['filename'])
+  key = _key(ex['filename'], el)
   key = tf.where(tf.equal(el['problem'], ''), key, el['base'])  # a cut shard: named by itself
   return {'frames': ex['frames'], 'label': ex['label'], 'key': key, 'file': el['file'],
           'problem': el['problem'], 'lost': el['lost']}
@@ -723,7 +730,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
     # one (no reading); otherwise counted by reading, but only when resuming needs it. Without
     # it, decode errors at an epoch's end are not counted (named skips still are).
     if start_step or all(s.records >= 0 for s in shards):
-      per_epoch = _kept_positions(_shards(files, cfg.frame_index), cfg.train_fraction)
+      per_epoch = _kept_positions(_count_records(shards), cfg.train_fraction)
       if record_shard is not None:
         per_epoch = len(range(pi, per_epoch, pc))
   start_epoch, offset = 0, 0

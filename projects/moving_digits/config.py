@@ -52,6 +52,7 @@ LR = {'head': 3e-3, 'spatial': 3e-3, 'temporal': 3e-3, 'aim': 3e-3, 'full': 1e-3
 BACKBONE = dict(backbone='clip', variant='', patch_size=8, width=64, layers=4, heads=4,
                 image_size=32, output_dim=0)
 NUM_FRAMES = 8
+BATCH = 32  # the default `batch` argument
 
 
 def tfrecord_glob(root: str, task: str, split: str) -> str:
@@ -61,7 +62,7 @@ def tfrecord_glob(root: str, task: str, split: str) -> str:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant='aim', task='motion', root='demo_workdir', steps=0,
-                       batch=32, lr=0.0, val=1)
+                       batch=BATCH, lr=0.0, val=1)
   if a.variant not in VARIANTS:
     raise ValueError(f'projects/moving_digits/config.py: variant {a.variant!r} is not one of '
                      f'{VARIANTS}')

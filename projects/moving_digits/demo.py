@@ -56,7 +56,7 @@ class DemoSize:
   pretrain_steps: int
   steps: Mapping[str, Mapping[str, int]]   # task -> variant -> training steps
   variants: Mapping[str, Sequence[str]]     # task -> variants to run
-  batch: int = 32
+  batch: int = 32   # projects/moving_digits/config.py BATCH
   seed: int = 0
 
 
@@ -178,8 +178,11 @@ def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str)
 
 def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int,
                val: bool = True, batch: int = 32) -> str:
+  from projects.moving_digits import config as demo_config
+  # the batch is named only when it is not the config's default, so finished steps of
+  # earlier runs (keyed by this string) stay valid
   return (f'projects/moving_digits/config.py:variant={variant},task={task},root={workdir},'
-          f'steps={train_steps},' + (f'batch={batch},' if batch != 32 else '') +
+          f'steps={train_steps},' + (f'batch={batch},' if batch != demo_config.BATCH else '') +
           f'val={int(val)}')
 
 
