@@ -149,7 +149,7 @@ def test_pretrained_checkpoint_reads_like_a_clip_conversion(tmp_path):
 def test_ci_demo_shows_that_aim_tells_motions_apart_and_spatial_adapters_do_not(tmp_path):
   # Two CPU devices, one per core: the same results as eight (400 steps of AIM at batch 16:
   # 53.9% top-1 with either), and faster to compile and run here (spatial 50 s instead of 60).
-  env = cpu_env(2)
+  env = cpu_env(2, optimized=True)  # 400-step runs: run time, not compile time
   proc = subprocess.run([sys.executable, '-m', 'projects.moving_digits.demo',
                          '--workdir', str(tmp_path),
                          '--size', 'ci'], cwd=ROOT, env=env, capture_output=True, text=True,
