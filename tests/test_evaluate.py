@@ -2,7 +2,6 @@
 the view average is the official one, metrics and reports are right, errors name the cause."""
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN, ROOT
+from conftest import GOLDEN, ROOT, cpu_env
 
 from aim_jax import checkpoints, evaluate, multiview, reports, run_config
 from aim_jax import params as P
@@ -61,8 +60,7 @@ def batches_of(videos, labels, batch_size, first_key=0):
 
 
 def run_script(code, tmp_path, devices=8, timeout=300):
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-             JAX_PLATFORMS='cpu', PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
+  env = cpu_env(devices, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
   script = tmp_path / 'script.py'
   script.write_text(textwrap.dedent(code))
   proc = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True,
@@ -312,8 +310,7 @@ def test_evaluate_entry_point_end_to_end_on_tiny_tfrecords(tmp_path):
   checkpoints.save_params(str(ckpt), params, cfg, {'source': 'test'})
   pattern = write_tiny_records(tmp_path / 'records')
   out = tmp_path / 'out'
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
-             JAX_PLATFORMS='cpu')
+  env = cpu_env(8)
   # 10 usable videos in global batches of 4: the last batch holds 2.
   cmd = [sys.executable, '-m', 'aim_jax.evaluate', '--config', 'configs/tiny.py',
          '--checkpoint', str(ckpt), '--output_dir', str(out), '--config.eval.split=test',
@@ -428,8 +425,7 @@ def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
     port = s.getsockname()[1]
   script = tmp_path / 'worker.py'
   script.write_text(WORKER)
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             JAX_PLATFORMS='cpu', PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
+  env = cpu_env(4, PYTHONPATH=f'{ROOT}:{ROOT / "tests"}')
   procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port),
                              str(tmp_path / f'out{i}.npz'),
                              str(tmp_path / 'predictions' / 'predictions.csv')], env=env, cwd=ROOT,

@@ -8,7 +8,6 @@ stub package is served to these tests only (as in test_backbones.py).
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 import torchvision_stub
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 
 from aim_jax.models.factory import resolve_model_config
 from configs import tiny
@@ -191,8 +190,7 @@ def test_benchmark_official_flag_writes_every_row_and_ratio(tmp_path):
           'import torchvision_stub; torchvision_stub.install()\n'
           'from benchmarks import step_benchmark\n'
           f'step_benchmark.run({argv!r})\n')
-  env = dict(os.environ, JAX_PLATFORMS='cpu', CUDA_VISIBLE_DEVICES='', TF_CPP_MIN_LOG_LEVEL='3',
-             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  env = cpu_env(1, CUDA_VISIBLE_DEVICES='')
   proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=900, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from aim_jax import checkpoints, errors, run_config, train
 from aim_jax import params as P
 from aim_jax.convert import cli as convert_cli
@@ -33,8 +34,7 @@ SHORT = ('--config.total_steps=60', '--config.checkpoint.every_steps=20',
 
 
 def _env(**extra):
-  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-              XLA_FLAGS='--xla_force_host_platform_device_count=1', **extra)
+  return cpu_env(1, **extra)
 
 
 def _train_cmd(workdir, *overrides):

@@ -4,7 +4,6 @@ The whole training runs are subprocesses of `python -m aim_jax.train` on 1, 8 an
 simulated CPU devices (the device count is fixed when jax is imported); everything
 else runs in-process on the 8 CPU devices conftest sets up.
 """
-import os
 import pathlib
 import re
 import shutil
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as PS
 
+from conftest import cpu_env
 from aim_jax import checkpoints, optim, sharding, train_state
 from aim_jax import params as P
 from aim_jax.models.factory import build_model, resolve_model_config
@@ -31,8 +31,7 @@ STEPS = 6
 
 
 def run_train(workdir, devices=1, *overrides, check=True):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  env = cpu_env(devices)
   cmd = [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
          '--workdir', str(workdir), f'--config.total_steps={STEPS}',
          '--config.checkpoint.every_steps=3', '--config.eval_every_steps=-1',

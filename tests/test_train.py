@@ -1,6 +1,5 @@
 """`python -m aim_jax.train`: config errors before compiling, init_from, learning,
 preemption (SIGKILL resume, SIGTERM save) and the NaN stop."""
-import os
 import pathlib
 import re
 import signal
@@ -14,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from aim_jax import checkpoints, errors, run_config, train
 from aim_jax import params as P
 from aim_jax.models.factory import build_encoder, build_model, resolve_model_config
@@ -28,8 +28,7 @@ def _cmd(workdir, *overrides):
 
 
 def _env(devices=1):
-  return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-              XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  return cpu_env(devices)
 
 
 def run_train(workdir, *overrides, check=True):

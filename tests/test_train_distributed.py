@@ -1,5 +1,4 @@
 """Two processes on localhost (jax.distributed via JAX_COORDINATOR_ADDRESS) train together."""
-import os
 import pathlib
 import re
 import socket
@@ -9,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import cpu_env
 from aim_jax import checkpoints
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -26,9 +26,7 @@ def test_two_processes_train_a_few_steps_together_and_agree(tmp_path):
   workdir = tmp_path / 'two'
   procs = []
   for pid in range(2):
-    env = dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
-               XLA_FLAGS='--xla_force_host_platform_device_count=2',
-               JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
+    env = cpu_env(2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
                JAX_PROCESS_ID=str(pid))
     cmd = [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
            '--workdir', str(workdir), '--config.total_steps=6', '--config.log_every_steps=2',
