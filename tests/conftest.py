@@ -13,6 +13,10 @@ import tempfile
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+# `import tensorflow` imports keras eagerly (and with it scikit-learn and matplotlib): ~1.5-2 s
+# of the ~6 s each test process spends importing TF. Nothing here uses tf.keras; in legacy mode
+# without tf_keras installed, TF skips that import (a tf.keras access would fail instead).
+os.environ.setdefault('TF_USE_LEGACY_KERAS', '1')
 # Before jax is imported anywhere: the in-process tests see 8 CPU devices.
 _HOST_DEVICES = '--xla_force_host_platform_device_count=8'
 _flags = os.environ.get('XLA_FLAGS', '')
