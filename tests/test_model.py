@@ -232,7 +232,7 @@ def test_gradients_reach_every_trainable_leaf_and_frozen_leaves_are_excluded():
     logits = model.apply({'params': p}, video, train=True, rngs={'dropout': jax.random.key(2)})
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
 
-  grads = P.flatten(jax.grad(loss)(params))
+  grads = P.flatten(jax.jit(jax.grad(loss))(params))
   for k in trainable:
     assert np.all(np.isfinite(grads[k]))
   # Zero-initialised D_fc2 gets gradient; so do head, ln_post and temporal embedding.
@@ -292,7 +292,7 @@ def test_temporal_attention_in_place_equals_the_transposed_layout(dtype, tol):
   def loss_and_grads(impl):
     model = build_model(dict(cfg, dtype=dtype, temporal_attention=impl))
     f = lambda p: jnp.sum(model.apply({'params': p}, video) ** 2)
-    return jax.value_and_grad(f)(params)
+    return jax.jit(jax.value_and_grad(f))(params)
 
   (l1, g1), (l2, g2) = loss_and_grads('einsum'), loss_and_grads('dot_product_attention')
   np.testing.assert_allclose(l1, l2, rtol=tol)
