@@ -33,17 +33,13 @@ SHORT = ('--config.total_steps=60', '--config.checkpoint.every_steps=20',
          '--config.log_every_steps=5', '--config.progress_bar=False')
 
 
-def _env(**extra):
-  return cpu_env(1, **extra)
-
-
 def _train_cmd(workdir, *overrides):
   return [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
           '--workdir', str(workdir), *SHORT, *overrides]
 
 
 def _run(cmd, timeout=900, **env):
-  return subprocess.run(cmd, cwd=ROOT, env=_env(**env), capture_output=True, text=True,
+  return subprocess.run(cmd, cwd=ROOT, env=cpu_env(1, **env), capture_output=True, text=True,
                         timeout=timeout)
 
 
@@ -94,7 +90,7 @@ def finished(tmp_path_factory):
   """A 60-step run (seed 0), paused at step 25 while a second run (seed 1) is started on
   the same workdir; then let to finish."""
   workdir = tmp_path_factory.mktemp('run') / 'w'
-  first = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+  first = subprocess.Popen(_train_cmd(workdir), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
                            stderr=subprocess.PIPE, text=True)
   lines = []
   try:
@@ -344,7 +340,7 @@ def test_an_unwritable_checkpoint_dir_stops_the_run_at_once(tmp_path):
   # 40 and meets the replaced directory at the next one (the background case: below).
   workdir = tmp_path / 'w'
   proc = subprocess.Popen(_train_cmd(workdir, '--config.checkpoint.async_save=False'), cwd=ROOT,
-                          env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                          env=cpu_env(1), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                           text=True)
   lines = []
   try:

@@ -27,12 +27,8 @@ def _cmd(workdir, *overrides):
           '--workdir', str(workdir), '--config.progress_bar=False', *overrides]
 
 
-def _env(devices=1):
-  return cpu_env(devices)
-
-
 def run_train(workdir, *overrides, check=True):
-  out = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=_env(), capture_output=True,
+  out = subprocess.run(_cmd(workdir, *overrides), cwd=ROOT, env=cpu_env(1), capture_output=True,
                        text=True, timeout=900)
   if check and out.returncode:
     raise AssertionError(f'training failed:\n{out.stderr[-4000:]}')
@@ -171,7 +167,7 @@ def test_tiny_config_learns_and_writes_its_workdir(tiny_run):
 def test_sigkill_between_checkpoints_then_restart_equals_uninterrupted_run(tiny_run, tmp_path):
   reference, _ = tiny_run
   workdir = tmp_path / 'killed'
-  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=cpu_env(1), stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   marker = workdir / 'checkpoints' / '40' / '_CHECKPOINT_METADATA'
   deadline = time.time() + 600
@@ -195,7 +191,7 @@ def test_sigterm_saves_exits_75_and_the_rerun_equals_uninterrupted_run(tiny_run,
   reference, _ = tiny_run
   workdir = tmp_path / 'term'
   overrides = ('--config.log_every_steps=1', '--config.checkpoint.every_steps=1000')
-  proc = subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=_env(),
+  proc = subprocess.Popen(_cmd(workdir, *overrides), cwd=ROOT, env=cpu_env(1),
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   lines = []
   for line in proc.stderr:

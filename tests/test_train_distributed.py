@@ -27,7 +27,7 @@ def test_two_processes_train_a_few_steps_together_and_agree(tmp_path):
   procs = []
   for pid in range(2):
     env = cpu_env(2, JAX_COORDINATOR_ADDRESS=f'localhost:{port}', JAX_NUM_PROCESSES='2',
-               JAX_PROCESS_ID=str(pid))
+                  JAX_PROCESS_ID=str(pid))
     cmd = [sys.executable, '-m', 'aim_jax.train', '--config', 'configs/tiny.py',
            '--workdir', str(workdir), '--config.total_steps=6', '--config.log_every_steps=2',
            '--config.checkpoint.every_steps=3', '--config.eval_every_steps=6',
