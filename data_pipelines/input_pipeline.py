@@ -557,15 +557,16 @@ def _train_clip(ex, cfg):
   idx = sampling.train_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
                                interval=cfg.frame_interval, seed=seeds[0])
   encoded = fetch(idx)  # sample before decoding (and reading): only T JPEGs decoded
+  # flips leave the channels reversed (bgr: ops.flip_bgr); normalize puts them back
   if cfg.randaugment_n > 0:
-    video = _randaugment_clip(encoded, cfg, seeds)
+    video, bgr = _randaugment_clip(encoded, cfg, seeds)
   else:
     video = ops.decode_crop_resize(encoded, short_side=cfg.train_short_side, size=cfg.image_size,
                                    seed=seeds[1], area_range=tuple(cfg.area_range),
                                    aspect_ratio_range=tuple(cfg.aspect_ratio_range))
-    video = ops.random_flip(video, cfg.flip_prob, seeds[2])
-  video = ops.pca_lighting(video, cfg.color_jitter, seeds[4])
-  video = ops.normalize(video, cfg.mean, cfg.std)
+    video, bgr = ops.random_flip_bgr(video, cfg.flip_prob, seeds[2])
+  video = ops.pca_lighting(video, cfg.color_jitter, seeds[4], bgr=bgr)
+  video = ops.normalize(video, cfg.mean, cfg.std, bgr=bgr)
   video = ops.random_erasing(video, cfg.random_erasing_prob, seeds[5])
   video = tf.ensure_shape(video, [cfg.num_frames, cfg.image_size, cfg.image_size, 3])
   return {'video': video, 'label': ex['label'], '_epoch': ex['_epoch'], '_index': ex['_index']}
@@ -584,7 +585,8 @@ def _frame_source(ex):
 
 def _randaugment_clip(encoded, cfg, seeds):
   """Crop, flip and imgaug RandAugment(n, m) with one resize: RandAugment's initial crop is
-  folded into the random-resized-crop window, its flip merged with the recipe's flip."""
+  folded into the random-resized-crop window, its flip merged with the recipe's flip.
+  -> (clip, bgr), see `ops.flip_bgr`."""
   from data_pipelines import randaugment  # pylint: disable=g-import-not-at-top
   ra_flip, crop, order, signs, cutout_u = randaugment.draw(seeds[3], cfg.randaugment_n,
                                                            cfg.randaugment_m)

@@ -167,17 +167,19 @@ def _scale(x, factor: float):
   return tf.floor(tf.minimum(out, 255.0) if factor > 1 else out)
 
 
-def luminance(x, channels: int = 1):
+def luminance(x, channels: int = 1, bgr=None):
   """PIL's RGB -> L: (R*19595 + G*38470 + B*7471 + 2**15) >> 16, repeated over `channels`
   output channels: floor(conv(x, w / 2**16) + 0.5), a 1x1 convolution with a bias (one
   fused oneDNN call, no broadcasting over the last axis) and a floor.
 
   Exact in float32: each weight / 2**16 is a 16-bit binary fraction, so every product and
   partial sum of uint8 values is a multiple of 2**-16 below 256, which float32's 24-bit
-  mantissa holds exactly, in any summation order.
+  mantissa holds exactly, in any summation order. With `bgr` true (`ops.flip_bgr`) the
+  channels are B, G, R and the weights are taken in that order.
   """
   w = np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0
-  k = tf.constant(np.tile(w.reshape(1, 1, 3, 1), [1, 1, 1, channels]))
+  w = tf.constant(w) if bgr is None else tf.where(bgr, tf.constant(w[::-1]), tf.constant(w))
+  k = tf.tile(tf.reshape(w, [1, 1, 3, 1]), [1, 1, 1, channels])
   return tf.floor(tf.nn.bias_add(tf.nn.conv2d(x, k, 1, 'VALID'), tf.fill([channels], 0.5)))
 
 
@@ -275,9 +277,9 @@ def equalize(x):
   return tf.reshape(tf.gather_nd(lut, ids[..., None]), x.shape)
 
 
-def contrast(x, factor: float):
+def contrast(x, factor: float, bgr=None):
   """PIL ImageEnhance.Contrast: blend with the frame's mean luminance int(mean + 0.5)."""
-  mean = tf.floor(tf.reduce_mean(luminance(x), axis=[1, 2, 3], keepdims=True) + 0.5)
+  mean = tf.floor(tf.reduce_mean(luminance(x, bgr=bgr), axis=[1, 2, 3], keepdims=True) + 0.5)
   return _blend(mean, x, factor)
 
 
@@ -306,9 +308,10 @@ def cutout(x, u, m: float):
 # ------------------------------------------------------------------ the augmenter
 
 
-def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None):
+def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None):
   """Op number `op` (index into OPS) with `sign` in {-1, 1} at magnitude m on a (T, H, W, 3)
-  float32 clip of uint8 values (static H, W)."""
+  float32 clip of uint8 values (static H, W); `bgr`: its channels are B, G, R (only the
+  luminance of color and contrast depends on the order)."""
   h, w = x.shape[1], x.shape[2]
   mag = magnitudes(m)
   if maps is None:
@@ -335,8 +338,8 @@ def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None):
       'posterize': lambda: tf.floor(x * (1.0 / q)) * q,
       # |255 - x| above the threshold, |0 - x| below it
       'solarize': lambda: tf.abs(tf.cast(x >= mag['solarize_threshold'], tf.float32) * 255.0 - x),
-      'color': enhance(lambda f: _blend(luminance(x, 3), x, f)),
-      'contrast': enhance(lambda f: contrast(x, f)),
+      'color': enhance(lambda f: _blend(luminance(x, 3, bgr), x, f)),
+      'contrast': enhance(lambda f: contrast(x, f, bgr)),
       'brightness': enhance(lambda f: _scale(x, f)),
       'sharpness': enhance(lambda f: _blend(smooth(x), x, f)),
       'cutout': lambda: cutout(x, cutout_u, m),
@@ -383,21 +386,22 @@ def crop_window(top, left, height, width, crop_px224, size: int):
   return top + ct, left + cl, new_h, new_w
 
 
-def _ops_stage(x, flip, order, signs, cutout_u, magnitude: float):
-  h, w = x.shape[1], x.shape[2]
-  x = tf.cond(flip, lambda: tf.reverse(x, axis=[2]), lambda: x)
-  maps = tf.constant(_index_maps(h, w, magnitude))
-  for i in range(order.shape[0]):
-    x = apply_op(x, order[i], signs[i], magnitude, cutout_u=cutout_u, maps=maps)
-  return x
-
-
 def randaugment_ops(x, flip, order, signs, cutout_u, magnitude: float):
   """The main stage on a (T, H, W, 3) float32 clip of uint8 values (static shape): optional
-  flip, then the drawn ops in order. Returns float32 of uint8 values."""
+  flip, then the drawn ops in order -> (float32 of uint8 values, bgr).
+
+  The flip is `ops.flip_bgr`'s: where it flips, the channels come out as B, G, R (`bgr`
+  true) for `ops.normalize(..., bgr=bgr)` to put back. Every op but the luminance of color
+  and contrast treats the channels alike, and those two take the order.
+  """
   if None in x.shape:
     raise ValueError(f'randaugment needs a static clip shape, got {x.shape}')
-  return _ops_stage(x, flip, order, signs, cutout_u, magnitude)
+  from data_pipelines import ops  # pylint: disable=g-import-not-at-top
+  x, bgr = ops.flip_bgr(x, flip)
+  maps = tf.constant(_index_maps(x.shape[1], x.shape[2], magnitude))
+  for i in range(order.shape[0]):
+    x = apply_op(x, order[i], signs[i], magnitude, cutout_u=cutout_u, maps=maps, bgr=bgr)
+  return x, bgr
 
 
 def randaugment(video: tf.Tensor, num_ops: int, magnitude: float, seed) -> tf.Tensor:
@@ -417,4 +421,4 @@ def randaugment(video: tf.Tensor, num_ops: int, magnitude: float, seed) -> tf.Te
   cropped = x[:, px[0]:h - px[2], pw[3]:w - pw[1]]
   x = tf.round(tf.image.resize(cropped, [h, w], method='bilinear'))
   x = tf.ensure_shape(x, [None, h, w, 3])
-  return randaugment_ops(x, tf.constant(False), order, signs, cutout_u, magnitude)
+  return randaugment_ops(x, tf.constant(False), order, signs, cutout_u, magnitude)[0]

@@ -136,6 +136,34 @@ def test_flip_whole_clip():
   assert 60 < sum(flips) < 140
 
 
+def test_channel_reversing_flip_then_normalize_equals_flip_then_normalize_exactly():
+  """`flip_bgr` reverses (W, C) together; normalize and pca_lighting read the channels back
+  in order: the same values, bit for bit, as a plain flip."""
+  from data_pipelines.config import CLIP_MEAN, CLIP_STD
+  x = tf.constant(np.random.RandomState(1).randint(0, 256, (2, 5, 7, 3)).astype(np.float32))
+  for flip in (True, False):
+    y, bgr = ops.flip_bgr(x, tf.constant(flip))
+    assert bool(bgr) == flip
+    want = x[:, :, ::-1] if flip else x
+    np.testing.assert_array_equal(y.numpy(), (want[..., ::-1] if flip else want).numpy())
+    np.testing.assert_array_equal(ops.normalize(y, CLIP_MEAN, CLIP_STD, bgr=bgr).numpy(),
+                                  ops.normalize(want, CLIP_MEAN, CLIP_STD).numpy())
+    seed = tf.constant([3, 4])
+    np.testing.assert_array_equal(
+        ops.normalize(ops.pca_lighting(y, 0.1, seed, bgr=bgr), CLIP_MEAN, CLIP_STD,
+                      bgr=bgr).numpy(),
+        ops.normalize(ops.pca_lighting(want, 0.1, seed), CLIP_MEAN, CLIP_STD).numpy())
+  # the same draw as random_flip
+  for s in range(20):
+    seed = tf.constant([s, 0])
+    y, bgr = ops.random_flip_bgr(x, 0.5, seed)
+    np.testing.assert_array_equal(ops.normalize(y, CLIP_MEAN, CLIP_STD, bgr=bgr).numpy(),
+                                  ops.normalize(ops.random_flip(x, 0.5, seed), CLIP_MEAN,
+                                                CLIP_STD).numpy())
+  y, bgr = ops.random_flip_bgr(x, 0.0, tf.constant([0, 0]))
+  assert not bool(bgr) and y is x
+
+
 def test_normalize_with_clip_mean_std():
   from data_pipelines.config import CLIP_MEAN, CLIP_STD
   x = np.random.RandomState(0).randint(0, 256, (2, 3, 4, 5, 3)).astype(np.uint8)  # (V,T,H,W,3)

@@ -45,7 +45,16 @@ def reference_ra_clip(encoded, cfg, seeds):
   if px.any():
     x = tf.round(tf.image.resize(x[:, px[0]:s - px[2], px[3]:s - px[1]], [s, s])).numpy()
   x = tf.constant(x, tf.float32)
-  return ra.randaugment_ops(x, tf.constant(False), order, signs, u, cfg.randaugment_m).numpy()
+  out, bgr = ra.randaugment_ops(x, tf.constant(False), order, signs, u, cfg.randaugment_m)
+  assert not bool(bgr)
+  return out.numpy()
+
+
+def ra_clip_rgb(enc, cfg, seeds):
+  """The pipeline's RandAugment clip, its channels put back in RGB order where it flipped
+  (ops.flip_bgr)."""
+  got, bgr = input_pipeline._randaugment_clip(enc, cfg, seeds)
+  return got.numpy()[..., ::-1] if bool(bgr) else got.numpy()
 
 
 @pytest.mark.parametrize('flip_prob', [0.0, 1.0])
@@ -56,7 +65,7 @@ def test_randaugment_fold_exact_when_there_is_no_crop(flip_prob):
   cfg = ssv2_cfg(0, flip_prob=flip_prob)
   for s in range(6):
     seeds = tf.random.experimental.stateless_split(tf.constant([s, 5], tf.int64), 6)
-    got = input_pipeline._randaugment_clip(enc, cfg, seeds).numpy()
+    got = ra_clip_rgb(enc, cfg, seeds)
     np.testing.assert_array_equal(got, reference_ra_clip(enc, cfg, seeds))
 
 
@@ -66,7 +75,7 @@ def test_randaugment_fold_close_at_m7():
   diffs = []
   for s in range(8):
     seeds = tf.random.experimental.stateless_split(tf.constant([s, 6], tf.int64), 6)
-    got = input_pipeline._randaugment_clip(enc, cfg, seeds).numpy()
+    got = ra_clip_rgb(enc, cfg, seeds)
     diffs.append(np.abs(got - reference_ra_clip(enc, cfg, seeds)).mean())
   # one interpolation instead of two and a sub-pixel shift of the crop: a few levels at most
   assert np.median(diffs) < 4.0, diffs

@@ -221,6 +221,25 @@ def test_whole_clip_same_ops_on_every_frame_and_seeded():
   assert np.abs(a - c).mean() > 1
 
 
+@pytest.mark.parametrize('name', ['color', 'contrast', 'equalize', 'rotate', 'cutout'])
+def test_flipped_clip_runs_its_ops_with_channels_reversed_and_normalize_restores_them(name):
+  """randaugment_ops flips with ops.flip_bgr (channels come out B, G, R); color and contrast
+  weigh the channels in that order: after normalize, the values of a plain flip."""
+  from data_pipelines import ops
+  x = tf.constant(textured(5, t=2), tf.float32)
+  k = tf.constant([ra.OPS.index(name), ra.OPS.index('brightness')])
+  signs, u = tf.constant([1.0, -1.0]), tf.constant([0.3, 0.6])
+  got, bgr = ra.randaugment_ops(x, tf.constant(True), k, signs, u, M)
+  assert bool(bgr)
+  want = tf.reverse(x, [2])
+  for i in range(2):
+    want = ra.apply_op(want, k[i], signs[i], M, cutout_u=u)
+  np.testing.assert_array_equal(got.numpy()[..., ::-1], want.numpy())
+  mean, std = (120.0, 110.0, 100.0), (60.0, 61.0, 62.0)
+  np.testing.assert_array_equal(ops.normalize(got, mean, std, bgr=bgr).numpy(),
+                                ops.normalize(want, mean, std).numpy())
+
+
 def test_crop_window_fold_is_close_to_crop_then_resize():
   """Folding imgaug's crop into the source window vs cropping the 224 image and resizing."""
   rng = np.random.RandomState(0)
