@@ -39,6 +39,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
+from projects.moving_digits import config as demo_config
+
 VARIANT_NAMES = {
     'head': '(a) frozen, head only',
     'spatial': '(b) + spatial adapter',
@@ -56,12 +58,11 @@ class DemoSize:
   pretrain_steps: int
   steps: Mapping[str, Mapping[str, int]]   # task -> variant -> training steps
   variants: Mapping[str, Sequence[str]]     # task -> variants to run
-  batch: int = 32   # projects/moving_digits/config.py BATCH
+  batch: int = demo_config.BATCH
   seed: int = 0
 
 
 def sizes() -> dict[str, DemoSize]:
-  from projects.moving_digits import config as demo_config
   every = tuple(demo_config.VARIANTS)
   return {
       # `make demo`: the settings measured to show the claim in ~10 minutes on 2 cores.
@@ -158,7 +159,6 @@ def make_data(workdir: pathlib.Path, size: DemoSize, steps: Steps) -> dict:
 
 def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str) -> dict:
   from projects.moving_digits import pretrain
-  from projects.moving_digits import config as demo_config
   out = workdir / 'pretrained'
   inputs = dict(steps=size.pretrain_steps, seed=size.seed, backbone=demo_config.BACKBONE)
   if (rec := steps.done('pretrain', inputs)) and out.exists():
@@ -177,8 +177,7 @@ def pretrain(workdir: pathlib.Path, size: DemoSize, steps: Steps, data_key: str)
 
 
 def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int,
-               val: bool = True, batch: int = 32) -> str:
-  from projects.moving_digits import config as demo_config
+               val: bool = True, batch: int = demo_config.BATCH) -> str:
   # the batch is named only when it is not the config's default, so finished steps of
   # earlier runs (keyed by this string) stay valid
   return (f'projects/moving_digits/config.py:variant={variant},task={task},root={workdir},'
@@ -188,7 +187,7 @@ def config_arg(workdir: pathlib.Path, task: str, variant: str, train_steps: int,
 
 def adapt(workdir: pathlib.Path, task: str, variant: str, train_steps: int, steps: Steps,
           upstream: Mapping[str, str], python: str = sys.executable,
-          evaluate: bool = True, batch: int = 32) -> dict:
+          evaluate: bool = True, batch: int = demo_config.BATCH) -> dict:
   """One variant on one label set: the real train command, then the real evaluate command.
 
   With `evaluate`, `python -m aim_jax.evaluate` scores the test split and writes the
