@@ -107,6 +107,25 @@ def test_count_examples_from_report_and_by_reading(dataset, tmp_path):
   assert 0 < n < len(LENGTHS)
 
 
+def test_record_counts_come_from_the_json_files_on_a_non_local_file_system(dataset):
+  """Shards copied with their prepare JSON files to a file system that is not the local one
+  (TF's ram://, standing in for gs://) keep their counts: no shard has to be read to count it,
+  from the per-shard JSON or, without it, from the split's report."""
+  d, _ = dataset
+  local = sorted(glob.glob(str(d / 'out' / 'toy-train.tfrecord-*')))
+  for with_shard_json in (True, False):
+    root = f'ram://counts_{int(with_shard_json)}/out'
+    tf.io.gfile.makedirs(root)
+    names = [os.path.basename(p) for p in local] + ['toy-train.report.json']
+    if with_shard_json:
+      names += [f'.{os.path.basename(p)}.json' for p in local]
+    for name in names:
+      tf.io.gfile.copy(str(d / 'out' / name), f'{root}/{name}', overwrite=True)
+    shards = input_pipeline._shard_meta([f'{root}/{os.path.basename(p)}' for p in local])
+    counts = [s.records for s in shards]
+    assert all(c > 0 for c in counts) and sum(counts) == len(LENGTHS), (with_shard_json, counts)
+
+
 def test_train_batches_dense_indices_labels_and_determinism(dataset):
   d, _ = dataset
   cfg = make_cfg(d, flip_prob=0.0)
