@@ -76,12 +76,11 @@ def _process(process_index: Optional[int], process_count: Optional[int]) -> Tupl
 _RECORD_OVERHEAD = 16  # TFRecord framing per record: length (8 B), its CRC (4 B), data CRC (4 B)
 
 
-def _reported(path: str, reports: Optional[Dict[str, dict]] = None
-              ) -> Optional[Tuple[int, Optional[int]]]:
+def _reported(path: str, reports: Dict[str, dict]) -> Optional[Tuple[int, Optional[int]]]:
   """(records, record bytes or None) of a shard from the prepare JSON beside it, if any:
   its own `.SHARD.json`, else its entry in a `*.report.json` of the directory (`reports`:
-  those entries by shard name, read once per directory by the caller). Through tf.io.gfile,
-  so shards copied to gs:// with their JSON files keep their counts."""
+  `_report_entries` of the shard's directory, read once per directory by the caller).
+  Through tf.io.gfile, so shards copied to gs:// with their JSON files keep their counts."""
   meta = os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.json')  # prepare's
   try:
     with tf.io.gfile.GFile(meta) as f:
@@ -90,8 +89,6 @@ def _reported(path: str, reports: Optional[Dict[str, dict]] = None
       return int(stats['videos']), (int(stats['bytes']) if 'bytes' in stats else None)
   except (tf.errors.NotFoundError, OSError, ValueError, KeyError, TypeError):
     pass
-  if reports is None:
-    reports = _report_entries(os.path.dirname(path))
   entry = reports.get(os.path.basename(path))
   if entry is not None and entry.get('complete'):
     return int(entry['videos']), (int(entry['bytes']) if 'bytes' in entry else None)

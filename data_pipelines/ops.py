@@ -140,8 +140,9 @@ def random_flip_bgr(frames: tf.Tensor, prob: float, seed) -> Tuple[tf.Tensor, tf
   return flip_bgr(frames, tf.random.stateless_uniform([], seed) < prob)
 
 
-def _rgb(values, bgr) -> tf.Tensor:
-  """A per-channel (3,) or (3, k) constant in the frames' channel order."""
+def in_channel_order(values, bgr) -> tf.Tensor:
+  """Per-channel values ((3,) or (3, k), RGB) in the frames' channel order: reversed when
+  `bgr` (a bool tensor from `flip_bgr`) is true; as given when `bgr` is None."""
   v = tf.convert_to_tensor(values, tf.float32)
   return v if bgr is None else tf.where(bgr, v[::-1], v)
 
@@ -158,7 +159,7 @@ def normalize(frames: tf.Tensor, mean: Sequence[float], std: Sequence[float],
   """
   inv = [1.0 / float(v) for v in std]
   offset = tf.constant([-float(m) * i for m, i in zip(mean, inv)], tf.float32)
-  kernel = _rgb(np.diag(inv).astype(np.float32), bgr)[None, None]  # (1, 1, in 3, out 3)
+  kernel = in_channel_order(np.diag(inv).astype(np.float32), bgr)[None, None]  # (1, 1, in 3, out 3)
   x = tf.cast(frames, tf.float32)
   shape = tf.shape(x)
   flat = tf.reshape(x, tf.concat([[-1], shape[-3:]], 0))  # (..., H, W, 3) -> (N, H, W, 3)
@@ -202,7 +203,7 @@ def pca_lighting(frames: tf.Tensor, alpha_std: float, seed, bgr=None) -> tf.Tens
   alpha = tf.random.stateless_normal([3], seed, stddev=alpha_std)
   vec = tf.constant(_EIG_VEC, tf.float32)
   rgb = tf.linalg.matvec(vec * alpha[None, :], tf.constant(_EIG_VAL, tf.float32))
-  return tf.cast(frames, tf.float32) + _rgb(rgb, bgr)
+  return tf.cast(frames, tf.float32) + in_channel_order(rgb, bgr)
 
 
 def erasing_box(height, width, seed, min_area: float = 0.02, max_area: float = 1 / 3,

@@ -25,6 +25,8 @@ from typing import Dict
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines import ops
+
 OPS = ('identity', 'autocontrast', 'equalize', 'invert', 'rotate', 'posterize', 'solarize',
        'color', 'contrast', 'brightness', 'sharpness', 'shear_x', 'shear_y', 'translate_x',
        'translate_y', 'cutout', 'blur', 'smooth')
@@ -177,8 +179,7 @@ def luminance(x, channels: int = 1, bgr=None):
   mantissa holds exactly, in any summation order. With `bgr` true (`ops.flip_bgr`) the
   channels are B, G, R and the weights are taken in that order.
   """
-  w = np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0
-  w = tf.constant(w) if bgr is None else tf.where(bgr, tf.constant(w[::-1]), tf.constant(w))
+  w = ops.in_channel_order(np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0, bgr)
   k = tf.tile(tf.reshape(w, [1, 1, 3, 1]), [1, 1, 1, channels])
   return tf.floor(tf.nn.bias_add(tf.nn.conv2d(x, k, 1, 'VALID'), tf.fill([channels], 0.5)))
 
@@ -396,7 +397,6 @@ def randaugment_ops(x, flip, order, signs, cutout_u, magnitude: float):
   """
   if None in x.shape:
     raise ValueError(f'randaugment needs a static clip shape, got {x.shape}')
-  from data_pipelines import ops  # pylint: disable=g-import-not-at-top
   x, bgr = ops.flip_bgr(x, flip)
   maps = tf.constant(_index_maps(x.shape[1], x.shape[2], magnitude))
   for i in range(order.shape[0]):
