@@ -28,6 +28,7 @@ for 8x224 and 16x224 clips, and a bare `tf.io.decode_jpeg` of 224x224 frames as 
 Each row also gives the cores needed for 500 clips/s (500 / clips per CPU-second).
 """
 
+import itertools
 import json
 import os
 import resource
@@ -179,7 +180,12 @@ def _worker(spec: str) -> dict:
   if isinstance(it, _EvalEpochs):
     n, dt, cpu = _eval_epochs(it, FLAGS.seconds)
     return _rates(stage, frames, cores, n, dt, cpu)
-  for _ in range(3):
+  # Warm-up: at least 3 batches and 3 seconds, so that one-time work (tf.data's first
+  # fills, RandAugment's XLA compilations, each made when its first op is drawn) is not timed.
+  t0 = time.perf_counter()
+  for i in itertools.count():
+    if i >= 3 and time.perf_counter() - t0 >= 3.0:
+      break
     next(it)
   n, t0, c0 = 0, time.perf_counter(), _cpu_seconds()
   while time.perf_counter() - t0 < FLAGS.seconds:

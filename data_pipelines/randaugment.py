@@ -155,9 +155,18 @@ def _gather_pixels(x, index):
 # ------------------------------------------------------------------ colour ops (PIL arithmetic)
 
 
-def _blend(degenerate, x, factor: float):
-  """PIL `Image.blend(degenerate, x, factor)` on uint8: float32 `d + f*(x-d)`, truncated."""
-  out = degenerate + factor * (x - degenerate)
+def _blend(degenerate, x, factor: float, xla: bool = False):
+  """PIL `Image.blend(degenerate, x, factor)` on uint8: float32 `d + f*(x-d)`, truncated.
+
+  `xla`: the blend is compiled by XLA, whose CPU backend contracts a multiply feeding an add
+  into one fused multiply-add (one rounding instead of two, a level off now and then). A
+  clamp of the product to a range it never leaves sits between the two and keeps them
+  apart, so both paths round the product first, as PIL does.
+  """
+  product = factor * (x - degenerate)
+  if xla:
+    product = tf.clip_by_value(product, -512.0, 512.0)  # |f| <= 1.9, |x - d| <= 255
+  out = degenerate + product
   if factor < 0 or factor > 1:
     out = tf.clip_by_value(out, 0.0, 255.0)
   return tf.floor(out)
@@ -184,18 +193,45 @@ def luminance(x, channels: int = 1, bgr=None):
   return tf.floor(tf.nn.bias_add(tf.nn.conv2d(x, k, 1, 'VALID'), tf.fill([channels], 0.5)))
 
 
+def _luminance_xla(x, channels: int = 1, bgr=None):
+  """`luminance` as elementwise products and sums, for XLA to fuse into its consumer (its
+  convolution has no such fusion). The same exact values: every term is a multiple of
+  2**-16 below 256, so no sum rounds, fused multiply-adds included."""
+  w = ops.in_channel_order(np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0, bgr)
+  lum = tf.floor(x[..., 0:1] * w[0] + x[..., 1:2] * w[1] + x[..., 2:3] * w[2] + 0.5)
+  return lum if channels == 1 else tf.broadcast_to(lum, tf.concat([tf.shape(lum)[:-1],
+                                                                   [channels]], 0))
+
+
+def _filter_sums(x, kernel: np.ndarray, divisor: float):
+  """The interior of PIL's `ImageFilter.Kernel`, before rounding: a VALID depthwise
+  convolution with the kernel / divisor -> (T, H - 2b, W - 2b, 3), b = size // 2."""
+  if kernel.min() < 0 or kernel.sum() != divisor:
+    raise ValueError('_filter skips the clip: the kernel must be non-negative and normalised')
+  k = tf.constant(np.tile(kernel[:, :, None, None].astype(np.float32), [1, 1, 3, 1]) / divisor)
+  return tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], 'VALID')
+
+
+def _with_border(x, sums, xla: bool = False):
+  """The filtered clip: the interior `sums` rounded, the border of x kept. `xla`: as a
+  padding and a select, which XLA fuses into one pass (TF runs the two concats as copies)."""
+  b = (x.shape[1] - sums.shape[1]) // 2
+  inner = tf.floor(sums + 0.5)
+  if not xla:
+    mid = tf.concat([x[:, b:-b, :b], inner, x[:, b:-b, -b:]], axis=2)
+    return tf.concat([x[:, :b], mid, x[:, -b:]], axis=1)
+  h, w = x.shape[1], x.shape[2]
+  rows = tf.range(h)[:, None, None]
+  cols = tf.range(w)[None, :, None]
+  inside = (rows >= b) & (rows < h - b) & (cols >= b) & (cols < w - b)
+  return tf.where(inside[None], tf.pad(inner, [[0, 0], [b, b], [b, b], [0, 0]]), x)
+
+
 def _filter(x, kernel: np.ndarray, divisor: float):
   """PIL `ImageFilter.Kernel` on uint8: border of size//2 kept, interior rounded (and
   clipped, which these kernels never need: their weights are >= 0 and sum to `divisor`,
   so the weighted mean of values in 0..255 stays in 0..255)."""
-  if kernel.min() < 0 or kernel.sum() != divisor:
-    raise ValueError('_filter skips the clip: the kernel must be non-negative and normalised')
-  size = kernel.shape[0]
-  b = size // 2
-  k = tf.constant(np.tile(kernel[:, :, None, None].astype(np.float32), [1, 1, 3, 1]) / divisor)
-  inner = tf.floor(tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], 'VALID') + 0.5)
-  mid = tf.concat([x[:, b:-b, :b], inner, x[:, b:-b, -b:]], axis=2)
-  return tf.concat([x[:, :b], mid, x[:, -b:]], axis=1)
+  return _with_border(x, _filter_sums(x, kernel, divisor))
 
 
 _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]])
@@ -278,10 +314,17 @@ def equalize(x):
   return tf.reshape(tf.gather_nd(lut, ids[..., None]), x.shape)
 
 
-def contrast(x, factor: float, bgr=None):
-  """PIL ImageEnhance.Contrast: blend with the frame's mean luminance int(mean + 0.5)."""
-  mean = tf.floor(tf.reduce_mean(luminance(x, bgr=bgr), axis=[1, 2, 3], keepdims=True) + 0.5)
-  return _blend(mean, x, factor)
+def contrast(x, factor: float, bgr=None, xla: bool = False):
+  """PIL ImageEnhance.Contrast: blend with the frame's mean luminance int(mean + 0.5).
+
+  The rounded mean is integer arithmetic on the luminance sum S over n pixels:
+  (2S + n) // 2n, exact at any frame size and the same in both paths (a float mean can
+  round across the .5 where 1/n nears float32's resolution)."""
+  lum = (_luminance_xla if xla else luminance)(x, bgr=bgr)
+  n = int(x.shape[1]) * int(x.shape[2])
+  total = tf.reduce_sum(tf.cast(lum, tf.int32), axis=[1, 2, 3], keepdims=True)
+  mean = tf.cast((2 * total + n) // (2 * n), tf.float32)
+  return _blend(mean, x, factor, xla)
 
 
 def cutout_box(u, height: int, width: int, m: float):
@@ -309,21 +352,24 @@ def cutout(x, u, m: float):
 # ------------------------------------------------------------------ the augmenter
 
 
-def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None):
-  """Op number `op` (index into OPS) with `sign` in {-1, 1} at magnitude m on a (T, H, W, 3)
-  float32 clip of uint8 values (static H, W); `bgr`: its channels are B, G, R (only the
-  luminance of color and contrast depends on the order)."""
+# The ops XLA runs faster than TF's kernels do: their chains of elementwise ops become one
+# loop over the clip, and the pixel gathers are vectorised. Equalize (a histogram and a
+# per-value lookup) stays with TF's kernels; the filters convolve with TF's kernel (which
+# XLA's CPU backend runs several times slower) but finish in XLA (`_xla_filter_ends`).
+# Identity stays outside too: as an XLA computation it would copy the clip.
+_TF_ONLY = ('identity', 'equalize', 'sharpness', 'blur', 'smooth')
+XLA_OPS = tuple(name for name in OPS if name not in _TF_ONLY)
+
+
+def _branches(x, sign, m: float, cutout_u, maps, bgr, xla: bool):
+  """Op name -> a function of no arguments computing it on x (see `apply_op`)."""
   h, w = x.shape[1], x.shape[2]
   mag = magnitudes(m)
-  if maps is None:
-    maps = tf.constant(_index_maps(h, w, m))
-  if cutout_u is None:
-    cutout_u = tf.constant([0.5, 0.5])
-  sign = tf.cast(sign, tf.float32)
   hi_f = min(1.0 + mag['enhance'], 1.9)
   lo_f = max(1.0 - mag['enhance'], 0.1)
   bits = mag['posterize_bits']
   q = float(2 ** (8 - bits))
+  lum = _luminance_xla if xla else luminance
 
   def enhance(fn):
     return lambda: tf.cond(sign > 0, lambda: fn(hi_f), lambda: fn(lo_f))
@@ -339,10 +385,10 @@ def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None):
       'posterize': lambda: tf.floor(x * (1.0 / q)) * q,
       # |255 - x| above the threshold, |0 - x| below it
       'solarize': lambda: tf.abs(tf.cast(x >= mag['solarize_threshold'], tf.float32) * 255.0 - x),
-      'color': enhance(lambda f: _blend(luminance(x, 3, bgr), x, f)),
-      'contrast': enhance(lambda f: contrast(x, f, bgr)),
+      'color': enhance(lambda f: _blend(lum(x, 3, bgr), x, f, xla)),
+      'contrast': enhance(lambda f: contrast(x, f, bgr, xla)),
       'brightness': enhance(lambda f: _scale(x, f)),
-      'sharpness': enhance(lambda f: _blend(smooth(x), x, f)),
+      'sharpness': enhance(lambda f: _blend(smooth(x), x, f, xla)),
       'cutout': lambda: cutout(x, cutout_u, m),
       'blur': lambda: blur(x),
       'smooth': lambda: smooth(x),
@@ -353,8 +399,79 @@ def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None):
     pos, neg = (translation_shift(name, sg, h, w, m) for sg in (1.0, -1.0))
     branches[name] = (lambda p, n, a: lambda: tf.cond(sign > 0, lambda: _shift(x, p, a),
                                                       lambda: _shift(x, n, a)))(pos, neg, axis)
-  fns = [branches[name] for name in OPS]
-  out = tf.switch_case(tf.cast(op, tf.int32), fns)
+  return branches
+
+
+_XLA_FUNCTIONS: Dict[float, tf.types.experimental.GenericFunction] = {}
+
+
+def _xla_function(m: float):
+  """The XLA_OPS at magnitude m as one XLA computation (traced and compiled once per clip
+  shape): (x, index into XLA_OPS, sign, cutout_u, maps, bgr) -> x."""
+  m = float(m)
+  if m not in _XLA_FUNCTIONS:
+    def run(x, k, sign, cutout_u, maps, bgr):
+      branches = _branches(x, sign, m, cutout_u, maps, bgr, xla=True)
+      return tf.switch_case(k, [branches[name] for name in XLA_OPS])
+    _XLA_FUNCTIONS[m] = tf.function(run, jit_compile=True)
+  return _XLA_FUNCTIONS[m]
+
+
+_XLA_FILTER_ENDS: Dict[float, tuple] = {}
+
+
+def _xla_filter_ends(m: float):
+  """XLA computations that finish the filters from their convolution sums: (x, sums) -> the
+  filtered clip, and (x, sums, sign) -> sharpness at magnitude m."""
+  m = float(m)
+  if m not in _XLA_FILTER_ENDS:
+    mag = magnitudes(m)
+    hi_f, lo_f = min(1.0 + mag['enhance'], 1.9), max(1.0 - mag['enhance'], 0.1)
+
+    def sharpen(x, sums, sign):
+      # one blend with the drawn factor as a tensor (no conditional, so XLA fuses the whole
+      # op into one loop); its clip changes nothing for a factor in [0, 1], where `_blend`
+      # has none: the result lies between the two values blended
+      smoothed = _with_border(x, sums, xla=True)
+      factor = tf.where(sign > 0, hi_f, lo_f)
+      product = tf.clip_by_value(factor * (x - smoothed), -512.0, 512.0)
+      return tf.floor(tf.clip_by_value(smoothed + product, 0.0, 255.0))
+
+    _XLA_FILTER_ENDS[m] = (tf.function(lambda x, sums: _with_border(x, sums, xla=True),
+                                       jit_compile=True),
+                           tf.function(sharpen, jit_compile=True))
+  return _XLA_FILTER_ENDS[m]
+
+
+def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None, xla: bool = True):
+  """Op number `op` (index into OPS) with `sign` in {-1, 1} at magnitude m on a (T, H, W, 3)
+  float32 clip of uint8 values (static H, W); `bgr`: its channels are B, G, R (only the
+  luminance of color and contrast depends on the order).
+
+  With `xla`, the XLA_OPS run as one XLA computation (`_xla_function`), the filters end in
+  one (`_xla_filter_ends`), and the rest are TF ops; without, every op runs as TF ops. Both
+  give the same values, bit for bit.
+  """
+  h, w = x.shape[1], x.shape[2]
+  if maps is None:
+    maps = tf.constant(_index_maps(h, w, m))
+  if cutout_u is None:
+    cutout_u = tf.constant([0.5, 0.5])
+  if bgr is None:
+    bgr = tf.constant(False)
+  sign = tf.cast(sign, tf.float32)
+  branches = _branches(x, sign, m, cutout_u, maps, bgr, xla=False)
+  if xla:
+    fused = _xla_function(m)
+    local = tf.constant([XLA_OPS.index(n) if n in XLA_OPS else 0 for n in OPS], tf.int32)
+    k = tf.gather(local, tf.cast(op, tf.int32))
+    run_fused = lambda: fused(x, k, sign, cutout_u, maps, tf.convert_to_tensor(bgr, tf.bool))
+    branches.update({name: run_fused for name in XLA_OPS})
+    border, sharpen = _xla_filter_ends(m)
+    branches['smooth'] = lambda: border(x, _filter_sums(x, _SMOOTH, 13.0))
+    branches['blur'] = lambda: border(x, _filter_sums(x, _BLUR, 16.0))
+    branches['sharpness'] = lambda: sharpen(x, _filter_sums(x, _SMOOTH, 13.0), sign)
+  out = tf.switch_case(tf.cast(op, tf.int32), [branches[name] for name in OPS])
   return tf.ensure_shape(out, x.shape)
 
 

@@ -252,3 +252,53 @@ def test_crop_window_fold_is_close_to_crop_then_resize():
   two_step = tf.image.resize(full[:, px[0]:224 - px[2], px[3]:224 - px[1]], [224, 224]).numpy()
   assert (top, left) == (10 + round(3 / 224 * 150), 20 + round(5 / 224 * 160))
   assert np.abs(folded - two_step).mean() < 2.0
+
+
+def _tied_luminance_clip():
+  """Half of each frame at luminance 100, half at 101: the mean is exactly 100.5, where
+  contrast's rounding (to 101) is easiest to get wrong."""
+  x = np.zeros((2, 96, 128, 3), np.float32)
+  x[:, :48], x[:, 48:] = 100, 101
+  return x
+
+
+def _xla_against_tf_ops(m):
+  """Every op, both signs, both channel orders: apply_op's XLA path against its TF-ops path
+  (xla=False), on noise at 224x224, a textured clip and a tied-luminance clip."""
+  rng = np.random.default_rng(int(m))
+  clips = [rng.integers(0, 256, (1, 224, 224, 3)).astype(np.float32),
+           textured(int(m), h=96, w=128).astype(np.float32), _tied_luminance_clip()]
+  for x in map(tf.constant, clips):
+    for k, name in enumerate(ra.OPS):
+      for sign in (-1.0, 1.0):
+        for bgr in (False, True):
+          args = (x, tf.constant(k), tf.constant(sign), m)
+          kw = dict(cutout_u=tf.constant([0.3, 0.6]), bgr=tf.constant(bgr))
+          np.testing.assert_array_equal(ra.apply_op(*args, **kw, xla=True).numpy(),
+                                        ra.apply_op(*args, **kw, xla=False).numpy(),
+                                        err_msg=f'{name} sign {sign} bgr {bgr} m {m}')
+
+
+def test_xla_path_gives_the_tf_ops_values_bit_for_bit():
+  """apply_op runs most ops as one XLA computation and finishes the filters in XLA, with
+  the values of the TF ops. In a subprocess with XLA's default code optimisation: the tests'
+  level 0 (conftest) would hide what matters here, the fused multiply-adds LLVM makes at
+  full optimisation (without `ra._blend`'s guard, color and contrast differ by a level in
+  ~0.1 % of the values of the 224x224 noise)."""
+  import subprocess
+  import sys
+  from conftest import ROOT, cpu_env
+  code = ('import sys; sys.path.insert(0, "tests"); import test_randaugment as t\n'
+          'for m in (7, 30):\n  t._xla_against_tf_ops(m)\nprint("ok")')
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=cpu_env(1, optimized=True),
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
+
+
+def test_contrast_rounds_a_tied_mean_luminance_up_as_pil():
+  x = _tied_luminance_clip()
+  for factor in (0.79, 1.21):
+    want = per_frame(lambda im, f=factor: ImageEnhance.Contrast(im).enhance(f), x.astype(np.uint8))
+    for xla in (False, True):
+      got = ra.contrast(tf.constant(x), factor, xla=xla).numpy()
+      np.testing.assert_array_equal(got, want, err_msg=f'factor {factor} xla {xla}')
