@@ -20,6 +20,7 @@ the five affine ops use PIL's nearest-neighbour sampling, so each is an integer 
 a few elementwise ops each, with PIL's truncating arithmetic.
 """
 
+import os
 from typing import Dict
 
 import numpy as np
@@ -402,12 +403,38 @@ def _branches(x, sign, m: float, cutout_u, maps, bgr, xla: bool):
   return branches
 
 
+_TF_XLA_STARTED = False
+
+
+def _start_tf_xla():
+  """Makes TF's first XLA compilation with XLA_FLAGS unset.
+
+  TF's XLA reads XLA_FLAGS once, at its first compilation, and aborts the process on a flag
+  it does not know. The variable is usually there for JAX, whose XLA is another version with
+  other flags (a GPU flag newer than TensorFlow's XLA would stop a training run at its first
+  RandAugment clip). Called where the pipeline is built (the compilation is lifted out of any
+  graph being traced); JAX reads the variable as it was.
+  """
+  global _TF_XLA_STARTED
+  if _TF_XLA_STARTED:
+    return
+  saved = os.environ.pop('XLA_FLAGS', None)
+  try:
+    with tf.init_scope(), tf.device('/CPU:0'):
+      tf.function(lambda v: v + 1.0, jit_compile=True)(tf.zeros([1]))
+  finally:
+    if saved is not None:
+      os.environ['XLA_FLAGS'] = saved
+  _TF_XLA_STARTED = True
+
+
 _XLA_FUNCTIONS: Dict[float, tf.types.experimental.GenericFunction] = {}
 
 
 def _xla_function(m: float):
   """The XLA_OPS at magnitude m as one XLA computation (traced and compiled once per clip
   shape): (x, index into XLA_OPS, sign, cutout_u, maps, bgr) -> x."""
+  _start_tf_xla()
   m = float(m)
   if m not in _XLA_FUNCTIONS:
     def run(x, k, sign, cutout_u, maps, bgr):
@@ -423,6 +450,7 @@ _XLA_FILTER_ENDS: Dict[float, tuple] = {}
 def _xla_filter_ends(m: float):
   """XLA computations that finish the filters from their convolution sums: (x, sums) -> the
   filtered clip, and (x, sums, sign) -> sharpness at magnitude m."""
+  _start_tf_xla()
   m = float(m)
   if m not in _XLA_FILTER_ENDS:
     mag = magnitudes(m)

@@ -290,7 +290,11 @@ def test_xla_path_gives_the_tf_ops_values_bit_for_bit():
   from conftest import ROOT, cpu_env
   code = ('import sys; sys.path.insert(0, "tests"); import test_randaugment as t\n'
           'for m in (7,):\n  t._xla_against_tf_ops(m)\nprint("ok")')
-  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=cpu_env(1, optimized=True),
+  env = cpu_env(1, optimized=True)
+  # XLA_FLAGS as set for JAX, with a flag TF's XLA does not know: it would abort the
+  # process at TF's first XLA compilation, had `ra._start_tf_xla` not made that one without it
+  env['XLA_FLAGS'] += ' --xla_flag_that_only_another_xla_version_knows=true'
+  out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
   assert out.returncode == 0 and out.stdout.strip() == 'ok', out.stderr[-3000:]
 
