@@ -12,12 +12,15 @@ gets the same flip, crop, ops, order, signs and positions. imgaug's augmenter is
 
 docs/data_pipeline.md has the op table (op, formula, value at m=7, imgaug's parameter).
 
-Speed (benchmark.py `train_ra`): the ops run on the 224x224 uint8-valued clip in float32
-(integer values, rounded after the crop resize as imgaug's uint8 frames are); the initial
-crop is folded into the random-resized-crop window (`crop_window`, one resize per clip);
-the five affine ops use PIL's nearest-neighbour sampling, so each is an integer index map
-(precomputed with numpy when the graph is built) and one row gather per clip; colour ops are
-a few elementwise ops each, with PIL's truncating arithmetic.
+Speed (benchmarks/pipeline_benchmark.py `train_ra`): the ops run on the 224x224
+uint8-valued clip in float32 (integer values, rounded after the crop resize as imgaug's
+uint8 frames are); the initial crop is folded into the random-resized-crop window
+(`crop_window`, one resize per clip); the five affine ops use PIL's nearest-neighbour
+sampling, so each is an integer index map (precomputed with numpy when the graph is built)
+and one row gather per clip; colour ops are a few elementwise ops each, with PIL's
+truncating arithmetic. Most ops run as one XLA computation, where those elementwise chains
+become one pass over the clip (`apply_op`, `XLA_OPS`); `apply_op(..., xla=False)` gives the
+same values with TF ops only.
 """
 
 import os
