@@ -24,7 +24,7 @@ same values with TF ops only.
 """
 
 import os
-from typing import Dict
+from typing import Callable, Dict, NamedTuple
 
 import numpy as np
 import tensorflow as tf
@@ -159,8 +159,12 @@ def _gather_pixels(x, index):
 # ------------------------------------------------------------------ colour ops (PIL arithmetic)
 
 
-def _blend(degenerate, x, factor: float, xla: bool = False):
+def _blend(degenerate, x, factor, xla: bool = False):
   """PIL `Image.blend(degenerate, x, factor)` on uint8: float32 `d + f*(x-d)`, truncated.
+
+  `factor` is a float, or a float32 tensor in [0.1, 1.9] (the drawn one of an enhance op's
+  two factors): then the result is always clipped to 0..255, which changes nothing for a
+  factor in [0, 1], where a float factor gets no clip (the result lies between d and x).
 
   `xla`: the blend is compiled by XLA, whose CPU backend contracts a multiply feeding an add
   into one fused multiply-add (one rounding instead of two, a level off now and then). A
@@ -171,15 +175,25 @@ def _blend(degenerate, x, factor: float, xla: bool = False):
   if xla:
     product = tf.clip_by_value(product, -512.0, 512.0)  # |f| <= 1.9, |x - d| <= 255
   out = degenerate + product
-  if factor < 0 or factor > 1:
+  if not isinstance(factor, float) or factor < 0 or factor > 1:
     out = tf.clip_by_value(out, 0.0, 255.0)
   return tf.floor(out)
+
+
+def _enhance_factors(m: float):
+  """imgaug's enhance factors at magnitude m: (for sign > 0, for sign < 0)."""
+  enhance = magnitudes(m)['enhance']
+  return min(1.0 + enhance, 1.9), max(1.0 - enhance, 0.1)
 
 
 def _scale(x, factor: float):
   """`_blend(0, x, factor)`, PIL's brightness: 0 + f*(x - 0) is f*x exactly, >= 0."""
   out = x * factor
   return tf.floor(tf.minimum(out, 255.0) if factor > 1 else out)
+
+
+# PIL's RGB -> L weights / 2**16: 16-bit binary fractions, exact in float32
+_LUMA = np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0
 
 
 def luminance(x, channels: int = 1, bgr=None):
@@ -192,7 +206,7 @@ def luminance(x, channels: int = 1, bgr=None):
   mantissa holds exactly, in any summation order. With `bgr` true (`ops.flip_bgr`) the
   channels are B, G, R and the weights are taken in that order.
   """
-  w = ops.in_channel_order(np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0, bgr)
+  w = ops.in_channel_order(_LUMA, bgr)
   k = tf.tile(tf.reshape(w, [1, 1, 3, 1]), [1, 1, 1, channels])
   return tf.floor(tf.nn.bias_add(tf.nn.conv2d(x, k, 1, 'VALID'), tf.fill([channels], 0.5)))
 
@@ -201,7 +215,7 @@ def _luminance_xla(x, channels: int = 1, bgr=None):
   """`luminance` as elementwise products and sums, for XLA to fuse into its consumer (its
   convolution has no such fusion). The same exact values: every term is a multiple of
   2**-16 below 256, so no sum rounds, fused multiply-adds included."""
-  w = ops.in_channel_order(np.array([19595.0, 38470.0, 7471.0], np.float32) / 65536.0, bgr)
+  w = ops.in_channel_order(_LUMA, bgr)
   lum = tf.floor(x[..., 0:1] * w[0] + x[..., 1:2] * w[1] + x[..., 2:3] * w[2] + 0.5)
   return lum if channels == 1 else tf.broadcast_to(lum, tf.concat([tf.shape(lum)[:-1],
                                                                    [channels]], 0))
@@ -359,7 +373,7 @@ def cutout(x, u, m: float):
 # The ops XLA runs faster than TF's kernels do: their chains of elementwise ops become one
 # loop over the clip, and the pixel gathers are vectorised. Equalize (a histogram and a
 # per-value lookup) stays with TF's kernels; the filters convolve with TF's kernel (which
-# XLA's CPU backend runs several times slower) but finish in XLA (`_xla_filter_ends`).
+# XLA's CPU backend runs several times slower) but finish in XLA (`_xla_computations`).
 # Identity stays outside too: as an XLA computation it would copy the clip.
 _TF_ONLY = ('identity', 'equalize', 'sharpness', 'blur', 'smooth')
 XLA_OPS = tuple(name for name in OPS if name not in _TF_ONLY)
@@ -369,8 +383,7 @@ def _branches(x, sign, m: float, cutout_u, maps, bgr, xla: bool):
   """Op name -> a function of no arguments computing it on x (see `apply_op`)."""
   h, w = x.shape[1], x.shape[2]
   mag = magnitudes(m)
-  hi_f = min(1.0 + mag['enhance'], 1.9)
-  lo_f = max(1.0 - mag['enhance'], 0.1)
+  hi_f, lo_f = _enhance_factors(m)
   bits = mag['posterize_bits']
   q = float(2 ** (8 - bits))
   lum = _luminance_xla if xla else luminance
@@ -431,47 +444,38 @@ def _start_tf_xla():
   _TF_XLA_STARTED = True
 
 
-_XLA_FUNCTIONS: Dict[float, tf.types.experimental.GenericFunction] = {}
+class _XlaComputations(NamedTuple):
+  """The XLA computations of `apply_op` at one magnitude (each traced and compiled once per
+  clip shape)."""
+  ops: Callable        # (x, index into XLA_OPS, sign, cutout_u, maps, bgr) -> x
+  border: Callable     # (x, filter sums) -> the filtered clip (smooth, blur)
+  sharpen: Callable    # (x, smooth's sums, sign) -> sharpness
 
 
-def _xla_function(m: float):
-  """The XLA_OPS at magnitude m as one XLA computation (traced and compiled once per clip
-  shape): (x, index into XLA_OPS, sign, cutout_u, maps, bgr) -> x."""
+_XLA_COMPUTATIONS: Dict[float, _XlaComputations] = {}
+
+
+def _xla_computations(m: float) -> _XlaComputations:
+  """`_XlaComputations` at magnitude m, made once per magnitude."""
   _start_tf_xla()
   m = float(m)
-  if m not in _XLA_FUNCTIONS:
-    def run(x, k, sign, cutout_u, maps, bgr):
+  if m not in _XLA_COMPUTATIONS:
+    hi_f, lo_f = _enhance_factors(m)
+
+    def run_ops(x, k, sign, cutout_u, maps, bgr):
       branches = _branches(x, sign, m, cutout_u, maps, bgr, xla=True)
       return tf.switch_case(k, [branches[name] for name in XLA_OPS])
-    _XLA_FUNCTIONS[m] = tf.function(run, jit_compile=True)
-  return _XLA_FUNCTIONS[m]
-
-
-_XLA_FILTER_ENDS: Dict[float, tuple] = {}
-
-
-def _xla_filter_ends(m: float):
-  """XLA computations that finish the filters from their convolution sums: (x, sums) -> the
-  filtered clip, and (x, sums, sign) -> sharpness at magnitude m."""
-  _start_tf_xla()
-  m = float(m)
-  if m not in _XLA_FILTER_ENDS:
-    mag = magnitudes(m)
-    hi_f, lo_f = min(1.0 + mag['enhance'], 1.9), max(1.0 - mag['enhance'], 0.1)
 
     def sharpen(x, sums, sign):
-      # one blend with the drawn factor as a tensor (no conditional, so XLA fuses the whole
-      # op into one loop); its clip changes nothing for a factor in [0, 1], where `_blend`
-      # has none: the result lies between the two values blended
-      smoothed = _with_border(x, sums, xla=True)
-      factor = tf.where(sign > 0, hi_f, lo_f)
-      product = tf.clip_by_value(factor * (x - smoothed), -512.0, 512.0)
-      return tf.floor(tf.clip_by_value(smoothed + product, 0.0, 255.0))
+      # the drawn factor as a tensor, not a conditional: XLA fuses the op into one loop
+      return _blend(_with_border(x, sums, xla=True), x, tf.where(sign > 0, hi_f, lo_f),
+                    xla=True)
 
-    _XLA_FILTER_ENDS[m] = (tf.function(lambda x, sums: _with_border(x, sums, xla=True),
-                                       jit_compile=True),
-                           tf.function(sharpen, jit_compile=True))
-  return _XLA_FILTER_ENDS[m]
+    _XLA_COMPUTATIONS[m] = _XlaComputations(
+        ops=tf.function(run_ops, jit_compile=True),
+        border=tf.function(lambda x, sums: _with_border(x, sums, xla=True), jit_compile=True),
+        sharpen=tf.function(sharpen, jit_compile=True))
+  return _XLA_COMPUTATIONS[m]
 
 
 def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None, xla: bool = True):
@@ -479,8 +483,8 @@ def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None, xla
   float32 clip of uint8 values (static H, W); `bgr`: its channels are B, G, R (only the
   luminance of color and contrast depends on the order).
 
-  With `xla`, the XLA_OPS run as one XLA computation (`_xla_function`), the filters end in
-  one (`_xla_filter_ends`), and the rest are TF ops; without, every op runs as TF ops. Both
+  With `xla`, the XLA_OPS run as one XLA computation, the filters end in one
+  (`_xla_computations`), and the rest are TF ops; without, every op runs as TF ops. Both
   give the same values, bit for bit.
   """
   h, w = x.shape[1], x.shape[2]
@@ -493,15 +497,14 @@ def apply_op(x, op: int, sign, m: float, cutout_u=None, maps=None, bgr=None, xla
   sign = tf.cast(sign, tf.float32)
   branches = _branches(x, sign, m, cutout_u, maps, bgr, xla=False)
   if xla:
-    fused = _xla_function(m)
+    fn = _xla_computations(m)
     local = tf.constant([XLA_OPS.index(n) if n in XLA_OPS else 0 for n in OPS], tf.int32)
     k = tf.gather(local, tf.cast(op, tf.int32))
-    run_fused = lambda: fused(x, k, sign, cutout_u, maps, tf.convert_to_tensor(bgr, tf.bool))
-    branches.update({name: run_fused for name in XLA_OPS})
-    border, sharpen = _xla_filter_ends(m)
-    branches['smooth'] = lambda: border(x, _filter_sums(x, _SMOOTH, 13.0))
-    branches['blur'] = lambda: border(x, _filter_sums(x, _BLUR, 16.0))
-    branches['sharpness'] = lambda: sharpen(x, _filter_sums(x, _SMOOTH, 13.0), sign)
+    run_ops = lambda: fn.ops(x, k, sign, cutout_u, maps, tf.convert_to_tensor(bgr, tf.bool))
+    branches.update({name: run_ops for name in XLA_OPS})
+    branches['smooth'] = lambda: fn.border(x, _filter_sums(x, _SMOOTH, 13.0))
+    branches['blur'] = lambda: fn.border(x, _filter_sums(x, _BLUR, 16.0))
+    branches['sharpness'] = lambda: fn.sharpen(x, _filter_sums(x, _SMOOTH, 13.0), sign)
   out = tf.switch_case(tf.cast(op, tf.int32), [branches[name] for name in OPS])
   return tf.ensure_shape(out, x.shape)
 
