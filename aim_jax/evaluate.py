@@ -106,7 +106,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
                         keep_scores: bool = False) -> multiview.EvalResult:
   """Load, check, evaluate the configured split on every device, write the reports."""
   from aim_jax import sharding
-  from data_pipelines import input_pipeline
+  import data_pipelines
 
   if predictions_format not in ('csv', 'jsonl'):
     raise errors.ConfigError("predictions format must be 'csv' or 'jsonl', got "
@@ -123,11 +123,12 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   param_sharding = sharding.logical_shardings(boxed, mesh, rules)
   processes = jax.process_count()
   per_process = math.ceil(config.eval.batch_size / processes)
-  expected = input_pipeline.count_examples(config.data, split)
+  pipeline = data_pipelines.for_source(config.data.source)
+  expected = pipeline.count_examples(config.data, split)
   logging.info('evaluating %s (%s) on split %r: %d videos x %d views, %d devices, mesh %s, '
                '%d videos per step per process', checkpoint, kind, split, expected, views,
                jax.device_count(), dict(mesh.shape), per_process)
-  batches = input_pipeline.make_eval_dataset(
+  batches = pipeline.make_eval_dataset(
       config.data, split=split, batch_size=per_process,
       process_index=jax.process_index(), process_count=processes)
 

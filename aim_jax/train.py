@@ -49,10 +49,11 @@ class NonFiniteLoss(FloatingPointError):
 # ---------------------------------------------------------------------------------------
 # Before anything is compiled: the plan of the run.
 # ---------------------------------------------------------------------------------------
-def data_module():
-  """data_pipelines.input_pipeline, imported only when a run starts (it imports TensorFlow)."""
-  from data_pipelines import input_pipeline
-  return input_pipeline
+def data_module(config: Any):
+  """The run's data pipeline module, imported only when a run starts (tf.data's imports
+  TensorFlow; the synthetic source's does not)."""
+  import data_pipelines
+  return data_pipelines.for_source(config.data.source)
 
 
 def versions() -> dict:
@@ -91,7 +92,7 @@ class Plan:
                                      sharding.data_parallel_size(self.mesh))
     if config.init_from:
       checkpoints.check_init_from(config.init_from, self.model_cfg)
-    self.data = data_module()
+    self.data = data_module(config)
     self.steps_per_epoch = steps_per_epoch(config, self.data)
     self.total_steps = int(config.total_steps or round(config.total_epochs * self.steps_per_epoch))
     # 0: every 5 epochs (official); -1: never (not even at the end).

@@ -6,6 +6,8 @@ misspelt override fails loudly. Values follow the official AIM recipe
 CLIP mean/std on 0..255, short side 256 for training/validation and 224 for testing.
 """
 
+from typing import Optional
+
 import ml_collections
 
 # CLIP normalisation on 0..255 (= CLIP mean/std * 255), as the official configs use.
@@ -72,3 +74,40 @@ def default_data_config() -> ml_collections.ConfigDict:
   # records; 'off' always whole records; 'require' fails naming a shard without one.
   c.frame_index = 'auto'
   return c
+
+
+# Evaluation crops per clip (data.val_crops / data.test_crops) the pipelines implement.
+EVAL_CROPS = {1: 'the centre crop', 3: 'three crops along the long side',
+              10: 'ten crops: four corners and the centre, each also flipped'}
+
+
+def views(cfg: ml_collections.ConfigDict, split: str) -> tuple[int, int]:
+  """(clips, crops) of an evaluation split, checked: a bad value fails here, naming its field."""
+  if split not in ('val', 'test'):
+    raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
+  clips, crops = cfg[f'{split}_clips'], cfg[f'{split}_crops']
+  if isinstance(crops, bool) or crops not in EVAL_CROPS or not isinstance(crops, int):
+    raise ValueError(f'data.{split}_crops={crops!r} is not supported; use '
+                     + ', '.join(f'{k} ({v})' for k, v in EVAL_CROPS.items()))
+  if isinstance(clips, bool) or not isinstance(clips, int) or clips < 1:
+    raise ValueError(f'data.{split}_clips={clips!r} must be a positive integer')
+  return clips, crops
+
+
+def check_views(cfg: ml_collections.ConfigDict) -> None:
+  """Checks the view fields of both evaluation splits (one-line errors naming the field).
+  Training calls it first: evaluation during and after training uses them."""
+  for split in ('val', 'test'):
+    views(cfg, split)
+
+
+def process_slot(process_index: Optional[int],
+                 process_count: Optional[int]) -> tuple[int, int]:
+  """(index, count) of the process a pipeline reads for; None: this JAX process's."""
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
+  return process_index, process_count

@@ -36,10 +36,12 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from data_pipelines import config as config_lib
 from data_pipelines import frame_index
 from data_pipelines import ops
 from data_pipelines import records
 from data_pipelines import sampling
+from data_pipelines import synthetic
 
 _SPLIT_FIELDS = {'train': 'train_files', 'val': 'val_files', 'test': 'test_files'}
 _HASH_BUCKETS = 1_000_000
@@ -61,16 +63,6 @@ def list_files(patterns: str, field: str = 'files') -> List[str]:
       raise FileNotFoundError(f'data.{field}: pattern {pattern!r} matches no file')
     out.extend(m for m in matched if not m.endswith('.json') and not m.endswith('.tmp'))
   return sorted(set(out))
-
-
-def _process(process_index: Optional[int], process_count: Optional[int]) -> Tuple[int, int]:
-  if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index {process_index} not in [0, {process_count})')
-  return process_index, process_count
 
 
 _RECORD_OVERHEAD = 16  # TFRecord framing per record: length (8 B), its CRC (4 B), data CRC (4 B)
@@ -260,7 +252,7 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   if split == 'train' and data_cfg.num_train_examples:
     return int(data_cfg.num_train_examples)
   if data_cfg.source == 'synthetic':
-    return _SYNTHETIC_SIZES[split]
+    return synthetic.count_examples(data_cfg, split)
   if data_cfg.source == 'tfds':
     from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.count_examples(data_cfg, split)
@@ -646,7 +638,7 @@ def eval_views(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *, split: str)
 
 def _eval_views(n, fetch, cfg: ml_collections.ConfigDict, split: str) -> tf.Tensor:
   """`eval_views` of a video of n frames whose encoded frames `fetch(indices)` returns."""
-  clips, crops = _views(cfg, split)
+  clips, crops = config_lib.views(cfg, split)
   idx = sampling.eval_indices(n, sampling=cfg.sampling, clip_len=cfg.num_frames,
                               interval=cfg.frame_interval, num_clips=clips)  # (clips, T)
   flat = tf.reshape(idx, [-1])  # (clips*T,)
@@ -662,7 +654,7 @@ def _eval_views(n, fetch, cfg: ml_collections.ConfigDict, split: str) -> tf.Tens
 def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,
                            split: str) -> tf.Tensor:
   """(clips*T, H, W, 3) sampled frames -> (V, T, S, S, 3) normalised views."""
-  clips, crops = _views(cfg, split)
+  clips, crops = config_lib.views(cfg, split)
   t, size = cfg.num_frames, cfg.image_size
   short = cfg.test_short_side if split == 'test' else cfg.train_short_side
   frames = ops.resize_short_side(frames, short)
@@ -692,29 +684,6 @@ def ten_crop(frames: tf.Tensor, size: int) -> tf.Tensor:
   return tf.stack(views, axis=0)
 
 
-_CROPS = {1: 'the centre crop', 3: 'three crops along the long side',
-          10: 'ten crops: four corners and the centre, each also flipped'}
-
-
-def _views(cfg, split: str) -> Tuple[int, int]:
-  """(clips, crops) of an evaluation split, checked: a bad value fails here, naming its field."""
-  if split not in ('val', 'test'):
-    raise ValueError(f"eval split must be 'val' or 'test', got {split!r}")
-  clips, crops = cfg[f'{split}_clips'], cfg[f'{split}_crops']
-  if isinstance(crops, bool) or crops not in _CROPS or not isinstance(crops, int):
-    raise ValueError(f'data.{split}_crops={crops!r} is not supported; use '
-                     + ', '.join(f'{k} ({v})' for k, v in _CROPS.items()))
-  if isinstance(clips, bool) or not isinstance(clips, int) or clips < 1:
-    raise ValueError(f'data.{split}_clips={clips!r} must be a positive integer')
-  return clips, crops
-
-
-def check_views(cfg: ml_collections.ConfigDict) -> None:
-  """Checks the view fields of both evaluation splits (one-line errors naming the field)."""
-  for split in ('val', 'test'):
-    _views(cfg, split)
-
-
 def _options(cfg: ml_collections.ConfigDict, deterministic: bool = True) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = deterministic
@@ -731,10 +700,11 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
                        start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite iterator of {'video': f32 (B,T,H,W,3), 'label': i32 (B,)}; B per process."""
   cfg = data_cfg
-  check_views(cfg)  # evaluation during and after training uses them: fail now, not hours later
-  pi, pc = _process(process_index, process_count)
+  config_lib.check_views(cfg)  # evaluation uses them: fail now, not hours later
+  pi, pc = config_lib.process_slot(process_index, process_count)
   if cfg.source == 'synthetic':
-    return _synthetic_train(cfg, batch_size, seed, pi, start_step)
+    return synthetic.make_train_dataset(cfg, batch_size=batch_size, seed=seed, process_index=pi,
+                                        process_count=pc, start_step=start_step)
   par = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
   seed_base = tf.constant([seed, pi], tf.int64)
   stats = SkipStats()
@@ -810,10 +780,11 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   holds the same number of videos to within one and every video is seen exactly once.
   """
   cfg = data_cfg
-  _views(cfg, split)
-  pi, pc = _process(process_index, process_count)
+  config_lib.views(cfg, split)
+  pi, pc = config_lib.process_slot(process_index, process_count)
   if cfg.source == 'synthetic':
-    return _synthetic_eval(cfg, split, batch_size, pi, pc)
+    return synthetic.make_eval_dataset(cfg, split=split, batch_size=batch_size,
+                                       process_index=pi, process_count=pc)
   par = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
   stats = SkipStats()
   if cfg.source == 'tfds':
@@ -848,43 +819,3 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   ds = ds.with_options(_options(cfg))
   # Evaluation never stops for bad clips: they are counted and listed in `.stats`.
   return _BatchIterator(ds, stats, 1.0, 1 << 62, ('video', 'label', 'key'), epoch_size=size)
-
-
-# ------------------------------------------------------------------ synthetic source
-
-_SYNTHETIC_SIZES = {'train': 256, 'val': 32, 'test': 32}
-
-
-def _synthetic_clip(cfg, seed, views: int):
-  """Random normalised video whose mean depends on its label (learnable, for smoke runs)."""
-  s = cfg.image_size
-  label = tf.random.stateless_uniform([], seed, 0, cfg.num_classes, dtype=tf.int32)
-  noise = tf.random.stateless_normal([views, cfg.num_frames, s, s, 3],
-                                     tf.random.experimental.stateless_fold_in(seed, 1))
-  shift = tf.cast(label, tf.float32) / max(cfg.num_classes - 1, 1) * 2.0 - 1.0
-  return noise * 0.5 + shift, label
-
-
-def _synthetic_train(cfg, batch_size, seed, pi, start_step):
-  base = tf.constant([seed, pi], tf.int64)
-
-  def make(i):
-    video, label = _synthetic_clip(cfg, tf.random.experimental.stateless_fold_in(base, i), 1)
-    return {'video': video[0], 'label': label}
-
-  ds = tf.data.Dataset.range(start_step * batch_size, 2**62).map(_graph(make)).batch(batch_size)
-  return ds.prefetch(cfg.prefetch).as_numpy_iterator()
-
-
-def _synthetic_eval(cfg, split, batch_size, pi, pc):
-  clips, crops = _views(cfg, split)
-  n = _SYNTHETIC_SIZES[split]
-  base = tf.constant([10_007, ['val', 'test'].index(split)], tf.int64)
-
-  def make(i):
-    video, label = _synthetic_clip(cfg, tf.random.experimental.stateless_fold_in(base, i),
-                                   clips * crops)
-    return {'video': video, 'label': label, 'key': tf.strings.format('synthetic-{}', i)}
-
-  ds = tf.data.Dataset.range(n).shard(pc, pi).map(_graph(make)).batch(batch_size)
-  return ds.prefetch(cfg.prefetch).as_numpy_iterator()

@@ -119,6 +119,7 @@ def load_video_clip(path: str, data_cfg, split: str = 'test') -> np.ndarray:
   the TFRecord path are only the JPEG round trip and swscale's bilinear resize.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from data_pipelines import config as config_lib  # pylint: disable=g-import-not-at-top
   from data_pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
   from data_pipelines import sampling  # pylint: disable=g-import-not-at-top
   short = data_cfg.test_short_side if split == 'test' else data_cfg.train_short_side
@@ -129,7 +130,7 @@ def load_video_clip(path: str, data_cfg, split: str = 'test') -> np.ndarray:
   if report.shortfall():
     logging.warning('%s: %s; predicting from the frames decoded', path, report.shortfall())
   frames = np.stack(frames)  # (N, H, W, 3) uint8
-  clips, _ = input_pipeline._views(data_cfg, split)  # pylint: disable=protected-access
+  clips, _ = config_lib.views(data_cfg, split)
   idx = sampling.eval_indices(frames.shape[0], sampling=data_cfg.sampling,
                               clip_len=data_cfg.num_frames, interval=data_cfg.frame_interval,
                               num_clips=clips)  # (clips, T)

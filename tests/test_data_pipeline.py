@@ -319,6 +319,39 @@ def test_synthetic_source_shapes():
   assert e['video'].shape == (4, 6, 4, 16, 16, 3) and len(e['key']) == 4
 
 
+def test_synthetic_source_resumes_and_splits_between_processes():
+  from data_pipelines import synthetic
+  cfg = config_lib.default_data_config()
+  cfg.source, cfg.num_classes, cfg.num_frames, cfg.image_size = 'synthetic', 5, 2, 8
+  it = synthetic.make_train_dataset(cfg, batch_size=3, seed=4, process_index=0, process_count=1)
+  batches = [next(it) for _ in range(3)]
+  resumed = next(synthetic.make_train_dataset(cfg, batch_size=3, seed=4, process_index=0,
+                                              process_count=1, start_step=2))
+  np.testing.assert_array_equal(resumed['video'], batches[2]['video'])
+  np.testing.assert_array_equal(resumed['label'], batches[2]['label'])
+  other = next(synthetic.make_train_dataset(cfg, batch_size=3, seed=4, process_index=1,
+                                            process_count=2))
+  assert not np.array_equal(other['video'], batches[0]['video'])
+  # Labels are learnable: the clip's mean is its label's shift.
+  for b in batches:
+    shift = b['label'] / 4 * 2 - 1
+    np.testing.assert_allclose(b['video'].mean((1, 2, 3, 4)), shift, atol=0.05)
+  # Evaluation: every video of the split once over the processes, the same video whichever
+  # process reads it.
+  keys, videos = [], {}
+  for pi in range(3):
+    for b in synthetic.make_eval_dataset(cfg, split='val', batch_size=5, process_index=pi,
+                                         process_count=3):
+      keys += list(b['key'])
+      videos.update(zip(b['key'], b['video']))
+  assert sorted(keys) == sorted(f'synthetic-{i}'.encode() for i in range(32))
+  alone = {k: v for b in synthetic.make_eval_dataset(cfg, split='val', batch_size=32,
+                                                     process_index=0, process_count=1)
+           for k, v in zip(b['key'], b['video'])}
+  for k, v in alone.items():
+    np.testing.assert_array_equal(videos[k], v)
+
+
 def test_autotune_off_gives_the_same_stream(dataset):
   """`data.autotune=False` (projects/moving_digits/config.py) changes only the threads, never
   the clips."""

@@ -119,6 +119,22 @@ def test_demo_config_variants():
     assert c.init_from == '/r/pretrained'
   with pytest.raises(ValueError, match='variant'):
     demo_config.get_config('variant=nope')
+  # The clip length is the model's; the data config follows it.
+  c = demo_config.get_config('frames=4')
+  assert c.model.num_frames == 4 and c.data.num_frames == 4
+  with pytest.raises(ValueError, match='frames=9'):
+    demo_config.get_config('frames=9')
+
+
+def test_demo_commands_name_only_what_differs_from_the_config_defaults():
+  # Finished steps are keyed by the config argument: a full run's keys stay as they were.
+  from projects.moving_digits import demo
+  full = demo.config_arg(pathlib.Path('/w'), 'motion', 'aim', 600)
+  assert 'batch=' not in full and 'frames=' not in full
+  ci = demo.sizes()['ci']
+  arg = demo.config_arg(pathlib.Path('/w'), 'motion', 'aim', 400, batch=ci.batch,
+                        frames=ci.frames)
+  assert 'batch=16,' in arg and 'frames=4,' in arg
 
 
 def test_pretrained_checkpoint_reads_like_a_clip_conversion(tmp_path):

@@ -21,7 +21,9 @@ reversals): `temporal` 91% and `aim` 96% top-1; `head` and `spatial` about 21%
 Arguments (`:key=value,...`): variant, task, root (the demo work directory
 holding data/ and pretrained/), steps (0 = the variant's default), batch,
 lr (0 = the variant's default), val (1: evaluate the test split at the end of
-training; `make demo` passes 0 where `python -m aim_jax.evaluate` follows).
+training; `make demo` passes 0 where `python -m aim_jax.evaluate` follows),
+frames (1-8: the model's clip length, sampled uniformly from each 8-frame clip;
+the CI demo uses 4).
 """
 
 import ml_collections
@@ -62,13 +64,16 @@ def tfrecord_glob(root: str, task: str, split: str) -> str:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   a = common.parse_arg(arg, variant='aim', task='motion', root='demo_workdir', steps=0,
-                       batch=BATCH, lr=0.0, val=1)
+                       batch=BATCH, lr=0.0, val=1, frames=NUM_FRAMES)
   if a.variant not in VARIANTS:
     raise ValueError(f'projects/moving_digits/config.py: variant {a.variant!r} is not one of '
                      f'{VARIANTS}')
   if a.task not in TASKS:
     raise ValueError(f'projects/moving_digits/config.py: task {a.task!r} is not one of '
                      f'{sorted(TASKS)}')
+  if not 1 <= a.frames <= NUM_FRAMES:
+    raise ValueError(f'projects/moving_digits/config.py: frames={a.frames}, but a clip has '
+                     f'{NUM_FRAMES} frames (1 to {NUM_FRAMES})')
   steps = a.steps or STEPS[a.task][a.variant]
 
   c = common.get_base_config()
@@ -85,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # training it would back-propagate through the whole frozen backbone.
     c.trainable = ['ln_post', 'cls_head']
   c.init_from = f'{a.root}/pretrained'
-  common.set_frames(c, NUM_FRAMES)
+  common.set_frames(c, a.frames)
 
   d = c.data
   d.source = 'tfrecord'
@@ -93,7 +98,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   d.val_files = tfrecord_glob(a.root, a.task, 'test')
   d.test_files = tfrecord_glob(a.root, a.task, 'test')
   d.num_classes = TASKS[a.task]
-  # Clips are exactly 8 frames: uniform sampling takes each frame once, in order.
+  # Clips are exactly 8 frames: uniform sampling takes each frame once, in order (with
+  # fewer frames, one per segment: a random one in training, the middle one in evaluation).
   d.sampling = 'uniform'
   d.frame_interval = 1
   d.image_size = 32
