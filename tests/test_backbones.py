@@ -150,7 +150,7 @@ def _convert(sd, expect, heads=4, **options):
 
 
 def _features(cfg, params, images):
-  return np.asarray(build_encoder(cfg).apply({'params': params}, jnp.asarray(images)))
+  return np.asarray(jax.jit(build_encoder(cfg).apply)({'params': params}, jnp.asarray(images)))
 
 
 def _timm_vit(timm, seed=0, std=0.1, **kw):

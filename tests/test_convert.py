@@ -62,9 +62,11 @@ def run_cli(*args):
 def flax_outputs(out_dir, x):
   """(embeddings, pre-projection features) of the converted encoder on NHWC images."""
   params, cfg, meta = checkpoints.load_params(str(out_dir))
-  emb = build_encoder(cfg).apply({'params': params}, jnp.asarray(x))
+  # jitted: one compilation of the whole forward instead of one per operation and shape
+  emb = jax.jit(build_encoder(cfg).apply)({'params': params}, jnp.asarray(x))
   pre_params = {k: v for k, v in params.items() if k != 'proj'}
-  pre = build_encoder(dict(cfg, output_dim=0)).apply({'params': pre_params}, jnp.asarray(x))
+  pre = jax.jit(build_encoder(dict(cfg, output_dim=0)).apply)({'params': pre_params},
+                                                               jnp.asarray(x))
   return np.asarray(emb), np.asarray(pre), cfg, meta
 
 
