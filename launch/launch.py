@@ -398,12 +398,21 @@ def local_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
       # Background jobs ignore Ctrl-C: forward it (and TERM) to them as SIGTERM, on
       # which training checkpoints. Set after the forks so that no child inherits it.
       "trap 'kill -TERM \"${pids[@]}\" 2>/dev/null || true' INT TERM",
-      # A failed process would leave the others waiting on it: stop them all.
+      # A failed process would leave the others waiting on it: stop them all. Each is
+      # waited for by its pid once it has ended: a loop of `wait -n` reads two processes
+      # that end together as a failure (~1 in 300 here: bash reaps both at once and the
+      # second `wait -n` finds no child left, exit 127).
       'status=0',
-            'for _ in "${pids[@]}"; do',
-            '  if ! wait -n; then status=1; kill -TERM "${pids[@]}" 2>/dev/null || true; fi',
-            'done',
-            'exit $status']
+      'while [ ${#pids[@]} -gt 0 ]; do',
+      '  for i in "${!pids[@]}"; do',
+      '    if ! kill -0 "${pids[$i]}" 2>/dev/null; then',
+      '      wait "${pids[$i]}" || { status=1; kill -TERM "${pids[@]}" 2>/dev/null || true; }',
+      '      unset "pids[$i]"',
+      '    fi',
+      '  done',
+      '  if [ ${#pids[@]} -gt 0 ]; then sleep 0.2; fi',
+      'done',
+      'exit $status']
   return Plan(notes, steps)
 
 
