@@ -249,10 +249,10 @@ def _kept_positions(shards: Sequence[_Shard], fraction: float) -> int:
 
 def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   """Number of videos of a split (over all processes)."""
-  if split == 'train' and data_cfg.num_train_examples:
-    return int(data_cfg.num_train_examples)
   if data_cfg.source == 'synthetic':
     return synthetic.count_examples(data_cfg, split)
+  if split == 'train' and data_cfg.num_train_examples:
+    return int(data_cfg.num_train_examples)
   if data_cfg.source == 'tfds':
     from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.count_examples(data_cfg, split)
@@ -700,11 +700,12 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
                        start_step: int = 0) -> Iterator[Dict[str, np.ndarray]]:
   """Infinite iterator of {'video': f32 (B,T,H,W,3), 'label': i32 (B,)}; B per process."""
   cfg = data_cfg
+  if cfg.source == 'synthetic':   # it makes the same checks
+    return synthetic.make_train_dataset(cfg, batch_size=batch_size, seed=seed,
+                                        process_index=process_index,
+                                        process_count=process_count, start_step=start_step)
   config_lib.check_views(cfg)  # evaluation uses them: fail now, not hours later
   pi, pc = config_lib.process_slot(process_index, process_count)
-  if cfg.source == 'synthetic':
-    return synthetic.make_train_dataset(cfg, batch_size=batch_size, seed=seed, process_index=pi,
-                                        process_count=pc, start_step=start_step)
   par = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
   seed_base = tf.constant([seed, pi], tf.int64)
   stats = SkipStats()
@@ -780,11 +781,11 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
   holds the same number of videos to within one and every video is seen exactly once.
   """
   cfg = data_cfg
+  if cfg.source == 'synthetic':   # it makes the same checks
+    return synthetic.make_eval_dataset(cfg, split=split, batch_size=batch_size,
+                                       process_index=process_index, process_count=process_count)
   config_lib.views(cfg, split)
   pi, pc = config_lib.process_slot(process_index, process_count)
-  if cfg.source == 'synthetic':
-    return synthetic.make_eval_dataset(cfg, split=split, batch_size=batch_size,
-                                       process_index=pi, process_count=pc)
   par = tf.data.AUTOTUNE if cfg.num_parallel_calls < 0 else cfg.num_parallel_calls
   stats = SkipStats()
   if cfg.source == 'tfds':

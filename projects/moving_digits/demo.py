@@ -302,7 +302,8 @@ def write_report(workdir: pathlib.Path, results: Mapping[str, Mapping[str, dict]
   lines = [
       '# Moving Digits: AIM ablation', '',
       f'Data: {data_rec["clips"]} clips (8 frames, 32x32; the models see '
-      f'{"all 8" if size.frames == 8 else size.frames}), {size.train_per_class} train and '
+      f'{"all" if size.frames == demo_config.NUM_FRAMES else size.frames}), '
+      f'{size.train_per_class} train and '
       f'{size.test_per_class} test clips per motion class; test clips show held-out digit images. '
       f'Image pre-training: {pretrain_rec["steps"]} steps, held-out digit top-1 '
       f'{pretrain_rec["heldout_top1"]:.1%}.', '',
