@@ -21,13 +21,18 @@ export PYTHONUNBUFFERED := 1
 setup: $(STAMP)
 
 $(CORE): pyproject.toml Makefile
-	$(PY) -m venv $(VENV)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) -U pip "setuptools<81" wheel
 	$(PIP) -e ".[data]"
 	$(COMPILE)
 	touch $(CORE)
 
-$(STAMP): $(CORE)
+# Everything in one go rather than on top of $(CORE): one byte-compilation pass over the
+# venv instead of two (each pass re-reads every file it compiled before) and one install
+# of the project: ~10 s less of a fresh `make test`. It leaves $(CORE) done as well.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) -U pip "setuptools<81" wheel
 	# CPU torch for the conversion tools and their tests, never the CUDA build (an
 	# unpinned or plain `torch==X` from the registry is the multi-GB CUDA one). Here the
 	# CPU wheel exists for Python 3.11; elsewhere it is skipped, and so are the tests
@@ -38,7 +43,7 @@ $(STAMP): $(CORE)
 	# models for the conversion tests only need their model code.
 	-$(PIP) --no-deps open_clip_torch timm clip-anytorch
 	$(COMPILE)
-	touch $(STAMP)
+	touch $(CORE) $(STAMP)
 
 # Two workers (pytest-xdist; a module's tests stay on one worker, so its shared fixtures
 # are built once); tests/conftest.py gives the run one XLA compilation cache.
