@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # CORE: the library and its data pipeline, enough for `make demo`;
-# STAMP: everything `make test` needs on top (torch and the reference libraries).
+# STAMP: everything `make test` needs: CORE, torch and the reference libraries.
 CORE := $(VENV)/.installed-core
 STAMP := $(VENV)/.installed
 # pip byte-compiles what it installs file by file on one core (~50 s of the setup here);
@@ -20,9 +20,14 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(CORE): pyproject.toml Makefile
+# The venv and its installer, shared by both stamps.
+define VENV_BOOTSTRAP
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) -U pip "setuptools<81" wheel
+endef
+
+$(CORE): pyproject.toml Makefile
+	$(VENV_BOOTSTRAP)
 	$(PIP) -e ".[data]"
 	$(COMPILE)
 	touch $(CORE)
@@ -31,8 +36,7 @@ $(CORE): pyproject.toml Makefile
 # venv instead of two (each pass re-reads every file it compiled before) and one install
 # of the project: ~10 s less of a fresh `make test`. It leaves $(CORE) done as well.
 $(STAMP): pyproject.toml Makefile
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(PIP) -U pip "setuptools<81" wheel
+	$(VENV_BOOTSTRAP)
 	# CPU torch for the conversion tools and their tests, never the CUDA build (an
 	# unpinned or plain `torch==X` from the registry is the multi-GB CUDA one). Here the
 	# CPU wheel exists for Python 3.11; elsewhere it is skipped, and so are the tests

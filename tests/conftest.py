@@ -26,18 +26,15 @@ if 'xla_force_host_platform_device_count' not in _flags:
 # code takes longer than running it. Level 0 cut test_swin.py from 85 s to 54 s here, with
 # the same results (the same XLA graph; only the machine code is less tuned). Subprocesses
 # inherit it; `cpu_env(optimized=True)` restores the default for runs that take many steps.
-# Set the flag yourself (any level) to override.
-_NO_BACKEND_OPT = '--xla_backend_optimization_level=0'
-if 'xla_backend_optimization_level' not in _flags:
-  _flags = f'{_flags} {_NO_BACKEND_OPT}'
-# XLA's newer CPU fusion emitters (MLIR) compile a fusion more slowly than the older ones;
-# the older ones cut the compilation-bound test_attention_impl.py + test_model.py from ~120
-# to ~75 CPU-s here, with the same results. For runs of many steps (`optimized=True`) the
-# default is kept: its machine code runs faster (the CI demo's image pre-training: 47 s
-# with it, 62 s without). Set the flag yourself to override.
-_OLD_FUSION_EMITTERS = '--xla_cpu_use_fusion_emitters=false'
-if 'xla_cpu_use_fusion_emitters' not in _flags:
-  _flags = f'{_flags} {_OLD_FUSION_EMITTERS}'
+# Likewise XLA's newer CPU fusion emitters (MLIR) compile a fusion more slowly than the
+# older ones; the older ones cut the compilation-bound test_attention_impl.py +
+# test_model.py from ~120 to ~75 CPU-s here, with the same results. For runs of many steps
+# (`optimized=True`) the default is kept: its machine code runs faster (the CI demo's image
+# pre-training: 47 s with it, 62 s without).
+_FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
+for _flag in _FAST_COMPILE:
+  if _flag.split('=')[0] not in _flags:    # set the flag yourself (any value) to override
+    _flags = f'{_flags} {_flag}'
 os.environ['XLA_FLAGS'] = _flags.strip()
 
 # One XLA compilation cache for the whole test run, shared by the in-process tests and
@@ -61,8 +58,7 @@ if str(ROOT) not in sys.path:
 def cpu_env(devices: int = 1, *, optimized: bool = False, **extra: str) -> dict:
   """The environment of a subprocess that runs on `devices` CPU devices; `optimized`: with
   XLA's default code optimisation (for runs of hundreds of steps), not the tests' level 0."""
-  drop = ['xla_force_host_platform_device_count'] + (
-      [_NO_BACKEND_OPT, _OLD_FUSION_EMITTERS] if optimized else [])
+  drop = ['xla_force_host_platform_device_count'] + (list(_FAST_COMPILE) if optimized else [])
   flags = ' '.join(f for f in os.environ.get('XLA_FLAGS', '').split()
                    if not any(d in f for d in drop))
   return dict(os.environ, JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='3',
