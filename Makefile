@@ -11,8 +11,16 @@ STAMP := $(VENV)/.installed
 # files in ~25 s. Without them each process would compile TF, JAX and torch from source
 # whenever PYTHONDONTWRITEBYTECODE is set. (compileall exits 1 on the few Python 2 files some
 # packages ship as test data; pip skips those too.)
+# The files no process of the project imports are left out of that pass (a third of its
+# time, ~10 s): the packages' own test suites, pip, and the transformers models other than
+# those the tests compare conversions with. A module left out still imports (compiled in
+# memory each time).
 PIP := $(BIN)/pip install -q --no-compile
-COMPILE := $(BIN)/python -m compileall -q -j 0 $(VENV)/lib > /dev/null 2>&1 || true
+# The project itself, editable, built with the venv's own setuptools (installed first, in
+# VENV_BOOTSTRAP) instead of in a fresh isolated build environment: 1.3 s instead of 3.4.
+EDITABLE := --no-build-isolation -e
+NOT_IMPORTED := /tests?/|/site-packages/pip/|/transformers/models/(?!__init__|auto/|clip/|siglip|dinov2|encoder_decoder/|vit/)
+COMPILE := $(BIN)/python -m compileall -q -j 0 -x '$(NOT_IMPORTED)' $(VENV)/lib > /dev/null 2>&1 || true
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 
@@ -28,7 +36,7 @@ endef
 
 $(CORE): pyproject.toml Makefile
 	$(VENV_BOOTSTRAP)
-	$(PIP) -e ".[data]"
+	$(PIP) $(EDITABLE) ".[data]"
 	$(COMPILE)
 	touch $(CORE)
 
@@ -42,7 +50,7 @@ $(STAMP): pyproject.toml Makefile
 	# CPU wheel exists for Python 3.11; elsewhere it is skipped, and so are the tests
 	# that need it.
 	-$(PIP) "torch==2.13.0+cpu"
-	$(PIP) -e ".[data,convert-notorch,test]"
+	$(PIP) $(EDITABLE) ".[data,convert-notorch,test]"
 	# open_clip / timm / clip declare torchvision (no CPU build here): reference
 	# models for the conversion tests only need their model code.
 	-$(PIP) --no-deps open_clip_torch timm clip-anytorch

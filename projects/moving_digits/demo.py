@@ -72,12 +72,13 @@ def sizes() -> dict[str, DemoSize]:
       # CI (tests/test_demo.py): the contrast that matters, as small as still shows it, at
       # batch 16 and 4 of each clip's 8 frames: spatial against full AIM on motion, and the
       # frozen model's head alone on appearance (appearance needs no temporal modelling).
-      # Measured on 2 cores with 2 CPU devices, as the test runs it: spatial 16% and AIM
+      # Measured on 2 cores with 2 CPU devices, as the test runs it: spatial 15-16% and AIM
       # 53-55% top-1 on motion (a 37-40-point gap, as with 8 frames: 16% and 55%; the test
-      # asserts 25), head 74% on appearance. AIM trains in 29 s instead of 44 at 8 frames and
-      # the whole test takes 2.7 min instead of 3.1 (alone on the machine); image
-      # pre-training stays at 600 steps (at 300, 47% held-out digit top-1 instead of 75%,
-      # and the head on appearance falls to 43%).
+      # asserts 25), head 74% on appearance. AIM trains in 26-29 s instead of 44 at 8 frames
+      # and the whole test takes 2.3 min (alone on the machine; the image pre-training is
+      # data parallel over the two devices: 26 s instead of 47). Image pre-training stays at
+      # 600 steps (at 300, 47% held-out digit top-1 instead of 75%, and the head on
+      # appearance falls to 43%).
       'ci': DemoSize(train_per_class=64, test_per_class=16, pretrain_steps=600,
                      steps={'motion': {'spatial': 400, 'aim': 400}, 'appearance': {'head': 100}},
                      variants={'motion': ('spatial', 'aim'), 'appearance': ('head',)},
