@@ -15,12 +15,12 @@ STAMP := $(VENV)/.installed
 # time, ~10 s): the packages' own test suites, pip, and the transformers models other than
 # those the tests compare conversions with. A module left out still imports (compiled in
 # memory each time).
+NOT_IMPORTED := /tests?/|/site-packages/pip/|/transformers/models/(?!__init__|auto/|clip/|siglip|dinov2|encoder_decoder/|vit/)
+COMPILE := $(BIN)/python -m compileall -q -j 0 -x '$(NOT_IMPORTED)' $(VENV)/lib > /dev/null 2>&1 || true
 PIP := $(BIN)/pip install -q --no-compile
 # The project itself, editable, built with the venv's own setuptools (installed first, in
 # VENV_BOOTSTRAP) instead of in a fresh isolated build environment: 1.3 s instead of 3.4.
 EDITABLE := --no-build-isolation -e
-NOT_IMPORTED := /tests?/|/site-packages/pip/|/transformers/models/(?!__init__|auto/|clip/|siglip|dinov2|encoder_decoder/|vit/)
-COMPILE := $(BIN)/python -m compileall -q -j 0 -x '$(NOT_IMPORTED)' $(VENV)/lib > /dev/null 2>&1 || true
 export TF_CPP_MIN_LOG_LEVEL := 3
 export PYTHONUNBUFFERED := 1
 

@@ -20,10 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from aim_jax import checkpoints
+from aim_jax import checkpoints, sharding
 from aim_jax.models import factory
 
 
@@ -79,8 +79,9 @@ def pretrain(out_dir: str, backbone: Mapping, *, steps: int = 1000, batch: int =
   # on 2 CPU devices: 100 steps in 4.0-4.6 s instead of 7.0-7.7, with 40% less CPU time);
   # on one device, as `make demo` runs, this is the plain single-device step.
   devices = jax.local_devices()
-  mesh = Mesh(np.array(devices if batch % len(devices) == 0 else devices[:1]), ('data',))
-  replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+  mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)),
+                            devices if batch % len(devices) == 0 else devices[:1])
+  replicated, split = sharding.replicated(mesh), sharding.batch_sharding(mesh, 1)
   params, opt_state = jax.device_put((params, opt_state), replicated)
 
   @functools.partial(jax.jit, in_shardings=(replicated, replicated, split, split),
