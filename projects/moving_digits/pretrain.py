@@ -76,7 +76,7 @@ def pretrain(out_dir: str, backbone: Mapping, *, steps: int = 1000, batch: int =
   opt_state = tx.init(params)
 
   # Data parallel over this process's devices when the batch splits evenly (the CI demo runs
-  # on 2 CPU devices: 100 steps in 4.0-4.6 s instead of 7.0-7.7, with 40% less CPU time);
+  # on 2 CPU devices: 100 steps in 3.9-4.6 s instead of 7.0-7.7, with 40% less CPU time);
   # on one device, as `make demo` runs, this is the plain single-device step.
   devices = jax.local_devices()
   mesh = sharding.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1)),
