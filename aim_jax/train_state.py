@@ -98,8 +98,9 @@ def create_train_state(config: Any, mesh: Mesh, *, steps_per_epoch: int = 1000,
   rules = sharding.axis_rules(config.logical_axis_rules)
   model = build_model(model_cfg)
   init = _init_fn(model, model_cfg, sharding.data_parallel_size(mesh))
+  rng = jax.random.key(config.seed)   # made before the mesh: it may hold compile-only devices
   with sharding.mesh_context(mesh, rules):
-    boxed = jax.eval_shape(init, jax.random.key(config.seed))
+    boxed = jax.eval_shape(init, rng)
   param_shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract_params = nn.unbox(boxed)
   mask = P.trainable_mask(abstract_params, list(config.trainable), config.full_finetune)

@@ -508,10 +508,13 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
   `ratio[official_mode][mode]` = our clips/s per device / that official row's
   clips/s (None where the official row failed), e.g. ratio['eager']['train'],
   ratio['compiled']['train']. Both are per device: our clips/s over our
-  devices against one torch device.
+  devices against one torch device. `ratio` is for our default row of each mode;
+  `variant_ratio[variant][official_mode][mode]` holds the same for every row
+  (`--variant`; None where our variant failed).
   """
-  rows, ratio = [], {}
-  ours_by_mode = {r['mode']: r for r in jax_results}
+  rows, ratio, variant_ratio = [], {}, {}
+  defaults = [r for r in jax_results if r.get('variant', 'default') == 'default']
+  ours_by_mode = {r['mode']: r for r in defaults}
   for official in official_run['rows']:
     ours = ours_by_mode.get(official['mode'])
     if ours is None:
@@ -528,12 +531,22 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
     theirs['mfu'] = (ours['mfu'] * theirs['clips_per_s'] / ours_per_device
                      if ours['mfu'] is not None else None)
     by_mode[ours['mode']] = ours_per_device / theirs['clips_per_s']
-  return dict(official=rows, ratio=ratio, official_info=dict(official_run['info']))
+  for r in jax_results:
+    for theirs in rows:
+      if theirs['mode'] != r['mode']:
+        continue
+      x = None
+      if 'error' not in theirs and 'error' not in r:
+        x = r['clips_per_s'] / r['devices'] / theirs['clips_per_s']
+      variant_ratio.setdefault(r.get('variant', 'default'), {}).setdefault(
+          theirs['official_mode'], {})[r['mode']] = x
+  return dict(official=rows, ratio=ratio, variant_ratio=variant_ratio,
+              official_info=dict(official_run['info']))
 
 
 def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
-  """Markdown rows per mode: ours, then each official mode, per device; the last column is
-  ours / that row."""
+  """Markdown rows: ours, then each official mode, per device (the last column: ours / that
+  row); then each of our variants (the last column: it / each official row)."""
   lines = [('| impl | mode | batch/device | dtype | clips/s/device | step ms median (p10-p90) | '
             'peak GiB | MFU | ours / this |'), '|---|---|---|---|---|---|---|---|---|']
 
@@ -545,7 +558,20 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
             f'{1e3 * r["step_s_p90"]:.1f}) | {mem} | {mfu} | {ratio} |')
 
   for ours in jax_results:
-    lines.append(row('aim_jax', ours, ours['batch'] // ours['devices'],
+    variant = ours.get('variant', 'default')
+    impl = 'aim_jax' if variant == 'default' else f'aim_jax [{variant}]'
+    if 'error' in ours:
+      lines.append(f'| {impl} | {ours["mode"]} | | | {ours["error"].splitlines()[0][:60]} '
+                   '| | | | n/a |')
+      continue
+    if variant != 'default':   # a variant: its ratio to every official row of its mode
+      vs = compared.get('variant_ratio', {}).get(variant, {})
+      ratios = ', '.join(f'{m} {vs[m][ours["mode"]]:.2f}x' for m in vs
+                         if vs[m].get(ours['mode']) is not None)
+      lines.append(row(impl, ours, ours['batch'] // ours['devices'],
+                       ours['clips_per_s'] / ours['devices'], ratios))
+      continue
+    lines.append(row(impl, ours, ours['batch'] // ours['devices'],
                      ours['clips_per_s'] / ours['devices'], ''))
     for theirs in compared['official']:
       if theirs['mode'] != ours['mode']:

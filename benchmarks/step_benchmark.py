@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import resource
 import sys
 import time
@@ -62,10 +63,64 @@ def peak_memory_bytes(devices) -> int | None:
   return None
 
 
+def program_memory_bytes(compiled) -> int | None:
+  """The device memory one compiled step needs (XLA's buffer assignment: arguments,
+  outputs not aliased to donated arguments, and temporaries), known before it runs.
+  Unlike `peak_memory_bytes` (the process's high-water mark), it belongs to this step."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # a backend without the analysis
+    return None
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes +
+             m.temp_size_in_bytes)
+
+
 def _percentiles(times):
   import numpy as np
   t = np.asarray(times)
   return float(np.median(t)), float(np.percentile(t, 10)), float(np.percentile(t, 90))
+
+
+def _typed(field: str, old: Any, text: str) -> Any:
+  if isinstance(old, bool):
+    if text.lower() not in ('true', 'false', '1', '0'):
+      raise ValueError(f'{field} takes true or false, got {text!r}')
+    return text.lower() in ('true', '1')
+  if isinstance(old, (int, float)) and not isinstance(old, bool):
+    try:
+      return type(old)(text)
+    except ValueError:
+      raise ValueError(f'{field} takes {type(old).__name__}, got {text!r}') from None
+  return text
+
+
+def parse_variant(spec: str, config: Any) -> tuple[str, Any]:
+  """`NAME:FIELD=VALUE[,FIELD=VALUE...]` -> (NAME, a copy of `config` with those fields set).
+
+  FIELD is a config path (`model.attention_impl`), VALUE is read with the type the
+  field has (bool, int, float, str). Raises ValueError naming the spec and field."""
+  import copy
+
+  from ml_collections.config_flags import config_path
+  name, sep, body = spec.partition(':')
+  if not sep or not name or not body or not re.fullmatch(r'[\w.\-]+', name):
+    raise ValueError(f'--variant {spec!r}: expected NAME:FIELD=VALUE[,FIELD=VALUE...]')
+  cfg = copy.deepcopy(config)
+  for item in body.split(','):
+    field, eq, text = item.partition('=')
+    if not eq:
+      raise ValueError(f'--variant {spec!r}: {item!r} is not FIELD=VALUE')
+    try:
+      old = config_path.get_value(field, cfg)
+    except (AttributeError, KeyError, IndexError, ValueError):
+      raise ValueError(f'--variant {spec!r}: the config has no field {field}') from None
+    try:
+      config_path.set_value(field, cfg, _typed(field, old, text))
+    except ValueError as e:
+      raise ValueError(f'--variant {spec!r}: {e}') from None
+  return name, cfg
 
 
 def build(config: Any, batch: int, mode: str, remat: str | None = None):
@@ -134,6 +189,7 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
     else:
       compiled = b['step'].lower(b['params'], video).compile()
     compile_s = time.perf_counter() - t0
+    program_bytes = program_memory_bytes(compiled)
     state = b.get('state')
 
     def one_step():
@@ -166,6 +222,7 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
       devices=len(devices), device_kind=devices[0].device_kind,
       clips_per_s=clips_s, step_s_median=med, step_s_p10=p10, step_s_p90=p90,
       compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(devices),
+      program_memory_bytes=program_bytes,
       gmacs_per_clip=macs / 1e9,
       mfu=(2 * macs * clips_s / (len(devices) * peak)) if peak else None, steps=steps_n,
       **({'profile': profile} if profile is not None else {}))
@@ -216,9 +273,12 @@ def versions() -> dict:
 
 
 def format_row(r: dict) -> str:
+  variant = '' if r.get('variant', 'default') == 'default' else f' [{r["variant"]}]'
+  if 'error' in r:
+    return f'| {r["mode"]}{variant} | {r["error"].splitlines()[0][:100]} |' + ' |' * 9
   mem = f'{r["peak_memory_bytes"] / 2**30:.1f}' if r['peak_memory_bytes'] else 'n/a'
   mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
-  return (f'| {r["mode"]} | {r["frames"]} | {r["batch"]} | {r["dtype"]} | {r["remat"]} | '
+  return (f'| {r["mode"]}{variant} | {r["frames"]} | {r["batch"]} | {r["dtype"]} | {r["remat"]} | '
           f'{r["clips_per_s"]:.2f} | {1e3 * r["step_s_median"]:.1f} '
           f'({1e3 * r["step_s_p10"]:.1f}-{1e3 * r["step_s_p90"]:.1f}) | {r["compile_s"]:.1f} | '
           f'{mem} | {r["gmacs_per_clip"]:.1f} | {mfu} |')
@@ -240,6 +300,19 @@ def main(argv):
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
   results, official_rows = [], []
+  from aim_jax import errors, run_config
+  try:
+    variants = [('default', config)] + [parse_variant(v, config) for v in FLAGS.variant]
+    if len({name for name, _ in variants}) != len(variants):
+      raise ValueError('--variant: every variant needs its own NAME (and not "default")')
+    for spec, (_, cfg) in zip(FLAGS.variant, variants[1:]):
+      try:
+        run_config.resolve_model(cfg.model)
+      except errors.ConfigError as e:
+        raise ValueError(f'--variant {spec!r}: {e}') from None
+  except ValueError as e:   # one line, before anything runs
+    print(f'step_benchmark: {e}', file=sys.stderr, flush=True)
+    raise SystemExit(errors.EXIT_USER_ERROR) from None
 
   def write_out(extra: dict, complete: bool) -> None:
     # Written after every stage, so a run stopped by a time limit keeps what it measured.
@@ -262,28 +335,42 @@ def main(argv):
         compile_backend=FLAGS.official_compile_backend, on_row=official_row)
   data_iter = None
   for mode in modes:
-    if FLAGS.data == 'real':
-      from data_pipelines import input_pipeline
-      import jax
-      data_iter = iter(input_pipeline.make_train_dataset(
-          config.data, batch_size=batch // jax.process_count(), seed=0))
-    r = time_steps(config, batch, mode, FLAGS.steps, FLAGS.warmup,
-                   remat=FLAGS.remat or None, data_iter=data_iter,
-                   profile_dir=FLAGS.profile or None, profile_steps=FLAGS.profile_steps)
-    r['data'] = FLAGS.data
-    if FLAGS.find_max_batch:
-      r['max_batch_no_remat'] = find_max_batch(config, mode, batch, 'none', FLAGS.max_batch_limit)
-      r['max_batch_remat'] = find_max_batch(config, mode, batch, 'full', FLAGS.max_batch_limit)
-    results.append(r)
-    print(json.dumps(r, indent=1), flush=True)
-    write_out({'official_rows_so_far': official_rows} if official_rows else {}, complete=False)
+    for name, cfg in variants:
+      if FLAGS.data == 'real':
+        from data_pipelines import input_pipeline
+        import jax
+        data_iter = iter(input_pipeline.make_train_dataset(
+            cfg.data, batch_size=batch // jax.process_count(), seed=0))
+      profile_dir = FLAGS.profile or None
+      if profile_dir and name != 'default':
+        profile_dir = os.path.join(profile_dir, name)
+      try:
+        r = time_steps(cfg, batch, mode, FLAGS.steps, FLAGS.warmup,
+                       remat=FLAGS.remat or None, data_iter=data_iter,
+                       profile_dir=profile_dir, profile_steps=FLAGS.profile_steps)
+      except Exception as e:  # a variant that fails (a kernel the GPU lacks) keeps its error
+        if name == 'default':
+          raise
+        r = dict(mode=mode, error=f'{type(e).__name__}: {e}'[:2000])
+        print(f'variant {name} ({mode}) failed: {r["error"].splitlines()[0][:300]}', flush=True)
+      r['variant'] = name
+      if name != 'default':
+        r['overrides'] = [v for v in FLAGS.variant if v.split(':', 1)[0] == name][0]
+      r['data'] = FLAGS.data
+      if FLAGS.find_max_batch and 'error' not in r:
+        r['max_batch_no_remat'] = find_max_batch(cfg, mode, batch, 'none', FLAGS.max_batch_limit)
+        r['max_batch_remat'] = find_max_batch(cfg, mode, batch, 'full', FLAGS.max_batch_limit)
+      results.append(r)
+      print(json.dumps(r, indent=1), flush=True)
+      write_out({'official_rows_so_far': official_rows} if official_rows else {}, complete=False)
   print(HEADER)
   for r in results:
     print(format_row(r))
   for r in results:
     if 'profile' in r:
       from benchmarks import profile_kernels
-      print(profile_kernels.format_summary(r['mode'], r['profile']))
+      label = r['mode'] if r['variant'] == 'default' else f"{r['mode']} [{r['variant']}]"
+      print(profile_kernels.format_summary(label, r['profile']))
   compared = {}
   if official_run is not None:
     compared = official_torch.compare(results, official_run)
@@ -320,6 +407,11 @@ def _define_flags():
                       'profiler into DIR/MODE and report kernel time by family (GEMM, attention, '
                       'transpose/copy, reduction, elementwise, other) in ms/step and %')
   flags.DEFINE_integer('profile_steps', 3, 'steps traced under --profile')
+  flags.DEFINE_multi_string('variant', [], 'also time our steps with these config fields set, '
+                            'as one more row per mode: NAME:FIELD=VALUE[,FIELD=VALUE...], e.g. '
+                            'cudnn:model.attention_impl=cudnn,model.temporal_attention='
+                            'dot_product_attention (repeatable; a variant that fails keeps its '
+                            'error in its row; its profile goes to --profile DIR/NAME/MODE)')
   flags.mark_flags_as_required(['config'])
 
 

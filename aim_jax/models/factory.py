@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.aim import VideoClassifier, inject
 from aim_jax.models.swin import SwinTransformer
+from aim_jax.models import vit
 from aim_jax.models.vit import FAMILIES, TEMPORAL_ATTENTION, VisionTransformer
 
 # Width, depth, heads by ViT size (Dosovitskiy et al. 2021, Table 1; CLIP uses the same).
@@ -125,6 +126,12 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
   if out['temporal_attention'] not in TEMPORAL_ATTENTION:
     raise ValueError(f'model.temporal_attention must be one of {list(TEMPORAL_ATTENTION)}, '
                      f'got {out["temporal_attention"]!r}')
+  vit.check_attention_impl(out['attention_impl'])
+  vit.pad_multiple_for(out['attention_impl'], out['attention_pad_multiple'])
+  for k, allowed in (('attention_pad_mode', vit.PAD_MODES),
+                     ('qkv_projection', vit.QKV_PROJECTIONS)):
+    if out[k] not in allowed:
+      raise ValueError(f'model.{k} must be one of {list(allowed)}, got {out[k]!r}')
   return out
 
 

@@ -211,8 +211,13 @@ def _pallas_attention(q, k, v, valid: int) -> jax.Array:
   # Padded keys get segment 0, real tokens 1: a real query never attends to padding.
   seg = None if valid == s else jnp.broadcast_to(
       (jnp.arange(s) < valid).astype(jnp.int32), (n, s))
-  return pallas_gpu.mha(q, k, v, seg, sm_scale=hd ** -0.5, block_sizes=sizes,
-                        interpret=jax.default_backend() == 'cpu')
+  run = functools.partial(pallas_gpu.mha, segment_ids=seg, sm_scale=hd ** -0.5,
+                          block_sizes=sizes)
+  # The kernel for the platform the program is lowered for (not the default backend:
+  # an ahead-of-time compile for a GPU target runs on a host without one); the
+  # interpreter on a CPU.
+  return jax.lax.platform_dependent(q, k, v, cpu=functools.partial(run, interpret=True),
+                                    default=functools.partial(run, interpret=False))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, impl: Optional[str] = None,

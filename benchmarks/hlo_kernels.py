@@ -1,0 +1,375 @@
+"""The kernels of a compiled XLA program, read from its optimised HLO text.
+
+`compiled.as_text()` of a GPU (or CPU) executable lists, in its entry computation
+and in the bodies of its while loops, every operation that launches a kernel:
+fusions (`loop_add_fusion.3`, `input_transpose_fusion.50`, `gemm_fusion_dot.868`),
+custom calls (cuDNN attention and convolutions, cuBLAS, Pallas/Triton kernels)
+and the few unfused operations (copies, collectives). For each launch this reads
+the bytes it moves (operands + results: the memory traffic of a kernel that
+streams its inputs once), the FLOPs of the matrix products inside it, how often
+it runs (while loops with a known trip count: `scan_layers`), its kernel family
+(the names and families of `benchmarks.profile_kernels`, so a prediction and a
+profile line up row by row) and where in the model it comes from (the module
+path in the op metadata, forward or backward).
+
+On a GPU, identical fusions are compiled once and every launch is named after one
+of them in a profiler trace; `group` joins the launches that share a compiled
+kernel the same way, so a measured kernel time can be matched to all its launches.
+
+`predict_ms` turns bytes and FLOPs into a roofline estimate per launch, with the
+per-family rates of `RATES` (an H200, calibrated on a measured profile of this
+project's train step, see BENCHMARKS.md). Nothing here needs a GPU.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Iterable, Mapping
+
+from benchmarks import profile_kernels
+
+ITEM_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
+              'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
+              'f8e4m3fn': 1, 'f8e5m2': 1, 's4': 0.5, 'u4': 0.5}
+_ARRAY = re.compile(r'\b(' + '|'.join(sorted(ITEM_BYTES, key=len, reverse=True)) +
+                    r')\[([0-9,]*)\]')
+_COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) .*\{$')
+_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+# Operations that launch nothing on a GPU.
+_FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
+                   'after-all', 'partition-id', 'replica-id', 'opt-barrier', 'add-dependency',
+                   'domain'})
+_COLLECTIVES = frozenset({'all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
+                          'collective-permute', 'all-reduce-start', 'all-gather-start',
+                          'collective-permute-start', 'all-reduce-done', 'all-gather-done',
+                          'collective-permute-done'})
+
+
+def shape_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  """Every array in an HLO shape string (a tuple gives several): (dtype, dims)."""
+  return [(dt, tuple(int(d) for d in dims.split(',') if d))
+          for dt, dims in _ARRAY.findall(shape)]
+
+
+def shape_bytes(shape: str) -> int:
+  total = 0.0
+  for dt, dims in shape_dims(shape):
+    n = 1
+    for d in dims:
+      n *= d
+    total += n * ITEM_BYTES[dt]
+  return int(total)
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str
+  op: str
+  rest: str          # operands and attributes, as printed
+
+
+@dataclasses.dataclass
+class Kernel:
+  """One kernel launch site (`launches` times per step)."""
+  name: str          # as a profiler trace names it: '.' -> '_'
+  op: str
+  family: str
+  shape: str         # result shape
+  bytes_in: int
+  bytes_out: int
+  flops: float       # matrix-product FLOPs (2 per multiply-add)
+  launches: int
+  group: str         # launches with the same compiled kernel share it
+  where: str         # model module and pass, e.g. 'attn/qkv bwd'
+
+  @property
+  def bytes(self) -> int:
+    return self.bytes_in + self.bytes_out
+
+
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """HLO text -> ({computation name: instructions}, entry computation name)."""
+  comps: dict[str, list[Instruction]] = {}
+  entry, current = '', None
+  for line in text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      current = comps.setdefault(m.group(2), [])
+      if m.group(1):
+        entry = m.group(2)
+      continue
+    if line.startswith('}'):
+      current = None
+    elif current is not None:
+      mi = _INSTRUCTION.match(line)
+      if mi:
+        current.append(Instruction(*mi.groups()))
+  if not entry:
+    raise ValueError('no ENTRY computation in the HLO text')
+  return comps, entry
+
+
+def _operands(rest: str) -> list[str]:
+  depth, end = 0, len(rest)
+  for i, ch in enumerate(rest):        # the operand list ends at the first unmatched ')'
+    if ch in '({':
+      depth += 1
+    elif ch in ')}':
+      if depth == 0:
+        end = i
+        break
+      depth -= 1
+  return re.findall(r'%([\w.\-]+)', rest[:end])
+
+
+def _called(rest: str) -> list[str]:
+  """The computations an instruction calls (fusion bodies, loop bodies, branches)."""
+  names = re.findall(r'(?:calls|to_apply|body|condition)=%([\w.\-]+)', rest)
+  for branches in re.findall(r'branch_computations=\{([^}]*)\}', rest):
+    names += re.findall(r'%([\w.\-]+)', branches)
+  return names
+
+
+def _one_dot_flops(inst: Instruction, shapes: Mapping[str, str]) -> float:
+  ops = _operands(inst.rest)
+  lhs = shape_dims(shapes.get(ops[0], '')) if ops else []
+  cdims = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', inst.rest)
+  k = 1
+  if lhs and cdims:
+    for d in cdims.group(1).split(','):
+      if d:
+        k *= lhs[0][1][int(d)]
+  out = 1
+  for d in shape_dims(inst.shape)[0][1]:
+    out *= d
+  return 2.0 * out * k
+
+
+def _dot_flops(comps: Mapping[str, list[Instruction]], comp: str, seen: set) -> float:
+  """FLOPs of the dots in `comp` and the computations it calls."""
+  if comp in seen or comp not in comps:
+    return 0.0
+  seen.add(comp)
+  shapes = {i.name: i.shape for i in comps[comp]}
+  flops = 0.0
+  for i in comps[comp]:
+    if i.op == 'dot':
+      flops += _one_dot_flops(i, shapes)
+    for c in _called(i.rest):
+      flops += _dot_flops(comps, c, seen)
+  return flops
+
+
+def _attention_flops(inst: Instruction, operand_shapes: list[str], op_name: str) -> float:
+  """Matrix FLOPs of a fused attention call on (B, S, H, D) q/k/v: 2 products forward,
+  5 in a one-kernel backward (the scores are recomputed), 3 or 4 in split backward kernels."""
+  dims = next((d for s in operand_shapes for _, d in shape_dims(s) if len(d) == 4), None)
+  if dims is None:
+    return 0.0
+  b, s, h, d = dims
+  one = 2.0 * b * h * s * s * d
+  name = (inst.name + ' ' + op_name).lower()
+  if 'bwd' in name or 'backward' in name or 'transpose(' in name:
+    if 'dq' in name:
+      return 3 * one
+    if 'dkv' in name or 'dk' in name:
+      return 4 * one
+    return 5 * one
+  return 2 * one
+
+
+def family_of(inst: Instruction, kernel_name: str, op_name: str) -> str:
+  target = re.search(r'custom_call_target="([^"]+)"', inst.rest)
+  if inst.op == 'custom-call' and target:
+    t = target.group(1)
+    if 'fmha' in t or ('triton' in t and re.search(r'mha|attention', op_name, re.I)):
+      return 'attention'
+    if re.search(r'gemm|cublas|matmul|conv', t, re.I):
+      return 'gemm'
+    return profile_kernels.family(t)
+  if inst.op in ('copy', 'transpose', 'copy-start', 'copy-done'):
+    return 'transpose/copy'
+  if inst.op in _COLLECTIVES:
+    return 'collective'
+  return profile_kernels.family(kernel_name)
+
+
+def _where(op_names: Iterable[str]) -> str:
+  """The commonest model module among a kernel's op names, and fwd/bwd."""
+  tags, backward = [], False
+  for name in op_names:
+    backward = backward or 'transpose(jvp' in name
+    m = re.search(r'backbone/(?:resblocks_\d+/|layers_\d+/|blocks_\d+/)?(\w+)(?:/(\w+))?', name)
+    if m:
+      sub = m.group(2) if m.group(1) in ('attn', 'mlp') and m.group(2) else None
+      tags.append(m.group(1) + ('/' + sub if sub else ''))
+    elif name:
+      parts = [p for p in name.split('/') if p and not p.startswith('jit(')]
+      tags.append(parts[0].split('(')[-1].rstrip(')') if parts else '?')
+  tag = collections.Counter(tags).most_common(1)[0][0] if tags else '?'
+  return f"{tag} {'bwd' if backward else 'fwd'}"
+
+
+def _body_key(comps: Mapping[str, list[Instruction]], comp: str) -> str:
+  """A computation's text with names and metadata removed: equal keys, one compiled kernel."""
+  local = {i.name: f'v{n}' for n, i in enumerate(comps.get(comp, []))}
+  lines = []
+  for i in comps.get(comp, []):
+    rest = re.sub(r'metadata=\{[^}]*\}', '', i.rest)
+    rest = re.sub(r'%([\w.\-]+)', lambda m: local.get(m.group(1), 'X'), rest)
+    lines.append(f'{i.shape} {i.op}({rest}')
+  return '\n'.join(lines)
+
+
+def kernels(text: str) -> list[Kernel]:
+  """Every kernel launch site of the program in `text` (optimised HLO)."""
+  comps, entry = parse(text)
+  op_names = {}
+  for insts in comps.values():
+    for i in insts:
+      m = _OP_NAME.search(i.rest)
+      if m:
+        op_names[i.name] = m.group(1)
+  out: list[Kernel] = []
+
+  def walk(comp: str, launches: int) -> None:
+    shapes = {i.name: i.shape for i in comps[comp]}
+    for i in comps[comp]:
+      if i.op in _FREE:
+        continue
+      if i.op == 'while':
+        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.rest)
+        body = re.search(r'body=%([\w.\-]+)', i.rest).group(1)
+        walk(body, launches * (int(trip.group(1)) if trip else 1))
+        continue
+      if i.op in ('call', 'conditional', 'async-start'):
+        for c in _called(i.rest):
+          walk(c, launches)
+        continue
+      ops = _operands(i.rest)
+      called = _called(i.rest)
+      inner = [op_names[x.name] for c in called for x in comps.get(c, []) if x.name in op_names]
+      names = inner + ([op_names[i.name]] if i.name in op_names else [])
+      kname = i.name.replace('.', '_')
+      fam = family_of(i, kname, ' '.join(names))
+      operand_shapes = [shapes.get(o, '') for o in ops]
+      if fam == 'attention' and i.op == 'custom-call':
+        flops = _attention_flops(i, operand_shapes, op_names.get(i.name, ''))
+      else:
+        flops = sum(_dot_flops(comps, c, set()) for c in called)
+        if i.op == 'dot':
+          flops += _one_dot_flops(i, shapes)
+      group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
+               if called else kname)
+      out.append(Kernel(
+          name=kname, op=i.op, family=fam, shape=i.shape,
+          bytes_in=sum(shape_bytes(s) for s in operand_shapes), bytes_out=shape_bytes(i.shape),
+          flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12], where=_where(names)))
+
+  walk(entry, 1)
+  return out
+
+
+# Per-family rates on one H200, bf16 (bytes/s of memory traffic; FLOP/s of matrix work),
+# calibrated on the measured kernel profile of this project's B/16 train step
+# (BENCHMARKS.md, "GPU compile without a GPU"), except attention (no fused attention
+# was measured: a planning figure for cuDNN / Triton flash attention at head dim 64).
+RATES = {
+    'gemm': {'bytes_s': 2.0e12, 'flops_s': 770e12},
+    'attention': {'bytes_s': 3.0e12, 'flops_s': 350e12},
+    'transpose/copy': {'bytes_s': 1.3e12},
+    'elementwise': {'bytes_s': 4.2e12},
+    'reduction': {'bytes_s': 4.0e12},
+    'collective': {'bytes_s': 4.0e12},
+    'other': {'bytes_s': 3.0e12, 'flops_s': 350e12},
+}
+LAUNCH_S = 2e-6   # the shortest kernel
+
+
+def predict_s(k: Kernel, rates: Mapping[str, Mapping[str, float]] = RATES) -> float:
+  """Roofline estimate of one launch: max(bytes / bandwidth, FLOPs / FLOP rate, a floor)."""
+  r = rates.get(k.family, rates['other'])
+  t = k.bytes / r['bytes_s']
+  if k.flops and 'flops_s' in r:
+    t = max(t, k.flops / r['flops_s'])
+  return max(t, LAUNCH_S)
+
+
+def summarize(ks: list[Kernel], rates: Mapping[str, Mapping[str, float]] = RATES,
+              top: int = 25) -> dict:
+  """Per-family launches, GB, GFLOP and predicted ms per step; the top kernel groups."""
+  fams: dict[str, dict] = {}
+  for k in ks:
+    f = fams.setdefault(k.family, dict(launches=0, gb=0.0, gflop=0.0, predicted_ms=0.0))
+    f['launches'] += k.launches
+    f['gb'] += k.bytes * k.launches / 1e9
+    f['gflop'] += k.flops * k.launches / 1e9
+    f['predicted_ms'] += predict_s(k, rates) * k.launches * 1e3
+  total = sum(f['predicted_ms'] for f in fams.values())
+  for f in fams.values():
+    f['share'] = f['predicted_ms'] / total if total else 0.0
+    for key in ('gb', 'gflop', 'predicted_ms'):
+      f[key] = round(f[key], 3)
+  groups: dict[str, dict] = {}
+  for k in ks:
+    g = groups.setdefault(k.group, dict(name=k.name, family=k.family, where=k.where,
+                                        shape=k.shape[:160], launches=0, gb=0.0,
+                                        predicted_ms=0.0))
+    g['launches'] += k.launches
+    g['gb'] += k.bytes * k.launches / 1e9
+    g['predicted_ms'] += predict_s(k, rates) * k.launches * 1e3
+  ranked = sorted(groups.values(), key=lambda g: -g['predicted_ms'])
+  for g in ranked:
+    g['gb'], g['predicted_ms'] = round(g['gb'], 3), round(g['predicted_ms'], 3)
+  by_where: dict[str, float] = collections.defaultdict(float)
+  for k in ks:
+    by_where[f'{k.family}: {k.where}'] += predict_s(k, rates) * k.launches * 1e3
+  return dict(
+      predicted_ms=round(total, 3), launches=sum(k.launches for k in ks),
+      families=dict(sorted(fams.items(), key=lambda kv: -kv[1]['predicted_ms'])),
+      top_kernels=ranked[:top],
+      top_places={w: round(ms, 3) for w, ms in
+                  sorted(by_where.items(), key=lambda kv: -kv[1])[:top]})
+
+
+def match_profile(ks: list[Kernel], measured_ms: Mapping[str, float],
+                  rates: Mapping[str, Mapping[str, float]] = RATES) -> list[dict]:
+  """Measured kernel times (ms per step by kernel name: `kernels.json` of a
+  `step_benchmark --profile` run) beside the prediction for the launches that share
+  that compiled kernel. Kernels named by their library (cuBLAS `nvjet_*`, cuDNN)
+  have no HLO name and are left out."""
+  by_group: dict[str, list[Kernel]] = collections.defaultdict(list)
+  for k in ks:
+    by_group[k.group].append(k)
+  name_group = {k.name: k.group for k in ks}
+  rows = []
+  for name, ms in measured_ms.items():
+    if name not in name_group:
+      continue
+    members = by_group[name_group[name]]
+    rows.append(dict(
+        name=name, family=members[0].family, where=members[0].where,
+        launches=sum(m.launches for m in members),
+        gb=round(sum(m.bytes * m.launches for m in members) / 1e9, 3),
+        gflop=round(sum(m.flops * m.launches for m in members) / 1e9, 3),
+        measured_ms=round(ms, 3),
+        predicted_ms=round(sum(predict_s(m, rates) * m.launches for m in members) * 1e3, 3)))
+  return rows
+
+
+def main(argv: list[str]) -> None:
+  """python -m benchmarks.hlo_kernels PROGRAM.hlo [N]: the families and top N kernels."""
+  with open(argv[1]) as f:
+    s = summarize(kernels(f.read()), top=int(argv[2]) if len(argv) > 2 else 25)
+  print(json.dumps(s, indent=1))
+
+
+if __name__ == '__main__':
+  import sys
+  main(sys.argv)
