@@ -12,11 +12,15 @@
 # OUT_DIR, so a part that fails or runs out of time leaves the others' figures:
 #   env.txt                  devices and versions
 #   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
-#                            compiled, side by side, plus the kernel profile of our step
+#                            compiled, side by side, plus the kernel profile of our step;
+#                            then ours with the fused attention kernels (--variant rows
+#                            cudnn and pallas, the fastest by `benchmarks.gpu_aot`)
 #   b16_eval.json / .log     the same for eval
-#   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step)
+#   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
+#   profile/VARIANT/MODE/    the same for each variant
 #   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length
-#   l14_train.json / .log    L/14 8x224 batch 32 train, scan_layers
+#   l14_train.json / .log    L/14 8x224 batch 16 train, scan_layers, and its cudnn variant
+#                            (batch 32 needs 186 GB unrematerialised: benchmarks.gpu_aot)
 #   summary.txt              each part's exit status and time
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
 # backend (no C++ compile), a check that tensorflow was never imported (the GPU image has
@@ -76,7 +80,7 @@ import torchvision_stub; torchvision_stub.install()
 from benchmarks import step_benchmark; step_benchmark.run(['step_benchmark'] + sys.argv[1:])")
 else
   CFG=configs/k400.py:b16_f8; CFG_L=configs/k400.py:l14_f8
-  BATCH=64; BATCH_L=32; STEPS=10; BACKEND=inductor
+  BATCH=64; BATCH_L=16; STEPS=10; BACKEND=inductor
   ATT=""
   BENCH=("$PY" -m benchmarks.step_benchmark)
 fi
@@ -112,13 +116,19 @@ part() {
 }
 : > "$OUT/summary.txt"
 COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
-part b16_train 200 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" \
+# Our fused-attention rows (BENCHMARKS.md, GPU plan; the fastest by benchmarks.gpu_aot):
+# cuDNN flash attention with the stream padded to 200 and the heads folded for the temporal
+# attention; the Pallas Triton kernel (stream padded to 224), for when cuDNN has no plan on
+# CUDA 13. A variant that fails keeps its error in its row and the part goes on.
+VARIANTS=(--variant "cudnn:model.attention_impl=cudnn,model.qkv_projection=split,model.temporal_attention=dot_product_attention"
+          --variant "pallas:model.attention_impl=pallas,model.qkv_projection=split,model.temporal_attention=elementwise")
+part b16_train 250 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" "${VARIANTS[@]}" \
   --profile "$OUT/profile" --out "$OUT/b16_train.json"
-part b16_eval 140 "${BENCH[@]}" "${COMMON[@]}" --mode eval "${OFFICIAL[@]}" \
-  --profile "$OUT/profile" --out "$OUT/b16_eval.json"
 # shellcheck disable=SC2086
-part cudnn_attention 45 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
-part l14_train 75 "${BENCH[@]}" --config "$CFG_L" --batch "$BATCH_L" --steps 5 --mode train \
-  --config.model.scan_layers=True --out "$OUT/l14_train.json"
+part cudnn_attention 30 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
+part b16_eval 120 "${BENCH[@]}" "${COMMON[@]}" --mode eval "${OFFICIAL[@]}" "${VARIANTS[@]}" \
+  --profile "$OUT/profile" --out "$OUT/b16_eval.json"
+part l14_train 70 "${BENCH[@]}" --config "$CFG_L" --batch "$BATCH_L" --steps 5 --mode train \
+  --config.model.scan_layers=True "${VARIANTS[@]:0:2}" --out "$OUT/l14_train.json"
 echo "done at $(el) s" | tee -a "$OUT/summary.txt"
 ! grep -qE 'rc=[1-9]' "$OUT/summary.txt"

@@ -38,7 +38,7 @@ ITEM_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16':
 _ARRAY = re.compile(r'\b(' + '|'.join(sorted(ITEM_BYTES, key=len, reverse=True)) +
                     r')\[([0-9,]*)\]')
 _COMPUTATION = re.compile(r'^(ENTRY )?%([\w.\-]+) .*\{$')
-_INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
+_INSTRUCTION = re.compile(r'^\s*(ROOT )?%([\w.\-]+) = (.+?) ([a-z][a-z0-9\-]*)\((.*)$')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Operations that launch nothing on a GPU.
 _FREE = frozenset({'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
@@ -72,6 +72,7 @@ class Instruction:
   shape: str
   op: str
   rest: str          # operands and attributes, as printed
+  root: bool = False
 
 
 @dataclasses.dataclass
@@ -109,7 +110,8 @@ def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
     elif current is not None:
       mi = _INSTRUCTION.match(line)
       if mi:
-        current.append(Instruction(*mi.groups()))
+        root, name, shape, op, rest = mi.groups()
+        current.append(Instruction(name, shape, op, rest, bool(root)))
   if not entry:
     raise ValueError('no ENTRY computation in the HLO text')
   return comps, entry
@@ -149,6 +151,54 @@ def _one_dot_flops(inst: Instruction, shapes: Mapping[str, str]) -> float:
   for d in shape_dims(inst.shape)[0][1]:
     out *= d
   return 2.0 * out * k
+
+
+def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
+                  operand_shapes: list[str], out_shape: str) -> tuple[int, int]:
+  """(bytes read, bytes written) of a fusion: an operand read only through dynamic slices
+  costs the slices; the buffer of a dynamic-update-slice root is updated in place (the
+  scan's stacked residuals), so only the update is written and the buffer is not read."""
+  insts = comps.get(comp)
+  if not insts:
+    return sum(shape_bytes(x) for x in operand_shapes), shape_bytes(out_shape)
+  by_name = {i.name: i for i in insts}
+  uses: dict[str, list[Instruction]] = collections.defaultdict(list)
+  for i in insts:
+    for o in _operands(i.rest):
+      uses[o].append(i)
+
+  def final_uses(name: str) -> list[tuple[Instruction, str]]:
+    out = []
+    for u in uses.get(name, []):     # see through bitcasts (free)
+      out += final_uses(u.name) if u.op == 'bitcast' else [(u, name)]
+    return out
+
+  root = next((i for i in insts if i.root), insts[-1])
+  roots = [by_name[o] for o in _operands(root.rest) if o in by_name] if root.op == 'tuple' \
+      else [root]
+  read = 0
+  for i in insts:
+    if i.op != 'parameter':
+      continue
+    k = int(re.match(r'\s*(\d+)', i.rest).group(1))
+    full = shape_bytes(operand_shapes[k]) if k < len(operand_shapes) else shape_bytes(i.shape)
+    fu = final_uses(i.name)
+    if fu and all(u.op == 'dynamic-update-slice' and src == _operands(u.rest)[0]
+                  and u.name in {r.name for r in roots} for u, src in fu):
+      continue                                      # updated in place: not read
+    if fu and all(u.op == 'dynamic-slice' and src == _operands(u.rest)[0] for u, src in fu):
+      read += sum(shape_bytes(u.shape) for u, _ in fu)
+    else:
+      read += full
+  written = 0
+  for r in roots:
+    if r.op == 'dynamic-update-slice':
+      ops = _operands(r.rest)
+      written += shape_bytes(by_name[ops[1]].shape) if len(ops) > 1 and ops[1] in by_name \
+          else shape_bytes(r.shape)
+    else:
+      written += shape_bytes(r.shape)
+  return read, written
 
 
 def _dot_flops(comps: Mapping[str, list[Instruction]], comp: str, seen: set) -> float:
@@ -200,12 +250,19 @@ def family_of(inst: Instruction, kernel_name: str, op_name: str) -> str:
   return profile_kernels.family(kernel_name)
 
 
+_WRAPPERS = re.compile(r'/(?:while/body|while/cond|eval_jaxpr|checkpoint|remat|'
+                       r'rematted_computation|closed_call)(?=/)')
+_MODULE = re.compile(r'(?:(?:resblocks|layers|blocks)(?:_\d+)?/|backbone/)'
+                     r'(?!(?:resblocks|layers|blocks)(?:_\d+)?/)(\w+)(?:/(\w+))?')
+
+
 def _where(op_names: Iterable[str]) -> str:
   """The commonest model module among a kernel's op names, and fwd/bwd."""
   tags, backward = [], False
   for name in op_names:
     backward = backward or 'transpose(jvp' in name
-    m = re.search(r'backbone/(?:resblocks_\d+/|layers_\d+/|blocks_\d+/)?(\w+)(?:/(\w+))?', name)
+    name = _WRAPPERS.sub('', name)     # scan and remat wrappers between the module names
+    m = _MODULE.search(name)
     if m:
       sub = m.group(2) if m.group(1) in ('attn', 'mlp') and m.group(2) else None
       tags.append(m.group(1) + ('/' + sub if sub else ''))
@@ -241,7 +298,7 @@ def kernels(text: str) -> list[Kernel]:
   def walk(comp: str, launches: int) -> None:
     shapes = {i.name: i.shape for i in comps[comp]}
     for i in comps[comp]:
-      if i.op in _FREE:
+      if i.op in _FREE or i.op.endswith('-done'):    # a -done waits for its -start's work
         continue
       if i.op == 'while':
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.rest)
@@ -254,6 +311,10 @@ def kernels(text: str) -> list[Kernel]:
         continue
       ops = _operands(i.rest)
       called = _called(i.rest)
+      if i.op == 'fusion-start' and called and comps.get(called[0]):   # an async fusion
+        body = comps[called[0]]
+        i = Instruction(i.name, next((x for x in body if x.root), body[-1]).shape, 'fusion',
+                        i.rest, i.root)
       inner = [op_names[x.name] for c in called for x in comps.get(c, []) if x.name in op_names]
       names = inner + ([op_names[i.name]] if i.name in op_names else [])
       kname = i.name.replace('.', '_')
@@ -267,10 +328,19 @@ def kernels(text: str) -> list[Kernel]:
           flops += _one_dot_flops(i, shapes)
       group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
                if called else kname)
+      if i.op == 'fusion' and called:
+        bytes_in, bytes_out = _fusion_bytes(comps, called[0], operand_shapes, i.shape)
+      elif i.op == 'dynamic-update-slice':
+        bytes_in = bytes_out = shape_bytes(operand_shapes[1]) if len(ops) > 1 else 0
+      elif i.op == 'dynamic-slice':
+        bytes_in = bytes_out = shape_bytes(i.shape)
+      else:
+        bytes_in = sum(shape_bytes(s) for s in operand_shapes)
+        bytes_out = shape_bytes(i.shape)
       out.append(Kernel(
-          name=kname, op=i.op, family=fam, shape=i.shape,
-          bytes_in=sum(shape_bytes(s) for s in operand_shapes), bytes_out=shape_bytes(i.shape),
-          flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12], where=_where(names)))
+          name=kname, op=i.op, family=fam, shape=i.shape, bytes_in=bytes_in, bytes_out=bytes_out,
+          flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12],
+          where=_where(names)))
 
   walk(entry, 1)
   return out

@@ -1,0 +1,177 @@
+"""The GPU compile without a GPU (`benchmarks.gpu_aot`) and the HLO reader under it
+(`benchmarks.hlo_kernels`), and `step_benchmark --variant`.
+
+The reader is checked on programs compiled here on the CPU (a scan, a dot, a
+transpose: their FLOPs, bytes and launch counts are known) and on an excerpt of
+GPU HLO written the way XLA's GPU compiler prints it (a cuDNN attention call, two
+identical fusions, a transpose fusion). The compile for an H200 runs where JAX's
+CUDA plugin is installed (no GPU needed); elsewhere the tool must say in one line
+what is missing.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks import hlo_kernels as H
+from benchmarks import step_benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _has_cuda_plugin() -> bool:
+  try:
+    import jax_plugins.xla_cuda13  # noqa: F401
+    return True
+  except ImportError:
+    return False
+
+
+def test_kernels_of_a_cpu_program_count_scan_launches_flops_and_bytes():
+  def f(x, w):
+    y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=5)
+    return y.T + 1
+  text = jax.jit(f).lower(jnp.ones((64, 32)), jnp.ones((32, 32))).compile().as_text()
+  ks = H.kernels(text)
+  gemm = [k for k in ks if k.family == 'gemm']
+  assert len(gemm) == 1 and gemm[0].launches == 5          # once per scan iteration
+  assert gemm[0].flops == 2 * 64 * 32 * 32
+  assert gemm[0].bytes_out == 64 * 32 * 4 and gemm[0].bytes_in == (64 * 32 + 32 * 32) * 4
+  last = [k for k in ks if k.launches == 1 and k.bytes_out == 32 * 64 * 4 and k.bytes_in]
+  assert last and last[-1].family == 'transpose/copy'        # the y.T + 1 fusion
+  s = H.summarize(ks)
+  assert s['families']['gemm']['gflop'] == pytest.approx(5 * 2 * 64 * 32 * 32 / 1e9, abs=1e-3)
+  assert s['launches'] == sum(k.launches for k in ks)
+  assert s['predicted_ms'] == pytest.approx(
+      1e3 * sum(H.predict_s(k) * k.launches for k in ks), abs=1e-3)
+
+
+def test_a_scan_stacks_its_residuals_in_place_one_slice_per_step():
+  """The backward of a scan reads and writes its stacked residuals one step at a time: a
+  dynamic-update-slice fusion writes one slice (in place), a dynamic-slice reads one."""
+  def loss(w, x):
+    y, _ = jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=16)
+    return jnp.sum(y)
+  text = jax.jit(jax.grad(loss)).lower(jnp.ones((32, 32)), jnp.ones((64, 32))).compile().as_text()
+  sliced = [k for k in H.kernels(text) if 'dynamic' in k.name]
+  assert sliced and all(k.launches == 16 for k in sliced)
+  one = 64 * 32 * 4
+  for k in sliced:
+    assert one <= k.bytes_out <= one + 64 and k.bytes_in <= one + 64, (k.name, k.bytes_in,
+                                                                       k.bytes_out)
+
+
+# GPU HLO as XLA prints it: names, shapes and attributes of a B/16 train step compiled for an
+# H200, cut down to five kernels.
+GPU_HLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hlo', 'gpu_step_excerpt.hlo')
+
+
+def test_kernels_of_gpu_hlo_families_flops_groups_and_places():
+  with open(GPU_HLO) as f:
+    ks = {k.name: k for k in H.kernels(f.read())}
+  assert set(ks) == {'gemm_fusion_dot_5', 'dot_product_attention_fwd_1',
+                     'input_transpose_fusion_50', 'loop_add_fusion_1', 'loop_add_fusion_2'}
+  assert {n: k.family for n, k in ks.items()} == {
+      'gemm_fusion_dot_5': 'gemm', 'dot_product_attention_fwd_1': 'attention',
+      'input_transpose_fusion_50': 'transpose/copy', 'loop_add_fusion_1': 'elementwise',
+      'loop_add_fusion_2': 'elementwise'}
+  assert ks['gemm_fusion_dot_5'].flops == 2 * 197 * 512 * 512
+  # Attention forward: QK^T and PV on (B, S, H, D) = (8, 200, 12, 64).
+  assert ks['dot_product_attention_fwd_1'].flops == 2 * (2 * 8 * 12 * 200 * 200 * 64)
+  assert ks['input_transpose_fusion_50'].bytes == 2 * (8 * 197 * 64 * 2)
+  # Two fusions with the same computation (but other names and metadata): one kernel.
+  assert ks['loop_add_fusion_1'].group == ks['loop_add_fusion_2'].group
+  assert ks['loop_add_fusion_1'].group != ks['gemm_fusion_dot_5'].group
+  assert ks['gemm_fusion_dot_5'].where == 'mlp/c_fc fwd'
+  assert ks['input_transpose_fusion_50'].where == 'attn/pad bwd'
+  # A measured profile lines up by kernel name; the shared kernel covers both launches.
+  rows = H.match_profile(list(ks.values()), {'loop_add_fusion_1': 0.05, 'nvjet_sm90_x': 1.0})
+  assert [(r['name'], r['launches'], r['measured_ms']) for r in rows] == [
+      ('loop_add_fusion_1', 2, 0.05)]
+  assert rows[0]['predicted_ms'] == pytest.approx(
+      2e3 * max(ks['loop_add_fusion_1'].bytes / H.RATES['elementwise']['bytes_s'], H.LAUNCH_S))
+
+
+def test_hlo_without_an_entry_is_refused():
+  with pytest.raises(ValueError, match='ENTRY'):
+    H.kernels('HloModule m\n')
+
+
+def test_parse_variant_sets_typed_fields_on_a_copy():
+  from ml_collections import config_dict
+  cfg = config_dict.ConfigDict(dict(model=dict(attention_impl='', scan_layers=False, layers=12,
+                                               drop_path_rate=0.1)))
+  name, v = step_benchmark.parse_variant(
+      'fast:model.attention_impl=cudnn,model.scan_layers=true,model.layers=4,'
+      'model.drop_path_rate=0', cfg)
+  assert name == 'fast' and v.model.attention_impl == 'cudnn' and v.model.scan_layers is True
+  assert v.model.layers == 4 and v.model.drop_path_rate == 0.0
+  assert cfg.model.attention_impl == '' and cfg.model.layers == 12     # the original stays
+  for bad, msg in [('fast', 'NAME:FIELD=VALUE'), ('fast:model.layers', 'not FIELD=VALUE'),
+                   ('fast:model.nope=1', 'no field model.nope'),
+                   ('fast:model.layers=x', 'model.layers takes int'),
+                   ('fast:model.scan_layers=yes', 'true or false')]:
+    with pytest.raises(ValueError, match=msg):
+      step_benchmark.parse_variant(bad, cfg)
+
+
+def _run(args, timeout=600):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  if args[0] == 'benchmarks.gpu_aot':   # the tests' XLA:CPU flags are not the GPU compiler's
+    env.pop('XLA_FLAGS', None)
+  return subprocess.run([sys.executable, '-m'] + args, cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def test_step_benchmark_variant_rows_and_a_failing_variant_keeps_its_error(tmp_path):
+  out = tmp_path / 'v.json'
+  p = _run(['benchmarks.step_benchmark', '--config', 'configs/tiny.py', '--mode', 'train',
+            '--batch', '8', '--steps', '2', '--warmup', '1',
+            '--variant', 'elementwise:model.temporal_attention=elementwise',
+            '--variant', 'cudnn:model.attention_impl=cudnn', '--out', str(out)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  rows = json.load(open(out))['results']
+  assert [r['variant'] for r in rows] == ['default', 'elementwise', 'cudnn']
+  assert rows[1]['clips_per_s'] > 0 and rows[1]['program_memory_bytes'] > 0
+  assert 'error' in rows[2] and 'cudnn' in rows[2]['overrides']   # no cuDNN on a CPU
+  assert '| train [elementwise] |' in p.stdout
+  bad = _run(['benchmarks.step_benchmark', '--config', 'configs/tiny.py',
+              '--variant', 'x:model.attention_pad_mode=once'])
+  assert bad.returncode == 2
+  assert bad.stderr.strip().splitlines()[-1] == (
+      "step_benchmark: --variant 'x:model.attention_pad_mode=once': model.attention_pad_mode "
+      "must be one of ['stream', 'call'], got 'once'")
+
+
+@pytest.mark.skipif(_has_cuda_plugin(), reason='checks the message of a jax without CUDA')
+def test_gpu_aot_without_the_cuda_plugin_says_so_in_one_line():
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py'])
+  assert p.returncode == 2
+  assert p.stderr.strip().splitlines()[-1] == (
+      'gpu_aot: this jax has no CUDA plugin to compile with: pip install "jax[cuda13]" '
+      '(no GPU needed)')
+
+
+def test_gpu_aot_names_an_unknown_target():
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--target', 'h9000'])
+  assert p.returncode == 2
+  assert 'gpu_aot: --target h9000: no ' in p.stderr and '(known: h200)' in p.stderr
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
+def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
+  out = tmp_path / 'aot.json'
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--mode', 'train', '--batch',
+            '8', '--config.model.dtype=bfloat16', '--variant',
+            'pallas:model.attention_impl=pallas', '--out', str(out)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  rows = json.load(open(out))['rows']
+  assert [r['variant'] for r in rows] == ['default', 'pallas']
+  for r in rows:
+    assert 'H200' in r['device_kind'] and r['program_memory_bytes'] > 0
+    assert r['predicted_step_ms'] > 0 and r['families']['gemm']['gflop'] > 0
