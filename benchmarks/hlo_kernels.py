@@ -346,14 +346,15 @@ def kernels(text: str) -> list[Kernel]:
   return out
 
 
-# Per-family rates on one H200, bf16 (bytes/s of memory traffic; FLOP/s of matrix work),
+# Per-family rates on one H200, bf16 (bytes/s of memory traffic; FLOP/s of matrix work;
+# transposes, the measured ones, apart from plain copies and in-place slice updates),
 # calibrated on the measured kernel profile of this project's B/16 train step
 # (BENCHMARKS.md, "GPU compile without a GPU"), except attention (no fused attention
 # was measured: a planning figure for cuDNN / Triton flash attention at head dim 64).
 RATES = {
     'gemm': {'bytes_s': 2.0e12, 'flops_s': 770e12},
     'attention': {'bytes_s': 3.0e12, 'flops_s': 350e12},
-    'transpose/copy': {'bytes_s': 1.3e12},
+    'transpose/copy': {'bytes_s': 4.2e12, 'transpose_bytes_s': 1.3e12},   # copies stream
     'elementwise': {'bytes_s': 4.2e12},
     'reduction': {'bytes_s': 4.0e12},
     'collective': {'bytes_s': 4.0e12},
@@ -365,7 +366,8 @@ LAUNCH_S = 2e-6   # the shortest kernel
 def predict_s(k: Kernel, rates: Mapping[str, Mapping[str, float]] = RATES) -> float:
   """Roofline estimate of one launch: max(bytes / bandwidth, FLOPs / FLOP rate, a floor)."""
   r = rates.get(k.family, rates['other'])
-  t = k.bytes / r['bytes_s']
+  bandwidth = r.get('transpose_bytes_s', r['bytes_s']) if 'transpose' in k.name else r['bytes_s']
+  t = k.bytes / bandwidth
   if k.flops and 'flops_s' in r:
     t = max(t, k.flops / r['flops_s'])
   return max(t, LAUNCH_S)

@@ -127,6 +127,8 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
     raise ValueError(f'model.temporal_attention must be one of {list(TEMPORAL_ATTENTION)}, '
                      f'got {out["temporal_attention"]!r}')
   vit.check_attention_impl(out['attention_impl'])
+  if out['remat_policy'] != 'none':
+    vit.remat_policy(out['remat_policy'])
   vit.pad_multiple_for(out['attention_impl'], out['attention_pad_multiple'])
   for k, allowed in (('attention_pad_mode', vit.PAD_MODES),
                      ('qkv_projection', vit.QKV_PROJECTIONS)):

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
+from aim_jax.models import vit
 from aim_jax.models.vit import Mlp
 
 LP = nn.with_logical_partitioning
@@ -323,8 +324,7 @@ class SwinStage(nn.Module):
     # x: (B, T', H, W, C)
     block_cls = SwinBlock
     if self.remat_policy != 'none':
-      policy = None if self.remat_policy == 'full' else getattr(
-          jax.checkpoint_policies, self.remat_policy)
+      policy = vit.remat_policy(self.remat_policy)
       block_cls = nn.remat(SwinBlock, policy=policy)
     for j, kw in enumerate(self.blocks):
       x = block_cls(**kw, name=f'blocks_{j}')(x)

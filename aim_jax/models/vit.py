@@ -164,6 +164,18 @@ def attend_over_axis1_elementwise(q: jax.Array, k: jax.Array, v: jax.Array) -> j
   return y.astype(v.dtype)
 
 
+def remat_policy(name: str):
+  """model.remat_policy -> a jax.checkpoint policy: 'full' (None: recompute everything)
+  or any jax.checkpoint_policies name ('dots_saveable', ...)."""
+  if name == 'full':
+    return None
+  policy = getattr(jax.checkpoint_policies, name, None)
+  if policy is None or name.startswith('_'):
+    raise ValueError(f"model.remat_policy must be 'none', 'full' or a jax.checkpoint_policies "
+                     f'name, got {name!r}')
+  return policy
+
+
 TEMPORAL_ATTENTION = ('einsum', 'elementwise', 'dot_product_attention')
 
 # model.attention_impl: how attention over a folded (N, S, H, hd) sequence runs.
@@ -588,9 +600,7 @@ class VisionTransformer(nn.Module):
   def _remat(self, cls):
     if self.remat_policy == 'none':
       return cls
-    policy = None if self.remat_policy == 'full' else getattr(
-        jax.checkpoint_policies, self.remat_policy)
-    return nn.remat(cls, policy=policy, prevent_cse=not self.scan_layers)
+    return nn.remat(cls, policy=remat_policy(self.remat_policy), prevent_cse=not self.scan_layers)
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
