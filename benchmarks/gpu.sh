@@ -87,7 +87,7 @@ else
 fi
 OFFICIAL=()
 if [ -f .official/mmaction/models/backbones/vit_clip.py ]; then
-  OFFICIAL=(--official .official --official_modes eager,compiled
+  OFFICIAL=(--official .official --official_modes eager,compiled --noofficial_first
             --official_compile_backend "$BACKEND")
 else
   echo 'gpu.sh: no .official/ here: ours only (carry .official for the side by side)'

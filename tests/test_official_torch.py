@@ -217,3 +217,30 @@ def test_benchmark_official_flag_writes_every_row_and_ratio(tmp_path):
   assert info['official_modes'] == ['eager', 'compiled']
   assert '| official torch eager | train | 2 |' in proc.stdout
   assert '| official torch compiled | eval | 2 |' in proc.stdout
+
+
+def test_benchmark_times_ours_first_with_noofficial_first_and_rates_every_variant(tmp_path):
+  """gpu.sh runs ours first (a time limit in a slow torch.compile keeps our rows); each
+  --variant row gets its ratio to each official row."""
+  pytest.importorskip('torch')
+  out = tmp_path / 'side_by_side.json'
+  argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'eval', '--batch',
+          '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--official_modes',
+          'eager', '--noofficial_first', '--variant',
+          'elementwise:model.temporal_attention=elementwise', '--out', str(out)]
+  code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
+          'import torchvision_stub; torchvision_stub.install()\n'
+          'from benchmarks import step_benchmark\n'
+          f'step_benchmark.run({argv!r})\n')
+  env = cpu_env(1, CUDA_VISIBLE_DEVICES='')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=900, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.index('"variant": "elementwise"') < proc.stdout.index('"official_row"')
+  result = json.loads(out.read_text())
+  (default, variant), (theirs,) = result['results'], result['official']
+  for r in (default, variant):
+    assert result['variant_ratio'][r['variant']]['eager']['eval'] == pytest.approx(
+        r['clips_per_s'] / theirs['clips_per_s'])
+  assert result['ratio']['eager']['eval'] == result['variant_ratio']['default']['eager']['eval']
+  assert '| aim_jax [elementwise] | eval | 2 |' in proc.stdout
