@@ -357,7 +357,7 @@ RATES = {
     'transpose/copy': {'bytes_s': 4.2e12, 'transpose_bytes_s': 1.3e12},   # copies stream
     'elementwise': {'bytes_s': 4.2e12},
     'reduction': {'bytes_s': 4.0e12},
-    'collective': {'bytes_s': 4.0e12},
+    'collective': {'bytes_s': 0.4e12},   # NVLink between 8 GPUs (NCCL bus rate), not measured
     'other': {'bytes_s': 3.0e12, 'flops_s': 350e12},
 }
 LAUNCH_S = 2e-6   # the shortest kernel

@@ -66,6 +66,18 @@ def test_a_scan_stacks_its_residuals_in_place_one_slice_per_step():
                                                                        k.bytes_out)
 
 
+def test_a_data_parallel_program_has_its_all_reduce_as_a_collective_kernel():
+  from jax.sharding import NamedSharding, PartitionSpec
+  mesh = jax.make_mesh((len(jax.devices()),), ('d',))
+  n = len(jax.devices())
+  f = jax.jit(lambda x: jnp.sum(x * 2, axis=0),
+              in_shardings=NamedSharding(mesh, PartitionSpec('d')),
+              out_shardings=NamedSharding(mesh, PartitionSpec()))
+  text = f.lower(jax.ShapeDtypeStruct((8 * n, 128), jnp.float32)).compile().as_text()
+  (reduce,) = [k for k in H.kernels(text) if k.family == 'collective']
+  assert reduce.op.startswith('all-reduce') and reduce.bytes == 2 * 128 * 4   # in + out
+
+
 # GPU HLO as XLA prints it: names, shapes and attributes of a B/16 train step compiled for an
 # H200, cut down to five kernels.
 GPU_HLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hlo', 'gpu_step_excerpt.hlo')
