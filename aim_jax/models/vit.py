@@ -110,10 +110,14 @@ class Projection(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spec: str, x: jax.Array, select: Optional[int] = None) -> jax.Array:
-    # spec: einsum 'input,kernel->output'; the output ends with bias_shape.
+  def __call__(self, spec: str, x: jax.Array, select: Optional[int] = None,
+               add_bias: bool = True, input_offset: Optional[jax.Array] = None) -> jax.Array:
+    # spec: einsum 'input,kernel->output' ('...' leading); the output ends with bias_shape.
     # select: use kernel[:, select] and bias[select] only (a slice of the weights, e.g.
     # q, k or v of a (D, 3, H, hd) kernel); spec then names the sliced kernel.
+    # add_bias=False: leave the bias out (the caller accounts for it).
+    # input_offset: a constant c the input should have had added: einsum(x + c) is
+    # computed as einsum(x) + einsum(c), the second term folded into the bias.
     kernel = self.param('kernel', LP(trunc_normal_02, self.kernel_axes), self.kernel_shape,
                         self.param_dtype)
     bias = (self.param('bias', LP(init.zeros, self.bias_axes), self.bias_shape,
@@ -121,6 +125,11 @@ class Projection(nn.Module):
     if select is not None:
       kernel = kernel[:, select]
       bias = None if bias is None else bias[select]
+    if not add_bias:
+      bias = None
+    if input_offset is not None:
+      folded = jnp.einsum(spec, input_offset.astype(jnp.float32), kernel.astype(jnp.float32))
+      bias = folded if bias is None else bias.astype(jnp.float32) + folded
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jnp.einsum(spec, x, kernel)
     return y if bias is None else y + bias
@@ -272,7 +281,8 @@ class MultiHeadAttention(nn.Module):
       this one on XLA: its kernel tiles sequences by >= 16 frames).
   `qkv_projection`: 'fused' one (D, 3*D) product then q/k/v slices; 'split' three
   (D, D) products on slices of the same kernel (contiguous q, k, v for a fused
-  kernel, no activation slicing). Same parameters, same numbers.
+  kernel, no activation slicing; only q adds its bias: k's cannot change the softmax
+  and v's is folded into the output bias). Same parameters, same function.
   """
   num_heads: int
   qkv_bias: bool = True
@@ -305,8 +315,16 @@ class MultiHeadAttention(nn.Module):
                     (None, 'heads', 'kv'), use_bias=self.qkv_bias, name='qkv')
     out_proj = proj((h, hd, d), ('heads', 'kv', 'embed'), (d,), ('embed',), name='out')
     b, a1, a2, _ = x.shape
+    v_bias = None
     if self.qkv_projection == 'split':
-      q, k, v = (qkv_proj('...d,dhk->...hk', x, select=i) for i in range(3))  # (B, A1, A2, H, hd)
+      # (B, A1, A2, H, hd) each. Only q gets its bias: softmax over the keys is unchanged by
+      # k's bias (q.b_k is the same for every key of a query), and since every row of
+      # attention weights sums to 1, v's bias comes out of the attention unchanged and is
+      # folded into the output projection's bias. Same function, two bias passes fewer.
+      q = qkv_proj('...d,dhk->...hk', x, select=0)
+      k, v = (qkv_proj('...d,dhk->...hk', x, select=i, add_bias=False) for i in (1, 2))
+      if self.qkv_bias:
+        v_bias = nn.unbox(qkv_proj.variables['params']['bias'])[2]     # (H, hd)
     else:
       qkv = qkv_proj('...d,dchk->...chk', x)           # (B, A1, A2, 3, H, hd)
       q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
@@ -332,7 +350,7 @@ class MultiHeadAttention(nn.Module):
       y = attend_over_axis1_elementwise(q, k, v)       # (B, T, L, H, hd)
     else:
       y = attend_over_axis1(q, k, v)                   # (B, T, L, H, hd)
-    return out_proj('...hk,hkd->...d', y)              # (B, A1, A2, D)
+    return out_proj('...hk,hkd->...d', y, input_offset=v_bias)   # (B, A1, A2, D)
 
 
 class Mlp(nn.Module):
