@@ -192,7 +192,8 @@ def test_attention_options_errors_name_the_field():
                      (dict(attention_pad_mode='once'), 'model.attention_pad_mode'),
                      (dict(attention_pad_multiple=-1), 'model.attention_pad_multiple'),
                      (dict(qkv_projection='packed'), 'model.qkv_projection'),
-                     (dict(temporal_attention='flash'), 'model.temporal_attention')]:
+                     (dict(temporal_attention='flash'), 'model.temporal_attention'),
+                     (dict(remat_policy='save_only_these_names'), 'model.remat_policy')]:
     with pytest.raises(ValueError, match=field):
       build_model(dict(TINY, **bad)).init(jax.random.key(0), video)
   with pytest.raises(ValueError, match='multiple of 16'):

@@ -173,16 +173,20 @@ def attend_over_axis1_elementwise(q: jax.Array, k: jax.Array, v: jax.Array) -> j
   return y.astype(v.dtype)
 
 
+# jax.checkpoint_policies that are policies themselves (the others build one from names).
+REMAT_POLICIES = ('everything_saveable', 'nothing_saveable', 'dots_saveable', 'checkpoint_dots',
+                  'dots_with_no_batch_dims_saveable', 'checkpoint_dots_with_no_batch_dims')
+
+
 def remat_policy(name: str):
   """model.remat_policy -> a jax.checkpoint policy: 'full' (None: recompute everything)
-  or any jax.checkpoint_policies name ('dots_saveable', ...)."""
+  or one of REMAT_POLICIES ('dots_saveable': keep only the matrix products' outputs)."""
   if name == 'full':
     return None
-  policy = getattr(jax.checkpoint_policies, name, None)
-  if policy is None or name.startswith('_'):
-    raise ValueError(f"model.remat_policy must be 'none', 'full' or a jax.checkpoint_policies "
-                     f'name, got {name!r}')
-  return policy
+  if name not in REMAT_POLICIES:
+    raise ValueError(f"model.remat_policy must be 'none', 'full' or one of "
+                     f'{list(REMAT_POLICIES)}, got {name!r}')
+  return getattr(jax.checkpoint_policies, name)
 
 
 TEMPORAL_ATTENTION = ('einsum', 'elementwise', 'dot_product_attention')
