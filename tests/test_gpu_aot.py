@@ -142,8 +142,8 @@ def _run(args, timeout=600):
 
 def test_step_benchmark_variant_rows_and_a_failing_variant_keeps_its_error(tmp_path):
   out = tmp_path / 'v.json'
-  p = _run(['benchmarks.step_benchmark', '--config', 'configs/tiny.py', '--mode', 'train',
-            '--batch', '8', '--steps', '2', '--warmup', '1',
+  p = _run(['benchmarks.step_benchmark', '--config', 'configs/tiny.py', '--mode', 'eval',
+            '--batch', '8', '--steps', '2', '--warmup', '0',
             '--variant', 'elementwise:model.temporal_attention=elementwise',
             '--variant', 'cudnn:model.attention_impl=cudnn', '--out', str(out)])
   assert p.returncode == 0, p.stderr[-2000:]
@@ -151,7 +151,7 @@ def test_step_benchmark_variant_rows_and_a_failing_variant_keeps_its_error(tmp_p
   assert [r['variant'] for r in rows] == ['default', 'elementwise', 'cudnn']
   assert rows[1]['clips_per_s'] > 0 and rows[1]['program_memory_bytes'] > 0
   assert 'error' in rows[2] and 'cudnn' in rows[2]['overrides']   # no cuDNN on a CPU
-  assert '| train [elementwise] |' in p.stdout
+  assert '| eval [elementwise] |' in p.stdout
   bad = _run(['benchmarks.step_benchmark', '--config', 'configs/tiny.py',
               '--variant', 'x:model.attention_pad_mode=once'])
   assert bad.returncode == 2
@@ -187,3 +187,15 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   for r in rows:
     assert 'H200' in r['device_kind'] and r['program_memory_bytes'] > 0
     assert r['predicted_step_ms'] > 0 and r['families']['gemm']['gflop'] > 0
+  # A profile from the GPU (kernels.json of step_benchmark --profile) lines up by name.
+  hlo = tmp_path / 'hlo'
+  args = ['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--batch', '8',
+          '--config.model.dtype=bfloat16', '--hlo_dir', str(hlo), '--out', str(out)]
+  assert _run(args).returncode == 0
+  with open(hlo / 'default_train.hlo') as f:
+    name = max(H.kernels(f.read()), key=lambda k: k.bytes).name
+  measured = tmp_path / 'kernels.json'
+  measured.write_text(json.dumps({'kernels_ms_per_step': {name: 0.25, 'nvjet_x': 1.0}}))
+  assert _run(args + ['--measured', str(measured)]).returncode == 0
+  (row,) = json.load(open(out))['rows'][0]['measured']
+  assert row['name'] == name and row['measured_ms'] == 0.25 and row['predicted_ms'] > 0
