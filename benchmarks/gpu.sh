@@ -23,6 +23,7 @@
 #                            remat_policy=dots_saveable (83 GiB; without it 173 GiB: more
 #                            than the H200 has, benchmarks.gpu_aot), and its cudnn variant
 #   summary.txt              each part's exit status and time
+#   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
 # backend (no C++ compile), a check that tensorflow was never imported (the GPU image has
 # none), the test torchvision stub served when torchvision is missing; checks the script end
@@ -136,4 +137,7 @@ part b16_eval 80 "${BENCH[@]}" "${COMMON[@]}" --mode eval "${OFFICIAL[@]}" "${VA
 part l14_train 70 "${BENCH[@]}" --config "$CFG_L" --batch "$BATCH_L" --steps 5 --warmup 1 --mode train \
   --config.model.remat_policy=dots_saveable "${VARIANTS[@]:0:2}" --out "$OUT/l14_train.json"
 echo "done at $(el) s" | tee -a "$OUT/summary.txt"
+# The figures against the issue's targets (met / missed / not measured), also as JSON.
+"$PY" -m benchmarks.gpu_report "$OUT" --json "$OUT/report.json" > "$OUT/report.md" 2>&1
+cat "$OUT/report.md"
 ! grep -qE 'rc=[1-9]' "$OUT/summary.txt"

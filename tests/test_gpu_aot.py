@@ -199,3 +199,40 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   assert _run(args + ['--measured', str(measured)]).returncode == 0
   (row,) = json.load(open(out))['rows'][0]['measured']
   assert row['name'] == name and row['measured_ms'] == 0.25 and row['predicted_ms'] > 0
+
+
+def _row(mode, clips, variant='default', **kw):
+  return dict(mode=mode, variant=variant, clips_per_s=clips, devices=1, step_s_median=64 / clips,
+              program_memory_bytes=int(40 * 2 ** 30), mfu=clips / 1000, compile_s=30.0, **kw)
+
+
+def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_path):
+  from benchmarks import gpu_report
+  prof = lambda share: {'families': {'transpose/copy': {'share': share}}}
+  train = dict(complete=True, results=[
+      _row('train', 250.0, profile=prof(0.23)), _row('train', 440.0, 'cudnn', profile=prof(0.01)),
+      dict(mode='train', variant='pallas', error='RuntimeError: no plan')],
+      official=[dict(mode='train', official_mode='eager', clips_per_s=160.0, step_s_median=0.4),
+                dict(mode='train', official_mode='compiled', clips_per_s=263.0,
+                     step_s_median=0.24, peak_memory_bytes=int(43.9 * 2 ** 30))])
+  (tmp_path / 'b16_train.json').write_text(json.dumps(train))
+  (tmp_path / 'l14_train.json').write_text(json.dumps({'results': [
+      _row('train', 80.0), dict(mode='train', variant='cudnn', error='OOM')]}))
+  (tmp_path / 'cudnn_attention.json').write_text(json.dumps(
+      {'implementation': 'cudnn', 'padded': {'ok': True}}))
+  rep = gpu_report.report(str(tmp_path))
+  by = {c['target']: c for c in rep['checks']}
+  assert by['train: fastest row (cudnn) / official compiled']['status'] == 'met'
+  assert by['train: fastest row (cudnn) / official compiled']['shown'] == '1.67x'
+  assert by['train: fastest row (cudnn) / official eager']['status'] == 'met'
+  assert by['train: transposes and copies, share of kernel time (cudnn)']['status'] == 'met'
+  assert by['train: memory (cudnn) / official compiled peak']['status'] == 'met'
+  assert by['train: MFU aim (cudnn)']['status'] == 'missed'            # 44% < 45%
+  assert by['eval: fastest row / official compiled']['status'] == 'not measured'   # no file
+  assert by['L/14: slowest compile of its rows']['status'] == 'not measured'   # a row failed
+  assert by['cuDNN attention, padded, forward + backward = XLA']['status'] == 'met'
+  table = gpu_report.format_report(rep)
+  assert '| aim_jax [pallas] | train | RuntimeError: no plan |' in table
+  assert '| official compiled | train | 263.0 |' in table
+  p = _run(['benchmarks.gpu_report', str(tmp_path / 'missing')])
+  assert p.returncode == 2 and 'no such folder' in p.stderr

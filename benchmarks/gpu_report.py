@@ -1,0 +1,190 @@
+"""The GPU run's figures against the GPU performance issue's targets.
+
+  python -m benchmarks.gpu_report OUT_DIR [--json report.json]
+
+Reads what `bash benchmarks/gpu.sh OUT_DIR` wrote (`b16_train.json`, `b16_eval.json`,
+`l14_train.json`, `cudnn_attention.json`, `env.txt`, `summary.txt`) and prints, as
+markdown, one row per implementation and mode, then each target with its figure and
+`met`, `missed` or `not measured` (a missing file, row or figure is never `met`):
+
+* train: our fastest row >= 1.3x the compiled official row and >= 2x the eager one,
+  transposes < 5% of its profiled kernel time, its memory at or below the compiled
+  official's peak, and the 45% MFU aim;
+* eval: our fastest row >= 1.3x the compiled official eval, and the 55% MFU aim;
+* L/14: every row measured, compiled in under a minute;
+* the cuDNN smoke test: padded attention forward and backward match XLA.
+
+Our rows' memory is `program_memory_bytes` (the compiled step's own need: the process's
+peak counter only grows from row to row).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+GiB = 2 ** 30
+TARGETS = dict(train_vs_compiled=1.3, train_vs_eager=2.0, transpose_share=0.05,
+               train_mfu_aim=0.45, eval_vs_compiled=1.3, eval_mfu_aim=0.55, l14_compile_s=60.0)
+
+
+def _load(out_dir: str, name: str) -> Optional[dict]:
+  path = os.path.join(out_dir, name)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{path}: not JSON ({e})') from None
+
+
+def _ours(run: Optional[dict]) -> list[dict]:
+  return [r for r in (run or {}).get('results', []) if 'error' not in r]
+
+
+def _official(run: Optional[dict], mode: str, official_mode: str) -> Optional[dict]:
+  rows = (run or {}).get('official') or (run or {}).get('official_rows_so_far') or []
+  for r in rows:
+    if r.get('mode') == mode and r.get('official_mode', 'eager') == official_mode \
+        and 'error' not in r:
+      return r
+  return None
+
+
+def _per_device(r: dict) -> float:
+  return r['clips_per_s'] / r.get('devices', 1)
+
+
+def _check(name: str, value: Optional[float], target: float, fmt: str, higher: bool = True,
+           note: str = '') -> dict:
+  if value is None:
+    status = 'not measured'
+  else:
+    status = 'met' if (value >= target if higher else value <= target) else 'missed'
+  shown = 'n/a' if value is None else fmt.format(value)
+  want = ('>= ' if higher else '<= ') + fmt.format(target)
+  return dict(target=name, value=value, shown=shown, want=want, status=status, note=note)
+
+
+def _mode_checks(run: Optional[dict], mode: str) -> list[dict]:
+  ours = [r for r in _ours(run) if r['mode'] == mode]
+  best = max(ours, key=_per_device) if ours else None
+  label = f" ({best.get('variant', 'default')})" if best else ''
+  compiled = _official(run, mode, 'compiled')
+  eager = _official(run, mode, 'eager')
+  ratio = lambda o: _per_device(best) / o['clips_per_s'] if best and o else None
+  checks = [_check(f'{mode}: fastest row{label} / official compiled', ratio(compiled),
+                   TARGETS[f'{mode}_vs_compiled'], '{:.2f}x')]
+  if mode == 'train':
+    checks.append(_check(f'train: fastest row{label} / official eager', ratio(eager),
+                         TARGETS['train_vs_eager'], '{:.2f}x'))
+    share = None
+    if best and best.get('profile'):
+      share = best['profile']['families'].get('transpose/copy', {}).get('share')
+    checks.append(_check(f'train: transposes and copies, share of kernel time{label}', share,
+                         TARGETS['transpose_share'], '{:.1%}', higher=False))
+    mem = best.get('program_memory_bytes') if best else None
+    limit = compiled.get('peak_memory_bytes') if compiled else None
+    checks.append(_check(f'train: memory{label} / official compiled peak',
+                         mem / limit if mem and limit else None, 1.0, '{:.2f}', higher=False,
+                         note=(f'{mem / GiB:.1f} vs {limit / GiB:.1f} GiB' if mem and limit
+                               else '')))
+  aim = best.get('mfu') if best else None
+  checks.append(_check(f'{mode}: MFU aim{label}', aim, TARGETS[f'{mode}_mfu_aim'], '{:.1%}'))
+  return checks
+
+
+def report(out_dir: str) -> dict:
+  """Rows and target checks of one gpu.sh output folder."""
+  if not os.path.isdir(out_dir):
+    raise ValueError(f'{out_dir}: no such folder (the OUT_DIR of benchmarks/gpu.sh)')
+  runs = {m: _load(out_dir, f'b16_{m}.json') for m in ('train', 'eval')}
+  l14 = _load(out_dir, 'l14_train.json')
+  smoke = _load(out_dir, 'cudnn_attention.json')
+  rows = []
+  for mode, run in runs.items():
+    for r in (run or {}).get('results', []):
+      rows.append(dict(impl=f"aim_jax [{r.get('variant', 'default')}]", mode=mode,
+                       error=r.get('error'), clips=_per_device(r) if 'error' not in r else None,
+                       step_ms=1e3 * r['step_s_median'] if 'error' not in r else None,
+                       mem_gib=(r.get('program_memory_bytes') or 0) / GiB or None,
+                       mfu=r.get('mfu'), compile_s=r.get('compile_s')))
+    for o in ((run or {}).get('official') or (run or {}).get('official_rows_so_far') or []):
+      rows.append(dict(impl=f"official {o.get('official_mode', 'eager')}", mode=mode,
+                       error=o.get('error'), clips=o.get('clips_per_s'),
+                       step_ms=1e3 * o['step_s_median'] if 'error' not in o else None,
+                       mem_gib=(o.get('peak_memory_bytes') or 0) / GiB or None,
+                       mfu=o.get('mfu'), compile_s=o.get('compile_s')))
+  checks = _mode_checks(runs['train'], 'train') + _mode_checks(runs['eval'], 'eval')
+  l14_rows = (l14 or {}).get('results', [])
+  l14_ok = [r for r in l14_rows if 'error' not in r]
+  slowest = max((r['compile_s'] for r in l14_ok), default=None)
+  checks.append(_check('L/14: slowest compile of its rows', slowest if l14_rows and
+                       len(l14_ok) == len(l14_rows) else None, TARGETS['l14_compile_s'],
+                       '{:.0f} s', higher=False,
+                       note='; '.join(f"{r.get('variant')}: {r['error'][:80]}"
+                                      for r in l14_rows if 'error' in r)))
+  padded = (smoke or {}).get('padded', {})
+  cudnn = bool(smoke) and smoke.get('implementation') == 'cudnn'
+  checks.append(dict(target='cuDNN attention, padded, forward + backward = XLA',
+                     value=padded.get('ok') if cudnn else None,
+                     shown=str(padded.get('ok')) if cudnn and padded else 'n/a', want='True',
+                     status='not measured' if not (cudnn and padded) else
+                     ('met' if padded.get('ok') else 'missed'),
+                     note=f"implementation {smoke.get('implementation')}" if smoke else ''))
+  env = ''
+  if os.path.exists(os.path.join(out_dir, 'env.txt')):
+    with open(os.path.join(out_dir, 'env.txt')) as f:
+      env = f.read().strip()
+  return dict(out_dir=out_dir, env=env, rows=rows, checks=checks,
+              complete={m: bool(r and r.get('complete')) for m, r in runs.items()})
+
+
+def format_report(rep: dict) -> str:
+  fmt = lambda v, f: 'n/a' if v is None else f.format(v)
+  lines = ['| impl | mode | clips/s/device | step ms | memory GiB | MFU | compile s |',
+           '|---|---|---:|---:|---:|---:|---:|']
+  for r in rep['rows']:
+    if r['error']:
+      lines.append(f"| {r['impl']} | {r['mode']} | {r['error'].splitlines()[0][:70]} | | | | |")
+      continue
+    lines.append(f"| {r['impl']} | {r['mode']} | {fmt(r['clips'], '{:.1f}')} | "
+                 f"{fmt(r['step_ms'], '{:.1f}')} | {fmt(r['mem_gib'], '{:.1f}')} | "
+                 f"{fmt(r['mfu'], '{:.1%}')} | {fmt(r['compile_s'], '{:.1f}')} |")
+  lines += ['', '| target | figure | wanted | status |', '|---|---:|---:|---|']
+  for c in rep['checks']:
+    note = f" ({c['note']})" if c.get('note') else ''
+    lines.append(f"| {c['target']} | {c['shown']}{note} | {c['want']} | {c['status']} |")
+  return '\n'.join(lines)
+
+
+def main(argv: list[str]) -> int:
+  args = argv[1:]
+  json_out = None
+  if '--json' in args:
+    i = args.index('--json')
+    if i + 1 >= len(args):
+      print('gpu_report: --json needs a file name', file=sys.stderr)
+      return 2
+    json_out = args[i + 1]
+    del args[i:i + 2]
+  if len(args) != 1:
+    print('usage: python -m benchmarks.gpu_report OUT_DIR [--json FILE]', file=sys.stderr)
+    return 2
+  try:
+    rep = report(args[0])
+  except ValueError as e:
+    print(f'gpu_report: {e}', file=sys.stderr)
+    return 2
+  print(format_report(rep))
+  if json_out:
+    with open(json_out, 'w') as f:
+      json.dump(rep, f, indent=1)
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main(sys.argv))
