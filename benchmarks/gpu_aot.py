@@ -32,7 +32,7 @@ import json
 import os
 import sys
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import app, flags
 
@@ -95,24 +95,27 @@ def compile_step(config: Any, mode: str, batch: int, devices: list) -> dict:
     t1 = time.perf_counter()
     compiled = lowered.compile()
   t2 = time.perf_counter()
+  from benchmarks import step_benchmark
   m = compiled.memory_analysis()
   memory = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                 alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
                 generated_code=m.generated_code_size_in_bytes)
   return dict(hlo=compiled.as_text(), model_cfg=mc, lower_s=t1 - t0, compile_s=t2 - t1,
-              memory=memory, program_memory_bytes=int(
-                  memory['argument'] + memory['output'] - memory['alias'] + memory['temp']))
+              memory=memory, program_memory_bytes=step_benchmark.program_memory_bytes(compiled))
 
 
-def analyse(config: Any, mode: str, batch: int, devices: list, hlo_path: str = '') -> dict:
-  """One row: compile, then the kernels and the predicted step time per device."""
+def analyse(config: Any, mode: str, batch: int, devices: list, hlo_path: str = '',
+            measured: Optional[dict] = None) -> dict:
+  """One row: compile, then the kernels and the predicted step time per device; with
+  `measured` (a profile's ms per step by kernel name), those kernels beside the prediction."""
   from aim_jax import flops
   from benchmarks import hlo_kernels, step_benchmark
   c = compile_step(config, mode, batch, devices)
   if hlo_path:
     with open(hlo_path, 'w') as f:
       f.write(c['hlo'])
-  summary = hlo_kernels.summarize(hlo_kernels.kernels(c['hlo']))
+  ks = hlo_kernels.kernels(c['hlo'])
+  summary = hlo_kernels.summarize(ks)
   step_s = summary['predicted_ms'] / 1e3
   macs = flops.train_macs(c['model_cfg'], config.full_finetune) if mode == 'train' else \
       flops.forward_macs(c['model_cfg'])
@@ -127,7 +130,8 @@ def analyse(config: Any, mode: str, batch: int, devices: list, hlo_path: str = '
       predicted_step_ms=summary['predicted_ms'], predicted_clips_per_s_per_device=per_device,
       predicted_mfu=2 * macs * per_device / peak if peak else None,
       transpose_share=fams.get('transpose/copy', {}).get('share', 0.0), **{
-          k: summary[k] for k in ('launches', 'families', 'top_kernels', 'top_places')})
+          k: summary[k] for k in ('launches', 'families', 'top_kernels', 'top_places')},
+      **({'measured': hlo_kernels.match_profile(ks, measured)} if measured is not None else {}))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -148,19 +152,13 @@ def format_table(rows: list[dict]) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from aim_jax import errors, run_config
+  from aim_jax import errors
   from benchmarks import hlo_kernels, step_benchmark
   config = FLAGS.config
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
   try:
-    variants = [('default', config)] + [step_benchmark.parse_variant(v, config)
-                                        for v in FLAGS.variant]
-    for spec, (_, cfg) in zip(FLAGS.variant, variants[1:]):
-      try:
-        run_config.resolve_model(cfg.model)
-      except errors.ConfigError as e:
-        raise ValueError(f'--variant {spec!r}: {e}') from None
+    variants = step_benchmark.parse_variants(FLAGS.variant, config)
     devices = target_devices(FLAGS.target, FLAGS.devices)
   except (ValueError, RuntimeError) as e:
     print(f'gpu_aot: {e}', file=sys.stderr, flush=True)
@@ -173,20 +171,17 @@ def main(argv):
   out = dict(target=FLAGS.target, rows=rows, versions=step_benchmark.versions(), argv=sys.argv,
              date=time.strftime('%Y-%m-%d'), rates=hlo_kernels.RATES)
   for mode in modes:
-    for name, cfg in variants:
+    for name, cfg, spec in variants:
       hlo_path = os.path.join(FLAGS.hlo_dir, f'{name}_{mode}.hlo') if FLAGS.hlo_dir else ''
       if hlo_path:
         os.makedirs(FLAGS.hlo_dir, exist_ok=True)
       try:
-        r = analyse(cfg, mode, batch, devices, hlo_path)
+        r = analyse(cfg, mode, batch, devices, hlo_path, measured)
       except Exception as e:  # a variant the target cannot compile keeps its error
         r = dict(mode=mode, error=f'{type(e).__name__}: {e}'[:2000])
       r['variant'] = name
-      if name != 'default':
-        r['overrides'] = FLAGS.variant[[n for n, _ in variants].index(name) - 1]
-      if measured is not None and hlo_path and 'error' not in r:
-        with open(hlo_path) as f:
-          r['measured'] = hlo_kernels.match_profile(hlo_kernels.kernels(f.read()), measured)
+      if spec:
+        r['overrides'] = spec
       rows.append(r)
       print(json.dumps({k: v for k, v in r.items() if k not in ('top_kernels', 'top_places',
                                                                   'measured')}), flush=True)
@@ -210,8 +205,7 @@ def _define_flags():
   flags.DEFINE_string('out', '', 'write the rows as JSON here')
   flags.DEFINE_string('hlo_dir', '', 'also write each optimised program here (VARIANT_MODE.hlo)')
   flags.DEFINE_string('measured', '', 'a kernels.json of a `step_benchmark --profile` run on '
-                      'that GPU: each row then lists measured beside predicted kernel times '
-                      '(needs --hlo_dir)')
+                      'that GPU: each row then lists measured beside predicted kernel times')
   flags.mark_flags_as_required(['config'])
 
 

@@ -45,9 +45,13 @@ def _ours(run: Optional[dict]) -> list[dict]:
   return [r for r in (run or {}).get('results', []) if 'error' not in r]
 
 
+def _official_rows(run: Optional[dict]) -> list[dict]:
+  """The official rows, or those measured before a time limit stopped the part."""
+  return (run or {}).get('official') or (run or {}).get('official_rows_so_far') or []
+
+
 def _official(run: Optional[dict], mode: str, official_mode: str) -> Optional[dict]:
-  rows = (run or {}).get('official') or (run or {}).get('official_rows_so_far') or []
-  for r in rows:
+  for r in _official_rows(run):
     if r.get('mode') == mode and r.get('official_mode', 'eager') == official_mode \
         and 'error' not in r:
       return r
@@ -112,7 +116,7 @@ def report(out_dir: str) -> dict:
                        step_ms=1e3 * r['step_s_median'] if 'error' not in r else None,
                        mem_gib=(r.get('program_memory_bytes') or 0) / GiB or None,
                        mfu=r.get('mfu'), compile_s=r.get('compile_s')))
-    for o in ((run or {}).get('official') or (run or {}).get('official_rows_so_far') or []):
+    for o in _official_rows(run):
       rows.append(dict(impl=f"official {o.get('official_mode', 'eager')}", mode=mode,
                        error=o.get('error'), clips=o.get('clips_per_s'),
                        step_ms=1e3 * o['step_s_median'] if 'error' not in o else None,

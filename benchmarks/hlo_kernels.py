@@ -376,32 +376,31 @@ def predict_s(k: Kernel, rates: Mapping[str, Mapping[str, float]] = RATES) -> fl
 def summarize(ks: list[Kernel], rates: Mapping[str, Mapping[str, float]] = RATES,
               top: int = 25) -> dict:
   """Per-family launches, GB, GFLOP and predicted ms per step; the top kernel groups."""
+  step_ms = [predict_s(k, rates) * k.launches * 1e3 for k in ks]     # each kernel, per step
   fams: dict[str, dict] = {}
-  for k in ks:
+  groups: dict[str, dict] = {}
+  by_where: dict[str, float] = collections.defaultdict(float)
+  for k, ms in zip(ks, step_ms):
     f = fams.setdefault(k.family, dict(launches=0, gb=0.0, gflop=0.0, predicted_ms=0.0))
     f['launches'] += k.launches
     f['gb'] += k.bytes * k.launches / 1e9
     f['gflop'] += k.flops * k.launches / 1e9
-    f['predicted_ms'] += predict_s(k, rates) * k.launches * 1e3
-  total = sum(f['predicted_ms'] for f in fams.values())
-  for f in fams.values():
-    f['share'] = f['predicted_ms'] / total if total else 0.0
-    for key in ('gb', 'gflop', 'predicted_ms'):
-      f[key] = round(f[key], 3)
-  groups: dict[str, dict] = {}
-  for k in ks:
+    f['predicted_ms'] += ms
     g = groups.setdefault(k.group, dict(name=k.name, family=k.family, where=k.where,
                                         shape=k.shape[:160], launches=0, gb=0.0,
                                         predicted_ms=0.0))
     g['launches'] += k.launches
     g['gb'] += k.bytes * k.launches / 1e9
-    g['predicted_ms'] += predict_s(k, rates) * k.launches * 1e3
+    g['predicted_ms'] += ms
+    by_where[f'{k.family}: {k.where}'] += ms
+  total = sum(f['predicted_ms'] for f in fams.values())
+  for f in fams.values():
+    f['share'] = f['predicted_ms'] / total if total else 0.0
+    for key in ('gb', 'gflop', 'predicted_ms'):
+      f[key] = round(f[key], 3)
   ranked = sorted(groups.values(), key=lambda g: -g['predicted_ms'])
   for g in ranked:
     g['gb'], g['predicted_ms'] = round(g['gb'], 3), round(g['predicted_ms'], 3)
-  by_where: dict[str, float] = collections.defaultdict(float)
-  for k in ks:
-    by_where[f'{k.family}: {k.where}'] += predict_s(k, rates) * k.launches * 1e3
   return dict(
       predicted_ms=round(total, 3), launches=sum(k.launches for k in ks),
       families=dict(sorted(fams.items(), key=lambda kv: -kv[1]['predicted_ms'])),

@@ -512,7 +512,7 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
   `variant_ratio[variant][official_mode][mode]` holds the same for every row
   (`--variant`; None where our variant failed).
   """
-  rows, ratio, variant_ratio = [], {}, {}
+  rows, variant_ratio = [], {}
   defaults = [r for r in jax_results if r.get('variant', 'default') == 'default']
   ours_by_mode = {r['mode']: r for r in defaults}
   for official in official_run['rows']:
@@ -522,15 +522,12 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
     theirs = dict(official)
     theirs.setdefault('official_mode', 'eager')
     rows.append(theirs)
-    by_mode = ratio.setdefault(theirs['official_mode'], {})
     if 'error' in theirs:
-      by_mode[ours['mode']] = None
       continue
     ours_per_device = ours['clips_per_s'] / ours['devices']
     theirs['gmacs_per_clip'] = ours['gmacs_per_clip']
     theirs['mfu'] = (ours['mfu'] * theirs['clips_per_s'] / ours_per_device
                      if ours['mfu'] is not None else None)
-    by_mode[ours['mode']] = ours_per_device / theirs['clips_per_s']
   for r in jax_results:
     for theirs in rows:
       if theirs['mode'] != r['mode']:
@@ -540,8 +537,8 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
         x = r['clips_per_s'] / r['devices'] / theirs['clips_per_s']
       variant_ratio.setdefault(r.get('variant', 'default'), {}).setdefault(
           theirs['official_mode'], {})[r['mode']] = x
-  return dict(official=rows, ratio=ratio, variant_ratio=variant_ratio,
-              official_info=dict(official_run['info']))
+  return dict(official=rows, ratio=variant_ratio.get('default', {}),
+              variant_ratio=variant_ratio, official_info=dict(official_run['info']))
 
 
 def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
@@ -564,15 +561,15 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
       lines.append(f'| {impl} | {ours["mode"]} | | | {ours["error"].splitlines()[0][:60]} '
                    '| | | | n/a |')
       continue
-    if variant != 'default':   # a variant: its ratio to every official row of its mode
+    ratios = ''                # a variant: its ratio to every official row of its mode
+    if variant != 'default':
       vs = compared.get('variant_ratio', {}).get(variant, {})
       ratios = ', '.join(f'{m} {vs[m][ours["mode"]]:.2f}x' for m in vs
                          if vs[m].get(ours['mode']) is not None)
-      lines.append(row(impl, ours, ours['batch'] // ours['devices'],
-                       ours['clips_per_s'] / ours['devices'], ratios))
-      continue
     lines.append(row(impl, ours, ours['batch'] // ours['devices'],
-                     ours['clips_per_s'] / ours['devices'], ''))
+                     ours['clips_per_s'] / ours['devices'], ratios))
+    if variant != 'default':
+      continue
     for theirs in compared['official']:
       if theirs['mode'] != ours['mode']:
         continue

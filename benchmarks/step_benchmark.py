@@ -123,6 +123,24 @@ def parse_variant(spec: str, config: Any) -> tuple[str, Any]:
   return name, cfg
 
 
+def parse_variants(specs: list[str], config: Any) -> list[tuple[str, Any, str]]:
+  """(name, config, spec) for the default and each `--variant` spec, every variant's
+  model config resolved: a bad spec, field, value or repeated name raises ValueError
+  (one line) before anything is built."""
+  from aim_jax import errors, run_config
+  variants = [('default', config, '')]
+  for spec in specs:
+    name, cfg = parse_variant(spec, config)
+    try:
+      run_config.resolve_model(cfg.model)
+    except errors.ConfigError as e:
+      raise ValueError(f'--variant {spec!r}: {e}') from None
+    variants.append((name, cfg, spec))
+  if len({name for name, _, _ in variants}) != len(variants):
+    raise ValueError('--variant: every variant needs its own NAME (and not "default")')
+  return variants
+
+
 def build(config: Any, batch: int, mode: str, remat: str | None = None):
   """Sharded state and jitted step functions for `config` at global batch `batch`,
   built exactly as training builds them (`aim_jax.train_state`)."""
@@ -300,17 +318,10 @@ def main(argv):
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
   results, official_rows = [], []
-  from aim_jax import errors, run_config
   try:
-    variants = [('default', config)] + [parse_variant(v, config) for v in FLAGS.variant]
-    if len({name for name, _ in variants}) != len(variants):
-      raise ValueError('--variant: every variant needs its own NAME (and not "default")')
-    for spec, (_, cfg) in zip(FLAGS.variant, variants[1:]):
-      try:
-        run_config.resolve_model(cfg.model)
-      except errors.ConfigError as e:
-        raise ValueError(f'--variant {spec!r}: {e}') from None
+    variants = parse_variants(FLAGS.variant, config)
   except ValueError as e:   # one line, before anything runs
+    from aim_jax import errors
     print(f'step_benchmark: {e}', file=sys.stderr, flush=True)
     raise SystemExit(errors.EXIT_USER_ERROR) from None
 
@@ -339,7 +350,7 @@ def main(argv):
     official_run = run_official()
   data_iter = None
   for mode in modes:
-    for name, cfg in variants:
+    for name, cfg, spec in variants:
       if FLAGS.data == 'real':
         from data_pipelines import input_pipeline
         import jax
@@ -358,8 +369,8 @@ def main(argv):
         r = dict(mode=mode, error=f'{type(e).__name__}: {e}'[:2000])
         print(f'variant {name} ({mode}) failed: {r["error"].splitlines()[0][:300]}', flush=True)
       r['variant'] = name
-      if name != 'default':
-        r['overrides'] = [v for v in FLAGS.variant if v.split(':', 1)[0] == name][0]
+      if spec:
+        r['overrides'] = spec
       r['data'] = FLAGS.data
       if FLAGS.find_max_batch and 'error' not in r:
         r['max_batch_no_remat'] = find_max_batch(cfg, mode, batch, 'none', FLAGS.max_batch_limit)

@@ -180,19 +180,24 @@ def test_official_modes_are_checked(official_torch):
 
 
 @pytest.mark.slow   # a subprocess: JAX + torch imports, compilations (~1-2 min idle, more loaded)
+def _run_benchmark(argv):
+  """`benchmarks.step_benchmark` with `argv`, in a CPU subprocess with the torchvision stub."""
+  code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
+          'import torchvision_stub; torchvision_stub.install()\n'
+          'from benchmarks import step_benchmark\n'
+          f'step_benchmark.run({argv!r})\n')
+  return subprocess.run([sys.executable, '-c', code], cwd=ROOT,
+                        env=cpu_env(1, CUDA_VISIBLE_DEVICES=''), capture_output=True, text=True,
+                        timeout=900, check=False)
+
+
 def test_benchmark_official_flag_writes_every_row_and_ratio(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'side_by_side.json'
   argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'both', '--batch',
           '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--official_modes',
           'eager,compiled', '--official_compile_backend', 'aot_eager', '--out', str(out)]
-  code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
-          'import torchvision_stub; torchvision_stub.install()\n'
-          'from benchmarks import step_benchmark\n'
-          f'step_benchmark.run({argv!r})\n')
-  env = cpu_env(1, CUDA_VISIBLE_DEVICES='')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900, check=False)
+  proc = _run_benchmark(argv)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert 'tensorflow' not in proc.stderr
   result = json.loads(out.read_text())
@@ -228,13 +233,7 @@ def test_benchmark_times_ours_first_with_noofficial_first_and_rates_every_varian
           '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--official_modes',
           'eager', '--noofficial_first', '--variant',
           'elementwise:model.temporal_attention=elementwise', '--out', str(out)]
-  code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
-          'import torchvision_stub; torchvision_stub.install()\n'
-          'from benchmarks import step_benchmark\n'
-          f'step_benchmark.run({argv!r})\n')
-  env = cpu_env(1, CUDA_VISIBLE_DEVICES='')
-  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=900, check=False)
+  proc = _run_benchmark(argv)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.index('"variant": "elementwise"') < proc.stdout.index('"official_row"')
   result = json.loads(out.read_text())
