@@ -63,6 +63,20 @@ def _eqns(jaxpr):
           yield from _eqns(inner)
 
 
+def _eqns_named(jaxpr, prefix=''):
+  """(eqn, its full name stack): a custom_vjp's inner jaxpr names its equations
+  relative to the call, so the enclosing equation's stack is prepended."""
+  for e in jaxpr.eqns:
+    where = f'{prefix}/{e.source_info.name_stack}'
+    yield e, where
+    for p in e.params.values():
+      for sub in (p if isinstance(p, (list, tuple)) else [p]):
+        inner = getattr(sub, 'jaxpr', sub)
+        inner = getattr(inner, 'jaxpr', inner)
+        if hasattr(inner, 'eqns'):
+          yield from _eqns_named(inner, where)
+
+
 def logical_transposes(cfg) -> list[str]:
   step, args = _train_step(cfg)
   jaxpr = jax.make_jaxpr(step)(*args).jaxpr
@@ -128,12 +142,11 @@ def test_bf16_forward_keeps_activations_in_bf16():
                                                       params, video).jaxpr
   n_tok, d = 17, cfg['width']
   offenders, in_layernorm = [], 0
-  for e in _eqns(jaxpr):
+  for e, where in _eqns_named(jaxpr):
     for v in e.outvars:
       a = v.aval
       if (getattr(a, 'dtype', None) == jnp.float32 and a.size >= B * T * n_tok * d
           and a.size % (n_tok * d) == 0 and ACTIVATION_DIMS & set(a.shape)):
-        where = str(e.source_info.name_stack)
         if re.search(r'/ln_(pre|1|2|post)\b', where):
           in_layernorm += 1
         else:

@@ -49,7 +49,9 @@ class Adapter(nn.Module):
     h = dense(hidden, kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
               bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x)
     # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
-    h = nn.gelu(h, approximate=False)
+    # Recomputed in the backward pass from h (its erfc/exp intermediates are not kept).
+    h = jax.checkpoint(functools.partial(nn.gelu, approximate=False),
+                       policy=jax.checkpoint_policies.nothing_saveable)(h)
     h = dense(width, kernel_init=LP(init.zeros, ('adapter', 'embed')),
               bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h)
     return x + h if self.skip_connect else h
@@ -85,7 +87,9 @@ class DropPath(nn.Module):
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape[self.mode])
     if self.mode == 'token' and lv != tokens:
       mask = jnp.pad(mask, ((0, 0), (0, 0), (0, tokens - lv), (0, 0)), constant_values=True)
-    return jnp.where(mask, x / keep.astype(x.dtype), jnp.zeros_like(x))
+    # x / keep * mask (timm's order): the backward pass keeps the small mask, not an
+    # activation-sized boolean.
+    return x / keep.astype(x.dtype) * mask.astype(x.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
+from aim_jax.models.norm import LayerNorm
 from aim_jax.models import vit
 from aim_jax.models.vit import Mlp
 
@@ -186,9 +187,9 @@ class WindowAttention(nn.Module):
 
 
 def _layer_norm(eps, dtype, param_dtype, name):
-  return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=LP(init.ones, ('embed',)),
-                      bias_init=LP(init.zeros, ('embed',)), name=name)
+  return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+                   scale_init=LP(init.ones, ('embed',)),
+                   bias_init=LP(init.zeros, ('embed',)), name=name)
 
 
 class SwinBlock(nn.Module):

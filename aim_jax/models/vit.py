@@ -49,6 +49,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
+from aim_jax.models.norm import LayerNorm, recompute_activation
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -376,7 +377,7 @@ class Mlp(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     h = dense(self.hidden, kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
               bias_init=LP(init.zeros, ('mlp',)), name=self.in_name)(x)
-    h = ACTIVATIONS[self.act](h)
+    h = recompute_activation(ACTIVATIONS[self.act])(h)   # backward keeps h only
     h = constrain(h, ('activation_batch',) + (None,) * (h.ndim - 2) + ('activation_mlp',))
     return dense(d, kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
                  bias_init=LP(init.zeros, ('embed',)), name=self.out_name)(h)
@@ -428,9 +429,9 @@ class MAPHead(nn.Module):
     q_in = jnp.broadcast_to(probe.astype(x.dtype)[None], (x.shape[0], 1, d))  # (N, 1, D)
     y = ProbeAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                        name='attn')(q_in, x)                        # (N, 1, D)
-    z = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
-                     name='ln')(y)
+    z = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                  scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
+                  name='ln')(y)
     y = y + Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
                 param_dtype=self.param_dtype, name='mlp')(z[:, None])[:, 0]
     return y[:, 0]
@@ -470,9 +471,9 @@ class ResidualAttentionBlock(nn.Module):
   scanned: bool = False          # (carry, xs) signature for nn.scan
 
   def _norm(self, name):
-    return nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                        scale_init=LP(init.ones, ('embed',)),
-                        bias_init=LP(init.zeros, ('embed',)), name=name)
+    return LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                     scale_init=LP(init.ones, ('embed',)),
+                     bias_init=LP(init.zeros, ('embed',)), name=name)
 
   def _gammas(self, d):
     if not self.layer_scale:
@@ -666,9 +667,9 @@ class VisionTransformer(nn.Module):
           [x[:, :, :c], jnp.broadcast_to(reg.astype(x.dtype), (b, t) + reg.shape), x[:, :, c:]],
           axis=2)
     if self.pre_norm:
-      x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                       scale_init=LP(init.ones, ('embed',)),
-                       bias_init=LP(init.zeros, ('embed',)), name='ln_pre')(x)
+      x = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                    scale_init=LP(init.ones, ('embed',)),
+                    bias_init=LP(init.zeros, ('embed',)), name='ln_pre')(x)
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
     self.sow('intermediates', 'after_ln_pre', x)
     n_tokens = x.shape[2]
@@ -694,9 +695,9 @@ class VisionTransformer(nn.Module):
 
     x = x[:, :, :n_tokens]                             # drop the stream padding (if any)
 
-    x = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
-                     name='ln_post')(x)
+    x = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                  scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
+                  name='ln_post')(x)
     if self.pool == 'cls':
       if not self.class_token:
         raise ValueError("pool='cls' needs class_token=True")

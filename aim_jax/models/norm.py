@@ -1,0 +1,100 @@
+"""LayerNorm and activations whose backward pass keeps little: the memory side of training.
+
+Under `jax.grad` a LayerNorm written with plain jnp ops leaves float32 copies of its
+input behind for the backward pass: x**2, x - mean and the scaled x_hat, three
+activation-sized float32 tensors per norm (6x a bfloat16 activation). An
+unrolled program lets XLA fuse most of them away, but a scanned one (`scan_layers`)
+stacks every one of them for every layer: that is what made the L/14 scanned step
+need 173 GiB at batch 32. The same goes, in bfloat16, for the intermediates of
+an activation (the logistic and product of QuickGELU, the erfc and exp of the exact
+GELU).
+
+`LayerNorm` here computes the same forward values as `flax.linen.LayerNorm`
+(`use_fast_variance=True`, float32 statistics: the same operations in the same
+order) and has the same parameters (`scale`, `bias`), but its backward pass keeps
+only the input (in its own dtype) and the per-row mean and 1/std (float32), and
+recomputes the normalised input from them. `recompute_activation` makes an
+activation keep only its input. Gradients are the analytic ones; they equal
+automatic differentiation of the flax layer to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+  """(mean, 1/sqrt(var + eps)) over the last axis, float32, flax's fast variance."""
+  xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mu = jnp.mean(xf, axis=-1, keepdims=True)
+  mu2 = jnp.mean(jax.lax.square(xf), axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, mu2 - jax.lax.square(mu))
+  return mu, jax.lax.rsqrt(var + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
+               dtype: Dtype) -> jax.Array:
+  """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * scale + bias, in `dtype`.
+
+  Statistics and arithmetic in (at least) float32, as flax.linen.LayerNorm.
+  """
+  return _forward(x, scale, bias, eps, dtype)[0]
+
+
+def _forward(x, scale, bias, eps, dtype):
+  mu, rstd = _stats(x, eps)
+  y = x - mu
+  y = y * (rstd * scale.astype(mu.dtype))
+  y = y + bias.astype(mu.dtype)
+  return y.astype(dtype), (x, mu, rstd, scale, bias)
+
+
+def _backward(eps, dtype, res, dy):
+  del eps, dtype
+  x, mu, rstd, scale, bias = res
+  acc = mu.dtype
+  x_hat = (x.astype(acc) - mu) * rstd
+  dyf = dy.astype(acc)
+  g = dyf * scale.astype(acc)
+  n = x.shape[-1]
+  mean_g = jnp.sum(g, axis=-1, keepdims=True) / n
+  mean_gx = jnp.sum(g * x_hat, axis=-1, keepdims=True) / n
+  dx = rstd * (g - mean_g - x_hat * mean_gx)
+  axes = tuple(range(x.ndim - 1))
+  dscale = jnp.sum(dyf * x_hat, axis=axes).astype(scale.dtype)
+  dbias = jnp.sum(dyf, axis=axes).astype(bias.dtype)
+  return dx.astype(x.dtype), dscale, dbias
+
+
+layer_norm.defvjp(_forward, _backward)
+
+
+class LayerNorm(nn.Module):
+  """`flax.linen.LayerNorm` over the last axis (same parameters, same forward values)
+  whose backward pass keeps only the input and the float32 row statistics."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  scale_init: Callable = nn.initializers.ones
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    d = x.shape[-1]
+    scale = self.param('scale', self.scale_init, (d,), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (d,), self.param_dtype)
+    dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
+    return layer_norm(x, scale, bias, self.epsilon, dtype)
+
+
+def recompute_activation(fn: Callable[[jax.Array], jax.Array]) -> Callable[[jax.Array], jax.Array]:
+  """`fn` whose backward pass keeps only its input (its intermediates are recomputed)."""
+  return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)

@@ -1,0 +1,181 @@
+"""The LayerNorm and activations that keep little for the backward pass (aim_jax.models.norm).
+
+Forward values must be flax.linen.LayerNorm's exactly (the golden tests rest on it),
+gradients must be those of automatic differentiation, and what a training step keeps
+for its backward pass must be the input and float32 row statistics only: no
+activation-sized float32 tensor, scanned or not.
+"""
+
+import contextlib
+import io
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.ad_checkpoint import print_saved_residuals
+
+from aim_jax.models import vit
+from aim_jax.models.adapters import Adapter, AdapterSpec, DropPath
+from aim_jax.models.norm import LayerNorm, layer_norm, recompute_activation
+
+
+class _Residual:
+  """One line of `print_saved_residuals`: 'f32[2,8,16,64] output of mul from ...'."""
+  def __init__(self, line):
+    m = re.match(r'(\w+)\[([\d,]*)\] (.*)', line)
+    self.dtype, self.why = m.group(1), m.group(3)
+    self.shape = tuple(int(n) for n in m.group(2).split(',') if n)
+    self.size = int(np.prod(self.shape))
+
+  def __repr__(self):
+    return f'{self.dtype}{list(self.shape)} {self.why}'
+
+
+def saved_residuals(f, *args):
+  """What jax keeps from f's forward pass for its backward pass (public API, parsed)."""
+  buf = io.StringIO()
+  with contextlib.redirect_stdout(buf):
+    print_saved_residuals(f, *args)
+  rows = [_Residual(line) for line in buf.getvalue().splitlines() if line.strip()]
+  assert rows, 'print_saved_residuals printed nothing'
+  return rows
+
+
+def _inputs(dtype, shape=(3, 5, 7, 96), seed=0):
+  k = jax.random.split(jax.random.key(seed), 4)
+  # An offset mean and a spread, so the fast-variance form is exercised.
+  x = (2.0 + 3.0 * jax.random.normal(k[0], shape)).astype(dtype)
+  scale = 1.0 + 0.1 * jax.random.normal(k[1], shape[-1:])
+  bias = 0.1 * jax.random.normal(k[2], shape[-1:])
+  dy = jax.random.normal(k[3], shape).astype(dtype)
+  return x, scale, bias, dy
+
+
+def _flax(x, scale, bias, eps, dtype):
+  return nn.LayerNorm(epsilon=eps, dtype=dtype).apply(
+      {'params': {'scale': scale, 'bias': bias}}, x)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_forward_is_flax_layernorm_bit_for_bit(dtype):
+  x, scale, bias, _ = _inputs(dtype)
+  ours = LayerNorm(epsilon=1e-5, dtype=dtype).apply({'params': {'scale': scale, 'bias': bias}}, x)
+  ref = _flax(x, scale, bias, 1e-5, dtype)
+  assert ours.dtype == ref.dtype == dtype
+  np.testing.assert_array_equal(np.asarray(ours, np.float32), np.asarray(ref, np.float32))
+
+
+def test_parameters_are_flax_layernorm_parameters():
+  x = jnp.zeros((2, 4, 32))
+  ours = LayerNorm(epsilon=1e-6).init(jax.random.key(0), x)
+  ref = nn.LayerNorm(epsilon=1e-6).init(jax.random.key(0), x)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), ours) == \
+      jax.tree.map(lambda a: (a.shape, a.dtype), ref)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), ours, ref))
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
+def test_gradients_match_automatic_differentiation(dtype, tol):
+  x, scale, bias, dy = _inputs(dtype)
+  f_ours = lambda x, s, b: layer_norm(x, s, b, 1e-5, dtype)
+  f_ref = lambda x, s, b: _flax(x, s, b, 1e-5, dtype)
+  _, vjp_ours = jax.vjp(f_ours, x, scale, bias)
+  _, vjp_ref = jax.vjp(f_ref, x, scale, bias)
+  for name, a, b in zip(('x', 'scale', 'bias'), vjp_ours(dy), vjp_ref(dy)):
+    assert a.dtype == b.dtype, name
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    err = np.abs(a - b).max() / np.abs(b).max()
+    assert err < tol, (name, err)
+
+
+def test_gradient_is_the_finite_difference_in_float64():
+  """Independent of flax: the analytic backward against central differences."""
+  with jax.enable_x64(True):
+    x, scale, bias, dy = _inputs(jnp.float64, shape=(2, 3, 16), seed=1)
+    f = lambda x: jnp.vdot(layer_norm(x, scale, bias, 1e-5, jnp.float64), dy)
+    g = jax.grad(f)(x)
+    e = np.zeros(x.shape)
+    for idx in [(0, 0, 0), (1, 2, 7), (0, 1, 15)]:
+      e[:] = 0
+      e[idx] = 1e-6
+      fd = (f(x + e) - f(x - e)) / 2e-6
+      assert abs(float(fd) - float(g[idx])) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+def _activation_sized_f32(residuals, size):
+  return [r for r in residuals if r.dtype == 'f32' and r.size >= size]
+
+
+def test_backward_keeps_the_input_and_row_statistics_only():
+  x, scale, bias, _ = _inputs(jnp.bfloat16)
+  res = saved_residuals(lambda x: layer_norm(x, scale, bias, 1e-5, jnp.bfloat16)
+                        .astype(jnp.float32).sum(), x)
+  assert _activation_sized_f32(res, x.size) == []
+  # flax's layer keeps float32 copies of the activation (this is what the module avoids).
+  res_flax = saved_residuals(lambda x: _flax(x, scale, bias, 1e-5, jnp.bfloat16)
+                             .astype(jnp.float32).sum(), x)
+  assert len(_activation_sized_f32(res_flax, x.size)) >= 2
+
+
+def test_recomputed_activation_keeps_its_input_only():
+  h = jax.random.normal(jax.random.key(0), (4, 64, 128)).astype(jnp.bfloat16)
+  for act in vit.ACTIVATIONS.values():
+    f = lambda h: act(h).astype(jnp.float32).sum()
+    g = lambda h: recompute_activation(act)(h).astype(jnp.float32).sum()
+    np.testing.assert_array_equal(np.asarray(jax.grad(f)(h), np.float32),
+                                  np.asarray(jax.grad(g)(h), np.float32))
+    big = lambda res: [r for r in res if r.size >= h.size]
+    assert len(big(saved_residuals(g, h))) <= 1      # h itself (from the argument)
+    assert len(big(saved_residuals(f, h))) >= 2
+
+
+def test_adapter_and_drop_path_keep_no_activation_sized_intermediates():
+  x = jax.random.normal(jax.random.key(1), (2, 4, 16, 64)).astype(jnp.bfloat16)
+  ad = Adapter(skip_connect=False, dtype=jnp.bfloat16)
+  p = ad.init(jax.random.key(0), x)
+  res = saved_residuals(lambda p: ad.apply(p, x).astype(jnp.float32).sum(), p)
+  hidden = x.size // 4
+  # D_fc2's weight gradient needs the GELU output; D_fc1's the input; nothing else of size.
+  assert len([r for r in res if r.size >= hidden]) <= 3, res
+  dp = DropPath('token')
+  res = saved_residuals(lambda x: dp.apply({}, x, 0.2, False, rngs={'dropout': jax.random.key(3)})
+                        .astype(jnp.float32).sum(), x)
+  assert [r for r in res if r.size >= x.size and 'argument' not in r.why] == []
+
+
+def test_drop_path_values_are_timm_order():
+  """x / keep * mask, as timm's DropPath (div then multiply by the 0/1 draw)."""
+  x = jax.random.normal(jax.random.key(1), (2, 3, 10, 8))
+  for mode in ('token', 'frame', 'sample'):
+    y = DropPath(mode).apply({}, x, 0.3, False, rngs={'dropout': jax.random.key(5)})
+    kept = np.asarray(y != 0)
+    np.testing.assert_array_equal(np.asarray(y)[kept], np.asarray(x / 0.7)[kept])
+    assert 0 < kept.mean() < 1
+
+
+def test_scanned_bf16_train_step_stacks_no_float32_activations():
+  """The scan stacks what each layer keeps for the backward pass: with these modules no
+  float32 tensor of activation size (B*T*L*D) is among them (the L/14 memory fix)."""
+  spec = AdapterSpec()
+  model = vit.VisionTransformer(patch_size=8, width=64, layers=3, heads=4, image_size=32,
+                                num_frames=4, adapters=spec, drop_path_rate=0.1,
+                                scan_layers=True, dtype=jnp.bfloat16)
+  video = jnp.zeros((2, 4, 32, 32, 3))
+  params = model.init(jax.random.key(0), video)['params']
+  blocks = params['resblocks']
+  trainable = ({k: v for k, v in params.items() if k != 'resblocks'},
+               {k: v for k, v in blocks.items() if 'Adapter' in k})
+  frozen = {k: v for k, v in blocks.items() if 'Adapter' not in k}
+  def loss(tr):
+    p = dict(tr[0], resblocks={**frozen, **tr[1]})
+    return model.apply({'params': p}, video, train=True,
+                       rngs={'dropout': jax.random.key(1)}).astype(jnp.float32).sum()
+  act = 2 * 4 * 17 * 64
+  saved = saved_residuals(loss, trainable)
+  # The XLA attention's float32 softmax (L x L per head) is float32 by design.
+  offenders = [r for r in _activation_sized_f32(saved, act) if r.shape[-2:] != (17, 17)]
+  assert offenders == []
+  assert any(r.dtype == 'bf16' and r.size >= 3 * act for r in saved)   # stacked activations
