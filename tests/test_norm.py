@@ -19,7 +19,7 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from aim_jax.models import vit
 from aim_jax.models.adapters import Adapter, AdapterSpec, DropPath
-from aim_jax.models.norm import LayerNorm, layer_norm, recompute_activation
+from aim_jax.models.norm import DenseActivation, LayerNorm, layer_norm, recompute_activation
 
 
 class _Residual:
@@ -130,6 +130,30 @@ def test_recomputed_activation_keeps_its_input_only():
     big = lambda res: [r for r in res if r.size >= h.size]
     assert len(big(saved_residuals(g, h))) <= 1      # h itself (from the argument)
     assert len(big(saved_residuals(f, h))) >= 2
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dense_activation_is_dense_then_activation(dtype):
+  """Same parameters (names, shapes, initial values) and the same values as nn.Dense
+  followed by the activation; gradients equal; the backward keeps the product only."""
+  x = jax.random.normal(jax.random.key(0), (2, 3, 10, 32)).astype(dtype)
+  init = dict(kernel_init=nn.initializers.normal(0.5), bias_init=nn.initializers.normal(0.5))
+  for act in vit.ACTIVATIONS.values():
+    ours = DenseActivation(48, activation=act, dtype=dtype, **init)
+    ref = nn.Dense(48, dtype=dtype, **init)
+    p = ours.init(jax.random.key(1), x)
+    p_ref = ref.init(jax.random.key(1), x)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), p, p_ref))
+    f = lambda p, x: ours.apply(p, x)
+    g = lambda p, x: act(ref.apply(p, x))
+    np.testing.assert_array_equal(np.asarray(f(p, x), np.float32), np.asarray(g(p, x), np.float32))
+    loss = lambda fn: (lambda p, x: fn(p, x).astype(jnp.float32).sum())
+    for a, b in zip(jax.tree.leaves(jax.grad(loss(f), argnums=(0, 1))(p, x)),
+                    jax.tree.leaves(jax.grad(loss(g), argnums=(0, 1))(p, x))):
+      np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                 rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5)
+    big = [r for r in saved_residuals(loss(f), p, x) if r.size >= 2 * 3 * 10 * 48]
+    assert len(big) == 1 and 'dot_general' in big[0].why, big
 
 
 def test_adapter_and_drop_path_keep_no_activation_sized_intermediates():

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aim_jax.models.norm import DenseActivation
+
 LP = nn.with_logical_partitioning
 init = nn.initializers
 
@@ -46,12 +48,12 @@ class Adapter(nn.Module):
     width = x.shape[-1]
     hidden = int(width * self.ratio)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(hidden, kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
-              bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x)
     # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
-    # Recomputed in the backward pass from h (its erfc/exp intermediates are not kept).
-    h = jax.checkpoint(functools.partial(nn.gelu, approximate=False),
-                       policy=jax.checkpoint_policies.nothing_saveable)(h)
+    # The backward pass keeps D_fc1's product only (norm.DenseActivation).
+    h = DenseActivation(hidden, activation=functools.partial(nn.gelu, approximate=False),
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
+                        bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x)
     h = dense(width, kernel_init=LP(init.zeros, ('adapter', 'embed')),
               bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h)
     return x + h if self.skip_connect else h

@@ -49,7 +49,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
-from aim_jax.models.norm import LayerNorm, recompute_activation
+from aim_jax.models.norm import DenseActivation, LayerNorm
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -375,9 +375,11 @@ class Mlp(nn.Module):
   def __call__(self, x):
     d = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-    h = dense(self.hidden, kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
-              bias_init=LP(init.zeros, ('mlp',)), name=self.in_name)(x)
-    h = recompute_activation(ACTIVATIONS[self.act])(h)   # backward keeps h only
+    # in + activation; the backward pass keeps the product only (norm.DenseActivation).
+    h = DenseActivation(self.hidden, activation=ACTIVATIONS[self.act], dtype=self.dtype,
+                        param_dtype=self.param_dtype,
+                        kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
+                        bias_init=LP(init.zeros, ('mlp',)), name=self.in_name)(x)
     h = constrain(h, ('activation_batch',) + (None,) * (h.ndim - 2) + ('activation_mlp',))
     return dense(d, kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
                  bias_init=LP(init.zeros, ('embed',)), name=self.out_name)(h)
