@@ -154,6 +154,9 @@ def test_dense_activation_is_dense_then_activation(dtype):
                                  rtol=1e-5 if dtype == jnp.float32 else 2e-2, atol=1e-5)
     big = [r for r in saved_residuals(loss(f), p, x) if r.size >= 2 * 3 * 10 * 48]
     assert len(big) == 1 and 'dot_general' in big[0].why, big
+    plain = DenseActivation(48, activation=act, dtype=dtype, recompute=False, **init)
+    np.testing.assert_array_equal(np.asarray(plain.apply(p, x), np.float32),
+                                  np.asarray(g(p, x), np.float32))
 
 
 def test_adapter_and_drop_path_keep_no_activation_sized_intermediates():
@@ -203,3 +206,7 @@ def test_scanned_bf16_train_step_stacks_no_float32_activations():
   offenders = [r for r in _activation_sized_f32(saved, act) if r.shape[-2:] != (17, 17)]
   assert offenders == []
   assert any(r.dtype == 'bf16' and r.size >= 3 * act for r in saved)   # stacked activations
+  # Of the MLP's hidden width (4 x 64) only c_fc's product is stacked, not the activation's
+  # intermediates (the block recomputes the activation when scanned).
+  hidden = [r for r in saved if r.shape[-2:] == (17, 256)]
+  assert len(hidden) == 1, hidden

@@ -370,6 +370,7 @@ class Mlp(nn.Module):
   out_name: str = 'c_proj'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  recompute_activation: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -377,7 +378,7 @@ class Mlp(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     # in + activation; the backward pass keeps the product only (norm.DenseActivation).
     h = DenseActivation(self.hidden, activation=ACTIVATIONS[self.act], dtype=self.dtype,
-                        param_dtype=self.param_dtype,
+                        param_dtype=self.param_dtype, recompute=self.recompute_activation,
                         kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
                         bias_init=LP(init.zeros, ('mlp',)), name=self.in_name)(x)
     h = constrain(h, ('activation_batch',) + (None,) * (h.ndim - 2) + ('activation_mlp',))
@@ -523,8 +524,10 @@ class ResidualAttentionBlock(nn.Module):
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
     xn = self._norm('ln_2')(x)
+    # Scanned, the recomputed activation keeps the layer's stack lean; unrolled, XLA already
+    # keeps only the product, and the checkpoint's barrier would add a copy of it.
     m = Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
-            param_dtype=self.param_dtype, name='mlp')(xn)
+            param_dtype=self.param_dtype, recompute_activation=self.scanned, name='mlp')(xn)
     x = x + self._scaled(gammas, 'ls2', m)
     if self.mlp_adapter is not None:
       a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
