@@ -91,7 +91,7 @@ def test_parity_check_catches_class_token_left_out_of_temporal_attention():
 
 def test_parity_check_catches_tanh_gelu_in_adapters(monkeypatch):
   d, _, cfg, params = load_case('aim_tiny_case1')
-  monkeypatch.setattr(adapters_lib.nn, 'gelu', lambda x, approximate=False: jax.nn.gelu(x, True))
+  monkeypatch.setattr(adapters_lib, 'gelu_exact', lambda x: jax.nn.gelu(x, approximate=True))
   logits, _ = run(cfg, params, ncthw_to_nthwc(d['input']))
   assert np.abs(np.asarray(logits) - d['logits']).max() > 2e-5
 

@@ -19,7 +19,8 @@ from jax.ad_checkpoint import print_saved_residuals
 
 from aim_jax.models import vit
 from aim_jax.models.adapters import Adapter, AdapterSpec, DropPath
-from aim_jax.models.norm import DenseActivation, LayerNorm, layer_norm, recompute_activation
+from aim_jax.models.norm import (DenseActivation, LayerNorm, gelu_exact, layer_norm,
+                                 recompute_activation)
 
 
 class _Residual:
@@ -103,6 +104,32 @@ def test_gradient_is_the_finite_difference_in_float64():
       e[idx] = 1e-6
       fd = (f(x + e) - f(x - e)) / 2e-6
       assert abs(float(fd) - float(g[idx])) < 1e-6 * max(1.0, abs(float(fd)))
+
+
+def test_gelu_exact_is_torch_gelu():
+  """PyTorch's exact GELU values (its erf form), float32 and bfloat16; the gradient is
+  jax.nn.gelu(approximate=False)'s."""
+  torch = pytest.importorskip('torch')
+  x = np.random.RandomState(0).standard_normal(200_000).astype(np.float32) * 4
+  ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(gelu_exact(jnp.asarray(x))), ref, rtol=0, atol=2e-6)
+  xb = torch.from_numpy(x).to(torch.bfloat16)
+  ref_b = torch.nn.functional.gelu(xb).float().numpy()
+  ours_b = np.asarray(gelu_exact(jnp.asarray(xb.float().numpy(), jnp.bfloat16)), np.float32)
+  # The same values up to bf16 rounding (PyTorch's CPU kernel has its own erf).
+  assert np.mean(ours_b == ref_b) > 0.9
+  np.testing.assert_allclose(ours_b, ref_b, rtol=2 ** -7, atol=1e-6)
+  g = jax.grad(lambda x: gelu_exact(x).sum())(jnp.asarray(x))
+  g_ref = jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g_ref), rtol=0, atol=1e-5)
+
+
+def test_gelu_exact_compiles_to_fewer_operations_than_the_erfc_form():
+  """The reason it exists: XLA expands erfc into two polynomial branches."""
+  def ops(f):
+    text = jax.jit(f).lower(jnp.zeros(64, jnp.float32)).compile().as_text()
+    return len([line for line in text.splitlines() if ' = ' in line])
+  assert ops(gelu_exact) * 2 < ops(lambda x: jax.nn.gelu(x, approximate=False))
 
 
 def _activation_sized_f32(residuals, size):

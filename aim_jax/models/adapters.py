@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from aim_jax.models.norm import DenseActivation
+from aim_jax.models.norm import DenseActivation, gelu_exact
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -50,7 +50,7 @@ class Adapter(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
     # The backward pass keeps D_fc1's product only (norm.DenseActivation).
-    h = DenseActivation(hidden, activation=functools.partial(nn.gelu, approximate=False),
+    h = DenseActivation(hidden, activation=gelu_exact,
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
                         bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x)

@@ -49,7 +49,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
-from aim_jax.models.norm import DenseActivation, LayerNorm
+from aim_jax.models.norm import DenseActivation, LayerNorm, gelu_exact
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -62,7 +62,7 @@ def quick_gelu(x):
 
 ACTIVATIONS = {
     'quick_gelu': quick_gelu,                                        # OpenAI CLIP
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),       # timm / exact erf
+    'gelu': gelu_exact,                                              # timm / exact erf
     'gelu_tanh': functools.partial(jax.nn.gelu, approximate=True),   # SigLIP (big_vision)
 }
 
