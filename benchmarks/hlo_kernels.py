@@ -88,6 +88,7 @@ class Kernel:
   launches: int
   group: str         # launches with the same compiled kernel share it
   where: str         # model module and pass, e.g. 'attn/qkv bwd'
+  elem_ops: float = 0.0   # element-wise arithmetic: one per element of each computing op
 
   @property
   def bytes(self) -> int:
@@ -199,6 +200,32 @@ def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
     else:
       written += shape_bytes(r.shape)
   return read, written
+
+
+# Operations that only move, view or produce data: no arithmetic per element.
+_NO_ARITHMETIC = _FREE | frozenset({
+    'broadcast', 'reshape', 'slice', 'dynamic-slice', 'dynamic-update-slice', 'transpose',
+    'copy', 'concatenate', 'pad', 'iota', 'reverse', 'gather', 'scatter', 'dot', 'fusion',
+    'custom-call', 'convolution'})
+
+
+def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str) -> float:
+  """Element-wise arithmetic of a fused computation: for each computing operation the
+  elements it produces (a reduction: the elements it reads). Matrix products are counted
+  as FLOPs instead; a polynomial expansion (XLA's erfc, erf, exp) counts each of its steps."""
+  insts = comps.get(comp) or []
+  shapes = {i.name: i.shape for i in insts}
+  ops = 0.0
+  for i in insts:
+    if i.op in _NO_ARITHMETIC:
+      continue
+    shape = shapes.get(_operands(i.rest)[0], i.shape) if i.op == 'reduce' else i.shape
+    for _, dims in shape_dims(shape)[:1]:
+      n = 1
+      for d in dims:
+        n *= d
+      ops += n
+  return ops
 
 
 def _dot_flops(comps: Mapping[str, list[Instruction]], comp: str, seen: set) -> float:
@@ -328,6 +355,7 @@ def kernels(text: str) -> list[Kernel]:
           flops += _one_dot_flops(i, shapes)
       group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
                if called else kname)
+      elem_ops = _elem_ops(comps, called[0]) if i.op == 'fusion' and called else 0.0
       if i.op == 'fusion' and called:
         bytes_in, bytes_out = _fusion_bytes(comps, called[0], operand_shapes, i.shape)
       elif i.op == 'dynamic-update-slice':
@@ -340,7 +368,7 @@ def kernels(text: str) -> list[Kernel]:
       out.append(Kernel(
           name=kname, op=i.op, family=fam, shape=i.shape, bytes_in=bytes_in, bytes_out=bytes_out,
           flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12],
-          where=_where(names)))
+          where=_where(names), elem_ops=elem_ops))
 
   walk(entry, 1)
   return out
@@ -351,12 +379,15 @@ def kernels(text: str) -> list[Kernel]:
 # calibrated on the measured kernel profile of this project's B/16 train step
 # (BENCHMARKS.md, "GPU compile without a GPU"), except attention (no fused attention
 # was measured: a planning figure for cuDNN / Triton flash attention at head dim 64).
+# `ops_s`: element-wise arithmetic (`Kernel.elem_ops`), fitted on the one kernel of that
+# profile that is bound by it rather than by memory: the adapters' exact GELU as XLA expands
+# erfc (68 operations per element, 19.6-20.8 T/s measured in train and eval).
 RATES = {
     'gemm': {'bytes_s': 2.0e12, 'flops_s': 770e12},
     'attention': {'bytes_s': 3.0e12, 'flops_s': 350e12},
     'transpose/copy': {'bytes_s': 4.2e12, 'transpose_bytes_s': 1.3e12},   # copies stream
-    'elementwise': {'bytes_s': 4.2e12},
-    'reduction': {'bytes_s': 4.0e12},
+    'elementwise': {'bytes_s': 4.2e12, 'ops_s': 20e12},
+    'reduction': {'bytes_s': 4.0e12, 'ops_s': 20e12},
     'collective': {'bytes_s': 0.4e12},   # NVLink between 8 GPUs (NCCL bus rate), not measured
     'other': {'bytes_s': 3.0e12, 'flops_s': 350e12},
 }
@@ -364,12 +395,15 @@ LAUNCH_S = 2e-6   # the shortest kernel
 
 
 def predict_s(k: Kernel, rates: Mapping[str, Mapping[str, float]] = RATES) -> float:
-  """Roofline estimate of one launch: max(bytes / bandwidth, FLOPs / FLOP rate, a floor)."""
+  """Roofline estimate of one launch: max(bytes / bandwidth, FLOPs / FLOP rate, element-wise
+  operations / their rate, a floor)."""
   r = rates.get(k.family, rates['other'])
   bandwidth = r.get('transpose_bytes_s', r['bytes_s']) if 'transpose' in k.name else r['bytes_s']
   t = k.bytes / bandwidth
   if k.flops and 'flops_s' in r:
     t = max(t, k.flops / r['flops_s'])
+  if k.elem_ops and 'ops_s' in r:
+    t = max(t, k.elem_ops / r['ops_s'])
   return max(t, LAUNCH_S)
 
 

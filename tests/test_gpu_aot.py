@@ -51,6 +51,25 @@ def test_kernels_of_a_cpu_program_count_scan_launches_flops_and_bytes():
       1e3 * sum(H.predict_s(k) * k.launches for k in ks), abs=1e-3)
 
 
+def test_element_wise_arithmetic_is_counted_and_can_bound_a_kernel():
+  """`elem_ops`: one per element of each computing operation in a fusion. XLA's expansion
+  of erfc makes the exact GELU in erfc form several times the arithmetic of the erf form
+  (the measured H200 kernel was bound by it), and `predict_s` takes the larger bound."""
+  from aim_jax.models.norm import gelu_exact
+  n = 1 << 16
+  def ops(f):
+    text = jax.jit(f).lower(jnp.ones((n,), jnp.float32)).compile().as_text()
+    return sum(k.elem_ops for k in H.kernels(text))
+  erfc_form, erf_form = ops(lambda x: jax.nn.gelu(x, approximate=False)), ops(gelu_exact)
+  assert erf_form >= 3 * n and erfc_form > 2 * erf_form
+  assert ops(lambda x: x + 1.0) == n
+  k = H.Kernel(name='loop_fusion', op='fusion', family='elementwise', shape='f32[1]',
+               bytes_in=42_000_000, bytes_out=0, flops=0.0, launches=1, group='g', where='w')
+  assert H.predict_s(k) == pytest.approx(42e6 / H.RATES['elementwise']['bytes_s'])  # 10 us
+  k.elem_ops = 400e6                                                # 20 us at 20 T/s
+  assert H.predict_s(k) == pytest.approx(400e6 / H.RATES['elementwise']['ops_s'])
+
+
 def test_a_scan_stacks_its_residuals_in_place_one_slice_per_step():
   """The backward of a scan reads and writes its stacked residuals one step at a time: a
   dynamic-update-slice fusion writes one slice (in place), a dynamic-slice reads one."""
