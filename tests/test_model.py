@@ -78,6 +78,8 @@ def test_multiview_prob_average_matches_official_scores(case):
 def _exclude_cls_from_temporal(next_fun, args, kwargs, context):
   out = next_fun(*args, **kwargs)
   if isinstance(context.module, MultiHeadAttention) and kwargs.get('axis') == 1:
+    if isinstance(out, tuple):             # (output without its bias, the bias) for an adapter
+      return (out[0].at[:, :, 0].set(0.0),) + out[1:]
     return out.at[:, :, 0].set(0.0)
   return out
 

@@ -200,6 +200,27 @@ def test_adapter_and_drop_path_keep_no_activation_sized_intermediates():
   assert [r for r in res if r.size >= x.size and 'argument' not in r.why] == []
 
 
+@pytest.mark.parametrize('skip', [True, False])
+def test_adapter_folds_an_input_offset(skip):
+  """Adapter(x, input_offset=c) is Adapter(x + c): c folded into D_fc1's bias (and the
+  skip branch) instead of a pass over x; and the attention's output without its bias,
+  plus the bias it returns, is its usual output (the pair an adapter folds)."""
+  x = jax.random.normal(jax.random.key(0), (2, 4, 10, 64))
+  c = jax.random.normal(jax.random.key(1), (64,))
+  ad = Adapter(skip_connect=skip)
+  p = ad.init(jax.random.key(2), x)
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape), p)
+  np.testing.assert_allclose(ad.apply(p, x, input_offset=c), ad.apply(p, x + c),
+                             atol=2e-6, rtol=1e-6)
+  for split in ('fused', 'split'):
+    attn = vit.MultiHeadAttention(4, qkv_projection=split)
+    pa = attn.init(jax.random.key(4), x)
+    pa = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(5), a.shape), pa)
+    for axis in (1, 2):
+      y, b = attn.apply(pa, x, axis=axis, fold_out_bias=True)
+      np.testing.assert_allclose(y + b, attn.apply(pa, x, axis=axis), atol=2e-6, rtol=1e-6)
+
+
 def test_drop_path_values_are_timm_order():
   """x / keep * mask, as timm's DropPath (div then multiply by the 0/1 draw)."""
   x = jax.random.normal(jax.random.key(1), (2, 3, 10, 8))

@@ -44,7 +44,10 @@ class Adapter(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, input_offset: Optional[jax.Array] = None) -> jax.Array:
+    # input_offset: a bias vector c the caller left out of x (the attention's output bias):
+    # the adapter of x + c, with c folded into D_fc1's bias and added to the skip branch,
+    # so that no kernel adds c to x on its own.
     width = x.shape[-1]
     hidden = int(width * self.ratio)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -53,10 +56,12 @@ class Adapter(nn.Module):
     h = DenseActivation(hidden, activation=gelu_exact,
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
-                        bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x)
+                        bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x, input_offset)
     h = dense(width, kernel_init=LP(init.zeros, ('adapter', 'embed')),
               bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h)
-    return x + h if self.skip_connect else h
+    if not self.skip_connect:
+      return h
+    return x + h if input_offset is None else x + input_offset.astype(x.dtype) + h
 
 
 class DropPath(nn.Module):

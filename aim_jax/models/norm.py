@@ -129,11 +129,16 @@ class DenseActivation(nn.Dense):
   recompute: bool = True
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, input_offset: jax.Array | None = None) -> jax.Array:
+    # input_offset: a constant vector c the input should have had added (a bias the caller
+    # left out): dense(x + c) is computed as x @ kernel + (bias + c @ kernel).
     kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features),
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
+    if input_offset is not None:
+      folded = jnp.einsum('d,df->f', input_offset.astype(jnp.float32), kernel.astype(jnp.float32))
+      bias = folded if bias is None else bias.astype(jnp.float32) + folded
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)

@@ -300,9 +300,11 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None,
-               valid_len: Optional[int] = None) -> jax.Array:
+               valid_len: Optional[int] = None, fold_out_bias: bool = False):
     # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T).
     # valid_len: along L, the real tokens when the stream carries padding after them.
+    # fold_out_bias: return (output without its bias, that bias (D,) in float32) for a
+    # consumer that folds the bias in (an adapter), instead of the output.
     if axis not in (1, 2):
       raise ValueError(f'MultiHeadAttention: axis must be 1 (temporal) or 2 (spatial), got {axis}')
     if self.temporal_attention not in TEMPORAL_ATTENTION:
@@ -355,7 +357,15 @@ class MultiHeadAttention(nn.Module):
       y = attend_over_axis1_elementwise(q, k, v)       # (B, T, L, H, hd)
     else:
       y = attend_over_axis1(q, k, v)                   # (B, T, L, H, hd)
-    return out_proj('...hk,hkd->...d', y, input_offset=v_bias)   # (B, A1, A2, D)
+    if not fold_out_bias:
+      return out_proj('...hk,hkd->...d', y, input_offset=v_bias)   # (B, A1, A2, D)
+    y = out_proj('...hk,hkd->...d', y, add_bias=False)
+    p = nn.unbox(out_proj.variables['params'])
+    b_out = p['bias'].astype(jnp.float32)
+    if v_bias is not None:
+      b_out = b_out + jnp.einsum('hk,hkd->d', v_bias.astype(jnp.float32),
+                                 p['kernel'].astype(jnp.float32))
+    return y, b_out
 
 
 class Mlp(nn.Module):
@@ -506,20 +516,30 @@ class ResidualAttentionBlock(nn.Module):
     drop_path = functools.partial(DropPath(self.drop_path_mode), valid_len=self.valid_len)
     gammas = self._gammas(d)
 
+    # The attention's output bias goes into the adapter that follows (its D_fc1 bias and
+    # skip branch) rather than through a kernel of its own: same function.
+    fold = not self.layer_scale
     if self.t_adapter is not None:
       xt = ln_1(x)
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
-      xt = attn(xt, axis=1)                            # (B, T, L, D), attention over T
-      xt = self._scaled(gammas, 'ls1', xt)
-      xt = self.t_adapter(name='T_Adapter')(xt)
+      if fold:
+        xt, b_out = attn(xt, axis=1, fold_out_bias=True)   # attention over T
+        xt = self.t_adapter(name='T_Adapter')(xt, input_offset=b_out)
+      else:
+        xt = self._scaled(gammas, 'ls1', attn(xt, axis=1))
+        xt = self.t_adapter(name='T_Adapter')(xt)
       self.sow('intermediates', 'tbranch', xt)
       x = x + drop_path(xt, drop_rate, self.deterministic)
 
-    xs = attn(ln_1(x), axis=2, valid_len=self.valid_len)   # (B, T, L, D), attention over L
-    xs = self._scaled(gammas, 'ls1', xs)
-    if self.s_adapter is not None:
-      xs = self.s_adapter(name='S_Adapter')(xs)
+    if self.s_adapter is not None and fold:
+      xs, b_out = attn(ln_1(x), axis=2, valid_len=self.valid_len, fold_out_bias=True)
+      xs = self.s_adapter(name='S_Adapter')(xs, input_offset=b_out)
+    else:
+      xs = attn(ln_1(x), axis=2, valid_len=self.valid_len)   # (B, T, L, D), attention over L
+      xs = self._scaled(gammas, 'ls1', xs)
+      if self.s_adapter is not None:
+        xs = self.s_adapter(name='S_Adapter')(xs)
     x = x + xs
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
