@@ -49,7 +49,7 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
-from aim_jax.models.norm import DenseActivation, LayerNorm, gelu_exact
+from aim_jax.models.norm import DenseActivation, LayerNorm, folded_bias, gelu_exact
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -129,8 +129,7 @@ class Projection(nn.Module):
     if not add_bias:
       bias = None
     if input_offset is not None:
-      folded = jnp.einsum(spec, input_offset.astype(jnp.float32), kernel.astype(jnp.float32))
-      bias = folded if bias is None else bias.astype(jnp.float32) + folded
+      bias = folded_bias(spec, input_offset, kernel, bias)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
     y = jnp.einsum(spec, x, kernel)
     return y if bias is None else y + bias
@@ -361,10 +360,8 @@ class MultiHeadAttention(nn.Module):
       return out_proj('...hk,hkd->...d', y, input_offset=v_bias)   # (B, A1, A2, D)
     y = out_proj('...hk,hkd->...d', y, add_bias=False)
     p = nn.unbox(out_proj.variables['params'])
-    b_out = p['bias'].astype(jnp.float32)
-    if v_bias is not None:
-      b_out = b_out + jnp.einsum('hk,hkd->d', v_bias.astype(jnp.float32),
-                                 p['kernel'].astype(jnp.float32))
+    b_out = (p['bias'].astype(jnp.float32) if v_bias is None else
+             folded_bias('hk,hkd->d', v_bias, p['kernel'], p['bias']))
     return y, b_out
 
 
