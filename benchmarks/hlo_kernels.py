@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from typing import Iterable, Mapping
 
@@ -57,13 +58,13 @@ def shape_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def shape_bytes(shape: str) -> int:
-  total = 0.0
-  for dt, dims in shape_dims(shape):
-    n = 1
-    for d in dims:
-      n *= d
-    total += n * ITEM_BYTES[dt]
-  return int(total)
+  return int(sum(math.prod(dims) * ITEM_BYTES[dt] for dt, dims in shape_dims(shape)))
+
+
+def shape_elements(shape: str) -> int:
+  """Elements of the (first) array of an HLO shape string; 0 for none."""
+  arrays = shape_dims(shape)
+  return math.prod(arrays[0][1]) if arrays else 0
 
 
 @dataclasses.dataclass
@@ -148,10 +149,7 @@ def _one_dot_flops(inst: Instruction, shapes: Mapping[str, str]) -> float:
     for d in cdims.group(1).split(','):
       if d:
         k *= lhs[0][1][int(d)]
-  out = 1
-  for d in shape_dims(inst.shape)[0][1]:
-    out *= d
-  return 2.0 * out * k
+  return 2.0 * shape_elements(inst.shape) * k
 
 
 def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
@@ -212,7 +210,8 @@ _NO_ARITHMETIC = _FREE | frozenset({
 def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str) -> float:
   """Element-wise arithmetic of a fused computation: for each computing operation the
   elements it produces (a reduction: the elements it reads). Matrix products are counted
-  as FLOPs instead; a polynomial expansion (XLA's erfc, erf, exp) counts each of its steps."""
+  as FLOPs instead. What HLO expands into steps (jax's erfc) counts each step; an op the
+  GPU emitter expands itself (an HLO erf or exp) counts one: a lower bound."""
   insts = comps.get(comp) or []
   shapes = {i.name: i.shape for i in insts}
   ops = 0.0
@@ -220,11 +219,7 @@ def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str) -> float:
     if i.op in _NO_ARITHMETIC:
       continue
     shape = shapes.get(_operands(i.rest)[0], i.shape) if i.op == 'reduce' else i.shape
-    for _, dims in shape_dims(shape)[:1]:
-      n = 1
-      for d in dims:
-        n *= d
-      ops += n
+    ops += shape_elements(shape)
   return ops
 
 
@@ -355,9 +350,10 @@ def kernels(text: str) -> list[Kernel]:
           flops += _one_dot_flops(i, shapes)
       group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
                if called else kname)
-      elem_ops = _elem_ops(comps, called[0]) if i.op == 'fusion' and called else 0.0
+      elem_ops = 0.0
       if i.op == 'fusion' and called:
         bytes_in, bytes_out = _fusion_bytes(comps, called[0], operand_shapes, i.shape)
+        elem_ops = _elem_ops(comps, called[0])
       elif i.op == 'dynamic-update-slice':
         bytes_in = bytes_out = shape_bytes(operand_shapes[1]) if len(ops) > 1 else 0
       elif i.op == 'dynamic-slice':

@@ -52,17 +52,6 @@ def _train_step(cfg):
   return jax.value_and_grad(loss), args
 
 
-def _eqns(jaxpr):
-  for e in jaxpr.eqns:
-    yield e
-    for p in e.params.values():
-      for sub in (p if isinstance(p, (list, tuple)) else [p]):
-        inner = getattr(sub, 'jaxpr', sub)
-        inner = getattr(inner, 'jaxpr', inner)
-        if hasattr(inner, 'eqns'):
-          yield from _eqns(inner)
-
-
 def _eqns_named(jaxpr, prefix=''):
   """(eqn, its full name stack): a custom_vjp's inner jaxpr names its equations
   relative to the call, so the enclosing equation's stack is prepended."""
@@ -75,6 +64,11 @@ def _eqns_named(jaxpr, prefix=''):
         inner = getattr(inner, 'jaxpr', inner)
         if hasattr(inner, 'eqns'):
           yield from _eqns_named(inner, where)
+
+
+def _eqns(jaxpr):
+  """Every equation of `jaxpr` and of the jaxprs inside it."""
+  return (e for e, _ in _eqns_named(jaxpr))
 
 
 def logical_transposes(cfg) -> list[str]:

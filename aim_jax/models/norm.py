@@ -81,12 +81,13 @@ layer_norm.defvjp(_forward, _backward)
 
 class LayerNorm(nn.Module):
   """`flax.linen.LayerNorm` over the last axis (same parameters, same forward values)
-  whose backward pass keeps only the input and the float32 row statistics."""
+  whose backward pass keeps only the input and the float32 row statistics. Its
+  parameters are laid out along the model's 'embed' axis (logical partitioning)."""
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  scale_init: Callable = nn.initializers.ones
-  bias_init: Callable = nn.initializers.zeros
+  scale_init: Callable = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
+  bias_init: Callable = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,7 +153,7 @@ class DenseActivation(nn.Dense):
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)
-    act = (lambda y: self.activation(y)) if bias is None else (
+    act = self.activation if bias is None else (
         lambda y, b: self.activation(y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))))
     args = (y,) if bias is None else (y, bias)
     return recompute_activation(act)(*args) if self.recompute else act(*args)

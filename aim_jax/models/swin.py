@@ -187,9 +187,7 @@ class WindowAttention(nn.Module):
 
 
 def _layer_norm(eps, dtype, param_dtype, name):
-  return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype,
-                   scale_init=LP(init.ones, ('embed',)),
-                   bias_init=LP(init.zeros, ('embed',)), name=name)
+  return LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 class SwinBlock(nn.Module):

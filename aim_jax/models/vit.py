@@ -440,7 +440,6 @@ class MAPHead(nn.Module):
     y = ProbeAttention(self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
                        name='attn')(q_in, x)                        # (N, 1, D)
     z = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
                   name='ln')(y)
     y = y + Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
                 param_dtype=self.param_dtype, name='mlp')(z[:, None])[:, 0]
@@ -482,8 +481,7 @@ class ResidualAttentionBlock(nn.Module):
 
   def _norm(self, name):
     return LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     scale_init=LP(init.ones, ('embed',)),
-                     bias_init=LP(init.zeros, ('embed',)), name=name)
+                     name=name)
 
   def _gammas(self, d):
     if not self.layer_scale:
@@ -499,6 +497,16 @@ class ResidualAttentionBlock(nn.Module):
     # aim_jax/convert/formats/dinov2.py); the joint adapter stays parallel to the scaled MLP.
     return y * gammas[name].astype(y.dtype) if name in gammas else y
 
+  def _attend_and_adapt(self, attn, x, gammas, adapter, name, **attn_kw):
+    """attn(x), layer-scaled, then the adapter `adapter` (a factory or None). With an
+    adapter and no layer scale, the attention's output bias goes into the adapter (its
+    D_fc1 bias and skip branch) rather than through a kernel of its own: same function."""
+    if adapter is None or self.layer_scale:
+      y = self._scaled(gammas, 'ls1', attn(x, **attn_kw))
+      return y if adapter is None else adapter(name=name)(y)
+    y, b_out = attn(x, fold_out_bias=True, **attn_kw)
+    return adapter(name=name)(y, input_offset=b_out)
+
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
     # x: (B, T, L, D)
@@ -513,30 +521,18 @@ class ResidualAttentionBlock(nn.Module):
     drop_path = functools.partial(DropPath(self.drop_path_mode), valid_len=self.valid_len)
     gammas = self._gammas(d)
 
-    # The attention's output bias goes into the adapter that follows (its D_fc1 bias and
-    # skip branch) rather than through a kernel of its own: same function.
-    fold = not self.layer_scale
     if self.t_adapter is not None:
       xt = ln_1(x)
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
-      if fold:
-        xt, b_out = attn(xt, axis=1, fold_out_bias=True)   # attention over T
-        xt = self.t_adapter(name='T_Adapter')(xt, input_offset=b_out)
-      else:
-        xt = self._scaled(gammas, 'ls1', attn(xt, axis=1))
-        xt = self.t_adapter(name='T_Adapter')(xt)
+      # (B, T, L, D), attention over T
+      xt = self._attend_and_adapt(attn, xt, gammas, self.t_adapter, 'T_Adapter', axis=1)
       self.sow('intermediates', 'tbranch', xt)
       x = x + drop_path(xt, drop_rate, self.deterministic)
 
-    if self.s_adapter is not None and fold:
-      xs, b_out = attn(ln_1(x), axis=2, valid_len=self.valid_len, fold_out_bias=True)
-      xs = self.s_adapter(name='S_Adapter')(xs, input_offset=b_out)
-    else:
-      xs = attn(ln_1(x), axis=2, valid_len=self.valid_len)   # (B, T, L, D), attention over L
-      xs = self._scaled(gammas, 'ls1', xs)
-      if self.s_adapter is not None:
-        xs = self.s_adapter(name='S_Adapter')(xs)
+    # (B, T, L, D), attention over L
+    xs = self._attend_and_adapt(attn, ln_1(x), gammas, self.s_adapter, 'S_Adapter', axis=2,
+                                valid_len=self.valid_len)
     x = x + xs
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
@@ -690,8 +686,7 @@ class VisionTransformer(nn.Module):
           axis=2)
     if self.pre_norm:
       x = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                    scale_init=LP(init.ones, ('embed',)),
-                    bias_init=LP(init.zeros, ('embed',)), name='ln_pre')(x)
+                    name='ln_pre')(x)
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
     self.sow('intermediates', 'after_ln_pre', x)
     n_tokens = x.shape[2]
@@ -718,7 +713,6 @@ class VisionTransformer(nn.Module):
     x = x[:, :, :n_tokens]                             # drop the stream padding (if any)
 
     x = LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                  scale_init=LP(init.ones, ('embed',)), bias_init=LP(init.zeros, ('embed',)),
                   name='ln_post')(x)
     if self.pool == 'cls':
       if not self.class_token:
