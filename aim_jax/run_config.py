@@ -33,6 +33,48 @@ def _positive_int(config: Any, name: str, value: Any, allow: tuple = ()) -> None
     raise ConfigError(f'{name}={value!r} must be a positive integer{extra}')
 
 
+def compiler_options(spec: str) -> dict[str, Any]:
+  """config.compiler_options, 'NAME=VALUE,...', as `jax.jit(compiler_options=)`.
+
+  'true'/'false' become booleans and numbers numbers; anything else stays a string
+  for XLA to parse. An entry that is not NAME=VALUE is a ConfigError naming it.
+  """
+  out: dict[str, Any] = {}
+  for entry in (e.strip() for e in str(spec).split(',')):
+    if not entry:
+      continue
+    name, sep, value = (p.strip() for p in entry.partition('='))
+    if not sep or not name or not value:
+      raise ConfigError(f'compiler_options: {entry!r} is not NAME=VALUE '
+                        "(e.g. 'xla_gpu_enable_dus_accumulator_zero_init_elimination=true')")
+    if value.lower() in ('true', 'false'):
+      out[name] = value.lower() == 'true'
+      continue
+    for kind in (int, float):
+      try:
+        out[name] = kind(value)
+        break
+      except ValueError:
+        pass
+    else:
+      out[name] = value
+  return out
+
+
+def check_compiler_options(spec: str) -> None:
+  """Compile a trivial program with the options: a name or value that XLA does not
+  take is a ConfigError here, not a failure after the data pipeline has started."""
+  options = compiler_options(spec)
+  if not options:
+    return
+  import jax
+  try:
+    jax.jit(lambda: 0, compiler_options=options).lower().compile()
+  except Exception as e:  # XLA's INVALID_ARGUMENT, as a runtime error
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise ConfigError(f'compiler_options={spec!r}: XLA refuses them: {first}') from None
+
+
 def check_training_config(config: Any, process_count: int, dp_size: int) -> None:
   """Every training field that can be wrong fails here, before compiling."""
   d = config.data
@@ -78,6 +120,7 @@ def check_training_config(config: Any, process_count: int, dp_size: int) -> None
   if config.eval.average_clips not in ('prob', 'score'):
     raise ConfigError(f"eval.average_clips must be 'prob' or 'score', got "
                       f'{config.eval.average_clips!r}')
+  check_compiler_options(config.get('compiler_options', ''))
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing={config.label_smoothing} is not in [0, 1)')
   if config.mixup_alpha < 0:

@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from aim_jax import optim, sharding, steps
 from aim_jax import params as P
 from aim_jax.models.factory import build_model
-from aim_jax.run_config import resolve_model
+from aim_jax.run_config import compiler_options, resolve_model
 
 
 @dataclasses.dataclass
@@ -143,15 +143,31 @@ def host_params(params: Any) -> dict:
   return jax.tree.map(np.asarray, jax.device_get(params))
 
 
+def abstract_train_args(setup: TrainSetup, batch: int) -> tuple[dict, dict]:
+  """(state, batch) of the train step as shaped, sharded placeholders: enough to
+  lower and compile it (`train_step_fn(setup).lower(*args)`) without values."""
+  like = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
+  mc = setup.model_cfg
+  state = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.replicated),
+           'params': jax.tree.map(like, setup.abstract_params, setup.param_shardings),
+           'opt_state': jax.tree.map(like, setup.abstract_opt, setup.opt_shardings)}
+  video = jax.ShapeDtypeStruct((batch, mc['num_frames'], mc['image_size'], mc['image_size'], 3),
+                               jnp.float32, sharding=setup.batch_shardings['video'])
+  label = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=setup.batch_shardings['label'])
+  return state, {'video': video, 'label': label}
+
+
 def train_step_fn(setup: TrainSetup) -> Callable:
-  """jit(state, batch) -> (state, metrics); the state is donated."""
+  """jit(state, batch) -> (state, metrics); the state is donated. Compiled with the XLA
+  options of `config.compiler_options`."""
   c = setup.config
   fn = functools.partial(
       steps.train_step, model=setup.model, tx=setup.tx, trainable=setup.trainable,
       seed=c.seed, num_classes=setup.model_cfg['num_classes'], accum_steps=c.grad_accum_steps,
       label_smoothing=c.label_smoothing, mixup_alpha=c.mixup_alpha, schedule=setup.schedule)
   return jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_shardings),
-                 out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,))
+                 out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,),
+                 compiler_options=compiler_options(c.get('compiler_options', '')) or None)
 
 
 def eval_logits_fn(setup: TrainSetup) -> Callable:

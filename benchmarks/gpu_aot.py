@@ -68,30 +68,19 @@ def target_devices(target: str, devices: int) -> list:
 
 def compile_step(config: Any, mode: str, batch: int, devices: list) -> dict:
   """Lower and compile one step on `devices` (compile-only); its HLO and memory figures."""
-  import jax
-  import jax.numpy as jnp
-
   from aim_jax import sharding, train_state
   mesh = sharding.make_mesh(config.mesh, devices)
   dp = sharding.data_parallel_size(mesh)
   if batch % dp:
     raise ValueError(f'--batch {batch} is not divisible by the data-parallel size {dp}')
   setup = train_state.create_train_state(config, mesh)
-  mc = setup.model_cfg
-  video = jax.ShapeDtypeStruct((batch, mc['num_frames'], mc['image_size'], mc['image_size'], 3),
-                               jnp.float32, sharding=setup.batch_shardings['video'])
-  like = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)
-  params = jax.tree.map(like, setup.abstract_params, setup.param_shardings)
+  state, inputs = train_state.abstract_train_args(setup, batch)
   t0 = time.perf_counter()
   with sharding.mesh_context(mesh, setup.rules):
     if mode == 'train':
-      state = {'step': jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.replicated),
-               'params': params,
-               'opt_state': jax.tree.map(like, setup.abstract_opt, setup.opt_shardings)}
-      label = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=setup.batch_shardings['label'])
-      lowered = train_state.train_step_fn(setup).lower(state, {'video': video, 'label': label})
+      lowered = train_state.train_step_fn(setup).lower(state, inputs)
     else:
-      lowered = train_state.eval_logits_fn(setup).lower(params, video)
+      lowered = train_state.eval_logits_fn(setup).lower(state['params'], inputs['video'])
     t1 = time.perf_counter()
     compiled = lowered.compile()
   t2 = time.perf_counter()
@@ -100,7 +89,7 @@ def compile_step(config: Any, mode: str, batch: int, devices: list) -> dict:
   memory = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                 alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
                 generated_code=m.generated_code_size_in_bytes)
-  return dict(hlo=compiled.as_text(), model_cfg=mc, lower_s=t1 - t0, compile_s=t2 - t1,
+  return dict(hlo=compiled.as_text(), model_cfg=setup.model_cfg, lower_s=t1 - t0, compile_s=t2 - t1,
               memory=memory, program_memory_bytes=step_benchmark.program_memory_bytes(compiled))
 
 

@@ -322,6 +322,8 @@ def kernels(text: str) -> list[Kernel]:
     for i in comps[comp]:
       if i.op in _FREE or i.op.endswith('-done'):    # a -done waits for its -start's work
         continue
+      if i.op == 'custom-call' and 'custom_call_target="AllocateBuffer"' in i.rest:
+        continue          # uninitialised memory (a zero fill XLA removed): no kernel
       if i.op == 'while':
         trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', i.rest)
         body = re.search(r'body=%([\w.\-]+)', i.rest).group(1)

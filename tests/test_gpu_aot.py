@@ -128,6 +128,27 @@ def test_kernels_of_gpu_hlo_families_flops_groups_and_places():
       2e3 * max(ks['loop_add_fusion_1'].bytes / H.RATES['elementwise']['bytes_s'], H.LAUNCH_S))
 
 
+def test_a_zero_fill_that_xla_removed_is_no_kernel():
+  """With `compiler_options` (configs/common.py) XLA's GPU compiler replaces the zero fill of
+  a stack that a loop writes in full by an AllocateBuffer call: no kernel, no bytes."""
+  text = """HloModule m
+
+%fill (p.0: bf16[]) -> bf16[24,64,128] {
+  %p.0 = bf16[] parameter(0)
+  ROOT %b.0 = bf16[24,64,128]{2,1,0} broadcast(%p.0), dimensions={}
+}
+
+ENTRY %main (x.1: bf16[]) -> (bf16[24,64,128], bf16[24,64,128]) {
+  %x.1 = bf16[] parameter(0)
+  %custom-call.11 = bf16[24,64,128]{2,1,0} custom-call(), custom_call_target="AllocateBuffer"
+  %b.1 = bf16[24,64,128]{2,1,0} fusion(%x.1), kind=kLoop, calls=%fill
+  ROOT %t.1 = (bf16[24,64,128]{2,1,0}, bf16[24,64,128]{2,1,0}) tuple(%custom-call.11, %b.1)
+}
+"""
+  (k,) = H.kernels(text)
+  assert k.name == 'b_1' and k.bytes_out == 24 * 64 * 128 * 2
+
+
 def test_hlo_without_an_entry_is_refused():
   with pytest.raises(ValueError, match='ENTRY'):
     H.kernels('HloModule m\n')
@@ -218,6 +239,25 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   assert _run(args + ['--measured', str(measured)]).returncode == 0
   (row,) = json.load(open(out))['rows'][0]['measured']
   assert row['name'] == name and row['measured_ms'] == 0.25 and row['predicted_ms'] > 0
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
+def test_the_default_compiler_options_remove_the_zero_fill_of_a_scanned_step(tmp_path):
+  """configs/common.py's compiler_options reach the GPU compile of the train step: the
+  scanned step's residual stacks are not zero-filled (fewer bytes), the memory about the same."""
+  out, hlo = tmp_path / 'aot.json', tmp_path / 'hlo'
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--batch', '8',
+            '--config.model.dtype=bfloat16', '--config.model.scan_layers=True',
+            '--variant', 'no_options:compiler_options=', '--out', str(out),
+            '--hlo_dir', str(hlo)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  rows = {r['variant']: r for r in json.load(open(out))['rows']}
+  texts = {v: (hlo / f'{v}_train.hlo').read_text() for v in rows}
+  assert 'AllocateBuffer' in texts['default'] and 'AllocateBuffer' not in texts['no_options']
+  gb = {v: sum(f['gb'] for f in r['families'].values()) for v, r in rows.items()}
+  assert gb['default'] < gb['no_options']
+  assert rows['default']['program_memory_bytes'] == pytest.approx(
+      rows['no_options']['program_memory_bytes'], rel=0.01)
 
 
 def _row(mode, clips, variant='default', **kw):

@@ -74,6 +74,27 @@ def test_batch_not_divisible_names_the_field():
     run_config.check_training_config(c, process_count=1, dp_size=1)
 
 
+def test_compiler_options_are_parsed_checked_by_xla_and_reach_the_train_step():
+  assert run_config.compiler_options(' a=true, b=FALSE,c=3,d=0.5,e=x ,') == dict(
+      a=True, b=False, c=3, d=0.5, e='x')
+  assert run_config.compiler_options('') == {}
+  c = _unlocked()
+  run_config.check_training_config(c, process_count=1, dp_size=1)   # the default is taken
+  c.compiler_options = 'xla_gpu_enable_dus_accumulator_zero_init_elimination'
+  with pytest.raises(errors.ConfigError, match=r"compiler_options: .* is not NAME=VALUE"):
+    run_config.check_training_config(c, process_count=1, dp_size=1)
+  c.compiler_options = 'xla_no_such_option=true'
+  with pytest.raises(errors.ConfigError, match=r"compiler_options=.*XLA refuses them: .*"
+                                               r"xla_no_such_option"):
+    run_config.check_training_config(c, process_count=1, dp_size=1)
+  # The train step is compiled with them: XLA refuses the same option there.
+  from aim_jax import sharding, train_state
+  setup = train_state.create_train_state(c, sharding.make_mesh(c.mesh), steps_per_epoch=2)
+  with pytest.raises(Exception, match='xla_no_such_option'):
+    train_state.train_step_fn(setup).lower(*train_state.abstract_train_args(
+        setup, sharding.data_parallel_size(setup.mesh))).compile()
+
+
 def test_resuming_a_workdir_of_another_model_names_the_field(tmp_path):
   c = _unlocked()
   other = resolve_model_config(c.model)
