@@ -221,6 +221,66 @@ def test_adapter_folds_an_input_offset(skip):
       np.testing.assert_allclose(y + b, attn.apply(pa, x, axis=axis), atol=2e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize('skip', [False, True])
+def test_adapter_reads_its_input_through_a_projection_kernel(skip):
+  """Adapter(o, input_offset=c, input_kernel=P) is Adapter(o @ P + c), values and the
+  gradients of every parameter (P's too: full fine-tuning trains it); and the attention's
+  unprojected output, kernel and bias are its usual output (the triple the block folds)."""
+  o = jax.random.normal(jax.random.key(0), (2, 4, 10, 48))
+  proj = 0.2 * jax.random.normal(jax.random.key(6), (48, 64))
+  c = jax.random.normal(jax.random.key(1), (64,))
+  ad = Adapter(skip_connect=skip)
+  p = ad.init(jax.random.key(2), o @ proj)
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape), p)
+  assert jax.tree.map(jnp.shape, ad.init(jax.random.key(2), o, input_kernel=proj)) == \
+      jax.tree.map(jnp.shape, p)                                    # same parameters
+  folded = lambda p, proj: ad.apply(p, o, input_offset=c, input_kernel=proj)
+  plain = lambda p, proj: ad.apply(p, o @ proj + c)
+  np.testing.assert_allclose(folded(p, proj), plain(p, proj), atol=1e-5, rtol=1e-5)
+  loss = lambda f: lambda p, proj: jnp.sum(jnp.sin(f(p, proj)))
+  for g_f, g_p in zip(jax.tree.leaves(jax.grad(loss(folded), (0, 1))(p, proj)),
+                      jax.tree.leaves(jax.grad(loss(plain), (0, 1))(p, proj))):
+    np.testing.assert_allclose(g_f, g_p, atol=1e-4, rtol=1e-4)
+  x = jax.random.normal(jax.random.key(7), (2, 4, 10, 64))
+  for split in ('fused', 'split'):
+    attn = vit.MultiHeadAttention(4, qkv_projection=split)
+    pa = attn.init(jax.random.key(4), x)
+    pa = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(5), a.shape), pa)
+    for axis in (1, 2):
+      y, kernel, b = attn.apply(pa, x, axis=axis, fold_out_bias=True, project=False)
+      assert y.shape == x.shape and kernel.shape == (64, 64)
+      np.testing.assert_allclose(y @ kernel + b, attn.apply(pa, x, axis=axis), atol=2e-6,
+                                 rtol=1e-6)
+
+
+def test_the_temporal_branch_has_one_width_by_width_product_fewer():
+  """T_Adapter has no skip branch, so the block applies the attention's output projection
+  folded into its D_fc1: the block's forward has one (D, D) product fewer than the same
+  block without a temporal adapter's fold would (the spatial one keeps its projection)."""
+  d = 64
+  block = vit.ResidualAttentionBlock(num_heads=4, **AdapterSpec().block_fields(0))
+  x = jnp.zeros((2, 4, 10, d))
+  params = block.init(jax.random.key(0), x)
+  jaxpr = jax.make_jaxpr(lambda p: block.apply(p, x))(params)
+  def width_by_width(jaxpr):   # products of an activation with a (D, D) weight
+    n = 0
+    for e in jaxpr.eqns:
+      if e.primitive.name == 'dot_general':
+        (_, rc), _ = e.params['dimension_numbers']
+        rhs = e.invars[1].aval.shape
+        contract = int(np.prod([rhs[i] for i in rc]))
+        out = int(np.prod([s for i, s in enumerate(rhs) if i not in rc]))
+        n += int(contract == d and out == d and e.invars[0].aval.ndim > 2)
+      for p in e.params.values():
+        inner = getattr(getattr(p, 'jaxpr', p), 'jaxpr', getattr(p, 'jaxpr', p))
+        if hasattr(inner, 'eqns'):
+          n += width_by_width(inner)
+    return n
+  # The spatial output projection only; without the fold the temporal one too (q, k and v
+  # are one (D, 3D) product per attention here).
+  assert width_by_width(jaxpr.jaxpr) == 1
+
+
 def test_drop_path_values_are_timm_order():
   """x / keep * mask, as timm's DropPath (div then multiply by the 0/1 draw)."""
   x = jax.random.normal(jax.random.key(1), (2, 3, 10, 8))
@@ -251,7 +311,9 @@ def test_scanned_bf16_train_step_stacks_no_float32_activations():
   act = 2 * 4 * 17 * 64
   saved = saved_residuals(loss, trainable)
   # The XLA attention's float32 softmax (L x L per head) is float32 by design.
-  offenders = [r for r in _activation_sized_f32(saved, act) if r.shape[-2:] != (17, 17)]
+  # A stack holds 3 layers: an activation-sized one is >= 3 * act (the float32 stacks of a
+  # layer's (D, D) weights, e.g. for Adapter's input_kernel, are smaller).
+  offenders = [r for r in _activation_sized_f32(saved, 3 * act) if r.shape[-2:] != (17, 17)]
   assert offenders == []
   assert any(r.dtype == 'bf16' and r.size >= 3 * act for r in saved)   # stacked activations
   # Of the MLP's hidden width (4 x 64) only c_fc's product is stacked, not the activation's

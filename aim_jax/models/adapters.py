@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.norm import DenseActivation, gelu_exact
 
@@ -44,11 +45,16 @@ class Adapter(nn.Module):
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x: jax.Array, input_offset: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, x: jax.Array, input_offset: Optional[jax.Array] = None,
+               input_kernel: Optional[jax.Array] = None) -> jax.Array:
     # input_offset: a bias vector c the caller left out of x (the attention's output bias):
     # the adapter of x + c, with c folded into D_fc1's bias and added to the skip branch,
     # so that no kernel adds c to x on its own.
-    width = x.shape[-1]
+    # input_kernel: a (F, D) projection P the caller left out of x (the attention's output
+    # projection): the adapter of x @ P (+ c). D_fc1 reads x through P @ D_fc1.kernel, so
+    # a no-skip adapter never forms x @ P (one (D, D) product fewer each way), and a skip
+    # adapter forms it for the skip branch only.
+    width = x.shape[-1] if input_kernel is None else input_kernel.shape[-1]
     hidden = int(width * self.ratio)
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
@@ -56,11 +62,15 @@ class Adapter(nn.Module):
     h = DenseActivation(hidden, activation=gelu_exact,
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
-                        bias_init=LP(init.zeros, ('adapter',)), name='D_fc1')(x, input_offset)
+                        bias_init=LP(init.zeros, ('adapter',)),
+                        name='D_fc1')(x, input_offset, input_kernel)
     h = dense(width, kernel_init=LP(init.zeros, ('adapter', 'embed')),
               bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h)
     if not self.skip_connect:
       return h
+    if input_kernel is not None:
+      x_in, p = promote_dtype(x, input_kernel, dtype=self.dtype)
+      x = jnp.einsum('...f,fd->...d', x_in, p)
     return x + h if input_offset is None else x + input_offset.astype(x.dtype) + h
 
 

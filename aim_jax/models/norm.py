@@ -134,22 +134,30 @@ class DenseActivation(nn.Dense):
   biased pre-activation or any intermediate of the activation. Recomputing from the
   biased pre-activation instead would make the forward kernel write one more
   activation-sized tensor (~1.8 ms per B/16 train step on an H200, by `gpu_aot`).
-  `input_offset` (a bias the caller left out of the input) is folded into the bias.
+  `input_offset` (a bias the caller left out of the input) is folded into the bias, and
+  `input_kernel` (a projection the caller left out) into the kernel.
   """
   activation: Callable[[jax.Array], jax.Array] = gelu_exact
   # False: plain `activation(dense(x))`, the compiler choosing what to keep (see Mlp).
   recompute: bool = True
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, input_offset: jax.Array | None = None) -> jax.Array:
+  def __call__(self, inputs: jax.Array, input_offset: jax.Array | None = None,
+               input_kernel: jax.Array | None = None) -> jax.Array:
     # input_offset: a constant vector c the input should have had added (a bias the caller
     # left out): dense(x + c) is computed as x @ kernel + (bias + c @ kernel).
-    kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features),
-                        self.param_dtype)
+    # input_kernel: a (F, D) matrix P the input should have gone through (a projection the
+    # caller left out): dense(x @ P) is computed as x @ (P @ kernel), the (F, features)
+    # product formed once on the weights in float32, so x @ P is never needed here.
+    width = jnp.shape(inputs)[-1] if input_kernel is None else input_kernel.shape[-1]
+    kernel = self.param('kernel', self.kernel_init, (width, self.features), self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
             if self.use_bias else None)
     if input_offset is not None:
       bias = folded_bias('d,df->f', input_offset, kernel, bias)
+    if input_kernel is not None:
+      kernel = jnp.einsum('fd,dk->fk', input_kernel.astype(jnp.float32),
+                          kernel.astype(jnp.float32))
     inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
     y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)

@@ -111,18 +111,22 @@ class Projection(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, spec: str, x: jax.Array, select: Optional[int] = None,
-               add_bias: bool = True, input_offset: Optional[jax.Array] = None) -> jax.Array:
+  def __call__(self, spec: str, x: Optional[jax.Array], select: Optional[int] = None,
+               add_bias: bool = True, input_offset: Optional[jax.Array] = None):
     # spec: einsum 'input,kernel->output' ('...' leading); the output ends with bias_shape.
     # select: use kernel[:, select] and bias[select] only (a slice of the weights, e.g.
     # q, k or v of a (D, 3, H, hd) kernel); spec then names the sliced kernel.
     # add_bias=False: leave the bias out (the caller accounts for it).
     # input_offset: a constant c the input should have had added: einsum(x + c) is
     # computed as einsum(x) + einsum(c), the second term folded into the bias.
+    # x=None: return the parameters (kernel, bias or None) as stored, for a caller that
+    # applies them itself.
     kernel = self.param('kernel', LP(trunc_normal_02, self.kernel_axes), self.kernel_shape,
                         self.param_dtype)
     bias = (self.param('bias', LP(init.zeros, self.bias_axes), self.bias_shape,
                        self.param_dtype) if self.use_bias else None)
+    if x is None:
+      return kernel, bias
     if select is not None:
       kernel = kernel[:, select]
       bias = None if bias is None else bias[select]
@@ -299,11 +303,15 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None,
-               valid_len: Optional[int] = None, fold_out_bias: bool = False):
+               valid_len: Optional[int] = None, fold_out_bias: bool = False,
+               project: bool = True):
     # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T).
     # valid_len: along L, the real tokens when the stream carries padding after them.
     # fold_out_bias: return (output without its bias, that bias (D,) in float32) for a
     # consumer that folds the bias in (an adapter), instead of the output.
+    # project=False (with fold_out_bias): return (the attention's output before the output
+    # projection, (B, A1, A2, H*hd), that projection's kernel (H*hd, D) as stored, the bias)
+    # for a consumer that applies the projection itself (Adapter's input_kernel).
     if axis not in (1, 2):
       raise ValueError(f'MultiHeadAttention: axis must be 1 (temporal) or 2 (spatial), got {axis}')
     if self.temporal_attention not in TEMPORAL_ATTENTION:
@@ -358,11 +366,12 @@ class MultiHeadAttention(nn.Module):
       y = attend_over_axis1(q, k, v)                   # (B, T, L, H, hd)
     if not fold_out_bias:
       return out_proj('...hk,hkd->...d', y, input_offset=v_bias)   # (B, A1, A2, D)
-    y = out_proj('...hk,hkd->...d', y, add_bias=False)
-    p = nn.unbox(out_proj.variables['params'])
-    b_out = (p['bias'].astype(jnp.float32) if v_bias is None else
-             folded_bias('hk,hkd->d', v_bias, p['kernel'], p['bias']))
-    return y, b_out
+    kernel, out_bias = out_proj('', None)
+    b_out = (out_bias.astype(jnp.float32) if v_bias is None else
+             folded_bias('hk,hkd->d', v_bias, kernel, out_bias))
+    if not project:
+      return y.reshape(y.shape[:-2] + (d,)), kernel.reshape(d, d), b_out
+    return out_proj('...hk,hkd->...d', y, add_bias=False), b_out
 
 
 class Mlp(nn.Module):
@@ -500,12 +509,21 @@ class ResidualAttentionBlock(nn.Module):
   def _attend_and_adapt(self, attn, x, gammas, adapter, name, **attn_kw):
     """attn(x), layer-scaled, then the adapter `adapter` (a factory or None). With an
     adapter and no layer scale, the attention's output bias goes into the adapter (its
-    D_fc1 bias and skip branch) rather than through a kernel of its own: same function."""
+    D_fc1 bias and skip branch) rather than through a kernel of its own, and an adapter
+    without a skip branch (T_Adapter) applies the output projection folded into D_fc1:
+    same function."""
     if adapter is None or self.layer_scale:
       y = self._scaled(gammas, 'ls1', attn(x, **attn_kw))
       return y if adapter is None else adapter(name=name)(y)
+    module = adapter(name=name)
+    if not module.skip_connect:
+      # Only D_fc1 reads the attention's output: it reads it through the output projection
+      # (Adapter's input_kernel), one (D, D) product fewer each way. With a skip branch the
+      # projection is formed anyway, and going through it was slower (BENCHMARKS.md).
+      o, out_kernel, b_out = attn(x, fold_out_bias=True, project=False, **attn_kw)
+      return module(o, input_offset=b_out, input_kernel=out_kernel)
     y, b_out = attn(x, fold_out_bias=True, **attn_kw)
-    return adapter(name=name)(y, input_offset=b_out)
+    return module(y, input_offset=b_out)
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
