@@ -33,11 +33,18 @@ def _positive_int(config: Any, name: str, value: Any, allow: tuple = ()) -> None
     raise ConfigError(f'{name}={value!r} must be a positive integer{extra}')
 
 
-def compiler_options(spec: str) -> dict[str, Any]:
+# Option name prefixes that belong to one XLA backend: elsewhere they are left out, so
+# that a GPU option in a shared config never reaches a TPU compiler that may not know it.
+_PLATFORM_PREFIXES = {'xla_gpu_': 'gpu', 'xla_tpu_': 'tpu', 'xla_cpu_': 'cpu'}
+
+
+def compiler_options(spec: str, platform: Optional[str] = None) -> dict[str, Any]:
   """config.compiler_options, 'NAME=VALUE,...', as `jax.jit(compiler_options=)`.
 
   'true'/'false' become booleans and numbers numbers; anything else stays a string
-  for XLA to parse. An entry that is not NAME=VALUE is a ConfigError naming it.
+  for XLA to parse. An entry that is not NAME=VALUE is a ConfigError naming it. With
+  `platform` ('gpu', 'tpu', 'cpu'), the options of another backend (xla_gpu_*,
+  xla_tpu_*, xla_cpu_*) are left out.
   """
   out: dict[str, Any] = {}
   for entry in (e.strip() for e in str(spec).split(',')):
@@ -47,6 +54,10 @@ def compiler_options(spec: str) -> dict[str, Any]:
     if not sep or not name or not value:
       raise ConfigError(f'compiler_options: {entry!r} is not NAME=VALUE '
                         "(e.g. 'xla_gpu_enable_dus_accumulator_zero_init_elimination=true')")
+    owner = next((p for prefix, p in _PLATFORM_PREFIXES.items() if name.startswith(prefix)),
+                 None)
+    if platform is not None and owner is not None and owner != platform:
+      continue
     if value.lower() in ('true', 'false'):
       out[name] = value.lower() == 'true'
       continue
@@ -62,12 +73,12 @@ def compiler_options(spec: str) -> dict[str, Any]:
 
 
 def check_compiler_options(spec: str) -> None:
-  """Compile a trivial program with the options: a name or value that XLA does not
-  take is a ConfigError here, not a failure after the data pipeline has started."""
-  options = compiler_options(spec)
+  """Compile a trivial program with the options this backend gets: a name or value that
+  XLA does not take is a ConfigError here, not a failure after the data pipeline started."""
+  import jax
+  options = compiler_options(spec, jax.default_backend())
   if not options:
     return
-  import jax
   try:
     jax.jit(lambda: 0, compiler_options=options).lower().compile()
   except Exception as e:  # XLA's INVALID_ARGUMENT, as a runtime error

@@ -159,7 +159,7 @@ def abstract_train_args(setup: TrainSetup, batch: int) -> tuple[dict, dict]:
 
 def train_step_fn(setup: TrainSetup) -> Callable:
   """jit(state, batch) -> (state, metrics); the state is donated. Compiled with the XLA
-  options of `config.compiler_options`."""
+  options of `config.compiler_options` for the mesh's platform."""
   c = setup.config
   fn = functools.partial(
       steps.train_step, model=setup.model, tx=setup.tx, trainable=setup.trainable,
@@ -167,7 +167,8 @@ def train_step_fn(setup: TrainSetup) -> Callable:
       label_smoothing=c.label_smoothing, mixup_alpha=c.mixup_alpha, schedule=setup.schedule)
   return jax.jit(fn, in_shardings=(setup.state_shardings, setup.batch_shardings),
                  out_shardings=(setup.state_shardings, setup.replicated), donate_argnums=(0,),
-                 compiler_options=compiler_options(c.get('compiler_options', '')) or None)
+                 compiler_options=compiler_options(c.get('compiler_options', ''),
+                                                   setup.mesh.devices.flat[0].platform) or None)
 
 
 def eval_logits_fn(setup: TrainSetup) -> Callable:

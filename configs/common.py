@@ -132,7 +132,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The default lets XLA's GPU compiler skip zero-filling the per-layer stacks that a
   # scanned model (scan_layers) keeps for the backward pass: every slot is written
   # before it is read, which XLA checks. L/14 on one H200: -16 ms of a 366 ms step
-  # (BENCHMARKS.md). Other platforms ignore it.
+  # (BENCHMARKS.md). Another backend's options (xla_gpu_* on a TPU) are left out.
   c.compiler_options = 'xla_gpu_enable_dus_accumulator_zero_init_elimination=true'
   c.device_prefetch = 2              # batches placed on the devices ahead (0 = in the loop)
 

@@ -78,6 +78,10 @@ def test_compiler_options_are_parsed_checked_by_xla_and_reach_the_train_step():
   assert run_config.compiler_options(' a=true, b=FALSE,c=3,d=0.5,e=x ,') == dict(
       a=True, b=False, c=3, d=0.5, e='x')
   assert run_config.compiler_options('') == {}
+  # Another backend's options are left out (a GPU option never reaches a TPU compiler).
+  both = 'xla_gpu_a=true,xla_tpu_b=1,xla_c=x'
+  assert run_config.compiler_options(both, 'tpu') == dict(xla_tpu_b=1, xla_c='x')
+  assert run_config.compiler_options(both, 'gpu') == dict(xla_gpu_a=True, xla_c='x')
   c = _unlocked()
   run_config.check_training_config(c, process_count=1, dp_size=1)   # the default is taken
   c.compiler_options = 'xla_gpu_enable_dus_accumulator_zero_init_elimination'
