@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 
 from aim_jax import optim, sharding, steps
 from aim_jax import params as P
+from aim_jax.models import attention_choice
 from aim_jax.models.factory import build_model
 from aim_jax.run_config import compiler_options, resolve_model
 
@@ -96,7 +97,8 @@ def create_train_state(config: Any, mesh: Mesh, *, steps_per_epoch: int = 1000,
   """The abstract training setup of `config` on `mesh` (nothing is allocated)."""
   model_cfg = dict(model_cfg) if model_cfg is not None else resolve_model(config.model)
   rules = sharding.axis_rules(config.logical_axis_rules)
-  model = build_model(model_cfg)
+  # 'auto' attention fields are chosen for the mesh's devices (which may be compile-only).
+  model = build_model(model_cfg, *attention_choice.platform_of(mesh.devices.flat))
   init = _init_fn(model, model_cfg, sharding.data_parallel_size(mesh))
   rng = jax.random.key(config.seed)   # made before the mesh: it may hold compile-only devices
   with sharding.mesh_context(mesh, rules):

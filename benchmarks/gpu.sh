@@ -12,15 +12,16 @@
 # OUT_DIR, so a part that fails or runs out of time leaves the others' figures:
 #   env.txt                  devices and versions
 #   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
-#                            compiled, side by side, plus the kernel profile of our step;
-#                            then ours with the fused attention kernels (--variant rows
-#                            cudnn and pallas, the fastest by `benchmarks.gpu_aot`)
+#                            compiled, side by side, plus the kernel profile of our step
+#                            (attention 'auto': cuDNN here once its check passes); then ours
+#                            with XLA attention and with the Pallas kernel (--variant rows)
 #   b16_eval.json / .log     the same for eval
 #   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
 #   profile/VARIANT/MODE/    the same for each variant
 #   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length
-#   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py),
-#                            and its cudnn variant (97 and 66 GiB by benchmarks.gpu_aot)
+#   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py;
+#                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its xla variant
+#                            (97 GiB)
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
@@ -121,12 +122,14 @@ part() {
 # took 64 s in 2026-11); b16_eval 80: our rows first, then the official ones (a slow compiled
 # eval is cut, ours are kept); L/14 70: two scanned compiles (~20 s each).
 COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
-# Our fused-attention rows (BENCHMARKS.md, GPU plan; the fastest by benchmarks.gpu_aot):
-# cuDNN flash attention with the stream padded to 200 and the heads folded for the temporal
-# attention; the Pallas Triton kernel (stream padded to 224), for when cuDNN has no plan on
-# CUDA 13. A variant that fails keeps its error in its row and the part goes on.
-VARIANTS=(--variant "cudnn:model.attention_impl=cudnn,model.qkv_projection=split,model.temporal_attention=dot_product_attention"
-          --variant "pallas:model.attention_impl=pallas,model.qkv_projection=split,model.temporal_attention=elementwise")
+# Our rows (BENCHMARKS.md, GPU plan): the default row is model.attention_impl='auto', which
+# on this GPU in bf16 is cuDNN flash attention (stream padded to 200, heads folded for the
+# temporal attention) once its device check passes (the log says what it chose), else XLA;
+# 'xla' is the XLA program for comparison; 'pallas' the Pallas Triton kernel (stream padded
+# to 224), for when cuDNN has no plan on CUDA 13. A variant that fails keeps its error in its
+# row and the part goes on.
+VARIANTS=(--variant "xla:model.attention_impl=xla"
+          --variant "pallas:model.attention_impl=pallas")
 part b16_train 300 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" "${VARIANTS[@]}" \
   --profile "$OUT/profile" --out "$OUT/b16_train.json"
 # shellcheck disable=SC2086

@@ -208,7 +208,8 @@ def test_fused_kernels_on_gpu_match_xla(impl, temporal):
   """The GPU smoke test of the BENCHMARKS.md GPU plan: the real kernels, forward and
   backward, bf16 compute, against the XLA path (cuDNN on CUDA 13 may have no execution
   plan: jax-ml/jax#32430; then only the Pallas rows apply)."""
-  cfg = dict(TINY, heads=1, temporal_attention=temporal, dtype='bfloat16')  # head dim 64
+  cfg = dict(TINY, heads=1, temporal_attention=temporal, dtype='bfloat16',  # head dim 64
+             attention_impl='xla', qkv_projection='fused')
   params = _perturbed_params(cfg)
   video = _video(cfg)
   ref = _loss_and_trainable_grads(cfg, params, video)
@@ -244,3 +245,86 @@ def test_stream_padding_under_layer_scan_and_remat():
   ref = _loss_and_trainable_grads(scan, params, video)
   _assert_same(_loss_and_trainable_grads(dict(scan, attention_pad_multiple=8), params, video),
                ref)
+
+
+# -- model.attention_impl='auto' (models/attention_choice.py) -----------------------------
+from aim_jax.models import attention_choice as AC  # noqa: E402
+from aim_jax.models.factory import resolve_model_config  # noqa: E402
+
+
+def _chosen(platform, check=False, **fields):
+  cfg = AC.choose(resolve_model_config(dict(TINY, **fields)), platform, check)
+  return tuple(cfg[k] for k in AC.FIELDS)
+
+
+def test_auto_is_cudnn_on_a_gpu_in_half_precision_and_xla_elsewhere():
+  assert resolve_model_config(TINY)['attention_impl'] == 'auto'        # the default
+  fast = ('cudnn', 'split', 'dot_product_attention')
+  plain = ('xla', 'fused', 'einsum')
+  assert _chosen('gpu', dtype='bfloat16') == fast
+  assert _chosen('gpu', dtype='float16') == fast
+  assert _chosen('gpu', dtype='float32') == plain        # cuDNN flash attention: half only
+  assert _chosen('cpu', dtype='bfloat16') == plain
+  assert _chosen('tpu', dtype='bfloat16') == plain
+  # Explicit fields are kept; 'auto' companions follow an explicit kernel.
+  assert _chosen('gpu', dtype='bfloat16', attention_impl='xla') == plain
+  assert _chosen('cpu', attention_impl='pallas') == ('pallas', 'split', 'elementwise')
+  assert _chosen('gpu', dtype='bfloat16', temporal_attention='einsum') == (
+      'cudnn', 'split', 'einsum')
+  assert _chosen('cpu', attention_impl='', qkv_projection='split') == ('xla', 'split', 'einsum')
+  with pytest.raises(ValueError, match='model.qkv_projection must be one of'):
+    resolve_model_config(dict(TINY, qkv_projection='fast'))
+
+
+def test_auto_falls_back_to_xla_with_a_warning_when_the_cudnn_check_fails(monkeypatch, caplog):
+  monkeypatch.setattr(AC, 'cudnn_check', lambda: (False, 'XlaRuntimeError: no execution plan'))
+  with caplog.at_level('WARNING'):
+    assert _chosen('gpu', check=True, dtype='bfloat16') == ('xla', 'fused', 'einsum')
+  assert 'cuDNN attention failed its check' in caplog.text and 'no execution plan' in caplog.text
+  monkeypatch.setattr(AC, 'cudnn_check', lambda: (True, ''))
+  assert _chosen('gpu', check=True, dtype='bfloat16')[0] == 'cudnn'
+
+
+def test_the_cudnn_check_refuses_a_kernel_that_fails_or_disagrees_with_xla():
+  def wrong(q, k, v, *, impl, **kw):              # right for XLA, 10% off for the kernel
+    y = vit.attention(q, k, v, impl='xla', **kw)
+    return y if impl == 'xla' else y * 1.1
+
+  def broken(q, k, v, *, impl, **kw):
+    if impl != 'xla':
+      raise RuntimeError('cuDNN: no execution plan\nsecond line')
+    return vit.attention(q, k, v, impl='xla', **kw)
+
+  def right(q, k, v, *, impl, **kw):              # the kernel's padding, XLA's arithmetic
+    return vit.attention(q, k, v, impl='xla', **kw)
+
+  ok, why = AC._compare_with_xla('cudnn', wrong)
+  assert not ok and why.startswith('cudnn output differs from XLA by')
+  assert AC._compare_with_xla('cudnn', broken) == (
+      False, 'RuntimeError: cuDNN: no execution plan')
+  assert AC._compare_with_xla('cudnn', right) == (True, '')
+
+
+def test_the_auto_choice_reaches_the_model_and_follows_the_mesh_devices(monkeypatch):
+  """build_model(platform='gpu') runs cuDNN attention (recorded here, XLA underneath) on the
+  padded stream; a train state on this machine's CPU devices chooses XLA."""
+  from aim_jax import sharding, train_state
+  from configs import tiny
+  calls = []
+  real = jax.nn.dot_product_attention
+
+  def record(q, k, v, bias=None, mask=None, *, implementation=None, **kw):
+    calls.append((q.shape, implementation))
+    return real(q, k, v, bias, mask, implementation='xla', **kw)
+
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', record)
+  cfg = dict(TINY, dtype='bfloat16')
+  model = build_model(cfg, platform='gpu', check=False)
+  model.init(jax.random.key(0), _video(cfg))
+  assert {c for c in calls} == {((8, 24, 4, 16), 'cudnn'), ((2, 4, 24 * 4, 16), 'cudnn')}
+  assert AC.platform_of(jax.devices()) == ('cpu', True)
+  c = tiny.get_config()
+  setup = train_state.create_train_state(c, sharding.make_mesh(c.mesh), steps_per_epoch=2)
+  block = setup.model.backbone
+  assert (block.attention_impl, block.qkv_projection, block.temporal_attention) == (
+      'xla', 'fused', 'einsum')

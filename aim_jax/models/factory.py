@@ -8,11 +8,15 @@ names the key (a misspelt field must never be silently ignored).
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
+import jax
 import jax.numpy as jnp
+from absl import logging
 
+from aim_jax.models import attention_choice
 from aim_jax.models.adapters import AdapterSpec, layer_selection
+from aim_jax.models.attention_choice import AUTO
 from aim_jax.models.aim import VideoClassifier, inject
 from aim_jax.models.swin import SwinTransformer
 from aim_jax.models import vit
@@ -54,18 +58,22 @@ def default_model_config() -> dict:
       remat_policy='none',      # 'none' | 'full' | any jax.checkpoint_policies name
       dtype='float32',          # compute dtype; params stay param_dtype
       param_dtype='float32',
-      attention_impl='',        # '' (XLA) | 'xla' | 'cudnn' | 'pallas' (vit.py ATTENTION_IMPLS)
+      # 'auto' (cuDNN on NVIDIA GPUs in bf16/fp16 after a check, else XLA:
+      # models/attention_choice.py) | 'xla' (or '') | 'cudnn' | 'pallas' (vit.ATTENTION_IMPLS)
+      attention_impl='auto',
       # Token padding for fused attention kernels (models/vit.py token_padding):
       # multiple 0 = the implementation's need (1 XLA, 8 cuDNN, 32 Pallas); mode
       # 'stream' pads once after ln_pre, 'call' pads inside each spatial attention.
       attention_pad_multiple=0,
       attention_pad_mode='stream',
-      qkv_projection='fused',   # 'fused' one (D, 3D) product | 'split' q, k, v products
+      # 'auto' (the attention kernel's layout) | 'fused' one (D, 3D) product | 'split' q, k, v
+      qkv_projection='auto',
       # How the temporal branch attends over T (same numbers each way, see
       # models/vit.py MultiHeadAttention): 'einsum' batched dots on the (B, T, L, D)
       # layout | 'elementwise' multiplies and sums, no dots, no transposes |
-      # 'dot_product_attention': L folded into the heads, through attention_impl.
-      temporal_attention='einsum',
+      # 'dot_product_attention': L folded into the heads, through attention_impl; 'auto':
+      # the attention kernel's choice (attention_choice.COMPANIONS).
+      temporal_attention='auto',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(
           embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),   # Swin-B
@@ -123,15 +131,18 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
   for k in ('dtype', 'param_dtype'):
     if out[k] not in DTYPES:
       raise ValueError(f'model.{k} must be one of {sorted(DTYPES)}, got {out[k]!r}')
-  if out['temporal_attention'] not in TEMPORAL_ATTENTION:
-    raise ValueError(f'model.temporal_attention must be one of {list(TEMPORAL_ATTENTION)}, '
-                     f'got {out["temporal_attention"]!r}')
-  vit.check_attention_impl(out['attention_impl'])
+  if out['temporal_attention'] not in TEMPORAL_ATTENTION + (AUTO,):
+    raise ValueError(f'model.temporal_attention must be one of '
+                     f'{list(TEMPORAL_ATTENTION + (AUTO,))}, got {out["temporal_attention"]!r}')
+  if out['attention_impl'] != AUTO:
+    vit.check_attention_impl(out['attention_impl'])
   if out['remat_policy'] != 'none':
     vit.remat_policy(out['remat_policy'])
-  vit.pad_multiple_for(out['attention_impl'], out['attention_pad_multiple'])
+  if out['attention_pad_multiple'] < 0:
+    raise ValueError(f'model.attention_pad_multiple must be >= 0, got '
+                     f'{out["attention_pad_multiple"]}')
   for k, allowed in (('attention_pad_mode', vit.PAD_MODES),
-                     ('qkv_projection', vit.QKV_PROJECTIONS)):
+                     ('qkv_projection', vit.QKV_PROJECTIONS + (AUTO,))):
     if out[k] not in allowed:
       raise ValueError(f'model.{k} must be one of {list(allowed)}, got {out[k]!r}')
   return out
@@ -211,17 +222,24 @@ ENCODERS: dict[str, Callable[[Mapping], Any]] = {
 }
 
 
-def build_encoder(cfg: Mapping | Any):
-  cfg = resolve_model_config(cfg)
+def build_encoder(cfg: Mapping | Any, platform: Optional[str] = None, check: bool = True):
+  """The image encoder; 'auto' attention fields are chosen for `platform` (default: JAX's
+  default backend), `check=False` without running the cuDNN check (attention_choice)."""
+  given = resolve_model_config(cfg)
+  cfg = attention_choice.choose(given, platform or jax.default_backend(), check)
+  chosen = attention_choice.describe(given, cfg)
+  if chosen and (platform or jax.default_backend()) == 'gpu':
+    logging.info('attention: %s', chosen)
   if cfg['backbone'] not in ENCODERS:
     raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
   return ENCODERS[cfg['backbone']](cfg)
 
 
-def build_model(cfg: Mapping | Any) -> VideoClassifier:
-  """The AIM video classifier a model config describes."""
+def build_model(cfg: Mapping | Any, platform: Optional[str] = None,
+                check: bool = True) -> VideoClassifier:
+  """The AIM video classifier a model config describes (`platform`, `check`: build_encoder)."""
   cfg = resolve_model_config(cfg)
-  encoder = build_encoder(cfg)
+  encoder = build_encoder(cfg, platform, check)
   backbone = inject(encoder, adapter_spec(cfg), cfg['num_frames'])
   return VideoClassifier(backbone=backbone, num_classes=cfg['num_classes'],
                          dropout_rate=cfg['dropout_rate'])

@@ -1,0 +1,132 @@
+"""`model.attention_impl='auto'` (the default): the attention program for where the step runs.
+
+Three execution fields decide how a ViT block attends; none changes the parameters or the
+function (models/vit.py, MultiHeadAttention):
+
+  attention_impl       'xla' | 'cudnn' | 'pallas'
+  qkv_projection       'fused' | 'split'
+  temporal_attention   'einsum' | 'elementwise' | 'dot_product_attention'
+
+'auto' in any of them is made concrete when the model is built, for the platform of the
+devices the step runs on:
+
+* NVIDIA GPU (platform 'gpu') with a half-precision compute dtype (cuDNN's flash attention
+  takes bfloat16 and float16 only): cuDNN flash attention, q/k/v as three products, the
+  temporal attention through the same kernel with the tokens folded into the heads. This is
+  the fastest program compiled for the H200 (BENCHMARKS.md: 136.5 ms against 246 ms per B/16
+  train step). Before the first use in a process, a check runs cuDNN's forward and backward
+  on a small padded, masked case on the device and compares them with XLA's: on CUDA 13 cuDNN
+  may have no execution plan (jax-ml/jax#32430), and a kernel that fails or disagrees must not
+  train a model. If the check fails, 'auto' is XLA, with a warning that says why.
+* Everywhere else, and in float32: XLA attention, one fused q/k/v product, the einsum temporal
+  attention (the program the golden tests check against the official model).
+
+A field set explicitly is kept; 'auto' companions of an explicit `attention_impl` take that
+kernel's layout ('cudnn': split + dot_product_attention, 'pallas': split + elementwise,
+'xla': fused + einsum). In a run of several processes each runs the check on its own GPU;
+they agree when the machines share their GPUs and libraries. For a mix, set the fields.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Mapping, Optional
+
+from absl import logging
+
+AUTO = 'auto'
+FIELDS = ('attention_impl', 'qkv_projection', 'temporal_attention')
+# The layout each kernel is fastest with (BENCHMARKS.md, "GPU compile without a GPU").
+COMPANIONS = {
+    'xla': dict(qkv_projection='fused', temporal_attention='einsum'),
+    'cudnn': dict(qkv_projection='split', temporal_attention='dot_product_attention'),
+    'pallas': dict(qkv_projection='split', temporal_attention='elementwise'),
+}
+HALF_DTYPES = ('bfloat16', 'float16')
+# The check's tolerance: bfloat16 outputs and gradients of values of order one.
+CHECK_TOLERANCE = 3e-2
+
+
+def choose(cfg: Mapping, platform: str, check: bool = True) -> dict:
+  """`cfg` (a resolved model config) with its 'auto' attention fields made concrete for
+  `platform` ('gpu', 'cpu', 'tpu'). `check=False` skips the device check (a compile for
+  devices that cannot run, `benchmarks.gpu_aot`)."""
+  out = dict(cfg)
+  if not any(out[k] == AUTO for k in FIELDS):
+    return out
+  impl = out['attention_impl'] or 'xla'
+  if impl == AUTO:
+    impl = 'xla'
+    if platform == 'gpu' and out['dtype'] in HALF_DTYPES:
+      ok, why = cudnn_check() if check else (True, '')
+      if ok:
+        impl = 'cudnn'
+      else:
+        logging.warning("model.attention_impl='auto': cuDNN attention failed its check on this "
+                        'GPU (%s); using XLA attention (set model.attention_impl to choose)', why)
+  out['attention_impl'] = impl
+  for k, v in COMPANIONS[impl].items():
+    if out[k] == AUTO:
+      out[k] = v
+  return out
+
+
+def platform_of(devices) -> tuple[str, bool]:
+  """(platform, whether these devices can run a program here): compile-only devices of a
+  GPU that is not here (`benchmarks.gpu_aot`) are 'gpu' but cannot run the check."""
+  import jax
+  first = next(iter(devices))
+  try:
+    local = first in jax.devices(first.platform)
+  except RuntimeError:     # no backend of that platform here: compile-only devices
+    local = False
+  return first.platform, local
+
+
+@functools.lru_cache(maxsize=None)
+def cudnn_check() -> tuple[bool, str]:
+  """Run cuDNN flash attention forward and backward on the default GPU, bfloat16, a padded
+  sequence with a length mask (the model's case), against XLA. (ok, why not)."""
+  return _compare_with_xla('cudnn')
+
+
+def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from aim_jax.models import vit
+  attention_fn = attention_fn or vit.attention
+  shape = (2, 20, 2, 64)     # (N, S, H, hd): 20 tokens, 17 of them real (padded to 24 or 32)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in keys)
+
+  def loss(impl, q, k, v):
+    y = attention_fn(q, k, v, impl=impl, valid_len=17,
+                     pad_multiple=vit.DEFAULT_PAD_MULTIPLE[impl])
+    return jnp.sum((y[:, :17] * g[:, :17]).astype(jnp.float32)), y[:, :17]
+
+  def run(impl):
+    (_, y), grads = jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1, 2),
+                                               has_aux=True))(q, k, v)
+    return [np.asarray(t, np.float32) for t in (y,) + tuple(grads)]
+
+  try:
+    got = run(impl)
+  except Exception as e:  # no execution plan, unsupported shape, no cuDNN: all mean no
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return False, f'{type(e).__name__}: {first[:300]}'
+  ref = run('xla')
+  for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, ref):
+    err = float(np.max(np.abs(a[:, :17] - b[:, :17])))
+    if not np.isfinite(err) or err > CHECK_TOLERANCE * (1.0 + float(np.max(np.abs(b)))):
+      return False, f'{impl} {name} differs from XLA by {err:.3g}'
+  return True, ''
+
+
+def describe(cfg: Mapping, chosen: Mapping) -> Optional[str]:
+  """One line naming what 'auto' chose, or None when nothing was 'auto'."""
+  auto = [k for k in FIELDS if cfg[k] == AUTO]
+  if not auto:
+    return None
+  return 'model.' + ', model.'.join(f'{k}={chosen[k]!r}' for k in auto) + " (from 'auto')"
