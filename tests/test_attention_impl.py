@@ -299,7 +299,14 @@ def test_the_cudnn_check_refuses_a_kernel_that_fails_or_disagrees_with_xla():
     return vit.attention(q, k, v, impl='xla', **kw)
 
   ok, why = AC._compare_with_xla('cudnn', wrong)
-  assert not ok and why.startswith('cudnn output differs from XLA by')
+  assert not ok and why.startswith('cudnn output differs from XLA by') and '(2, 20, 2, 64)' in why
+
+  def wrong_temporal(q, k, v, *, impl, **kw):     # right in the spatial case only
+    y = vit.attention(q, k, v, impl='xla', **kw)
+    return y if impl == 'xla' or q.shape[1] != 8 else y.at[:, 3].add(1.0)
+
+  ok, why = AC._compare_with_xla('cudnn', wrong_temporal)
+  assert not ok and '(2, 8, 48, 64)' in why
   assert AC._compare_with_xla('cudnn', broken) == (
       False, 'RuntimeError: cuDNN: no execution plan')
   assert AC._compare_with_xla('cudnn', right) == (True, '')

@@ -15,9 +15,11 @@ devices the step runs on:
   temporal attention through the same kernel with the tokens folded into the heads. This is
   the fastest program compiled for the H200 (BENCHMARKS.md: 136.5 ms against 246 ms per B/16
   train step). Before the first use in a process, a check runs cuDNN's forward and backward
-  on a small padded, masked case on the device and compares them with XLA's: on CUDA 13 cuDNN
-  may have no execution plan (jax-ml/jax#32430), and a kernel that fails or disagrees must not
-  train a model. If the check fails, 'auto' is XLA, with a warning that says why.
+  on the device in small cases of the model's two shapes (the spatial attention, padded and
+  masked by length; the 8-frame temporal attention with the tokens folded into the heads) and
+  compares them with XLA's: on CUDA 13 cuDNN may have no execution plan (jax-ml/jax#32430),
+  and a kernel that fails or disagrees must not train a model. If the check fails, 'auto' is
+  XLA, with a warning that says why.
 * Everywhere else, and in float32: XLA attention, one fused q/k/v product, the einsum temporal
   attention (the program the golden tests check against the official model).
 
@@ -85,9 +87,15 @@ def platform_of(devices) -> tuple[str, bool]:
 
 @functools.lru_cache(maxsize=None)
 def cudnn_check() -> tuple[bool, str]:
-  """Run cuDNN flash attention forward and backward on the default GPU, bfloat16, a padded
-  sequence with a length mask (the model's case), against XLA. (ok, why not)."""
+  """Run cuDNN flash attention forward and backward on the default GPU, bfloat16, in the two
+  shapes the model gives it, against XLA. (ok, why not)."""
   return _compare_with_xla('cudnn')
+
+
+# The model's two cases: the spatial attention (tokens padded, the padding masked by length)
+# and the temporal one (8 frames, the tokens folded into many heads, no mask).
+CHECK_CASES = (dict(shape=(2, 20, 2, 64), valid=17, pad=None),
+               dict(shape=(2, 8, 48, 64), valid=None, pad=2))
 
 
 def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
@@ -97,30 +105,32 @@ def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
 
   from aim_jax.models import vit
   attention_fn = attention_fn or vit.attention
-  shape = (2, 20, 2, 64)     # (N, S, H, hd): 20 tokens, 17 of them real (padded to 24 or 32)
-  keys = jax.random.split(jax.random.key(0), 4)
-  q, k, v, g = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in keys)
+  for case in CHECK_CASES:
+    shape, valid = case['shape'], case['valid']
+    n = shape[1] if valid is None else valid
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, g = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
+                  for key in keys)
 
-  def loss(impl, q, k, v):
-    y = attention_fn(q, k, v, impl=impl, valid_len=17,
-                     pad_multiple=vit.DEFAULT_PAD_MULTIPLE[impl])
-    return jnp.sum((y[:, :17] * g[:, :17]).astype(jnp.float32)), y[:, :17]
+    def loss(impl, q, k, v):
+      pad = case['pad'] or vit.DEFAULT_PAD_MULTIPLE[impl]
+      y = attention_fn(q, k, v, impl=impl, valid_len=valid, pad_multiple=pad)[:, :n]
+      return jnp.sum((y * g[:, :n]).astype(jnp.float32)), y
 
-  def run(impl):
-    (_, y), grads = jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1, 2),
-                                               has_aux=True))(q, k, v)
-    return [np.asarray(t, np.float32) for t in (y,) + tuple(grads)]
+    def run(impl):
+      (_, y), grads = jax.jit(jax.value_and_grad(functools.partial(loss, impl), (0, 1, 2),
+                                                 has_aux=True))(q, k, v)
+      return [np.asarray(t, np.float32)[:, :n] for t in (y,) + tuple(grads)]
 
-  try:
-    got = run(impl)
-  except Exception as e:  # no execution plan, unsupported shape, no cuDNN: all mean no
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return False, f'{type(e).__name__}: {first[:300]}'
-  ref = run('xla')
-  for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, ref):
-    err = float(np.max(np.abs(a[:, :17] - b[:, :17])))
-    if not np.isfinite(err) or err > CHECK_TOLERANCE * (1.0 + float(np.max(np.abs(b)))):
-      return False, f'{impl} {name} differs from XLA by {err:.3g}'
+    try:
+      got = run(impl)
+    except Exception as e:  # no execution plan, unsupported shape, no cuDNN: all mean no
+      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      return False, f'{type(e).__name__}: {first[:300]}'
+    for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, run('xla')):
+      err = float(np.max(np.abs(a - b)))
+      if not np.isfinite(err) or err > CHECK_TOLERANCE * (1.0 + float(np.max(np.abs(b)))):
+        return False, f'{impl} {name} differs from XLA by {err:.3g} (shape {shape})'
   return True, ''
 
 
