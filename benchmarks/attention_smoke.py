@@ -12,7 +12,9 @@ This script runs exactly that, forward and backward (grads of q, k, v), for
 `--implementation` (cudnn by default), and compares the valid rows with
 `implementation='xla'` on the unpadded length-197 inputs. It also records
 whether the unpadded odd length works under `grad` (the failure is a result,
-not an error). Each case's time per call is measured after compilation.
+not an error). Each case's time per call is measured after compilation. `auto_check`
+holds the result of the check `model.attention_impl='auto'` runs before choosing the
+kernel (models/attention_choice.py).
 One JSON object is written to --out; the exit status is 0 when the padded
 case ran and matched.
 """
@@ -87,6 +89,11 @@ def run(implementation: str, batch: int, tokens: int, heads: int, head_dim: int,
                                   error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
   else:
     out['odd_length_grad'] = dict(ok=True, fwd_bwd_s=sec)
+  # The check model.attention_impl='auto' runs before it chooses this kernel (the model's
+  # two shapes, small, against XLA): what a training run on this machine would choose.
+  from aim_jax.models import attention_choice
+  ok, why = attention_choice._compare_with_xla(implementation)
+  out['auto_check'] = dict(ok=ok, why=why)
   return out
 
 

@@ -127,6 +127,7 @@ def test_attention_smoke_pads_to_an_even_length_and_matches_xla(tmp_path):
   assert r['padded']['ok'] and r['padded']['max_abs_diff_vs_xla']['dk_padding'] == 0.0
   assert max(r['padded']['max_abs_diff_vs_xla'].values()) < 1e-5
   assert r['odd_length_grad']['ok']        # XLA accepts 5 under grad; cuDNN is what may not
+  assert r['auto_check'] == {'ok': True, 'why': ''}
 
 
 @pytest.mark.slow   # a subprocess: imports and one tiny compilation (~30 s idle)
