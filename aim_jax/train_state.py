@@ -145,6 +145,13 @@ def host_params(params: Any) -> dict:
   return jax.tree.map(np.asarray, jax.device_get(params))
 
 
+def attention_fields(setup: TrainSetup) -> dict:
+  """The attention program the model was built with ('auto' made concrete): a ViT's
+  attention_impl, qkv_projection and temporal_attention; {} for a Swin."""
+  backbone = setup.model.backbone
+  return {k: getattr(backbone, k) for k in attention_choice.FIELDS if hasattr(backbone, k)}
+
+
 def abstract_train_args(setup: TrainSetup, batch: int) -> tuple[dict, dict]:
   """(state, batch) of the train step as shaped, sharded placeholders: enough to
   lower and compile it (`train_step_fn(setup).lower(*args)`) without values."""

@@ -89,7 +89,8 @@ def compile_step(config: Any, mode: str, batch: int, devices: list) -> dict:
   memory = dict(argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
                 alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes,
                 generated_code=m.generated_code_size_in_bytes)
-  return dict(hlo=compiled.as_text(), model_cfg=setup.model_cfg, lower_s=t1 - t0, compile_s=t2 - t1,
+  return dict(hlo=compiled.as_text(), model_cfg=setup.model_cfg,
+              attention=train_state.attention_fields(setup), lower_s=t1 - t0, compile_s=t2 - t1,
               memory=memory, program_memory_bytes=step_benchmark.program_memory_bytes(compiled))
 
 
@@ -113,7 +114,7 @@ def analyse(config: Any, mode: str, batch: int, devices: list, hlo_path: str = '
   fams = summary['families']
   return dict(
       mode=mode, batch=batch, devices=len(devices), device_kind=devices[0].device_kind,
-      dtype=c['model_cfg']['dtype'], lower_s=round(c['lower_s'], 2),
+      dtype=c['model_cfg']['dtype'], attention=c['attention'], lower_s=round(c['lower_s'], 2),
       compile_s=round(c['compile_s'], 2), memory=c['memory'],
       program_memory_bytes=c['program_memory_bytes'], gmacs_per_clip=macs / 1e9,
       predicted_step_ms=summary['predicted_ms'], predicted_clips_per_s_per_device=per_device,

@@ -164,7 +164,8 @@ def build(config: Any, batch: int, mode: str, remat: str | None = None):
   labels = jax.device_put(jnp.arange(batch, dtype=jnp.int32) % model_cfg['num_classes'],
                           sharding.batch_sharding(mesh, 1))
   out = dict(model_cfg=model_cfg, mesh=mesh, rules=setup.rules, params=params, video=video,
-             labels=labels, abstract=setup.abstract_params)
+             labels=labels, abstract=setup.abstract_params,
+             attention=train_state.attention_fields(setup))
   if mode == 'train':
     out['step'] = train_state.train_step_fn(setup)
     out['state'] = train_state.state_from_params(setup, params)
@@ -237,7 +238,7 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
   return dict(
       mode=mode, batch=batch, remat=b['model_cfg']['remat_policy'],
       dtype=b['model_cfg']['dtype'], frames=b['model_cfg']['num_frames'],
-      devices=len(devices), device_kind=devices[0].device_kind,
+      attention=b['attention'], devices=len(devices), device_kind=devices[0].device_kind,
       clips_per_s=clips_s, step_s_median=med, step_s_p10=p10, step_s_p90=p90,
       compile_s=compile_s, peak_memory_bytes=peak_memory_bytes(devices),
       program_memory_bytes=program_bytes,

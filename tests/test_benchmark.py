@@ -21,6 +21,9 @@ def test_time_steps_reports_consistent_figures(mode):
   assert r['clips_per_s'] == pytest.approx(8 / r['step_s_median'])
   assert r['compile_s'] > 0 and r['gmacs_per_clip'] > 0
   assert r['mfu'] is None  # no bf16 peak is claimed for a CPU
+  # The row says which attention program 'auto' chose (on a CPU: XLA).
+  assert r['attention'] == dict(attention_impl='xla', qkv_projection='fused',
+                                temporal_attention='einsum')
   assert step_benchmark.format_row(r).count('|') == 12
 
 

@@ -224,6 +224,9 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   assert p.returncode == 0, p.stderr[-2000:]
   rows = json.load(open(out))['rows']
   assert [r['variant'] for r in rows] == ['default', 'pallas']
+  assert rows[0]['attention'] == dict(attention_impl='cudnn', qkv_projection='split',
+                                      temporal_attention='dot_product_attention')
+  assert rows[1]['attention']['attention_impl'] == 'pallas'
   for r in rows:
     assert 'H200' in r['device_kind'] and r['program_memory_bytes'] > 0
     assert r['predicted_step_ms'] > 0 and r['families']['gemm']['gflop'] > 0
