@@ -278,9 +278,12 @@ def test_auto_is_cudnn_on_a_gpu_in_half_precision_and_xla_elsewhere():
 
 def test_auto_falls_back_to_xla_with_a_warning_when_the_cudnn_check_fails(monkeypatch, caplog):
   monkeypatch.setattr(AC, 'cudnn_check', lambda: (False, 'XlaRuntimeError: no execution plan'))
+  monkeypatch.setattr(AC, '_WARNED', set())
   with caplog.at_level('WARNING'):
     assert _chosen('gpu', check=True, dtype='bfloat16') == ('xla', 'fused', 'einsum')
+    assert _chosen('gpu', check=True, dtype='bfloat16')[0] == 'xla'
   assert 'cuDNN attention failed its check' in caplog.text and 'no execution plan' in caplog.text
+  assert caplog.text.count('failed its check') == 1          # once, not once per model
   monkeypatch.setattr(AC, 'cudnn_check', lambda: (True, ''))
   assert _chosen('gpu', check=True, dtype='bfloat16')[0] == 'cudnn'
 

@@ -47,6 +47,7 @@ COMPANIONS = {
 HALF_DTYPES = ('bfloat16', 'float16')
 # The check's tolerance: bfloat16 outputs and gradients of values of order one.
 CHECK_TOLERANCE = 3e-2
+_WARNED: set = set()
 
 
 def choose(cfg: Mapping, platform: str, check: bool = True) -> dict:
@@ -63,7 +64,8 @@ def choose(cfg: Mapping, platform: str, check: bool = True) -> dict:
       ok, why = cudnn_check() if check else (True, '')
       if ok:
         impl = 'cudnn'
-      else:
+      elif why not in _WARNED:   # once per reason: every model of the process builds alike
+        _WARNED.add(why)
         logging.warning("model.attention_impl='auto': cuDNN attention failed its check on this "
                         'GPU (%s); using XLA attention (set model.attention_impl to choose)', why)
   out['attention_impl'] = impl
