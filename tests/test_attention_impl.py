@@ -313,6 +313,10 @@ def test_the_cudnn_check_refuses_a_kernel_that_fails_or_disagrees_with_xla():
   assert AC._compare_with_xla('cudnn', broken) == (
       False, 'RuntimeError: cuDNN: no execution plan')
   assert AC._compare_with_xla('cudnn', right) == (True, '')
+  # A model built while a function is traced (inside jax.jit) gets the same answer.
+  inside = {}
+  jax.jit(lambda x: inside.setdefault('r', AC._compare_with_xla('cudnn', right)) and x)(1.0)
+  assert inside['r'] == (True, '')
 
 
 def test_the_auto_choice_reaches_the_model_and_follows_the_mesh_devices(monkeypatch):

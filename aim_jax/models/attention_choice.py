@@ -94,12 +94,24 @@ def cudnn_check() -> tuple[bool, str]:
   return _compare_with_xla('cudnn')
 
 
+def _concrete(fn):
+  """`fn` evaluated on concrete values even when called while a function is being traced
+  (a model built inside `jax.jit`): the check's numbers are never tracers."""
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    import jax
+    with jax.ensure_compile_time_eval():
+      return fn(*args, **kwargs)
+  return wrapped
+
+
 # The model's two cases: the spatial attention (tokens padded, the padding masked by length)
 # and the temporal one (8 frames, the tokens folded into many heads, no mask).
 CHECK_CASES = (dict(shape=(2, 20, 2, 64), valid=17, pad=None),
                dict(shape=(2, 8, 48, 64), valid=None, pad=2))
 
 
+@_concrete
 def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
   import jax
   import jax.numpy as jnp
