@@ -117,7 +117,7 @@ part() {
   grep -E "^\| (${rows}elementwise|other|all)" "$OUT/$name.log" | head -24
 }
 : > "$OUT/summary.txt"
-# Limits (s; 470 in all): cudnn_attention 20 (first); b16_train 300 = three of our rows
+# Limits (s; 470 in all): cudnn_attention 30 (first); b16_train 290 = three of our rows
 # (~40 s compile each on the H200 host, plus steps and a profile) before the official eager
 # and compiled rows (torch.compile took 64 s in 2026-11); b16_eval 80: our rows first, then
 # the official ones (a slow compiled eval is cut, ours are kept); L/14 70: two scanned
@@ -136,18 +136,20 @@ FORCE=()
 # are run with XLA attention instead of 'auto', so that their process and the official rows
 # after them survive. A cuDNN that fails cleanly is 'auto''s own business (it falls back).
 # shellcheck disable=SC2086
-part cudnn_attention 20 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
-if [ ! -s "$OUT/cudnn_attention.json" ]; then
-  echo "cudnn_attention wrote nothing: our rows use model.attention_impl=xla" \
-    | tee -a "$OUT/summary.txt"
+part cudnn_attention 30 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
+if [ ! -s "$OUT/cudnn_attention.json" ] && ! grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt"
+then
+  echo "cudnn_attention died: our rows use model.attention_impl=xla" | tee -a "$OUT/summary.txt"
   COMMON+=(--config.model.attention_impl=xla); FORCE=(--config.model.attention_impl=xla)
 fi
 # Our rows besides the default: with cuDNN in the default row (its check passed), the XLA row
 # to compare, and in train the Pallas one too; without, the default row is XLA already and
 # the Pallas kernel is the fused one. Eval and L/14 get one extra row, leaving the time for
 # the compiled official eval (never measured yet) and the L/14 compiles.
+# (Out of time, the smoke test says nothing: the benchmark's own check decides; as if passed.)
 AUTO_OK=$("$PY" -c "import json, sys; print(int(bool(json.load(open(sys.argv[1]))
 ['auto_check']['ok'])))" "$OUT/cudnn_attention.json" 2>/dev/null || echo 0)
+grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt" && AUTO_OK=1
 [ ${#FORCE[@]} -gt 0 ] && AUTO_OK=0
 if [ "$AUTO_OK" = 1 ]; then
   VARIANTS=("${XLA_ROW[@]}" "${PALLAS_ROW[@]}"); ONE_MORE=("${XLA_ROW[@]}")
@@ -155,7 +157,7 @@ else
   VARIANTS=("${PALLAS_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
 fi
 echo "cuDNN's 'auto' check passed: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
-part b16_train 300 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" "${VARIANTS[@]}" \
+part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" "${VARIANTS[@]}" \
   --profile "$OUT/profile" --out "$OUT/b16_train.json"
 part b16_eval 80 "${BENCH[@]}" "${COMMON[@]}" --mode eval "${OFFICIAL[@]}" "${ONE_MORE[@]}" \
   --profile "$OUT/profile" --out "$OUT/b16_eval.json"
