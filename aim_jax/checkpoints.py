@@ -42,7 +42,7 @@ from absl import logging
 from etils import epath
 
 from aim_jax import params as P
-from aim_jax.errors import CheckpointError, ConfigError
+from aim_jax.errors import CheckpointError, ConfigError, first_line
 from aim_jax.models.factory import ARCH_FIELDS, build_model, input_shape
 from aim_jax.run_config import resolve_model
 
@@ -108,16 +108,11 @@ def load_params(directory: str, like: Optional[Mapping] = None) -> tuple[dict, d
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(path.absolute() if not str(path).startswith('gs://') else path)
   except Exception as e:  # orbax/tensorstore raise many types for a damaged tree
-    raise CheckpointError(f'{path} is damaged or incomplete: {_first_line(e)}') from None
+    raise CheckpointError(f'{path} is damaged or incomplete: {first_line(e)}') from None
   params = _to_numpy(params)
   if like is not None:
     params = P.match_layout(params, like)
   return params, model_config, metadata
-
-
-def _first_line(e: BaseException) -> str:
-  text = str(e).strip().split('\n')[0]
-  return f'{type(e).__name__}: {text[:300]}'
 
 
 def _quiet_late_read_callbacks() -> None:
@@ -556,7 +551,7 @@ class TrainCheckpointer:
         getattr(m, method)()
       except Exception as e:
         raise SaveFailed(f'a background checkpoint save in {self.workdir} failed: '
-                         f'{_first_line(e)}') from e
+                         f'{first_line(e)}') from e
 
   def check_for_errors(self) -> None:
     """Raise SaveFailed if a background save has failed."""
@@ -574,7 +569,7 @@ class TrainCheckpointer:
           meta=ocp.args.JsonSave(dict(meta))), force=force)
     except Exception as e:  # orbax waits for the previous save here and re-raises its error
       raise SaveFailed(f'saving step {step} to {self.workdir / CHECKPOINTS} failed: '
-                       f'{_first_line(e)} (the last good checkpoint is unchanged)') from e
+                       f'{first_line(e)} (the last good checkpoint is unchanged)') from e
 
   def restore(self, step: int, trainable_like: Any, trainable_shardings: Any,
               opt_state_like: Any, opt_state_shardings: Any) -> tuple[Any, Any, dict]:
@@ -605,7 +600,7 @@ class TrainCheckpointer:
         src = self.workdir / CHECKPOINTS / str(step)
         dst = self.workdir / DAMAGED / f'{CHECKPOINTS}-{step}-{time.strftime("%Y%m%d-%H%M%S")}'
         logging.warning('checkpoint %s is damaged (%s); moved to %s, resuming from the '
-                        'previous step', src, _first_line(e), dst)
+                        'previous step', src, first_line(e), dst)
         self.close()
         dst.parent.mkdir(parents=True, exist_ok=True)
         src.rename(dst)
@@ -623,7 +618,7 @@ class TrainCheckpointer:
           meta=ocp.args.JsonRestore()))['meta']
     except Exception as e:
       logging.warning('best checkpoint %s/%s is unreadable (%s): the next evaluation '
-                      'becomes the best', self.workdir / BEST, step, _first_line(e))
+                      'becomes the best', self.workdir / BEST, step, first_line(e))
       return None
     return float(meta['top1'])
 
@@ -650,7 +645,7 @@ class TrainCheckpointer:
       with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(_abs(path), _abstract(frozen_like, shardings))
     except Exception as e:
-      raise CheckpointError(f'the frozen parameters {path} are damaged: {_first_line(e)} '
+      raise CheckpointError(f'the frozen parameters {path} are damaged: {first_line(e)} '
                             '(they are written once, at the first start: restore them from '
                             'a copy, or start a new workdir)') from None
 
@@ -676,7 +671,7 @@ class TrainCheckpointer:
           except Exception as e:  # a failed save may surface again here
             if not quiet:
               raise SaveFailed(f'closing the checkpoints of {self.workdir} failed: '
-                               f'{_first_line(e)}') from e
+                               f'{first_line(e)}') from e
 
 
 def _restore_numpy(path: epath.Path) -> Any:
@@ -697,7 +692,7 @@ def _restore_numpy(path: epath.Path) -> Any:
   except CheckpointError:
     raise
   except Exception as e:
-    raise CheckpointError(f'{path} is damaged or incomplete: {_first_line(e)}') from None
+    raise CheckpointError(f'{path} is damaged or incomplete: {first_line(e)}') from None
 
 
 def restore_params_from_workdir(workdir: str, which: str = 'latest') -> tuple[dict, dict]:

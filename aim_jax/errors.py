@@ -19,6 +19,13 @@ EXIT_NONFINITE = 3           # training diverged (NaN/inf): do not retry as is
 EXIT_PREEMPTED = 75          # SIGTERM: a checkpoint was written; requeue and resume (EX_TEMPFAIL)
 
 
+def first_line(e: BaseException) -> str:
+  """'Type: the first line of its message' (at most 300 characters): an error of a library
+  quoted inside one of ours."""
+  text = str(e).strip().split('\n')[0]
+  return f'{type(e).__name__}: {text[:300]}'
+
+
 class UserError(ValueError):
   """An input the user can fix; the message names the file, key or field."""
 

@@ -13,7 +13,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from aim_jax.errors import ConfigError
+from aim_jax.errors import ConfigError, first_line
 from aim_jax.models.factory import resolve_model_config
 
 
@@ -82,8 +82,7 @@ def check_compiler_options(spec: str) -> None:
   try:
     jax.jit(lambda: 0, compiler_options=options).lower().compile()
   except Exception as e:  # XLA's INVALID_ARGUMENT, as a runtime error
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    raise ConfigError(f'compiler_options={spec!r}: XLA refuses them: {first}') from None
+    raise ConfigError(f'compiler_options={spec!r}: XLA refuses them: {first_line(e)}') from None
 
 
 def check_training_config(config: Any, process_count: int, dp_size: int) -> None:

@@ -140,7 +140,7 @@ part cudnn_attention 30 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cud
 if [ ! -s "$OUT/cudnn_attention.json" ] && ! grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt"
 then
   echo "cudnn_attention died: our rows use model.attention_impl=xla" | tee -a "$OUT/summary.txt"
-  COMMON+=(--config.model.attention_impl=xla); FORCE=(--config.model.attention_impl=xla)
+  FORCE=(--config.model.attention_impl=xla)
 fi
 # Our rows besides the default: with cuDNN in the default row (its check passed), the XLA row
 # to compare, and in train the Pallas one too; without, the default row is XLA already and
@@ -157,10 +157,10 @@ else
   VARIANTS=("${PALLAS_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
 fi
 echo "cuDNN's 'auto' check passed: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
-part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" --mode train "${OFFICIAL[@]}" "${VARIANTS[@]}" \
-  --profile "$OUT/profile" --out "$OUT/b16_train.json"
-part b16_eval 80 "${BENCH[@]}" "${COMMON[@]}" --mode eval "${OFFICIAL[@]}" "${ONE_MORE[@]}" \
-  --profile "$OUT/profile" --out "$OUT/b16_eval.json"
+part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OFFICIAL[@]}" \
+  "${VARIANTS[@]}" --profile "$OUT/profile" --out "$OUT/b16_train.json"
+part b16_eval 80 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
+  "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"
 # The XLA row needs 97 GiB (benchmarks.gpu_aot): more than JAX's default 75% of the H200.
 part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
   --batch "$BATCH_L" --steps 5 --warmup 1 --mode train "${ONE_MORE[@]}" "${FORCE[@]}" \

@@ -36,6 +36,8 @@ from typing import Mapping, Optional
 
 from absl import logging
 
+from aim_jax.errors import first_line
+
 AUTO = 'auto'
 FIELDS = ('attention_impl', 'qkv_projection', 'temporal_attention')
 # The layout each kernel is fastest with (BENCHMARKS.md, "GPU compile without a GPU").
@@ -139,8 +141,7 @@ def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
     try:
       got = run(impl)
     except Exception as e:  # no execution plan, unsupported shape, no cuDNN: all mean no
-      first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      return False, f'{type(e).__name__}: {first[:300]}'
+      return False, first_line(e)
     for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, run('xla')):
       err = float(np.max(np.abs(a - b)))
       if not np.isfinite(err) or err > CHECK_TOLERANCE * (1.0 + float(np.max(np.abs(b)))):

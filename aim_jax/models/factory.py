@@ -226,9 +226,10 @@ def build_encoder(cfg: Mapping | Any, platform: Optional[str] = None, check: boo
   """The image encoder; 'auto' attention fields are chosen for `platform` (default: JAX's
   default backend), `check=False` without running the cuDNN check (attention_choice)."""
   given = resolve_model_config(cfg)
-  cfg = attention_choice.choose(given, platform or jax.default_backend(), check)
+  platform = platform or jax.default_backend()
+  cfg = attention_choice.choose(given, platform, check)
   chosen = attention_choice.describe(given, cfg)
-  if chosen and (platform or jax.default_backend()) == 'gpu':
+  if chosen and platform == 'gpu':
     logging.info('attention: %s', chosen)
   if cfg['backbone'] not in ENCODERS:
     raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
