@@ -152,6 +152,22 @@ def _one_dot_flops(inst: Instruction, shapes: Mapping[str, str]) -> float:
   return 2.0 * shape_elements(inst.shape) * k
 
 
+def _library_gemm_flops(inst: Instruction, operand_shapes: list[str]) -> float:
+  """FLOPs of a matrix product XLA hands to a library (a cuBLAS / cuBLASLt custom call):
+  2 x output elements x the contracted size, read from its backend config's
+  `lhs_contracting_dimensions` and the shape of its first operand. 0 for other calls."""
+  if 'custom_call_target="__cublas' not in inst.rest or not operand_shapes:
+    return 0.0
+  cdims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.rest)
+  lhs = shape_dims(operand_shapes[0])
+  if not cdims or not lhs:
+    return 0.0
+  k = 1
+  for d in re.findall(r'\d+', cdims.group(1)):
+    k *= lhs[0][1][int(d)]
+  return 2.0 * shape_elements(inst.shape) * k
+
+
 def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
                   operand_shapes: list[str], out_shape: str) -> tuple[int, int]:
   """(bytes read, bytes written) of a fusion: an operand read only through dynamic slices
@@ -350,6 +366,8 @@ def kernels(text: str) -> list[Kernel]:
         flops = sum(_dot_flops(comps, c, set()) for c in called)
         if i.op == 'dot':
           flops += _one_dot_flops(i, shapes)
+        elif i.op == 'custom-call':
+          flops += _library_gemm_flops(i, operand_shapes)
       group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
                if called else kname)
       elem_ops = 0.0

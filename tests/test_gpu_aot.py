@@ -149,6 +149,35 @@ ENTRY %main (x.1: bf16[]) -> (bf16[24,64,128], bf16[24,64,128]) {
   assert k.name == 'b_1' and k.bytes_out == 24 * 64 * 128 * 2
 
 
+def test_a_library_matrix_product_has_its_flops():
+  """A product XLA hands to cuBLAS (`--xla_gpu_enable_triton_gemm=false`, or the autotuner's
+  choice) is a custom call: its FLOPs come from the backend config's contracting dimensions,
+  and the residual it adds in place (beta = 1, the aliased third operand) is read."""
+  config = json.dumps({'operation_queue_id': '0', 'gemm_backend_config': {
+      'selected_algorithm': '0', 'alpha_real': 1, 'beta': 1, 'dot_dimension_numbers': {
+          'lhs_contracting_dimensions': ['1'], 'rhs_contracting_dimensions': ['0'],
+          'lhs_batch_dimensions': [], 'rhs_batch_dimensions': []}}}, separators=(',', ':'))
+  name = 'jit(train_step)/jvp(M)/backbone/resblocks_0/mlp/c_proj/dot_general'
+  text = f"""HloModule m
+
+ENTRY %main (a.1: bf16[1024,3072], w.1: bf16[3072,768], c.1: bf16[1024,768]) -> bf16[1024,768] {{
+  %a.1 = bf16[1024,3072]{{1,0}} parameter(0)
+  %w.1 = bf16[3072,768]{{1,0}} parameter(1)
+  %c.1 = bf16[1024,768]{{1,0}} parameter(2)
+  %cublas-lt-matmul.7 = (bf16[1024,768]{{1,0}}, s8[4194304]{{0}}) custom-call(%a.1, %w.1, %c.1), \
+custom_call_target="__cublas$lt$matmul", output_to_operand_aliasing={{{{0}}: (2, {{}})}}, \
+metadata={{op_name="{name}"}}, backend_config={config}
+  ROOT %g.1 = bf16[1024,768]{{1,0}} get-tuple-element(%cublas-lt-matmul.7), index=0
+}}
+"""
+  (k,) = H.kernels(text)
+  assert k.family == 'gemm' and k.where == 'mlp/c_proj fwd'
+  assert k.flops == 2 * 1024 * 768 * 3072
+  assert k.bytes_in == (1024 * 3072 + 3072 * 768 + 1024 * 768) * 2
+  assert H.predict_s(k) == pytest.approx(max(k.flops / H.RATES['gemm']['flops_s'],
+                                             k.bytes / H.RATES['gemm']['bytes_s']))
+
+
 def test_hlo_without_an_entry_is_refused():
   with pytest.raises(ValueError, match='ENTRY'):
     H.kernels('HloModule m\n')
