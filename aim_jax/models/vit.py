@@ -506,24 +506,26 @@ class ResidualAttentionBlock(nn.Module):
     # aim_jax/convert/formats/dinov2.py); the joint adapter stays parallel to the scaled MLP.
     return y * gammas[name].astype(y.dtype) if name in gammas else y
 
-  def _attend_and_adapt(self, attn, x, gammas, adapter, name, **attn_kw):
+  def _attend_and_adapt(self, attn, x, gammas, adapter, name, output_scale=None, **attn_kw):
     """attn(x), layer-scaled, then the adapter `adapter` (a factory or None). With an
     adapter and no layer scale, the attention's output bias goes into the adapter (its
     D_fc1 bias and skip branch) rather than through a kernel of its own, and an adapter
     without a skip branch (T_Adapter) applies the output projection folded into D_fc1:
-    same function."""
+    same function. `output_scale` (drop path's mask / keep) goes to a no-skip adapter,
+    which applies it to its hidden (Adapter's output_scale)."""
+    scale_kw = {} if output_scale is None else {'output_scale': output_scale}
     if adapter is None or self.layer_scale:
       y = self._scaled(gammas, 'ls1', attn(x, **attn_kw))
-      return y if adapter is None else adapter(name=name)(y)
+      return y if adapter is None else adapter(name=name)(y, **scale_kw)
     module = adapter(name=name)
     if not module.skip_connect:
       # Only D_fc1 reads the attention's output: it reads it through the output projection
       # (Adapter's input_kernel), one (D, D) product fewer each way. With a skip branch the
       # projection is formed anyway, and going through it was slower (BENCHMARKS.md).
       o, out_kernel, b_out = attn(x, fold_out_bias=True, project=False, **attn_kw)
-      return module(o, input_offset=b_out, input_kernel=out_kernel)
+      return module(o, input_offset=b_out, input_kernel=out_kernel, **scale_kw)
     y, b_out = attn(x, fold_out_bias=True, **attn_kw)
-    return module(y, input_offset=b_out)
+    return module(y, input_offset=b_out, **scale_kw)
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
@@ -536,7 +538,14 @@ class ResidualAttentionBlock(nn.Module):
                               temporal_attention=self.temporal_attention,
                               qkv_projection=self.qkv_projection,
                               pad_multiple=self.pad_multiple, name='attn')
-    drop_path = functools.partial(DropPath(self.drop_path_mode), valid_len=self.valid_len)
+    # Drop path on T_Adapter's output is the factor `mask / keep` that the adapter applies
+    # to its hidden (Adapter's output_scale): the backward pass then never multiplies a
+    # D-wide cotangent by the mask. Same draws (in the same order), same function. The joint
+    # adapter keeps drop path on its output: scaled inside, XLA merges its D_fc2 input
+    # gradient into c_proj's and the step was no faster and 0.5 GiB bigger (BENCHMARKS.md).
+    drop_path = DropPath(self.drop_path_mode)
+    path_scale = functools.partial(drop_path.scale, x.shape, drop_rate, self.deterministic,
+                                   valid_len=self.valid_len)
     gammas = self._gammas(d)
 
     if self.t_adapter is not None:
@@ -544,9 +553,10 @@ class ResidualAttentionBlock(nn.Module):
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
       # (B, T, L, D), attention over T
-      xt = self._attend_and_adapt(attn, xt, gammas, self.t_adapter, 'T_Adapter', axis=1)
-      self.sow('intermediates', 'tbranch', xt)
-      x = x + drop_path(xt, drop_rate, self.deterministic)
+      xt = self._attend_and_adapt(attn, xt, gammas, self.t_adapter, 'T_Adapter',
+                                  output_scale=path_scale(), axis=1)
+      self.sow('intermediates', 'tbranch', xt)      # drop path applied, in training
+      x = x + xt
 
     # (B, T, L, D), attention over L
     xs = self._attend_and_adapt(attn, ln_1(x), gammas, self.s_adapter, 'S_Adapter', axis=2,
@@ -562,7 +572,7 @@ class ResidualAttentionBlock(nn.Module):
     x = x + self._scaled(gammas, 'ls2', m)
     if self.mlp_adapter is not None:
       a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
-      x = x + drop_path(a, drop_rate, self.deterministic)
+      x = x + drop_path(a, drop_rate, self.deterministic, valid_len=self.valid_len)
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
     return (x, None) if self.scanned else x
 
