@@ -316,10 +316,11 @@ def test_scanned_bf16_train_step_stacks_no_float32_activations():
   offenders = [r for r in _activation_sized_f32(saved, 3 * act) if r.shape[-2:] != (17, 17)]
   assert offenders == []
   assert any(r.dtype == 'bf16' and r.size >= 3 * act for r in saved)   # stacked activations
-  # Of the MLP's hidden width (4 x 64) only c_fc's product is stacked, not the activation's
-  # intermediates (the block recomputes the activation when scanned).
-  hidden = [r for r in saved if r.shape[-2:] == (17, 256)]
-  assert len(hidden) == 1, hidden
+  # Of the MLP's hidden width (4 x 64, with the joint adapter's 16 beside it: bf16 fuses
+  # them, norm.mlp_with_adapter) only the first product is stacked, not the activations'
+  # intermediates (recomputed in the backward pass).
+  hidden = [r for r in saved if r.shape[-2:] in ((17, 256), (17, 256 + 16))]
+  assert len(hidden) == 1 and hidden[0].shape[-2:] == (17, 256 + 16), hidden
 
 
 def test_adapter_output_scale_is_its_scaled_output_with_the_same_gradients():
@@ -402,3 +403,68 @@ def test_temporal_drop_path_never_scales_a_full_width_activation():
   det = vit.ResidualAttentionBlock(num_heads=4, **spec.block_fields(0))
   p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(3), a.shape), params)
   assert np.abs(np.asarray(block.apply(p, x, 0.4, rngs=rngs) - det.apply(p, x, 0.4))).max() > 1e-3
+
+
+def test_mlp_with_adapter_is_the_mlp_plus_the_scaled_adapter():
+  """norm.mlp_with_adapter (one MLP of width F + A) is x + mlp(xn) + s * adapter(xn):
+  values and the gradient of every input, with s a drop-path draw per token."""
+  from aim_jax.models.norm import mlp_with_adapter
+  k = jax.random.split(jax.random.key(0), 12)
+  d, f, a, tokens = 32, 128, 8, 10
+  x = jax.random.normal(k[0], (2, 3, tokens, d))
+  xn = jax.random.normal(k[1], (2, 3, tokens, d))
+  shapes = [(d, f), (f,), (f, d), (d,), (d, a), (a,), (a, d), (d,)]
+  ws = [0.2 * jax.random.normal(k[i + 2], sh) for i, sh in enumerate(shapes)]
+  s = jnp.asarray([0, 1, 1, 0, 1, 1, 1, 0, 1, 1], jnp.float32).reshape(1, 1, tokens, 1) * 0.5
+  def plain(x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2):
+    return (x + (vit.quick_gelu(xn @ w_fc + b_fc) @ w_proj + b_proj)
+            + s * (gelu_exact(xn @ w_1 + b_1) @ w_2 + b_2))
+  fused = lambda *args: mlp_with_adapter(vit.quick_gelu, gelu_exact, *args, s)
+  np.testing.assert_allclose(fused(x, xn, *ws), plain(x, xn, *ws), atol=1e-5, rtol=1e-5)
+  loss = lambda fn: lambda *args: jnp.sum(jnp.sin(fn(*args)))
+  argnums = tuple(range(10))
+  for g_f, g_p in zip(jax.grad(loss(fused), argnums)(x, xn, *ws),
+                      jax.grad(loss(plain), argnums)(x, xn, *ws)):
+    np.testing.assert_allclose(g_f, g_p, atol=5e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_the_block_fuses_the_joint_adapter_into_its_mlp(scan):
+  """fuse_joint_adapter: the same parameters (names, shapes, initial values), the same
+  training forward (the same drop-path draws) and gradients as the separate MLP and
+  MLP_Adapter; one product of width 4D + D/4 in the forward pass; on by default for
+  half-precision compute only."""
+  kw = dict(patch_size=8, width=64, layers=2, heads=4, image_size=32, num_frames=4,
+            adapters=AdapterSpec(), drop_path_rate=0.3, scan_layers=scan)
+  video = jax.random.normal(jax.random.key(0), (2, 4, 32, 32, 3))
+  models = {f: vit.VisionTransformer(fuse_joint_adapter=f, **kw) for f in (False, True)}
+  params = {f: nn.unbox(m.init(jax.random.key(1), video))['params'] for f, m in models.items()}
+  assert jax.tree.map(jnp.shape, params[True]) == jax.tree.map(jnp.shape, params[False])
+  for a, b in zip(jax.tree.leaves(params[True]), jax.tree.leaves(params[False])):
+    np.testing.assert_array_equal(a, b)
+  p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+                   params[False])
+  rngs = {'dropout': jax.random.key(3)}
+  def loss(f):
+    return lambda p: jnp.sum(jnp.sin(models[f].apply({'params': p}, video, train=True,
+                                                     rngs=rngs)))
+  np.testing.assert_allclose(loss(True)(p), loss(False)(p), rtol=1e-5)
+  for g_f, g_p in zip(jax.tree.leaves(jax.grad(loss(True))(p)),
+                      jax.tree.leaves(jax.grad(loss(False))(p))):
+    np.testing.assert_allclose(g_f, g_p, atol=1e-4, rtol=1e-4)
+  jaxpr = jax.make_jaxpr(loss(True))(p)
+  def products(j):
+    n = []
+    for e in j.eqns:
+      if e.primitive.name == 'dot_general':
+        n.append(tuple(e.invars[1].aval.shape))
+      for v in e.params.values():
+        inner = getattr(getattr(v, 'jaxpr', v), 'jaxpr', getattr(v, 'jaxpr', v))
+        if hasattr(inner, 'eqns'):
+          n += products(inner)
+    return n
+  assert (64, 4 * 64 + 16) in products(jaxpr.jaxpr)
+  assert (64, 4 * 64 + 16) not in products(jax.make_jaxpr(loss(False))(p).jaxpr)
+  auto = lambda dtype: vit.VisionTransformer(dtype=dtype, **kw).block_kwargs(
+      0, True)['fuse_joint_adapter']
+  assert auto(jnp.bfloat16) and not auto(jnp.float32)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from aim_jax.models.norm import DenseActivation, ScaledDense, gelu_exact
+from aim_jax.models.norm import DenseActivation, DenseWeights, ScaledDense, gelu_exact
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -43,6 +43,9 @@ class Adapter(nn.Module):
   ratio: float = 0.25
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  # True: declare the parameters and return them, ((D_fc1 kernel, bias), (D_fc2 kernel,
+  # bias)), without applying them (a block that fuses the joint adapter into its MLP).
+  weights_only: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, input_offset: Optional[jax.Array] = None,
@@ -62,16 +65,20 @@ class Adapter(nn.Module):
       raise ValueError('Adapter: output_scale is for adapters without a skip connection')
     width = x.shape[-1] if input_kernel is None else input_kernel.shape[-1]
     hidden = int(width * self.ratio)
+    fc1_init = dict(kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
+                    bias_init=LP(init.zeros, ('adapter',)))
+    fc2_init = dict(kernel_init=LP(init.zeros, ('adapter', 'embed')),
+                    bias_init=LP(init.zeros, ('embed',)))
+    if self.weights_only:
+      return (DenseWeights(hidden, param_dtype=self.param_dtype, name='D_fc1', **fc1_init)(width),
+              DenseWeights(width, param_dtype=self.param_dtype, name='D_fc2', **fc2_init)(hidden))
     # Exact erf GELU (torch nn.GELU()); jax.nn.gelu's default tanh form is off by ~1e-4.
     # The backward pass keeps D_fc1's product only (norm.DenseActivation).
-    h = DenseActivation(hidden, activation=gelu_exact,
-                        dtype=self.dtype, param_dtype=self.param_dtype,
-                        kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
-                        bias_init=LP(init.zeros, ('adapter',)),
-                        name='D_fc1')(x, input_offset, input_kernel)
-    h = ScaledDense(width, dtype=self.dtype, param_dtype=self.param_dtype,
-                    kernel_init=LP(init.zeros, ('adapter', 'embed')),
-                    bias_init=LP(init.zeros, ('embed',)), name='D_fc2')(h, output_scale)
+    h = DenseActivation(hidden, activation=gelu_exact, dtype=self.dtype,
+                        param_dtype=self.param_dtype, name='D_fc1',
+                        **fc1_init)(x, input_offset, input_kernel)
+    h = ScaledDense(width, dtype=self.dtype, param_dtype=self.param_dtype, name='D_fc2',
+                    **fc2_init)(h, output_scale)
     if not self.skip_connect:
       return h
     if input_kernel is not None:

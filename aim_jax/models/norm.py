@@ -167,6 +167,25 @@ class DenseActivation(nn.Dense):
     return recompute_activation(act)(*args) if self.recompute else act(*args)
 
 
+class DenseWeights(nn.Module):
+  """The parameters an `nn.Dense` of these fields would declare (same names, shapes,
+  initialisers and random streams), returned instead of applied: for a module that
+  computes with several layers' weights in one function (`mlp_with_adapter`)."""
+  features: int
+  use_bias: bool = True
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array | None]:
+    kernel = self.param('kernel', self.kernel_init, (in_features, self.features),
+                        self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return kernel, bias
+
+
 class ScaledDense(nn.Dense):
   """`scale * nn.Dense(x)` for a factor that varies at most along the rows (a scalar, or
   drop path's draw per token, clip or frame divided by the keep probability): the same
@@ -195,3 +214,80 @@ class ScaledDense(nn.Dense):
       return y
     bias = jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
     return y + (bias if scale is None else scale * bias)
+
+
+def _slope(fn: Callable[[jax.Array], jax.Array], z: jax.Array):
+  """(fn(z), fn'(z)) of an element-wise function."""
+  return jax.jvp(fn, (z,), (jnp.ones_like(z),))
+
+
+def _side_by_side(u: jax.Array, v: jax.Array) -> jax.Array:
+  """[u | v] along the last axis, written as the sum of the two zero-padded parts: XLA
+  makes it one element-wise kernel with its producers (as a concatenation it emits a
+  concatenation kernel, which a profile files under copies)."""
+  pad = lambda a, lo, hi: jax.lax.pad(a, jnp.zeros((), a.dtype),
+                                      [(0, 0, 0)] * (a.ndim - 1) + [(lo, hi, 0)])
+  return pad(u, 0, v.shape[-1]) + pad(v, u.shape[-1], 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def mlp_with_adapter(act: Callable, adapter_act: Callable, x: jax.Array, xn: jax.Array,
+                     w_fc: jax.Array, b_fc: jax.Array, w_proj: jax.Array, b_proj: jax.Array,
+                     w_1: jax.Array, b_1: jax.Array, w_2: jax.Array, b_2: jax.Array,
+                     scale: jax.Array) -> jax.Array:
+  """`x + mlp(xn) + scale * adapter(xn)`: the frozen MLP (`act(xn @ w_fc + b_fc) @ w_proj +
+  b_proj`) and the joint adapter beside it (`adapter_act(xn @ w_1 + b_1) @ w_2 + b_2`, no
+  skip), computed as one MLP of width F + F/16: one product `xn @ [w_fc | w_1]`, one
+  element-wise kernel for both activations (the adapter's columns times `scale`, the joint
+  scale and drop path's per-row draw), one product `[h | a] @ [w_proj ; w_2]` whose output
+  goes straight into the residual add. Same function.
+
+  The backward pass is written out: one product for the hidden's gradient, one kernel for
+  both activations' slopes, one product for `xn`'s gradient, and the weight gradients,
+  which XLA drops where they are not wanted (the frozen MLP's). It keeps `xn` and the first
+  product's output, as the separate modules did. `scale` gets no gradient (a scalar or a
+  drop-path draw). Arrays are in the compute dtype; weights as `(in, out)`.
+  """
+  return _mwa_forward(act, adapter_act, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2,
+                      scale)[0]
+
+
+def _mwa_forward(act, adapter_act, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2,
+                 scale):
+  f = w_fc.shape[1]
+  y = jax.lax.dot_general(xn, jnp.concatenate([w_fc, w_1], 1),
+                          (((xn.ndim - 1,), (0,)), ((), ())))
+  z = y + jnp.concatenate([b_fc, b_1])
+  s = jnp.asarray(scale, z.dtype)
+  hidden = _side_by_side(act(z[..., :f]), adapter_act(z[..., f:]) * s)
+  out = jax.lax.dot_general(hidden, jnp.concatenate([w_proj, w_2], 0),
+                            (((hidden.ndim - 1,), (0,)), ((), ())))
+  out = x + (out + b_proj + s * b_2).astype(x.dtype)
+  return out, (xn, y, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale)
+
+
+def _mwa_backward(act, adapter_act, res, dout):
+  xn, y, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale = res
+  f = w_fc.shape[1]
+  z = y + jnp.concatenate([b_fc, b_1])
+  s = jnp.asarray(scale, z.dtype)
+  h, h_slope = _slope(act, z[..., :f])
+  a, a_slope = _slope(adapter_act, z[..., f:])
+  g = dout.astype(z.dtype)
+  last = ((g.ndim - 1,), (1,))
+  d_hidden = jax.lax.dot_general(g, jnp.concatenate([w_proj, w_2], 0), (last, ((), ())))
+  dz_h = d_hidden[..., :f] * h_slope
+  dz_a = d_hidden[..., f:] * (s * a_slope)
+  dz = _side_by_side(dz_h, dz_a)
+  dxn = jax.lax.dot_general(dz, jnp.concatenate([w_fc, w_1], 1), (last, ((), ())))
+  rows = tuple(range(g.ndim - 1))
+  outer = lambda u, v: jax.lax.dot_general(u, v, ((rows, rows), ((), ())))
+  grads = (outer(xn, dz_h), jnp.sum(dz_h, rows), outer(h, g), jnp.sum(g, rows),
+           outer(xn, dz_a), jnp.sum(dz_a, rows), outer(a * s, g),
+           jnp.sum(jnp.broadcast_to(s, g.shape) * g, rows))
+  weights = (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)
+  grads = tuple(gr.astype(w.dtype) for gr, w in zip(grads, weights))
+  return (dout, dxn.astype(xn.dtype)) + grads + (jnp.zeros_like(scale),)
+
+
+mlp_with_adapter.defvjp(_mwa_forward, _mwa_backward)

@@ -49,7 +49,8 @@ import numpy as np
 from flax.linen.dtypes import promote_dtype
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
-from aim_jax.models.norm import DenseActivation, LayerNorm, folded_bias, gelu_exact
+from aim_jax.models.norm import (DenseActivation, DenseWeights, LayerNorm, folded_bias,
+                                 gelu_exact, mlp_with_adapter)
 
 LP = nn.with_logical_partitioning
 init = nn.initializers
@@ -387,19 +388,29 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   recompute_activation: bool = True
+  # True: declare the parameters and return them, ((in kernel, bias), (out kernel, bias)),
+  # without applying them (a block that fuses the joint adapter into this MLP).
+  weights_only: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+    in_init = dict(kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
+                   bias_init=LP(init.zeros, ('mlp',)))
+    out_init = dict(kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
+                    bias_init=LP(init.zeros, ('embed',)))
+    if self.weights_only:
+      return (DenseWeights(self.hidden, param_dtype=self.param_dtype, name=self.in_name,
+                           **in_init)(d),
+              DenseWeights(d, param_dtype=self.param_dtype, name=self.out_name, **out_init)(
+                  self.hidden))
     # in + activation; the backward pass keeps the product only (norm.DenseActivation).
     h = DenseActivation(self.hidden, activation=ACTIVATIONS[self.act], dtype=self.dtype,
                         param_dtype=self.param_dtype, recompute=self.recompute_activation,
-                        kernel_init=LP(trunc_normal_02, ('embed', 'mlp')),
-                        bias_init=LP(init.zeros, ('mlp',)), name=self.in_name)(x)
+                        name=self.in_name, **in_init)(x)
     h = constrain(h, ('activation_batch',) + (None,) * (h.ndim - 2) + ('activation_mlp',))
-    return dense(d, kernel_init=LP(trunc_normal_02, ('mlp', 'embed')),
-                 bias_init=LP(init.zeros, ('embed',)), name=self.out_name)(h)
+    return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name=self.out_name,
+                    **out_init)(h)
 
 
 class ProbeAttention(nn.Module):
@@ -487,6 +498,7 @@ class ResidualAttentionBlock(nn.Module):
   pad_multiple: int = 1          # per-call padding of the spatial attention (pad mode 'call')
   valid_len: Optional[int] = None  # real tokens when the stream carries padding (mode 'stream')
   scanned: bool = False          # (carry, xs) signature for nn.scan
+  fuse_joint_adapter: bool = False  # MLP + MLP_Adapter as one wider MLP (mlp_with_adapter)
 
   def _norm(self, name):
     return LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -565,14 +577,29 @@ class ResidualAttentionBlock(nn.Module):
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
     xn = self._norm('ln_2')(x)
-    # Scanned, the recomputed activation keeps the layer's stack lean; unrolled, XLA already
-    # keeps only the product, and the checkpoint's barrier would add a copy of it.
-    m = Mlp(int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
-            param_dtype=self.param_dtype, recompute_activation=self.scanned, name='mlp')(xn)
-    x = x + self._scaled(gammas, 'ls2', m)
-    if self.mlp_adapter is not None:
-      a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
-      x = x + drop_path(a, drop_rate, self.deterministic, valid_len=self.valid_len)
+    hidden = int(d * self.mlp_ratio)
+    mlp = functools.partial(Mlp, hidden, act=self.mlp_act, dtype=self.dtype,
+                            param_dtype=self.param_dtype, name='mlp')
+    if self.mlp_adapter is not None and self.fuse_joint_adapter and not self.layer_scale:
+      # The frozen MLP and the joint adapter beside it as one MLP of width 4D + D/4: one
+      # product in, one kernel for both activations, one product out into the residual
+      # (norm.mlp_with_adapter). Same parameters, same function.
+      (w_fc, b_fc), (w_proj, b_proj) = mlp(weights_only=True)(xn)
+      (w_1, b_1), (w_2, b_2) = self.mlp_adapter(name='MLP_Adapter', weights_only=True)(xn)
+      scale = path_scale()
+      scale = self.mlp_adapter_scale if scale is None else self.mlp_adapter_scale * scale
+      weights = [w.astype(self.dtype) for w in (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)]
+      with jax.named_scope('mlp'):     # profiles file its kernels under the MLP
+        x = mlp_with_adapter(ACTIVATIONS[self.mlp_act], gelu_exact, x, xn.astype(self.dtype),
+                             *weights, scale)
+    else:
+      # Scanned, the recomputed activation keeps the layer's stack lean; unrolled, XLA
+      # already keeps only the product, and the checkpoint's barrier would add a copy of it.
+      m = mlp(recompute_activation=self.scanned)(xn)
+      x = x + self._scaled(gammas, 'ls2', m)
+      if self.mlp_adapter is not None:
+        a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
+        x = x + drop_path(a, drop_rate, self.deterministic, valid_len=self.valid_len)
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
     return (x, None) if self.scanned else x
 
@@ -622,6 +649,10 @@ class VisionTransformer(nn.Module):
   qkv_projection: str = 'fused'
   attention_pad_multiple: int = 0   # 0: the implementation's need (DEFAULT_PAD_MULTIPLE)
   attention_pad_mode: str = 'stream'
+  # The joint adapter computed with the frozen MLP as one wider MLP (norm.mlp_with_adapter;
+  # the same function, another order of float sums). None: on for half-precision compute,
+  # off in float32 (the golden tests' program stays as it was).
+  fuse_joint_adapter: Optional[bool] = None
 
   @property
   def grid(self) -> int:
@@ -657,7 +688,10 @@ class VisionTransformer(nn.Module):
               dtype=self.dtype, param_dtype=self.param_dtype,
               attention_impl=self.attention_impl, temporal_attention=self.temporal_attention,
               qkv_projection=self.qkv_projection, pad_multiple=call_multiple,
-              valid_len=self.num_tokens if stream_len != self.num_tokens else None)
+              valid_len=self.num_tokens if stream_len != self.num_tokens else None,
+              fuse_joint_adapter=(jnp.dtype(self.dtype).itemsize < 4
+                                  if self.fuse_joint_adapter is None
+                                  else self.fuse_joint_adapter))
     if self.adapters is not None:
       kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
       kw['mlp_adapter_scale'] = self.adapters.scale
