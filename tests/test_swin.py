@@ -524,3 +524,29 @@ def test_swin_adapter_scale_and_image_size_travel_through_export_aim(tmp_path):
   assert back.model_config['adapters']['scale'] == 0.75
   assert back.model_config['image_size'] == first.model_config['image_size']
   assert any('adapters.scale=0.75' in n for n in back.report.notices), back.report.notices
+
+
+def test_the_joint_adapter_fused_into_the_mlp_is_the_same_model():
+  """fuse_joint_adapter (norm.mlp_with_adapter, on by default in half precision): the same
+  parameters and initial values, the same training loss (drop path's per-frame draws on the
+  joint adapter) and gradients as the separate MLP and joint S_Adapter."""
+  kw = dict(patch_size=4, patch_size_t=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2),
+            window_size=4, image_size=32, num_frames=4, adapters=AdapterSpec(),
+            drop_path_rate=0.3)
+  video = jax.random.normal(jax.random.key(0), (2, 4, 32, 32, 3))
+  models = {f: swin_lib.SwinTransformer(fuse_joint_adapter=f, **kw) for f in (False, True)}
+  params = {f: nn.unbox(m.init(jax.random.key(1), video))['params'] for f, m in models.items()}
+  for a, b in zip(jax.tree.leaves(params[True]), jax.tree.leaves(params[False])):
+    np.testing.assert_array_equal(a, b)
+  p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
+                   params[False])
+  def loss(f):
+    return jax.jit(lambda p: jnp.sum(jnp.sin(models[f].apply(
+        {'params': p}, video, train=True, rngs={'dropout': jax.random.key(3)}))))
+  np.testing.assert_allclose(loss(True)(p), loss(False)(p), rtol=1e-5)
+  for g_f, g_p in zip(jax.tree.leaves(jax.grad(loss(True))(p)),
+                      jax.tree.leaves(jax.grad(loss(False))(p))):
+    np.testing.assert_allclose(g_f, g_p, atol=1e-4, rtol=1e-4)
+  auto = lambda dtype: swin_lib.SwinTransformer(dtype=dtype, **kw).block_kwargs(
+      0, 0, 0, 0.0, True)['fuse_joint_adapter']
+  assert auto(jnp.bfloat16) and not auto(jnp.float32)

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
-from aim_jax.models.norm import LayerNorm
+from aim_jax.models.norm import LayerNorm, gelu_exact, mlp_with_adapter
 from aim_jax.models import vit
 from aim_jax.models.vit import Mlp
 
@@ -217,6 +217,7 @@ class SwinBlock(nn.Module):
   deterministic: bool = True
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  fuse_joint_adapter: bool = False   # MLP + joint S_Adapter as one MLP (norm.mlp_with_adapter)
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -252,12 +253,25 @@ class SwinBlock(nn.Module):
 
     xn = _layer_norm(self.ln_eps, self.dtype, self.param_dtype, 'norm2')(x)
     # fc1 (C -> 4C) -> exact GELU -> fc2, the official names.
-    x = x + Mlp(int(c * self.mlp_ratio), act='gelu', in_name='fc1', out_name='fc2',
-                dtype=self.dtype, param_dtype=self.param_dtype, name='mlp')(xn)
-    if self.mlp_adapter is not None:
-      a = self.mlp_adapter_scale * self.mlp_adapter(name='S_Adapter')(xn)
-      a = drop_path(a.reshape(b, t, h * w, c), self.drop_path_rate, self.deterministic)
-      x = x + a.reshape(b, t, h, w, c)                 # one draw per (clip, frame)
+    mlp = functools.partial(Mlp, int(c * self.mlp_ratio), act='gelu', in_name='fc1',
+                            out_name='fc2', dtype=self.dtype, param_dtype=self.param_dtype,
+                            name='mlp')
+    if self.mlp_adapter is not None and self.fuse_joint_adapter:
+      # As the ViT block: the MLP and the joint adapter as one MLP of width 4C + C/4.
+      (w_fc, b_fc), (w_proj, b_proj) = mlp(weights_only=True)(xn)
+      (w_1, b_1), (w_2, b_2) = self.mlp_adapter(name='S_Adapter', weights_only=True)(xn)
+      scale = drop_path.scale((b, t, h * w, c), self.drop_path_rate, self.deterministic)
+      scale = (self.mlp_adapter_scale if scale is None
+               else self.mlp_adapter_scale * scale.reshape(b, t, 1, 1, 1))   # per (clip, frame)
+      weights = [v.astype(self.dtype) for v in (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)]
+      with jax.named_scope('mlp'):
+        x = mlp_with_adapter(gelu_exact, gelu_exact, x, xn.astype(self.dtype), *weights, scale)
+    else:
+      x = x + mlp()(xn)
+      if self.mlp_adapter is not None:
+        a = self.mlp_adapter_scale * self.mlp_adapter(name='S_Adapter')(xn)
+        a = drop_path(a.reshape(b, t, h * w, c), self.drop_path_rate, self.deterministic)
+        x = x + a.reshape(b, t, h, w, c)               # one draw per (clip, frame)
     return constrain(x, ('activation_batch', None, None, None, 'activation_embed'))
 
 
@@ -373,6 +387,9 @@ class SwinTransformer(nn.Module):
   remat_policy: str = 'none'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  # The joint adapter computed with the MLP as one wider MLP; None: on in half precision
+  # (as VisionTransformer.fuse_joint_adapter).
+  fuse_joint_adapter: bool | None = None
 
   @property
   def time_tokens(self) -> int:
@@ -396,7 +413,10 @@ class SwinTransformer(nn.Module):
     kw = dict(num_heads=self.num_heads[stage], window_size=window,
               shift_size=0 if block % 2 == 0 else shift, mlp_ratio=self.mlp_ratio,
               ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, drop_path_rate=rate,
-              deterministic=deterministic, dtype=self.dtype, param_dtype=self.param_dtype)
+              deterministic=deterministic, dtype=self.dtype, param_dtype=self.param_dtype,
+              fuse_joint_adapter=(jnp.dtype(self.dtype).itemsize < 4
+                                  if self.fuse_joint_adapter is None
+                                  else self.fuse_joint_adapter))
     if self.adapters is not None:
       fields = self.adapters.block_fields(layer, self.dtype, self.param_dtype)
       kw['s_adapter'] = fields['s_adapter']
