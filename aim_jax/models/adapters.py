@@ -127,15 +127,16 @@ class DropPath(nn.Module):
     return mask.astype(jnp.float32) / keep
 
   def _draw(self, shape, rate, deterministic, valid_len):
+    """(mask, keep) for an activation of `shape`, or None where drop path is the identity."""
     if deterministic or (isinstance(rate, (int, float)) and rate == 0.0):
       return None
     b, t, tokens, _ = shape
     lv = tokens if valid_len is None else valid_len
-    shape = {'token': (1, 1, lv, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
-    if self.mode not in shape:
-      raise ValueError(f"drop_path_mode must be one of {sorted(shape)}, got {self.mode!r}")
+    draws = {'token': (1, 1, lv, 1), 'frame': (b, t, 1, 1), 'sample': (b, 1, 1, 1)}
+    if self.mode not in draws:
+      raise ValueError(f"drop_path_mode must be one of {sorted(draws)}, got {self.mode!r}")
     keep = 1.0 - jnp.asarray(rate, jnp.float32)
-    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape[self.mode])
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, draws[self.mode])
     if self.mode == 'token' and lv != tokens:
       mask = jnp.pad(mask, ((0, 0), (0, 0), (0, tokens - lv), (0, 0)), constant_values=True)
     return mask, keep

@@ -553,8 +553,9 @@ class ResidualAttentionBlock(nn.Module):
     # Drop path on T_Adapter's output is the factor `mask / keep` that the adapter applies
     # to its hidden (Adapter's output_scale): the backward pass then never multiplies a
     # D-wide cotangent by the mask. Same draws (in the same order), same function. The joint
-    # adapter keeps drop path on its output: scaled inside, XLA merges its D_fc2 input
-    # gradient into c_proj's and the step was no faster and 0.5 GiB bigger (BENCHMARKS.md).
+    # adapter's draw goes into the fused MLP's hidden likewise (mlp_with_adapter); unfused
+    # (float32) it stays on the adapter's output: scaled inside the adapter alone, XLA
+    # merged its D_fc2 input gradient into c_proj's, no faster and 0.5 GiB bigger.
     drop_path = DropPath(self.drop_path_mode)
     path_scale = functools.partial(drop_path.scale, x.shape, drop_rate, self.deterministic,
                                    valid_len=self.valid_len)
