@@ -468,3 +468,14 @@ def test_the_block_fuses_the_joint_adapter_into_its_mlp(scan):
   auto = lambda dtype: vit.VisionTransformer(dtype=dtype, **kw).block_kwargs(
       0, True)['fuse_joint_adapter']
   assert auto(jnp.bfloat16) and not auto(jnp.float32)
+
+
+def test_model_joint_mlp_chooses_the_fusion_and_a_bad_value_names_the_field():
+  from aim_jax.models import factory
+  fuse = lambda **kw: factory.build_encoder(factory.resolve_model_config(kw),
+                                            platform='cpu').fuse_joint_adapter
+  assert fuse() is None and fuse(joint_mlp='fused') is True
+  assert fuse(joint_mlp='separate', dtype='bfloat16') is False
+  assert fuse(backbone='swin', joint_mlp='separate') is False
+  with pytest.raises(ValueError, match='model.joint_mlp'):
+    factory.resolve_model_config({'joint_mlp': 'yes'})

@@ -74,6 +74,10 @@ def default_model_config() -> dict:
       # 'dot_product_attention': L folded into the heads, through attention_impl; 'auto':
       # the attention kernel's choice (attention_choice.COMPANIONS).
       temporal_attention='auto',
+      # The frozen MLP and the joint adapter beside it: 'auto' (one MLP of width 4D + D/4
+      # in bf16/fp16, the separate modules in float32) | 'fused' | 'separate'. Same
+      # parameters and function (models/norm.py mlp_with_adapter).
+      joint_mlp='auto',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(
           embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),   # Swin-B
@@ -88,6 +92,10 @@ def _as_dict(cfg: Any) -> dict:
   if hasattr(cfg, 'to_dict'):
     return cfg.to_dict()
   return copy.deepcopy(dict(cfg))
+
+
+# model.joint_mlp -> the encoders' fuse_joint_adapter (None: by the compute dtype).
+JOINT_MLP = {AUTO: None, 'fused': True, 'separate': False}
 
 
 def resolve_model_config(cfg: Mapping | Any) -> dict:
@@ -142,7 +150,8 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
     raise ValueError(f'model.attention_pad_multiple must be >= 0, got '
                      f'{out["attention_pad_multiple"]}')
   for k, allowed in (('attention_pad_mode', vit.PAD_MODES),
-                     ('qkv_projection', vit.QKV_PROJECTIONS + (AUTO,))):
+                     ('qkv_projection', vit.QKV_PROJECTIONS + (AUTO,)),
+                     ('joint_mlp', tuple(JOINT_MLP))):
     if out[k] not in allowed:
       raise ValueError(f'model.{k} must be one of {list(allowed)}, got {out[k]!r}')
   return out
@@ -195,7 +204,8 @@ def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
       attention_impl=cfg['attention_impl'] or None,
       temporal_attention=cfg['temporal_attention'], qkv_projection=cfg['qkv_projection'],
       attention_pad_multiple=cfg['attention_pad_multiple'],
-      attention_pad_mode=cfg['attention_pad_mode'], **family)
+      attention_pad_mode=cfg['attention_pad_mode'],
+      fuse_joint_adapter=JOINT_MLP[cfg['joint_mlp']], **family)
 
 
 def build_swin_encoder(cfg: Mapping) -> SwinTransformer:
@@ -207,7 +217,8 @@ def build_swin_encoder(cfg: Mapping) -> SwinTransformer:
       window_size=sw['window_size'], image_size=cfg['image_size'], mlp_ratio=cfg['mlp_ratio'],
       t_relative=sw['t_relative'], drop_path_rate=cfg['drop_path_rate'],
       scan_layers=cfg['scan_layers'], remat_policy=cfg['remat_policy'],
-      dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']])
+      dtype=DTYPES[cfg['dtype']], param_dtype=DTYPES[cfg['param_dtype']],
+      fuse_joint_adapter=JOINT_MLP[cfg['joint_mlp']])
 
 
 # Backbone families: name -> function(resolved config) -> image encoder definition.
