@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging as pylogging
 import os
+import re
 import socket
 import time
 from typing import Any, Mapping, Optional
@@ -115,16 +117,34 @@ def load_params(directory: str, like: Optional[Mapping] = None) -> tuple[dict, d
   return params, model_config, metadata
 
 
+_READ_ERROR = re.compile(r'Error opening "\w+" driver|OCDBT database')
+
+
+class _UnretrievedReadErrors(pylogging.Filter):
+  """Drops asyncio's 'Task exception was never retrieved' reports of checkpoint reads."""
+
+  def filter(self, record: pylogging.LogRecord) -> bool:
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (str(record.msg).startswith('Task exception was never retrieved')
+                and exc is not None and _READ_ERROR.search(str(exc)))
+
+
 def _quiet_late_read_callbacks() -> None:
-  """Drop the 'Event loop is closed' reports of reads left pending by a failed restore.
+  """Drop the reports of reads left pending by a failed restore.
 
   When orbax fails to read a damaged checkpoint, its event loop is closed while some
   tensorstore reads are still in flight; their completion callbacks then raise into
   `sys.unraisablehook`, which prints a traceback per read (possibly after the one-line
-  error). Those reports carry no information, so exactly they are dropped; anything
-  else goes to the previous hook. Installed once per process.
+  error). Reads that failed alongside the one orbax reports are tasks whose exception
+  nobody retrieves: asyncio logs each, with a traceback, when it is collected (seen under
+  load). Those reports carry no information beyond the one-line error, so exactly they are
+  dropped: the 'Event loop is closed' ones and asyncio's reports of tensorstore read
+  errors; anything else goes on as before. Installed once per process.
   """
   import sys
+  asyncio_log = pylogging.getLogger('asyncio')
+  if not any(isinstance(f, _UnretrievedReadErrors) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_UnretrievedReadErrors())
   previous = sys.unraisablehook
   if getattr(previous, '_aim_jax_quiet', False):
     return
