@@ -29,7 +29,7 @@ import hashlib
 import json
 import math
 import re
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Optional
 
 from benchmarks import profile_kernels
 
@@ -140,16 +140,20 @@ def _called(rest: str) -> list[str]:
   return names
 
 
+def _contracted_size(lhs_shape: str, dims: Optional[re.Match]) -> Optional[int]:
+  """The product of the lhs dimensions `dims` captures (their indices, in any separators,
+  in the instruction's text); None when the shape or the dimensions are not there."""
+  lhs = shape_dims(lhs_shape)
+  if not lhs or not dims:
+    return None
+  return math.prod(lhs[0][1][int(d)] for d in re.findall(r'\d+', dims.group(1)))
+
+
 def _one_dot_flops(inst: Instruction, shapes: Mapping[str, str]) -> float:
   ops = _operands(inst.rest)
-  lhs = shape_dims(shapes.get(ops[0], '')) if ops else []
-  cdims = re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', inst.rest)
-  k = 1
-  if lhs and cdims:
-    for d in cdims.group(1).split(','):
-      if d:
-        k *= lhs[0][1][int(d)]
-  return 2.0 * shape_elements(inst.shape) * k
+  k = _contracted_size(shapes.get(ops[0], '') if ops else '',
+                       re.search(r'lhs_contracting_dims=\{([0-9,]*)\}', inst.rest))
+  return 2.0 * shape_elements(inst.shape) * (1 if k is None else k)
 
 
 def _library_gemm_flops(inst: Instruction, operand_shapes: list[str]) -> float:
@@ -158,14 +162,9 @@ def _library_gemm_flops(inst: Instruction, operand_shapes: list[str]) -> float:
   `lhs_contracting_dimensions` and the shape of its first operand. 0 for other calls."""
   if 'custom_call_target="__cublas' not in inst.rest or not operand_shapes:
     return 0.0
-  cdims = re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.rest)
-  lhs = shape_dims(operand_shapes[0])
-  if not cdims or not lhs:
-    return 0.0
-  k = 1
-  for d in re.findall(r'\d+', cdims.group(1)):
-    k *= lhs[0][1][int(d)]
-  return 2.0 * shape_elements(inst.shape) * k
+  k = _contracted_size(operand_shapes[0],
+                       re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', inst.rest))
+  return 0.0 if k is None else 2.0 * shape_elements(inst.shape) * k
 
 
 def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,

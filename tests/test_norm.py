@@ -35,6 +35,16 @@ class _Residual:
     return f'{self.dtype}{list(self.shape)} {self.why}'
 
 
+def equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs inside it (custom_vjp, checkpoint, pjit)."""
+  for e in jaxpr.eqns:
+    yield e
+    for p in e.params.values():
+      inner = getattr(getattr(p, 'jaxpr', p), 'jaxpr', getattr(p, 'jaxpr', p))
+      if hasattr(inner, 'eqns'):
+        yield from equations(inner)
+
+
 def saved_residuals(f, *args):
   """What jax keeps from f's forward pass for its backward pass (public API, parsed)."""
   buf = io.StringIO()
@@ -264,17 +274,13 @@ def test_the_temporal_branch_has_one_width_by_width_product_fewer():
   jaxpr = jax.make_jaxpr(lambda p: block.apply(p, x))(params)
   def width_by_width(jaxpr):   # products of an activation with a (D, D) weight
     n = 0
-    for e in jaxpr.eqns:
+    for e in equations(jaxpr):
       if e.primitive.name == 'dot_general':
         (_, rc), _ = e.params['dimension_numbers']
         rhs = e.invars[1].aval.shape
         contract = int(np.prod([rhs[i] for i in rc]))
         out = int(np.prod([s for i, s in enumerate(rhs) if i not in rc]))
         n += int(contract == d and out == d and e.invars[0].aval.ndim > 2)
-      for p in e.params.values():
-        inner = getattr(getattr(p, 'jaxpr', p), 'jaxpr', getattr(p, 'jaxpr', p))
-        if hasattr(inner, 'eqns'):
-          n += width_by_width(inner)
     return n
   # The spatial output projection only; without the fold the temporal one too (q, k and v
   # are one (D, 3D) product per attention here).
@@ -382,21 +388,15 @@ def test_temporal_drop_path_never_scales_a_full_width_activation():
   def mask_scaled(jaxpr):
     """mul equations of full activation shape with a per-token (1, 1, L, 1) operand (the
     drop-path mask, as is or broadcast)."""
-    made = {}
+    made = {v: e for e in equations(jaxpr) for v in e.outvars}
     n = 0
-    for e in jaxpr.eqns:
-      for v in e.outvars:
-        made[v] = e
+    for e in equations(jaxpr):
       if e.primitive.name == 'mul' and tuple(e.outvars[0].aval.shape) == x.shape:
         for v in e.invars:
           src = made.get(v)
           if src is not None and src.primitive.name == 'broadcast_in_dim':
             v = src.invars[0]
           n += tuple(getattr(v.aval, 'shape', ())) in ((1, 1, tokens, 1), (1, 1, tokens))
-      for p in e.params.values():
-        inner = getattr(getattr(p, 'jaxpr', p), 'jaxpr', getattr(p, 'jaxpr', p))
-        if hasattr(inner, 'eqns'):
-          n += mask_scaled(inner)
     return n
   assert mask_scaled(jaxpr.jaxpr) == 0
   # The mask is drawn and applied: the step differs from the deterministic block's.
@@ -454,15 +454,8 @@ def test_the_block_fuses_the_joint_adapter_into_its_mlp(scan):
     np.testing.assert_allclose(g_f, g_p, atol=1e-4, rtol=1e-4)
   jaxpr = jax.make_jaxpr(loss(True))(p)
   def products(j):
-    n = []
-    for e in j.eqns:
-      if e.primitive.name == 'dot_general':
-        n.append(tuple(e.invars[1].aval.shape))
-      for v in e.params.values():
-        inner = getattr(getattr(v, 'jaxpr', v), 'jaxpr', getattr(v, 'jaxpr', v))
-        if hasattr(inner, 'eqns'):
-          n += products(inner)
-    return n
+    return [tuple(e.invars[1].aval.shape) for e in equations(j)
+            if e.primitive.name == 'dot_general']
   assert (64, 4 * 64 + 16) in products(jaxpr.jaxpr)
   assert (64, 4 * 64 + 16) not in products(jax.make_jaxpr(loss(False))(p).jaxpr)
   auto = lambda dtype: vit.VisionTransformer(dtype=dtype, **kw).block_kwargs(

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from aim_jax.models.adapters import AdapterSpec, DropPath, ModuleFactory, trunc_normal_02
-from aim_jax.models.norm import LayerNorm, gelu_exact, mlp_with_adapter
+from aim_jax.models.norm import LayerNorm
 from aim_jax.models import vit
 from aim_jax.models.vit import Mlp
 
@@ -258,14 +258,11 @@ class SwinBlock(nn.Module):
                             name='mlp')
     if self.mlp_adapter is not None and self.fuse_joint_adapter:
       # As the ViT block: the MLP and the joint adapter as one MLP of width 4C + C/4.
-      (w_fc, b_fc), (w_proj, b_proj) = mlp(weights_only=True)(xn)
-      (w_1, b_1), (w_2, b_2) = self.mlp_adapter(name='S_Adapter', weights_only=True)(xn)
       scale = drop_path.scale((b, t, h * w, c), self.drop_path_rate, self.deterministic)
       scale = (self.mlp_adapter_scale if scale is None
                else self.mlp_adapter_scale * scale.reshape(b, t, 1, 1, 1))   # per (clip, frame)
-      weights = [v.astype(self.dtype) for v in (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)]
-      with jax.named_scope('mlp'):
-        x = mlp_with_adapter(gelu_exact, gelu_exact, x, xn.astype(self.dtype), *weights, scale)
+      x = vit.mlp_and_joint_adapter(mlp, functools.partial(self.mlp_adapter, name='S_Adapter'),
+                                    'gelu', x, xn, scale, self.dtype)
     else:
       x = x + mlp()(xn)
       if self.mlp_adapter is not None:
@@ -414,9 +411,7 @@ class SwinTransformer(nn.Module):
               shift_size=0 if block % 2 == 0 else shift, mlp_ratio=self.mlp_ratio,
               ln_eps=self.ln_eps, qkv_bias=self.qkv_bias, drop_path_rate=rate,
               deterministic=deterministic, dtype=self.dtype, param_dtype=self.param_dtype,
-              fuse_joint_adapter=(jnp.dtype(self.dtype).itemsize < 4
-                                  if self.fuse_joint_adapter is None
-                                  else self.fuse_joint_adapter))
+              fuse_joint_adapter=vit.fuse_joint_adapter(self.fuse_joint_adapter, self.dtype))
     if self.adapters is not None:
       fields = self.adapters.block_fields(layer, self.dtype, self.param_dtype)
       kw['s_adapter'] = fields['s_adapter']

@@ -413,6 +413,26 @@ class Mlp(nn.Module):
                     **out_init)(h)
 
 
+def fuse_joint_adapter(fuse: Optional[bool], dtype: Dtype) -> bool:
+  """An encoder's `fuse_joint_adapter` for its blocks: None means on for half-precision
+  compute (float32 keeps the separate modules and the golden tests' order of sums)."""
+  return jnp.dtype(dtype).itemsize < 4 if fuse is None else bool(fuse)
+
+
+def mlp_and_joint_adapter(mlp: ModuleFactory, adapter: ModuleFactory, act: str, x: jax.Array,
+                          xn: jax.Array, scale, dtype: Dtype) -> jax.Array:
+  """`x + mlp(xn) + scale * adapter(xn)` as one MLP of width 4D + D/4
+  (norm.mlp_with_adapter), with the two modules' parameters (declared by them with
+  `weights_only`): one product in, one kernel for both activations, one product out into
+  the residual. `mlp` and `adapter` build the modules with their names; `act` is the MLP's
+  activation (ACTIVATIONS), the adapter's is the exact GELU."""
+  (w_fc, b_fc), (w_proj, b_proj) = mlp(weights_only=True)(xn)
+  (w_1, b_1), (w_2, b_2) = adapter(weights_only=True)(xn)
+  weights = [w.astype(dtype) for w in (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)]
+  with jax.named_scope('mlp'):     # profiles file its kernels under the MLP
+    return mlp_with_adapter(ACTIVATIONS[act], gelu_exact, x, xn.astype(dtype), *weights, scale)
+
+
 class ProbeAttention(nn.Module):
   """Cross attention with separate query/key/value projections (big_vision layout)."""
   num_heads: int
@@ -578,25 +598,20 @@ class ResidualAttentionBlock(nn.Module):
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
     xn = self._norm('ln_2')(x)
-    hidden = int(d * self.mlp_ratio)
-    mlp = functools.partial(Mlp, hidden, act=self.mlp_act, dtype=self.dtype,
-                            param_dtype=self.param_dtype, name='mlp')
+    # Scanned, the recomputed activation keeps the layer's stack lean; unrolled, XLA already
+    # keeps only the product, and the checkpoint's barrier would add a copy of it.
+    mlp = functools.partial(Mlp, int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
+                            param_dtype=self.param_dtype, recompute_activation=self.scanned,
+                            name='mlp')
     if self.mlp_adapter is not None and self.fuse_joint_adapter and not self.layer_scale:
-      # The frozen MLP and the joint adapter beside it as one MLP of width 4D + D/4: one
-      # product in, one kernel for both activations, one product out into the residual
-      # (norm.mlp_with_adapter). Same parameters, same function.
-      (w_fc, b_fc), (w_proj, b_proj) = mlp(weights_only=True)(xn)
-      (w_1, b_1), (w_2, b_2) = self.mlp_adapter(name='MLP_Adapter', weights_only=True)(xn)
+      # The frozen MLP and the joint adapter beside it as one MLP: same parameters, same
+      # function (mlp_and_joint_adapter).
       scale = path_scale()
       scale = self.mlp_adapter_scale if scale is None else self.mlp_adapter_scale * scale
-      weights = [w.astype(self.dtype) for w in (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)]
-      with jax.named_scope('mlp'):     # profiles file its kernels under the MLP
-        x = mlp_with_adapter(ACTIVATIONS[self.mlp_act], gelu_exact, x, xn.astype(self.dtype),
-                             *weights, scale)
+      x = mlp_and_joint_adapter(mlp, functools.partial(self.mlp_adapter, name='MLP_Adapter'),
+                                self.mlp_act, x, xn, scale, self.dtype)
     else:
-      # Scanned, the recomputed activation keeps the layer's stack lean; unrolled, XLA
-      # already keeps only the product, and the checkpoint's barrier would add a copy of it.
-      m = mlp(recompute_activation=self.scanned)(xn)
+      m = mlp()(xn)
       x = x + self._scaled(gammas, 'ls2', m)
       if self.mlp_adapter is not None:
         a = self.mlp_adapter_scale * self.mlp_adapter(name='MLP_Adapter')(xn)
@@ -690,9 +705,7 @@ class VisionTransformer(nn.Module):
               attention_impl=self.attention_impl, temporal_attention=self.temporal_attention,
               qkv_projection=self.qkv_projection, pad_multiple=call_multiple,
               valid_len=self.num_tokens if stream_len != self.num_tokens else None,
-              fuse_joint_adapter=(jnp.dtype(self.dtype).itemsize < 4
-                                  if self.fuse_joint_adapter is None
-                                  else self.fuse_joint_adapter))
+              fuse_joint_adapter=fuse_joint_adapter(self.fuse_joint_adapter, self.dtype))
     if self.adapters is not None:
       kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
       kw['mlp_adapter_scale'] = self.adapters.scale
