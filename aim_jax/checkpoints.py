@@ -303,7 +303,8 @@ RUNTIME_FIELDS = ('progress_bar', 'log_every_steps', 'checkpoint', 'device_prefe
                   'data.max_skip_rate', 'data.skip_rate_min_examples',
                   'model.remat_policy', 'model.attention_impl', 'model.temporal_attention',
                   'model.attention_pad_multiple', 'model.attention_pad_mode',
-                  'model.qkv_projection', 'model.joint_mlp', 'compiler_options')
+                  'model.qkv_projection', 'model.joint_mlp', 'model.norm_impl',
+                  'compiler_options')
 
 
 class WorkdirLock:

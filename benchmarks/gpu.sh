@@ -14,7 +14,8 @@
 #   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
 #                            compiled, side by side, plus the kernel profile of our step
 #                            (attention 'auto': cuDNN here once its check passes); then ours
-#                            with XLA attention and with the Pallas kernel (--variant rows)
+#                            with XLA attention and with the Pallas LayerNorms (--variant
+#                            rows; the Pallas attention instead of XLA's if cuDNN failed)
 #   b16_eval.json / .log     the same for eval
 #   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
 #   profile/VARIANT/MODE/    the same for each variant
@@ -129,8 +130,13 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # 'xla' is the XLA program for comparison; 'pallas' the Pallas Triton kernel (stream padded
 # to 224), for when cuDNN has no plan on CUDA 13. A variant that fails keeps its error in its
 # row and the part goes on.
+# 'pallas_norm' is the default row with the blocks' LayerNorms as Pallas kernels
+# (model.norm_impl=pallas, models/fused_norm.py; predicted 133.9 -> 130.6 ms by gpu_aot):
+# measured here before 'auto' may choose it.
 XLA_ROW=(--variant "xla:model.attention_impl=xla")
 PALLAS_ROW=(--variant "pallas:model.attention_impl=pallas")
+NORM_ROW=(--variant "pallas_norm:model.norm_impl=pallas")
+PALLAS_NORM_ROW=(--variant "pallas_norm:model.attention_impl=pallas,model.norm_impl=pallas")
 FORCE=()
 # cuDNN alone first, in its own process: if it takes the process down (no JSON), our rows
 # are run with XLA attention instead of 'auto', so that their process and the official rows
@@ -143,18 +149,19 @@ then
   FORCE=(--config.model.attention_impl=xla)
 fi
 # Our rows besides the default: with cuDNN in the default row (its check passed), the XLA row
-# to compare, and in train the Pallas one too; without, the default row is XLA already and
-# the Pallas kernel is the fused one. Eval and L/14 get one extra row, leaving the time for
-# the compiled official eval (never measured yet) and the L/14 compiles.
+# to compare, and in train the Pallas norms; without, the default row is XLA already and the
+# Pallas attention is the fused one, in train with and without the Pallas norms. Eval and
+# L/14 get one extra row, leaving the time for the compiled official eval (never measured
+# yet) and the L/14 compiles.
 # (Out of time, the smoke test says nothing: the benchmark's own check decides; as if passed.)
 AUTO_OK=$("$PY" -c "import json, sys; print(int(bool(json.load(open(sys.argv[1]))
 ['auto_check']['ok'])))" "$OUT/cudnn_attention.json" 2>/dev/null || echo 0)
 grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt" && AUTO_OK=1
 [ ${#FORCE[@]} -gt 0 ] && AUTO_OK=0
 if [ "$AUTO_OK" = 1 ]; then
-  VARIANTS=("${XLA_ROW[@]}" "${PALLAS_ROW[@]}"); ONE_MORE=("${XLA_ROW[@]}")
+  VARIANTS=("${XLA_ROW[@]}" "${NORM_ROW[@]}"); ONE_MORE=("${XLA_ROW[@]}")
 else
-  VARIANTS=("${PALLAS_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
+  VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
 fi
 echo "cuDNN's 'auto' check passed: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
 part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OFFICIAL[@]}" \

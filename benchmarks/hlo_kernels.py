@@ -279,6 +279,10 @@ def family_of(inst: Instruction, kernel_name: str, op_name: str) -> str:
       return 'attention'
     if re.search(r'gemm|cublas|matmul|conv', t, re.I):
       return 'gemm'
+    pallas = re.search(r'([\w\-]+)/pallas_call', op_name)
+    if 'triton' in t and pallas:
+      # A Pallas kernel: by its name (`pallas_call(name=...)`), as a profile names it.
+      return profile_kernels.family(pallas.group(1))
     return profile_kernels.family(t)
   if inst.op in ('copy', 'transpose', 'copy-start', 'copy-done'):
     return 'transpose/copy'

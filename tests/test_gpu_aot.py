@@ -178,6 +178,28 @@ metadata={{op_name="{name}"}}, backend_config={config}
                                              k.bytes / H.RATES['gemm']['bytes_s']))
 
 
+def test_a_pallas_kernel_is_filed_by_its_name():
+  """A Pallas Triton call (`__gpu$xla.gpu.triton`) is named by its `pallas_call(name=...)` in
+  the op name: the LayerNorm kernels of `model.norm_impl='pallas'` are reductions, as a
+  measured profile files `layer_norm_fwd`; a name that says nothing stays 'other'."""
+  def program(op_name):
+    return f"""HloModule m
+
+ENTRY %main (x.1: bf16[1024,768], s.1: f32[768]) -> bf16[1024,768] {{
+  %x.1 = bf16[1024,768]{{1,0}} parameter(0)
+  %s.1 = f32[768]{{0}} parameter(1)
+  ROOT %t.1 = bf16[1024,768]{{1,0}} custom-call(%x.1, %s.1, %s.1), \
+custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="{op_name}"}}
+}}
+"""
+  name = 'jit(train_step)/jvp(M)/backbone/resblocks_3/ln_1/layer_norm_fwd/pallas_call'
+  (k,) = H.kernels(program(name))
+  assert k.family == 'reduction' and k.where == 'ln_1 fwd'
+  assert k.bytes_in == 1024 * 768 * 2 + 2 * 768 * 4 and k.bytes_out == 1024 * 768 * 2
+  (k,) = H.kernels(program('jit(f)/backbone/resblocks_3/ln_1/pallas_call'))
+  assert k.family == 'other'
+
+
 def test_hlo_without_an_entry_is_refused():
   with pytest.raises(ValueError, match='ENTRY'):
     H.kernels('HloModule m\n')

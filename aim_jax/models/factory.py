@@ -17,6 +17,7 @@ from absl import logging
 from aim_jax.models import attention_choice
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.attention_choice import AUTO
+from aim_jax.models.norm import NORM_IMPLS
 from aim_jax.models.aim import VideoClassifier, inject
 from aim_jax.models.swin import SwinTransformer
 from aim_jax.models import vit
@@ -78,6 +79,11 @@ def default_model_config() -> dict:
       # in bf16/fp16, the separate modules in float32) | 'fused' | 'separate'. Same
       # parameters and function (models/norm.py mlp_with_adapter).
       joint_mlp='auto',
+      # The LayerNorms that read a ViT block's residual stream (ln_1, ln_2): 'auto' (XLA
+      # until the Pallas kernels are measured on a GPU) | 'xla' | 'pallas': one Pallas
+      # Triton kernel each way, the stream's gradient added in the backward kernel
+      # (models/fused_norm.py). Same parameters and function.
+      norm_impl='auto',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(
           embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),   # Swin-B
@@ -151,10 +157,19 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
                      f'{out["attention_pad_multiple"]}')
   for k, allowed in (('attention_pad_mode', vit.PAD_MODES),
                      ('qkv_projection', vit.QKV_PROJECTIONS + (AUTO,)),
-                     ('joint_mlp', tuple(JOINT_MLP))):
+                     ('joint_mlp', tuple(JOINT_MLP)),
+                     ('norm_impl', NORM_IMPLS + (AUTO,))):
     if out[k] not in allowed:
       raise ValueError(f'model.{k} must be one of {list(allowed)}, got {out[k]!r}')
+  if out['backbone'] == 'swin' and out['norm_impl'] not in (AUTO, 'xla'):
+    raise ValueError(f"model.norm_impl={out['norm_impl']!r} is for ViT backbones; a Swin's "
+                     "norms are XLA's (set model.norm_impl to 'auto')")
   return out
+
+
+def norm_impl(cfg: Mapping) -> str:
+  """model.norm_impl made concrete ('auto': 'xla')."""
+  return 'xla' if cfg['norm_impl'] == AUTO else cfg['norm_impl']
 
 
 def adapter_spec(cfg: Mapping) -> AdapterSpec | None:
@@ -205,7 +220,7 @@ def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
       temporal_attention=cfg['temporal_attention'], qkv_projection=cfg['qkv_projection'],
       attention_pad_multiple=cfg['attention_pad_multiple'],
       attention_pad_mode=cfg['attention_pad_mode'],
-      fuse_joint_adapter=JOINT_MLP[cfg['joint_mlp']], **family)
+      fuse_joint_adapter=JOINT_MLP[cfg['joint_mlp']], norm_impl=norm_impl(cfg), **family)
 
 
 def build_swin_encoder(cfg: Mapping) -> SwinTransformer:

@@ -79,23 +79,51 @@ def _backward(eps, dtype, res, dy):
 layer_norm.defvjp(_forward, _backward)
 
 
+# model.norm_impl: how the LayerNorms that read a ViT block's residual stream run.
+#   'xla': `layer_norm` below, fused by XLA; 'pallas': one Pallas Triton kernel each way
+#   (fused_norm.py; interpreted, slowly, on a CPU).
+NORM_IMPLS = ('xla', 'pallas')
+
+
+def check_norm_impl(impl: str | None) -> str:
+  impl = impl or 'xla'
+  if impl not in NORM_IMPLS:
+    raise ValueError(f"model.norm_impl must be one of {list(NORM_IMPLS) + ['auto']}, "
+                     f'got {impl!r}')
+  return impl
+
+
 class LayerNorm(nn.Module):
   """`flax.linen.LayerNorm` over the last axis (same parameters, same forward values)
   whose backward pass keeps only the input and the float32 row statistics. Its
-  parameters are laid out along the model's 'embed' axis (logical partitioning)."""
+  parameters are laid out along the model's 'embed' axis (logical partitioning).
+
+  `norm(x, stream=True)` returns `(x, norm(x))` for a caller that continues the residual
+  stream `x` with the first output: with `impl='pallas'` the norm runs as one Pallas kernel
+  each way and its backward kernel also adds the stream's cotangent
+  (`fused_norm.residual_layer_norm`); with 'xla' it is `(x, norm(x))` as written.
+  """
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   scale_init: Callable = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
   bias_init: Callable = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
+  impl: str = 'xla'               # model.norm_impl: 'xla' | 'pallas' (fused_norm.NORM_IMPLS)
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, stream: bool = False):
     d = x.shape[-1]
     scale = self.param('scale', self.scale_init, (d,), self.param_dtype)
     bias = self.param('bias', self.bias_init, (d,), self.param_dtype)
     dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
-    return layer_norm(x, scale, bias, self.epsilon, dtype)
+    if not stream:
+      return layer_norm(x, scale, bias, self.epsilon, dtype)
+    if check_norm_impl(self.impl) == 'pallas':
+      from aim_jax.models import fused_norm   # imports Pallas: only when asked for
+      rows = fused_norm.row_sharding(x.shape)
+      if rows != fused_norm.WIDTH_SPLIT:
+        return fused_norm.residual_layer_norm(x, scale, bias, self.epsilon, dtype, rows)
+    return x, layer_norm(x, scale, bias, self.epsilon, dtype)
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

@@ -519,10 +519,11 @@ class ResidualAttentionBlock(nn.Module):
   valid_len: Optional[int] = None  # real tokens when the stream carries padding (mode 'stream')
   scanned: bool = False          # (carry, xs) signature for nn.scan
   fuse_joint_adapter: bool = False  # MLP + MLP_Adapter as one wider MLP (mlp_with_adapter)
+  norm_impl: str = 'xla'         # ln_1 / ln_2: 'xla' | 'pallas' (norm.NORM_IMPLS)
 
   def _norm(self, name):
     return LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
-                     name=name)
+                     impl=self.norm_impl, name=name)
 
   def _gammas(self, d):
     if not self.layer_scale:
@@ -581,8 +582,11 @@ class ResidualAttentionBlock(nn.Module):
                                    valid_len=self.valid_len)
     gammas = self._gammas(d)
 
+    # Each norm of the stream is called as `x, h = norm(x, stream=True)`: the same x
+    # continues the stream, so a fused norm's backward kernel can add the stream's
+    # cotangent (fused_norm.residual_layer_norm).
     if self.t_adapter is not None:
-      xt = ln_1(x)
+      x, xt = ln_1(x, stream=True)
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
       # (B, T, L, D), attention over T
@@ -592,12 +596,13 @@ class ResidualAttentionBlock(nn.Module):
       x = x + xt
 
     # (B, T, L, D), attention over L
-    xs = self._attend_and_adapt(attn, ln_1(x), gammas, self.s_adapter, 'S_Adapter', axis=2,
+    x, xs = ln_1(x, stream=True)
+    xs = self._attend_and_adapt(attn, xs, gammas, self.s_adapter, 'S_Adapter', axis=2,
                                 valid_len=self.valid_len)
     x = x + xs
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
-    xn = self._norm('ln_2')(x)
+    x, xn = self._norm('ln_2')(x, stream=True)
     # Scanned, the recomputed activation keeps the layer's stack lean; unrolled, XLA already
     # keeps only the product, and the checkpoint's barrier would add a copy of it.
     mlp = functools.partial(Mlp, int(d * self.mlp_ratio), act=self.mlp_act, dtype=self.dtype,
@@ -634,7 +639,8 @@ class VisionTransformer(nn.Module):
     adapters (AdapterSpec or None), drop_path_rate, drop_path_mode.
   Attributes (execution): scan_layers, remat_policy ('none', 'full',
     'dots_saveable', ...), dtype, param_dtype, attention_impl,
-    temporal_attention ('einsum' | 'dot_product_attention', see MultiHeadAttention).
+    temporal_attention ('einsum' | 'dot_product_attention', see MultiHeadAttention),
+    fuse_joint_adapter, norm_impl.
   """
   patch_size: int = 16
   width: int = 768
@@ -669,6 +675,8 @@ class VisionTransformer(nn.Module):
   # the same function, another order of float sums). None: on for half-precision compute,
   # off in float32 (the golden tests' program stays as it was).
   fuse_joint_adapter: Optional[bool] = None
+  # The blocks' ln_1 / ln_2: 'xla' | 'pallas' (one kernel each way, norm.LayerNorm).
+  norm_impl: str = 'xla'
 
   @property
   def grid(self) -> int:
@@ -705,7 +713,8 @@ class VisionTransformer(nn.Module):
               attention_impl=self.attention_impl, temporal_attention=self.temporal_attention,
               qkv_projection=self.qkv_projection, pad_multiple=call_multiple,
               valid_len=self.num_tokens if stream_len != self.num_tokens else None,
-              fuse_joint_adapter=fuse_joint_adapter(self.fuse_joint_adapter, self.dtype))
+              fuse_joint_adapter=fuse_joint_adapter(self.fuse_joint_adapter, self.dtype),
+              norm_impl=self.norm_impl)
     if self.adapters is not None:
       kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
       kw['mlp_adapter_scale'] = self.adapters.scale
