@@ -67,6 +67,22 @@ def test_the_kernels_compute_the_xla_layer_norm_and_its_gradient_with_the_stream
   np.testing.assert_allclose(grads[0] - dx0, dstream, atol=2e-5)
 
 
+def test_copies_of_the_output_have_their_cotangents_summed_in_the_kernel():
+  x, scale, bias, dy, dstream = _inputs(SHAPE)
+  dys = [dy, 0.5 * dy + 1, jnp.cos(dy)]
+  fn = lambda x, s, b: fused_norm.residual_layer_norm(x, s, b, 1e-5, jnp.float32, None, 3)
+  out, vjp = jax.vjp(fn, x, scale, bias)
+  assert len(out) == 4 and out[1] is out[2] is out[3]
+  grads = jax.jit(vjp)((dstream, *dys))
+  _, grads_ref = _reference_vjp(x, scale, bias, sum(dys), dstream, jnp.float32)
+  for name, got, want in zip(('dx', 'dscale', 'dbias'), grads, grads_ref):
+    np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5, err_msg=name)
+  # One backward kernel reads the three cotangents (no XLA sum before it).
+  jaxpr = jax.make_jaxpr(vjp)((dstream, *dys))
+  (call, *_) = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
+  assert len(call.invars) == 1 + 3 + 1 + 3     # x, three cotangents, the stream's, scale, stats
+
+
 def test_the_row_statistics_are_float32_and_the_outputs_take_the_compute_dtype():
   x, scale, bias, dy, dstream = _inputs((5, 40), jnp.bfloat16)
   (_, y), (dx, dscale, dbias) = _fused_vjp(x, scale, bias, dy, dstream, jnp.bfloat16)
@@ -86,9 +102,11 @@ def _vit(impl, dtype='float32', **kw):
   return factory.build_model(cfg)
 
 
-def test_a_vit_with_pallas_norms_has_the_same_parameters_loss_and_gradients():
+@pytest.mark.parametrize('qkv', ['fused', 'split'])
+def test_a_vit_with_pallas_norms_has_the_same_parameters_loss_and_gradients(qkv):
   x = jax.random.normal(jax.random.key(0), (2, 2, 32, 32, 3))
-  models = {impl: _vit(impl, drop_path_rate=0.3) for impl in ('xla', 'pallas')}
+  models = {impl: _vit(impl, drop_path_rate=0.3, qkv_projection=qkv)
+            for impl in ('xla', 'pallas')}
   params = {impl: m.init(jax.random.key(1), x) for impl, m in models.items()}
   assert jax.tree.map(np.shape, params['xla']) == jax.tree.map(np.shape, params['pallas'])
   for a, b in zip(jax.tree.leaves(params['xla']), jax.tree.leaves(params['pallas'])):
@@ -115,6 +133,10 @@ def test_a_vit_with_pallas_norms_has_the_same_parameters_loss_and_gradients():
   names = [e.params.get('name', '') for e in _equations(jaxpr.jaxpr)
            if e.primitive.name == 'pallas_call']
   assert names.count('layer_norm_fwd') == names.count('layer_norm_bwd') == 3 * 2 * 2
+  # Split, ln_1's backward kernels read q, k and v's cotangents apart (3 + 5 operands).
+  arity = sorted(len(e.invars) for e in _equations(jaxpr.jaxpr)
+                 if e.primitive.name == 'pallas_call' and e.params['name'] == 'layer_norm_bwd')
+  assert arity == ([6] * 12 if qkv == 'fused' else [6] * 4 + [8] * 8)
 
 
 def _equations(jaxpr):

@@ -97,12 +97,13 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mu_ref, rstd_ref, *, eps:
   plgpu.store(rstd_ref.at[r], rstd, mask=r_ok)
 
 
-def _backward_kernel(x_ref, dy_ref, dstream_ref, scale_ref, mu_ref, rstd_ref, dx_ref, *,
-                     rows: int, cols: int):
+def _backward_kernel(x_ref, *refs, copies: int, rows: int, cols: int):
+  dy_refs, (dstream_ref, scale_ref, mu_ref, rstd_ref, dx_ref) = refs[:copies], refs[copies:]
   m, d = x_ref.shape
   ri, ci, mask, r, r_ok, c, c_ok = _block(m, d, rows, cols)
   load = lambda ref: plgpu.load(ref.at[ri, ci], mask=mask, other=0.).astype(jnp.float32)
-  x, dy, dstream = load(x_ref), load(dy_ref), load(dstream_ref)
+  x, dstream = load(x_ref), load(dstream_ref)
+  dy = functools.reduce(lambda a, b: a + b, [load(ref) for ref in dy_refs])
   scale = plgpu.load(scale_ref.at[c], mask=c_ok, other=0.).astype(jnp.float32)
   mu = plgpu.load(mu_ref.at[r], mask=r_ok, other=0.)[:, None]
   rstd = plgpu.load(rstd_ref.at[r], mask=r_ok, other=0.)[:, None]
@@ -135,11 +136,11 @@ def _rows_forward(x2, scale, bias, eps, dtype):
                x2, scale, bias)
 
 
-def _rows_backward(x2, dy2, dstream2, scale, mu, rstd):
+def _rows_backward(x2, dys, dstream2, scale, mu, rstd):
   m, d = x2.shape
   out = jax.ShapeDtypeStruct((m, d), dstream2.dtype)
-  return _call(_backward_kernel, out, m, d, 'layer_norm_bwd', x2, dy2, dstream2, scale, mu,
-               rstd)
+  kernel = functools.partial(_backward_kernel, copies=len(dys))
+  return _call(kernel, out, m, d, 'layer_norm_bwd', x2, *dys, dstream2, scale, mu, rstd)
 
 
 def _per_device(local, batch_axes, n_rows_in: int, n_vectors: int, n_out: int):
@@ -152,39 +153,46 @@ def _per_device(local, batch_axes, n_rows_in: int, n_vectors: int, n_out: int):
                        out_specs=(rows,) * n_out, check_vma=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def residual_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
-                        dtype: Dtype, batch_axes: Any = None) -> tuple[jax.Array, jax.Array]:
-  """`(x, layer_norm(x))` over the last axis, the norm in one Pallas kernel each way (see
-  the module's docstring); `batch_axes`: the mesh axes that shard the leading dimension,
-  or None without a mesh."""
-  return _fwd(x, scale, bias, eps, dtype, batch_axes)[0]
+                        dtype: Dtype, batch_axes: Any = None, copies: int = 1) -> tuple:
+  """`(x, y, ..., y)`, `y = layer_norm(x)` over the last axis `copies` times, the norm in one
+  Pallas kernel each way (see the module's docstring). `batch_axes`: the mesh axes that
+  shard the leading dimension, or None without a mesh.
+
+  `copies`: for consumers that each take their own copy of y (q, k and v's products): the
+  backward pass receives their cotangents apart and the kernel sums them as it reads them,
+  instead of XLA writing their sum first (the copies are one array in the forward pass).
+  """
+  return _fwd(x, scale, bias, eps, dtype, batch_axes, copies)[0]
 
 
-def _fwd(x, scale, bias, eps, dtype, batch_axes):
+def _fwd(x, scale, bias, eps, dtype, batch_axes, copies):
   def local(x, scale, bias):
     lead, d = x.shape[:-1], x.shape[-1]
     y, mu, rstd = _rows_forward(x.reshape(-1, d), scale, bias, eps, dtype)
     return y.reshape(x.shape), mu.reshape(lead), rstd.reshape(lead)
   y, mu, rstd = _per_device(local, batch_axes, 1, 2, 3)(x, scale, bias)
-  return (x, y), (x, mu, rstd, scale, bias)
+  return (x,) + (y,) * copies, (x, mu, rstd, scale, bias)
 
 
-def _bwd(eps, dtype, batch_axes, res, cotangents):
+def _bwd(eps, dtype, batch_axes, copies, res, cotangents):
   del eps, dtype
   x, mu, rstd, scale, bias = res
-  dstream, dy = cotangents
+  dstream, *dys = cotangents
 
-  def local(x, dy, dstream, mu, rstd, scale):
+  def local(x, dstream, mu, rstd, *rest):
+    *dys, scale = rest
     d = x.shape[-1]
-    dx = _rows_backward(x.reshape(-1, d), dy.reshape(-1, d), dstream.reshape(-1, d), scale,
+    flat = lambda a: a.reshape(-1, d)
+    dx = _rows_backward(flat(x), [flat(dy) for dy in dys], flat(dstream), scale,
                         mu.reshape(-1), rstd.reshape(-1))
     return (dx.reshape(x.shape),)
-  dx, = _per_device(local, batch_axes, 5, 1, 1)(x, dy, dstream.astype(x.dtype), mu, rstd,
-                                                scale)
+  dx, = _per_device(local, batch_axes, 4 + copies, 1, 1)(
+      x, dstream.astype(x.dtype), mu, rstd, *dys, scale)
   # The parameters' gradients, by XLA (dropped by the compiler when the norm is frozen).
   axes = tuple(range(x.ndim - 1))
-  dyf = dy.astype(jnp.float32)
+  dyf = functools.reduce(lambda a, b: a + b, [dy.astype(jnp.float32) for dy in dys])
   x_hat = (x.astype(jnp.float32) - mu[..., None]) * rstd[..., None]
   dscale = jnp.sum(dyf * x_hat, axis=axes).astype(scale.dtype)
   dbias = jnp.sum(dyf, axis=axes).astype(bias.dtype)

@@ -102,6 +102,8 @@ class LayerNorm(nn.Module):
   stream `x` with the first output: with `impl='pallas'` the norm runs as one Pallas kernel
   each way and its backward kernel also adds the stream's cotangent
   (`fused_norm.residual_layer_norm`); with 'xla' it is `(x, norm(x))` as written.
+  `copies=n` returns `(x, y, ..., y)` with n copies of the output for n consumers (q, k
+  and v's products), whose cotangents the backward kernel then sums itself.
   """
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
@@ -111,7 +113,7 @@ class LayerNorm(nn.Module):
   impl: str = 'xla'               # model.norm_impl: 'xla' | 'pallas' (fused_norm.NORM_IMPLS)
 
   @nn.compact
-  def __call__(self, x: jax.Array, stream: bool = False):
+  def __call__(self, x: jax.Array, stream: bool = False, copies: int = 1):
     d = x.shape[-1]
     scale = self.param('scale', self.scale_init, (d,), self.param_dtype)
     bias = self.param('bias', self.bias_init, (d,), self.param_dtype)
@@ -122,8 +124,9 @@ class LayerNorm(nn.Module):
       from aim_jax.models import fused_norm   # imports Pallas: only when asked for
       rows = fused_norm.row_sharding(x.shape)
       if rows != fused_norm.WIDTH_SPLIT:
-        return fused_norm.residual_layer_norm(x, scale, bias, self.epsilon, dtype, rows)
-    return x, layer_norm(x, scale, bias, self.epsilon, dtype)
+        return fused_norm.residual_layer_norm(x, scale, bias, self.epsilon, dtype, rows,
+                                              copies)
+    return (x,) + (layer_norm(x, scale, bias, self.epsilon, dtype),) * copies
 
 
 def gelu_exact(x: jax.Array) -> jax.Array:

@@ -306,7 +306,9 @@ class MultiHeadAttention(nn.Module):
   def __call__(self, x: jax.Array, axis: int = 2, bias: Optional[jax.Array] = None,
                valid_len: Optional[int] = None, fold_out_bias: bool = False,
                project: bool = True):
-    # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T).
+    # x: (B, A1, A2, D); attention runs along `axis` (2: spatial L, 1: temporal T). With
+    # qkv_projection='split' it may be three copies of one array (q, k, v's inputs: a
+    # norm's copies, whose cotangents reach it apart, norm.LayerNorm `copies`).
     # valid_len: along L, the real tokens when the stream carries padding after them.
     # fold_out_bias: return (output without its bias, that bias (D,) in float32) for a
     # consumer that folds the bias in (an adapter), instead of the output.
@@ -322,6 +324,13 @@ class MultiHeadAttention(nn.Module):
       raise ValueError(f'model.qkv_projection must be one of {list(QKV_PROJECTIONS)}, '
                        f'got {self.qkv_projection!r}')
     impl = check_attention_impl(self.attention_impl)
+    if isinstance(x, (tuple, list)):
+      if self.qkv_projection != 'split' or len(x) != 3:
+        raise ValueError('MultiHeadAttention: three inputs (q, k, v) need '
+                         "qkv_projection='split'")
+      inputs, x = tuple(x), x[0]
+    else:
+      inputs = (x,) * 3
     d = x.shape[-1]
     h = self.num_heads
     hd = d // h
@@ -336,8 +345,8 @@ class MultiHeadAttention(nn.Module):
       # k's bias (q.b_k is the same for every key of a query), and since every row of
       # attention weights sums to 1, v's bias comes out of the attention unchanged and is
       # folded into the output projection's bias. Same function, two bias passes fewer.
-      q = qkv_proj('...d,dhk->...hk', x, select=0)
-      k, v = (qkv_proj('...d,dhk->...hk', x, select=i, add_bias=False) for i in (1, 2))
+      q = qkv_proj('...d,dhk->...hk', inputs[0], select=0)
+      k, v = (qkv_proj('...d,dhk->...hk', inputs[i], select=i, add_bias=False) for i in (1, 2))
       if self.qkv_bias:
         v_bias = nn.unbox(qkv_proj.variables['params']['bias'])[2]     # (H, hd)
     else:
@@ -486,6 +495,13 @@ class MAPHead(nn.Module):
     return y[:, 0]
 
 
+def _stream_norm(norm: nn.Module, x: jax.Array, copies: int):
+  """`(x, norm(x))` by `norm(x, stream=True)` (x continues the residual stream); with
+  `copies` > 1 the output as that many copies, a tuple."""
+  x, *h = norm(x, stream=True, copies=copies)
+  return x, (h[0] if copies == 1 else tuple(h))
+
+
 class ResidualAttentionBlock(nn.Module):
   """CLIP's residual attention block with optional AIM adapters (None = plain CLIP).
 
@@ -584,9 +600,13 @@ class ResidualAttentionBlock(nn.Module):
 
     # Each norm of the stream is called as `x, h = norm(x, stream=True)`: the same x
     # continues the stream, so a fused norm's backward kernel can add the stream's
-    # cotangent (fused_norm.residual_layer_norm).
+    # cotangent (fused_norm.residual_layer_norm). With the split projection, q, k and v's
+    # products each take their own copy of ln_1's output, so that kernel also sums their
+    # three cotangents as it reads them.
+    copies = 3 if self.qkv_projection == 'split' else 1
+    norm_1 = functools.partial(_stream_norm, ln_1)
     if self.t_adapter is not None:
-      x, xt = ln_1(x, stream=True)
+      x, xt = norm_1(x, 1 if self.t_adapter_in is not None else copies)
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
       # (B, T, L, D), attention over T
@@ -596,7 +616,7 @@ class ResidualAttentionBlock(nn.Module):
       x = x + xt
 
     # (B, T, L, D), attention over L
-    x, xs = ln_1(x, stream=True)
+    x, xs = norm_1(x, copies)
     xs = self._attend_and_adapt(attn, xs, gammas, self.s_adapter, 'S_Adapter', axis=2,
                                 valid_len=self.valid_len)
     x = x + xs
