@@ -8,6 +8,7 @@ a width split over devices keeps XLA's norm.
 """
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -221,3 +222,21 @@ def test_the_stream_call_of_the_xla_norm_is_the_plain_norm():
   assert x_out is x
   np.testing.assert_array_equal(y, ln.apply(params, x))
 
+
+
+def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path, capsys):
+  from benchmarks import norm_kernels
+  out = tmp_path / 'norm_kernels.json'
+  assert norm_kernels.main(['--cpu-smoke', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  (shape,) = result['shapes'].values()
+  assert (shape['rows'], shape['width'], shape['copies']) == (40, 96, 3)
+  assert shape['bwd_bytes'] == 6 * 40 * 96 * 2
+  for row in [shape['xla']] + shape['pallas']:
+    assert row['fwd']['ms'] > 0 and row['bwd']['ms'] > 0
+  (tile,) = shape['pallas']
+  assert tile['ok'] and tile['max_abs_diff']['bwd'] <= norm_kernels.TOLERANCE['bwd']
+  assert shape['best']['tile'] == tile['tile']
+  with pytest.raises(SystemExit):
+    norm_kernels.main(['--tiles', '8', '--out', str(out)])
+  assert '--tiles' in capsys.readouterr().err

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
@@ -48,6 +48,7 @@ Dtype = Any
 # program, 12,800 programs for a B/16 8x224 batch of 64.
 ROWS = 8
 NUM_WARPS = 4
+Tile = Optional[tuple[int, int]]
 # row_sharding's answer when the mesh splits the width: the norm stays XLA's.
 WIDTH_SPLIT = 'width'
 
@@ -117,30 +118,31 @@ def _backward_kernel(x_ref, *refs, copies: int, rows: int, cols: int):
   plgpu.store(dx_ref.at[ri, ci], dx.astype(dx_ref.dtype), mask=mask)
 
 
-def _call(kernel, out_shape, m: int, d: int, name: str, *args):
+def _call(kernel, out_shape, m: int, d: int, name: str, tile: Tile, *args):
+  rows, num_warps = tile or (ROWS, NUM_WARPS)
   cols = pl.next_power_of_2(d)
   run = functools.partial(
-      pl.pallas_call, functools.partial(kernel, rows=ROWS, cols=cols), out_shape=out_shape,
-      grid=(pl.cdiv(m, ROWS),), name=name,
-      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1))
+      pl.pallas_call, functools.partial(kernel, rows=rows, cols=cols), out_shape=out_shape,
+      grid=(pl.cdiv(m, rows),), name=name,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1))
   # The kernel for the platform the program is lowered for (an ahead-of-time compile for
   # a GPU target runs on a host without one); the interpreter on a CPU.
   return jax.lax.platform_dependent(*args, cpu=run(interpret=True), default=run())
 
 
-def _rows_forward(x2, scale, bias, eps, dtype):
+def _rows_forward(x2, scale, bias, eps, dtype, tile=None):
   m, d = x2.shape
   f32 = jax.ShapeDtypeStruct((m,), jnp.float32)
   out = [jax.ShapeDtypeStruct((m, d), dtype), f32, f32]
-  return _call(functools.partial(_forward_kernel, eps=eps), out, m, d, 'layer_norm_fwd',
+  return _call(functools.partial(_forward_kernel, eps=eps), out, m, d, 'layer_norm_fwd', tile,
                x2, scale, bias)
 
 
-def _rows_backward(x2, dys, dstream2, scale, mu, rstd):
+def _rows_backward(x2, dys, dstream2, scale, mu, rstd, tile=None):
   m, d = x2.shape
   out = jax.ShapeDtypeStruct((m, d), dstream2.dtype)
   kernel = functools.partial(_backward_kernel, copies=len(dys))
-  return _call(kernel, out, m, d, 'layer_norm_bwd', x2, *dys, dstream2, scale, mu, rstd)
+  return _call(kernel, out, m, d, 'layer_norm_bwd', tile, x2, *dys, dstream2, scale, mu, rstd)
 
 
 def _per_device(local, batch_axes, n_rows_in: int, n_vectors: int, n_out: int):
@@ -153,9 +155,10 @@ def _per_device(local, batch_axes, n_rows_in: int, n_vectors: int, n_out: int):
                        out_specs=(rows,) * n_out, check_vma=False)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
 def residual_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float,
-                        dtype: Dtype, batch_axes: Any = None, copies: int = 1) -> tuple:
+                        dtype: Dtype, batch_axes: Any = None, copies: int = 1,
+                        tile: Tile = None) -> tuple:
   """`(x, y, ..., y)`, `y = layer_norm(x)` over the last axis `copies` times, the norm in one
   Pallas kernel each way (see the module's docstring). `batch_axes`: the mesh axes that
   shard the leading dimension, or None without a mesh.
@@ -163,20 +166,21 @@ def residual_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: fl
   `copies`: for consumers that each take their own copy of y (q, k and v's products): the
   backward pass receives their cotangents apart and the kernel sums them as it reads them,
   instead of XLA writing their sum first (the copies are one array in the forward pass).
+  `tile`: (rows per program, warps per program), default (ROWS, NUM_WARPS).
   """
-  return _fwd(x, scale, bias, eps, dtype, batch_axes, copies)[0]
+  return _fwd(x, scale, bias, eps, dtype, batch_axes, copies, tile)[0]
 
 
-def _fwd(x, scale, bias, eps, dtype, batch_axes, copies):
+def _fwd(x, scale, bias, eps, dtype, batch_axes, copies, tile):
   def local(x, scale, bias):
     lead, d = x.shape[:-1], x.shape[-1]
-    y, mu, rstd = _rows_forward(x.reshape(-1, d), scale, bias, eps, dtype)
+    y, mu, rstd = _rows_forward(x.reshape(-1, d), scale, bias, eps, dtype, tile)
     return y.reshape(x.shape), mu.reshape(lead), rstd.reshape(lead)
   y, mu, rstd = _per_device(local, batch_axes, 1, 2, 3)(x, scale, bias)
   return (x,) + (y,) * copies, (x, mu, rstd, scale, bias)
 
 
-def _bwd(eps, dtype, batch_axes, copies, res, cotangents):
+def _bwd(eps, dtype, batch_axes, copies, tile, res, cotangents):
   del eps, dtype
   x, mu, rstd, scale, bias = res
   dstream, *dys = cotangents
@@ -186,7 +190,7 @@ def _bwd(eps, dtype, batch_axes, copies, res, cotangents):
     d = x.shape[-1]
     flat = lambda a: a.reshape(-1, d)
     dx = _rows_backward(flat(x), [flat(dy) for dy in dys], flat(dstream), scale,
-                        mu.reshape(-1), rstd.reshape(-1))
+                        mu.reshape(-1), rstd.reshape(-1), tile)
     return (dx.reshape(x.shape),)
   dx, = _per_device(local, batch_axes, 4 + copies, 1, 1)(
       x, dstream.astype(x.dtype), mu, rstd, *dys, scale)
