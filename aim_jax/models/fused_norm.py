@@ -18,14 +18,19 @@ first output, so the backward pass receives both cotangents and writes their sum
 `d_stream + layer_norm_vjp(dy)` in the kernel (`x + branch(ln(x))` would otherwise add
 them in an XLA kernel of its own around the custom call, which XLA cannot fuse into).
 
+Likewise, with `copies=3` the output goes to q, k and v's products as three copies (one
+array in the forward pass): their cotangents reach the backward pass apart and the kernel
+sums them as it reads them, where XLA would first write their sum.
+
 The scale and bias gradients (for a trainable norm) are XLA reductions beside the kernel;
 the compiler drops them when the norm is frozen (AIM's `ln_1`, `ln_2`).
 
 Rows are tiled `ROWS` to a program, the width padded to a power of two (Triton's tensor
 sizes) and masked. On a CPU the kernels run in Pallas's interpreter (slowly: for tests).
-Under a mesh whose batch axes shard the activations (`sharding.activation_spec`), each
-device runs the kernel on its own rows (`jax.shard_map`); a width split over devices
-(tensor parallelism) keeps the XLA norm, which XLA partitions itself.
+Under a mesh whose batch axes shard the activations (the logical axis 'activation_batch'),
+each device runs the kernel on its own rows (`jax.shard_map`); a width split over devices
+(tensor parallelism, 'activation_embed') keeps the XLA norm, which XLA partitions itself.
+`benchmarks/norm_kernels.py` times the kernels against XLA's norm per tile.
 """
 
 from __future__ import annotations
