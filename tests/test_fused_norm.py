@@ -4,7 +4,7 @@
 The kernels must compute `norm.layer_norm` (flax's LayerNorm) and its gradient plus the
 residual stream's cotangent; a ViT with them must have the same parameters, loss and
 gradients as with XLA's norms; under a mesh each device must run the kernel on its own rows;
-a width split over devices keeps XLA's norm.
+a mesh that splits the model over devices keeps XLA's norm.
 """
 
 import functools
@@ -181,21 +181,33 @@ def test_under_a_mesh_each_device_normalises_its_own_rows():
   np.testing.assert_allclose(dx, dx_ref, atol=2e-5, rtol=1e-5)
 
 
-def test_a_width_split_over_devices_keeps_the_xla_norm():
+@pytest.mark.parametrize('rules', [RULES, [('activation_batch', ('data', 'fsdp')),
+                                            ('activation_embed', None),
+                                            ('activation_mlp', 'model')]],
+                         ids=['width_split', 'model_axis'])
+def test_a_mesh_that_splits_the_model_keeps_the_xla_norm(rules):
+  """A 'model' axis of more than one device (the width split, or only the MLP's hidden as in
+  configs/common.py): XLA's norm, which XLA partitions with the rest of the step."""
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 1, 4), ('data', 'fsdp', 'model'))
-  with sharding.mesh_context(mesh, RULES):
-    assert fused_norm.row_sharding((2, 3, 8)) == fused_norm.WIDTH_SPLIT
+  with sharding.mesh_context(mesh, rules):
+    assert fused_norm.row_sharding((2, 3, 8)) == fused_norm.KEEP_XLA
     x = jnp.ones((2, 3, 8))
     ln = LayerNorm(impl='pallas')
     params = ln.init(jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(lambda x: ln.apply(params, x, stream=True))(x)
   assert not any(e.primitive.name == 'pallas_call' for e in _equations(jaxpr.jaxpr))
-  # No mesh at all: the kernel, on every row.
+
+
+def test_without_a_mesh_or_with_one_device_the_kernel_runs_on_every_row():
   assert fused_norm.row_sharding((2, 3, 8)) is None
-  # A mesh that replicates the batch: the kernel without shard_map.
   with sharding.mesh_context(Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1),
                                   ('data', 'fsdp', 'model')), RULES):
     assert fused_norm.row_sharding((2, 3, 8)) is None
+    x = jnp.ones((2, 3, 8))
+    ln = LayerNorm(impl='pallas')
+    params = ln.init(jax.random.key(0), x)
+    jaxpr = jax.make_jaxpr(lambda x: ln.apply(params, x, stream=True))(x)
+  assert any(e.primitive.name == 'pallas_call' for e in _equations(jaxpr.jaxpr))
 
 
 def test_model_norm_impl_is_checked_and_auto_is_xla():

@@ -123,7 +123,7 @@ class LayerNorm(nn.Module):
     if check_norm_impl(self.impl) == 'pallas':
       from aim_jax.models import fused_norm   # imports Pallas: only when asked for
       rows = fused_norm.row_sharding(x.shape)
-      if rows != fused_norm.WIDTH_SPLIT:
+      if rows != fused_norm.KEEP_XLA:
         return fused_norm.residual_layer_norm(x, scale, bias, self.epsilon, dtype, rows,
                                               copies)
     return (x,) + (layer_norm(x, scale, bias, self.epsilon, dtype),) * copies
