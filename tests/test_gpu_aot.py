@@ -271,13 +271,20 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   out = tmp_path / 'aot.json'
   p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--mode', 'train', '--batch',
             '8', '--config.model.dtype=bfloat16', '--variant',
-            'pallas:model.attention_impl=pallas', '--out', str(out)])
+            'pallas:model.attention_impl=pallas,model.norm_impl=pallas', '--out', str(out),
+            '--hlo_dir', str(tmp_path / 'variants')])
   assert p.returncode == 0, p.stderr[-2000:]
   rows = json.load(open(out))['rows']
   assert [r['variant'] for r in rows] == ['default', 'pallas']
   assert rows[0]['attention'] == dict(attention_impl='cudnn', qkv_projection='split',
                                       temporal_attention='dot_product_attention')
   assert rows[1]['attention']['attention_impl'] == 'pallas'
+  # The Pallas LayerNorm kernels compile for the H200 and are filed as reductions.
+  with open(tmp_path / 'variants' / 'pallas_train.hlo') as f:
+    ks = H.kernels(f.read())
+  norms = [k for k in ks if k.op == 'custom-call' and k.where.startswith(('ln_1', 'ln_2'))]
+  assert {k.family for k in norms} == {'reduction'}
+  assert {k.where for k in norms} >= {'ln_1 fwd', 'ln_1 bwd', 'ln_2 fwd', 'ln_2 bwd'}
   for r in rows:
     assert 'H200' in r['device_kind'] and r['program_memory_bytes'] > 0
     assert r['predicted_step_ms'] > 0 and r['families']['gemm']['gflop'] > 0
