@@ -218,6 +218,8 @@ def test_model_norm_impl_is_checked_and_auto_is_xla():
   with pytest.raises(ValueError, match="model.norm_impl='pallas' is for ViT backbones"):
     factory.resolve_model_config({'norm_impl': 'pallas', 'backbone': 'swin', 'variant': ''})
   assert _vit('auto').backbone.norm_impl == 'xla'
+  with pytest.raises(ValueError, match="model.norm_impl='pallas' runs Triton kernels"):
+    factory.build_encoder({'norm_impl': 'pallas'}, platform='tpu')
   assert _vit('pallas').backbone.norm_impl == 'pallas'
   # A plain call (ln_pre, ln_post, a MAP head) is XLA's, whatever the impl.
   ln = LayerNorm(impl='pallas')

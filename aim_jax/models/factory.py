@@ -259,6 +259,9 @@ def build_encoder(cfg: Mapping | Any, platform: Optional[str] = None, check: boo
     logging.info('attention: %s', chosen)
   if cfg['backbone'] not in ENCODERS:
     raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
+  if norm_impl(cfg) == 'pallas' and platform not in ('gpu', 'cpu'):
+    raise ValueError(f"model.norm_impl='pallas' runs Triton kernels (NVIDIA GPUs; on a CPU, "
+                     f"Pallas's interpreter), not on {platform!r}: set model.norm_impl to 'auto'")
   return ENCODERS[cfg['backbone']](cfg)
 
 

@@ -110,7 +110,7 @@ class LayerNorm(nn.Module):
   param_dtype: Dtype = jnp.float32
   scale_init: Callable = nn.with_logical_partitioning(nn.initializers.ones, ('embed',))
   bias_init: Callable = nn.with_logical_partitioning(nn.initializers.zeros, ('embed',))
-  impl: str = 'xla'               # model.norm_impl: 'xla' | 'pallas' (fused_norm.NORM_IMPLS)
+  impl: str = 'xla'               # model.norm_impl: 'xla' | 'pallas' (NORM_IMPLS)
 
   @nn.compact
   def __call__(self, x: jax.Array, stream: bool = False, copies: int = 1):
