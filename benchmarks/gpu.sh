@@ -23,6 +23,8 @@
 #   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py;
 #                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its xla variant
 #                            (97 GiB)
+#   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, if the
+#                            budget has time left after the parts above
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
@@ -172,6 +174,10 @@ part b16_eval 80 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFIC
 part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
   --batch "$BATCH_L" --steps 5 --warmup 1 --mode train "${ONE_MORE[@]}" "${FORCE[@]}" \
   --out "$OUT/l14_train.json"
+# With time left over (the parts' limits are bounds, not estimates): the Pallas LayerNorm
+# kernels against XLA's, per tile (benchmarks/norm_kernels.py); skipped when under 20 s remain.
+NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
+part norm_kernels 40 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/norm_kernels.json"
 echo "done at $(el) s" | tee -a "$OUT/summary.txt"
 # The figures against the issue's targets (met / missed / not measured), also as JSON.
 "$PY" -m benchmarks.gpu_report "$OUT" --json "$OUT/report.json" > "$OUT/report.md" 2>&1
