@@ -48,6 +48,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.sharding import PartitionSpec as P
 
+from aim_jax.models import norm
+
 Dtype = Any
 
 # Rows per program and warps per program. A ViT row (768 to 1280 wide, padded to 1024 or
@@ -203,12 +205,9 @@ def _bwd(eps, dtype, batch_axes, copies, tile, res, cotangents):
   dx, = _per_device(local, batch_axes, 4 + copies, 1, 1)(
       x, dstream.astype(x.dtype), mu, rstd, *dys, scale)
   # The parameters' gradients, by XLA (dropped by the compiler when the norm is frozen).
-  axes = tuple(range(x.ndim - 1))
   dyf = functools.reduce(lambda a, b: a + b, [dy.astype(jnp.float32) for dy in dys])
   x_hat = (x.astype(jnp.float32) - mu[..., None]) * rstd[..., None]
-  dscale = jnp.sum(dyf * x_hat, axis=axes).astype(scale.dtype)
-  dbias = jnp.sum(dyf, axis=axes).astype(bias.dtype)
-  return dx, dscale, dbias
+  return (dx,) + norm.scale_bias_grads(x_hat, dyf, scale, bias)
 
 
 residual_layer_norm.defvjp(_fwd, _bwd)

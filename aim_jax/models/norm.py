@@ -70,10 +70,16 @@ def _backward(eps, dtype, res, dy):
   mean_g = jnp.sum(g, axis=-1, keepdims=True) / n
   mean_gx = jnp.sum(g * x_hat, axis=-1, keepdims=True) / n
   dx = rstd * (g - mean_g - x_hat * mean_gx)
-  axes = tuple(range(x.ndim - 1))
-  dscale = jnp.sum(dyf * x_hat, axis=axes).astype(scale.dtype)
-  dbias = jnp.sum(dyf, axis=axes).astype(bias.dtype)
-  return dx.astype(x.dtype), dscale, dbias
+  return (dx.astype(x.dtype),) + scale_bias_grads(x_hat, dyf, scale, bias)
+
+
+def scale_bias_grads(x_hat: jax.Array, dy: jax.Array, scale: jax.Array,
+                     bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A LayerNorm's scale and bias gradients from its normalised input and the output's
+  cotangent (float32), summed over every axis but the last, in the parameters' dtypes."""
+  axes = tuple(range(x_hat.ndim - 1))
+  return (jnp.sum(dy * x_hat, axis=axes).astype(scale.dtype),
+          jnp.sum(dy, axis=axes).astype(bias.dtype))
 
 
 layer_norm.defvjp(_forward, _backward)
