@@ -167,11 +167,62 @@ def _library_gemm_flops(inst: Instruction, operand_shapes: list[str]) -> float:
   return 0.0 if k is None else 2.0 * shape_elements(inst.shape) * k
 
 
+# Operations whose result does not map element for element onto each operand: what a
+# part of their result needs of an operand is not that part (they read all of it).
+_NOT_ONE_TO_ONE = frozenset({
+    'reduce', 'reduce-window', 'dot', 'convolution', 'broadcast', 'concatenate', 'pad',
+    'gather', 'scatter', 'dynamic-update-slice', 'custom-call', 'fusion', 'sort',
+    'select-and-scatter', 'iota', 'rng', 'while', 'call', 'conditional', 'tuple',
+    'get-tuple-element'})
+
+
+def _demand(insts: list[Instruction]) -> dict[str, float]:
+  """The fraction of each instruction's elements that a fused computation's outputs need.
+
+  A GPU fusion computes each output element from the input elements it needs, so an
+  operation whose result is only sliced computes (and its parameters are read) only for
+  that part: the bias add of a wide hidden whose adapter columns a gradient slices out
+  reads those columns, not the whole hidden. Roots need all of themselves; a slice or
+  dynamic slice needs its share of its operand; an element-for-element operation
+  (element-wise, convert, bitcast, reshape, transpose) passes on what its users need;
+  anything else needs all of its operands. Several slices of one operand add up (they may
+  overlap: an upper bound), capped at 1."""
+  by_name = {i.name: i for i in insts}
+  root = next((i for i in insts if i.root), insts[-1] if insts else None)
+  need: dict[str, float] = {}
+  if root is None:
+    return need
+  whole = set(_operands(root.rest)) if root.op == 'tuple' else {root.name}
+  users: dict[str, list[Instruction]] = collections.defaultdict(list)
+  for i in insts:
+    for o in set(_operands(i.rest)):
+      users[o].append(i)
+  for i in reversed(insts):        # HLO lists an operation after its operands
+    if i.name in whole:
+      need[i.name] = 1.0
+      continue
+    elements = shape_elements(i.shape)
+    passed, sliced = 0.0, 0.0
+    for u in users.get(i.name, []):
+      first = _operands(u.rest)[0] == i.name
+      if u.op in ('slice', 'dynamic-slice') and first and elements:
+        sliced += need.get(u.name, 1.0) * shape_elements(u.shape) / elements
+      elif (u.op not in _NOT_ONE_TO_ONE and u.name in by_name
+            and shape_elements(u.shape) == elements):
+        passed = max(passed, need.get(u.name, 1.0))
+      else:
+        passed = 1.0
+    need[i.name] = min(1.0, max(passed, sliced)) if users.get(i.name) else 1.0
+  return need
+
+
 def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
                   operand_shapes: list[str], out_shape: str) -> tuple[int, int]:
-  """(bytes read, bytes written) of a fusion: an operand read only through dynamic slices
-  costs the slices; the buffer of a dynamic-update-slice root is updated in place (the
-  scan's stacked residuals), so only the update is written and the buffer is not read."""
+  """(bytes read, bytes written) of a fusion: an operand costs the part of it the
+  fusion's outputs need (`_demand`: all of it, or only what slices and dynamic slices take
+  out of it, through element-wise operations); the buffer of a dynamic-update-slice root is
+  updated in place (the scan's stacked residuals), so only the update is written and the
+  buffer is not read."""
   insts = comps.get(comp)
   if not insts:
     return sum(shape_bytes(x) for x in operand_shapes), shape_bytes(out_shape)
@@ -190,6 +241,7 @@ def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
   root = next((i for i in insts if i.root), insts[-1])
   roots = [by_name[o] for o in _operands(root.rest) if o in by_name] if root.op == 'tuple' \
       else [root]
+  need = _demand(insts)
   read = 0
   for i in insts:
     if i.op != 'parameter':
@@ -200,10 +252,7 @@ def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
     if fu and all(u.op == 'dynamic-update-slice' and src == _operands(u.rest)[0]
                   and u.name in {r.name for r in roots} for u, src in fu):
       continue                                      # updated in place: not read
-    if fu and all(u.op == 'dynamic-slice' and src == _operands(u.rest)[0] for u, src in fu):
-      read += sum(shape_bytes(u.shape) for u, _ in fu)
-    else:
-      read += full
+    read += round(full * need.get(i.name, 1.0))
   written = 0
   for r in roots:
     if r.op == 'dynamic-update-slice':
@@ -224,17 +273,19 @@ _NO_ARITHMETIC = _FREE | frozenset({
 
 def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str) -> float:
   """Element-wise arithmetic of a fused computation: for each computing operation the
-  elements it produces (a reduction: the elements it reads). Matrix products are counted
-  as FLOPs instead. What HLO expands into steps (jax's erfc) counts each step; an op the
-  GPU emitter expands itself (an HLO erf or exp) counts one: a lower bound."""
+  elements it produces (a reduction: the elements it reads), or the part of them the
+  fusion's outputs need (`_demand`). Matrix products are counted as FLOPs instead. What HLO
+  expands into steps (jax's erfc) counts each step; an op the GPU emitter expands itself (an
+  HLO erf or exp) counts one: a lower bound."""
   insts = comps.get(comp) or []
   shapes = {i.name: i.shape for i in insts}
+  need = _demand(insts)
   ops = 0.0
   for i in insts:
     if i.op in _NO_ARITHMETIC:
       continue
     shape = shapes.get(_operands(i.rest)[0], i.shape) if i.op == 'reduce' else i.shape
-    ops += shape_elements(shape)
+    ops += shape_elements(shape) * need.get(i.name, 1.0)
   return ops
 
 
@@ -379,7 +430,7 @@ def kernels(text: str) -> list[Kernel]:
         elem_ops = _elem_ops(comps, called[0])
       elif i.op == 'dynamic-update-slice':
         bytes_in = bytes_out = shape_bytes(operand_shapes[1]) if len(ops) > 1 else 0
-      elif i.op == 'dynamic-slice':
+      elif i.op in ('slice', 'dynamic-slice'):
         bytes_in = bytes_out = shape_bytes(i.shape)
       else:
         bytes_in = sum(shape_bytes(s) for s in operand_shapes)
@@ -405,8 +456,8 @@ RATES = {
     'gemm': {'bytes_s': 2.0e12, 'flops_s': 770e12},
     'attention': {'bytes_s': 3.0e12, 'flops_s': 350e12},
     'transpose/copy': {'bytes_s': 4.2e12, 'transpose_bytes_s': 1.3e12},   # copies stream
-    'elementwise': {'bytes_s': 4.2e12, 'ops_s': 20e12},
-    'reduction': {'bytes_s': 4.0e12, 'ops_s': 20e12},
+    'elementwise': {'bytes_s': 3.8e12, 'ops_s': 20e12},
+    'reduction': {'bytes_s': 3.6e12, 'ops_s': 20e12},
     'collective': {'bytes_s': 0.4e12},   # NVLink between 8 GPUs (NCCL bus rate), not measured
     'other': {'bytes_s': 3.0e12, 'flops_s': 350e12},
 }
