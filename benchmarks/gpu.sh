@@ -133,7 +133,7 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # to 224), for when cuDNN has no plan on CUDA 13. A variant that fails keeps its error in its
 # row and the part goes on.
 # 'pallas_norm' is the default row with the blocks' LayerNorms as Pallas kernels
-# (model.norm_impl=pallas, models/fused_norm.py; predicted 133.9 -> 128.9 ms by gpu_aot):
+# (model.norm_impl=pallas, models/fused_norm.py; predicted 133.7 -> 128.2 ms by gpu_aot):
 # measured here before 'auto' may choose it.
 XLA_ROW=(--variant "xla:model.attention_impl=xla")
 PALLAS_ROW=(--variant "pallas:model.attention_impl=pallas")

@@ -447,7 +447,8 @@ def kernels(text: str) -> list[Kernel]:
 # Per-family rates on one H200, bf16 (bytes/s of memory traffic; FLOP/s of matrix work;
 # transposes, the measured ones, apart from plain copies and in-place slice updates),
 # calibrated on the measured kernel profile of this project's B/16 train step
-# (BENCHMARKS.md, "GPU compile without a GPU"), except attention (no fused attention
+# (BENCHMARKS.md, "GPU compile without a GPU"; element-wise and reductions refitted once a
+# fusion's bytes counted only what its slices need, `_demand`), except attention (no fused attention
 # was measured: a planning figure for cuDNN / Triton flash attention at head dim 64).
 # `ops_s`: element-wise arithmetic (`Kernel.elem_ops`), fitted on the one kernel of that
 # profile that is bound by it rather than by memory: the adapters' exact GELU as XLA expands

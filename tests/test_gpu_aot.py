@@ -90,54 +90,8 @@ def test_a_fusion_reads_only_the_part_of_an_operand_its_slices_need():
   backward's fusion that takes the adapter's 192 columns out of the 3,264-wide hidden (after
   adding its bias) reads those columns of both hiddens, not all of them; the element-wise
   work is counted on those columns too. A parameter also used whole is read whole."""
-  text = """HloModule m
-
-%region (a.0: f32[], b.0: f32[]) -> f32[] {
-  %a.0 = f32[] parameter(0)
-  %b.0 = f32[] parameter(1)
-  ROOT %s.0 = f32[] add(%a.0, %b.0)
-}
-
-%fused_multiply_reduce (p0: bf16[4096,3264], p1: bf16[3264], p2: bf16[4096,3264]) -> (f32[16,192], bf16[16,256,192]) {
-  %p2 = bf16[4096,3264]{1,0} parameter(2)
-  %bc.2 = bf16[16,256,3264]{2,1,0} bitcast(%p2)
-  %sl.2 = bf16[16,256,192]{2,1,0} slice(%bc.2), slice={[0:16], [0:256], [3072:3264]}
-  %p0 = bf16[4096,3264]{1,0} parameter(0)
-  %p1 = bf16[3264]{0} parameter(1)
-  %b.1 = bf16[4096,3264]{1,0} broadcast(%p1), dimensions={1}
-  %add.1 = bf16[4096,3264]{1,0} add(%p0, %b.1)
-  %bc.1 = bf16[16,256,3264]{2,1,0} bitcast(%add.1)
-  %sl.1 = bf16[16,256,192]{2,1,0} slice(%bc.1), slice={[0:16], [0:256], [3072:3264]}
-  %e.1 = bf16[16,256,192]{2,1,0} exponential(%sl.1)
-  %m.1 = bf16[16,256,192]{2,1,0} multiply(%e.1, %sl.2)
-  %c.1 = f32[16,256,192]{2,1,0} convert(%m.1)
-  %z.1 = f32[] constant(0)
-  %r.1 = f32[16,192]{1,0} reduce(%c.1, %z.1), dimensions={1}, to_apply=%region
-  ROOT %t.1 = (f32[16,192]{1,0}, bf16[16,256,192]{2,1,0}) tuple(%r.1, %m.1)
-}
-
-%fused_add_slice (q0: bf16[4096,3264], q1: bf16[4096,3264]) -> (bf16[4096,3264], bf16[4096,192]) {
-  %q0 = bf16[4096,3264]{1,0} parameter(0)
-  %q1 = bf16[4096,3264]{1,0} parameter(1)
-  %add.2 = bf16[4096,3264]{1,0} add(%q0, %q1)
-  %sl.3 = bf16[4096,192]{1,0} slice(%q1), slice={[0:4096], [3072:3264]}
-  ROOT %t.2 = (bf16[4096,3264]{1,0}, bf16[4096,192]{1,0}) tuple(%add.2, %sl.3)
-}
-
-ENTRY %main (h.1: bf16[4096,3264], bias.1: bf16[3264], g.1: bf16[4096,3264]) -> (f32[16,192], bf16[16,256,192], bf16[4096,3264], bf16[4096,192], bf16[8,192]) {
-  %h.1 = bf16[4096,3264]{1,0} parameter(0)
-  %bias.1 = bf16[3264]{0} parameter(1)
-  %g.1 = bf16[4096,3264]{1,0} parameter(2)
-  %input_multiply_reduce_fusion.8 = (f32[16,192]{1,0}, bf16[16,256,192]{2,1,0}) fusion(%h.1, %bias.1, %g.1), kind=kInput, calls=%fused_multiply_reduce
-  %loop_add_fusion.3 = (bf16[4096,3264]{1,0}, bf16[4096,192]{1,0}) fusion(%h.1, %g.1), kind=kLoop, calls=%fused_add_slice
-  %slice.9 = bf16[8,192]{1,0} slice(%h.1), slice={[0:8], [3072:3264]}
-  %gte.1 = f32[16,192]{1,0} get-tuple-element(%input_multiply_reduce_fusion.8), index=0
-  %gte.2 = bf16[16,256,192]{2,1,0} get-tuple-element(%input_multiply_reduce_fusion.8), index=1
-  %gte.3 = bf16[4096,3264]{1,0} get-tuple-element(%loop_add_fusion.3), index=0
-  %gte.4 = bf16[4096,192]{1,0} get-tuple-element(%loop_add_fusion.3), index=1
-  ROOT %t.9 = (f32[16,192]{1,0}, bf16[16,256,192]{2,1,0}, bf16[4096,3264]{1,0}, bf16[4096,192]{1,0}, bf16[8,192]{1,0}) tuple(%gte.1, %gte.2, %gte.3, %gte.4, %slice.9)
-}
-"""
+  with open(os.path.join(ROOT, 'tests', 'hlo', 'sliced_fusion.hlo')) as f:
+    text = f.read()
   by = {k.name: k for k in H.kernels(text)}
   cols = 4096 * 192
   k = by['input_multiply_reduce_fusion_8']
