@@ -540,13 +540,13 @@ def test_the_joint_adapter_fused_into_the_mlp_is_the_same_model():
     np.testing.assert_array_equal(a, b)
   p = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape),
                    params[False])
-  def loss(f):
-    return jax.jit(lambda p: jnp.sum(jnp.sin(models[f].apply(
-        {'params': p}, video, train=True, rngs={'dropout': jax.random.key(3)}))))
-  np.testing.assert_allclose(loss(True)(p), loss(False)(p), rtol=1e-5)
-  for g_f, g_p in zip(jax.tree.leaves(jax.grad(loss(True))(p)),
-                      jax.tree.leaves(jax.grad(loss(False))(p))):
-    np.testing.assert_allclose(g_f, g_p, atol=1e-4, rtol=1e-4)
+  def loss_and_grad(f):     # one program each: the loss and its gradients
+    return jax.jit(jax.value_and_grad(lambda p: jnp.sum(jnp.sin(models[f].apply(
+        {'params': p}, video, train=True, rngs={'dropout': jax.random.key(3)})))))(p)
+  (l_f, g_f), (l_p, g_p) = loss_and_grad(True), loss_and_grad(False)
+  np.testing.assert_allclose(l_f, l_p, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_f), jax.tree.leaves(g_p)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
   auto = lambda dtype: swin_lib.SwinTransformer(dtype=dtype, **kw).block_kwargs(
       0, 0, 0, 0.0, True)['fuse_joint_adapter']
   assert auto(jnp.bfloat16) and not auto(jnp.float32)
