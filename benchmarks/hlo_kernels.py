@@ -187,7 +187,6 @@ def _demand(insts: list[Instruction]) -> dict[str, float]:
   (element-wise, convert, bitcast, reshape, transpose) passes on what its users need;
   anything else needs all of its operands. Several slices of one operand add up (they may
   overlap: an upper bound), capped at 1."""
-  by_name = {i.name: i for i in insts}
   root = next((i for i in insts if i.root), insts[-1] if insts else None)
   need: dict[str, float] = {}
   if root is None:
@@ -207,8 +206,7 @@ def _demand(insts: list[Instruction]) -> dict[str, float]:
       first = _operands(u.rest)[0] == i.name
       if u.op in ('slice', 'dynamic-slice') and first and elements:
         sliced += need.get(u.name, 1.0) * shape_elements(u.shape) / elements
-      elif (u.op not in _NOT_ONE_TO_ONE and u.name in by_name
-            and shape_elements(u.shape) == elements):
+      elif u.op not in _NOT_ONE_TO_ONE and shape_elements(u.shape) == elements:
         passed = max(passed, need.get(u.name, 1.0))
       else:
         passed = 1.0
@@ -448,8 +446,9 @@ def kernels(text: str) -> list[Kernel]:
 # transposes, the measured ones, apart from plain copies and in-place slice updates),
 # calibrated on the measured kernel profile of this project's B/16 train step
 # (BENCHMARKS.md, "GPU compile without a GPU"; element-wise and reductions refitted once a
-# fusion's bytes counted only what its slices need, `_demand`), except attention (no fused attention
-# was measured: a planning figure for cuDNN / Triton flash attention at head dim 64).
+# fusion's bytes counted only what its slices need, `_demand`), except attention (no fused
+# attention was measured: a planning figure for cuDNN / Triton flash attention at head
+# dim 64).
 # `ops_s`: element-wise arithmetic (`Kernel.elem_ops`), fitted on the one kernel of that
 # profile that is bound by it rather than by memory: the adapters' exact GELU as XLA expands
 # erfc (68 operations per element, 19.6-20.8 T/s measured in train and eval).
