@@ -215,7 +215,8 @@ def _demand(insts: list[Instruction]) -> dict[str, float]:
 
 
 def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
-                  operand_shapes: list[str], out_shape: str) -> tuple[int, int]:
+                  operand_shapes: list[str], out_shape: str,
+                  need: Mapping[str, float]) -> tuple[int, int]:
   """(bytes read, bytes written) of a fusion: an operand costs the part of it the
   fusion's outputs need (`_demand`: all of it, or only what slices and dynamic slices take
   out of it, through element-wise operations); the buffer of a dynamic-update-slice root is
@@ -239,7 +240,6 @@ def _fusion_bytes(comps: Mapping[str, list[Instruction]], comp: str,
   root = next((i for i in insts if i.root), insts[-1])
   roots = [by_name[o] for o in _operands(root.rest) if o in by_name] if root.op == 'tuple' \
       else [root]
-  need = _demand(insts)
   read = 0
   for i in insts:
     if i.op != 'parameter':
@@ -269,7 +269,8 @@ _NO_ARITHMETIC = _FREE | frozenset({
     'custom-call', 'convolution'})
 
 
-def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str) -> float:
+def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str,
+              need: Mapping[str, float]) -> float:
   """Element-wise arithmetic of a fused computation: for each computing operation the
   elements it produces (a reduction: the elements it reads), or the part of them the
   fusion's outputs need (`_demand`). Matrix products are counted as FLOPs instead. What HLO
@@ -277,7 +278,6 @@ def _elem_ops(comps: Mapping[str, list[Instruction]], comp: str) -> float:
   HLO erf or exp) counts one: a lower bound."""
   insts = comps.get(comp) or []
   shapes = {i.name: i.shape for i in insts}
-  need = _demand(insts)
   ops = 0.0
   for i in insts:
     if i.op in _NO_ARITHMETIC:
@@ -424,8 +424,9 @@ def kernels(text: str) -> list[Kernel]:
                if called else kname)
       elem_ops = 0.0
       if i.op == 'fusion' and called:
-        bytes_in, bytes_out = _fusion_bytes(comps, called[0], operand_shapes, i.shape)
-        elem_ops = _elem_ops(comps, called[0])
+        need = _demand(comps.get(called[0]) or [])    # what bytes and arithmetic count
+        bytes_in, bytes_out = _fusion_bytes(comps, called[0], operand_shapes, i.shape, need)
+        elem_ops = _elem_ops(comps, called[0], need)
       elif i.op == 'dynamic-update-slice':
         bytes_in = bytes_out = shape_bytes(operand_shapes[1]) if len(ops) > 1 else 0
       elif i.op in ('slice', 'dynamic-slice'):
