@@ -539,13 +539,26 @@ def match_profile(ks: list[Kernel], measured_ms: Mapping[str, float],
   return rows
 
 
-def main(argv: list[str]) -> None:
-  """python -m benchmarks.hlo_kernels PROGRAM.hlo [N]: the families and top N kernels."""
-  with open(argv[1]) as f:
-    s = summarize(kernels(f.read()), top=int(argv[2]) if len(argv) > 2 else 25)
+def main(argv: list[str] | None = None) -> int:
+  """python -m benchmarks.hlo_kernels PROGRAM.hlo [--top N]: the kernel families and the top N
+  kernels of an optimised program (as `gpu_aot --hlo_dir` writes it), with predicted times."""
+  import argparse
+  import sys
+  p = argparse.ArgumentParser(prog='python -m benchmarks.hlo_kernels',
+                              description=main.__doc__.splitlines()[0])
+  p.add_argument('program', help='optimised HLO text (gpu_aot --hlo_dir writes VARIANT_MODE.hlo)')
+  p.add_argument('--top', type=int, default=25, help='how many kernels to list (default 25)')
+  args = p.parse_args(argv)
+  try:
+    with open(args.program) as f:
+      s = summarize(kernels(f.read()), top=args.top)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    print(f'hlo_kernels: {args.program}: {str(e).splitlines()[0] if str(e) else type(e).__name__}',
+          file=sys.stderr)
+    return 2
   print(json.dumps(s, indent=1))
+  return 0
 
 
 if __name__ == '__main__':
-  import sys
-  main(sys.argv)
+  raise SystemExit(main())

@@ -224,6 +224,19 @@ def test_hlo_without_an_entry_is_refused():
     H.kernels('HloModule m\n')
 
 
+def test_the_command_line_lists_families_and_top_kernels_and_names_a_bad_file(tmp_path, capsys):
+  assert H.main([GPU_HLO, '--top', '2']) == 0
+  s = json.loads(capsys.readouterr().out)
+  assert set(s['families']) == {'gemm', 'attention', 'transpose/copy', 'elementwise'}
+  assert len(s['top_kernels']) == 2 and s['launches'] == 5
+  bad = tmp_path / 'bad.hlo'
+  bad.write_text('HloModule m\n')
+  for path in (bad, tmp_path / 'missing.hlo'):
+    assert H.main([str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and str(path) in err, err
+
+
 def test_parse_variant_sets_typed_fields_on_a_copy():
   from ml_collections import config_dict
   cfg = config_dict.ConfigDict(dict(model=dict(attention_impl='', scan_layers=False, layers=12,
