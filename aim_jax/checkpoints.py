@@ -304,6 +304,7 @@ RUNTIME_FIELDS = ('progress_bar', 'log_every_steps', 'checkpoint', 'device_prefe
                   'model.remat_policy', 'model.attention_impl', 'model.temporal_attention',
                   'model.attention_pad_multiple', 'model.attention_pad_mode',
                   'model.qkv_projection', 'model.joint_mlp', 'model.norm_impl',
+                  'model.mlp_impl',
                   'compiler_options')
 
 

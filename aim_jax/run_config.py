@@ -142,7 +142,7 @@ def check_training_config(config: Any, process_count: int, dp_size: int) -> None
 EXECUTION_FIELDS = ('scan_layers', 'remat_policy', 'dtype', 'param_dtype', 'attention_impl',
                     'attention_pad_multiple', 'attention_pad_mode', 'qkv_projection',
                     'temporal_attention', 'dropout_rate', 'drop_path_rate', 'drop_path_mode',
-                    'variant', 'joint_mlp', 'norm_impl')
+                    'variant', 'joint_mlp', 'norm_impl', 'mlp_impl')
 
 
 def _differs(a: Any, b: Any) -> bool:

@@ -167,6 +167,19 @@ def _library_gemm_flops(inst: Instruction, operand_shapes: list[str]) -> float:
   return 0.0 if k is None else 2.0 * shape_elements(inst.shape) * k
 
 
+def _pallas_gemm_flops(inst: Instruction, operand_shapes: list[str], family: str) -> float:
+  """FLOPs of a Pallas matrix-product kernel (a Triton custom call a profile files as a GEMM
+  by its name, e.g. fused_mlp's `mlp_matmul_act`): 2 x M x K x N of its first two operands,
+  (M, K) and (K, N). 0 for other calls or other operands."""
+  if family != 'gemm' or 'xla.gpu.triton' not in inst.rest or len(operand_shapes) < 2:
+    return 0.0
+  a, b = (shape_dims(s) for s in operand_shapes[:2])
+  if not a or not b or len(a[0][1]) != 2 or len(b[0][1]) != 2 or a[0][1][1] != b[0][1][0]:
+    return 0.0
+  (m, k), (_, n) = a[0][1], b[0][1]
+  return 2.0 * m * k * n
+
+
 # Operations whose result does not map element for element onto each operand: what a
 # part of their result needs of an operand is not that part (they read all of it).
 _NOT_ONE_TO_ONE = frozenset({
@@ -419,7 +432,8 @@ def kernels(text: str) -> list[Kernel]:
         if i.op == 'dot':
           flops += _one_dot_flops(i, shapes)
         elif i.op == 'custom-call':
-          flops += _library_gemm_flops(i, operand_shapes)
+          flops += (_library_gemm_flops(i, operand_shapes)
+                    + _pallas_gemm_flops(i, operand_shapes, fam))
       group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
                if called else kname)
       elem_ops = 0.0

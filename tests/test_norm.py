@@ -419,7 +419,7 @@ def test_mlp_with_adapter_is_the_mlp_plus_the_scaled_adapter():
   def plain(x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2):
     return (x + (vit.quick_gelu(xn @ w_fc + b_fc) @ w_proj + b_proj)
             + s * (gelu_exact(xn @ w_1 + b_1) @ w_2 + b_2))
-  fused = lambda *args: mlp_with_adapter(vit.quick_gelu, gelu_exact, *args, s)
+  fused = lambda *args: mlp_with_adapter(vit.quick_gelu, gelu_exact, 'xla', *args, s)
   np.testing.assert_allclose(fused(x, xn, *ws), plain(x, xn, *ws), atol=1e-5, rtol=1e-5)
   loss = lambda fn: lambda *args: jnp.sum(jnp.sin(fn(*args)))
   argnums = tuple(range(10))

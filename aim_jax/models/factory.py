@@ -17,7 +17,7 @@ from absl import logging
 from aim_jax.models import attention_choice
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.attention_choice import AUTO
-from aim_jax.models.norm import NORM_IMPLS
+from aim_jax.models.norm import MLP_IMPLS, NORM_IMPLS
 from aim_jax.models.aim import VideoClassifier, inject
 from aim_jax.models.swin import SwinTransformer
 from aim_jax.models import vit
@@ -84,6 +84,11 @@ def default_model_config() -> dict:
       # Triton kernel each way, the stream's gradient added in the backward kernel
       # (models/fused_norm.py). Same parameters and function.
       norm_impl='auto',
+      # The fused MLP's first product and its activations (joint_mlp fused, half
+      # precision): 'auto' (XLA until the kernel is measured on a GPU) | 'xla' | 'pallas':
+      # one Pallas Triton kernel with the bias and activations in the product's epilogue
+      # (models/fused_mlp.py). Same parameters and function.
+      mlp_impl='auto',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(
           embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),   # Swin-B
@@ -158,18 +163,27 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
   for k, allowed in (('attention_pad_mode', vit.PAD_MODES),
                      ('qkv_projection', vit.QKV_PROJECTIONS + (AUTO,)),
                      ('joint_mlp', tuple(JOINT_MLP)),
-                     ('norm_impl', NORM_IMPLS + (AUTO,))):
+                     ('norm_impl', NORM_IMPLS + (AUTO,)),
+                     ('mlp_impl', MLP_IMPLS + (AUTO,))):
     if out[k] not in allowed:
       raise ValueError(f'model.{k} must be one of {list(allowed)}, got {out[k]!r}')
   if out['backbone'] == 'swin' and out['norm_impl'] not in (AUTO, 'xla'):
     raise ValueError(f"model.norm_impl={out['norm_impl']!r} is for ViT backbones; a Swin's "
                      "norms are XLA's (set model.norm_impl to 'auto')")
+  if out['backbone'] == 'swin' and out['mlp_impl'] not in (AUTO, 'xla'):
+    raise ValueError(f"model.mlp_impl={out['mlp_impl']!r} is for ViT backbones; a Swin's "
+                     "MLPs are XLA's (set model.mlp_impl to 'auto')")
   return out
 
 
 def norm_impl(cfg: Mapping) -> str:
   """model.norm_impl made concrete ('auto': 'xla')."""
   return 'xla' if cfg['norm_impl'] == AUTO else cfg['norm_impl']
+
+
+def mlp_impl(cfg: Mapping) -> str:
+  """model.mlp_impl made concrete ('auto': 'xla')."""
+  return 'xla' if cfg['mlp_impl'] == AUTO else cfg['mlp_impl']
 
 
 def adapter_spec(cfg: Mapping) -> AdapterSpec | None:
@@ -220,7 +234,8 @@ def build_vit_encoder(cfg: Mapping) -> VisionTransformer:
       temporal_attention=cfg['temporal_attention'], qkv_projection=cfg['qkv_projection'],
       attention_pad_multiple=cfg['attention_pad_multiple'],
       attention_pad_mode=cfg['attention_pad_mode'],
-      fuse_joint_adapter=JOINT_MLP[cfg['joint_mlp']], norm_impl=norm_impl(cfg), **family)
+      fuse_joint_adapter=JOINT_MLP[cfg['joint_mlp']], norm_impl=norm_impl(cfg),
+      mlp_impl=mlp_impl(cfg), **family)
 
 
 def build_swin_encoder(cfg: Mapping) -> SwinTransformer:
@@ -259,9 +274,11 @@ def build_encoder(cfg: Mapping | Any, platform: Optional[str] = None, check: boo
     logging.info('attention: %s', chosen)
   if cfg['backbone'] not in ENCODERS:
     raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
-  if norm_impl(cfg) == 'pallas' and platform not in ('gpu', 'cpu'):
-    raise ValueError(f"model.norm_impl='pallas' runs Triton kernels (NVIDIA GPUs; on a CPU, "
-                     f"Pallas's interpreter), not on {platform!r}: set model.norm_impl to 'auto'")
+  for field, impl in (('norm_impl', norm_impl(cfg)), ('mlp_impl', mlp_impl(cfg))):
+    if impl == 'pallas' and platform not in ('gpu', 'cpu'):
+      raise ValueError(f"model.{field}='pallas' runs Triton kernels (NVIDIA GPUs; on a CPU, "
+                       f"Pallas's interpreter), not on {platform!r}: set model.{field} to "
+                       "'auto'")
   return ENCODERS[cfg['backbone']](cfg)
 
 

@@ -155,7 +155,7 @@ def _rows_backward(x2, dys, dstream2, scale, mu, rstd, tile=None):
   return _call(kernel, out, m, d, 'layer_norm_bwd', tile, x2, *dys, dstream2, scale, mu, rstd)
 
 
-def _per_device(local, batch_axes, n_rows_in: int, n_vectors: int, n_out: int):
+def per_device(local, batch_axes, n_rows_in: int, n_vectors: int, n_out: int):
   """`local` run on each device's rows (`jax.shard_map` over `batch_axes`, the mesh axes
   of the activations' leading dimension), or as it is without a mesh (None)."""
   if batch_axes is None:
@@ -186,7 +186,7 @@ def _fwd(x, scale, bias, eps, dtype, batch_axes, copies, tile):
     lead, d = x.shape[:-1], x.shape[-1]
     y, mu, rstd = _rows_forward(x.reshape(-1, d), scale, bias, eps, dtype, tile)
     return y.reshape(x.shape), mu.reshape(lead), rstd.reshape(lead)
-  y, mu, rstd = _per_device(local, batch_axes, 1, 2, 3)(x, scale, bias)
+  y, mu, rstd = per_device(local, batch_axes, 1, 2, 3)(x, scale, bias)
   return (x,) + (y,) * copies, (x, mu, rstd, scale, bias)
 
 
@@ -202,7 +202,7 @@ def _bwd(eps, dtype, batch_axes, copies, tile, res, cotangents):
     dx = _rows_backward(flat(x), [flat(dy) for dy in dys], flat(dstream), scale,
                         mu.reshape(-1), rstd.reshape(-1), tile)
     return (dx.reshape(x.shape),)
-  dx, = _per_device(local, batch_axes, 4 + copies, 1, 1)(
+  dx, = per_device(local, batch_axes, 4 + copies, 1, 1)(
       x, dstream.astype(x.dtype), mu, rstd, *dys, scale)
   # The parameters' gradients, by XLA (dropped by the compiler when the norm is frozen).
   dyf = functools.reduce(lambda a, b: a + b, [dy.astype(jnp.float32) for dy in dys])

@@ -267,11 +267,15 @@ def _side_by_side(u: jax.Array, v: jax.Array) -> jax.Array:
   return pad(u, 0, v.shape[-1]) + pad(v, u.shape[-1], 0)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def mlp_with_adapter(act: Callable, adapter_act: Callable, x: jax.Array, xn: jax.Array,
-                     w_fc: jax.Array, b_fc: jax.Array, w_proj: jax.Array, b_proj: jax.Array,
-                     w_1: jax.Array, b_1: jax.Array, w_2: jax.Array, b_2: jax.Array,
-                     scale: jax.Array) -> jax.Array:
+# model.mlp_impl: how the fused MLP's first product and its activations run.
+MLP_IMPLS = ('xla', 'pallas')
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def mlp_with_adapter(act: Callable, adapter_act: Callable, impl: str, x: jax.Array,
+                     xn: jax.Array, w_fc: jax.Array, b_fc: jax.Array, w_proj: jax.Array,
+                     b_proj: jax.Array, w_1: jax.Array, b_1: jax.Array, w_2: jax.Array,
+                     b_2: jax.Array, scale: jax.Array) -> jax.Array:
   """`x + mlp(xn) + scale * adapter(xn)`: the frozen MLP (`act(xn @ w_fc + b_fc) @ w_proj +
   b_proj`) and the joint adapter beside it (`adapter_act(xn @ w_1 + b_1) @ w_2 + b_2`, no
   skip), computed as one MLP of width F + F/16: one product `xn @ [w_fc | w_1]`, one
@@ -279,31 +283,61 @@ def mlp_with_adapter(act: Callable, adapter_act: Callable, x: jax.Array, xn: jax
   scale and drop path's per-row draw), one product `[h | a] @ [w_proj ; w_2]` whose output
   goes straight into the residual add. Same function.
 
+  `impl` (model.mlp_impl): 'xla', or 'pallas' for the first product and both activations
+  as one kernel (fused_mlp.first_layer: the activations in the product's epilogue).
+
   The backward pass is written out: one product for the hidden's gradient, one kernel for
   both activations' slopes, one product for `xn`'s gradient, and the weight gradients,
   which XLA drops where they are not wanted (the frozen MLP's). It keeps `xn` and the first
   product's output, as the separate modules did. `scale` gets no gradient (a scalar or a
   drop-path draw). Arrays are in the compute dtype; weights as `(in, out)`.
   """
-  return _mwa_forward(act, adapter_act, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2,
-                      scale)[0]
+  return _mwa(act, adapter_act, impl, False, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1,
+              w_2, b_2, scale)[0]
 
 
-def _mwa_forward(act, adapter_act, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2,
-                 scale):
-  f = w_fc.shape[1]
-  y = jax.lax.dot_general(xn, jnp.concatenate([w_fc, w_1], 1),
-                          (((xn.ndim - 1,), (0,)), ((), ())))
-  z = y + jnp.concatenate([b_fc, b_1])
-  s = jnp.asarray(scale, z.dtype)
+def _first_layer(act, adapter_act, impl, keep, xn, w, b, s, f):
+  """(hidden, y if keep): the first product `y = xn @ w` and `[act(y + b) | s * adapter_act(y
+  + b)]` (columns from `f` on), by XLA or by the Pallas kernel (per device under a mesh that
+  shards the batch; XLA when the mesh splits the model)."""
+  if impl == 'pallas':
+    from aim_jax.models import fused_mlp, fused_norm
+    batch_axes = fused_norm.row_sharding(xn.shape)
+    if batch_axes != fused_norm.KEEP_XLA:
+      lead, (d, n) = xn.shape[:-1], w.shape
+      s_rows = jnp.broadcast_to(jnp.asarray(s, jnp.float32), lead + (1,))[..., 0]
+
+      def local(xn, s_rows, w, b):
+        outs = fused_mlp.first_layer(xn.reshape(-1, d), w, b, s_rows.reshape(-1), f, act,
+                                     adapter_act, keep)
+        return tuple(o.reshape(xn.shape[:-1] + (n,)) for o in outs)
+      return fused_norm.per_device(local, batch_axes, 2, 2, 1 + keep)(xn, s_rows, w, b)
+  y = jax.lax.dot_general(xn, w, (((xn.ndim - 1,), (0,)), ((), ())))
+  z = y + b
+  s = jnp.asarray(s, z.dtype)
   hidden = _side_by_side(act(z[..., :f]), adapter_act(z[..., f:]) * s)
+  return (hidden, y) if keep else (hidden,)
+
+
+def _mwa(act, adapter_act, impl, keep, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2,
+         scale):
+  f = w_fc.shape[1]
+  s = jnp.asarray(scale, xn.dtype)
+  hidden, *y = _first_layer(act, adapter_act, impl, keep, xn, jnp.concatenate([w_fc, w_1], 1),
+                            jnp.concatenate([b_fc, b_1]), scale, f)
   out = jax.lax.dot_general(hidden, jnp.concatenate([w_proj, w_2], 0),
                             (((hidden.ndim - 1,), (0,)), ((), ())))
   out = x + (out + b_proj + s * b_2).astype(x.dtype)
-  return out, (xn, y, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale)
+  return out, ((xn, y[0], w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale) if keep
+               else None)
 
 
-def _mwa_backward(act, adapter_act, res, dout):
+def _mwa_forward(act, adapter_act, impl, *args):
+  return _mwa(act, adapter_act, impl, True, *args)
+
+
+def _mwa_backward(act, adapter_act, impl, res, dout):
+  del impl
   xn, y, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale = res
   f = w_fc.shape[1]
   z = y + jnp.concatenate([b_fc, b_1])

@@ -429,17 +429,18 @@ def fuse_joint_adapter(fuse: Optional[bool], dtype: Dtype) -> bool:
 
 
 def mlp_and_joint_adapter(mlp: ModuleFactory, adapter: ModuleFactory, act: str, x: jax.Array,
-                          xn: jax.Array, scale, dtype: Dtype) -> jax.Array:
+                          xn: jax.Array, scale, dtype: Dtype, impl: str = 'xla') -> jax.Array:
   """`x + mlp(xn) + scale * adapter(xn)` as one MLP of width 4D + D/4
   (norm.mlp_with_adapter), with the two modules' parameters (declared by them with
   `weights_only`): one product in, one kernel for both activations, one product out into
   the residual. `mlp` and `adapter` build the modules with their names; `act` is the MLP's
-  activation (ACTIVATIONS), the adapter's is the exact GELU."""
+  activation (ACTIVATIONS), the adapter's is the exact GELU; `impl`: model.mlp_impl."""
   (w_fc, b_fc), (w_proj, b_proj) = mlp(weights_only=True)(xn)
   (w_1, b_1), (w_2, b_2) = adapter(weights_only=True)(xn)
   weights = [w.astype(dtype) for w in (w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2)]
   with jax.named_scope('mlp'):     # profiles file its kernels under the MLP
-    return mlp_with_adapter(ACTIVATIONS[act], gelu_exact, x, xn.astype(dtype), *weights, scale)
+    return mlp_with_adapter(ACTIVATIONS[act], gelu_exact, impl, x, xn.astype(dtype), *weights,
+                            scale)
 
 
 class ProbeAttention(nn.Module):
@@ -536,6 +537,7 @@ class ResidualAttentionBlock(nn.Module):
   scanned: bool = False          # (carry, xs) signature for nn.scan
   fuse_joint_adapter: bool = False  # MLP + MLP_Adapter as one wider MLP (mlp_with_adapter)
   norm_impl: str = 'xla'         # ln_1 / ln_2: 'xla' | 'pallas' (norm.NORM_IMPLS)
+  mlp_impl: str = 'xla'          # the fused MLP's first product: 'xla' | 'pallas' (MLP_IMPLS)
 
   def _norm(self, name):
     return LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -634,7 +636,7 @@ class ResidualAttentionBlock(nn.Module):
       scale = path_scale()
       scale = self.mlp_adapter_scale if scale is None else self.mlp_adapter_scale * scale
       x = mlp_and_joint_adapter(mlp, functools.partial(self.mlp_adapter, name='MLP_Adapter'),
-                                self.mlp_act, x, xn, scale, self.dtype)
+                                self.mlp_act, x, xn, scale, self.dtype, self.mlp_impl)
     else:
       m = mlp()(xn)
       x = x + self._scaled(gammas, 'ls2', m)
@@ -660,7 +662,7 @@ class VisionTransformer(nn.Module):
   Attributes (execution): scan_layers, remat_policy ('none', 'full',
     'dots_saveable', ...), dtype, param_dtype, attention_impl,
     temporal_attention ('einsum' | 'dot_product_attention', see MultiHeadAttention),
-    fuse_joint_adapter, norm_impl.
+    fuse_joint_adapter, norm_impl, mlp_impl.
   """
   patch_size: int = 16
   width: int = 768
@@ -697,6 +699,9 @@ class VisionTransformer(nn.Module):
   fuse_joint_adapter: Optional[bool] = None
   # The blocks' ln_1 / ln_2: 'xla' | 'pallas' (one kernel each way, norm.LayerNorm).
   norm_impl: str = 'xla'
+  # The fused MLP's first product: 'xla' | 'pallas' (its activations in the product's
+  # epilogue, fused_mlp.first_layer).
+  mlp_impl: str = 'xla'
 
   @property
   def grid(self) -> int:
@@ -734,7 +739,7 @@ class VisionTransformer(nn.Module):
               qkv_projection=self.qkv_projection, pad_multiple=call_multiple,
               valid_len=self.num_tokens if stream_len != self.num_tokens else None,
               fuse_joint_adapter=fuse_joint_adapter(self.fuse_joint_adapter, self.dtype),
-              norm_impl=self.norm_impl)
+              norm_impl=self.norm_impl, mlp_impl=self.mlp_impl)
     if self.adapters is not None:
       kw.update(self.adapters.block_fields(layer, self.dtype, self.param_dtype))
       kw['mlp_adapter_scale'] = self.adapters.scale
