@@ -14,8 +14,9 @@
 #   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
 #                            compiled, side by side, plus the kernel profile of our step
 #                            (attention 'auto': cuDNN here once its check passes); then ours
-#                            with XLA attention and with the Pallas LayerNorms (--variant
-#                            rows; the Pallas attention instead of XLA's if cuDNN failed)
+#                            with XLA attention and with the Pallas LayerNorms and MLP
+#                            kernel (--variant rows; the Pallas attention instead of XLA's
+#                            if cuDNN failed)
 #   b16_eval.json / .log     the same for eval
 #   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
 #   profile/VARIANT/MODE/    the same for each variant
@@ -25,6 +26,7 @@
 #                            (97 GiB)
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, if the
 #                            budget has time left after the parts above
+#   mlp_kernels.json / .log  the fused MLP's first layer against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
@@ -132,13 +134,17 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # 'xla' is the XLA program for comparison; 'pallas' the Pallas Triton kernel (stream padded
 # to 224), for when cuDNN has no plan on CUDA 13. A variant that fails keeps its error in its
 # row and the part goes on.
-# 'pallas_norm' is the default row with the blocks' LayerNorms as Pallas kernels
-# (model.norm_impl=pallas, models/fused_norm.py; predicted 133.7 -> 128.2 ms by gpu_aot):
-# measured here before 'auto' may choose it.
+# 'pallas_kernels' is the default row with the project's Pallas kernels: the blocks'
+# LayerNorms (model.norm_impl=pallas, models/fused_norm.py) and the fused MLP's first layer
+# (model.mlp_impl=pallas, models/fused_mlp.py); predicted 133.7 -> 125.0 ms by gpu_aot
+# (norms alone 128.2, MLP alone 130.4): measured here before 'auto' may choose them. The
+# kernel parts at the end (norm_kernels, mlp_kernels) time each kernel against XLA's.
+# (joint_mlp=fused is bf16's 'auto'; it lets the CPU smoke's float32 row run the kernel too.)
 XLA_ROW=(--variant "xla:model.attention_impl=xla")
 PALLAS_ROW=(--variant "pallas:model.attention_impl=pallas")
-NORM_ROW=(--variant "pallas_norm:model.norm_impl=pallas")
-PALLAS_NORM_ROW=(--variant "pallas_norm:model.attention_impl=pallas,model.norm_impl=pallas")
+KERNELS=model.norm_impl=pallas,model.mlp_impl=pallas,model.joint_mlp=fused
+NORM_ROW=(--variant "pallas_kernels:$KERNELS")
+PALLAS_NORM_ROW=(--variant "pallas_kernels:model.attention_impl=pallas,$KERNELS")
 FORCE=()
 # cuDNN alone first, in its own process: if it takes the process down (no JSON), our rows
 # are run with XLA attention instead of 'auto', so that their process and the official rows
@@ -151,8 +157,8 @@ then
   FORCE=(--config.model.attention_impl=xla)
 fi
 # Our rows besides the default: with cuDNN in the default row (its check passed), the XLA row
-# to compare, and in train the Pallas norms; without, the default row is XLA already and the
-# Pallas attention is the fused one, in train with and without the Pallas norms. Eval and
+# to compare, and in train the Pallas kernels; without, the default row is XLA already and the
+# Pallas attention is the fused one, in train with and without the other Pallas kernels. Eval and
 # L/14 get one extra row, leaving the time for the compiled official eval (never measured
 # yet) and the L/14 compiles.
 # (Out of time, the smoke test says nothing: the benchmark's own check decides; as if passed.)
@@ -182,6 +188,9 @@ part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config 
 # kernels against XLA's, per tile (benchmarks/norm_kernels.py); skipped when under 20 s remain.
 NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
 part norm_kernels 40 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/norm_kernels.json"
+# Then the fused MLP's first layer against XLA's GEMM and activation kernel, per tile
+# (benchmarks/mlp_kernels.py).
+part mlp_kernels 40 "$PY" -m benchmarks.mlp_kernels "${NK[@]}" --out "$OUT/mlp_kernels.json"
 echo "done at $(el) s" | tee -a "$OUT/summary.txt"
 # The figures against the issue's targets (met / missed / not measured), also as JSON.
 "$PY" -m benchmarks.gpu_report "$OUT" --json "$OUT/report.json" > "$OUT/report.md" 2>&1

@@ -168,12 +168,35 @@ def test_a_mesh_that_splits_the_model_keeps_xlas_product():
 
 def test_model_mlp_impl_is_checked_and_auto_is_xla():
   assert factory.mlp_impl(factory.resolve_model_config({})) == 'xla'
-  assert factory.mlp_impl(factory.resolve_model_config({'mlp_impl': 'pallas'})) == 'pallas'
+  fused = {'mlp_impl': 'pallas', 'joint_mlp': 'fused'}
+  assert factory.mlp_impl(factory.resolve_model_config(fused)) == 'pallas'
   with pytest.raises(ValueError, match='model.mlp_impl'):
     factory.resolve_model_config({'mlp_impl': 'triton'})
   with pytest.raises(ValueError, match="model.mlp_impl='pallas' is for ViT backbones"):
-    factory.resolve_model_config({'mlp_impl': 'pallas', 'backbone': 'swin', 'variant': ''})
+    factory.resolve_model_config({**fused, 'backbone': 'swin', 'variant': ''})
+  # In float32 'auto' keeps the MLP and the joint adapter apart: no fused product to run.
+  with pytest.raises(ValueError, match="model.joint_mlp='auto' with model.dtype='float32'"):
+    factory.resolve_model_config({'mlp_impl': 'pallas', 'dtype': 'float32'})
+  assert factory.mlp_impl(factory.resolve_model_config(
+      {'mlp_impl': 'pallas', 'dtype': 'float32', 'joint_mlp': 'fused'})) == 'pallas'
   with pytest.raises(ValueError, match="model.mlp_impl='pallas' runs Triton kernels"):
-    factory.build_encoder({'mlp_impl': 'pallas'}, platform='tpu')
+    factory.build_encoder(fused, platform='tpu')
   assert _vit('auto').backbone.mlp_impl == 'xla'
   assert _vit('pallas').backbone.mlp_impl == 'pallas'
+
+
+def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path, capsys):
+  import json
+  from benchmarks import mlp_kernels
+  out = tmp_path / 'mlp_kernels.json'
+  assert mlp_kernels.main(['--cpu-smoke', '--out', str(out)]) == 0
+  r = json.loads(out.read_text())['shapes']['tiny']
+  assert set(r['xla']) == {'train', 'eval'} and r['xla']['train']['ms'] > 0
+  (tile,) = r['pallas']
+  assert tile['tile'] == list(fused_mlp.TILE) and tile['ok']
+  assert max(tile['max_abs_diff'].values()) <= mlp_kernels.TOLERANCE
+  assert r['best']['tile'] == list(fused_mlp.TILE) and set(r['best']['vs_xla']) == {'train',
+                                                                                       'eval'}
+  with pytest.raises(SystemExit):
+    mlp_kernels.main(['--tiles', '128x128', '--out', str(out)])
+  assert 'BMxBNxBKxGROUPxWARPSxSTAGES' in capsys.readouterr().err

@@ -219,6 +219,27 @@ custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="{op_name}"}}
   assert k.family == 'other'
 
 
+def test_a_pallas_matrix_product_has_its_flops():
+  """A Pallas kernel a profile files as a GEMM by its name (fused_mlp's `mlp_matmul_act`):
+  2 x M x K x N of its (M, K) and (K, N) operands; a Pallas norm kernel has none."""
+  def program(name):
+    return f"""HloModule m
+
+ENTRY %main (x.1: bf16[1024,768], w.1: bf16[768,3264], b.1: bf16[3264]) -> bf16[1024,3264] {{
+  %x.1 = bf16[1024,768]{{1,0}} parameter(0)
+  %w.1 = bf16[768,3264]{{1,0}} parameter(1)
+  %b.1 = bf16[3264]{{0}} parameter(2)
+  ROOT %t.1 = bf16[1024,3264]{{1,0}} custom-call(%x.1, %w.1, %b.1), \
+custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="{name}"}}
+}}
+"""
+  (k,) = H.kernels(program('jit(f)/backbone/resblocks_3/mlp/mlp_matmul_act/pallas_call'))
+  assert k.family == 'gemm' and k.flops == 2 * 1024 * 768 * 3264
+  assert k.where == 'mlp/mlp_matmul_act fwd'
+  (k,) = H.kernels(program('jit(f)/backbone/resblocks_3/ln_1/layer_norm_fwd/pallas_call'))
+  assert k.family == 'reduction' and k.flops == 0
+
+
 def test_hlo_without_an_entry_is_refused():
   with pytest.raises(ValueError, match='ENTRY'):
     H.kernels('HloModule m\n')
@@ -303,7 +324,8 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   out = tmp_path / 'aot.json'
   p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--mode', 'train', '--batch',
             '8', '--config.model.dtype=bfloat16', '--variant',
-            'pallas:model.attention_impl=pallas,model.norm_impl=pallas', '--out', str(out),
+            'pallas:model.attention_impl=pallas,model.norm_impl=pallas,model.mlp_impl=pallas',
+            '--out', str(out),
             '--hlo_dir', str(tmp_path / 'variants')])
   assert p.returncode == 0, p.stderr[-2000:]
   rows = json.load(open(out))['rows']
@@ -317,6 +339,9 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   norms = [k for k in ks if k.op == 'custom-call' and k.where.startswith(('ln_1', 'ln_2'))]
   assert {k.family for k in norms} == {'reduction'}
   assert {k.where for k in norms} >= {'ln_1 fwd', 'ln_1 bwd', 'ln_2 fwd', 'ln_2 bwd'}
+  # So does the fused MLP's first layer, filed as a GEMM with its FLOPs.
+  mlps = [k for k in ks if k.op == 'custom-call' and k.where.startswith('mlp')]
+  assert mlps and {k.family for k in mlps} == {'gemm'} and min(k.flops for k in mlps) > 0
   for r in rows:
     assert 'H200' in r['device_kind'] and r['program_memory_bytes'] > 0
     assert r['predicted_step_ms'] > 0 and r['families']['gemm']['gflop'] > 0

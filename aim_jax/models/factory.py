@@ -170,6 +170,11 @@ def resolve_model_config(cfg: Mapping | Any) -> dict:
   if out['backbone'] == 'swin' and out['norm_impl'] not in (AUTO, 'xla'):
     raise ValueError(f"model.norm_impl={out['norm_impl']!r} is for ViT backbones; a Swin's "
                      "norms are XLA's (set model.norm_impl to 'auto')")
+  if out['mlp_impl'] == 'pallas' and not vit.fuse_joint_adapter(JOINT_MLP[out['joint_mlp']],
+                                                                 DTYPES[out['dtype']]):
+    raise ValueError(f"model.mlp_impl='pallas' runs the fused joint MLP's first product, which "
+                     f"model.joint_mlp={out['joint_mlp']!r} with model.dtype={out['dtype']!r} "
+                     "does not use: set model.joint_mlp='fused' (or 'auto' with bfloat16)")
   if out['backbone'] == 'swin' and out['mlp_impl'] not in (AUTO, 'xla'):
     raise ValueError(f"model.mlp_impl={out['mlp_impl']!r} is for ViT backbones; a Swin's "
                      "MLPs are XLA's (set model.mlp_impl to 'auto')")
