@@ -26,7 +26,7 @@
 #                            (97 GiB)
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, if the
 #                            budget has time left after the parts above
-#   mlp_kernels.json / .log  the fused MLP's first layer against XLA's, per tile, likewise
+#   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
@@ -136,8 +136,8 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # row and the part goes on.
 # 'pallas_kernels' is the default row with the project's Pallas kernels: the blocks'
 # LayerNorms (model.norm_impl=pallas, models/fused_norm.py) and the fused MLP's first layer
-# (model.mlp_impl=pallas, models/fused_mlp.py); predicted 133.7 -> 125.0 ms by gpu_aot
-# (norms alone 128.2, MLP alone 130.4): measured here before 'auto' may choose them. The
+# and the hidden's gradient (model.mlp_impl=pallas, models/fused_mlp.py); predicted
+# 133.7 -> 119.8 ms by gpu_aot (norms alone 128.2, MLP kernels alone 125.3): measured here before 'auto' may choose them. The
 # kernel parts at the end (norm_kernels, mlp_kernels) time each kernel against XLA's.
 # (joint_mlp=fused is bf16's 'auto'; it lets the CPU smoke's float32 row run the kernel too.)
 XLA_ROW=(--variant "xla:model.attention_impl=xla")
@@ -188,7 +188,7 @@ part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config 
 # kernels against XLA's, per tile (benchmarks/norm_kernels.py); skipped when under 20 s remain.
 NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
 part norm_kernels 40 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/norm_kernels.json"
-# Then the fused MLP's first layer against XLA's GEMM and activation kernel, per tile
+# Then the fused MLP's kernels against XLA's GEMMs and element-wise kernels, per tile
 # (benchmarks/mlp_kernels.py).
 part mlp_kernels 40 "$PY" -m benchmarks.mlp_kernels "${NK[@]}" --out "$OUT/mlp_kernels.json"
 echo "done at $(el) s" | tee -a "$OUT/summary.txt"

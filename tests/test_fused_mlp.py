@@ -80,6 +80,29 @@ def test_the_kernel_computes_xlas_first_layer_with_masked_edges(dtype, tile):
     np.testing.assert_allclose(f32(hidden), f32(hidden_ref), atol=2e-2, rtol=8e-3)
 
 
+@pytest.mark.parametrize('dtype', ['float32', 'bfloat16'])
+def test_the_gradient_kernel_computes_xlas_hidden_gradient(dtype):
+  """fused_mlp.hidden_gradient: `(g @ w.T) * slopes(y + b)` with the adapter's columns
+  times the row's scale, as norm._hidden_gradient computes it with XLA, edges masked."""
+  m, d, f, a = 80, 32, 64, 8
+  ks = jax.random.split(jax.random.key(1), 5)
+  g = jax.random.normal(ks[0], (m, d)).astype(dtype)
+  w_out = (0.3 * jax.random.normal(ks[1], (f + a, d))).astype(dtype)
+  b = (0.3 * jax.random.normal(ks[2], (f + a,))).astype(dtype)
+  y = jax.random.normal(ks[3], (m, f + a)).astype(dtype)
+  s = jax.random.uniform(ks[4], (m,))
+  acts = (vit.quick_gelu, gelu_exact)
+  dz = jax.jit(lambda *args: fused_mlp.hidden_gradient(*args, f, *acts, SMALL_TILE))(
+      g, w_out.T, b, s, y)
+  dz_ref = norm._hidden_gradient(*acts, 'xla', g, w_out, b, y, s[:, None], f)[0]
+  assert dz.dtype == jnp.dtype(dtype)
+  f32 = lambda v: np.asarray(v, np.float32)
+  if dtype == 'float32':
+    np.testing.assert_allclose(dz, dz_ref, atol=1e-5, rtol=1e-5)
+  else:
+    np.testing.assert_allclose(f32(dz), f32(dz_ref), atol=3e-2, rtol=2e-2)
+
+
 def test_the_input_width_must_be_a_multiple_of_the_tiles_k_step():
   x, w, b, s = _layer_inputs(8, 24, 16, 4, 'float32')
   with pytest.raises(ValueError, match='input width 24'):
@@ -104,6 +127,8 @@ def test_the_mlp_with_the_kernel_has_the_xla_value_and_gradients():
   loss = lambda impl: lambda *args: jnp.sum(jnp.sin(fn[impl](*args, s)))
   grads = {impl: jax.jit(jax.grad(loss(impl), tuple(range(10))))(x, xn, *ws)
            for impl in fn}
+  # The backward pass has the hidden's gradient kernel (the slopes in its epilogue).
+  assert 'mlp_matmul_slope' in _kernels(jax.grad(loss('pallas'), 1), x, xn, *ws)
   for g_p, g_x in zip(grads['pallas'], grads['xla']):
     np.testing.assert_allclose(g_p, g_x, atol=5e-5, rtol=1e-5)
 
@@ -127,9 +152,10 @@ def test_a_vit_with_the_pallas_mlp_has_the_same_loss_and_gradients():
   np.testing.assert_allclose(l_p, l_x, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_p), jax.tree.leaves(g_x)):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
-  # One kernel per block, forward only (each twice: the compiled kernel and the
-  # interpreter, by lowering platform); none with the XLA MLP.
-  assert _kernels(jax.grad(loss('pallas')), params) == ['mlp_matmul_act'] * 2 * 2
+  # Two kernels per block, the first layer forward and the hidden's gradient backward (each
+  # twice: the compiled kernel and the interpreter, by lowering platform); none with XLA's.
+  assert sorted(_kernels(jax.grad(loss('pallas')), params)) == (
+      ['mlp_matmul_act'] * 2 * 2 + ['mlp_matmul_slope'] * 2 * 2)
   assert _kernels(jax.grad(loss('xla')), params) == []
 
 
@@ -191,11 +217,11 @@ def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path, 
   out = tmp_path / 'mlp_kernels.json'
   assert mlp_kernels.main(['--cpu-smoke', '--out', str(out)]) == 0
   r = json.loads(out.read_text())['shapes']['tiny']
-  assert set(r['xla']) == {'train', 'eval'} and r['xla']['train']['ms'] > 0
+  assert set(r['xla']) == {'train', 'eval', 'bwd'} and r['xla']['bwd']['ms'] > 0
   (tile,) = r['pallas']
   assert tile['tile'] == list(fused_mlp.TILE) and tile['ok']
   assert max(tile['max_abs_diff'].values()) <= mlp_kernels.TOLERANCE
-  assert r['best']['tile'] == list(fused_mlp.TILE) and set(r['best']['vs_xla']) == {'train',
+  assert r['best']['tile'] == list(fused_mlp.TILE) and set(r['best']['vs_xla']) == {'train', 'bwd',
                                                                                        'eval'}
   with pytest.raises(SystemExit):
     mlp_kernels.main(['--tiles', '128x128', '--out', str(out)])

@@ -1,4 +1,4 @@
-"""The fused MLP's first product with its bias and activations, as one Pallas kernel.
+"""The fused MLP's products with its activations (and their slopes) in their epilogues.
 
 `model.mlp_impl='pallas'` computes the first half of `norm.mlp_with_adapter` (the frozen MLP
 and the joint adapter beside it, one MLP of width F + F/16) in one Triton kernel:
@@ -12,6 +12,11 @@ exp), and `z * sigmoid(1.702 z)` reads the product twice (BENCHMARKS.md, "What X
 GEMMs fuse"). Here each program computes a (BM, BN) tile of the product in float32 and
 applies the bias and the activations before writing, so `y` is not read back; in evaluation
 (no backward pass) it is not written at all.
+
+The backward pass's first product is a second kernel of the same kind
+(`hidden_gradient`): `dz = (g @ w_out.T) * slopes(y + b)`, the slopes of both activations
+(the adapter's times `s`) computed in the epilogue from the kept product, where XLA writes
+the product `g @ w_out.T` and reads it back with `y` in an element-wise kernel.
 
 The numerics are those of the XLA path: the product rounded to the compute dtype, the bias
 added and rounded again (so the backward pass, which recomputes `y + b` from the written
@@ -62,11 +67,11 @@ def _in_kernel(fn: Callable) -> Callable:
   return _gelu_exact if fn is norm.gelu_exact else fn
 
 
-def _kernel(x_ref, w_ref, b_ref, s_ref, *out_refs, f: int, act: Callable,
-            adapter_act: Callable, bm: int, bn: int, bk: int, group: int):
+def _tile_product(x_ref, w_ref, bm: int, bn: int, bk: int, group: int):
+  """This program's (BM, BN) tile of `x @ w` in float32, with its row and column indices
+  and masks; programs go through the row blocks GROUP at a time."""
   m, k = x_ref.shape
   n = w_ref.shape[1]
-  # Program -> (row block, column block), GROUP row blocks at a time.
   pid = pl.program_id(0)
   n_m, n_n = pl.cdiv(m, bm), pl.cdiv(n, bn)
   per_group = group * n_n
@@ -85,17 +90,74 @@ def _kernel(x_ref, w_ref, b_ref, s_ref, *out_refs, f: int, act: Callable,
     return acc + jnp.dot(a, w, preferred_element_type=jnp.float32)
 
   acc = jax.lax.fori_loop(0, k // bk, step, jnp.zeros((bm, bn), jnp.float32))
+  return acc, r, c, r_ok, c_ok
+
+
+def _biased(y, b_ref, c, c_ok, dtype):
+  """`y + b` as XLA computes it in `dtype` (rounded), in float32."""
+  bias = plgpu.load(b_ref.at[c], mask=c_ok, other=0.)
+  return (y.astype(jnp.float32) + bias.astype(jnp.float32)[None, :]).astype(dtype).astype(
+      jnp.float32)
+
+
+def _kernel(x_ref, w_ref, b_ref, s_ref, *out_refs, f: int, act: Callable,
+            adapter_act: Callable, bm: int, bn: int, bk: int, group: int):
+  acc, r, c, r_ok, c_ok = _tile_product(x_ref, w_ref, bm, bn, bk, group)
   dtype = out_refs[0].dtype
   y = acc.astype(dtype)
-  bias = plgpu.load(b_ref.at[c], mask=c_ok, other=0.)
-  z = (y.astype(jnp.float32) + bias.astype(jnp.float32)[None, :]).astype(dtype)
-  z = z.astype(jnp.float32)
+  z = _biased(y, b_ref, c, c_ok, dtype)
   s = plgpu.load(s_ref.at[r], mask=r_ok, other=0.)
   hidden = jnp.where(c[None, :] < f, act(z), adapter_act(z) * s[:, None])
   mask = r_ok[:, None] & c_ok[None, :]
   plgpu.store(out_refs[0].at[r[:, None], c[None, :]], hidden.astype(dtype), mask=mask)
   if len(out_refs) > 1:
     plgpu.store(out_refs[1].at[r[:, None], c[None, :]], y, mask=mask)
+
+
+def _slope(fn: Callable, z: jax.Array) -> jax.Array:
+  return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
+
+
+def _slope_kernel(g_ref, w_ref, b_ref, s_ref, y_ref, dz_ref, *, f: int, act: Callable,
+                  adapter_act: Callable, bm: int, bn: int, bk: int, group: int):
+  acc, r, c, r_ok, c_ok = _tile_product(g_ref, w_ref, bm, bn, bk, group)
+  dtype = dz_ref.dtype
+  d_hidden = acc.astype(dtype).astype(jnp.float32)       # the product as XLA writes it
+  mask = r_ok[:, None] & c_ok[None, :]
+  y = plgpu.load(y_ref.at[r[:, None], c[None, :]], mask=mask, other=0.)
+  z = _biased(y, b_ref, c, c_ok, dtype)
+  s = plgpu.load(s_ref.at[r], mask=r_ok, other=0.)
+  slope = jnp.where(c[None, :] < f, _slope(act, z), _slope(adapter_act, z) * s[:, None])
+  plgpu.store(dz_ref.at[r[:, None], c[None, :]], (d_hidden * slope).astype(dtype), mask=mask)
+
+
+def _run(kernel, name, out, m, n, k, tile, args, **kw):
+  bm, bn, bk, group, warps, stages = tile or TILE
+  bk = min(bk, k)
+  if k % bk:
+    raise ValueError(f'fused MLP: the input width {k} is not a multiple of the tile\'s {bk}')
+  run = functools.partial(
+      pl.pallas_call, functools.partial(kernel, bm=bm, bn=bn, bk=bk, group=group, **kw),
+      out_shape=out, grid=(pl.cdiv(m, bm) * pl.cdiv(n, bn),), name=name,
+      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
+  # The kernel for the platform the program is lowered for; the interpreter on a CPU.
+  return jax.lax.platform_dependent(*args, cpu=run(interpret=True), default=run())
+
+
+def hidden_gradient(g2: jax.Array, w_t: jax.Array, b: jax.Array, s_rows: jax.Array,
+                    y2: jax.Array, f: int, act: Callable, adapter_act: Callable,
+                    tile: Tile = None) -> jax.Array:
+  """The backward pass's `dz = (g2 @ w_t) * [act'(y2 + b) | s * adapter_act'(y2 + b)]`: the
+  hidden's gradient from the output's cotangent `g2` (M, D) and the second layer's weights
+  transposed `w_t` (D, N), times the activations' slopes at the kept product `y2` (M, N), in
+  the product's epilogue (XLA writes the product and reads it back in an element-wise
+  kernel with `y2`)."""
+  m, k = g2.shape
+  n = w_t.shape[1]
+  out = jax.ShapeDtypeStruct((m, n), y2.dtype)
+  return _run(_slope_kernel, 'mlp_matmul_slope', out, m, n, k, tile,
+              (g2, w_t, b, s_rows.astype(jnp.float32), y2), f=f, act=_in_kernel(act),
+              adapter_act=_in_kernel(adapter_act))
 
 
 def first_layer(x2: jax.Array, w: jax.Array, b: jax.Array, s_rows: jax.Array, f: int,
@@ -106,18 +168,7 @@ def first_layer(x2: jax.Array, w: jax.Array, b: jax.Array, s_rows: jax.Array, f:
   `adapter_act` times the row's `s_rows` (M,) float32. Arrays in the compute dtype."""
   m, k = x2.shape
   n = w.shape[1]
-  bm, bn, bk, group, warps, stages = tile or TILE
-  bk = min(bk, k)
-  if k % bk:
-    raise ValueError(f'fused MLP: the input width {k} is not a multiple of the tile\'s {bk}')
   out = [jax.ShapeDtypeStruct((m, n), x2.dtype)] * (2 if keep_product else 1)
-  kernel = functools.partial(_kernel, f=f, act=_in_kernel(act),
-                             adapter_act=_in_kernel(adapter_act), bm=bm, bn=bn,
-                             bk=bk, group=group)
-  run = functools.partial(
-      pl.pallas_call, kernel, out_shape=out, grid=(pl.cdiv(m, bm) * pl.cdiv(n, bn),),
-      name='mlp_matmul_act',
-      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
-  args = (x2, w, b, s_rows.astype(jnp.float32))
-  # The kernel for the platform the program is lowered for; the interpreter on a CPU.
-  return tuple(jax.lax.platform_dependent(*args, cpu=run(interpret=True), default=run()))
+  return tuple(_run(_kernel, 'mlp_matmul_act', out, m, n, k, tile,
+                    (x2, w, b, s_rows.astype(jnp.float32)), f=f, act=_in_kernel(act),
+                    adapter_act=_in_kernel(adapter_act)))
