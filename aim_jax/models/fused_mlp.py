@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from aim_jax.models import norm
+from aim_jax.models import fused_norm, norm
 
 # (BM, BN, BK, GROUP, warps, pipeline stages): a common Hopper bf16 tile for Triton GEMMs.
 # Not yet timed on a GPU: benchmarks/mlp_kernels.py times the kernel against XLA per tile.
@@ -114,10 +114,6 @@ def _kernel(x_ref, w_ref, b_ref, s_ref, *out_refs, f: int, act: Callable,
     plgpu.store(out_refs[1].at[r[:, None], c[None, :]], y, mask=mask)
 
 
-def _slope(fn: Callable, z: jax.Array) -> jax.Array:
-  return jax.jvp(fn, (z,), (jnp.ones_like(z),))[1]
-
-
 def _slope_kernel(g_ref, w_ref, b_ref, s_ref, y_ref, dz_ref, *, f: int, act: Callable,
                   adapter_act: Callable, bm: int, bn: int, bk: int, group: int):
   acc, r, c, r_ok, c_ok = _tile_product(g_ref, w_ref, bm, bn, bk, group)
@@ -127,7 +123,8 @@ def _slope_kernel(g_ref, w_ref, b_ref, s_ref, y_ref, dz_ref, *, f: int, act: Cal
   y = plgpu.load(y_ref.at[r[:, None], c[None, :]], mask=mask, other=0.)
   z = _biased(y, b_ref, c, c_ok, dtype)
   s = plgpu.load(s_ref.at[r], mask=r_ok, other=0.)
-  slope = jnp.where(c[None, :] < f, _slope(act, z), _slope(adapter_act, z) * s[:, None])
+  slope = jnp.where(c[None, :] < f, norm._slope(act, z)[1],
+                    norm._slope(adapter_act, z)[1] * s[:, None])
   plgpu.store(dz_ref.at[r[:, None], c[None, :]], (d_hidden * slope).astype(dtype), mask=mask)
 
 
@@ -136,12 +133,8 @@ def _run(kernel, name, out, m, n, k, tile, args, **kw):
   bk = min(bk, k)
   if k % bk:
     raise ValueError(f'fused MLP: the input width {k} is not a multiple of the tile\'s {bk}')
-  run = functools.partial(
-      pl.pallas_call, functools.partial(kernel, bm=bm, bn=bn, bk=bk, group=group, **kw),
-      out_shape=out, grid=(pl.cdiv(m, bm) * pl.cdiv(n, bn),), name=name,
-      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))
-  # The kernel for the platform the program is lowered for; the interpreter on a CPU.
-  return jax.lax.platform_dependent(*args, cpu=run(interpret=True), default=run())
+  return fused_norm.run_kernel(functools.partial(kernel, bm=bm, bn=bn, bk=bk, group=group, **kw),
+                               out, pl.cdiv(m, bm) * pl.cdiv(n, bn), name, warps, stages, args)
 
 
 def hidden_gradient(g2: jax.Array, w_t: jax.Array, b: jax.Array, s_rows: jax.Array,

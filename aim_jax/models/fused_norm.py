@@ -128,16 +128,21 @@ def _backward_kernel(x_ref, *refs, copies: int, rows: int, cols: int):
   plgpu.store(dx_ref.at[ri, ci], dx.astype(dx_ref.dtype), mask=mask)
 
 
+def run_kernel(kernel, out_shape, programs: int, name: str, num_warps: int, num_stages: int,
+               args: tuple):
+  """`kernel` as a Pallas Triton call over `programs` programs, on `args`: compiled for the
+  platform the program is lowered for (an ahead-of-time compile for a GPU target runs on a
+  host without one), in Pallas's interpreter on a CPU. Also fused_mlp's kernels."""
+  run = functools.partial(
+      pl.pallas_call, kernel, out_shape=out_shape, grid=(programs,), name=name,
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages))
+  return jax.lax.platform_dependent(*args, cpu=run(interpret=True), default=run())
+
+
 def _call(kernel, out_shape, m: int, d: int, name: str, tile: Tile, *args):
   rows, num_warps = tile or (ROWS, NUM_WARPS)
-  cols = pl.next_power_of_2(d)
-  run = functools.partial(
-      pl.pallas_call, functools.partial(kernel, rows=rows, cols=cols), out_shape=out_shape,
-      grid=(pl.cdiv(m, rows),), name=name,
-      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1))
-  # The kernel for the platform the program is lowered for (an ahead-of-time compile for
-  # a GPU target runs on a host without one); the interpreter on a CPU.
-  return jax.lax.platform_dependent(*args, cpu=run(interpret=True), default=run())
+  kernel = functools.partial(kernel, rows=rows, cols=pl.next_power_of_2(d))
+  return run_kernel(kernel, out_shape, pl.cdiv(m, rows), name, num_warps, 1, args)
 
 
 def _rows_forward(x2, scale, bias, eps, dtype, tile=None):

@@ -296,22 +296,33 @@ def mlp_with_adapter(act: Callable, adapter_act: Callable, impl: str, x: jax.Arr
               w_2, b_2, scale)[0]
 
 
+def _kernel_rows(impl: str, shape: tuple[int, ...], scale):
+  """For the Pallas MLP kernels: None when XLA runs (impl 'xla', or a mesh that splits the
+  model), else (the mesh axes that shard the rows, or None; the scale per row, float32)."""
+  if impl != 'pallas':
+    return None
+  from aim_jax.models import fused_norm
+  batch_axes = fused_norm.row_sharding(shape)
+  if batch_axes == fused_norm.KEEP_XLA:
+    return None
+  lead = shape[:-1]
+  return batch_axes, jnp.broadcast_to(jnp.asarray(scale, jnp.float32), lead + (1,))[..., 0]
+
+
 def _first_layer(act, adapter_act, impl, keep, xn, w, b, s, f):
   """(hidden, y if keep): the first product `y = xn @ w` and `[act(y + b) | s * adapter_act(y
   + b)]` (columns from `f` on), by XLA or by the Pallas kernel (per device under a mesh that
   shards the batch; XLA when the mesh splits the model)."""
-  if impl == 'pallas':
+  rows = _kernel_rows(impl, xn.shape, s)
+  if rows is not None:
     from aim_jax.models import fused_mlp, fused_norm
-    batch_axes = fused_norm.row_sharding(xn.shape)
-    if batch_axes != fused_norm.KEEP_XLA:
-      lead, (d, n) = xn.shape[:-1], w.shape
-      s_rows = jnp.broadcast_to(jnp.asarray(s, jnp.float32), lead + (1,))[..., 0]
+    (batch_axes, s_rows), (d, n) = rows, w.shape
 
-      def local(xn, s_rows, w, b):
-        outs = fused_mlp.first_layer(xn.reshape(-1, d), w, b, s_rows.reshape(-1), f, act,
-                                     adapter_act, keep)
-        return tuple(o.reshape(xn.shape[:-1] + (n,)) for o in outs)
-      return fused_norm.per_device(local, batch_axes, 2, 2, 1 + keep)(xn, s_rows, w, b)
+    def local(xn, s_rows, w, b):
+      outs = fused_mlp.first_layer(xn.reshape(-1, d), w, b, s_rows.reshape(-1), f, act,
+                                   adapter_act, keep)
+      return tuple(o.reshape(xn.shape[:-1] + (n,)) for o in outs)
+    return fused_norm.per_device(local, batch_axes, 2, 2, 1 + keep)(xn, s_rows, w, b)
   y = jax.lax.dot_general(xn, w, (((xn.ndim - 1,), (0,)), ((), ())))
   z = y + b
   s = jnp.asarray(s, z.dtype)
@@ -343,20 +354,18 @@ def _hidden_gradient(act, adapter_act, impl, g, w_out, b, y, scale, f):
   second layer's weight gradients. By XLA or, with impl='pallas', `dz` by one kernel with
   the slopes in the product's epilogue (fused_mlp.hidden_gradient; per device as in
   _first_layer)."""
-  if impl == 'pallas':
+  rows = _kernel_rows(impl, y.shape, scale)
+  if rows is not None:
     from aim_jax.models import fused_mlp, fused_norm
-    batch_axes = fused_norm.row_sharding(y.shape)
-    if batch_axes != fused_norm.KEEP_XLA:
-      lead, (n, d) = y.shape[:-1], w_out.shape
-      s_rows = jnp.broadcast_to(jnp.asarray(scale, jnp.float32), lead + (1,))[..., 0]
+    (batch_axes, s_rows), (n, d) = rows, w_out.shape
 
-      def local(g, y, s_rows, w_t, b):
-        dz = fused_mlp.hidden_gradient(g.reshape(-1, d), w_t, b, s_rows.reshape(-1),
-                                       y.reshape(-1, n), f, act, adapter_act)
-        return (dz.reshape(y.shape),)
-      dz, = fused_norm.per_device(local, batch_axes, 3, 2, 1)(g, y, s_rows, w_out.T, b)
-      z = y + b
-      return dz, dz[..., :f], dz[..., f:], act(z[..., :f]), adapter_act(z[..., f:])
+    def local(g, y, s_rows, w_t, b):
+      dz = fused_mlp.hidden_gradient(g.reshape(-1, d), w_t, b, s_rows.reshape(-1),
+                                     y.reshape(-1, n), f, act, adapter_act)
+      return (dz.reshape(y.shape),)
+    dz, = fused_norm.per_device(local, batch_axes, 3, 2, 1)(g, y, s_rows, w_out.T, b)
+    z = y + b
+    return dz, dz[..., :f], dz[..., f:], act(z[..., :f]), adapter_act(z[..., f:])
   # XLA's program as it was before the kernel existed (the same operations in the same
   # order: XLA's fusion follows the graph, and a reordered one compiled 4 ms slower).
   z = y + b
