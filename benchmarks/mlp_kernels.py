@@ -25,11 +25,9 @@ One JSON object goes to --out; the exit status is 0 when every case ran and matc
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 
-from benchmarks.norm_kernels import _median_ms
+from benchmarks import kernel_bench
 
 # (rows, input width, MLP width, adapter width)
 SHAPES = {'b16_8x224_b64': (64 * 8 * 200, 768, 3072, 192),
@@ -78,7 +76,7 @@ def run_shape(m: int, k: int, f: int, a: int, tiles: list[tuple[int, ...]],
       (g, w_out, b, s, y))
 
   def timed(fn, args):
-    ms = _median_ms(fn, args, iters)
+    ms = kernel_bench.median_ms(fn, args, iters)
     return dict(ms=round(ms, 4), tflops=round(flop / ms / 1e9, 1))
 
   out = dict(rows=m, width=k, mlp=f, adapter=a, dtype='bfloat16', gflop=round(flop / 1e9, 1),
@@ -111,37 +109,11 @@ def run_shape(m: int, k: int, f: int, a: int, tiles: list[tuple[int, ...]],
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--out', required=True)
-  p.add_argument('--tiles', default=TILES,
-                 help='BMxBNxBKxGROUPxWARPSxSTAGES,... (default %(default)s)')
-  p.add_argument('--iters', type=int, default=20)
-  p.add_argument('--cpu-smoke', action='store_true',
-                 help='tiny shapes, the default tile, Pallas\'s interpreter: checks the script')
-  a = p.parse_args(argv)
-  try:
-    tiles = [tuple(int(v) for v in t.split('x')) for t in a.tiles.split(',')]
-    if any(len(t) != 6 or min(t) < 1 for t in tiles):
-      raise ValueError
-  except ValueError:
-    p.error(f'--tiles {a.tiles!r}: expected BMxBNxBKxGROUPxWARPSxSTAGES,... '
-            '(e.g. 128x128x64x8x8x3)')
-  shapes = SHAPES
-  if a.cpu_smoke:
-    from aim_jax.models import fused_mlp
-    shapes, tiles, a.iters = SMOKE_SHAPES, [fused_mlp.TILE], 2
-
-  import jax
-  result = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-                jax=jax.__version__, iters=a.iters, shapes={})
-  for name, shape in shapes.items():
-    r = result['shapes'][name] = run_shape(*shape, tiles, a.iters)
-    xla_ms = ', '.join(f'{mode} {v["ms"]}' for mode, v in r['xla'].items())
-    print(f'{name}: xla {xla_ms} ms; best Pallas {r.get("best")}', flush=True)
-  with open(a.out, 'w') as f:
-    json.dump(result, f, indent=1)
-  ok = all(r.get('ok') for s in result['shapes'].values() for r in s['pallas'])
-  return 0 if ok else 1
+  from aim_jax.models import fused_mlp
+  return kernel_bench.main(
+      argv, description=__doc__.split('\n')[0], shapes=SHAPES, smoke_shapes=SMOKE_SHAPES,
+      tiles=TILES, tile_format='BMxBNxBKxGROUPxWARPSxSTAGES', tile_example='128x128x64x8x8x3',
+      smoke_tile=lambda: fused_mlp.TILE, run_shape=run_shape)
 
 
 if __name__ == '__main__':

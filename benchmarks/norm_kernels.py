@@ -23,27 +23,15 @@ to --out; the exit status is 0 when every case ran and matched.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
-import time
+
+from benchmarks import kernel_bench
 
 SHAPES = {'b16_8x224_b64': (64 * 8 * 200, 768), 'l14_8x224_b32': (32 * 8 * 264, 1024)}
 SMOKE_SHAPES = {'tiny': (40, 96)}
 TILES = '1x1,2x2,4x4,8x4,8x8,16x8'
 # bfloat16 outputs of values of order one (the gradient sums five terms).
 TOLERANCE = {'fwd': 0.05, 'bwd': 0.25}
-
-
-def _median_ms(fn, args, iters: int) -> float:
-  import jax
-  jax.block_until_ready(fn(*args))           # compiles
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return 1e3 * sorted(times)[len(times) // 2]
 
 
 def _cases(m: int, d: int, seed: int = 0):
@@ -92,7 +80,7 @@ def run_shape(m: int, d: int, tiles: list[tuple[int, int]], iters: int) -> dict:
   ref_bwd = jax.jit(xla_bwd)(*xla_bwd_args)
 
   def timed(fn, args, nbytes):
-    ms = _median_ms(jax.jit(fn), args, iters)
+    ms = kernel_bench.median_ms(jax.jit(fn), args, iters)
     return dict(ms=round(ms, 4), gbps=round(nbytes / ms / 1e6, 1))
 
   out = dict(rows=m, width=d, dtype='bfloat16', copies=len(dys),
@@ -129,36 +117,11 @@ def run_shape(m: int, d: int, tiles: list[tuple[int, int]], iters: int) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--out', required=True)
-  p.add_argument('--tiles', default=TILES, help='ROWSxWARPS,... (default %(default)s)')
-  p.add_argument('--iters', type=int, default=20)
-  p.add_argument('--cpu-smoke', action='store_true',
-                 help='tiny shapes, the default tile, Pallas\'s interpreter: checks the script')
-  a = p.parse_args(argv)
-  try:
-    tiles = [tuple(int(v) for v in t.split('x')) for t in a.tiles.split(',')]
-    if any(len(t) != 2 or min(t) < 1 for t in tiles):
-      raise ValueError
-  except ValueError:
-    p.error(f'--tiles {a.tiles!r}: expected ROWSxWARPS,... (e.g. 8x4,16x8)')
-  shapes = SHAPES
-  if a.cpu_smoke:
-    from aim_jax.models import fused_norm
-    shapes, tiles, a.iters = SMOKE_SHAPES, [(fused_norm.ROWS, fused_norm.NUM_WARPS)], 2
-
-  import jax
-  result = dict(device=str(jax.devices()[0].device_kind), platform=jax.default_backend(),
-                jax=jax.__version__, iters=a.iters, shapes={})
-  for name, (m, d) in shapes.items():
-    result['shapes'][name] = run_shape(m, d, tiles, a.iters)
-    best = result['shapes'][name].get('best')
-    print(f'{name}: xla fwd {result["shapes"][name]["xla"]["fwd"]["ms"]} ms, '
-          f'bwd {result["shapes"][name]["xla"]["bwd"]["ms"]} ms; best Pallas {best}', flush=True)
-  with open(a.out, 'w') as f:
-    json.dump(result, f, indent=1)
-  ok = all(r.get('ok') for s in result['shapes'].values() for r in s['pallas'])
-  return 0 if ok else 1
+  from aim_jax.models import fused_norm
+  return kernel_bench.main(
+      argv, description=__doc__.split('\n')[0], shapes=SHAPES, smoke_shapes=SMOKE_SHAPES,
+      tiles=TILES, tile_format='ROWSxWARPS', tile_example='8x4,16x8',
+      smoke_tile=lambda: (fused_norm.ROWS, fused_norm.NUM_WARPS), run_shape=run_shape)
 
 
 if __name__ == '__main__':
