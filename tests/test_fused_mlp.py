@@ -18,23 +18,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from aim_jax import sharding
 from aim_jax.models import factory, fused_mlp, fused_norm, norm, vit
 from aim_jax.models.norm import gelu_exact, mlp_with_adapter
+from tests.model_helpers import equations, mlp_adapter_inputs
 
 RULES = [('activation_batch', ('data', 'fsdp')), ('activation_embed', 'model')]
 SMALL_TILE = (32, 32, 16, 2, 4, 2)   # several row and column blocks, two row blocks a group
 
 
-def _equations(jaxpr):
-  for e in jaxpr.eqns:
-    yield e
-    for v in e.params.values():
-      for sub in v if isinstance(v, (list, tuple)) else (v,):
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          yield from _equations(inner)
-
-
 def _kernels(fn, *args):
-  return [e.params.get('name') for e in _equations(jax.make_jaxpr(fn)(*args).jaxpr)
+  return [e.params.get('name') for e in equations(jax.make_jaxpr(fn)(*args).jaxpr)
           if e.primitive.name == 'pallas_call']
 
 
@@ -112,13 +103,7 @@ def test_the_input_width_must_be_a_multiple_of_the_tiles_k_step():
 def test_the_mlp_with_the_kernel_has_the_xla_value_and_gradients():
   """norm.mlp_with_adapter with impl='pallas': the same value without differentiation
   (where the kernel writes only the activations) and the same gradient of every input."""
-  kk = jax.random.split(jax.random.key(0), 12)
-  d, f, a, tokens = 32, 128, 8, 10
-  x = jax.random.normal(kk[0], (2, 3, tokens, d))
-  xn = jax.random.normal(kk[1], (2, 3, tokens, d))
-  shapes = [(d, f), (f,), (f, d), (d,), (d, a), (a,), (a, d), (d,)]
-  ws = [0.2 * jax.random.normal(kk[i + 2], sh) for i, sh in enumerate(shapes)]
-  s = jnp.asarray([0, 1, 1, 0, 1, 1, 1, 0, 1, 1], jnp.float32).reshape(1, 1, tokens, 1) * 0.5
+  x, xn, ws, s = mlp_adapter_inputs()
   fn = {impl: functools.partial(mlp_with_adapter, vit.quick_gelu, gelu_exact, impl)
         for impl in ('xla', 'pallas')}
   value = {impl: jax.jit(lambda *args, f=f: f(*args, s))(x, xn, *ws) for impl, f in fn.items()}

@@ -19,6 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from aim_jax import sharding
 from aim_jax.models import factory, fused_norm, norm
 from aim_jax.models.norm import LayerNorm
+from tests.model_helpers import equations
 
 RULES = [('activation_batch', ('data', 'fsdp')), ('activation_embed', 'model')]
 
@@ -80,7 +81,7 @@ def test_copies_of_the_output_have_their_cotangents_summed_in_the_kernel():
     np.testing.assert_allclose(got, want, atol=5e-5, rtol=1e-5, err_msg=name)
   # One backward kernel reads the three cotangents (no XLA sum before it).
   jaxpr = jax.make_jaxpr(vjp)((dstream, *dys))
-  (call, *_) = [e for e in _equations(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
+  (call, *_) = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == 'pallas_call']
   assert len(call.invars) == 1 + 3 + 1 + 3     # x, three cotangents, the stream's, scale, stats
 
 
@@ -132,24 +133,13 @@ def test_a_vit_with_pallas_norms_has_the_same_parameters_loss_and_gradients():
   # twice in the program: the compiled kernel and the interpreter, by lowering platform).
   jaxpr = jax.make_jaxpr(jax.grad(lambda p: jnp.sum(models['pallas'].apply(p, x))))(
       params['xla'])
-  names = [e.params.get('name', '') for e in _equations(jaxpr.jaxpr)
+  names = [e.params.get('name', '') for e in equations(jaxpr.jaxpr)
            if e.primitive.name == 'pallas_call']
   assert names.count('layer_norm_fwd') == names.count('layer_norm_bwd') == 3 * 2 * 2
   # Split, ln_1's backward kernels read q, k and v's cotangents apart (3 + 5 operands).
-  arity = sorted(len(e.invars) for e in _equations(jaxpr.jaxpr)
+  arity = sorted(len(e.invars) for e in equations(jaxpr.jaxpr)
                  if e.primitive.name == 'pallas_call' and e.params['name'] == 'layer_norm_bwd')
   assert arity == [6] * 4 + [8] * 8
-
-
-def _equations(jaxpr):
-  for e in jaxpr.eqns:
-    yield e
-    for v in e.params.values():
-      subs = v if isinstance(v, (list, tuple)) else (v,)
-      for sub in subs:
-        inner = getattr(sub, 'jaxpr', sub)
-        if hasattr(inner, 'eqns'):
-          yield from _equations(inner)
 
 
 def test_under_a_mesh_each_device_normalises_its_own_rows():
@@ -195,7 +185,7 @@ def test_a_mesh_that_splits_the_model_keeps_the_xla_norm(rules):
     ln = LayerNorm(impl='pallas')
     params = ln.init(jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(lambda x: ln.apply(params, x, stream=True))(x)
-  assert not any(e.primitive.name == 'pallas_call' for e in _equations(jaxpr.jaxpr))
+  assert not any(e.primitive.name == 'pallas_call' for e in equations(jaxpr.jaxpr))
 
 
 def test_without_a_mesh_or_with_one_device_the_kernel_runs_on_every_row():
@@ -207,7 +197,7 @@ def test_without_a_mesh_or_with_one_device_the_kernel_runs_on_every_row():
     ln = LayerNorm(impl='pallas')
     params = ln.init(jax.random.key(0), x)
     jaxpr = jax.make_jaxpr(lambda x: ln.apply(params, x, stream=True))(x)
-  assert any(e.primitive.name == 'pallas_call' for e in _equations(jaxpr.jaxpr))
+  assert any(e.primitive.name == 'pallas_call' for e in equations(jaxpr.jaxpr))
 
 
 def test_model_norm_impl_is_checked_and_auto_is_xla():
@@ -226,7 +216,7 @@ def test_model_norm_impl_is_checked_and_auto_is_xla():
   x = jnp.ones((3, 8))
   params = ln.init(jax.random.key(0), x)
   jaxpr = jax.make_jaxpr(lambda x: ln.apply(params, x))(x)
-  assert not any(e.primitive.name == 'pallas_call' for e in _equations(jaxpr.jaxpr))
+  assert not any(e.primitive.name == 'pallas_call' for e in equations(jaxpr.jaxpr))
 
 
 def test_the_stream_call_of_the_xla_norm_is_the_plain_norm():

@@ -18,6 +18,7 @@ import pytest
 from jax.ad_checkpoint import print_saved_residuals
 
 from aim_jax.models import vit
+from tests.model_helpers import equations, mlp_adapter_inputs
 from aim_jax.models.adapters import Adapter, AdapterSpec, DropPath
 from aim_jax.models.norm import (DenseActivation, LayerNorm, gelu_exact, layer_norm,
                                  recompute_activation)
@@ -33,16 +34,6 @@ class _Residual:
 
   def __repr__(self):
     return f'{self.dtype}{list(self.shape)} {self.why}'
-
-
-def equations(jaxpr):
-  """Every equation of a jaxpr and of the jaxprs inside it (custom_vjp, checkpoint, pjit)."""
-  for e in jaxpr.eqns:
-    yield e
-    for p in e.params.values():
-      inner = getattr(getattr(p, 'jaxpr', p), 'jaxpr', getattr(p, 'jaxpr', p))
-      if hasattr(inner, 'eqns'):
-        yield from equations(inner)
 
 
 def saved_residuals(f, *args):
@@ -409,13 +400,7 @@ def test_mlp_with_adapter_is_the_mlp_plus_the_scaled_adapter():
   """norm.mlp_with_adapter (one MLP of width F + A) is x + mlp(xn) + s * adapter(xn):
   values and the gradient of every input, with s a drop-path draw per token."""
   from aim_jax.models.norm import mlp_with_adapter
-  k = jax.random.split(jax.random.key(0), 12)
-  d, f, a, tokens = 32, 128, 8, 10
-  x = jax.random.normal(k[0], (2, 3, tokens, d))
-  xn = jax.random.normal(k[1], (2, 3, tokens, d))
-  shapes = [(d, f), (f,), (f, d), (d,), (d, a), (a,), (a, d), (d,)]
-  ws = [0.2 * jax.random.normal(k[i + 2], sh) for i, sh in enumerate(shapes)]
-  s = jnp.asarray([0, 1, 1, 0, 1, 1, 1, 0, 1, 1], jnp.float32).reshape(1, 1, tokens, 1) * 0.5
+  x, xn, ws, s = mlp_adapter_inputs()
   def plain(x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2):
     return (x + (vit.quick_gelu(xn @ w_fc + b_fc) @ w_proj + b_proj)
             + s * (gelu_exact(xn @ w_1 + b_1) @ w_2 + b_2))
