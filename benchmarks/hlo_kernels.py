@@ -180,6 +180,47 @@ def _pallas_gemm_flops(inst: Instruction, operand_shapes: list[str], family: str
   return 2.0 * m * k * n
 
 
+def _result_bytes(inst: Instruction) -> int:
+  """Bytes an instruction writes: its result, less a library call's scratch workspace (the
+  `s8[N]` second element of a cuBLAS call's result, which it may use in part or not at all)."""
+  arrays = shape_dims(inst.shape)
+  if (inst.op == 'custom-call' and 'custom_call_target="__cublas' in inst.rest
+      and len(arrays) == 2 and arrays[1][0] == 's8'):
+    arrays = arrays[:1]
+  return int(sum(math.prod(dims) * ITEM_BYTES[dt] for dt, dims in arrays))
+
+
+def _sliced_library_call(comps: Mapping[str, list[Instruction]], inst: Instruction,
+                         called: list[str]) -> Optional[Kernel]:
+  """A library matrix product inside XLA's dynamic-slice fusion, as one GEMM kernel; None
+  for any other instruction.
+
+  With `xla_gpu_enable_dynamic_slice_fusion`, a cuBLAS call whose operands are dynamic
+  slices of a scan's stacks (a layer's weights) or whose result is written into one becomes
+  a custom fusion around the call: the call reads and writes the slices in place (only
+  address arithmetic, no copy kernel). It is one launch of the call: its FLOPs, the bytes of
+  the slices it reads (what its operands are inside the fusion) and of the product it
+  writes."""
+  if (inst.op != 'fusion' or '"dynamic_slice_fusion"' not in inst.rest or not called
+      or not comps.get(called[0])):
+    return None
+  body = comps[called[0]]
+  call = next((x for x in body if x.op == 'custom-call'
+               and 'custom_call_target="__cublas' in x.rest), None)
+  if call is None:
+    return None
+  shapes = {x.name: x.shape for x in body}
+  operand_shapes = [shapes.get(o, '') for o in _operands(call.rest)]
+  op_name = _OP_NAME.search(call.rest)
+  names = [op_name.group(1)] if op_name else []
+  kname = inst.name.replace('.', '_')
+  return Kernel(
+      name=kname, op='custom-call', family=family_of(call, kname, ' '.join(names)),
+      shape=call.shape, bytes_in=sum(shape_bytes(x) for x in operand_shapes),
+      bytes_out=_result_bytes(call), flops=_library_gemm_flops(call, operand_shapes),
+      launches=0, group='', where=_where(names))
+
+
 # Operations whose result does not map element for element onto each operand: what a
 # part of their result needs of an operand is not that part (they read all of it).
 _NOT_ONE_TO_ONE = frozenset({
@@ -420,6 +461,13 @@ def kernels(text: str) -> list[Kernel]:
         body = comps[called[0]]
         i = Instruction(i.name, next((x for x in body if x.root), body[-1]).shape, 'fusion',
                         i.rest, i.root)
+      library = _sliced_library_call(comps, i, called)
+      if library is not None:
+        body_key = '\n'.join(_body_key(comps, c) for c in called)
+        out.append(dataclasses.replace(
+            library, launches=launches,
+            group=hashlib.sha1(f'{i.shape}\n{body_key}'.encode()).hexdigest()[:12]))
+        continue
       inner = [op_names[x.name] for c in called for x in comps.get(c, []) if x.name in op_names]
       names = inner + ([op_names[i.name]] if i.name in op_names else [])
       kname = i.name.replace('.', '_')
@@ -447,7 +495,7 @@ def kernels(text: str) -> list[Kernel]:
         bytes_in = bytes_out = shape_bytes(i.shape)
       else:
         bytes_in = sum(shape_bytes(s) for s in operand_shapes)
-        bytes_out = shape_bytes(i.shape)
+        bytes_out = _result_bytes(i)
       out.append(Kernel(
           name=kname, op=i.op, family=fam, shape=i.shape, bytes_in=bytes_in, bytes_out=bytes_out,
           flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12],

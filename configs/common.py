@@ -132,8 +132,12 @@ def get_base_config() -> ml_collections.ConfigDict:
   # The default lets XLA's GPU compiler skip zero-filling the per-layer stacks that a
   # scanned model (scan_layers) keeps for the backward pass: every slot is written
   # before it is read, which XLA checks. L/14 on one H200: -16 ms of a 366 ms step
-  # (BENCHMARKS.md). Another backend's options (xla_gpu_* on a TPU) are left out.
-  c.compiler_options = 'xla_gpu_enable_dus_accumulator_zero_init_elimination=true'
+  # (BENCHMARKS.md). It also keeps XLA from rewriting a cuBLAS product that feeds such a
+  # stack into a 'dynamic slice fusion', which computes that product twice (once into the
+  # stack, once for its other user): +21 ms on the scanned L/14 step where the autotuner
+  # picks cuBLAS. Another backend's options (xla_gpu_* on a TPU) are left out.
+  c.compiler_options = ('xla_gpu_enable_dus_accumulator_zero_init_elimination=true,'
+                        'xla_gpu_enable_dynamic_slice_fusion=false')
   c.device_prefetch = 2              # batches placed on the devices ahead (0 = in the loop)
 
   c.checkpoint = ml_collections.ConfigDict()

@@ -193,8 +193,73 @@ metadata={{op_name="{name}"}}, backend_config={config}
   assert k.family == 'gemm' and k.where == 'mlp/c_proj fwd'
   assert k.flops == 2 * 1024 * 768 * 3072
   assert k.bytes_in == (1024 * 3072 + 3072 * 768 + 1024 * 768) * 2
+  assert k.bytes_out == 1024 * 768 * 2         # not the call's s8 scratch workspace
   assert H.predict_s(k) == pytest.approx(max(k.flops / H.RATES['gemm']['flops_s'],
                                              k.bytes / H.RATES['gemm']['bytes_s']))
+
+
+def test_a_library_product_in_a_dynamic_slice_fusion_is_one_gemm_on_the_slices():
+  """With `xla_gpu_enable_dynamic_slice_fusion`, a cuBLAS call that reads a layer's weight
+  out of a scan's stack and writes its product into another stack is a custom fusion around
+  the call: one GEMM launch per loop step, with the call's FLOPs, reading the weight's slice
+  and writing the product's slice (not the stacks), and no scratch workspace."""
+  config = json.dumps({'gemm_backend_config': {'dot_dimension_numbers': {
+      'lhs_contracting_dimensions': ['1'], 'rhs_contracting_dimensions': ['0']}}},
+      separators=(',', ':'))
+  fusion = json.dumps({'fusion_backend_config': {'kind': '__custom_fusion', 'custom_fusion_config':
+                                                 {'name': 'dynamic_slice_fusion'}}},
+                      separators=(',', ':'))
+  name = 'jit(train_step)/jvp(M)/backbone/while/body/resblocks/attn/qkv/dot_general'
+  state = '(s32[], bf16[512,256]{1,0}, bf16[4,256,128]{2,1,0}, bf16[4,512,128]{2,1,0})'
+  text = f"""HloModule m
+
+%dsf.1 (x.2: bf16[512,256], ws.2: bf16[4,256,128], ys.2: bf16[4,512,128], i.2: s32[]) \
+-> (bf16[4,512,128], s8[33554432]) {{
+  %x.2 = bf16[512,256]{{1,0}} parameter(0)
+  %ws.2 = bf16[4,256,128]{{2,1,0}} parameter(1)
+  %ys.2 = bf16[4,512,128]{{2,1,0}} parameter(2)
+  %i.2 = s32[] parameter(3)
+  %z.2 = s32[] constant(0)
+  %w.2 = bf16[1,256,128]{{2,1,0}} dynamic-slice(%ws.2, %i.2, %z.2, %z.2), \
+dynamic_slice_sizes={{1,256,128}}
+  %wb.2 = bf16[256,128]{{1,0}} bitcast(%w.2)
+  %mm.2 = (bf16[512,128]{{1,0}}, s8[33554432]{{0}}) custom-call(%x.2, %wb.2), \
+custom_call_target="__cublas$lt$matmul", metadata={{op_name="{name}"}}, backend_config={config}
+  %y.2 = bf16[512,128]{{1,0}} get-tuple-element(%mm.2), index=0
+  %yb.2 = bf16[1,512,128]{{2,1,0}} bitcast(%y.2)
+  %up.2 = bf16[4,512,128]{{2,1,0}} dynamic-update-slice(%ys.2, %yb.2, %i.2, %z.2, %z.2)
+  %s.2 = s8[33554432]{{0}} get-tuple-element(%mm.2), index=1
+  ROOT %t.2 = (bf16[4,512,128]{{2,1,0}}, s8[33554432]{{0}}) tuple(%up.2, %s.2)
+}}
+
+%body.3 (p.3: (s32[], bf16[512,256], bf16[4,256,128], bf16[4,512,128])) \
+-> (s32[], bf16[512,256], bf16[4,256,128], bf16[4,512,128]) {{
+  %p.3 = {state} parameter(0)
+  %i.3 = s32[] get-tuple-element(%p.3), index=0
+  %x.3 = bf16[512,256]{{1,0}} get-tuple-element(%p.3), index=1
+  %ws.3 = bf16[4,256,128]{{2,1,0}} get-tuple-element(%p.3), index=2
+  %ys.3 = bf16[4,512,128]{{2,1,0}} get-tuple-element(%p.3), index=3
+  %dynamic_slice_fusion.3 = (bf16[4,512,128]{{2,1,0}}, s8[33554432]{{0}}) fusion(%x.3, %ws.3, \
+%ys.3, %i.3), kind=kCustom, calls=%dsf.1, backend_config={fusion}
+  %new.3 = bf16[4,512,128]{{2,1,0}} get-tuple-element(%dynamic_slice_fusion.3), index=0
+  ROOT %r.3 = {state} \
+tuple(%i.3, %x.3, %ws.3, %new.3)
+}}
+
+ENTRY %main (p.4: (s32[], bf16[512,256], bf16[4,256,128], bf16[4,512,128])) \
+-> (s32[], bf16[512,256], bf16[4,256,128], bf16[4,512,128]) {{
+  %p.4 = {state} parameter(0)
+  ROOT %w.4 = {state} \
+while(%p.4), condition=%body.3, body=%body.3, backend_config={{"known_trip_count":{{"n":"4"}}}}
+}}
+"""
+  (k,) = H.kernels(text)
+  assert (k.name, k.family, k.launches, k.where) == ('dynamic_slice_fusion_3', 'gemm', 4,
+                                                     'attn/qkv fwd')
+  assert k.flops == 2 * 512 * 128 * 256
+  assert k.bytes_in == (512 * 256 + 256 * 128) * 2 and k.bytes_out == 512 * 128 * 2
+  summary = H.summarize([k])
+  assert summary['families']['gemm']['gflop'] == pytest.approx(4 * k.flops / 1e9, abs=1e-3)
 
 
 def test_a_pallas_kernel_is_filed_by_its_name():
