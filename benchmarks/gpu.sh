@@ -22,8 +22,8 @@
 #   profile/VARIANT/MODE/    the same for each variant
 #   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length
 #   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py;
-#                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its xla variant
-#                            (97 GiB)
+#                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its
+#                            pallas_kernels variant (the Pallas LayerNorms and MLP kernels)
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, if the
 #                            budget has time left after the parts above
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
@@ -168,8 +168,10 @@ grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt" && AUTO_OK=1
 [ ${#FORCE[@]} -gt 0 ] && AUTO_OK=0
 if [ "$AUTO_OK" = 1 ]; then
   VARIANTS=("${XLA_ROW[@]}" "${NORM_ROW[@]}"); ONE_MORE=("${XLA_ROW[@]}")
+  L14_MORE=("${NORM_ROW[@]}")
 else
   VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
+  L14_MORE=("${PALLAS_NORM_ROW[@]}")
 fi
 echo "cuDNN's 'auto' check passed: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
 part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OFFICIAL[@]}" \
@@ -180,9 +182,12 @@ part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OF
 EVAL_S=$(( (BUDGET - $(el)) / SCALE - 70 )); [ "$EVAL_S" -lt 80 ] && EVAL_S=80
 part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
   "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"
-# The XLA row needs 97 GiB (benchmarks.gpu_aot): more than JAX's default 75% of the H200.
+# L/14's extra row is the Pallas kernels' (predicted 328.0 -> 313.2 ms scanned, gpu_aot):
+# whether 'auto' may choose them for L/14 too. (Its XLA-attention row, 624 ms predicted, says
+# nothing the B/16 rows do not.) An XLA-attention default row (cuDNN failed) needs 97 GiB:
+# more than JAX's default 75% of the H200.
 part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
-  --batch "$BATCH_L" --steps 5 --warmup 1 --mode train "${ONE_MORE[@]}" "${FORCE[@]}" \
+  --batch "$BATCH_L" --steps 5 --warmup 1 --mode train "${L14_MORE[@]}" "${FORCE[@]}" \
   --out "$OUT/l14_train.json"
 # With time left over (the parts' limits are bounds, not estimates): the Pallas LayerNorm
 # kernels against XLA's, per tile (benchmarks/norm_kernels.py); skipped when under 20 s remain.
