@@ -6,7 +6,9 @@ Subprocesses (signals, multi-process runs, command lines) get the environment of
 import atexit
 import os
 import pathlib
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -32,9 +34,33 @@ if 'xla_force_host_platform_device_count' not in _flags:
 # (`optimized=True`) the default is kept: its machine code runs faster (the CI demo's image
 # pre-training: 47 s with it, 62 s without).
 _FAST_COMPILE = ('--xla_backend_optimization_level=0', '--xla_cpu_use_fusion_emitters=false')
-for _flag in _FAST_COMPILE:
-  if _flag.split('=')[0] not in _flags:    # set the flag yourself (any value) to override
-    _flags = f'{_flags} {_flag}'
+
+
+def known_to_xla(flags: list[str]) -> list[str]:
+  """Those of `flags` that this jaxlib's XLA accepts, in order. XLA aborts a process whose
+  XLA_FLAGS holds a flag it does not know, and flags come and go between XLA versions
+  (jaxlib 0.11 no longer has --xla_cpu_use_fusion_emitters), so a subprocess starts JAX's
+  CPU backend with them first and each flag it reports unknown is dropped."""
+  kept = list(flags)
+  for _ in range(len(flags)):
+    probe = subprocess.run([sys.executable, '-c', 'import jax; jax.devices("cpu")'],
+                           env=dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS=' '.join(kept)),
+                           capture_output=True, text=True, timeout=300, check=False)
+    unknown = re.search(r'Unknown flags? in XLA_FLAGS: ([^\n]*)', probe.stderr)
+    if probe.returncode == 0 or not unknown:
+      return kept          # accepted, or a failure of another kind for the tests to show
+    names = {f.split('=')[0] for f in unknown.group(1).split()}
+    kept = [f for f in kept if f.split('=')[0] not in names]
+  return kept
+
+
+# The fast-compile flags this XLA knows, found once by the first process that loads this
+# file (pytest, or xdist's controller); its workers and subprocesses inherit XLA_FLAGS.
+_wanted = [f for f in _FAST_COMPILE if f.split('=')[0] not in _flags]   # set one to override
+if _wanted and not os.environ.get('AIM_TESTS_XLA_FLAGS_CHECKED'):
+  _kept = known_to_xla(_flags.split() + _wanted)
+  _flags = ' '.join(_kept)
+  os.environ['AIM_TESTS_XLA_FLAGS_CHECKED'] = '1'
 os.environ['XLA_FLAGS'] = _flags.strip()
 
 # One XLA compilation cache for the whole test run, shared by the in-process tests and
