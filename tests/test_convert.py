@@ -386,6 +386,7 @@ def test_openai_vit_b16_torchscript_at_real_shape(tmp_path):
 @pytest.mark.torch
 @pytest.mark.slow
 def test_open_clip_b16_safetensors_at_real_shape(tmp_path):
+  pytest.importorskip('torch')
   from safetensors.torch import save_file
   model = open_clip_model(seed=8, width=768, layers=12, patch=16, size=224, embed=512)
   src = tmp_path / 'open_clip_model.safetensors'

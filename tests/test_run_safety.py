@@ -425,6 +425,7 @@ def test_a_failed_background_save_is_a_save_failed_error_not_a_raw_one(tmp_path,
 @pytest.mark.slow
 @pytest.mark.parametrize('which', ['latest', 'best'])
 def test_workdir_export_aim_then_convert_aim_gives_the_same_logits(finished, tmp_path, which):
+  pytest.importorskip('torch')        # the official format is a torch .pth
   workdir = str(finished['workdir'])
   params, cfg = checkpoints.restore_params_from_workdir(workdir, which)
   pth = tmp_path / 'out' / 'model.pth'
