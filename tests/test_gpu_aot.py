@@ -446,6 +446,32 @@ def test_the_default_compiler_options_remove_the_zero_fill_of_a_scanned_step(tmp
       rows['no_options']['program_memory_bytes'], rel=0.01)
 
 
+@pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
+def test_the_default_compiler_options_keep_cublas_products_of_a_scan_single(tmp_path):
+  """With its products on cuBLAS (what the GPU's autotuner may choose), XLA's dynamic-slice
+  fusion rewrites the scanned step's products that read or fill a layer stack, cloning a
+  product that has another user; configs/common.py's compiler_options turn it off, so the
+  step's GEMM FLOPs are those of the Triton program."""
+  from configs import tiny
+  cublas = 'xla_gpu_enable_triton_gemm=false'
+  out, hlo = tmp_path / 'aot.json', tmp_path / 'hlo'
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--batch', '8',
+            '--config.model.dtype=bfloat16', '--config.model.scan_layers=True',
+            f'--config.compiler_options={tiny.get_config().compiler_options},{cublas}',
+            '--variant', f'xla_default:compiler_options={cublas}',
+            '--variant', 'triton:compiler_options=xla_gpu_enable_triton_gemm=true',
+            '--out', str(out), '--hlo_dir', str(hlo)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  rows = {r['variant']: r for r in json.load(open(out))['rows']}
+  texts = {v: (hlo / f'{v}_train.hlo').read_text() for v in rows}
+  assert '"dynamic_slice_fusion"' not in texts['default']
+  assert '"dynamic_slice_fusion"' in texts['xla_default']
+  assert '__cublas' in texts['default'] and '__cublas' not in texts['triton']
+  gflop = {v: r['families']['gemm']['gflop'] for v, r in rows.items()}
+  assert gflop['default'] == pytest.approx(gflop['triton'], rel=1e-6)
+  assert gflop['xla_default'] > gflop['default'] * 1.05
+
+
 def _row(mode, clips, variant='default', **kw):
   return dict(mode=mode, variant=variant, clips_per_s=clips, devices=1, step_s_median=64 / clips,
               program_memory_bytes=int(40 * 2 ** 30), mfu=clips / 1000, compile_s=30.0, **kw)
