@@ -90,6 +90,7 @@ class Kernel:
   group: str         # launches with the same compiled kernel share it
   where: str         # model module and pass, e.g. 'attn/qkv bwd'
   elem_ops: float = 0.0   # element-wise arithmetic: one per element of each computing op
+  pallas_gemm: bool = False   # a Pallas matrix-product kernel (its speed is unmeasured)
 
   @property
   def bytes(self) -> int:
@@ -473,6 +474,7 @@ def kernels(text: str) -> list[Kernel]:
       kname = i.name.replace('.', '_')
       fam = family_of(i, kname, ' '.join(names))
       operand_shapes = [shapes.get(o, '') for o in ops]
+      pallas = 0.0
       if fam == 'attention' and i.op == 'custom-call':
         flops = _attention_flops(i, operand_shapes, op_names.get(i.name, ''))
       else:
@@ -480,8 +482,8 @@ def kernels(text: str) -> list[Kernel]:
         if i.op == 'dot':
           flops += _one_dot_flops(i, shapes)
         elif i.op == 'custom-call':
-          flops += (_library_gemm_flops(i, operand_shapes)
-                    + _pallas_gemm_flops(i, operand_shapes, fam))
+          pallas = _pallas_gemm_flops(i, operand_shapes, fam)
+          flops += _library_gemm_flops(i, operand_shapes) + pallas
       group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
                if called else kname)
       elem_ops = 0.0
@@ -499,7 +501,7 @@ def kernels(text: str) -> list[Kernel]:
       out.append(Kernel(
           name=kname, op=i.op, family=fam, shape=i.shape, bytes_in=bytes_in, bytes_out=bytes_out,
           flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12],
-          where=_where(names), elem_ops=elem_ops))
+          where=_where(names), elem_ops=elem_ops, pallas_gemm=pallas > 0))
 
   walk(entry, 1)
   return out
@@ -541,9 +543,14 @@ def predict_s(k: Kernel, rates: Mapping[str, Mapping[str, float]] = RATES) -> fl
 
 
 def summarize(ks: list[Kernel], rates: Mapping[str, Mapping[str, float]] = RATES,
-              top: int = 25) -> dict:
-  """Per-family launches, GB, GFLOP and predicted ms per step; the top kernel groups."""
-  step_ms = [predict_s(k, rates) * k.launches * 1e3 for k in ks]     # each kernel, per step
+              top: int = 25, pallas_speed: float = 1.0) -> dict:
+  """Per-family launches, GB, GFLOP and predicted ms per step; the top kernel groups.
+  `pallas_speed`: the Pallas matrix-product kernels' speed as a fraction of XLA's GEMMs (their
+  predicted times are divided by it; 1 = XLA's rates, which no device has measured yet)."""
+  if not 0 < pallas_speed <= 1:
+    raise ValueError(f'pallas_speed must be in (0, 1], got {pallas_speed}')
+  step_ms = [predict_s(k, rates) * k.launches * 1e3 / (pallas_speed if k.pallas_gemm else 1.0)
+             for k in ks]                                            # each kernel, per step
   fams: dict[str, dict] = {}
   groups: dict[str, dict] = {}
   by_where: dict[str, float] = collections.defaultdict(float)
@@ -602,18 +609,24 @@ def match_profile(ks: list[Kernel], measured_ms: Mapping[str, float],
 
 
 def main(argv: list[str] | None = None) -> int:
-  """python -m benchmarks.hlo_kernels PROGRAM.hlo [--top N]: the kernel families and the top N
-  kernels of an optimised program (as `gpu_aot --hlo_dir` writes it), with predicted times."""
+  """python -m benchmarks.hlo_kernels PROGRAM.hlo [--top N] [--pallas_speed F]: the kernel
+  families and the top N kernels of an optimised program (as `gpu_aot --hlo_dir` writes it),
+  with predicted times."""
   import argparse
   import sys
   p = argparse.ArgumentParser(prog='python -m benchmarks.hlo_kernels',
                               description=main.__doc__.splitlines()[0])
   p.add_argument('program', help='optimised HLO text (gpu_aot --hlo_dir writes VARIANT_MODE.hlo)')
   p.add_argument('--top', type=int, default=25, help='how many kernels to list (default 25)')
+  p.add_argument('--pallas_speed', type=float, default=1.0,
+                 help="the Pallas matrix-product kernels' speed as a fraction of XLA's GEMMs, "
+                      "in (0, 1] (default 1: XLA's rates)")
   args = p.parse_args(argv)
+  if not 0 < args.pallas_speed <= 1:
+    p.error(f'--pallas_speed must be in (0, 1], got {args.pallas_speed}')
   try:
     with open(args.program) as f:
-      s = summarize(kernels(f.read()), top=args.top)
+      s = summarize(kernels(f.read()), top=args.top, pallas_speed=args.pallas_speed)
   except (OSError, UnicodeDecodeError, ValueError) as e:
     print(f'hlo_kernels: {args.program}: {str(e).splitlines()[0] if str(e) else type(e).__name__}',
           file=sys.stderr)

@@ -9,6 +9,7 @@ CUDA plugin is installed (no GPU needed); elsewhere the tool must say in one lin
 what is missing.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -299,10 +300,17 @@ custom_call_target="__gpu$xla.gpu.triton", metadata={{op_name="{name}"}}
 }}
 """
   (k,) = H.kernels(program('jit(f)/backbone/resblocks_3/mlp/mlp_matmul_act/pallas_call'))
-  assert k.family == 'gemm' and k.flops == 2 * 1024 * 768 * 3264
+  assert k.family == 'gemm' and k.flops == 2 * 1024 * 768 * 3264 and k.pallas_gemm
   assert k.where == 'mlp/mlp_matmul_act fwd'
-  (k,) = H.kernels(program('jit(f)/backbone/resblocks_3/ln_1/layer_norm_fwd/pallas_call'))
-  assert k.family == 'reduction' and k.flops == 0
+  # --pallas_speed: the kernel's product at a fraction of XLA's GEMM speed
+  many = dataclasses.replace(k, launches=1000)   # a total that the summary's rounding keeps
+  at = {f: H.summarize([many], pallas_speed=f)['predicted_ms'] for f in (1.0, 0.5)}
+  assert at[0.5] == pytest.approx(2 * at[1.0], rel=1e-3)
+  with pytest.raises(ValueError, match='pallas_speed'):
+    H.summarize([k], pallas_speed=0)
+  (n,) = H.kernels(program('jit(f)/backbone/resblocks_3/ln_1/layer_norm_fwd/pallas_call'))
+  assert n.family == 'reduction' and n.flops == 0 and not n.pallas_gemm
+  assert H.summarize([n], pallas_speed=0.5)['predicted_ms'] == H.summarize([n])['predicted_ms']
 
 
 def test_hlo_without_an_entry_is_refused():
@@ -321,6 +329,9 @@ def test_the_command_line_lists_families_and_top_kernels_and_names_a_bad_file(tm
     assert H.main([str(path)]) == 2
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and str(path) in err, err
+  with pytest.raises(SystemExit) as e:          # a usage error: exit 2, naming the option
+    H.main([GPU_HLO, '--pallas_speed', '1.5'])
+  assert e.value.code == 2 and '--pallas_speed' in capsys.readouterr().err
 
 
 def test_parse_variant_sets_typed_fields_on_a_copy():
