@@ -58,7 +58,11 @@ def shape_dims(shape: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def shape_bytes(shape: str) -> int:
-  return int(sum(math.prod(dims) * ITEM_BYTES[dt] for dt, dims in shape_dims(shape)))
+  return _arrays_bytes(shape_dims(shape))
+
+
+def _arrays_bytes(arrays: list[tuple[str, tuple[int, ...]]]) -> int:
+  return int(sum(math.prod(dims) * ITEM_BYTES[dt] for dt, dims in arrays))
 
 
 def shape_elements(shape: str) -> int:
@@ -188,11 +192,11 @@ def _result_bytes(inst: Instruction) -> int:
   if (inst.op == 'custom-call' and 'custom_call_target="__cublas' in inst.rest
       and len(arrays) == 2 and arrays[1][0] == 's8'):
     arrays = arrays[:1]
-  return int(sum(math.prod(dims) * ITEM_BYTES[dt] for dt, dims in arrays))
+  return _arrays_bytes(arrays)
 
 
 def _sliced_library_call(comps: Mapping[str, list[Instruction]], inst: Instruction,
-                         called: list[str]) -> Optional[Kernel]:
+                         called: list[str], launches: int) -> Optional[Kernel]:
   """A library matrix product inside XLA's dynamic-slice fusion, as one GEMM kernel; None
   for any other instruction.
 
@@ -219,7 +223,16 @@ def _sliced_library_call(comps: Mapping[str, list[Instruction]], inst: Instructi
       name=kname, op='custom-call', family=family_of(call, kname, ' '.join(names)),
       shape=call.shape, bytes_in=sum(shape_bytes(x) for x in operand_shapes),
       bytes_out=_result_bytes(call), flops=_library_gemm_flops(call, operand_shapes),
-      launches=0, group='', where=_where(names))
+      launches=launches, group=_group(comps, inst, called, kname), where=_where(names))
+
+
+def _group(comps: Mapping[str, list[Instruction]], inst: Instruction, called: list[str],
+           kname: str) -> str:
+  """A kernel's group: launch sites of one compiled kernel (the same operation, shape and
+  called computations up to names) share it; a site without computations is its own."""
+  key = (inst.op + '\n' + inst.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
+         if called else kname)
+  return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
 # Operations whose result does not map element for element onto each operand: what a
@@ -462,12 +475,9 @@ def kernels(text: str) -> list[Kernel]:
         body = comps[called[0]]
         i = Instruction(i.name, next((x for x in body if x.root), body[-1]).shape, 'fusion',
                         i.rest, i.root)
-      library = _sliced_library_call(comps, i, called)
+      library = _sliced_library_call(comps, i, called, launches)
       if library is not None:
-        body_key = '\n'.join(_body_key(comps, c) for c in called)
-        out.append(dataclasses.replace(
-            library, launches=launches,
-            group=hashlib.sha1(f'{i.shape}\n{body_key}'.encode()).hexdigest()[:12]))
+        out.append(library)
         continue
       inner = [op_names[x.name] for c in called for x in comps.get(c, []) if x.name in op_names]
       names = inner + ([op_names[i.name]] if i.name in op_names else [])
@@ -484,8 +494,6 @@ def kernels(text: str) -> list[Kernel]:
         elif i.op == 'custom-call':
           pallas = _pallas_gemm_flops(i, operand_shapes, fam)
           flops += _library_gemm_flops(i, operand_shapes) + pallas
-      group = (i.op + '\n' + i.shape + '\n' + '\n'.join(_body_key(comps, c) for c in called)
-               if called else kname)
       elem_ops = 0.0
       if i.op == 'fusion' and called:
         need = _demand(comps.get(called[0]) or [])    # what bytes and arithmetic count
@@ -500,7 +508,7 @@ def kernels(text: str) -> list[Kernel]:
         bytes_out = _result_bytes(i)
       out.append(Kernel(
           name=kname, op=i.op, family=fam, shape=i.shape, bytes_in=bytes_in, bytes_out=bytes_out,
-          flops=flops, launches=launches, group=hashlib.sha1(group.encode()).hexdigest()[:12],
+          flops=flops, launches=launches, group=_group(comps, i, called, kname),
           where=_where(names), elem_ops=elem_ops, pallas_gemm=pallas > 0))
 
   walk(entry, 1)

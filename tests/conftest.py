@@ -58,8 +58,7 @@ def known_to_xla(flags: list[str]) -> list[str]:
 # file (pytest, or xdist's controller); its workers and subprocesses inherit XLA_FLAGS.
 _wanted = [f for f in _FAST_COMPILE if f.split('=')[0] not in _flags]   # set one to override
 if _wanted and not os.environ.get('AIM_TESTS_XLA_FLAGS_CHECKED'):
-  _kept = known_to_xla(_flags.split() + _wanted)
-  _flags = ' '.join(_kept)
+  _flags = ' '.join(known_to_xla(_flags.split() + _wanted))
   os.environ['AIM_TESTS_XLA_FLAGS_CHECKED'] = '1'
 os.environ['XLA_FLAGS'] = _flags.strip()
 
