@@ -24,8 +24,10 @@
 #   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py;
 #                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its
 #                            pallas_kernels variant (the Pallas LayerNorms and MLP kernels)
-#   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, if the
-#                            budget has time left after the parts above
+#   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
+#                            model.scan_layers=False (its compile time decides whether
+#                            unrolled may be L/14's default: predicted 328 -> 273 ms)
+#   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
@@ -52,6 +54,10 @@ BUDGET=${GPU_SH_BUDGET_S:-$(( 470 * SCALE ))}
 S=$(date +%s)
 el() { echo $(( $(date +%s) - S )); }
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=3
+# JAX's persistent compilation cache, for XLA's per-fusion autotuning cache that comes with
+# it: the eval part's products are the train part's forward ones, tuned once. (No program is
+# compiled twice, so every compile_s is still a compile; L/14's shapes are its own.)
+export JAX_COMPILATION_CACHE_DIR=${GPU_SH_CACHE:-/tmp/aim_gpu_jax_cache}
 
 # Carried wheels, only for what is missing.
 SITE=${GPU_SH_SITE:-/tmp/aim_gpu_site}
@@ -189,8 +195,17 @@ part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "
 part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
   --batch "$BATCH_L" --steps 5 --warmup 1 --mode train "${L14_MORE[@]}" "${FORCE[@]}" \
   --out "$OUT/l14_train.json"
-# With time left over (the parts' limits are bounds, not estimates): the Pallas LayerNorm
-# kernels against XLA's, per tile (benchmarks/norm_kernels.py); skipped when under 20 s remain.
+# With time left over (the parts' limits are bounds, not estimates; each part is skipped when
+# under 20 s remain): L/14 unrolled, the default row with model.scan_layers=False (gpu_aot:
+# 328.0 -> 272.8 ms, 47.9 s to compile on a 2-core CPU host without autotuning; the step logs
+# its compile time as soon as it has it, so a cut run still tells it). Only with a minute
+# left: less cannot compile it, and the kernel parts below can use that time.
+if [ $(( BUDGET - $(el) )) -lt $(( 60 * SCALE )) ]; then
+  echo "l14_unrolled: skipped, $(el) s used of $BUDGET" | tee -a "$OUT/summary.txt"
+else part l14_unrolled 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
+  --config.model.scan_layers=False --batch "$BATCH_L" --steps 5 --warmup 1 --mode train \
+  "${FORCE[@]}" --out "$OUT/l14_unrolled.json"; fi
+# Then the Pallas LayerNorm kernels against XLA's, per tile (benchmarks/norm_kernels.py).
 NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
 part norm_kernels 40 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/norm_kernels.json"
 # Then the fused MLP's kernels against XLA's GEMMs and element-wise kernels, per tile

@@ -208,6 +208,8 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
     else:
       compiled = b['step'].lower(b['params'], video).compile()
     compile_s = time.perf_counter() - t0
+    # Logged now: a run cut by a time limit during its steps still tells its compile time.
+    print(f'{mode}: compiled in {compile_s:.1f} s', flush=True)
     program_bytes = program_memory_bytes(compiled)
     state = b.get('state')
 

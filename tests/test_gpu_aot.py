@@ -502,6 +502,9 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
       _row('train', 80.0), dict(mode='train', variant='cudnn', error='OOM')]}))
   (tmp_path / 'cudnn_attention.json').write_text(json.dumps(
       {'implementation': 'cudnn', 'padded': {'ok': True}}))
+  unrolled = lambda compile_s: json.dumps({'results': [
+      dict(_row('train', 110.0), compile_s=compile_s)]})
+  (tmp_path / 'l14_unrolled.json').write_text(unrolled(75.0))
   rep = gpu_report.report(str(tmp_path))
   by = {c['target']: c for c in rep['checks']}
   assert by['train: fastest row (cudnn) / official compiled']['status'] == 'met'
@@ -512,9 +515,21 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert by['train: MFU aim (cudnn)']['status'] == 'missed'            # 44% < 45%
   assert by['eval: fastest row / official compiled']['status'] == 'not measured'   # no file
   assert by['L/14: slowest compile of its rows']['status'] == 'not measured'   # a row failed
+  assert by['L/14: slowest compile of its rows']['note'] == 'cudnn: OOM'
+  unrolled_check = 'L/14 unrolled (model.scan_layers=False): slowest compile'
+  assert (by[unrolled_check]['status'], by[unrolled_check]['shown']) == ('missed', '75 s')
   assert by['cuDNN attention, padded, forward + backward = XLA']['status'] == 'met'
   table = gpu_report.format_report(rep)
   assert '| aim_jax [pallas] | train | RuntimeError: no plan |' in table
   assert '| official compiled | train | 263.0 |' in table
+  assert '| aim_jax [default] | L/14 train | 80.0 | 800.0 |' in table
+  assert '| aim_jax [cudnn] | L/14 train | OOM |' in table
+  assert '| aim_jax [unrolled] | L/14 train | 110.0 |' in table
+  (tmp_path / 'l14_unrolled.json').write_text(unrolled(41.0))
+  by = {c['target']: c for c in gpu_report.report(str(tmp_path))['checks']}
+  assert by[unrolled_check]['status'] == 'met'
+  (tmp_path / 'l14_unrolled.json').unlink()
+  by = {c['target']: c for c in gpu_report.report(str(tmp_path))['checks']}
+  assert by[unrolled_check]['status'] == 'not measured'
   p = _run(['benchmarks.gpu_report', str(tmp_path / 'missing')])
   assert p.returncode == 2 and 'no such folder' in p.stderr
