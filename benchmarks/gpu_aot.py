@@ -158,8 +158,11 @@ def main(argv):
     with open(FLAGS.measured) as f:
       measured = json.load(f)['kernels_ms_per_step']
   rows = []
+  # XLA_FLAGS (e.g. --xla_gpu_enable_triton_gemm=false: every product on cuBLAS) reaches
+  # both compiles; the train step's config.compiler_options override it key by key.
   out = dict(target=FLAGS.target, rows=rows, versions=step_benchmark.versions(), argv=sys.argv,
-             date=time.strftime('%Y-%m-%d'), rates=hlo_kernels.RATES)
+             xla_flags=os.environ.get('XLA_FLAGS', ''), date=time.strftime('%Y-%m-%d'),
+             rates=hlo_kernels.RATES)
   for mode in modes:
     for name, cfg, spec in variants:
       hlo_path = os.path.join(FLAGS.hlo_dir, f'{name}_{mode}.hlo') if FLAGS.hlo_dir else ''

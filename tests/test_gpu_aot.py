@@ -352,10 +352,12 @@ def test_parse_variant_sets_typed_fields_on_a_copy():
       step_benchmark.parse_variant(bad, cfg)
 
 
-def _run(args, timeout=600):
+def _run(args, timeout=600, xla_flags=None):
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
   if args[0] == 'benchmarks.gpu_aot':   # the tests' XLA:CPU flags are not the GPU compiler's
     env.pop('XLA_FLAGS', None)
+  if xla_flags:
+    env['XLA_FLAGS'] = xla_flags
   return subprocess.run([sys.executable, '-m'] + args, cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=timeout)
 
@@ -533,3 +535,24 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert by[unrolled_check]['status'] == 'not measured'
   p = _run(['benchmarks.gpu_report', str(tmp_path / 'missing')])
   assert p.returncode == 2 and 'no such folder' in p.stderr
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
+def test_cublas_products_take_the_biases_and_residual_adds_of_the_eval_step(tmp_path):
+  """With its products on cuBLAS (what the H200's autotuner chose for the projections on
+  2026-11-30), the B/16 eval step at batch 64 hands the q bias, the MLP's biases and the
+  residual adds to the products' epilogues: the one add kernel left per block on the stream
+  is the spatial adapter's skip branch (attention output + its bias + the stream), which its
+  D_fc2 product then takes as its addend, as T_Adapter's and the MLP's products take the
+  stream (3 addends per block)."""
+  out, hlo = tmp_path / 'aot.json', tmp_path / 'hlo'
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/k400.py:b16_f8', '--mode', 'eval',
+            '--batch', '64', '--out', str(out), '--hlo_dir', str(hlo)],
+           xla_flags='--xla_gpu_enable_triton_gemm=false')
+  assert p.returncode == 0, p.stderr[-2000:]
+  text = (hlo / 'default_eval.hlo').read_text()
+  adds = [k for k in H.kernels(text) if k.family == 'elementwise' and 'add' in k.name]
+  on = lambda *shapes: [(k.name, k.where) for k in adds if k.shape.startswith(shapes)]
+  assert len(on('bf16[64,8,200,768]', 'bf16[102400,768]')) == 12, on('bf16[64,8,200,768]')
+  assert on('bf16[64,8,200,12,64]', 'bf16[512,200,12,64]') == []      # q's bias
+  assert text.count('"beta":1') == 3 * 12

@@ -222,6 +222,38 @@ def test_adapter_folds_an_input_offset(skip):
       np.testing.assert_allclose(y + b, attn.apply(pa, x, axis=axis), atol=2e-6, rtol=1e-6)
 
 
+def test_a_skip_adapter_adds_the_residual_stream_to_its_skip_branch():
+  """Adapter(x, residual=r) is r + Adapter(x) (the sum in the skip branch, before D_fc2's
+  product adds to it); an adapter without a skip branch refuses it in one line."""
+  x, r = (jax.random.normal(jax.random.key(i), (2, 4, 10, 64)) for i in (0, 1))
+  c = jax.random.normal(jax.random.key(2), (64,))
+  ad = Adapter(skip_connect=True)
+  p = ad.init(jax.random.key(3), x)
+  p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape), p)
+  np.testing.assert_allclose(ad.apply(p, x, input_offset=c, residual=r),
+                             r + ad.apply(p, x, input_offset=c), atol=2e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match='residual is for adapters with a skip connection'):
+    Adapter(skip_connect=False).init(jax.random.key(3), x, residual=r)
+
+
+def test_projection_applies_a_dense_spec_as_one_matrix_product():
+  """vit.Projection computes a dense spec ('...C,CO->...O') as one (rows, C) @ (C, O)
+  product plus a flat bias (the form XLA gives a cuBLAS epilogue), with einsum's values;
+  other specs go through einsum."""
+  dense = ('...d,dhk->...hk', '...d,dchk->...chk', '...hk,hkd->...d', '...d,df->...f')
+  other = ('...d,hdk->...hk', '...hk,khd->...d', 'bd,df->bf', '...d,dhk->...kh')
+  assert [vit._is_dense_spec(s) for s in dense + other] == [True] * 4 + [False] * 4
+  x = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))
+  for spec, kshape, bshape in (('...d,dhk->...hk', (8, 2, 3), (2, 3)),
+                               ('...hk,hkd->...d', (4, 8, 6), (6,))):
+    proj = vit.Projection(kshape, (None,) * len(kshape), bshape, (None,) * len(bshape))
+    p = nn.unbox(proj.init(jax.random.key(1), spec, x))
+    p = jax.tree.map(lambda a: a + jax.random.normal(jax.random.key(2), a.shape), p)
+    k, b = p['params']['kernel'], p['params']['bias']
+    np.testing.assert_allclose(proj.apply(p, spec, x), jnp.einsum(spec, x, k) + b,
+                               atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize('skip', [False, True])
 def test_adapter_reads_its_input_through_a_projection_kernel(skip):
   """Adapter(o, input_offset=c, input_kernel=P) is Adapter(o @ P + c), values and the

@@ -50,7 +50,8 @@ class Adapter(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, input_offset: Optional[jax.Array] = None,
                input_kernel: Optional[jax.Array] = None,
-               output_scale: Optional[jax.Array | float] = None) -> jax.Array:
+               output_scale: Optional[jax.Array | float] = None,
+               residual: Optional[jax.Array] = None) -> jax.Array:
     # input_offset: a bias vector c the caller left out of x (the attention's output bias):
     # the adapter of x + c, with c folded into D_fc1's bias and added to the skip branch,
     # so that no kernel adds c to x on its own.
@@ -61,8 +62,13 @@ class Adapter(nn.Module):
     # output_scale: a factor for the output of a no-skip adapter (the joint adapter's scale,
     # drop path's mask / keep: a scalar or an array broadcast against the rows), applied to
     # the hidden and D_fc2's bias (norm.ScaledDense) rather than to the D-wide output.
+    # residual: the residual stream the caller adds the output to, for a skip adapter:
+    # `residual + adapter(x)` is returned, as `(residual + x) + D_fc2(...)`, the form in
+    # which XLA hands the sum to a cuBLAS product's epilogue as its addend.
     if output_scale is not None and self.skip_connect:
       raise ValueError('Adapter: output_scale is for adapters without a skip connection')
+    if residual is not None and not self.skip_connect:
+      raise ValueError('Adapter: residual is for adapters with a skip connection')
     width = x.shape[-1] if input_kernel is None else input_kernel.shape[-1]
     hidden = int(width * self.ratio)
     fc1_init = dict(kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
@@ -84,7 +90,10 @@ class Adapter(nn.Module):
     if input_kernel is not None:
       x_in, p = promote_dtype(x, input_kernel, dtype=self.dtype)
       x = jnp.einsum('...f,fd->...d', x_in, p)
-    return x + h if input_offset is None else x + input_offset.astype(x.dtype) + h
+    skip = x if input_offset is None else x + input_offset.astype(x.dtype)
+    if residual is not None:
+      skip = residual + skip
+    return skip + h
 
 
 class DropPath(nn.Module):

@@ -338,7 +338,7 @@ def _mwa(act, adapter_act, impl, keep, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b
                             jnp.concatenate([b_fc, b_1]), scale, f)
   out = jax.lax.dot_general(hidden, jnp.concatenate([w_proj, w_2], 0),
                             (((hidden.ndim - 1,), (0,)), ((), ())))
-  out = x + (out + b_proj + s * b_2).astype(x.dtype)
+  out = x + (out + (b_proj + s * b_2)).astype(x.dtype)
   return out, ((xn, y[0], w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale) if keep
                else None)
 

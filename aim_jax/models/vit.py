@@ -40,6 +40,7 @@ Parameter tree (loop layout; `scan_layers=True` stacks the blocks under
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -136,8 +137,28 @@ class Projection(nn.Module):
     if input_offset is not None:
       bias = folded_bias(spec, input_offset, kernel, bias)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+    if bias is not None and _is_dense_spec(spec):
+      # As one (rows, in) @ (in, out) product with a (out,) bias, then split: the form in
+      # which XLA puts the bias into a cuBLAS product's epilogue (on the stream's shape,
+      # the bias added over the heads' two axes stays a kernel of its own).
+      c = spec.index(',') - 3                  # contracted axes: '...' + c letters
+      lead = x.shape[:x.ndim - c]
+      y = jnp.dot(x.reshape(lead + (-1,)), kernel.reshape(math.prod(kernel.shape[:c]), -1))
+      return (y + bias.reshape(-1)).reshape(lead + kernel.shape[c:])
     y = jnp.einsum(spec, x, kernel)
     return y if bias is None else y + bias
+
+
+def _is_dense_spec(spec: str) -> bool:
+  """Whether an einsum spec is a dense layer over the trailing axes: '...C,CO->...O' (the
+  input's trailing axes C contracted with the kernel's leading ones, the kernel's other
+  axes O the output's trailing ones, in order)."""
+  ins, out = spec.split('->')
+  lhs, rhs = ins.split(',')
+  if not lhs.startswith('...') or not out.startswith('...'):
+    return False
+  c = lhs[3:]
+  return bool(c) and rhs.startswith(c) and out[3:] == rhs[len(c):]
 
 
 def attend_over_axis1(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
@@ -557,26 +578,30 @@ class ResidualAttentionBlock(nn.Module):
     # aim_jax/convert/formats/dinov2.py); the joint adapter stays parallel to the scaled MLP.
     return y * gammas[name].astype(y.dtype) if name in gammas else y
 
-  def _attend_and_adapt(self, attn, x, gammas, adapter, name, output_scale=None, **attn_kw):
+  def _attend_and_adapt(self, attn, x, gammas, adapter, name, output_scale=None,
+                        residual=None, **attn_kw):
     """attn(x), layer-scaled, then the adapter `adapter` (a factory or None). With an
     adapter and no layer scale, the attention's output bias goes into the adapter (its
     D_fc1 bias and skip branch) rather than through a kernel of its own, and an adapter
     without a skip branch (T_Adapter) applies the output projection folded into D_fc1:
     same function. `output_scale` (drop path's mask / keep) goes to a no-skip adapter,
-    which applies it to its hidden (Adapter's output_scale)."""
+    which applies it to its hidden (Adapter's output_scale). With `residual` (the stream
+    before this branch) it returns `residual + branch`, a skip adapter adding it to its
+    skip branch (Adapter's residual)."""
     scale_kw = {} if output_scale is None else {'output_scale': output_scale}
+    onto = (lambda y: y) if residual is None else (lambda y: residual + y)
     if adapter is None or self.layer_scale:
       y = self._scaled(gammas, 'ls1', attn(x, **attn_kw))
-      return y if adapter is None else adapter(name=name)(y, **scale_kw)
+      return onto(y if adapter is None else adapter(name=name)(y, **scale_kw))
     module = adapter(name=name)
     if not module.skip_connect:
       # Only D_fc1 reads the attention's output: it reads it through the output projection
       # (Adapter's input_kernel), one (D, D) product fewer each way. With a skip branch the
       # projection is formed anyway, and going through it was slower (BENCHMARKS.md).
       o, out_kernel, b_out = attn(x, fold_out_bias=True, project=False, **attn_kw)
-      return module(o, input_offset=b_out, input_kernel=out_kernel, **scale_kw)
+      return onto(module(o, input_offset=b_out, input_kernel=out_kernel, **scale_kw))
     y, b_out = attn(x, fold_out_bias=True, **attn_kw)
-    return module(y, input_offset=b_out, **scale_kw)
+    return module(y, input_offset=b_out, residual=residual, **scale_kw)
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
@@ -619,9 +644,8 @@ class ResidualAttentionBlock(nn.Module):
 
     # (B, T, L, D), attention over L
     x, xs = norm_1(x, copies)
-    xs = self._attend_and_adapt(attn, xs, gammas, self.s_adapter, 'S_Adapter', axis=2,
-                                valid_len=self.valid_len)
-    x = x + xs
+    x = self._attend_and_adapt(attn, xs, gammas, self.s_adapter, 'S_Adapter', axis=2,
+                               valid_len=self.valid_len, residual=x)
     x = constrain(x, ('activation_batch', None, None, 'activation_embed'))
 
     x, xn = self._norm('ln_2')(x, stream=True)
