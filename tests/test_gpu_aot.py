@@ -538,7 +538,7 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
 
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
-def test_cublas_products_take_the_biases_and_residual_adds_of_the_eval_step(tmp_path):
+def test_cublas_products_take_the_biases_and_residual_adds_of_the_steps(tmp_path):
   """With its products on cuBLAS (what the H200's autotuner chose for the projections on
   2026-11-30), the B/16 eval step at batch 64 hands the q bias, the MLP's biases and the
   residual adds to the products' epilogues: the one add kernel left per block on the stream
@@ -556,3 +556,15 @@ def test_cublas_products_take_the_biases_and_residual_adds_of_the_eval_step(tmp_
   assert len(on('bf16[64,8,200,768]', 'bf16[102400,768]')) == 12, on('bf16[64,8,200,768]')
   assert on('bf16[64,8,200,12,64]', 'bf16[512,200,12,64]') == []      # q's bias
   assert text.count('"beta":1') == 3 * 12
+  # Training, with drop path's draw per token on T_Adapter's and the joint adapter's biases:
+  # the stream and that per-row bias are summed in one kernel, the product's addend, with no
+  # kernel of its own broadcasting the bias and no second pass adding the stream.
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/k400.py:b16_f8', '--mode', 'train',
+            '--batch', '64', '--out', str(out), '--hlo_dir', str(hlo),
+            '--config.compiler_options=xla_gpu_enable_triton_gemm=false'])
+  assert p.returncode == 0, p.stderr[-2000:]
+  stream = [k for k in H.kernels((hlo / 'default_train.hlo').read_text())
+            if k.family == 'elementwise' and k.where.endswith('fwd')
+            and k.shape.startswith(('bf16[64,8,200,768]', 'bf16[102400,768]'))]
+  assert [k.name for k in stream if 'broadcast' in k.name] == []
+  assert len([k for k in stream if 'add' in k.name]) == 12, [(k.name, k.where) for k in stream]

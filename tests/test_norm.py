@@ -222,18 +222,21 @@ def test_adapter_folds_an_input_offset(skip):
       np.testing.assert_allclose(y + b, attn.apply(pa, x, axis=axis), atol=2e-6, rtol=1e-6)
 
 
-def test_a_skip_adapter_adds_the_residual_stream_to_its_skip_branch():
-  """Adapter(x, residual=r) is r + Adapter(x) (the sum in the skip branch, before D_fc2's
-  product adds to it); an adapter without a skip branch refuses it in one line."""
+@pytest.mark.parametrize('skip', [True, False])
+def test_an_adapter_adds_the_residual_stream_to_its_output(skip):
+  """Adapter(x, residual=r) is r + Adapter(x): for a skip adapter the stream joins the skip
+  branch, for one without it joins D_fc2's bias, at once for a bias vector (no output scale,
+  a scalar one) and first (a scale per row, drop path's draw), as D_fc2's product's addend."""
   x, r = (jax.random.normal(jax.random.key(i), (2, 4, 10, 64)) for i in (0, 1))
   c = jax.random.normal(jax.random.key(2), (64,))
-  ad = Adapter(skip_connect=True)
+  ad = Adapter(skip_connect=skip)
   p = ad.init(jax.random.key(3), x)
   p = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(4), a.shape), p)
-  np.testing.assert_allclose(ad.apply(p, x, input_offset=c, residual=r),
-                             r + ad.apply(p, x, input_offset=c), atol=2e-6, rtol=1e-6)
-  with pytest.raises(ValueError, match='residual is for adapters with a skip connection'):
-    Adapter(skip_connect=False).init(jax.random.key(3), x, residual=r)
+  per_row = jax.random.uniform(jax.random.key(5), (1, 1, 10, 1)) * 2
+  for scale in ((None,) if skip else (None, 0.5, per_row)):
+    kw = {} if scale is None else {'output_scale': scale}
+    np.testing.assert_allclose(ad.apply(p, x, input_offset=c, residual=r, **kw),
+                               r + ad.apply(p, x, input_offset=c, **kw), atol=2e-6, rtol=1e-6)
 
 
 def test_projection_applies_a_dense_spec_as_one_matrix_product():

@@ -62,13 +62,11 @@ class Adapter(nn.Module):
     # output_scale: a factor for the output of a no-skip adapter (the joint adapter's scale,
     # drop path's mask / keep: a scalar or an array broadcast against the rows), applied to
     # the hidden and D_fc2's bias (norm.ScaledDense) rather than to the D-wide output.
-    # residual: the residual stream the caller adds the output to, for a skip adapter:
-    # `residual + adapter(x)` is returned, as `(residual + x) + D_fc2(...)`, the form in
-    # which XLA hands the sum to a cuBLAS product's epilogue as its addend.
+    # residual: the residual stream the caller adds the output to: `residual + adapter(x)`
+    # is returned, summed as D_fc2's product plus an addend (the skip branch plus the
+    # stream, or the stream), the form in which XLA hands the sum to a cuBLAS product.
     if output_scale is not None and self.skip_connect:
       raise ValueError('Adapter: output_scale is for adapters without a skip connection')
-    if residual is not None and not self.skip_connect:
-      raise ValueError('Adapter: residual is for adapters with a skip connection')
     width = x.shape[-1] if input_kernel is None else input_kernel.shape[-1]
     hidden = int(width * self.ratio)
     fc1_init = dict(kernel_init=LP(trunc_normal_02, ('embed', 'adapter')),
@@ -83,10 +81,11 @@ class Adapter(nn.Module):
     h = DenseActivation(hidden, activation=gelu_exact, dtype=self.dtype,
                         param_dtype=self.param_dtype, name='D_fc1',
                         **fc1_init)(x, input_offset, input_kernel)
-    h = ScaledDense(width, dtype=self.dtype, param_dtype=self.param_dtype, name='D_fc2',
-                    **fc2_init)(h, output_scale)
+    fc2 = ScaledDense(width, dtype=self.dtype, param_dtype=self.param_dtype, name='D_fc2',
+                      **fc2_init)
     if not self.skip_connect:
-      return h
+      return fc2(h, output_scale, addend=residual)
+    h = fc2(h, output_scale)
     if input_kernel is not None:
       x_in, p = promote_dtype(x, input_kernel, dtype=self.dtype)
       x = jnp.einsum('...f,fd->...d', x_in, p)

@@ -23,6 +23,7 @@ automatic differentiation of the flax layer to float32 rounding.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -236,7 +237,11 @@ class ScaledDense(nn.Dense):
   """
 
   @nn.compact
-  def __call__(self, inputs: jax.Array, scale: jax.Array | float | None = None) -> jax.Array:
+  def __call__(self, inputs: jax.Array, scale: jax.Array | float | None = None,
+               addend: jax.Array | None = None) -> jax.Array:
+    # addend: an array of the output's shape to add (the residual stream): `addend +
+    # scale * dense(x)`, summed in the form XLA hands to a cuBLAS product as its addend
+    # (`per_row_sum`).
     kernel = self.param('kernel', self.kernel_init, (jnp.shape(inputs)[-1], self.features),
                         self.param_dtype)
     bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
@@ -247,10 +252,26 @@ class ScaledDense(nn.Dense):
       inputs = inputs * scale
     y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())),
                             precision=self.precision)
-    if bias is None:
-      return y
-    bias = jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
-    return y + (bias if scale is None else scale * bias)
+    if bias is not None:
+      bias = jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+      bias = bias if scale is None else scale * bias
+    return per_row_sum(addend, y, bias)
+
+
+def per_row_sum(addend: jax.Array | None, y: jax.Array, bias: jax.Array | None) -> jax.Array:
+  """`addend + y + bias` for a product `y`, a bias that is a vector or varies along the
+  rows too (drop path's draw times a vector), and an addend of y's shape or None, in the
+  order that lets XLA fold the sums into a cuBLAS product: a vector bias goes into its
+  epilogue (`y + bias` first) and the addend is its matrix addend; a per-row bias is added
+  to the addend first (one kernel that reads it) rather than broadcast to y's shape on its
+  own. The same value up to the order of the sums."""
+  if bias is None:
+    return y if addend is None else addend + y
+  if addend is None:
+    return y + bias
+  if math.prod(bias.shape[:-1]) == 1:
+    return addend + (y + bias)
+  return (addend + bias) + y
 
 
 def _slope(fn: Callable[[jax.Array], jax.Array], z: jax.Array):
@@ -338,7 +359,7 @@ def _mwa(act, adapter_act, impl, keep, x, xn, w_fc, b_fc, w_proj, b_proj, w_1, b
                             jnp.concatenate([b_fc, b_1]), scale, f)
   out = jax.lax.dot_general(hidden, jnp.concatenate([w_proj, w_2], 0),
                             (((hidden.ndim - 1,), (0,)), ((), ())))
-  out = x + (out + (b_proj + s * b_2)).astype(x.dtype)
+  out = per_row_sum(x, out.astype(x.dtype), (b_proj + s * b_2).astype(x.dtype))
   return out, ((xn, y[0], w_fc, b_fc, w_proj, b_proj, w_1, b_1, w_2, b_2, scale) if keep
                else None)
 

@@ -586,8 +586,8 @@ class ResidualAttentionBlock(nn.Module):
     without a skip branch (T_Adapter) applies the output projection folded into D_fc1:
     same function. `output_scale` (drop path's mask / keep) goes to a no-skip adapter,
     which applies it to its hidden (Adapter's output_scale). With `residual` (the stream
-    before this branch) it returns `residual + branch`, a skip adapter adding it to its
-    skip branch (Adapter's residual)."""
+    before this branch) it returns `residual + branch`, the adapter adding it as its last
+    product's addend (Adapter's residual)."""
     scale_kw = {} if output_scale is None else {'output_scale': output_scale}
     onto = (lambda y: y) if residual is None else (lambda y: residual + y)
     if adapter is None or self.layer_scale:
@@ -599,7 +599,8 @@ class ResidualAttentionBlock(nn.Module):
       # (Adapter's input_kernel), one (D, D) product fewer each way. With a skip branch the
       # projection is formed anyway, and going through it was slower (BENCHMARKS.md).
       o, out_kernel, b_out = attn(x, fold_out_bias=True, project=False, **attn_kw)
-      return onto(module(o, input_offset=b_out, input_kernel=out_kernel, **scale_kw))
+      return module(o, input_offset=b_out, input_kernel=out_kernel, residual=residual,
+                    **scale_kw)
     y, b_out = attn(x, fold_out_bias=True, **attn_kw)
     return module(y, input_offset=b_out, residual=residual, **scale_kw)
 
@@ -637,10 +638,14 @@ class ResidualAttentionBlock(nn.Module):
       if self.t_adapter_in is not None:
         xt = self.t_adapter_in(name='T_Adapter_in')(xt)
       # (B, T, L, D), attention over T
-      xt = self._attend_and_adapt(attn, xt, gammas, self.t_adapter, 'T_Adapter',
-                                  output_scale=path_scale(), axis=1)
-      self.sow('intermediates', 'tbranch', xt)      # drop path applied, in training
-      x = x + xt
+      kw = dict(output_scale=path_scale(), axis=1)
+      if self.is_mutable_collection('intermediates'):
+        xt = self._attend_and_adapt(attn, xt, gammas, self.t_adapter, 'T_Adapter', **kw)
+        self.sow('intermediates', 'tbranch', xt)    # drop path applied, in training
+        x = x + xt
+      else:   # the stream as T_Adapter's last product's addend
+        x = self._attend_and_adapt(attn, xt, gammas, self.t_adapter, 'T_Adapter',
+                                   residual=x, **kw)
 
     # (B, T, L, D), attention over L
     x, xs = norm_1(x, copies)
