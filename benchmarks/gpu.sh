@@ -143,7 +143,7 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # 'pallas_kernels' is the default row with the project's Pallas kernels: the blocks'
 # LayerNorms (model.norm_impl=pallas, models/fused_norm.py) and the fused MLP's first layer
 # and the hidden's gradient (model.mlp_impl=pallas, models/fused_mlp.py); predicted
-# 133.7 -> 119.8 ms by gpu_aot (norms alone 128.2, MLP kernels alone 125.3): measured here before 'auto' may choose them. The
+# 132.8 -> 119.4 ms by gpu_aot (2026-12-03; norms alone 128.2, MLP kernels alone 125.3 before): measured here before 'auto' may choose them. The
 # kernel parts at the end (norm_kernels, mlp_kernels) time each kernel against XLA's.
 # (joint_mlp=fused is bf16's 'auto'; it lets the CPU smoke's float32 row run the kernel too.)
 XLA_ROW=(--variant "xla:model.attention_impl=xla")
@@ -188,7 +188,7 @@ part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OF
 EVAL_S=$(( (BUDGET - $(el)) / SCALE - 70 )); [ "$EVAL_S" -lt 80 ] && EVAL_S=80
 part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
   "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"
-# L/14's extra row is the Pallas kernels' (predicted 328.0 -> 313.2 ms scanned, gpu_aot):
+# L/14's extra row is the Pallas kernels' (predicted 326.7 -> 312.6 ms scanned, gpu_aot):
 # whether 'auto' may choose them for L/14 too. (Its XLA-attention row, 624 ms predicted, says
 # nothing the B/16 rows do not.) An XLA-attention default row (cuDNN failed) needs 97 GiB:
 # more than JAX's default 75% of the H200.

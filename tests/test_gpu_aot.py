@@ -542,9 +542,10 @@ def test_cublas_products_take_the_biases_and_residual_adds_of_the_steps(tmp_path
   """With its products on cuBLAS (what the H200's autotuner chose for the projections on
   2026-11-30), the B/16 eval step at batch 64 hands the q bias, the MLP's biases and the
   residual adds to the products' epilogues: the one add kernel left per block on the stream
-  is the spatial adapter's skip branch (attention output + its bias + the stream), which its
-  D_fc2 product then takes as its addend, as T_Adapter's and the MLP's products take the
-  stream (3 addends per block)."""
+  is the spatial adapter's skip branch (its projection of the attention output, which XLA
+  merges with D_fc1's product of the same input, + the bias + the stream), which its D_fc2
+  product then takes as its addend, as T_Adapter's and the MLP's products take the stream
+  (3 addends per block)."""
   out, hlo = tmp_path / 'aot.json', tmp_path / 'hlo'
   p = _run(['benchmarks.gpu_aot', '--config', 'configs/k400.py:b16_f8', '--mode', 'eval',
             '--batch', '64', '--out', str(out), '--hlo_dir', str(hlo)],

@@ -581,28 +581,23 @@ class ResidualAttentionBlock(nn.Module):
   def _attend_and_adapt(self, attn, x, gammas, adapter, name, output_scale=None,
                         residual=None, **attn_kw):
     """attn(x), layer-scaled, then the adapter `adapter` (a factory or None). With an
-    adapter and no layer scale, the attention's output bias goes into the adapter (its
-    D_fc1 bias and skip branch) rather than through a kernel of its own, and an adapter
-    without a skip branch (T_Adapter) applies the output projection folded into D_fc1:
-    same function. `output_scale` (drop path's mask / keep) goes to a no-skip adapter,
-    which applies it to its hidden (Adapter's output_scale). With `residual` (the stream
-    before this branch) it returns `residual + branch`, the adapter adding it as its last
-    product's addend (Adapter's residual)."""
+    adapter and no layer scale, the adapter reads the attention's output before its output
+    projection, with that projection's kernel and bias (Adapter's input_kernel and
+    input_offset): D_fc1 through the kernel folded into its own (one (D, D) product fewer
+    each way for an adapter without a skip branch, T_Adapter), a skip branch through the
+    projection, the product that takes the bias and the stream. Same function.
+    `output_scale` (drop path's mask / keep) goes to a no-skip adapter, which applies it to
+    its hidden (Adapter's output_scale). With `residual` (the stream before this branch) it
+    returns `residual + branch`, the adapter adding it as its last product's addend
+    (Adapter's residual)."""
     scale_kw = {} if output_scale is None else {'output_scale': output_scale}
-    onto = (lambda y: y) if residual is None else (lambda y: residual + y)
     if adapter is None or self.layer_scale:
       y = self._scaled(gammas, 'ls1', attn(x, **attn_kw))
-      return onto(y if adapter is None else adapter(name=name)(y, **scale_kw))
-    module = adapter(name=name)
-    if not module.skip_connect:
-      # Only D_fc1 reads the attention's output: it reads it through the output projection
-      # (Adapter's input_kernel), one (D, D) product fewer each way. With a skip branch the
-      # projection is formed anyway, and going through it was slower (BENCHMARKS.md).
-      o, out_kernel, b_out = attn(x, fold_out_bias=True, project=False, **attn_kw)
-      return module(o, input_offset=b_out, input_kernel=out_kernel, residual=residual,
-                    **scale_kw)
-    y, b_out = attn(x, fold_out_bias=True, **attn_kw)
-    return module(y, input_offset=b_out, residual=residual, **scale_kw)
+      y = y if adapter is None else adapter(name=name)(y, **scale_kw)
+      return y if residual is None else residual + y
+    o, out_kernel, b_out = attn(x, fold_out_bias=True, project=False, **attn_kw)
+    return adapter(name=name)(o, input_offset=b_out, input_kernel=out_kernel,
+                              residual=residual, **scale_kw)
 
   @nn.compact
   def __call__(self, x: jax.Array, drop_rate=0.0) -> jax.Array:
