@@ -26,7 +26,7 @@
 #                            pallas_kernels variant (the Pallas LayerNorms and MLP kernels)
 #   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
 #                            model.scan_layers=False (its compile time decides whether
-#                            unrolled may be L/14's default: predicted 328 -> 273 ms)
+#                            unrolled may be L/14's default: predicted 326.7 -> 272.0 ms)
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
@@ -197,7 +197,7 @@ part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config 
   --out "$OUT/l14_train.json"
 # With time left over (the parts' limits are bounds, not estimates; each part is skipped when
 # under 20 s remain): L/14 unrolled, the default row with model.scan_layers=False (gpu_aot:
-# 328.0 -> 272.8 ms, 47.9 s to compile on a 2-core CPU host without autotuning; the step logs
+# 326.7 -> 272.0 ms, 46.2 s to compile on a 2-core CPU host without autotuning; the step logs
 # its compile time as soon as it has it, so a cut run still tells it). Only with a minute
 # left: less cannot compile it, and the kernel parts below can use that time.
 if [ $(( BUDGET - $(el) )) -lt $(( 60 * SCALE )) ]; then
