@@ -112,12 +112,14 @@ jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devic
 } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-# part NAME LIMIT_S COMMAND...: run with timeout min(LIMIT_S, what is left), output to NAME.log.
+# part NAME LIMIT_S COMMAND...: run with timeout min(LIMIT_S, what is left), output to NAME.log;
+# skipped when that is under MIN_S seconds (default 20; `MIN_S=N part ...` for a part that
+# cannot do anything useful in less).
 part() {
   local name=$1 lim=$(( $2 * SCALE )); shift 2
   local left=$(( BUDGET - $(el) ))
   [ "$left" -lt "$lim" ] && lim=$left
-  if [ "$lim" -lt 20 ]; then
+  if [ "$lim" -lt "${MIN_S:-20}" ]; then
     echo "$name: skipped, $(el) s used of $BUDGET" | tee -a "$OUT/summary.txt"; return
   fi
   timeout --kill-after=5 "$lim" "$@" > "$OUT/$name.log" 2>&1
@@ -200,11 +202,9 @@ part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config 
 # 326.7 -> 272.0 ms, 46.2 s to compile on a 2-core CPU host without autotuning; the step logs
 # its compile time as soon as it has it, so a cut run still tells it). Only with a minute
 # left: less cannot compile it, and the kernel parts below can use that time.
-if [ $(( BUDGET - $(el) )) -lt $(( 60 * SCALE )) ]; then
-  echo "l14_unrolled: skipped, $(el) s used of $BUDGET" | tee -a "$OUT/summary.txt"
-else part l14_unrolled 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
-  --config.model.scan_layers=False --batch "$BATCH_L" --steps 5 --warmup 1 --mode train \
-  "${FORCE[@]}" --out "$OUT/l14_unrolled.json"; fi
+MIN_S=$(( 60 * SCALE )) part l14_unrolled 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 \
+  "${BENCH[@]}" --config "$CFG_L" --config.model.scan_layers=False --batch "$BATCH_L" \
+  --steps 5 --warmup 1 --mode train "${FORCE[@]}" --out "$OUT/l14_unrolled.json"
 # Then the Pallas LayerNorm kernels against XLA's, per tile (benchmarks/norm_kernels.py).
 NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
 part norm_kernels 40 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/norm_kernels.json"

@@ -245,7 +245,7 @@ def test_projection_applies_a_dense_spec_as_one_matrix_product():
   other specs go through einsum."""
   dense = ('...d,dhk->...hk', '...d,dchk->...chk', '...hk,hkd->...d', '...d,df->...f')
   other = ('...d,hdk->...hk', '...hk,khd->...d', 'bd,df->bf', '...d,dhk->...kh')
-  assert [vit._is_dense_spec(s) for s in dense + other] == [True] * 4 + [False] * 4
+  assert [vit._dense_axes(s) for s in dense + other] == [1, 1, 2, 1] + [0] * 4
   x = jax.random.normal(jax.random.key(0), (2, 5, 4, 8))
   for spec, kshape, bshape in (('...d,dhk->...hk', (8, 2, 3), (2, 3)),
                                ('...hk,hkd->...d', (4, 8, 6), (6,))):

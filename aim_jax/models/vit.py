@@ -137,11 +137,11 @@ class Projection(nn.Module):
     if input_offset is not None:
       bias = folded_bias(spec, input_offset, kernel, bias)
     x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-    if bias is not None and _is_dense_spec(spec):
+    c = _dense_axes(spec)
+    if bias is not None and c:
       # As one (rows, in) @ (in, out) product with a (out,) bias, then split: the form in
       # which XLA puts the bias into a cuBLAS product's epilogue (on the stream's shape,
       # the bias added over the heads' two axes stays a kernel of its own).
-      c = spec.index(',') - 3                  # contracted axes: '...' + c letters
       lead = x.shape[:x.ndim - c]
       y = jnp.dot(x.reshape(lead + (-1,)), kernel.reshape(math.prod(kernel.shape[:c]), -1))
       return (y + bias.reshape(-1)).reshape(lead + kernel.shape[c:])
@@ -149,16 +149,16 @@ class Projection(nn.Module):
     return y if bias is None else y + bias
 
 
-def _is_dense_spec(spec: str) -> bool:
-  """Whether an einsum spec is a dense layer over the trailing axes: '...C,CO->...O' (the
-  input's trailing axes C contracted with the kernel's leading ones, the kernel's other
-  axes O the output's trailing ones, in order)."""
+def _dense_axes(spec: str) -> int:
+  """How many trailing input axes an einsum spec contracts if it is a dense layer over
+  them, '...C,CO->...O' (the input's trailing axes C contracted with the kernel's leading
+  ones, the kernel's other axes O the output's trailing ones, in order); 0 if it is not."""
   ins, out = spec.split('->')
   lhs, rhs = ins.split(',')
   if not lhs.startswith('...') or not out.startswith('...'):
-    return False
+    return 0
   c = lhs[3:]
-  return bool(c) and rhs.startswith(c) and out[3:] == rhs[len(c):]
+  return len(c) if c and rhs.startswith(c) and out[3:] == rhs[len(c):] else 0
 
 
 def attend_over_axis1(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
