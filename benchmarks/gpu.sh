@@ -99,8 +99,11 @@ else
 fi
 OFFICIAL=()
 if [ -f .official/mmaction/models/backbones/vit_clip.py ]; then
+  # Ours first (a slow torch.compile cut by the limit keeps our rows), except the rows of
+  # kernels never run on a GPU before (the Pallas ones): they come after the official rows,
+  # so a hang or a CUDA error that poisons the process cannot cost the side by side.
   OFFICIAL=(--official .official --official_modes eager,compiled --noofficial_first
-            --official_compile_backend "$BACKEND")
+            --official_compile_backend "$BACKEND" --after_official pallas,pallas_kernels)
 else
   echo 'gpu.sh: no .official/ here: ours only (carry .official for the side by side)'
 fi

@@ -141,6 +141,14 @@ def parse_variants(specs: list[str], config: Any) -> list[tuple[str, Any, str]]:
   return variants
 
 
+def order_rows(modes: list[str], variants: list[tuple[str, Any, str]],
+               late: set[str]) -> list[tuple[str, tuple[str, Any, str]]]:
+  """(mode, variant) in the order they are timed: mode by mode, each in --variant order,
+  except that the variants named in `late` (--after_official) come after all the others."""
+  rows = [(mode, v) for mode in modes for v in variants]
+  return ([r for r in rows if r[1][0] not in late] + [r for r in rows if r[1][0] in late])
+
+
 def build(config: Any, batch: int, mode: str, remat: str | None = None):
   """Sharded state and jitted step functions for `config` at global batch `batch`,
   built exactly as training builds them (`aim_jax.train_state`)."""
@@ -323,6 +331,9 @@ def main(argv):
   results, official_rows = [], []
   try:
     variants = parse_variants(FLAGS.variant, config)
+    if 'default' in FLAGS.after_official:
+      raise ValueError("--after_official: the 'default' row is ours to compare; name "
+                       '--variant rows only')
   except ValueError as e:   # one line, before anything runs
     from aim_jax import errors
     print(f'step_benchmark: {e}', file=sys.stderr, flush=True)
@@ -351,36 +362,52 @@ def main(argv):
 
   if FLAGS.official and FLAGS.official_first:
     official_run = run_official()
+  late = {v for v in FLAGS.after_official if v}
+  unknown = late - {name for name, _, _ in variants}
+  if unknown:
+    print(f'--after_official: no --variant named {", ".join(sorted(unknown))}; ignored',
+          flush=True)
+
+  def so_far() -> dict:
+    if official_run is not None:   # the side by side so far, ratios included
+      from benchmarks import official_torch
+      return official_torch.compare(results, official_run)
+    return {'official_rows_so_far': official_rows} if official_rows else {}
+
   data_iter = None
-  for mode in modes:
-    for name, cfg, spec in variants:
-      if FLAGS.data == 'real':
-        from data_pipelines import input_pipeline
-        import jax
-        data_iter = iter(input_pipeline.make_train_dataset(
-            cfg.data, batch_size=batch // jax.process_count(), seed=0))
-      profile_dir = FLAGS.profile or None
-      if profile_dir and name != 'default':
-        profile_dir = os.path.join(profile_dir, name)
-      try:
-        r = time_steps(cfg, batch, mode, FLAGS.steps, FLAGS.warmup,
-                       remat=FLAGS.remat or None, data_iter=data_iter,
-                       profile_dir=profile_dir, profile_steps=FLAGS.profile_steps)
-      except Exception as e:  # a variant that fails (a kernel the GPU lacks) keeps its error
-        if name == 'default':
-          raise
-        r = dict(mode=mode, error=f'{type(e).__name__}: {e}'[:2000])
-        print(f'variant {name} ({mode}) failed: {r["error"].splitlines()[0][:300]}', flush=True)
-      r['variant'] = name
-      if spec:
-        r['overrides'] = spec
-      r['data'] = FLAGS.data
-      if FLAGS.find_max_batch and 'error' not in r:
-        r['max_batch_no_remat'] = find_max_batch(cfg, mode, batch, 'none', FLAGS.max_batch_limit)
-        r['max_batch_remat'] = find_max_batch(cfg, mode, batch, 'full', FLAGS.max_batch_limit)
-      results.append(r)
-      print(json.dumps(r, indent=1), flush=True)
-      write_out({'official_rows_so_far': official_rows} if official_rows else {}, complete=False)
+  for mode, (name, cfg, spec) in order_rows(modes, variants, late):
+    if name in late and FLAGS.official and official_run is None:
+      # The side by side is measured, and written, before a row that may take the process
+      # down (a kernel never run on this device: a hang, or a CUDA error that poisons it).
+      official_run = run_official()
+      write_out(so_far(), complete=False)
+    if FLAGS.data == 'real':
+      from data_pipelines import input_pipeline
+      import jax
+      data_iter = iter(input_pipeline.make_train_dataset(
+          cfg.data, batch_size=batch // jax.process_count(), seed=0))
+    profile_dir = FLAGS.profile or None
+    if profile_dir and name != 'default':
+      profile_dir = os.path.join(profile_dir, name)
+    try:
+      r = time_steps(cfg, batch, mode, FLAGS.steps, FLAGS.warmup,
+                     remat=FLAGS.remat or None, data_iter=data_iter,
+                     profile_dir=profile_dir, profile_steps=FLAGS.profile_steps)
+    except Exception as e:  # a variant that fails (a kernel the GPU lacks) keeps its error
+      if name == 'default':
+        raise
+      r = dict(mode=mode, error=f'{type(e).__name__}: {e}'[:2000])
+      print(f'variant {name} ({mode}) failed: {r["error"].splitlines()[0][:300]}', flush=True)
+    r['variant'] = name
+    if spec:
+      r['overrides'] = spec
+    r['data'] = FLAGS.data
+    if FLAGS.find_max_batch and 'error' not in r:
+      r['max_batch_no_remat'] = find_max_batch(cfg, mode, batch, 'none', FLAGS.max_batch_limit)
+      r['max_batch_remat'] = find_max_batch(cfg, mode, batch, 'full', FLAGS.max_batch_limit)
+    results.append(r)
+    print(json.dumps(r, indent=1), flush=True)
+    write_out(so_far(), complete=False)
   print(HEADER)
   for r in results:
     print(format_row(r))
@@ -389,7 +416,7 @@ def main(argv):
       from benchmarks import profile_kernels
       label = r['mode'] if r['variant'] == 'default' else f"{r['mode']} [{r['variant']}]"
       print(profile_kernels.format_summary(label, r['profile']))
-  if FLAGS.official and not FLAGS.official_first:
+  if FLAGS.official and official_run is None:
     official_run = run_official()
   compared = {}
   if official_run is not None:
@@ -428,6 +455,11 @@ def _define_flags():
                     'ours (torch hands its cache back before JAX allocates); '
                     '--noofficial_first times ours first, so a time limit that stops a slow '
                     'torch.compile still leaves our rows in --out')
+  flags.DEFINE_list('after_official', [], 'with --official --noofficial_first: the --variant '
+                    'rows (names, comma-separated) timed after the official rows rather than '
+                    'before, e.g. a kernel never run on this GPU: if it hangs or poisons the '
+                    "process, the side by side is already in --out (the 'default' row cannot "
+                    'be named)')
   flags.DEFINE_string('profile', '', 'also trace --profile_steps steps per mode with the JAX '
                       'profiler into DIR/MODE and report kernel time by family (GEMM, attention, '
                       'transpose/copy, reduction, elementwise, other) in ms/step and %')

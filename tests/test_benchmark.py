@@ -165,3 +165,27 @@ def test_profile_without_stream_lines_counts_the_xla_ops_line():
   s = profile_kernels.summarize_events(events, steps=1)
   assert s['events'] == 2 and s['kernel_ms_per_step'] == pytest.approx(0.1)
   assert s['families']['gemm']['ms_per_step'] == pytest.approx(0.04)
+
+
+def test_rows_named_after_official_are_timed_after_all_the_others():
+  variants = [('default', None, ''), ('xla', None, 'x'), ('pallas_kernels', None, 'k'),
+              ('pallas', None, 'p')]
+  order = step_benchmark.order_rows(['train', 'eval'], variants, {'pallas_kernels', 'pallas'})
+  assert [(mode, v[0]) for mode, v in order] == [
+      ('train', 'default'), ('train', 'xla'), ('eval', 'default'), ('eval', 'xla'),
+      ('train', 'pallas_kernels'), ('train', 'pallas'), ('eval', 'pallas_kernels'),
+      ('eval', 'pallas')]
+  assert step_benchmark.order_rows(['eval'], variants, set()) == [('eval', v) for v in variants]
+
+
+def test_step_benchmark_refuses_the_default_row_after_the_official_ones(tmp_path):
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.step_benchmark', '--config',
+                         'configs/tiny.py', '--after_official', 'default,xla', '--variant',
+                         'xla:model.attention_impl=xla', '--out', str(tmp_path / 'x.json')],
+                        cwd=ROOT, capture_output=True, text=True, env=cpu_env(1), timeout=300,
+                        check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines() == [
+      "step_benchmark: --after_official: the 'default' row is ours to compare; name "
+      '--variant rows only']
+  assert not (tmp_path / 'x.json').exists()

@@ -180,11 +180,13 @@ def test_official_modes_are_checked(official_torch):
 
 
 @pytest.mark.slow   # a subprocess: JAX + torch imports, compilations (~1-2 min idle, more loaded)
-def _run_benchmark(argv):
-  """`benchmarks.step_benchmark` with `argv`, in a CPU subprocess with the torchvision stub."""
+def _run_benchmark(argv, before_run=''):
+  """`benchmarks.step_benchmark` with `argv`, in a CPU subprocess with the torchvision stub
+  (`before_run`: code run after the import, e.g. to replace a function)."""
   code = (f'import sys; sys.path.insert(0, {str(ROOT / "tests")!r})\n'
           'import torchvision_stub; torchvision_stub.install()\n'
           'from benchmarks import step_benchmark\n'
+          f'{before_run}'
           f'step_benchmark.run({argv!r})\n')
   return subprocess.run([sys.executable, '-c', code], cwd=ROOT,
                         env=cpu_env(1, CUDA_VISIBLE_DEVICES=''), capture_output=True, text=True,
@@ -243,3 +245,36 @@ def test_benchmark_times_ours_first_with_noofficial_first_and_rates_every_varian
         r['clips_per_s'] / theirs['clips_per_s'])
   assert result['ratio']['eager']['eval'] == result['variant_ratio']['default']['eager']['eval']
   assert '| aim_jax [elementwise] | eval | 2 |' in proc.stdout
+
+
+def test_rows_named_after_official_run_after_the_side_by_side_is_written(tmp_path):
+  """gpu.sh names the Pallas rows in --after_official: if one hangs or poisons the process,
+  the official rows and the ratios are already in --out. Here the late row kills the process."""
+  pytest.importorskip('torch')
+  out = tmp_path / 'side_by_side.json'
+  argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'eval', '--batch',
+          '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--official_modes',
+          'eager', '--noofficial_first', '--after_official', 'late,absent', '--variant',
+          'late:model.temporal_attention=elementwise', '--variant', 'xla:model.attention_impl=xla',
+          '--out', str(out)]
+  dies = ('import os\n'
+          'timed = step_benchmark.time_steps\n'
+          'def time_steps(cfg, *a, **k):\n'
+          '  if cfg.model.temporal_attention == "elementwise":\n'
+          '    print("LATE ROW STARTS", flush=True); os._exit(7)\n'
+          '  return timed(cfg, *a, **k)\n'
+          'step_benchmark.time_steps = time_steps\n')
+  proc = _run_benchmark(argv, before_run=dies)
+  assert proc.returncode == 7, proc.stderr[-3000:]
+  assert '--after_official: no --variant named absent; ignored' in proc.stdout
+  i_xla, i_official, i_late = (proc.stdout.index(s) for s in (
+      '"variant": "xla"', '"official_row"', 'LATE ROW STARTS'))
+  assert i_xla < i_official < i_late
+  result = json.loads(out.read_text())
+  assert result['complete'] is False
+  assert [r['variant'] for r in result['results']] == ['default', 'xla']
+  (theirs,) = result['official']
+  for r in result['results']:
+    assert result['variant_ratio'][r['variant']]['eager']['eval'] == pytest.approx(
+        r['clips_per_s'] / theirs['clips_per_s'])
+  assert result['ratio']['eager']['eval'] > 0
