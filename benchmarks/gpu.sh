@@ -143,8 +143,8 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # on this GPU in bf16 is cuDNN flash attention (stream padded to 200, heads folded for the
 # temporal attention) once its device check passes (the log says what it chose), else XLA;
 # 'xla' is the XLA program for comparison; 'pallas' the Pallas Triton kernel (stream padded
-# to 224), for when cuDNN has no plan on CUDA 13. A variant that fails keeps its error in its
-# row and the part goes on.
+# to 224), for when cuDNN has no plan on CUDA 13. A row that fails, the default one too,
+# keeps its error in its row and the part goes on (a failed default row: exit status 1).
 # 'pallas_kernels' is the default row with the project's Pallas kernels: the blocks'
 # LayerNorms (model.norm_impl=pallas, models/fused_norm.py) and the fused MLP's first layer
 # and the hidden's gradient (model.mlp_impl=pallas, models/fused_mlp.py); predicted

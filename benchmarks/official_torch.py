@@ -522,7 +522,7 @@ def compare(jax_results: Sequence[dict], official_run: Mapping) -> dict:
     theirs = dict(official)
     theirs.setdefault('official_mode', 'eager')
     rows.append(theirs)
-    if 'error' in theirs:
+    if 'error' in theirs or 'error' in ours:
       continue
     ours_per_device = ours['clips_per_s'] / ours['devices']
     theirs['gmacs_per_clip'] = ours['gmacs_per_clip']
@@ -549,7 +549,7 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
 
   def row(impl, r, per_device_batch, clips, ratio):
     mem = f'{r["peak_memory_bytes"] / 2**30:.1f}' if r['peak_memory_bytes'] else 'n/a'
-    mfu = f'{100 * r["mfu"]:.1f}%' if r['mfu'] is not None else 'n/a'
+    mfu = f'{100 * r["mfu"]:.1f}%' if r.get('mfu') is not None else 'n/a'
     return (f'| {impl} | {r["mode"]} | {per_device_batch} | {r["dtype"]} | {clips:.2f} | '
             f'{1e3 * r["step_s_median"]:.1f} ({1e3 * r["step_s_p10"]:.1f}-'
             f'{1e3 * r["step_s_p90"]:.1f}) | {mem} | {mfu} | {ratio} |')
@@ -560,14 +560,15 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
     if 'error' in ours:
       lines.append(f'| {impl} | {ours["mode"]} | | | {ours["error"].splitlines()[0][:60]} '
                    '| | | | n/a |')
-      continue
-    ratios = ''                # a variant: its ratio to every official row of its mode
-    if variant != 'default':
+    elif variant != 'default':   # a variant: its ratio to every official row of its mode
       vs = compared.get('variant_ratio', {}).get(variant, {})
       ratios = ', '.join(f'{m} {vs[m][ours["mode"]]:.2f}x' for m in vs
                          if vs[m].get(ours['mode']) is not None)
-    lines.append(row(impl, ours, ours['batch'] // ours['devices'],
-                     ours['clips_per_s'] / ours['devices'], ratios))
+      lines.append(row(impl, ours, ours['batch'] // ours['devices'],
+                       ours['clips_per_s'] / ours['devices'], ratios))
+    else:
+      lines.append(row(impl, ours, ours['batch'] // ours['devices'],
+                       ours['clips_per_s'] / ours['devices'], ''))
     if variant != 'default':
       continue
     for theirs in compared['official']:
@@ -579,5 +580,6 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
                      f'| {theirs["error"].splitlines()[0][:60]} | | | | n/a |')
         continue
       ratio = compared['ratio'][theirs['official_mode']][ours['mode']]
-      lines.append(row(impl, theirs, theirs['batch'], theirs['clips_per_s'], f'{ratio:.2f}x'))
+      lines.append(row(impl, theirs, theirs['batch'], theirs['clips_per_s'],
+                       'n/a' if ratio is None else f'{ratio:.2f}x'))
   return '\n'.join(lines)

@@ -31,6 +31,7 @@ import re
 import resource
 import sys
 import time
+import traceback
 from typing import Any
 
 from absl import app, flags
@@ -393,9 +394,10 @@ def main(argv):
       r = time_steps(cfg, batch, mode, FLAGS.steps, FLAGS.warmup,
                      remat=FLAGS.remat or None, data_iter=data_iter,
                      profile_dir=profile_dir, profile_steps=FLAGS.profile_steps)
-    except Exception as e:  # a variant that fails (a kernel the GPU lacks) keeps its error
-      if name == 'default':
-        raise
+    except Exception as e:  # noqa: BLE001  a row that fails (a kernel the GPU lacks) keeps
+      # its error, and the other rows and the official ones still run; a failed default row
+      # makes the exit status 1 once they have.
+      traceback.print_exc()
       r = dict(mode=mode, error=f'{type(e).__name__}: {e}'[:2000])
       print(f'variant {name} ({mode}) failed: {r["error"].splitlines()[0][:300]}', flush=True)
     r['variant'] = name
@@ -425,6 +427,12 @@ def main(argv):
     print(json.dumps(compared['official_info'], indent=1))
     print(official_torch.format_side_by_side(results, compared))
   write_out(compared, complete=True)
+  failed = [r for r in results if r['variant'] == 'default' and 'error' in r]
+  if failed:
+    print('step_benchmark: our default row failed: '
+          + '; '.join(f"{r['mode']}: {r['error'].splitlines()[0][:200]}" for r in failed),
+          file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def _define_flags():
@@ -467,8 +475,9 @@ def _define_flags():
   flags.DEFINE_multi_string('variant', [], 'also time our steps with these config fields set, '
                             'as one more row per mode: NAME:FIELD=VALUE[,FIELD=VALUE...], e.g. '
                             'cudnn:model.attention_impl=cudnn,model.temporal_attention='
-                            'dot_product_attention (repeatable; a variant that fails keeps its '
-                            'error in its row; its profile goes to --profile DIR/NAME/MODE)')
+                            'dot_product_attention (repeatable; a row that fails keeps its error '
+                            'in its row and the others still run, a failed default row makes '
+                            'the exit status 1; its profile goes to --profile DIR/NAME/MODE)')
   flags.mark_flags_as_required(['config'])
 
 

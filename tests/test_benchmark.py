@@ -189,3 +189,31 @@ def test_step_benchmark_refuses_the_default_row_after_the_official_ones(tmp_path
       "step_benchmark: --after_official: the 'default' row is ours to compare; name "
       '--variant rows only']
   assert not (tmp_path / 'x.json').exists()
+
+
+def test_a_failed_default_row_keeps_its_error_and_the_other_rows_still_run(tmp_path):
+  """A default row that fails on the device (cuDNN without a plan for the model's shapes) must
+  not cost the other rows of the part (in gpu.sh, the official ones too): its error is kept,
+  the rest run, and the exit status says it failed."""
+  out = tmp_path / 'rows.json'
+  code = ('from benchmarks import step_benchmark\n'
+          'timed = step_benchmark.time_steps\n'
+          'def time_steps(cfg, *a, **k):\n'
+          '  if cfg.model.temporal_attention != "elementwise":\n'
+          '    raise RuntimeError("no execution plan\\nsecond line")\n'
+          '  return timed(cfg, *a, **k)\n'
+          'step_benchmark.time_steps = time_steps\n'
+          'step_benchmark.run(["b", "--config", "configs/tiny.py", "--mode", "eval", "--batch",'
+          ' "2", "--steps", "1", "--warmup", "0", "--variant",'
+          f' "elementwise:model.temporal_attention=elementwise", "--out", {str(out)!r}])\n')
+  proc = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                        env=cpu_env(1), timeout=600, check=False)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'step_benchmark: our default row failed: eval: RuntimeError: no execution plan')
+  assert 'Traceback' in proc.stderr      # the whole error is in the log
+  result = json.loads(out.read_text())
+  default, variant = result['results']
+  assert result['complete'] is True
+  assert default['error'] == 'RuntimeError: no execution plan\nsecond line'
+  assert variant['variant'] == 'elementwise' and variant['clips_per_s'] > 0

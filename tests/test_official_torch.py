@@ -278,3 +278,24 @@ def test_rows_named_after_official_run_after_the_side_by_side_is_written(tmp_pat
     assert result['variant_ratio'][r['variant']]['eager']['eval'] == pytest.approx(
         r['clips_per_s'] / theirs['clips_per_s'])
   assert result['ratio']['eager']['eval'] > 0
+
+
+def test_a_failed_default_row_still_gets_the_official_rows(tmp_path):
+  """If our default row fails on the device, the official rows still run and are written,
+  their ratio to it null; the exit status is 1."""
+  pytest.importorskip('torch')
+  out = tmp_path / 'side_by_side.json'
+  argv = ['benchmark', '--config', str(ROOT / 'configs/tiny.py'), '--mode', 'eval', '--batch',
+          '2', '--steps', '2', '--warmup', '0', '--official', str(OFFICIAL), '--official_modes',
+          'eager', '--noofficial_first', '--out', str(out)]
+  fails = ('def time_steps(cfg, *a, **k):\n'
+           '  raise RuntimeError("no execution plan")\n'
+           'step_benchmark.time_steps = time_steps\n')
+  proc = _run_benchmark(argv, before_run=fails)
+  assert proc.returncode == 1, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result['complete'] is True
+  (ours,), (theirs,) = result['results'], result['official']
+  assert ours['error'] == 'RuntimeError: no execution plan'
+  assert theirs['clips_per_s'] > 0 and result['ratio'] == {'eager': {'eval': None}}
+  assert '| official torch eager | eval | 2 |' in proc.stdout
