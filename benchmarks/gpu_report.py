@@ -89,7 +89,7 @@ def _mode_checks(run: Optional[dict], mode: str) -> list[dict]:
     checks.append(_check(f'train: fastest row{label} / official eager', ratio(eager),
                          TARGETS['train_vs_eager'], '{:.2f}x'))
     share = None
-    if best and best.get('profile'):
+    if best and best.get('profile', {}).get('families'):   # not when the profiler failed
       share = best['profile']['families'].get('transpose/copy', {}).get('share')
     checks.append(_check(f'train: transposes and copies, share of kernel time{label}', share,
                          TARGETS['transpose_share'], '{:.1%}', higher=False))

@@ -192,7 +192,8 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
   (`sharding.mesh_context`): the model's activation constraints are in the
   compiled program, as in training. With `profile_dir`, `profile_steps` more
   steps then run under the JAX profiler (trace in `profile_dir/MODE`) and
-  `r['profile']` holds their kernel time by family (`profile_kernels`).
+  `r['profile']` holds their kernel time by family (`profile_kernels`), or its `error` when
+  the profiler fails: the timed figures are kept.
   """
   import jax
 
@@ -239,7 +240,12 @@ def time_steps(config: Any, batch: int, mode: str, steps_n: int, warmup: int,
         times.append(time.perf_counter() - t0)
     profile = None
     if profile_dir:
-      profile = trace_steps(one_step, os.path.join(profile_dir, mode), profile_steps)
+      try:
+        profile = trace_steps(one_step, os.path.join(profile_dir, mode), profile_steps)
+      except Exception as e:  # noqa: BLE001  a profiler that fails (no CUPTI access, no
+        # trace written) costs the row its profile, not the figures timed above
+        traceback.print_exc()
+        profile = dict(error=f'{type(e).__name__}: {e}'[:1000])
   med, p10, p90 = _percentiles(times)
   devices = jax.devices()
   macs = flops.train_macs(b['model_cfg'], config.full_finetune) if mode == 'train' else \
@@ -414,7 +420,7 @@ def main(argv):
   for r in results:
     print(format_row(r))
   for r in results:
-    if 'profile' in r:
+    if 'profile' in r and 'error' not in r['profile']:
       from benchmarks import profile_kernels
       label = r['mode'] if r['variant'] == 'default' else f"{r['mode']} [{r['variant']}]"
       print(profile_kernels.format_summary(label, r['profile']))

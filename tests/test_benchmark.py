@@ -8,7 +8,7 @@ import sys
 import pytest
 from conftest import ROOT, cpu_env
 
-from benchmarks import attention_smoke, profile_kernels, step_benchmark
+from benchmarks import attention_smoke, gpu_report, profile_kernels, step_benchmark
 from configs import tiny
 
 
@@ -76,6 +76,23 @@ GPU_KERNELS = {
     'cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128': 'attention',
     'some_custom_kernel': 'other',
 }
+
+
+def test_a_profiler_that_fails_costs_the_row_its_profile_not_its_figures(tmp_path, monkeypatch):
+  def no_trace(trace_dir, steps, wall_s=None):
+    raise FileNotFoundError(f'{trace_dir}: no *.trace.json.gz / perfetto_trace.json.gz under it')
+  monkeypatch.setattr(profile_kernels, 'summarize_trace', no_trace)
+  r = step_benchmark.time_steps(tiny.get_config(), batch=8, mode='eval', steps_n=1, warmup=0,
+                                profile_dir=str(tmp_path), profile_steps=1)
+  assert r['clips_per_s'] > 0 and r['compile_s'] > 0
+  assert r['profile'] == {'error': f'FileNotFoundError: {tmp_path}/eval: no *.trace.json.gz '
+                                   '/ perfetto_trace.json.gz under it'}
+  run = dict(results=[dict(r, variant='default')])
+  share = [c for c in gpu_report._mode_checks(run, 'eval') if 'transposes' in c['target']]
+  assert share == []      # eval has no transpose check; train's reads no families, below
+  train = dict(results=[dict(r, mode='train', variant='default')])
+  (share,) = [c for c in gpu_report._mode_checks(train, 'train') if 'transposes' in c['target']]
+  assert share['status'] == 'not measured'
 
 
 def test_profile_families_of_gpu_kernel_names():
