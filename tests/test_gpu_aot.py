@@ -559,13 +559,41 @@ def test_cublas_products_take_the_biases_and_residual_adds_of_the_steps(tmp_path
   assert text.count('"beta":1') == 3 * 12
   # Training, with drop path's draw per token on T_Adapter's and the joint adapter's biases:
   # the stream and that per-row bias are summed in one kernel, the product's addend, with no
-  # kernel of its own broadcasting the bias and no second pass adding the stream.
+  # kernel of its own broadcasting the bias and no second pass adding the stream: 34 adds on
+  # the stream in the forward pass (an add kernel, or an add inside a norm's reduction),
+  # where summing the bias on its own took 22 broadcast kernels and 12 more adds.
   p = _run(['benchmarks.gpu_aot', '--config', 'configs/k400.py:b16_f8', '--mode', 'train',
             '--batch', '64', '--out', str(out), '--hlo_dir', str(hlo),
             '--config.compiler_options=xla_gpu_enable_triton_gemm=false'])
   assert p.returncode == 0, p.stderr[-2000:]
+  shapes = ('bf16[64,8,200,768]', 'bf16[102400,768]')
   stream = [k for k in H.kernels((hlo / 'default_train.hlo').read_text())
-            if k.family == 'elementwise' and k.where.endswith('fwd')
-            and k.shape.startswith(('bf16[64,8,200,768]', 'bf16[102400,768]'))]
+            if k.family in ('elementwise', 'reduction') and k.where.endswith('fwd')
+            and k.shape.lstrip('(').startswith(shapes)]
   assert [k.name for k in stream if 'broadcast' in k.name] == []
-  assert len([k for k in stream if 'add' in k.name]) == 12, [(k.name, k.where) for k in stream]
+  assert sum(k.launches for k in stream if 'add' in k.name) == 34, [
+      (k.name, k.where) for k in stream]
+
+
+@pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
+def test_each_layer_norm_of_the_eval_step_is_one_triton_kernel(tmp_path):
+  """With the variance as the mean square of x - mean (`norm._stats`), XLA's GPU compiler
+  fuses a whole LayerNorm (both row means and the normalisation) into one Triton kernel:
+  the B/16 eval step at batch 64 has no row-reduction kernel of its own for its norms and
+  one launch per norm. (The fast form E[x^2] - E[x]^2 left a reduction kernel, a small
+  kernel and a normalising one per norm.)"""
+  out, hlo = tmp_path / 'aot.json', tmp_path / 'hlo'
+  p = _run(['benchmarks.gpu_aot', '--config', 'configs/k400.py:b16_f8', '--mode', 'eval',
+            '--batch', '64', '--out', str(out), '--hlo_dir', str(hlo)])
+  assert p.returncode == 0, p.stderr[-2000:]
+  text = (hlo / 'default_eval.hlo').read_text()
+  norms = [k for k in H.kernels(text) if k.where.split('/')[0].split()[0] in ('ln_1', 'ln_2')]
+  assert [k.name for k in norms if k.family == 'reduction'] == []
+  triton = {line.split('=')[0].strip().lstrip('%').replace('.', '_')
+            for line in text.splitlines() if '"kind":"__triton"' in line}
+  assert {k.name for k in norms} <= triton, [(k.name, k.where) for k in norms]
+  # ln_1 before the temporal and the spatial attention of each of the 12 blocks; ln_2 in
+  # 11 of them (the last block's is fused with the add before it, a Triton kernel named
+  # after the block).
+  count = lambda name: sum(k.launches for k in norms if k.where.startswith(name))
+  assert (count('ln_1'), count('ln_2')) == (24, 11), [(k.name, k.where) for k in norms]

@@ -2,12 +2,13 @@
 
 `model.norm_impl='pallas'` runs every LayerNorm of a ViT block that reads the residual
 stream (`ln_1` twice, `ln_2`) through `residual_layer_norm`. It computes the same function
-as `norm.layer_norm` (flax's LayerNorm: float32 statistics by the fast variance, the same
-parameters), in one Triton kernel each way instead of XLA's several:
+as `norm.layer_norm` (flax's LayerNorm: float32 statistics, the variance as the mean square
+of x - mean, the same parameters), in one Triton kernel each way instead of XLA's several:
 
-* forward: XLA reads the stream once for the row statistics and once more to normalise
-  (two kernels and a small one between them); here one kernel reads each row once and
-  writes the normalised row and its float32 mean and 1/std.
+* forward: one kernel reads each row once and writes the normalised row and its float32
+  mean and 1/std. (XLA fuses the norm into one Triton kernel of its own too, but in a
+  training step it computes the statistics the backward pass keeps in a second kernel,
+  and in a scanned one it keeps a reduction kernel and a normalising one.)
 * backward: XLA reduces the two row sums of the output's cotangent in one kernel, then
   reads the stream, the cotangent and the residual branch's cotangent again to write the
   input's gradient; here one kernel does both from one read of each.
@@ -96,13 +97,15 @@ def _forward_kernel(x_ref, scale_ref, bias_ref, y_ref, mu_ref, rstd_ref, *, eps:
   m, d = x_ref.shape
   ri, ci, mask, r, r_ok, c, c_ok = _block(m, d, rows, cols)
   x = plgpu.load(x_ref.at[ri, ci], mask=mask, other=0.).astype(jnp.float32)
-  # flax's fast variance (norm._stats): E[x^2] - E[x]^2, clipped at 0; padding adds zeros.
+  # norm._stats: the mean, then the mean square of x - mean (the padding's zeros add
+  # nothing to the first sum and are kept out of the second).
   mu = jnp.sum(x, axis=1) / d
-  var = jnp.maximum(0., jnp.sum(x * x, axis=1) / d - mu * mu)
+  xc = jnp.where(mask, x - mu[:, None], 0.)
+  var = jnp.sum(xc * xc, axis=1) / d
   rstd = jax.lax.rsqrt(var + eps)
   scale = plgpu.load(scale_ref.at[c], mask=c_ok, other=0.).astype(jnp.float32)
   bias = plgpu.load(bias_ref.at[c], mask=c_ok, other=0.).astype(jnp.float32)
-  y = (x - mu[:, None]) * (rstd[:, None] * scale[None, :]) + bias[None, :]
+  y = xc * (rstd[:, None] * scale[None, :]) + bias[None, :]
   plgpu.store(y_ref.at[ri, ci], y.astype(y_ref.dtype), mask=mask)
   plgpu.store(mu_ref.at[r], mu, mask=r_ok)
   plgpu.store(rstd_ref.at[r], rstd, mask=r_ok)

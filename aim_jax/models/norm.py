@@ -12,7 +12,7 @@ an activation (the logistic and product of QuickGELU, the erfc and exp of the ex
 GELU).
 
 `LayerNorm` here computes the same forward values as `flax.linen.LayerNorm`
-(`use_fast_variance=True`, float32 statistics: the same operations in the same
+(`use_fast_variance=False`, float32 statistics: the same operations in the same
 order) and has the same parameters (`scale`, `bias`), but its backward pass keeps
 only the input (in its own dtype) and the per-row mean and 1/std (float32), and
 recomputes the normalised input from them. `recompute_activation` makes an
@@ -34,11 +34,18 @@ Dtype = Any
 
 
 def _stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-  """(mean, 1/sqrt(var + eps)) over the last axis, float32, flax's fast variance."""
+  """(mean, 1/sqrt(var + eps)) over the last axis, in float32.
+
+  The variance is the mean square of x - mean (flax's `use_fast_variance=False`, and the
+  variance torch's LayerNorm computes), not E[x^2] - E[x]^2: it loses no digits to
+  cancellation when a row's mean is large against its spread, and on GPUs XLA fuses
+  the whole norm (both means, the normalisation) into one Triton kernel, where the
+  fast form's two sums of one pass leave it a reduction kernel and a normalising one
+  (BENCHMARKS.md, "LayerNorm statistics in the form XLA fuses").
+  """
   xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
   mu = jnp.mean(xf, axis=-1, keepdims=True)
-  mu2 = jnp.mean(jax.lax.square(xf), axis=-1, keepdims=True)
-  var = jnp.maximum(0.0, mu2 - jax.lax.square(mu))
+  var = jnp.mean(jax.lax.square(xf - mu), axis=-1, keepdims=True)
   return mu, jax.lax.rsqrt(var + eps)
 
 
