@@ -26,7 +26,7 @@
 #                            pallas_kernels variant (the Pallas LayerNorms and MLP kernels)
 #   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
 #                            model.scan_layers=False (its compile time decides whether
-#                            unrolled may be L/14's default: predicted 328.4 -> 262.1 ms)
+#                            unrolled may be L/14's default: predicted 321.6 -> 262.1 ms)
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
@@ -194,7 +194,7 @@ part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OF
 EVAL_S=$(( (BUDGET - $(el)) / SCALE - 70 )); [ "$EVAL_S" -lt 80 ] && EVAL_S=80
 part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
   "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"
-# L/14's extra row is the Pallas kernels' (predicted 328.4 -> 312.8 ms scanned, gpu_aot):
+# L/14's extra row is the Pallas kernels' (predicted 321.6 -> 312.8 ms scanned, gpu_aot):
 # whether 'auto' may choose them for L/14 too. (Its XLA-attention row, 624 ms predicted, says
 # nothing the B/16 rows do not.) An XLA-attention default row (cuDNN failed) needs 97 GiB:
 # more than JAX's default 75% of the H200.
@@ -203,7 +203,7 @@ part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config 
   --out "$OUT/l14_train.json"
 # With time left over (the parts' limits are bounds, not estimates; each part is skipped when
 # under 20 s remain): L/14 unrolled, the default row with model.scan_layers=False (gpu_aot:
-# 328.4 -> 262.1 ms, 57.7 s to compile on a 2-core CPU host without autotuning; the step logs
+# 321.6 -> 262.1 ms, 58-60 s to compile on a 2-core CPU host without autotuning; the step logs
 # its compile time as soon as it has it, so a cut run still tells it). Only with a minute
 # left: less cannot compile it, and the kernel parts below can use that time.
 MIN_S=$(( 60 * SCALE )) part l14_unrolled 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 \

@@ -153,11 +153,15 @@ def _activation_sized_f32(residuals, size):
   return [r for r in residuals if r.dtype == 'f32' and r.size >= size]
 
 
-def test_backward_keeps_the_input_and_row_statistics_only():
+def test_backward_keeps_the_input_only():
+  """Not even the row statistics: the backward pass recomputes them from the input, so a
+  scanned model stacks nothing for its norms but the stream it keeps anyway."""
   x, scale, bias, _ = _inputs(jnp.bfloat16)
   res = saved_residuals(lambda x: layer_norm(x, scale, bias, 1e-5, jnp.bfloat16)
                         .astype(jnp.float32).sum(), x)
-  assert _activation_sized_f32(res, x.size) == []
+  assert _activation_sized_f32(res, x.size // x.shape[-1]) == []
+  assert [r for r in res if r.size >= x.size // x.shape[-1]] == [
+      r for r in res if r.dtype == 'bf16' and r.size == x.size]
   # flax's layer keeps float32 copies of the activation (this is what the module avoids).
   res_flax = saved_residuals(lambda x: _flax(x, scale, bias, 1e-5, jnp.bfloat16)
                              .astype(jnp.float32).sum(), x)

@@ -14,8 +14,11 @@ GELU).
 `LayerNorm` here computes the same forward values as `flax.linen.LayerNorm`
 (`use_fast_variance=False`, float32 statistics: the same operations in the same
 order) and has the same parameters (`scale`, `bias`), but its backward pass keeps
-only the input (in its own dtype) and the per-row mean and 1/std (float32), and
-recomputes the normalised input from them. `recompute_activation` makes an
+only the input (in its own dtype) and recomputes the row statistics and the normalised
+input from it: in a scanned model (`scan_layers`) the statistics the forward pass would
+otherwise stack for the backward one keep XLA from fusing the forward norm into one
+kernel (BENCHMARKS.md, "LayerNorm statistics in the form XLA fuses"); unrolled, XLA
+computes them once either way. `recompute_activation` makes an
 activation keep only its input. Gradients are the analytic ones; they equal
 automatic differentiation of the flax layer to float32 rounding.
 """
@@ -64,12 +67,13 @@ def _forward(x, scale, bias, eps, dtype):
   y = x - mu
   y = y * (rstd * scale.astype(mu.dtype))
   y = y + bias.astype(mu.dtype)
-  return y.astype(dtype), (x, mu, rstd, scale, bias)
+  return y.astype(dtype), (x, scale, bias)
 
 
 def _backward(eps, dtype, res, dy):
-  del eps, dtype
-  x, mu, rstd, scale, bias = res
+  del dtype
+  x, scale, bias = res
+  mu, rstd = _stats(x, eps)
   acc = mu.dtype
   x_hat = (x.astype(acc) - mu) * rstd
   dyf = dy.astype(acc)
@@ -109,7 +113,7 @@ def check_norm_impl(impl: str | None) -> str:
 
 class LayerNorm(nn.Module):
   """`flax.linen.LayerNorm` over the last axis (same parameters, same forward values)
-  whose backward pass keeps only the input and the float32 row statistics. Its
+  whose backward pass keeps only the input (it recomputes the row statistics). Its
   parameters are laid out along the model's 'embed' axis (logical partitioning).
 
   `norm(x, stream=True)` returns `(x, norm(x))` for a caller that continues the residual
