@@ -133,9 +133,10 @@ part() {
   grep -E "^\| (${rows}elementwise|other|all)" "$OUT/$name.log" | head -24
 }
 : > "$OUT/summary.txt"
-# Limits (s; 470 in all): cudnn_attention 30 (first); b16_train 290 = three of our rows
-# (~40 s compile each on the H200 host, plus steps and a profile) before the official eager
-# and compiled rows (torch.compile took 64 s in 2026-11); b16_eval 80 and what b16_train left
+# Limits (s; 470 in all): cudnn_attention 30 (first); b16_train 290 = two of our rows
+# (~40 s compile each on the H200 host, plus steps and a profile), the official eager and
+# compiled rows (torch.compile took 64 s in 2026-11), then the Pallas row (--after_official:
+# a time limit cuts it, not the side by side); b16_eval 80 and what b16_train left
 # unused: our rows first, then the official ones (a slow compiled eval is cut, ours are
 # kept); L/14 70: two scanned compiles (~20 s each).
 COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
