@@ -560,15 +560,14 @@ def format_side_by_side(jax_results: Sequence[dict], compared: Mapping) -> str:
     if 'error' in ours:
       lines.append(f'| {impl} | {ours["mode"]} | | | {ours["error"].splitlines()[0][:60]} '
                    '| | | | n/a |')
-    elif variant != 'default':   # a variant: its ratio to every official row of its mode
-      vs = compared.get('variant_ratio', {}).get(variant, {})
-      ratios = ', '.join(f'{m} {vs[m][ours["mode"]]:.2f}x' for m in vs
-                         if vs[m].get(ours['mode']) is not None)
+    else:
+      ratios = ''              # a variant: its ratio to every official row of its mode
+      if variant != 'default':
+        vs = compared.get('variant_ratio', {}).get(variant, {})
+        ratios = ', '.join(f'{m} {vs[m][ours["mode"]]:.2f}x' for m in vs
+                           if vs[m].get(ours['mode']) is not None)
       lines.append(row(impl, ours, ours['batch'] // ours['devices'],
                        ours['clips_per_s'] / ours['devices'], ratios))
-    else:
-      lines.append(row(impl, ours, ours['batch'] // ours['devices'],
-                       ours['clips_per_s'] / ours['devices'], ''))
     if variant != 'default':
       continue
     for theirs in compared['official']:

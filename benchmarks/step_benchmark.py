@@ -147,7 +147,7 @@ def order_rows(modes: list[str], variants: list[tuple[str, Any, str]],
   """(mode, variant) in the order they are timed: mode by mode, each in --variant order,
   except that the variants named in `late` (--after_official) come after all the others."""
   rows = [(mode, v) for mode in modes for v in variants]
-  return ([r for r in rows if r[1][0] not in late] + [r for r in rows if r[1][0] in late])
+  return [r for r in rows if r[1][0] not in late] + [r for r in rows if r[1][0] in late]
 
 
 def build(config: Any, batch: int, mode: str, remat: str | None = None):
@@ -426,10 +426,9 @@ def main(argv):
       print(profile_kernels.format_summary(label, r['profile']))
   if FLAGS.official and official_run is None:
     official_run = run_official()
-  compared = {}
+  compared = so_far()
   if official_run is not None:
     from benchmarks import official_torch
-    compared = official_torch.compare(results, official_run)
     print(json.dumps(compared['official_info'], indent=1))
     print(official_torch.format_side_by_side(results, compared))
   write_out(compared, complete=True)

@@ -6,9 +6,9 @@ as `norm.layer_norm` (flax's LayerNorm: float32 statistics, the variance as the 
 of x - mean, the same parameters), in one Triton kernel each way instead of XLA's several:
 
 * forward: one kernel reads each row once and writes the normalised row and its float32
-  mean and 1/std. (XLA fuses the norm into one Triton kernel of its own too, but in a
-  training step it computes the statistics the backward pass keeps in a second kernel,
-  and in a scanned one it keeps a reduction kernel and a normalising one.)
+  mean and 1/std. (XLA fuses the norm into one Triton kernel of its own too; in an
+  unrolled training step it also computes the statistics its backward pass uses in a
+  second kernel, and a scanned one recomputes them in the backward pass.)
 * backward: XLA reduces the two row sums of the output's cotangent in one kernel, then
   reads the stream, the cotangent and the residual branch's cotangent again to write the
   input's gradient; here one kernel does both from one read of each.
