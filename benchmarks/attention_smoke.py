@@ -2,6 +2,7 @@
 
   python -m benchmarks.attention_smoke --out cudnn_attention.json            # on a GPU
   python -m benchmarks.attention_smoke --implementation xla --out x.json     # the same checks, CPU
+  python -m benchmarks.attention_smoke --implementation pallas --out p.json  # the Pallas kernel
 
 AIM's spatial attention runs over 1 + (224/16)^2 = 197 tokens. Under `grad`,
 jax's cuDNN path refuses odd sequence lengths (it passes a placeholder bias,
@@ -12,9 +13,13 @@ This script runs exactly that, forward and backward (grads of q, k, v), for
 `--implementation` (cudnn by default), and compares the valid rows with
 `implementation='xla'` on the unpadded length-197 inputs. It also records
 whether the unpadded odd length works under `grad` (the failure is a result,
-not an error). Each case's time per call is measured after compilation. `auto_check`
-holds the result of the check `model.attention_impl='auto'` runs before choosing the
-kernel (models/attention_choice.py).
+not an error). Each case's time per call is measured after compilation.
+`--implementation pallas` runs the Pallas flash attention the same way, as the model
+runs it (`vit.attention`: the tokens padded to its 32-token tiles, 197 -> 224, the
+padding in a segment of its own). `auto_check` holds the result of the check
+`model.attention_impl='auto'` runs before choosing the kernel
+(models/attention_choice.py) and `choice`, what 'auto' chooses on this machine: when
+cuDNN fails its check, the Pallas kernel's check runs too (`auto_check.pallas`).
 One JSON object is written to --out; the exit status is 0 when the padded
 case ran and matched.
 """
@@ -43,8 +48,10 @@ def run(implementation: str, batch: int, tokens: int, heads: int, head_dim: int,
   import jax.numpy as jnp
   import numpy as np
 
+  from aim_jax.models import attention_choice, vit
   dt = jnp.dtype(dtype)
-  padded = tokens + tokens % 2
+  multiple = 2 if implementation != 'pallas' else vit.DEFAULT_PAD_MULTIPLE['pallas']
+  padded = vit.round_up(tokens, multiple)
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, g = (jax.random.normal(r, (batch, tokens, heads, head_dim), jnp.float32).astype(dt)
                 for r in keys)
@@ -53,8 +60,11 @@ def run(implementation: str, batch: int, tokens: int, heads: int, head_dim: int,
 
   def loss_fn(impl, seq_lengths):
     def loss(q, k, v, g):
-      kw = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths) if seq_lengths else {}
-      o = jax.nn.dot_product_attention(q, k, v, implementation=impl, **kw)
+      if impl == 'pallas':   # the model's call: the padding masked by segment
+        o = vit.attention(q, k, v, impl=impl, valid_len=tokens if seq_lengths else None)
+      else:
+        kw = dict(query_seq_lengths=lengths, key_value_seq_lengths=lengths) if seq_lengths else {}
+        o = jax.nn.dot_product_attention(q, k, v, implementation=impl, **kw)
       n = min(o.shape[1], tokens)    # the cotangent on the valid rows only
       return jnp.sum(o[:, :n].astype(jnp.float32) * g[:, :n].astype(jnp.float32)), o
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
@@ -91,15 +101,17 @@ def run(implementation: str, batch: int, tokens: int, heads: int, head_dim: int,
     out['odd_length_grad'] = dict(ok=True, fwd_bwd_s=sec)
   # The check model.attention_impl='auto' runs before it chooses this kernel (the model's
   # two shapes, small, against XLA): what a training run on this machine would choose.
-  from aim_jax.models import attention_choice
   ok, why = attention_choice._compare_with_xla(implementation)
-  out['auto_check'] = dict(ok=ok, why=why)
+  out['auto_check'] = dict(ok=ok, why=why, choice=implementation if ok else 'xla')
+  if not ok and implementation == 'cudnn':      # 'auto' tries the Pallas kernel next
+    p_ok, p_why = attention_choice._compare_with_xla('pallas')
+    out['auto_check'].update(pallas=dict(ok=p_ok, why=p_why), choice='pallas' if p_ok else 'xla')
   return out
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--implementation', default='cudnn', choices=['cudnn', 'xla'])
+  p.add_argument('--implementation', default='cudnn', choices=['cudnn', 'pallas', 'xla'])
   p.add_argument('--batch', type=int, default=64 * 8)      # B/16 spatial: clips x frames
   p.add_argument('--tokens', type=int, default=197)
   p.add_argument('--heads', type=int, default=12)

@@ -20,7 +20,10 @@
 #   b16_eval.json / .log     the same for eval
 #   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
 #   profile/VARIANT/MODE/    the same for each variant
-#   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length
+#   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length, and what
+#                            'auto' chooses here (auto_check.choice)
+#   pallas_attention.json    only when cuDNN failed its check: the Pallas flash attention,
+#                            'auto''s next choice, likewise, in a process of its own first
 #   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py;
 #                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its
 #                            pallas_kernels variant (the Pallas LayerNorms and MLP kernels)
@@ -81,7 +84,10 @@ if [ "$SMOKE" = 1 ]; then
   export JAX_PLATFORMS=cpu CUDA_VISIBLE_DEVICES=''
   CFG=configs/tiny.py; CFG_L=configs/tiny.py
   BATCH=2; BATCH_L=2; STEPS=2; BACKEND=aot_eager
-  ATT="--implementation xla --batch 2 --heads 2 --head_dim 16"
+  # The first attention part checks XLA here (no cuDNN; GPU_SH_ATTENTION=cudnn takes the
+  # branch of a GPU whose cuDNN fails: the Pallas part then runs, interpreted).
+  ATT="--implementation ${GPU_SH_ATTENTION:-xla} --batch 2 --heads 2 --head_dim 16"
+  ATT_P="--implementation pallas --batch 2 --heads 2 --head_dim 16"
   # The GPU image has no tensorflow: fail if it was imported; serve torchvision's test stub.
   BENCH=("$PY" -c "import atexit, os, sys
 def no_tensorflow():  # the GPU image has none: a run that imported it fails here
@@ -94,7 +100,7 @@ from benchmarks import step_benchmark; step_benchmark.run(['step_benchmark'] + s
 else
   CFG=configs/k400.py:b16_f8; CFG_L=configs/k400.py:l14_f8
   BATCH=64; BATCH_L=32; STEPS=10; BACKEND=inductor
-  ATT=""
+  ATT=""; ATT_P="--implementation pallas"
   BENCH=("$PY" -m benchmarks.step_benchmark)
 fi
 OFFICIAL=()
@@ -133,7 +139,8 @@ part() {
   grep -E "^\| (${rows}elementwise|other|all)" "$OUT/$name.log" | head -24
 }
 : > "$OUT/summary.txt"
-# Limits (s; 470 in all): cudnn_attention 30 (first); b16_train 290 = two of our rows
+# Limits (s; 470 in all): cudnn_attention 30 (first; then pallas_attention 40 if cuDNN failed
+# its check); b16_train 290 = two of our rows
 # (~40 s compile each on the H200 host, plus steps and a profile), the official eager and
 # compiled rows (torch.compile took 64 s in 2026-11), then the Pallas row (--after_official:
 # a time limit cuts it, not the side by side); b16_eval 80 and what b16_train left
@@ -161,7 +168,11 @@ PALLAS_NORM_ROW=(--variant "pallas_kernels:model.attention_impl=pallas,$KERNELS"
 FORCE=()
 # cuDNN alone first, in its own process: if it takes the process down (no JSON), our rows
 # are run with XLA attention instead of 'auto', so that their process and the official rows
-# after them survive. A cuDNN that fails cleanly is 'auto''s own business (it falls back).
+# after them survive. A cuDNN that fails cleanly is 'auto''s own business: it falls back to
+# the Pallas flash attention after that kernel's check (the part's JSON says what 'auto'
+# chooses, `auto_check.choice`). Then that kernel, never run on a GPU before, is run the same
+# way in a process of its own first, at the model's shapes: if it dies or fails there, our
+# rows are XLA's.
 # shellcheck disable=SC2086
 part cudnn_attention 30 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
 if [ ! -s "$OUT/cudnn_attention.json" ] && ! grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt"
@@ -169,16 +180,28 @@ then
   echo "cudnn_attention died: our rows use model.attention_impl=xla" | tee -a "$OUT/summary.txt"
   FORCE=(--config.model.attention_impl=xla)
 fi
-# Our rows besides the default: with cuDNN in the default row (its check passed), the XLA row
-# to compare, and in train the Pallas kernels; without, the default row is XLA already and the
-# Pallas attention is the fused one, in train with and without the other Pallas kernels. Eval and
+# Our rows besides the default: with a fused kernel in the default row (cuDNN's check passed,
+# or the Pallas kernel's and its part), the XLA row to compare, and in train the Pallas
+# kernels; without, the default row is XLA and the Pallas attention rows come after the
+# official ones, in train with and without the other Pallas kernels. Eval and
 # L/14 get one extra row, leaving the time for the compiled official eval (never measured
 # yet) and the L/14 compiles.
 # (Out of time, the smoke test says nothing: the benchmark's own check decides; as if passed.)
-AUTO_OK=$("$PY" -c "import json, sys; print(int(bool(json.load(open(sys.argv[1]))
-['auto_check']['ok'])))" "$OUT/cudnn_attention.json" 2>/dev/null || echo 0)
-grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt" && AUTO_OK=1
-[ ${#FORCE[@]} -gt 0 ] && AUTO_OK=0
+AUTO=$("$PY" -c "import json, sys; a = json.load(open(sys.argv[1]))['auto_check']
+print('ok' if a['ok'] else a.get('choice', 'xla'))" "$OUT/cudnn_attention.json" 2>/dev/null \
+  || echo xla)
+grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt" && AUTO=ok
+[ ${#FORCE[@]} -gt 0 ] && AUTO=xla
+if [ "$AUTO" = pallas ]; then
+  # shellcheck disable=SC2086
+  part pallas_attention 40 "$PY" -m benchmarks.attention_smoke $ATT_P \
+    --out "$OUT/pallas_attention.json"
+  if grep -q '^pallas_attention: rc=0 ' "$OUT/summary.txt"; then AUTO=ok; else
+    echo "pallas_attention failed: our rows use model.attention_impl=xla" | tee -a "$OUT/summary.txt"
+    FORCE=(--config.model.attention_impl=xla); AUTO=xla
+  fi
+fi
+AUTO_OK=0; [ "$AUTO" = ok ] && AUTO_OK=1
 if [ "$AUTO_OK" = 1 ]; then
   VARIANTS=("${XLA_ROW[@]}" "${NORM_ROW[@]}"); ONE_MORE=("${XLA_ROW[@]}")
   L14_MORE=("${NORM_ROW[@]}")
@@ -186,7 +209,7 @@ else
   VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
   L14_MORE=("${PALLAS_NORM_ROW[@]}")
 fi
-echo "cuDNN's 'auto' check passed: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
+echo "'auto' chose a fused attention that passed its checks: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
 part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OFFICIAL[@]}" \
   "${VARIANTS[@]}" --profile "$OUT/profile" --out "$OUT/b16_train.json"
 # The eval part may also take what the train part left unused (its 80 s is a floor), keeping

@@ -3,10 +3,10 @@
   python -m benchmarks.gpu_report OUT_DIR [--json report.json]
 
 Reads what `bash benchmarks/gpu.sh OUT_DIR` wrote (`b16_train.json`, `b16_eval.json`,
-`l14_train.json`, `l14_unrolled.json`, `cudnn_attention.json`, `env.txt`, `summary.txt`)
-and prints, as
-markdown, one row per implementation and mode, then each target with its figure and
-`met`, `missed` or `not measured` (a missing file, row or figure is never `met`):
+`l14_train.json`, `l14_unrolled.json`, `cudnn_attention.json`, `pallas_attention.json`
+when cuDNN failed its check, `env.txt`, `summary.txt`) and prints, as markdown, one row
+per implementation and mode, then each target with its figure and `met`, `missed` or
+`not measured` (a missing file, row or figure is never `met`):
 
 * train: our fastest row >= 1.3x the compiled official row and >= 2x the eager one,
   transposes < 5% of its profiled kernel time, its memory at or below the compiled
@@ -127,6 +127,17 @@ def _compile_check(name: str, run: Optional[dict]) -> dict:
                                for r in rows if 'error' in r))
 
 
+def _smoke_check(name: str, impl: str, smoke: Optional[dict]) -> dict:
+  """An attention part (`benchmarks.attention_smoke`): its padded case against XLA."""
+  padded = (smoke or {}).get('padded', {})
+  ran = bool(smoke) and smoke.get('implementation') == impl and bool(padded)
+  return dict(target=f'{name}, padded, forward + backward = XLA',
+              value=padded.get('ok') if ran else None,
+              shown=str(padded.get('ok')) if ran else 'n/a', want='True',
+              status=('met' if padded.get('ok') else 'missed') if ran else 'not measured',
+              note=f"implementation {smoke.get('implementation')}" if smoke else '')
+
+
 def report(out_dir: str) -> dict:
   """Rows and target checks of one gpu.sh output folder."""
   if not os.path.isdir(out_dir):
@@ -150,14 +161,10 @@ def report(out_dir: str) -> dict:
   checks.append(_compile_check('L/14: slowest compile of its rows', l14))
   checks.append(_compile_check('L/14 unrolled (model.scan_layers=False): slowest compile',
                                unrolled))
-  padded = (smoke or {}).get('padded', {})
-  cudnn = bool(smoke) and smoke.get('implementation') == 'cudnn'
-  checks.append(dict(target='cuDNN attention, padded, forward + backward = XLA',
-                     value=padded.get('ok') if cudnn else None,
-                     shown=str(padded.get('ok')) if cudnn and padded else 'n/a', want='True',
-                     status='not measured' if not (cudnn and padded) else
-                     ('met' if padded.get('ok') else 'missed'),
-                     note=f"implementation {smoke.get('implementation')}" if smoke else ''))
+  checks.append(_smoke_check('cuDNN attention', 'cudnn', smoke))
+  pallas = _load(out_dir, 'pallas_attention.json')
+  if pallas or (smoke or {}).get('auto_check', {}).get('pallas'):   # run when cuDNN failed
+    checks.append(_smoke_check('Pallas flash attention', 'pallas', pallas))
   env = ''
   if os.path.exists(os.path.join(out_dir, 'env.txt')):
     with open(os.path.join(out_dir, 'env.txt')) as f:

@@ -276,16 +276,60 @@ def test_auto_is_cudnn_on_a_gpu_in_half_precision_and_xla_elsewhere():
     resolve_model_config(dict(TINY, qkv_projection='fast'))
 
 
-def test_auto_falls_back_to_xla_with_a_warning_when_the_cudnn_check_fails(monkeypatch, caplog):
+def test_auto_falls_back_to_pallas_then_xla_with_a_warning_when_the_checks_fail(monkeypatch,
+                                                                               caplog):
+  """cuDNN failing its check makes 'auto' the Pallas flash attention (its own check passed),
+  with its companion layout; both failing, XLA. One warning per kernel and reason."""
   monkeypatch.setattr(AC, 'cudnn_check', lambda: (False, 'XlaRuntimeError: no execution plan'))
+  monkeypatch.setattr(AC, 'pallas_check', lambda: (True, ''))
   monkeypatch.setattr(AC, '_WARNED', set())
+  with caplog.at_level('WARNING'):
+    assert _chosen('gpu', check=True, dtype='bfloat16') == ('pallas', 'split', 'elementwise')
+    assert _chosen('gpu', check=True, dtype='bfloat16')[0] == 'pallas'
+  assert 'cuDNN attention failed its check' in caplog.text and 'no execution plan' in caplog.text
+  assert 'using the Pallas flash attention' in caplog.text
+  assert caplog.text.count('failed its check') == 1          # once, not once per model
+  caplog.clear()
+  monkeypatch.setattr(AC, 'pallas_check', lambda: (False, 'pallas output differs from XLA by 1'))
   with caplog.at_level('WARNING'):
     assert _chosen('gpu', check=True, dtype='bfloat16') == ('xla', 'fused', 'einsum')
     assert _chosen('gpu', check=True, dtype='bfloat16')[0] == 'xla'
-  assert 'cuDNN attention failed its check' in caplog.text and 'no execution plan' in caplog.text
-  assert caplog.text.count('failed its check') == 1          # once, not once per model
+  assert caplog.text.count('failed its check') == 1          # cuDNN's was said already
+  assert 'the Pallas flash attention failed its check on this GPU (pallas output differs' in (
+      caplog.text) and 'using XLA attention' in caplog.text
   monkeypatch.setattr(AC, 'cudnn_check', lambda: (True, ''))
   assert _chosen('gpu', check=True, dtype='bfloat16')[0] == 'cudnn'
+  # float32 and other platforms never run a check.
+  monkeypatch.setattr(AC, 'cudnn_check', lambda: pytest.fail('checked'))
+  assert _chosen('gpu', check=True, dtype='float32')[0] == 'xla'
+  assert _chosen('cpu', check=True, dtype='bfloat16')[0] == 'xla'
+
+
+def test_the_pallas_check_runs_the_kernel_on_the_spatial_case_only(monkeypatch):
+  """The Pallas check runs the real kernel (Pallas's interpreter on this CPU) in the spatial
+  case, padded to its 32-token tiles, and passes; the temporal case (8 frames: the companion
+  layout computes it element-wise, and the kernel's tiles need 16) is not given to it. A
+  kernel that is wrong there is refused."""
+  seen = []
+
+  def recorded(q, k, v, *, impl, **kw):
+    seen.append((q.shape, impl, kw['pad_multiple']))
+    return vit.attention(q, k, v, impl=impl, **kw)
+
+  assert AC._compare_with_xla('pallas', recorded) == (True, '')
+  assert {s for s in seen if s[1] == 'pallas'} == {((2, 20, 2, 64), 'pallas', 32)}
+  # Also when the model is built while a function is traced: the kernel's body is traced,
+  # not evaluated (forcing evaluation there failed: "Evaluation rule for 'program_id'").
+  inside = {}
+  jax.jit(lambda x: inside.setdefault('r', AC._compare_with_xla('pallas')) and x)(1.0)
+  assert inside['r'] == (True, '')
+
+  def wrong(q, k, v, *, impl, **kw):
+    y = vit.attention(q, k, v, impl=impl, **kw)
+    return y if impl == 'xla' else y.at[:, 0].add(0.5)
+
+  ok, why = AC._compare_with_xla('pallas', wrong)
+  assert not ok and why.startswith('pallas output differs from XLA by') and '(2, 20, 2, 64)' in why
 
 
 def test_the_cudnn_check_refuses_a_kernel_that_fails_or_disagrees_with_xla():

@@ -147,7 +147,39 @@ def test_attention_smoke_pads_to_an_even_length_and_matches_xla(tmp_path):
   assert r['padded']['ok'] and r['padded']['max_abs_diff_vs_xla']['dk_padding'] == 0.0
   assert max(r['padded']['max_abs_diff_vs_xla'].values()) < 1e-5
   assert r['odd_length_grad']['ok']        # XLA accepts 5 under grad; cuDNN is what may not
-  assert r['auto_check'] == {'ok': True, 'why': ''}
+  assert r['auto_check'] == {'ok': True, 'why': '', 'choice': 'xla'}
+
+
+def test_attention_smoke_runs_the_pallas_kernel_as_the_model_does(tmp_path):
+  """--implementation pallas: the real kernel (Pallas's interpreter here), the tokens padded
+  to its 32-token tiles and masked by segment, forward and backward against XLA; the odd
+  length is refused by the kernel's tiling (a result, not an error)."""
+  out = tmp_path / 'att.json'
+  assert attention_smoke.main(['--implementation', 'pallas', '--batch', '2', '--heads', '2',
+                               '--tokens', '5', '--head_dim', '16', '--dtype', 'float32',
+                               '--out', str(out)]) == 0
+  r = json.loads(out.read_text())
+  assert r['tokens'] == 5 and r['padded_tokens'] == 32
+  assert r['padded']['ok'] and r['padded']['max_abs_diff_vs_xla']['dk_padding'] == 0.0
+  assert max(r['padded']['max_abs_diff_vs_xla'].values()) < 1e-5
+  assert not r['odd_length_grad']['ok'] and 'multiple of 16' in r['odd_length_grad']['error']
+  assert r['auto_check'] == {'ok': True, 'why': '', 'choice': 'pallas'}
+
+
+def test_attention_smoke_says_what_auto_chooses_when_cudnn_fails(monkeypatch):
+  """cuDNN failing its check (no cuDNN on this CPU: its real failure) runs the Pallas check,
+  and 'auto' would choose the Pallas kernel; both failing, XLA."""
+  from aim_jax.models import attention_choice
+  real = attention_choice._compare_with_xla
+  r = attention_smoke.run('cudnn', batch=2, tokens=5, heads=2, head_dim=16, dtype='bfloat16')
+  assert not r['padded']['ok'] and not r['auto_check']['ok']
+  assert r['auto_check']['pallas'] == {'ok': True, 'why': ''}
+  assert r['auto_check']['choice'] == 'pallas'
+  monkeypatch.setattr(attention_choice, '_compare_with_xla',
+                      lambda impl: (False, 'no') if impl == 'pallas' else real(impl))
+  r = attention_smoke.run('cudnn', batch=2, tokens=5, heads=2, head_dim=16, dtype='bfloat16')
+  assert r['auto_check']['pallas'] == {'ok': False, 'why': 'no'}
+  assert r['auto_check']['choice'] == 'xla'
 
 
 @pytest.mark.slow   # a subprocess: imports and one tiny compilation (~30 s idle)

@@ -521,6 +521,7 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   unrolled_check = 'L/14 unrolled (model.scan_layers=False): slowest compile'
   assert (by[unrolled_check]['status'], by[unrolled_check]['shown']) == ('missed', '75 s')
   assert by['cuDNN attention, padded, forward + backward = XLA']['status'] == 'met'
+  assert not any(t.startswith('Pallas flash attention') for t in by)    # cuDNN passed
   table = gpu_report.format_report(rep)
   assert '| aim_jax [pallas] | train | RuntimeError: no plan |' in table
   assert '| official compiled | train | 263.0 |' in table
@@ -535,6 +536,18 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert by[unrolled_check]['status'] == 'not measured'
   p = _run(['benchmarks.gpu_report', str(tmp_path / 'missing')])
   assert p.returncode == 2 and 'no such folder' in p.stderr
+  # cuDNN failed its check: 'auto' tried the Pallas kernel, whose own part ran (or died).
+  pallas_check = 'Pallas flash attention, padded, forward + backward = XLA'
+  (tmp_path / 'cudnn_attention.json').write_text(json.dumps(
+      {'implementation': 'cudnn', 'padded': {'ok': False, 'error': 'no plan'},
+       'auto_check': {'ok': False, 'pallas': {'ok': True, 'why': ''}, 'choice': 'pallas'}}))
+  by = {c['target']: c for c in gpu_report.report(str(tmp_path))['checks']}
+  assert by['cuDNN attention, padded, forward + backward = XLA']['status'] == 'missed'
+  assert by[pallas_check]['status'] == 'not measured'                  # no JSON: it died
+  (tmp_path / 'pallas_attention.json').write_text(json.dumps(
+      {'implementation': 'pallas', 'padded': {'ok': True}}))
+  by = {c['target']: c for c in gpu_report.report(str(tmp_path))['checks']}
+  assert (by[pallas_check]['status'], by[pallas_check]['shown']) == ('met', 'True')
 
 
 @pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')

@@ -19,7 +19,9 @@ devices the step runs on:
   masked by length; the 8-frame temporal attention with the tokens folded into the heads) and
   compares them with XLA's: on CUDA 13 cuDNN may have no execution plan (jax-ml/jax#32430),
   and a kernel that fails or disagrees must not train a model. If the check fails, 'auto' is
-  XLA, with a warning that says why.
+  the Pallas flash attention (Triton, from jax.experimental.pallas; the spatial attention
+  only, the temporal one element-wise), after the same check of its own kernel; if that
+  fails too, XLA. Each fallback logs a warning that says why.
 * Everywhere else, and in float32: XLA attention, one fused q/k/v product, the einsum temporal
   attention (the program the golden tests check against the official model).
 
@@ -31,6 +33,7 @@ they agree when the machines share their GPUs and libraries. For a mix, set the 
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from typing import Mapping, Optional
 
@@ -63,13 +66,7 @@ def choose(cfg: Mapping, platform: str, check: bool = True) -> dict:
   if impl == AUTO:
     impl = 'xla'
     if platform == 'gpu' and out['dtype'] in HALF_DTYPES:
-      ok, why = cudnn_check() if check else (True, '')
-      if ok:
-        impl = 'cudnn'
-      elif why not in _WARNED:   # once per reason: every model of the process builds alike
-        _WARNED.add(why)
-        logging.warning("model.attention_impl='auto': cuDNN attention failed its check on this "
-                        'GPU (%s); using XLA attention (set model.attention_impl to choose)', why)
+      impl = _first_that_passes(check)
   out['attention_impl'] = impl
   for k, v in COMPANIONS[impl].items():
     if out[k] == AUTO:
@@ -89,6 +86,29 @@ def platform_of(devices) -> tuple[str, bool]:
   return first.platform, local
 
 
+# The fused kernels 'auto' tries on a GPU, fastest first (BENCHMARKS.md, "GPU compile
+# without a GPU"), and the names its warnings give them.
+FUSED = ('cudnn', 'pallas')
+_KERNEL_NAMES = {'cudnn': 'cuDNN attention', 'pallas': 'the Pallas flash attention'}
+
+
+def _first_that_passes(check: bool) -> str:
+  """The first of FUSED whose device check passes (all pass when `check` is False), else
+  'xla'; one warning per failed check and reason."""
+  for n, impl in enumerate(FUSED):
+    run_check = {'cudnn': cudnn_check, 'pallas': pallas_check}[impl]   # looked up when called
+    ok, why = run_check() if check else (True, '')
+    if ok:
+      return impl
+    nxt = _KERNEL_NAMES[FUSED[n + 1]] if n + 1 < len(FUSED) else 'XLA attention'
+    if (impl, why) not in _WARNED:   # once per reason: every model of the process builds alike
+      _WARNED.add((impl, why))
+      logging.warning("model.attention_impl='auto': %s failed its check on this GPU (%s); "
+                      'using %s (set model.attention_impl to choose)',
+                      _KERNEL_NAMES[impl], why, nxt)
+  return 'xla'
+
+
 @functools.lru_cache(maxsize=None)
 def cudnn_check() -> tuple[bool, str]:
   """Run cuDNN flash attention forward and backward on the default GPU, bfloat16, in the two
@@ -96,21 +116,34 @@ def cudnn_check() -> tuple[bool, str]:
   return _compare_with_xla('cudnn')
 
 
+@functools.lru_cache(maxsize=None)
+def pallas_check() -> tuple[bool, str]:
+  """The same for the Pallas flash attention, in the shape it runs in the model (the spatial
+  attention: its companion layout computes the temporal one element-wise)."""
+  return _compare_with_xla('pallas')
+
+
+
 def _concrete(fn):
   """`fn` evaluated on concrete values even when called while a function is being traced
-  (a model built inside `jax.jit`): the check's numbers are never tracers."""
+  (a model built inside `jax.jit`): it runs in a thread of its own, where no trace is
+  active (JAX keeps its trace state per thread), so the check's numbers are never tracers
+  and its own `jax.jit` calls compile and run as at top level. (Forcing evaluation in this
+  thread instead, `jax.ensure_compile_time_eval`, also evaluates the Pallas kernel's body
+  while it is traced, which fails.)"""
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    import jax
-    with jax.ensure_compile_time_eval():
-      return fn(*args, **kwargs)
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='attention-check') as ex:
+      return ex.submit(fn, *args, **kwargs).result()
   return wrapped
 
 
 # The model's two cases: the spatial attention (tokens padded, the padding masked by length)
 # and the temporal one (8 frames, the tokens folded into many heads, no mask).
-CHECK_CASES = (dict(shape=(2, 20, 2, 64), valid=17, pad=None),
-               dict(shape=(2, 8, 48, 64), valid=None, pad=2))
+# `kernels`: the kernels that run the case in the model ('pallas' leaves the temporal
+# attention to its element-wise companion, and its tiles need 16 tokens or more).
+CHECK_CASES = (dict(shape=(2, 20, 2, 64), valid=17, pad=None, kernels=('cudnn', 'pallas')),
+               dict(shape=(2, 8, 48, 64), valid=None, pad=2, kernels=('cudnn',)))
 
 
 @_concrete
@@ -122,6 +155,8 @@ def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
   from aim_jax.models import vit
   attention_fn = attention_fn or vit.attention
   for case in CHECK_CASES:
+    if impl not in case['kernels']:
+      continue
     shape, valid = case['shape'], case['valid']
     n = shape[1] if valid is None else valid
     keys = jax.random.split(jax.random.key(0), 4)

@@ -59,8 +59,9 @@ def default_model_config() -> dict:
       remat_policy='none',      # 'none' | 'full' | any jax.checkpoint_policies name
       dtype='float32',          # compute dtype; params stay param_dtype
       param_dtype='float32',
-      # 'auto' (cuDNN on NVIDIA GPUs in bf16/fp16 after a check, else XLA:
-      # models/attention_choice.py) | 'xla' (or '') | 'cudnn' | 'pallas' (vit.ATTENTION_IMPLS)
+      # 'auto' (on NVIDIA GPUs in bf16/fp16 the first of cuDNN, the Pallas flash attention
+      # to pass a device check, else XLA: models/attention_choice.py) | 'xla' (or '') |
+      # 'cudnn' | 'pallas' (vit.ATTENTION_IMPLS)
       attention_impl='auto',
       # Token padding for fused attention kernels (models/vit.py token_padding):
       # multiple 0 = the implementation's need (1 XLA, 8 cuDNN, 32 Pallas); mode
