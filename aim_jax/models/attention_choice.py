@@ -123,7 +123,6 @@ def pallas_check() -> tuple[bool, str]:
   return _compare_with_xla('pallas')
 
 
-
 def _concrete(fn):
   """`fn` evaluated on concrete values even when called while a function is being traced
   (a model built inside `jax.jit`): it runs in a thread of its own, where no trace is
