@@ -7,9 +7,11 @@
 AIM's spatial attention runs over 1 + (224/16)^2 = 197 tokens. Under `grad`,
 jax's cuDNN path refuses odd sequence lengths (it passes a placeholder bias,
 and cuDNN's backward with a bias wants even lengths), so the usable form is an
-even padded length (here 197 -> 198) with `query_seq_lengths` /
-`key_value_seq_lengths` = 197, which masks the padding without a bias tensor.
-This script runs exactly that, forward and backward (grads of q, k, v), for
+even padded length with `query_seq_lengths` / `key_value_seq_lengths` = 197,
+which masks the padding without a bias tensor. The model pads its token stream to
+the kernel's multiple (`vit.DEFAULT_PAD_MULTIPLE`: 197 -> 200 for cuDNN, 224 for the
+Pallas kernel; XLA needs none, and is padded to even here, 197 -> 198, so that the
+masked case is still the one checked). This script runs exactly that, forward and backward (grads of q, k, v), for
 `--implementation` (cudnn by default), and compares the valid rows with
 `implementation='xla'` on the unpadded length-197 inputs. It also records
 whether the unpadded odd length works under `grad` (the failure is a result,
@@ -50,7 +52,7 @@ def run(implementation: str, batch: int, tokens: int, heads: int, head_dim: int,
 
   from aim_jax.models import attention_choice, vit
   dt = jnp.dtype(dtype)
-  multiple = 2 if implementation != 'pallas' else vit.DEFAULT_PAD_MULTIPLE['pallas']
+  multiple = max(2, vit.DEFAULT_PAD_MULTIPLE[implementation])    # the model's padding
   padded = vit.round_up(tokens, multiple)
   keys = jax.random.split(jax.random.key(0), 4)
   q, k, v, g = (jax.random.normal(r, (batch, tokens, heads, head_dim), jnp.float32).astype(dt)

@@ -163,6 +163,7 @@ def test_attention_smoke_says_what_auto_chooses_when_cudnn_fails(monkeypatch):
   from aim_jax.models import attention_choice
   real = attention_choice._compare_with_xla
   r = attention_smoke.run('cudnn', batch=2, tokens=5, heads=2, head_dim=16, dtype='bfloat16')
+  assert r['padded_tokens'] == 8                      # the model's multiple for cuDNN
   assert not r['padded']['ok'] and not r['auto_check']['ok']
   assert r['auto_check']['pallas'] == {'ok': True, 'why': ''}
   assert r['auto_check']['choice'] == 'pallas'
