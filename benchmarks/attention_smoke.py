@@ -11,8 +11,8 @@ even padded length with `query_seq_lengths` / `key_value_seq_lengths` = 197,
 which masks the padding without a bias tensor. The model pads its token stream to
 the kernel's multiple (`vit.DEFAULT_PAD_MULTIPLE`: 197 -> 200 for cuDNN, 224 for the
 Pallas kernel; XLA needs none, and is padded to even here, 197 -> 198, so that the
-masked case is still the one checked). This script runs exactly that, forward and backward (grads of q, k, v), for
-`--implementation` (cudnn by default), and compares the valid rows with
+masked case is still the one checked). This script runs exactly that, forward and
+backward (grads of q, k, v), for `--implementation` (cudnn by default), and compares the valid rows with
 `implementation='xla'` on the unpadded length-197 inputs. It also records
 whether the unpadded odd length works under `grad` (the failure is a result,
 not an error). Each case's time per call is measured after compilation.
