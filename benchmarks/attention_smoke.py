@@ -4,24 +4,24 @@
   python -m benchmarks.attention_smoke --implementation xla --out x.json     # the same checks, CPU
   python -m benchmarks.attention_smoke --implementation pallas --out p.json  # the Pallas kernel
 
-AIM's spatial attention runs over 1 + (224/16)^2 = 197 tokens. Under `grad`,
-jax's cuDNN path refuses odd sequence lengths (it passes a placeholder bias,
-and cuDNN's backward with a bias wants even lengths), so the usable form is an
-even padded length with `query_seq_lengths` / `key_value_seq_lengths` = 197,
-which masks the padding without a bias tensor. The model pads its token stream to
-the kernel's multiple (`vit.DEFAULT_PAD_MULTIPLE`: 197 -> 200 for cuDNN, 224 for the
-Pallas kernel; XLA needs none, and is padded to even here, 197 -> 198, so that the
-masked case is still the one checked). This script runs exactly that, forward and
-backward (grads of q, k, v), for `--implementation` (cudnn by default), and compares the valid rows with
-`implementation='xla'` on the unpadded length-197 inputs. It also records
-whether the unpadded odd length works under `grad` (the failure is a result,
-not an error). Each case's time per call is measured after compilation.
-`--implementation pallas` runs the Pallas flash attention the same way, as the model
-runs it (`vit.attention`: the tokens padded to its 32-token tiles, 197 -> 224, the
-padding in a segment of its own). `auto_check` holds the result of the check
-`model.attention_impl='auto'` runs before choosing the kernel
-(models/attention_choice.py) and `choice`, what 'auto' chooses on this machine: when
-cuDNN fails its check, the Pallas kernel's check runs too (`auto_check.pallas`).
+AIM's spatial attention runs over 1 + (224/16)^2 = 197 tokens. Under `grad`, jax's cuDNN
+path refuses odd sequence lengths (it passes a placeholder bias, and cuDNN's backward
+with a bias wants even lengths), so the usable form is an even padded length with
+`query_seq_lengths` / `key_value_seq_lengths` = 197, which masks the padding without a
+bias tensor. The model pads its token stream to the kernel's multiple
+(`vit.DEFAULT_PAD_MULTIPLE`: 197 -> 200 for cuDNN, 224 for the Pallas kernel; XLA needs
+none, and is padded to even here, 197 -> 198, so that the masked case is still the one
+checked). This script runs exactly that, forward and backward (grads of q, k, v), for
+`--implementation` (cudnn by default), and compares the valid rows with
+`implementation='xla'` on the unpadded length-197 inputs. It also records whether the
+unpadded odd length works under `grad` (the failure is a result, not an error). Each
+case's time per call is measured after compilation. `--implementation pallas` runs the
+Pallas flash attention the same way, as the model runs it (`vit.attention`: the tokens
+padded to its 32-token tiles, 197 -> 224, the padding in a segment of its own).
+`auto_check` holds the result of the check `model.attention_impl='auto'` runs before
+choosing the kernel (models/attention_choice.py) and `choice`, what 'auto' chooses on
+this machine: when cuDNN fails its check, the Pallas kernel's check runs too
+(`auto_check.pallas`).
 One JSON object is written to --out; the exit status is 0 when the padded
 case ran and matched.
 """
