@@ -34,6 +34,11 @@
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
+# GPU_SH_PARTS=NAME,...: only those parts (e.g. a second, shorter call on a still-warm
+# machine: GPU_SH_PARTS=cudnn_attention,b16_train GPU_SH_BUDGET_S=240); the others are
+# skipped and say so in summary.txt. Without cudnn_attention our rows' own check decides the
+# attention (as when that part runs out of time); with it but without pallas_attention, a
+# failed cuDNN means XLA rows.
 # --cpu-smoke: tiny model, batch 2, 2 steps, the official compiled run with the aot_eager
 # backend (no C++ compile), a check that tensorflow was never imported (the GPU image has
 # none), the test torchvision stub served when torchvision is missing; checks the script end
@@ -46,6 +51,13 @@ case "${2:-}" in
   '') ;;
   *) echo "gpu.sh: unknown option ${2} (only --cpu-smoke)" >&2; exit 2 ;;
 esac
+PARTS=cudnn_attention,pallas_attention,b16_train,b16_eval,l14_train,l14_unrolled,norm_kernels
+PARTS=$PARTS,mlp_kernels
+GPU_SH_PARTS=${GPU_SH_PARTS:-}
+for p in ${GPU_SH_PARTS//,/ }; do
+  [[ ",$PARTS," == *",$p,"* ]] || {
+    echo "gpu.sh: GPU_SH_PARTS: no part named $p (the parts: $PARTS)" >&2; exit 2; }
+done
 mkdir -p "$OUT" || exit 1
 OUT=$(cd "$OUT" && pwd)          # before the cd below: a relative OUT_DIR is the caller's
 cd "$(dirname "$0")/.." || exit 1
@@ -126,6 +138,9 @@ cat "$OUT/env.txt"
 # cannot do anything useful in less).
 part() {
   local name=$1 lim=$(( $2 * SCALE )); shift 2
+  if [ -n "${GPU_SH_PARTS:-}" ] && [[ ",$GPU_SH_PARTS," != *",$name,"* ]]; then
+    echo "$name: skipped (GPU_SH_PARTS)" | tee -a "$OUT/summary.txt"; return
+  fi
   local left=$(( BUDGET - $(el) ))
   [ "$left" -lt "$lim" ] && lim=$left
   if [ "$lim" -lt "${MIN_S:-20}" ]; then
@@ -175,7 +190,9 @@ FORCE=()
 # rows are XLA's.
 # shellcheck disable=SC2086
 part cudnn_attention 30 "$PY" -m benchmarks.attention_smoke $ATT --out "$OUT/cudnn_attention.json"
-if [ ! -s "$OUT/cudnn_attention.json" ] && ! grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt"
+# (Out of time or left out by GPU_SH_PARTS, the part says nothing: our rows' check decides.)
+UNDECIDED='^cudnn_attention: (rc=124|skipped \(GPU_SH_PARTS\))'
+if [ ! -s "$OUT/cudnn_attention.json" ] && ! grep -qE "$UNDECIDED" "$OUT/summary.txt"
 then
   echo "cudnn_attention died: our rows use model.attention_impl=xla" | tee -a "$OUT/summary.txt"
   FORCE=(--config.model.attention_impl=xla)
@@ -190,7 +207,7 @@ fi
 AUTO=$("$PY" -c "import json, sys; a = json.load(open(sys.argv[1]))['auto_check']
 print('ok' if a['ok'] else a.get('choice', 'xla'))" "$OUT/cudnn_attention.json" 2>/dev/null \
   || echo xla)
-grep -q '^cudnn_attention: rc=124' "$OUT/summary.txt" && AUTO=ok
+grep -qE "$UNDECIDED" "$OUT/summary.txt" && AUTO=ok
 [ ${#FORCE[@]} -gt 0 ] && AUTO=xla
 if [ "$AUTO" = pallas ]; then
   # shellcheck disable=SC2086

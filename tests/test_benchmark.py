@@ -194,6 +194,33 @@ def test_gpu_script_refuses_an_unknown_option(tmp_path):
   proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(tmp_path), '--gpu'],
                         capture_output=True, text=True, timeout=60, check=False)
   assert proc.returncode == 2 and 'unknown option --gpu' in proc.stderr
+  out = tmp_path / 'parts'
+  proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(out)],
+                        env=dict(cpu_env(1), GPU_SH_PARTS='b16_train,b16_tain'),
+                        capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode == 2 and not out.exists()
+  assert proc.stderr.startswith('gpu.sh: GPU_SH_PARTS: no part named b16_tain (the parts: ')
+  assert len(proc.stderr.splitlines()) == 1
+
+
+def test_gpu_script_runs_only_the_parts_named(tmp_path):
+  """GPU_SH_PARTS (a second, short call on a warm GPU machine): the parts not named are
+  skipped and say so; the rest, the report included, runs as usual."""
+  proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(tmp_path), '--cpu-smoke'],
+                        env=dict(cpu_env(1), GPU_SH_PARTS='cudnn_attention,norm_kernels',
+                                 PYTHON=sys.executable, GPU_SH_CACHE=str(tmp_path / 'cache')),
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  summary = (tmp_path / 'summary.txt').read_text()
+  assert re.search(r'^cudnn_attention: rc=0 ', summary, re.M)
+  assert re.search(r'^norm_kernels: rc=0 ', summary, re.M)
+  for name in ('b16_train', 'b16_eval', 'l14_train', 'l14_unrolled', 'mlp_kernels'):
+    assert f'{name}: skipped (GPU_SH_PARTS)' in summary
+  assert json.loads((tmp_path / 'cudnn_attention.json').read_text())['padded']['ok']
+  assert not (tmp_path / 'b16_train.json').exists()
+  report = json.loads((tmp_path / 'report.json').read_text())
+  assert {c['status'] for c in report['checks'] if c['target'].startswith('train:')} == {
+      'not measured'}
 
 
 def test_profile_without_stream_lines_counts_the_xla_ops_line():
