@@ -332,6 +332,34 @@ def test_the_pallas_check_runs_the_kernel_on_the_spatial_case_only(monkeypatch):
   assert not ok and why.startswith('pallas output differs from XLA by') and '(2, 20, 2, 64)' in why
 
 
+def test_on_a_gpu_without_cudnn_auto_builds_a_pallas_model_with_the_real_checks(monkeypatch,
+                                                                                 caplog):
+  """Nothing replaced: this CPU has no cuDNN, so the real cuDNN check fails as on a GPU whose
+  cuDNN has no execution plan; the real Pallas check passes (the kernel through Pallas's
+  interpreter); the model built for 'gpu' runs the Pallas attention with its companion layout
+  and gives XLA's logits."""
+  monkeypatch.setattr(AC, '_WARNED', set())
+  AC.cudnn_check.cache_clear()
+  AC.pallas_check.cache_clear()
+  cfg = dict(TINY, num_frames=2, dtype='bfloat16')
+  with caplog.at_level('WARNING'):
+    model = build_model(cfg, platform='gpu')
+  assert 'cuDNN attention failed its check on this GPU' in caplog.text
+  assert 'using the Pallas flash attention' in caplog.text
+  assert 'the Pallas flash attention failed' not in caplog.text
+  backbone = model.backbone
+  assert (backbone.attention_impl, backbone.qkv_projection, backbone.temporal_attention) == (
+      'pallas', 'split', 'elementwise')
+  video = _video(cfg, batch=1)
+  reference = build_model(cfg)                               # this CPU: 'auto' is XLA
+  params = _perturbed_params(cfg, batch=1)
+  run = lambda m: np.asarray(jax.jit(lambda p: m.apply({'params': p}, video))(params),
+                             np.float32)
+  got, want = run(model), run(reference)
+  assert np.abs(want).max() > 0.1
+  np.testing.assert_allclose(got, want, rtol=5e-2, atol=5e-2 * np.abs(want).max())
+
+
 def test_the_cudnn_check_refuses_a_kernel_that_fails_or_disagrees_with_xla():
   def wrong(q, k, v, *, impl, **kw):              # right for XLA, 10% off for the kernel
     y = vit.attention(q, k, v, impl='xla', **kw)
