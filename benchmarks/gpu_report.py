@@ -15,7 +15,11 @@ per implementation and mode, then each target with its figure and `met`, `missed
 * L/14: every row measured, compiled in under a minute; the unrolled L/14 row
   (`l14_unrolled.json`, when the run had time for it) against the same minute, which
   decides whether `model.scan_layers=False` may become L/14's default;
-* the cuDNN smoke test: padded attention forward and backward match XLA.
+* the cuDNN smoke test: padded attention forward and backward match XLA; likewise the Pallas
+  flash attention's part when cuDNN failed its check ('auto''s next choice).
+
+Each of our rows names the attention kernel it ran with (`attention.attention_impl` of the
+row: what 'auto' chose on the device).
 
 Our rows' memory is `program_memory_bytes` (the compiled step's own need: the process's
 peak counter only grows from row to row).
@@ -108,7 +112,9 @@ def _our_row(r: dict, mode: str, variant: str = '') -> dict:
   name = r.get('variant', 'default')
   name = f'{variant}, {name}' if variant and name != 'default' else (variant or name)
   ok = 'error' not in r
-  return dict(impl=f'aim_jax [{name}]', mode=mode, error=r.get('error'),
+  kernel = (r.get('attention') or {}).get('attention_impl')
+  return dict(impl=f'aim_jax [{name}]' + (f' ({kernel} attention)' if kernel else ''),
+              mode=mode, error=r.get('error'),
               clips=_per_device(r) if ok else None,
               step_ms=1e3 * r['step_s_median'] if ok else None,
               mem_gib=(r.get('program_memory_bytes') or 0) / GiB or None,

@@ -494,7 +494,8 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   from benchmarks import gpu_report
   prof = lambda share: {'families': {'transpose/copy': {'share': share}}}
   train = dict(complete=True, results=[
-      _row('train', 250.0, profile=prof(0.23)), _row('train', 440.0, 'cudnn', profile=prof(0.01)),
+      _row('train', 250.0, profile=prof(0.23)),
+      _row('train', 440.0, 'cudnn', profile=prof(0.01), attention={'attention_impl': 'cudnn'}),
       dict(mode='train', variant='pallas', error='RuntimeError: no plan')],
       official=[dict(mode='train', official_mode='eager', clips_per_s=160.0, step_s_median=0.4),
                 dict(mode='train', official_mode='compiled', clips_per_s=263.0,
@@ -524,6 +525,7 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert not any(t.startswith('Pallas flash attention') for t in by)    # cuDNN passed
   table = gpu_report.format_report(rep)
   assert '| aim_jax [pallas] | train | RuntimeError: no plan |' in table
+  assert '| aim_jax [cudnn] (cudnn attention) | train | 440.0 |' in table
   assert '| official compiled | train | 263.0 |' in table
   assert '| aim_jax [default] | L/14 train | 80.0 | 800.0 |' in table
   assert '| aim_jax [cudnn] | L/14 train | OOM |' in table
