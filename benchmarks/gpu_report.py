@@ -1,6 +1,6 @@
 """The GPU run's figures against the GPU performance issue's targets.
 
-  python -m benchmarks.gpu_report OUT_DIR [--json report.json]
+  python -m benchmarks.gpu_report OUT_DIR [--json report.json] [--predicted GPU_AOT.json ...]
 
 Reads what `bash benchmarks/gpu.sh OUT_DIR` wrote (`b16_train.json`, `b16_eval.json`,
 `l14_train.json`, `l14_unrolled.json`, `cudnn_attention.json`, `pallas_attention.json`
@@ -19,7 +19,12 @@ per implementation and mode, then each target with its figure and `met`, `missed
   flash attention's part when cuDNN failed its check ('auto''s next choice).
 
 Each of our rows names the attention kernel it ran with (`attention.attention_impl` of the
-row: what 'auto' chose on the device).
+row: what 'auto' chose on the device). With `--predicted` (files written by
+`benchmarks.gpu_aot --out`), each of our rows also shows the step time predicted for the same
+program, and measured / predicted: a gpu_aot row stands for a measured row of the same mode,
+global batch, devices and attention kernel, and of the same kind: `pallas_kernels` (the
+variant of that name: the Pallas LayerNorms and MLP kernels), `unrolled` (the variant of that
+name; the rows of `l14_unrolled.json`), or plain (any other).
 
 Our rows' memory is `program_memory_bytes` (the compiled step's own need: the process's
 peak counter only grows from row to row).
@@ -108,17 +113,45 @@ def _mode_checks(run: Optional[dict], mode: str) -> list[dict]:
   return checks
 
 
-def _our_row(r: dict, mode: str, variant: str = '') -> dict:
+def _kind(variant: str) -> str:
+  return variant if variant in ('pallas_kernels', 'unrolled') else 'plain'
+
+
+def _key(r: dict, kind: str) -> tuple:
+  return (r.get('mode'), r.get('batch'), r.get('devices', 1),
+          (r.get('attention') or {}).get('attention_impl'), kind)
+
+
+def load_predictions(paths: list[str]) -> dict:
+  """The rows of `benchmarks.gpu_aot` outputs, by what they stand for (`_key`)."""
+  out = {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        rows = json.load(f)['rows']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f'--predicted {path}: not a benchmarks.gpu_aot output '
+                       f'({type(e).__name__}: {e})') from None
+    for r in rows:
+      if 'predicted_step_ms' in r:
+        out.setdefault(_key(r, _kind(r.get('variant', 'default'))), r)
+  return out
+
+
+def _our_row(r: dict, mode: str, variant: str = '', predictions: Optional[dict] = None) -> dict:
   name = r.get('variant', 'default')
+  kind = _kind(variant or name)
   name = f'{variant}, {name}' if variant and name != 'default' else (variant or name)
   ok = 'error' not in r
   kernel = (r.get('attention') or {}).get('attention_impl')
+  step_ms = 1e3 * r['step_s_median'] if ok else None
+  predicted = (predictions or {}).get(_key(r, kind), {}).get('predicted_step_ms')
   return dict(impl=f'aim_jax [{name}]' + (f' ({kernel} attention)' if kernel else ''),
               mode=mode, error=r.get('error'),
-              clips=_per_device(r) if ok else None,
-              step_ms=1e3 * r['step_s_median'] if ok else None,
+              clips=_per_device(r) if ok else None, step_ms=step_ms,
               mem_gib=(r.get('program_memory_bytes') or 0) / GiB or None,
-              mfu=r.get('mfu'), compile_s=r.get('compile_s'))
+              mfu=r.get('mfu'), compile_s=r.get('compile_s'), predicted_ms=predicted,
+              measured_vs_predicted=step_ms / predicted if step_ms and predicted else None)
 
 
 def _compile_check(name: str, run: Optional[dict]) -> dict:
@@ -144,25 +177,29 @@ def _smoke_check(name: str, impl: str, smoke: Optional[dict]) -> dict:
               note=f"implementation {smoke.get('implementation')}" if smoke else '')
 
 
-def report(out_dir: str) -> dict:
-  """Rows and target checks of one gpu.sh output folder."""
+def report(out_dir: str, predicted: tuple[str, ...] = ()) -> dict:
+  """Rows and target checks of one gpu.sh output folder; `predicted`: gpu_aot outputs whose
+  step times go beside our rows."""
   if not os.path.isdir(out_dir):
     raise ValueError(f'{out_dir}: no such folder (the OUT_DIR of benchmarks/gpu.sh)')
+  predictions = load_predictions(list(predicted))
   runs = {m: _load(out_dir, f'b16_{m}.json') for m in ('train', 'eval')}
   l14 = _load(out_dir, 'l14_train.json')
   smoke = _load(out_dir, 'cudnn_attention.json')
   unrolled = _load(out_dir, 'l14_unrolled.json')
   rows = []
   for mode, run in runs.items():
-    rows += [_our_row(r, mode) for r in (run or {}).get('results', [])]
+    rows += [_our_row(r, mode, predictions=predictions) for r in (run or {}).get('results', [])]
     for o in _official_rows(run):
       rows.append(dict(impl=f"official {o.get('official_mode', 'eager')}", mode=mode,
                        error=o.get('error'), clips=o.get('clips_per_s'),
                        step_ms=1e3 * o['step_s_median'] if 'error' not in o else None,
                        mem_gib=(o.get('peak_memory_bytes') or 0) / GiB or None,
                        mfu=o.get('mfu'), compile_s=o.get('compile_s')))
-  rows += [_our_row(r, 'L/14 train') for r in (l14 or {}).get('results', [])]
-  rows += [_our_row(r, 'L/14 train', 'unrolled') for r in (unrolled or {}).get('results', [])]
+  rows += [_our_row(r, 'L/14 train', predictions=predictions)
+           for r in (l14 or {}).get('results', [])]
+  rows += [_our_row(r, 'L/14 train', 'unrolled', predictions)
+           for r in (unrolled or {}).get('results', [])]
   checks = _mode_checks(runs['train'], 'train') + _mode_checks(runs['eval'], 'eval')
   checks.append(_compile_check('L/14: slowest compile of its rows', l14))
   checks.append(_compile_check('L/14 unrolled (model.scan_layers=False): slowest compile',
@@ -181,15 +218,19 @@ def report(out_dir: str) -> dict:
 
 def format_report(rep: dict) -> str:
   fmt = lambda v, f: 'n/a' if v is None else f.format(v)
-  lines = ['| impl | mode | clips/s/device | step ms | memory GiB | MFU | compile s |',
-           '|---|---|---:|---:|---:|---:|---:|']
+  lines = ['| impl | mode | clips/s/device | step ms | memory GiB | MFU | compile s | '
+           'predicted ms | measured / predicted |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|']
   for r in rep['rows']:
     if r['error']:
-      lines.append(f"| {r['impl']} | {r['mode']} | {r['error'].splitlines()[0][:70]} | | | | |")
+      lines.append(f"| {r['impl']} | {r['mode']} | {r['error'].splitlines()[0][:70]} "
+                   '| | | | | | |')
       continue
     lines.append(f"| {r['impl']} | {r['mode']} | {fmt(r['clips'], '{:.1f}')} | "
                  f"{fmt(r['step_ms'], '{:.1f}')} | {fmt(r['mem_gib'], '{:.1f}')} | "
-                 f"{fmt(r['mfu'], '{:.1%}')} | {fmt(r['compile_s'], '{:.1f}')} |")
+                 f"{fmt(r['mfu'], '{:.1%}')} | {fmt(r['compile_s'], '{:.1f}')} | "
+                 f"{fmt(r.get('predicted_ms'), '{:.1f}')} | "
+                 f"{fmt(r.get('measured_vs_predicted'), '{:.2f}')} |")
   lines += ['', '| target | figure | wanted | status |', '|---|---:|---:|---|']
   for c in rep['checks']:
     note = f" ({c['note']})" if c.get('note') else ''
@@ -200,6 +241,14 @@ def format_report(rep: dict) -> str:
 def main(argv: list[str]) -> int:
   args = argv[1:]
   json_out = None
+  predicted = []
+  while '--predicted' in args:
+    i = args.index('--predicted')
+    if i + 1 >= len(args):
+      print('gpu_report: --predicted needs a file name', file=sys.stderr)
+      return 2
+    predicted.append(args[i + 1])
+    del args[i:i + 2]
   if '--json' in args:
     i = args.index('--json')
     if i + 1 >= len(args):
@@ -208,10 +257,11 @@ def main(argv: list[str]) -> int:
     json_out = args[i + 1]
     del args[i:i + 2]
   if len(args) != 1:
-    print('usage: python -m benchmarks.gpu_report OUT_DIR [--json FILE]', file=sys.stderr)
+    print('usage: python -m benchmarks.gpu_report OUT_DIR [--json FILE] [--predicted FILE ...]',
+          file=sys.stderr)
     return 2
   try:
-    rep = report(args[0])
+    rep = report(args[0], tuple(predicted))
   except ValueError as e:
     print(f'gpu_report: {e}', file=sys.stderr)
     return 2

@@ -552,6 +552,43 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert (by[pallas_check]['status'], by[pallas_check]['shown']) == ('met', 'True')
 
 
+def test_gpu_report_puts_the_predicted_step_beside_each_row_it_stands_for(tmp_path):
+  """--predicted: a gpu_aot row goes beside the measured row of the same mode, batch, devices,
+  attention kernel and kind (pallas_kernels, unrolled, or plain, whatever the variant's name)."""
+  from benchmarks import gpu_report
+  cudnn, pallas = ({'attention_impl': a} for a in ('cudnn', 'pallas'))
+  (tmp_path / 'b16_train.json').write_text(json.dumps({'results': [
+      _row('train', 400.0, batch=64, attention=cudnn),                   # 160 ms
+      _row('train', 500.0, 'pallas_kernels', batch=64, attention=cudnn),
+      _row('train', 300.0, 'xla', batch=64, attention={'attention_impl': 'xla'})]}))
+  (tmp_path / 'l14_unrolled.json').write_text(json.dumps({'results': [
+      _row('train', 100.0, batch=32, attention=cudnn)]}))
+  aot = lambda variant, mode, batch, att, ms: dict(variant=variant, mode=mode, batch=batch,
+                                                   devices=1, attention=att,
+                                                   predicted_step_ms=ms)
+  pred = tmp_path / 'aot.json'
+  pred.write_text(json.dumps({'rows': [
+      aot('default', 'train', 64, cudnn, 128.0), aot('pallas_kernels', 'train', 64, cudnn, 120.0),
+      aot('pallas', 'train', 64, pallas, 150.0), aot('default', 'eval', 64, cudnn, 53.0),
+      aot('unrolled', 'train', 32, cudnn, 262.0), aot('default', 'train', 32, cudnn, 321.0)]}))
+  rows = {(r['impl'], r['mode']): r for r in
+          gpu_report.report(str(tmp_path), (str(pred),))['rows']}
+  default = rows[('aim_jax [default] (cudnn attention)', 'train')]
+  assert default['predicted_ms'] == 128.0
+  assert default['measured_vs_predicted'] == pytest.approx(160.0 / 128.0)
+  assert rows[('aim_jax [pallas_kernels] (cudnn attention)', 'train')]['predicted_ms'] == 120.0
+  assert rows[('aim_jax [xla] (xla attention)', 'train')]['predicted_ms'] is None   # none given
+  unrolled = rows[('aim_jax [unrolled] (cudnn attention)', 'L/14 train')]
+  assert unrolled['predicted_ms'] == 262.0                   # not the scanned default's 321
+  table = gpu_report.format_report(gpu_report.report(str(tmp_path), (str(pred),)))
+  assert '| aim_jax [default] (cudnn attention) | train | 400.0 | 160.0 | 40.0 | 40.0% | 30.0 | ' \
+         '128.0 | 1.25 |' in table
+  p = _run(['benchmarks.gpu_report', str(tmp_path), '--predicted',
+            str(tmp_path / 'b16_train.json')])
+  assert p.returncode == 2 and p.stderr.startswith('gpu_report: --predicted ')
+  assert 'b16_train.json: not a benchmarks.gpu_aot output' in p.stderr
+
+
 @pytest.mark.skipif(not _has_cuda_plugin(), reason='needs JAX\'s CUDA plugin (no GPU needed)')
 def test_cublas_products_take_the_biases_and_residual_adds_of_the_steps(tmp_path):
   """With its products on cuBLAS (what the H200's autotuner chose for the projections on
