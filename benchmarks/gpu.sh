@@ -226,7 +226,10 @@ else
   VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
   L14_MORE=("${PALLAS_NORM_ROW[@]}")
 fi
-echo "'auto' chose a fused attention that passed its checks: $AUTO_OK; extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
+CHOICE=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['auto_check']['choice'])" \
+  "$OUT/cudnn_attention.json" 2>/dev/null || echo 'not known')
+echo "'auto' here: $CHOICE; our default row: $([ ${#FORCE[@]} -gt 0 ] && echo 'xla (forced)' \
+  || echo "'auto'"); extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
 part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OFFICIAL[@]}" \
   "${VARIANTS[@]}" --profile "$OUT/profile" --out "$OUT/b16_train.json"
 # The eval part may also take what the train part left unused (its 80 s is a floor), keeping
