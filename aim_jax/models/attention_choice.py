@@ -123,7 +123,7 @@ def pallas_check() -> tuple[bool, str]:
   return _compare_with_xla('pallas')
 
 
-def _concrete(fn):
+def concrete(fn):
   """`fn` evaluated on concrete values even when called while a function is being traced
   (a model built inside `jax.jit`): it runs in a thread of its own, where no trace is
   active (JAX keeps its trace state per thread), so the check's numbers are never tracers
@@ -145,7 +145,7 @@ CHECK_CASES = (dict(shape=(2, 20, 2, 64), valid=17, pad=None, kernels=('cudnn', 
                dict(shape=(2, 8, 48, 64), valid=None, pad=2, kernels=('cudnn',)))
 
 
-@_concrete
+@concrete
 def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
   import jax
   import jax.numpy as jnp
@@ -183,9 +183,9 @@ def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
   return True, ''
 
 
-def describe(cfg: Mapping, chosen: Mapping) -> Optional[str]:
-  """One line naming what 'auto' chose, or None when nothing was 'auto'."""
-  auto = [k for k in FIELDS if cfg[k] == AUTO]
+def describe(cfg: Mapping, chosen: Mapping, fields: tuple[str, ...] = FIELDS) -> Optional[str]:
+  """One line naming what 'auto' chose in `fields`, or None when none of them was 'auto'."""
+  auto = [k for k in fields if cfg[k] == AUTO]
   if not auto:
     return None
   return 'model.' + ', model.'.join(f'{k}={chosen[k]!r}' for k in auto) + " (from 'auto')"

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from aim_jax.models import attention_choice
+from aim_jax.models import attention_choice, kernel_choice
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.attention_choice import AUTO
 from aim_jax.models.norm import MLP_IMPLS, NORM_IMPLS
@@ -81,14 +81,14 @@ def default_model_config() -> dict:
       # parameters and function (models/norm.py mlp_with_adapter).
       joint_mlp='auto',
       # The LayerNorms that read a ViT block's residual stream (ln_1, ln_2): 'auto' (XLA
-      # until the Pallas kernels are measured on a GPU) | 'xla' | 'pallas': one Pallas
-      # Triton kernel each way, the stream's gradient added in the backward kernel
-      # (models/fused_norm.py). Same parameters and function.
+      # until a GPU has timed the Pallas kernels: models/kernel_choice.py) | 'xla' |
+      # 'pallas': one Pallas Triton kernel each way, the stream's gradient added in the
+      # backward kernel (models/fused_norm.py). Same parameters and function.
       norm_impl='auto',
       # The fused MLP's first product and its activations (joint_mlp fused, half
-      # precision): 'auto' (XLA until the kernel is measured on a GPU) | 'xla' | 'pallas':
-      # one Pallas Triton kernel with the bias and activations in the product's epilogue
-      # (models/fused_mlp.py). Same parameters and function.
+      # precision): 'auto' (XLA until a GPU has timed it: models/kernel_choice.py) | 'xla' |
+      # 'pallas': one Pallas Triton kernel with the bias and activations in the product's
+      # epilogue (models/fused_mlp.py). Same parameters and function.
       mlp_impl='auto',
       # backbone='swin' only (width/layers/heads/variant are unused; patch_size is p).
       swin=dict(
@@ -275,9 +275,14 @@ def build_encoder(cfg: Mapping | Any, platform: Optional[str] = None, check: boo
   given = resolve_model_config(cfg)
   platform = platform or jax.default_backend()
   cfg = attention_choice.choose(given, platform, check)
+  cfg = kernel_choice.choose(cfg, platform, check, mlp_fusable=vit.fuse_joint_adapter(
+      JOINT_MLP[cfg['joint_mlp']], DTYPES[cfg['dtype']]))
   chosen = attention_choice.describe(given, cfg)
   if chosen and platform == 'gpu':
     logging.info('attention: %s', chosen)
+  chosen = kernel_choice.describe_choice(given, cfg)
+  if chosen and platform == 'gpu':
+    logging.info('kernels: %s', chosen)
   if cfg['backbone'] not in ENCODERS:
     raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
   for field, impl in (('norm_impl', norm_impl(cfg)), ('mlp_impl', mlp_impl(cfg))):
