@@ -16,7 +16,9 @@ per implementation and mode, then each target with its figure and `met`, `missed
   (`l14_unrolled.json`, when the run had time for it) against the same minute, which
   decides whether `model.scan_layers=False` may become L/14's default;
 * the cuDNN smoke test: padded attention forward and backward match XLA; likewise the Pallas
-  flash attention's part when cuDNN failed its check ('auto''s next choice).
+  flash attention's part when cuDNN failed its check ('auto''s next choice);
+* the device check of the Pallas LayerNorm and MLP kernels (`norm_kernels.json`'s
+  `auto_check`, models/kernel_choice.py).
 
 Each of our rows names the attention kernel it ran with (`attention.attention_impl` of the
 row: what 'auto' chose on the device). With `--predicted` (files written by
@@ -208,6 +210,12 @@ def report(out_dir: str, predicted: tuple[str, ...] = ()) -> dict:
   pallas = _load(out_dir, 'pallas_attention.json')
   if pallas or (smoke or {}).get('auto_check', {}).get('pallas'):   # run when cuDNN failed
     checks.append(_smoke_check('Pallas flash attention', 'pallas', pallas))
+  kernels = (_load(out_dir, 'norm_kernels.json') or {}).get('auto_check')
+  checks.append(dict(target="Pallas LayerNorm and MLP kernels: 'auto''s device check",
+                     value=kernels['ok'] if kernels else None,
+                     shown=str(kernels['ok']) if kernels else 'n/a', want='True',
+                     status=('met' if kernels['ok'] else 'missed') if kernels else
+                     'not measured', note=(kernels or {}).get('why', '')))
   env = ''
   if os.path.exists(os.path.join(out_dir, 'env.txt')):
     with open(os.path.join(out_dir, 'env.txt')) as f:

@@ -23,10 +23,13 @@ def median_ms(fn, args, iters: int) -> float:
 
 def main(argv, *, description: str, shapes: Mapping[str, tuple], smoke_shapes: Mapping,
          tiles: str, tile_format: str, tile_example: str, smoke_tile: Callable[[], tuple],
-         run_shape: Callable[..., dict]) -> int:
+         run_shape: Callable[..., dict],
+         check: Callable[[], tuple[bool, str]] | None = None) -> int:
   """Parse `--out --tiles --iters --cpu-smoke`, run `run_shape(*shape, tiles, iters)` for
   each shape, print XLA's times and the best tile, write the JSON. `tile_format` names a
-  tile's fields ('ROWSxWARPS'); `smoke_tile()` is the default tile for --cpu-smoke."""
+  tile's fields ('ROWSxWARPS'); `smoke_tile()` is the default tile for --cpu-smoke.
+  `check()`: a device check whose (ok, why) goes into the JSON as `auto_check` and, when not
+  ok, makes the exit status 1."""
   p = argparse.ArgumentParser(description=description)
   p.add_argument('--out', required=True)
   p.add_argument('--tiles', default=tiles, help=f'{tile_format},... (default %(default)s)')
@@ -51,7 +54,11 @@ def main(argv, *, description: str, shapes: Mapping[str, tuple], smoke_shapes: M
     r = result['shapes'][name] = run_shape(*shape, chosen, a.iters)
     xla_ms = ', '.join(f'{mode} {v["ms"]}' for mode, v in r['xla'].items())
     print(f'{name}: xla {xla_ms} ms; best Pallas {r.get("best")}', flush=True)
+  if check is not None:
+    ok, why = check()
+    result['auto_check'] = dict(ok=ok, why=why)
+    print(f'auto_check: {result["auto_check"]}', flush=True)
   with open(a.out, 'w') as f:
     json.dump(result, f, indent=1)
   ok = all(r.get('ok') for s in result['shapes'].values() for r in s['pallas'])
-  return 0 if ok else 1
+  return 0 if ok and result.get('auto_check', {}).get('ok', True) else 1

@@ -118,11 +118,14 @@ def run_shape(m: int, d: int, tiles: list[tuple[int, int]], iters: int) -> dict:
 
 
 def main(argv=None) -> int:
-  from aim_jax.models import fused_norm
+  from aim_jax.models import fused_norm, kernel_choice
+  # Also the device check model.norm_impl / mlp_impl 'auto' runs before it takes the Pallas
+  # kernels (both sets, in a small ViT, against XLA): `auto_check` in the JSON.
   return kernel_bench.main(
       argv, description=__doc__.split('\n')[0], shapes=SHAPES, smoke_shapes=SMOKE_SHAPES,
       tiles=TILES, tile_format='ROWSxWARPS', tile_example='8x4,16x8',
-      smoke_tile=lambda: (fused_norm.ROWS, fused_norm.NUM_WARPS), run_shape=run_shape)
+      smoke_tile=lambda: (fused_norm.ROWS, fused_norm.NUM_WARPS), run_shape=run_shape,
+      check=kernel_choice.compare_with_xla)
 
 
 if __name__ == '__main__':

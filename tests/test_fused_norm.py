@@ -228,7 +228,6 @@ def test_the_stream_call_of_the_xla_norm_is_the_plain_norm():
   np.testing.assert_array_equal(y, ln.apply(params, x))
 
 
-
 def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path, capsys):
   from benchmarks import norm_kernels
   out = tmp_path / 'norm_kernels.json'
@@ -242,6 +241,13 @@ def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path, 
   (tile,) = shape['pallas']
   assert tile['ok'] and tile['max_abs_diff']['bwd'] <= norm_kernels.TOLERANCE['bwd']
   assert shape['best']['tile'] == tile['tile']
+  # The device check 'auto' runs before it takes the kernels (models/kernel_choice.py).
+  assert result['auto_check'] == {'ok': True, 'why': ''}
+  from aim_jax.models import kernel_choice
+  with pytest.MonkeyPatch.context() as mp:       # a check that fails makes the status 1
+    mp.setattr(kernel_choice, 'compare_with_xla', lambda: (False, 'loss differs'))
+    assert norm_kernels.main(['--cpu-smoke', '--out', str(out)]) == 1
+  assert json.loads(out.read_text())['auto_check'] == {'ok': False, 'why': 'loss differs'}
   with pytest.raises(SystemExit):
     norm_kernels.main(['--tiles', '8', '--out', str(out)])
   assert '--tiles' in capsys.readouterr().err

@@ -523,6 +523,13 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert (by[unrolled_check]['status'], by[unrolled_check]['shown']) == ('missed', '75 s')
   assert by['cuDNN attention, padded, forward + backward = XLA']['status'] == 'met'
   assert not any(t.startswith('Pallas flash attention') for t in by)    # cuDNN passed
+  kernels_check = "Pallas LayerNorm and MLP kernels: 'auto''s device check"
+  assert by[kernels_check]['status'] == 'not measured'                  # no norm_kernels.json
+  (tmp_path / 'norm_kernels.json').write_text(json.dumps(
+      {'shapes': {}, 'auto_check': {'ok': False, 'why': 'loss differs from XLA by 0.4'}}))
+  by = {c['target']: c for c in gpu_report.report(str(tmp_path))['checks']}
+  assert (by[kernels_check]['status'], by[kernels_check]['note']) == (
+      'missed', 'loss differs from XLA by 0.4')
   table = gpu_report.format_report(rep)
   assert '| aim_jax [pallas] | train | RuntimeError: no plan |' in table
   assert '| aim_jax [cudnn] (cudnn attention) | train | 440.0 |' in table
