@@ -248,6 +248,18 @@ def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path, 
     mp.setattr(kernel_choice, 'compare_with_xla', lambda: (False, 'loss differs'))
     assert norm_kernels.main(['--cpu-smoke', '--out', str(out)]) == 1
   assert json.loads(out.read_text())['auto_check'] == {'ok': False, 'why': 'loss differs'}
+  # The timings are written before the check: a check cut short (a time limit) keeps them.
+  out.unlink()
+
+  def cut_short():
+    raise KeyboardInterrupt
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(kernel_choice, 'compare_with_xla', cut_short)
+    with pytest.raises(KeyboardInterrupt):
+      norm_kernels.main(['--cpu-smoke', '--out', str(out)])
+  result = json.loads(out.read_text())
+  assert result['shapes'] and 'auto_check' not in result
   with pytest.raises(SystemExit):
     norm_kernels.main(['--tiles', '8', '--out', str(out)])
   assert '--tiles' in capsys.readouterr().err
