@@ -30,7 +30,8 @@
 #   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
 #                            model.scan_layers=False (its compile time decides whether
 #                            unrolled may be L/14's default: predicted 321.6 -> 262.1 ms)
-#   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise
+#   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise, and
+#                            the device check norm_impl / mlp_impl 'auto' runs (auto_check)
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
