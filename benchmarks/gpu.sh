@@ -205,9 +205,11 @@ fi
 # L/14 get one extra row, leaving the time for the compiled official eval (never measured
 # yet) and the L/14 compiles.
 # (Out of time, the smoke test says nothing: the benchmark's own check decides; as if passed.)
-AUTO=$("$PY" -c "import json, sys; a = json.load(open(sys.argv[1]))['auto_check']
-print('ok' if a['ok'] else a.get('choice', 'xla'))" "$OUT/cudnn_attention.json" 2>/dev/null \
-  || echo xla)
+# What the part says 'auto' chooses here (CHOICE), and AUTO: 'ok' when its kernel passed,
+# else that choice ('pallas': its part runs next; 'xla').
+read -r AUTO CHOICE < <("$PY" -c "import json, sys; a = json.load(open(sys.argv[1]))['auto_check']
+print('ok' if a['ok'] else a['choice'], a['choice'])" "$OUT/cudnn_attention.json" 2>/dev/null \
+  || echo xla 'not known')
 grep -qE "$UNDECIDED" "$OUT/summary.txt" && AUTO=ok
 [ ${#FORCE[@]} -gt 0 ] && AUTO=xla
 if [ "$AUTO" = pallas ]; then
@@ -227,8 +229,6 @@ else
   VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
   L14_MORE=("${PALLAS_NORM_ROW[@]}")
 fi
-CHOICE=$("$PY" -c "import json, sys; print(json.load(open(sys.argv[1]))['auto_check']['choice'])" \
-  "$OUT/cudnn_attention.json" 2>/dev/null || echo 'not known')
 echo "'auto' here: $CHOICE; our default row: $([ ${#FORCE[@]} -gt 0 ] && echo 'xla (forced)' \
   || echo "'auto'"); extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
 part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OFFICIAL[@]}" \

@@ -177,10 +177,21 @@ def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
     except Exception as e:  # no execution plan, unsupported shape, no cuDNN: all mean no
       return False, first_line(e)
     for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got, run('xla')):
-      err = float(np.max(np.abs(a - b)))
-      if not np.isfinite(err) or err > CHECK_TOLERANCE * (1.0 + float(np.max(np.abs(b)))):
+      err = beyond_tolerance(a, b, CHECK_TOLERANCE)
+      if err is not None:
         return False, f'{impl} {name} differs from XLA by {err:.3g} (shape {shape})'
   return True, ''
+
+
+def beyond_tolerance(got, want, tolerance: float) -> Optional[float]:
+  """The largest difference of `got` from `want` (arrays) when it is not finite or exceeds
+  `tolerance` relative to `want`'s largest value (plus one: values of order one), else None.
+  The device checks' rule (also models/kernel_choice.py)."""
+  import numpy as np
+  err = float(np.max(np.abs(got - want)))
+  if not np.isfinite(err) or err > tolerance * (1.0 + float(np.max(np.abs(want)))):
+    return err
+  return None
 
 
 def describe(cfg: Mapping, chosen: Mapping, fields: tuple[str, ...] = FIELDS) -> Optional[str]:

@@ -277,12 +277,10 @@ def build_encoder(cfg: Mapping | Any, platform: Optional[str] = None, check: boo
   cfg = attention_choice.choose(given, platform, check)
   cfg = kernel_choice.choose(cfg, platform, check, mlp_fusable=vit.fuse_joint_adapter(
       JOINT_MLP[cfg['joint_mlp']], DTYPES[cfg['dtype']]))
-  chosen = attention_choice.describe(given, cfg)
-  if chosen and platform == 'gpu':
-    logging.info('attention: %s', chosen)
-  chosen = kernel_choice.describe_choice(given, cfg)
-  if chosen and platform == 'gpu':
-    logging.info('kernels: %s', chosen)
+  for label, fields in (('attention', attention_choice.FIELDS), ('kernels', kernel_choice.FIELDS)):
+    chosen = attention_choice.describe(given, cfg, fields)
+    if chosen and platform == 'gpu':
+      logging.info('%s: %s', label, chosen)
   if cfg['backbone'] not in ENCODERS:
     raise ValueError(f'model.backbone {cfg["backbone"]!r} is not one of {sorted(ENCODERS)}')
   for field, impl in (('norm_impl', norm_impl(cfg)), ('mlp_impl', mlp_impl(cfg))):

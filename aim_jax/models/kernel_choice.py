@@ -24,7 +24,7 @@ from typing import Mapping
 from absl import logging
 
 from aim_jax.errors import first_line
-from aim_jax.models.attention_choice import AUTO, HALF_DTYPES, concrete, describe
+from aim_jax.models.attention_choice import AUTO, HALF_DTYPES, beyond_tolerance, concrete
 
 FIELDS = ('norm_impl', 'mlp_impl')
 # The platforms where 'auto' takes the Pallas kernels (after the check): none until a GPU has
@@ -116,12 +116,8 @@ def compare_with_xla(build=None) -> tuple[bool, str]:
   except Exception as e:  # noqa: BLE001  no Triton, an unsupported GPU: all mean no
     return False, first_line(e)
   for name, want in run('xla').items():
-    err = float(np.max(np.abs(got[name] - want)))
-    if not np.isfinite(err) or err > CHECK_TOLERANCE * (1.0 + float(np.max(np.abs(want)))):
+    err = beyond_tolerance(got[name], want, CHECK_TOLERANCE)
+    if err is not None:
       return False, f'{name} differs from XLA by {err:.3g}'
   return True, ''
 
-
-def describe_choice(cfg: Mapping, chosen: Mapping) -> str | None:
-  """One line naming what 'auto' chose, or None when nothing was 'auto'."""
-  return describe(cfg, chosen, FIELDS)
