@@ -168,15 +168,20 @@ def _compile_check(name: str, run: Optional[dict]) -> dict:
                                for r in rows if 'error' in r))
 
 
+def _pass_check(target: str, value: Optional[bool], note: str) -> dict:
+  """A check that passes or not (`value`; None: not run)."""
+  return dict(target=target, value=value, shown='n/a' if value is None else str(value),
+              want='True', status='not measured' if value is None else
+              ('met' if value else 'missed'), note=note)
+
+
 def _smoke_check(name: str, impl: str, smoke: Optional[dict]) -> dict:
   """An attention part (`benchmarks.attention_smoke`): its padded case against XLA."""
   padded = (smoke or {}).get('padded', {})
   ran = bool(smoke) and smoke.get('implementation') == impl and bool(padded)
-  return dict(target=f'{name}, padded, forward + backward = XLA',
-              value=padded.get('ok') if ran else None,
-              shown=str(padded.get('ok')) if ran else 'n/a', want='True',
-              status=('met' if padded.get('ok') else 'missed') if ran else 'not measured',
-              note=f"implementation {smoke.get('implementation')}" if smoke else '')
+  return _pass_check(f'{name}, padded, forward + backward = XLA',
+                     bool(padded.get('ok')) if ran else None,
+                     f"implementation {smoke.get('implementation')}" if smoke else '')
 
 
 def report(out_dir: str, predicted: tuple[str, ...] = ()) -> dict:
@@ -211,11 +216,8 @@ def report(out_dir: str, predicted: tuple[str, ...] = ()) -> dict:
   if pallas or (smoke or {}).get('auto_check', {}).get('pallas'):   # run when cuDNN failed
     checks.append(_smoke_check('Pallas flash attention', 'pallas', pallas))
   kernels = (_load(out_dir, 'norm_kernels.json') or {}).get('auto_check')
-  checks.append(dict(target="Pallas LayerNorm and MLP kernels: 'auto''s device check",
-                     value=kernels['ok'] if kernels else None,
-                     shown=str(kernels['ok']) if kernels else 'n/a', want='True',
-                     status=('met' if kernels['ok'] else 'missed') if kernels else
-                     'not measured', note=(kernels or {}).get('why', '')))
+  checks.append(_pass_check("Pallas LayerNorm and MLP kernels: 'auto''s device check",
+                            kernels['ok'] if kernels else None, (kernels or {}).get('why', '')))
   env = ''
   if os.path.exists(os.path.join(out_dir, 'env.txt')):
     with open(os.path.join(out_dir, 'env.txt')) as f:
