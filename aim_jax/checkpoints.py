@@ -305,7 +305,7 @@ RUNTIME_FIELDS = ('progress_bar', 'log_every_steps', 'checkpoint', 'device_prefe
                   'model.attention_pad_multiple', 'model.attention_pad_mode',
                   'model.qkv_projection', 'model.joint_mlp', 'model.norm_impl',
                   'model.mlp_impl',
-                  'compiler_options')
+                  'compiler_options', 'compilation_cache_dir')
 
 
 class WorkdirLock:

@@ -189,9 +189,10 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise SystemExit(f'unexpected arguments: {argv[1:]}')
   errors.quiet_library_logs()
-  from aim_jax import distributed
+  from aim_jax import compile_cache, distributed
   distributed.maybe_initialize()
   fl = flags.FLAGS
+  compile_cache.configure(fl.config)
   logging.debug('config:\n%s', fl.config)
   try:
     result = evaluate_checkpoint(fl.config, fl.checkpoint, which=fl.which,
@@ -201,6 +202,7 @@ def main(argv) -> None:
     if errors.show_traceback():
       raise
     raise SystemExit(errors.report(e, 'evaluate')) from None
+  logging.info('%s', compile_cache.usage().describe())
   if jax.process_index() == 0:
     print(reports.format_metrics(result.metrics), flush=True)
 

@@ -97,6 +97,14 @@ class Plan:
     self.total_steps = int(config.total_steps or round(config.total_epochs * self.steps_per_epoch))
     # 0: every 5 epochs (official); -1: never (not even at the end).
     self.eval_every = int(config.eval_every_steps or 5 * self.steps_per_epoch)
+    if hasattr(self.data, 'split_files'):   # counted above, unless steps_per_epoch is given
+      self.data.split_files(config.data, 'train')
+    if self.eval_every > 0 and hasattr(self.data, 'split_files'):
+      try:      # the evaluation's shards, before any step: not at the first evaluation
+        self.data.split_files(config.data, config.eval.split)
+      except errors.UserError as e:
+        raise type(e)(f'{e} (evaluated every {self.eval_every} steps: '
+                      '--config.eval_every_steps=-1 trains without evaluating)') from None
 
 
 # ---------------------------------------------------------------------------------------
@@ -257,15 +265,18 @@ def train_and_evaluate(config: Any, workdir: str, on_config_change: str = 'refus
   distributed.maybe_initialize()
   import jax
 
-  from aim_jax import checkpoints
+  from aim_jax import checkpoints, compile_cache
+  compile_cache.configure(config)       # before anything compiles
   plan = Plan(config)
   lock = checkpoints.WorkdirLock(workdir)
   if jax.process_index() == 0:
     lock.acquire()
   try:
-    return _train(config, workdir, plan, on_config_change)
+    outcome = _train(config, workdir, plan, on_config_change)
   finally:
     lock.release()
+  logging.info('%s', compile_cache.usage().describe())
+  return outcome
 
 
 def _train(config: Any, workdir: str, plan: Plan, on_config_change: str) -> Outcome:

@@ -33,6 +33,8 @@
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise, and
 #                            the device check norm_impl / mlp_impl 'auto' runs (auto_check)
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
+#   compile_cache.json/.log  with time left: the B/16 train step traced and loaded from the
+#                            compilation cache, as a restarted run does (benchmarks.compile_time)
 #   summary.txt              each part's exit status and time
 #   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
 # GPU_SH_PARTS=NAME,...: only those parts (e.g. a second, shorter call on a still-warm
@@ -53,7 +55,7 @@ case "${2:-}" in
   *) echo "gpu.sh: unknown option ${2} (only --cpu-smoke)" >&2; exit 2 ;;
 esac
 PARTS=cudnn_attention,pallas_attention,b16_train,b16_eval,l14_train,l14_unrolled,norm_kernels
-PARTS=$PARTS,mlp_kernels
+PARTS=$PARTS,mlp_kernels,compile_cache
 GPU_SH_PARTS=${GPU_SH_PARTS:-}
 for p in ${GPU_SH_PARTS//,/ }; do
   [[ ",$PARTS," == *",$p,"* ]] || {
@@ -265,6 +267,13 @@ part norm_kernels 50 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/nor
 # Then the fused MLP's kernels against XLA's GEMMs and element-wise kernels, per tile
 # (benchmarks/mlp_kernels.py).
 part mlp_kernels 40 "$PY" -m benchmarks.mlp_kernels "${NK[@]}" --out "$OUT/mlp_kernels.json"
+# Last, with half a minute left: what a restart of the B/16 train step costs with the
+# compilation cache the parts above filled (config.compilation_cache_dir,
+# aim_jax/compile_cache.py): tracing and loading instead of the b16_train part's compile_s,
+# in two fresh processes (both rows are loads: b16_train stored the program).
+MIN_S=$(( 30 * SCALE )) part compile_cache 45 "$PY" -m benchmarks.compile_time --config "$CFG" \
+  --batch "$BATCH" --mode train "${FORCE[@]}" --cache_dir "$JAX_COMPILATION_CACHE_DIR" \
+  --out "$OUT/compile_cache.json"
 echo "done at $(el) s" | tee -a "$OUT/summary.txt"
 # The figures against the issue's targets (met / missed / not measured), also as JSON, with
 # the step times benchmarks.gpu_aot predicted for the same programs beside our rows (compiled

@@ -139,6 +139,10 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.compiler_options = ('xla_gpu_enable_dus_accumulator_zero_init_elimination=true,'
                         'xla_gpu_enable_dynamic_slice_fusion=false')
   c.device_prefetch = 2              # batches placed on the devices ahead (0 = in the loop)
+  # Compiled steps kept between runs (JAX's persistent compilation cache, aim_jax/compile_cache.py):
+  # a restart, a resume or another run of the same program loads its executables instead of
+  # compiling them again. '' = off; JAX_COMPILATION_CACHE_DIR, when set, takes precedence.
+  c.compilation_cache_dir = '~/.cache/aim_jax/xla'
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_steps = 1000

@@ -285,3 +285,28 @@ def test_a_failed_default_row_keeps_its_error_and_the_other_rows_still_run(tmp_p
   assert result['complete'] is True
   assert default['error'] == 'RuntimeError: no execution plan\nsecond line'
   assert variant['variant'] == 'elementwise' and variant['clips_per_s'] > 0
+
+
+@pytest.mark.slow
+def test_compile_time_compiles_then_loads_from_the_cache(tmp_path):
+  out = tmp_path / 'compile.json'
+  env = cpu_env(1)
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)          # it makes a fresh one of its own
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.compile_time', '--config',
+                         'configs/tiny.py', '--mode', 'train', '--batch', '2', '--out', str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  first, second = json.loads(out.read_text())['rows']
+  assert (first['run'], first['loaded'], first['stored']) == ('first', 0, 1), first
+  assert (second['run'], second['loaded'], second['stored']) == ('second', 1, 0), second
+  assert '| first | train | 2 |' in proc.stdout and '| second | train | 2 |' in proc.stdout
+  # A cache that already holds the program (gpu.sh's): both runs load it; the cache is kept.
+  cache = tmp_path / 'cache'
+  for _ in range(2):
+    proc = subprocess.run([sys.executable, '-m', 'benchmarks.compile_time', '--config',
+                           'configs/tiny.py', '--batch', '2', '--cache_dir', str(cache),
+                           '--out', str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+  assert [r['loaded'] for r in json.loads(out.read_text())['rows']] == [1, 1]
+  assert any(cache.iterdir())
