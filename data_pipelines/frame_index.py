@@ -9,7 +9,8 @@ frames, the same clip, a fraction of the bytes (BENCHMARKS.md, "Frame index").
 
 The shards stay DMVR records, read by DMVR and Scenic as before; the index is a sidecar:
 
-  DIR/.NAME-SPLIT.tfrecord-00003-of-00064.frames   (hidden: shard globs never match it)
+  DIR/.NAME-SPLIT.tfrecord-00003-of-00064.frames   (hidden; the reader skips hidden names,
+                                                    which tf.io.gfile.glob matches)
 
 It is itself a TFRecord file of `tf.train.Example`s: first a header
 

@@ -36,6 +36,7 @@ import ml_collections
 import numpy as np
 import tensorflow as tf
 
+from aim_jax import errors
 from data_pipelines import config as config_lib
 from data_pipelines import frame_index
 from data_pipelines import ops
@@ -51,17 +52,29 @@ _CYCLE_LENGTH = 16
 # ------------------------------------------------------------------ files and counts
 
 
+def is_shard_name(path: str) -> bool:
+  """Whether a file a pattern matched can be a shard: not hidden (prepare's `.SHARD.json` and
+  frame indexes `.SHARD.frames` lie beside the shards, and `tf.io.gfile.glob`, unlike a shell,
+  matches hidden names: `data/*train*` finds them), not a JSON report, not a temporary file."""
+  name = os.path.basename(path.rstrip('/'))
+  return not (name.startswith('.') or name.endswith(('.json', '.tmp', '.frames')))
+
+
 def list_files(patterns: str, field: str = 'files') -> List[str]:
-  """Sorted files matching comma-separated glob patterns; a pattern matching nothing fails."""
+  """Sorted shards matching comma-separated glob patterns; a pattern matching no shard fails."""
   out = []
   parts = [p.strip() for p in str(patterns).split(',') if p.strip()]
   if not parts:
-    raise ValueError(f'data.{field} is empty: give a glob pattern of TFRecord shards')
+    raise errors.ConfigError(f'data.{field} is empty: give a glob pattern of TFRecord shards')
   for pattern in parts:
     matched = sorted(tf.io.gfile.glob(pattern))
-    if not matched:
-      raise FileNotFoundError(f'data.{field}: pattern {pattern!r} matches no file')
-    out.extend(m for m in matched if not m.endswith('.json') and not m.endswith('.tmp'))
+    shards = [m for m in matched if is_shard_name(m)]
+    if not shards:
+      raise errors.DataError(
+          f'data.{field}: pattern {pattern!r} matches no file' if not matched else
+          f'data.{field}: pattern {pattern!r} matches no shard, only {len(matched)} hidden, '
+          f'JSON or temporary file(s) such as {matched[0]}')
+    out.extend(shards)
   return sorted(set(out))
 
 
@@ -168,14 +181,15 @@ def _use_index(shards: Sequence[_Shard], mode: str) -> bool:
   and every shard has one made for its current size; sets `index` (and `records`, known from
   the index) on each. Returns whether the indexes are used."""
   if mode not in ('auto', 'off', 'require'):
-    raise ValueError(f"data.frame_index must be 'auto', 'off' or 'require', got {mode!r}")
+    raise errors.ConfigError(f"data.frame_index must be 'auto', 'off' or 'require', got "
+                             f'{mode!r}')
   if mode == 'off' or not shards:
     return False
   found = _map_files(lambda s: frame_index.valid_index(s.path, s.size), list(shards))
   missing = [s.path for s, f in zip(shards, found) if f is None]
   if missing:
     if mode == 'require':
-      raise ValueError(f'data.frame_index=require: {missing[0]} has no usable frame index '
+      raise errors.DataError(f'data.frame_index=require: {missing[0]} has no usable frame index '
                        f'{frame_index.index_path(missing[0])} ({len(missing)} of {len(shards)} '
                        'shards lack one; python -m data_pipelines.frame_index builds them)')
     if len(missing) < len(shards):
@@ -257,8 +271,8 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
     from data_pipelines import tfds_source  # pylint: disable=g-import-not-at-top
     return tfds_source.count_examples(data_cfg, split)
   if data_cfg.source != 'tfrecord':
-    raise ValueError("data.source must be 'tfrecord', 'tfds' or 'synthetic', got "
-                     f'{data_cfg.source!r}')
+    raise errors.ConfigError("data.source must be 'tfrecord', 'tfds' or 'synthetic', got "
+                             f'{data_cfg.source!r}')
   field = _split_field(split)
   files = list_files(getattr(data_cfg, field), field)
   fraction = data_cfg.train_fraction if split == 'train' else 1.0
@@ -269,9 +283,18 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
                      fraction)
 
 
+def split_files(data_cfg: ml_collections.ConfigDict, split: str) -> List[str]:
+  """The shards of `split` (tfrecord source; [] for the others), checked as a run's first
+  step: an empty or unmatched field fails before anything compiles, naming the field."""
+  if data_cfg.source != 'tfrecord':
+    return []
+  field = _split_field(split)
+  return list_files(getattr(data_cfg, field), field)
+
+
 def _split_field(split: str) -> str:
   if split not in _SPLIT_FIELDS:
-    raise ValueError(f"split must be one of {sorted(_SPLIT_FIELDS)}, got {split!r}")
+    raise errors.ConfigError(f'split must be one of {sorted(_SPLIT_FIELDS)}, got {split!r}')
   return _SPLIT_FIELDS[split]
 
 
@@ -410,15 +433,15 @@ class _BatchIterator:
     """Dropped, unnamed positions between the last accounted position and (e, i)."""
     le, li = self._last
     if e == le:
-      errors = self._unnamed(e, li + 1, i)
+      dropped = self._unnamed(e, li + 1, i)
     elif self._epoch_size is not None:
-      errors = self._unnamed(le, li + 1, self._epoch_size)
-      errors += sum(self._unnamed(x, 0, self._epoch_size) for x in range(le + 1, e))
-      errors += self._unnamed(e, 0, i)
+      dropped = self._unnamed(le, li + 1, self._epoch_size)
+      dropped += sum(self._unnamed(x, 0, self._epoch_size) for x in range(le + 1, e))
+      dropped += self._unnamed(e, 0, i)
     else:
-      errors = 0
+      dropped = 0
     self._last = (e, i)
-    return errors
+    return dropped
 
   def __next__(self) -> Dict[str, np.ndarray]:
     try:
@@ -434,10 +457,10 @@ class _BatchIterator:
       raise
     epochs, indices = batch.pop('_epoch'), batch.pop('_index')
     with self.stats.lock:
-      errors = sum(self._account(e, i) for e, i in zip(epochs.tolist(), indices.tolist()))
-      self.stats.decode_errors += errors
-    if errors:
-      logging.warning('%d clip(s) dropped by JPEG decode errors (total skipped %d)', errors,
+      dropped = sum(self._account(e, i) for e, i in zip(epochs.tolist(), indices.tolist()))
+      self.stats.decode_errors += dropped
+    if dropped:
+      logging.warning('%d clip(s) dropped by JPEG decode errors (total skipped %d)', dropped,
                       self.stats.total)
     self.examples += len(indices)
     self._check_skip_rate()
@@ -667,7 +690,7 @@ def eval_views_from_frames(frames: tf.Tensor, cfg: ml_collections.ConfigDict, *,
   elif crops == 10:
     views = ten_crop(ops.normalize(frames, cfg.mean, cfg.std), size)  # (10, clips*T, S, S, 3)
   else:
-    raise ValueError(f'data.{split}_crops must be 1, 3 or 10, got {crops}')
+    raise errors.ConfigError(f'data.{split}_crops must be 1, 3 or 10, got {crops}')
   return tf.reshape(views, [crops * clips, t, size, size, 3])  # crop-major, then clip
 
 
@@ -727,7 +750,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
                       record_shard=record_shard, fraction=cfg.train_fraction,
                       num_parallel_calls=par).map(_graph(_parse))
   else:
-    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
+    raise errors.ConfigError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got "
+                             f'{cfg.source!r}')
 
   if per_epoch is None and cfg.source == 'tfrecord':
     # Records per epoch of this process: from the prepare JSON files when every shard has
@@ -740,7 +764,8 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   start_epoch, offset = 0, 0
   if start_step:
     if not per_epoch:
-      raise ValueError(f'no training records for process {pi} of {pc} in data.train_files')
+      raise errors.DataError(f'no training records for process {pi} of {pc} in '
+                             'data.train_files')
     start_epoch, offset = divmod(start_step * batch_size, per_epoch)
 
   def one_epoch(epoch):
@@ -800,7 +825,8 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
                   fraction=1.0, num_parallel_calls=par).map(_graph(_parse))
     size = len(range(pi, sum(s.positions for s in shards), pc))
   else:
-    raise ValueError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got {cfg.source!r}")
+    raise errors.ConfigError(f"data.source must be 'tfrecord', 'tfds' or 'synthetic', got "
+                             f'{cfg.source!r}')
 
   def tag(i, ex):
     ex = dict(ex)

@@ -9,7 +9,8 @@ Each video is decoded with PyAV, resized to the short side, optionally resampled
 keeps every frame), JPEG-encoded and written as one SequenceExample (records.py). Videos are
 spread over `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shards by a seeded shuffle; each shard is
 written by one worker to a temporary file, renamed when complete, and described by a hidden
-JSON file beside it (`.SHARD.json`, which no shard glob matches). A re-run skips shards whose
+JSON file beside it (`.SHARD.json`; the reader skips hidden and JSON files that a shard glob
+matches, and the frame index `.SHARD.frames`). A re-run skips shards whose
 JSON says they are complete for the same videos, so an interrupted preparation resumes.
 `NAME-SPLIT.report.json` lists videos written, frames, bytes, every failure with its reason
 (videos not written, among them those with fewer than `--min_frames` frames) and every warning
@@ -100,7 +101,8 @@ def _fingerprint(entries: Sequence[annotations_lib.Entry], opts: Options) -> str
 
 
 def shard_meta_path(shard_path: str) -> str:
-  """`DIR/.NAME-SPLIT.tfrecord-00003-of-00064.json`: hidden, so shard globs never match it."""
+  """`DIR/.NAME-SPLIT.tfrecord-00003-of-00064.json`: hidden; the reader skips hidden names
+  (`input_pipeline.is_shard_name`), which tf.io.gfile.glob matches."""
   d, base = os.path.split(shard_path)
   return os.path.join(d, f'.{base}.json')
 

@@ -10,6 +10,7 @@ import pytest
 tf = pytest.importorskip('tensorflow')
 pytest.importorskip('av')
 
+from aim_jax import errors  # noqa: E402
 from data_pipelines import annotations  # noqa: E402
 from data_pipelines import config as config_lib  # noqa: E402
 from data_pipelines import input_pipeline  # noqa: E402
@@ -276,10 +277,33 @@ def test_records_written_with_plain_tf_train_read_by_pipeline(tmp_path):
 def test_pattern_matching_nothing_names_it(tmp_path):
   cfg = config_lib.default_data_config()
   cfg.train_files = str(tmp_path / 'nothing-*.tfrecord')
-  with pytest.raises(FileNotFoundError, match='nothing-'):
+  with pytest.raises(errors.DataError, match='nothing-'):
     input_pipeline.make_train_dataset(cfg, batch_size=2, seed=0, process_index=0, process_count=1)
-  with pytest.raises(FileNotFoundError, match='train_files'):
+  with pytest.raises(errors.DataError, match='train_files'):
     input_pipeline.count_examples(cfg, 'train')
+
+
+def test_a_wide_glob_takes_the_shards_not_the_files_prepare_writes_beside_them(dataset, caplog):
+  # prepare writes .SHARD.json and the frame index .SHARD.frames beside each shard; unlike a
+  # shell, tf.io.gfile.glob matches hidden names, so 'out/*train*' finds them too.
+  d, report = dataset
+  wide = str(d / 'out' / '*train*')
+  hidden = [p for p in os.listdir(d / 'out') if p.startswith('.') and 'train' in p]
+  assert any(p.endswith('.frames') for p in hidden), os.listdir(d / 'out')
+  shards = input_pipeline.list_files(wide, 'train_files')
+  assert shards == sorted(glob.glob(str(d / 'out' / 'toy-train.tfrecord-*')))
+  cfg = make_cfg(d, train_files=wide, val_files=wide)
+  assert input_pipeline.count_examples(cfg, 'val') == len(LENGTHS)
+  with caplog.at_level('WARNING'):
+    batch = next(input_pipeline.make_eval_dataset(cfg, split='val', batch_size=len(LENGTHS),
+                                                  process_index=0, process_count=1))
+  assert sorted(k.decode() for k in batch['key']) == sorted(f'v{k}' for k in range(len(LENGTHS)))
+  assert 'frame index' not in caplog.text and 'Skipping' not in caplog.text, caplog.text
+  only_hidden = str(d / 'out' / '.toy-train*')
+  with pytest.raises(errors.DataError, match=r'val_files: pattern .* matches no shard, only'):
+    input_pipeline.list_files(only_hidden, 'val_files')
+  with pytest.raises(errors.ConfigError, match='data.test_files is empty'):
+    input_pipeline.split_files(make_cfg(d, test_files=''), 'test')
 
 
 @pytest.mark.slow  # RandAugment builds 14 op branches per draw: ~30 s of tracing here

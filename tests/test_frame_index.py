@@ -134,7 +134,7 @@ def test_prepare_writes_the_index_that_a_rebuild_gives(tmp_path):
     written_by_prepare.append(written)
     frame_index.build(shard)
     assert open(frame_index.index_path(shard), 'rb').read() == written
-  assert sorted(os.listdir(out))[0].startswith('.')  # hidden: shard globs never match it
+  assert sorted(os.listdir(out))[0].startswith('.')  # hidden: the reader skips it
   # A preparation finished without indexes (an older version) gets them when resumed,
   # without rewriting its shards.
   shard = str(out / records.shard_name('p', 'train', 0, 2))
