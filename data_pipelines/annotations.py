@@ -31,6 +31,7 @@ class Entry:
   start_s: Optional[float] = None  # trim window (seconds) when reading an untrimmed video
   end_s: Optional[float] = None
   error: str = ''
+  wanted: str = ''         # the file a list named, kept when it does not exist (for the report)
 
 
 def index_videos(videos_dir: str) -> Dict[str, str]:
@@ -174,7 +175,7 @@ def plain_list(list_path: str, videos_dir: str, num_classes: int,
     path = rel if os.path.isabs(rel) else os.path.join(videos_dir, rel)
     key = os.path.splitext(rel)[0]
     e = Entry(key=key, path=path if os.path.exists(path) else '', label=label, label_text=text,
-              error=error)
+              error=error, wanted=path)
     out.append(e)
   return out
 

@@ -70,7 +70,8 @@ def video_frames(entry: annotations_lib.Entry, opts: Options,
   if entry.error:
     raise ValueError(entry.error)
   if not entry.path:
-    raise FileNotFoundError('video file not found')
+    raise FileNotFoundError(f'video file {entry.wanted} does not exist' if entry.wanted else
+                            f'no video file named {entry.key}.* under the videos folder')
   report = video_io.DecodeReport() if report is None else report
   frames = [encode_jpeg(f, opts.jpeg_quality)
             for f in video_io.decode_video(entry.path, short_side=opts.short_side, fps=opts.fps,
@@ -122,7 +123,7 @@ def write_shard(task) -> Dict:
         frames = video_frames(e, opts, report)
       except Exception as err:  # pylint: disable=broad-except
         # One bad video must not stop a preparation of 300k: report it and go on.
-        stats['failures'].append({'key': e.key, 'path': e.path,
+        stats['failures'].append({'key': e.key, 'path': e.path or e.wanted,
                                   'reason': f'{type(err).__name__}: {err}'.strip()})
         continue
       warning = _warning(len(frames), report, opts)
@@ -274,8 +275,17 @@ def main(argv):
   for f in ('videos', 'annotations', 'out'):
     if not getattr(FLAGS, f):
       raise app.UsageError(f'--{f} is required')
-  entries = annotations_lib.read(FLAGS.format, FLAGS.annotations, FLAGS.videos,
-                                 labels=FLAGS.labels, num_classes=FLAGS.num_classes)
+  from aim_jax import errors   # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(FLAGS.videos):
+    sys.exit(errors.report(errors.DataError(f'--videos {FLAGS.videos}: no such folder'),
+                           'prepare'))
+  try:
+    entries = annotations_lib.read(FLAGS.format, FLAGS.annotations, FLAGS.videos,
+                                   labels=FLAGS.labels, num_classes=FLAGS.num_classes)
+  except (ValueError, OSError, KeyError) as e:   # the message names the file (and line)
+    if errors.show_traceback():
+      raise
+    sys.exit(errors.report(errors.DataError(_annotation_error(e)), 'prepare'))
   name = FLAGS.name or os.path.splitext(os.path.basename(FLAGS.annotations))[0]
   opts = Options(short_side=FLAGS.short_side, fps=FLAGS.fps, jpeg_quality=FLAGS.jpeg_quality,
                  min_frames=FLAGS.min_frames, warn_frames=FLAGS.warn_frames)
@@ -284,13 +294,31 @@ def main(argv):
   print(json.dumps({k: report[k] for k in ('videos_requested', 'videos_written', 'frames', 'bytes',
                                            'seconds')}))
   for fail in report['failures'][:20]:
-    print(f"FAILED {fail['key']} ({fail['path']}): {fail['reason']}")
+    where = f" ({fail['path']})" if fail['path'] else ''
+    print(f"FAILED {fail['key']}{where}: {fail['reason']}")
   for warn in report['warnings'][:20]:
     print(f"WARNING {warn['key']} ({warn['path']}): {warn['reason']}")
+  report_path = os.path.join(FLAGS.out, f'{name}-{FLAGS.split}.report.json')
   for what in ('failures', 'warnings'):
     if len(report[what]) > 20:
-      print(f'... {len(report[what]) - 20} more {what} in '
-            f'{os.path.join(FLAGS.out, f"{name}-{FLAGS.split}.report.json")}')
+      print(f'... {len(report[what]) - 20} more {what} in {report_path}')
+  if report['videos_requested'] and not report['videos_written']:
+    first = report['failures'][0] if report['failures'] else {}
+    sys.exit(errors.report(errors.DataError(
+        f'none of the {report["videos_requested"]} videos of {FLAGS.annotations} was written '
+        f'(first failure: {first.get("key")}: {first.get("reason")}; all in {report_path})'),
+        'prepare'))
+
+
+def _annotation_error(e: BaseException) -> str:
+  """One line for an annotation file that cannot be read: OSError's own text names the
+  file; the readers' ValueErrors start with it."""
+  if isinstance(e, OSError) and e.filename:
+    return f'{e.filename}: {e.strerror or e}'
+  if isinstance(e, KeyError):
+    return f'{FLAGS.annotations}: missing key {e}'
+  text = str(e)
+  return text if FLAGS.annotations in text else f'{FLAGS.annotations}: {text}'
 
 
 if __name__ == '__main__':

@@ -163,3 +163,46 @@ def test_annotation_rows_that_cannot_be_read_name_file_and_line(tmp_path):
                                                {'vid_name': 'b', 'label': 'back dive'}]))
   with pytest.raises(ValueError, match=r'd\.json: item 1: needs "vid_name" and an integer'):
     annotations.read('diving48', str(tmp_path / 'd.json'), str(tmp_path))
+
+
+def _prepare_cli(tmp_path, *args):
+  cmd = [sys.executable, '-m', 'data_pipelines.prepare', f'--out={tmp_path / "out"}',
+         '--split=train', '--num_classes=2', '--short_side=32', '--num_workers=1', *args]
+  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3')
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_bad_folders_and_annotation_files_are_one_line_errors(tmp_path):
+  _list_dataset(tmp_path, 2)
+  (tmp_path / 'names.txt').write_text('v0.mp4 walking\n')
+  cases = [
+      ((f'--videos={tmp_path / "nope"}', f'--annotations={tmp_path / "list.txt"}'),
+       f'prepare: DataError: --videos {tmp_path / "nope"}: no such folder'),
+      ((f'--videos={tmp_path / "vids"}', f'--annotations={tmp_path / "missing.txt"}'),
+       f'prepare: DataError: {tmp_path / "missing.txt"}: No such file or directory'),
+      ((f'--videos={tmp_path / "vids"}', f'--annotations={tmp_path / "names.txt"}'),
+       f"prepare: DataError: {tmp_path / 'names.txt'}: line 1: label 'walking' is not a class "
+       'index'),
+  ]
+  for args, want in cases:
+    res = _prepare_cli(tmp_path, *args)
+    assert res.returncode == 2 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines()[-1].startswith(want), res.stderr[-500:]
+  assert not (tmp_path / 'out').exists()                 # nothing written for these
+
+
+def test_cli_writing_no_video_at_all_fails_and_names_what_it_looked_for(tmp_path):
+  _list_dataset(tmp_path, 2)
+  os.makedirs(tmp_path / 'elsewhere')                    # --videos: the wrong folder
+  res = _prepare_cli(tmp_path, f'--videos={tmp_path / "elsewhere"}',
+                     f'--annotations={tmp_path / "list.txt"}')
+  assert res.returncode == 2, res.stderr[-2000:]
+  missing = tmp_path / 'elsewhere' / 'v0.mp4'
+  assert f'FAILED v0 ({missing}): FileNotFoundError: video file {missing} does not exist' \
+      in res.stdout
+  assert res.stderr.strip().splitlines()[-1].startswith(
+      f'prepare: DataError: none of the 2 videos of {tmp_path / "list.txt"} was written')
+  with open(tmp_path / 'out' / 'list-train.report.json') as f:
+    report = json.load(f)
+  assert {x['path'] for x in report['failures']} == {str(missing),
+                                                      str(tmp_path / 'elsewhere' / 'v1.mp4')}
