@@ -72,13 +72,17 @@ class Predictor:
   def num_classes(self) -> int:
     return int(self.model_config['num_classes'])
 
+  def clip_shape(self, layout: str = 'NTHWC') -> tuple[int, ...]:
+    """One clip's shape in `layout`, without N: (T, S, S, 3) or (3, T, S, S)."""
+    t, s = self.model_config['num_frames'], self.model_config['image_size']
+    return (t, s, s, 3) if layout == 'NTHWC' else (3, t, s, s)
+
   def logits(self, video: np.ndarray, batch_size: int = 8) -> np.ndarray:
     """(N, T, H, W, C) normalised clips -> (N, K) logits, in chunks of batch_size."""
-    want = (self.model_config['num_frames'], self.model_config['image_size'],
-            self.model_config['image_size'], 3)
+    want = self.clip_shape()
     if video.ndim != 5 or tuple(video.shape[1:]) != want:
-      raise ValueError(f'clips of shape {video.shape}; the model takes '
-                       f'(N, {", ".join(map(str, want))}) (N, T, H, W, C)')
+      raise errors.DataError(f'clips of shape {video.shape}; the model takes '
+                             f'(N, {", ".join(map(str, want))}) (N, T, H, W, C)')
     out = [np.asarray(self._apply(self.params, jnp.asarray(video[i:i + batch_size], jnp.float32)))
            for i in range(0, len(video), batch_size)]
     return np.concatenate(out)
@@ -113,10 +117,10 @@ def top_k(scores: np.ndarray, k: int, names: Optional[Sequence[str]] = None) -> 
 def to_nthwc(array: np.ndarray, layout: str) -> tuple[np.ndarray, Optional[int]]:
   """NCTHW / NTHWC array, 5-D or 6-D with views after N -> ((N*V, T, H, W, C), V or None)."""
   if layout not in LAYOUTS:
-    raise ValueError(f'layout must be one of {LAYOUTS}, got {layout!r}')
+    raise errors.ConfigError(f'layout must be one of {LAYOUTS}, got {layout!r}')
   if array.ndim not in (5, 6):
-    raise ValueError(f'array of shape {array.shape}: expected 5-D {layout} or 6-D with views '
-                     f'(N, V, {layout[1:]})')
+    raise errors.DataError(f'array of shape {array.shape}: expected 5-D {layout} or 6-D with '
+                           f'views (N, V, {layout[1:]})')
   views = array.shape[1] if array.ndim == 6 else None
   if views is not None:
     array = array.reshape((-1,) + array.shape[2:])           # (N*V, ...)
@@ -128,6 +132,15 @@ def to_nthwc(array: np.ndarray, layout: str) -> tuple[np.ndarray, Optional[int]]
 def predict_array(predictor: Predictor, array: np.ndarray, layout: str,
                   batch_size: int = 8) -> np.ndarray:
   """Logits (N, K) of a 5-D array, (N, V, K) of a 6-D one."""
+  want = predictor.clip_shape(layout)
+  if array.ndim in (5, 6) and tuple(array.shape[-4:]) != want:
+    other = [o for o in LAYOUTS if o != layout and tuple(array.shape[-4:]) ==
+             predictor.clip_shape(o)]
+    dims = ', '.join(map(str, want))
+    raise errors.DataError(
+        f'array of shape {array.shape}: the model takes (N, {dims}) or (N, V, {dims}) in '
+        f'{layout} ({", ".join(layout[1:])})' + (f'; this is the {other[0]} layout: --layout '
+                                                  f'{other[0]}' if other else ''))
   n = array.shape[0]
   clips, views = to_nthwc(array, layout)
   logits = predictor.logits(clips, batch_size)
@@ -188,7 +201,13 @@ def _predict(fl) -> None:
       raise errors.ConfigError('--array needs --output FILE.npy for the logits')
     if not epath.Path(fl.array).exists():
       raise errors.DataError(f'array file {fl.array} does not exist')
-    logits = predict_array(predictor, np.load(fl.array), fl.layout, fl.batch_size)
+    try:
+      array = np.load(fl.array)
+      if not isinstance(array, np.ndarray):
+        raise ValueError(f'holds a {type(array).__name__}, not one array')
+      logits = predict_array(predictor, array, fl.layout, fl.batch_size)
+    except (ValueError, OSError) as e:          # not a .npy file, or not the model's shape
+      raise errors.DataError(f'array file {fl.array}: {e}') from None
     with epath.Path(fl.output).open('wb') as f:
       np.save(f, logits)
     print(f'{fl.array} {fl.layout} -> logits {logits.shape} saved to {fl.output}', flush=True)
@@ -196,7 +215,7 @@ def _predict(fl) -> None:
   names = reports.read_class_names(fl.labels, predictor.num_classes) if fl.labels else None
   scores = predictor.video_scores(fl.video)   # a DataError names the file (main: one line)
   rows = top_k(scores, min(fl.top_k, predictor.num_classes), names)
-  logging.info('data: %s', predictor.data_config)
+  logging.debug('data: %s', predictor.data_config)
   print(format_top_k(fl.video, rows, predictor.average_clips), flush=True)
   if fl.output:
     epath.Path(fl.output).write_text(json.dumps({'video': fl.video, 'top_k': rows}, indent=2))

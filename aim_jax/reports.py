@@ -21,6 +21,8 @@ from typing import Any, Optional
 import numpy as np
 from etils import epath
 
+from aim_jax import errors
+
 # Beyond this many classes a confusion-matrix image is unreadable (K700 would be 700x700 cells).
 MAX_PLOT_CLASSES = 400
 
@@ -33,7 +35,7 @@ def read_class_names(path: str, num_classes: Optional[int] = None) -> list[str]:
   """
   p = epath.Path(path)
   if not p.exists():
-    raise FileNotFoundError(f'labels file {path} does not exist')
+    raise errors.DataError(f'labels file {path} does not exist')
   lines = [ln.strip() for ln in p.read_text().splitlines() if ln.strip()]
   indexed = []
   for i, ln in enumerate(lines):
@@ -44,8 +46,8 @@ def read_class_names(path: str, num_classes: Optional[int] = None) -> list[str]:
     indexed.append(rest.strip())
   names = indexed if indexed else lines
   if num_classes is not None and len(names) != num_classes:
-    raise ValueError(f'labels file {path} has {len(names)} class names but the model head has '
-                     f'{num_classes} classes')
+    raise errors.DataError(f'labels file {path} has {len(names)} class names but the model '
+                           f'head has {num_classes} classes')
   return names
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import GOLDEN, ROOT, cpu_env
 
-from aim_jax import checkpoints, evaluate, multiview, reports, run_config
+from aim_jax import checkpoints, errors, evaluate, multiview, reports, run_config
 from aim_jax import params as P
 from aim_jax.convert import official_names
 from aim_jax.models.aim import average_views
@@ -245,7 +245,8 @@ def test_labels_file_must_match_the_head(tmp_path):
   path = tmp_path / 'classes.txt'
   path.write_text('run\njump\nswim\n')
   assert reports.read_class_names(str(path), 3) == ['run', 'jump', 'swim']
-  with pytest.raises(ValueError, match=r'classes.txt has 3 class names but the model head has 5'):
+  with pytest.raises(errors.DataError, match=r'classes.txt has 3 class names but the model head '
+                                          r'has 5'):
     reports.read_class_names(str(path), 5)
   (tmp_path / 'indexed.txt').write_text('0 run\n1 jump fast\n')
   assert reports.read_class_names(str(tmp_path / 'indexed.txt'), 2) == ['run', 'jump fast']

@@ -129,8 +129,33 @@ def test_command_line_prints_top_k_with_label_names(tiny_checkpoint, tmp_path):
   (tmp_path / 'three.txt').write_text('a\nb\nc\n')
   proc = subprocess.run(base + ['--labels', str(tmp_path / 'three.txt')], env=env, cwd=ROOT,
                         capture_output=True, text=True, timeout=300)
-  assert proc.returncode != 0
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
   assert 'three.txt has 3 class names but the model head has 5 classes' in proc.stderr
+
+
+@pytest.mark.slow  # three interpreters that import jax
+def test_command_line_array_of_another_shape_or_no_array_is_one_line(tiny_checkpoint, tmp_path):
+  predictor = predict.Predictor(tiny_checkpoint)
+  t, s = TINY['num_frames'], TINY['image_size']
+  nthwc, flat, text = tmp_path / 'nthwc.npy', tmp_path / 'flat.npy', tmp_path / 'text.npy'
+  np.save(nthwc, np.zeros((2, t, s, s, 3), np.float32))      # the other layout
+  np.save(flat, np.zeros((3, t, s, s), np.float32))          # 4-D
+  text.write_text('not an array')
+  assert predictor.clip_shape('NCTHW') == (3, t, s, s)
+  for path, message in (
+      (nthwc, f'array file {nthwc}: array of shape (2, {t}, {s}, {s}, 3): the model takes '
+              f'(N, 3, {t}, {s}, {s}) or (N, V, 3, {t}, {s}, {s}) in NCTHW (C, T, H, W); this '
+              'is the NTHWC layout: --layout NTHWC'),
+      (flat, f'array file {flat}: array of shape (3, {t}, {s}, {s}): expected 5-D NCTHW'),
+      (text, f'array file {text}: ')):
+    proc = subprocess.run([sys.executable, '-m', 'aim_jax.predict', '--checkpoint',
+                           tiny_checkpoint, '--array', str(path), '--output',
+                           str(tmp_path / 'out.npy')], env=cpu_env(1), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith('predict: DataError: ' + message), last
+  assert not (tmp_path / 'out.npy').exists()
 
 
 def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
