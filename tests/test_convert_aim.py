@@ -183,7 +183,7 @@ def test_export_aim_then_convert_aim_gives_the_same_logits_exactly(tmp_path, wid
                                                                    scale):
   """Heads (not width/64) and the adapter scale travel in the exported file's meta."""
   cfg, params, x = _random_aim(tmp_path, width=width, heads=heads,
-                               adapters=dict(scale=scale))
+                               adapters=dict(scale=scale), dropout_rate=0.0, drop_path_rate=0.1)
   assert (cfg['heads'], cfg['adapters']['scale']) == (heads, scale)
   assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
                            str(tmp_path / 'm.pth')]) == 0
@@ -191,6 +191,14 @@ def test_export_aim_then_convert_aim_gives_the_same_logits_exactly(tmp_path, wid
                            str(tmp_path / 'back')]) == 0
   got_params, got_cfg, info = checkpoints.load_params(str(tmp_path / 'back'))
   assert (got_cfg['heads'], got_cfg['adapters']['scale']) == (heads, scale)
+  # The training-time rates (not the official defaults 0.5 and 0.2) come back too.
+  assert (got_cfg['dropout_rate'], got_cfg['drop_path_rate']) == (0.0, 0.1)
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'back'), '--out',
+                           str(tmp_path / 'again.pth')]) == 0
+  import torch
+  metas = [json.loads(torch.load(str(tmp_path / f), weights_only=True)['meta']['model_config'])
+           for f in ('m.pth', 'again.pth')]
+  assert metas[0] == metas[1]
   assert any(n.startswith(f'heads={heads} read from the file\'s meta.model_config')
              for n in info['notices']), info['notices']
   assert not any('guessed' in n or 'official default' in n for n in info['notices'])

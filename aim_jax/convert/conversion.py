@@ -404,6 +404,8 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
   if unsupported:
     raise ConversionError(f'format {fmt.name!r} takes no option {", ".join(unsupported)}')
   report.notices[:0] = pre.notices
+  model_config = dict(model_config)
+  model_config.update({k: found[k].value for k in source_config.RATES if k in found})
   _note_recorded(found, model_config, report, log)
   if why:
     report.notices.append(f'MLP activation {act} read from {why}')

@@ -6,7 +6,8 @@ for timm checkpoints (whose buffers are not saved), a Swin's input resolution.
 `recorded(format, src, meta)` reads them from, in this order:
 
   * the file's `meta.model_config` (the model config `export-aim` writes):
-    heads and adapter scale of an AIM model, the image size of an AIM Swin;
+    heads and adapter scale of an AIM model, the image size of an AIM Swin, and the
+    dropout and drop-path rates (training only; kept so that a round trip is exact);
   * OpenCLIP's `open_clip_config.json` beside the weights (CLIP only):
     heads = `vision_cfg.width / vision_cfg.head_width` (OpenCLIP's default
     head_width is 64);
@@ -35,6 +36,8 @@ from aim_jax.errors import ConversionError
 HEADS_FORMATS = ('clip', 'hf_clip', 'siglip', 'dinov2', 'timm_vit', 'google_vit_npz', 'aim')
 SWIN_FORMATS = ('swin', 'aim_swin')
 OPEN_CLIP_CONFIG = 'open_clip_config.json'
+# The AIM model config's regularisation rates, which no tensor records either.
+RATES = ('dropout_rate', 'drop_path_rate')
 
 # transformers' vision config classes: (hidden_size, num_attention_heads) when the saved
 # config.json leaves them out (older transformers saved only what differs from the default).
@@ -164,13 +167,16 @@ def _meta(meta: Mapping | None, fmt: str, fields: dict) -> None:
   scale = (cfg.get('adapters') or {}).get('scale')
   if scale is not None:
     fields['adapter_scale'] = Recorded(float(scale), f'{why}: adapters.scale={scale}')
+  for key in RATES:   # training-time only (no effect on logits), kept for a round trip
+    if cfg.get(key) is not None:
+      fields[key] = Recorded(float(cfg[key]), f'{why}: {key}={cfg[key]}')
   if fmt == 'aim_swin' and 'image_size' in cfg:
     fields['image_size'] = Recorded(int(cfg['image_size']),
                                     f'{why}: image_size={cfg["image_size"]}')
 
 
 def recorded(fmt: str, src: str, meta: Mapping | None = None) -> dict[str, Recorded]:
-  """{'heads' | 'adapter_scale' | 'image_size': Recorded} that apply to format `fmt`."""
+  """{'heads' | 'adapter_scale' | 'image_size' | RATES: Recorded} that apply to format `fmt`."""
   fields: dict[str, Recorded] = {}
   src = os.fspath(src)
   if fmt in ('aim', 'aim_swin'):
