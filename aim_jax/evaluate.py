@@ -1,4 +1,4 @@
-"""Multi-view test of a checkpoint: the paper's numbers from a checkpoint.
+r"""Multi-view test of a checkpoint: the paper's numbers from a checkpoint.
 
   python -m aim_jax.evaluate --config configs/k400.py:b16_f8 --checkpoint DIR \
       [--which best] [--output_dir OUT] [--labels classes.txt] [--config.eval.split=val]
@@ -177,6 +177,8 @@ def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/NAME.py[:arg]).',
                                   lock_config=True)
   checkpoints.define_checkpoint_flags()
+  for name in ('checkpoint', 'which', 'labels'):   # listed by --help, not only --helpfull
+    flags.declare_key_flag(name)
   flags.DEFINE_string('output_dir', '', 'Where reports go (default CHECKPOINT/eval_<split>).')
   flags.DEFINE_enum('predictions_format', 'csv', ['csv', 'jsonl'], 'Per-video predictions file.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')

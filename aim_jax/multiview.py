@@ -222,6 +222,8 @@ def evaluate(apply_fn: Callable[[Any, jax.Array], jax.Array], params: Any,
     pending = dispatched
   if pending is not None:
     book.add(*pending)
+    if bar is not None:
+      bar.update(1)          # the last step's too: the bar ends full
   if bar is not None:
     bar.close()
   return book.result(time.perf_counter() - t_start, expected_count, average_clips)

@@ -1,4 +1,4 @@
-"""Run a checkpoint on one video file, or on a preprocessed clip array.
+r"""Run a checkpoint on one video file, or on a preprocessed clip array.
 
   python -m aim_jax.predict --checkpoint DIR --video FILE.mp4 [--labels classes.txt] \
       [--top-k 5] [--config configs/k400.py:b16_f8]
@@ -166,6 +166,8 @@ def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'Optional config (its data and eval settings).',
                                   lock_config=True)
   checkpoints.define_checkpoint_flags()          # --checkpoint, --which, --labels
+  for name in ('checkpoint', 'which', 'labels'):   # listed by --help, not only --helpfull
+    flags.declare_key_flag(name)
   flags.DEFINE_string('video', '', 'A video file to classify.')
   flags.DEFINE_integer('top_k', 5, 'How many classes to print.')
   flags.DEFINE_alias('top-k', 'top_k')

@@ -306,6 +306,9 @@ def _train(config: Any, workdir: str, plan: Plan, on_config_change: str) -> Outc
                                        keep_best=config.checkpoint.keep_best)
   try:
     state, start = restore_or_init(setup, ckpt, config)
+    if start >= plan.total_steps:
+      logging.info('this run is finished: step %d of %d is checkpointed, nothing to train',
+                   start, plan.total_steps)
     eval_step = multiview.make_eval_step(
         multiview.model_apply_fn(setup.model), setup.mesh,
         multiview.num_views(config.data, config.eval.split), config.eval.average_clips,

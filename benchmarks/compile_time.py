@@ -1,4 +1,4 @@
-"""What a run's start costs, and what the persistent compilation cache gives back.
+r"""What a run's start costs, and what the persistent compilation cache gives back.
 
   python -m benchmarks.compile_time --config configs/k400.py:b16_f8 --mode train --batch 1
   python -m benchmarks.compile_time --config configs/k400.py:l14_f8 --mode train --batch 32 \

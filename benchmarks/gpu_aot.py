@@ -1,4 +1,4 @@
-"""Compile the train or eval step for a GPU that is not here, and read the program.
+r"""Compile the train or eval step for a GPU that is not here, and read the program.
 
   python -m benchmarks.gpu_aot --config configs/k400.py:b16_f8 --mode train --batch 64 \
       --variant cudnn:model.attention_impl=cudnn,model.temporal_attention=dot_product_attention \

@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
   import argparse
   import sys
   p = argparse.ArgumentParser(prog='python -m benchmarks.hlo_kernels',
-                              description=main.__doc__.splitlines()[0])
+                              description=' '.join(main.__doc__.split()))
   p.add_argument('program', help='optimised HLO text (gpu_aot --hlo_dir writes VARIANT_MODE.hlo)')
   p.add_argument('--top', type=int, default=25, help='how many kernels to list (default 25)')
   p.add_argument('--pallas_speed', type=float, default=1.0,

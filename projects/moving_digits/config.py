@@ -1,4 +1,4 @@
-"""Moving Digits ablation (`make demo`): AIM's claim on one CPU in minutes.
+r"""Moving Digits ablation (`make demo`): AIM's claim on one CPU in minutes.
 
   python -m aim_jax.train --config projects/moving_digits/config.py:variant=aim,task=motion \
       --workdir demo_workdir/runs/motion_aim

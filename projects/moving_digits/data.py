@@ -1,4 +1,4 @@
-"""Moving Digits: a built-in video data set where motion needs time and appearance does not.
+r"""Moving Digits: a built-in video data set where motion needs time and appearance does not.
 
 Each clip shows one handwritten digit (scikit-learn's bundled `load_digits`,
 8x8 images, no download) that moves over a smooth random texture with
