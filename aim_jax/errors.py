@@ -57,11 +57,21 @@ def report(error: BaseException, prog: str) -> int:
   return EXIT_USER_ERROR
 
 
+# orbax warnings that every read-only restore of a workdir prints (a manager opened to read,
+# an item directory without its own metadata file, as orbax itself writes them): not news.
+_ORBAX_ROUTINE = ('CheckpointManagerOptions.read_only=True, setting',
+                  'Given directory is read only=', 'Metadata file does not exist: ')
+
+
 class _QuietLibraries(logging.Filter):
-  """Drops orbax's per-save/restore INFO chatter; warnings and errors still pass."""
+  """Drops orbax's per-save/restore INFO chatter and its routine read-only warnings; other
+  warnings and errors still pass."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname or record.levelno >= logging.ERROR:
+      return True
+    return (record.levelno >= logging.WARNING
+            and not str(record.msg).startswith(_ORBAX_ROUTINE))
 
 
 def quiet_library_logs() -> None:

@@ -453,3 +453,18 @@ def test_two_processes_with_unequal_shards_count_every_video_once(tmp_path):
   assert [r['topk_classes'][0] for r in rows] == want.argmax(1).tolist()
   assert [r['label_name'] for r in rows] == ['abcde'[c] for c in labels]
   np.testing.assert_allclose([r['topk_scores'][0] for r in rows], want.max(1), atol=1e-5)
+
+
+def test_routine_orbax_warnings_are_quiet_others_pass():
+  import logging
+
+  def record(path, level, msg):
+    return logging.LogRecord('absl', level, path, 1, msg, (), None)
+  keep = errors._QuietLibraries().filter
+  orbax = '/site-packages/orbax/checkpoint/checkpoint_manager.py'
+  assert not keep(record(orbax, logging.INFO, 'Saving item'))
+  assert not keep(record(orbax, logging.WARNING, 'Given directory is read only=%s'))
+  assert not keep(record(orbax, logging.WARNING, 'Metadata file does not exist: %s'))
+  assert keep(record(orbax, logging.WARNING, 'Something else went wrong: %s'))
+  assert keep(record(orbax, logging.ERROR, 'Given directory is read only=%s'))
+  assert keep(record('/aim_jax/train.py', logging.INFO, 'step 1'))
