@@ -25,7 +25,8 @@ cost, robust to other load on a shared machine).
              instead of only the sampled frames through the frame index (the records
              carry one, as `prepare` writes them)
 for 8x224 and 16x224 clips, and a bare `tf.io.decode_jpeg` of 224x224 frames as the bound.
-Each row also gives the cores needed for 500 clips/s (500 / clips per CPU-second).
+Each row also gives the cores needed for 500 clips/s (500 / clips per CPU-second); the eval
+rows count videos (the JSON keeps the `clips_*` keys for both).
 """
 
 import itertools
@@ -238,9 +239,10 @@ def main(argv):
           continue
         r = json.loads(line[0][7:])
         results.append(r)
-        print(f"{stage:10s} {frames:2d}x224  cores={c:2d}  {r['clips_per_s']:8.1f} clips/s  "
-              f"{r['clips_per_s_per_core']:8.1f} clips/s/core  {r['clips_per_cpu_s']:8.1f} "
-              f"clips/CPU-s  {r['cores_per_500_clips_s']:5.1f} cores/500 clips/s  "
+        u = 'videos' if stage.startswith('eval') else 'clips'   # eval: videos of all views
+        print(f"{stage:10s} {frames:2d}x224  cores={c:2d}  {r['clips_per_s']:8.1f} {u}/s  "
+              f"{r['clips_per_s_per_core']:8.1f} {u}/s/core  {r['clips_per_cpu_s']:8.1f} "
+              f"{u}/CPU-s  {r['cores_per_500_clips_s']:5.1f} cores/500 {u}/s  "
               f"(cpu use {r['cpu_utilisation']:.0%})", flush=True)
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:
