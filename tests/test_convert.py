@@ -683,3 +683,254 @@ def test_open_clip_config_head_width_gives_the_heads(tmp_path):
   assert_close(emb, ref_emb)
   with pytest.raises(ConversionError, match=r'--heads 2 contradicts .*head_width=32'):
     convert.load_clip(str(tmp_path), heads=2, log=lambda _: None)
+
+
+# ---------------------------------------------------------------------------
+# Where the output goes: an existing --out is refused before anything is read.
+
+def _error_line(capsys):
+  """The one line a user error prints: `convert: ErrorType: message`, no traceback."""
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err, err
+  lines = [line for line in err.splitlines() if line.startswith('convert: ')]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+def _snapshot(path):
+  """Every file under `path` (or the file itself) with its bytes: what must not change."""
+  path = str(path)
+  if os.path.isfile(path):
+    with open(path, 'rb') as f:
+      return {'': f.read()}
+  out = {}
+  for root, dirs, files in os.walk(path):
+    for d in dirs:
+      out[os.path.relpath(os.path.join(root, d), path) + '/'] = None
+    for name in files:
+      with open(os.path.join(root, name), 'rb') as f:
+        out[os.path.relpath(os.path.join(root, name), path)] = f.read()
+  return out
+
+
+def _leftovers(directory):
+  return sorted(p for p in os.listdir(directory) if '.tmp-' in p or '.old-' in p)
+
+
+def _fake_workdir(path, marker):
+  """A training workdir as `python -m aim_jax.train` leaves it, recognised by `marker`."""
+  os.makedirs(path)
+  blob = {'model': {'variant': 'Ti/16'}, 'metadata': {}}
+  if marker == 'config':
+    blob['config'] = {'total_steps': 10}           # what checkpoints.start_run writes
+  with open(os.path.join(path, 'config.json'), 'w') as f:
+    json.dump(blob, f)
+  if marker in ('checkpoints', 'frozen', 'best'):
+    os.makedirs(os.path.join(path, marker, '5'))
+  elif marker == 'LOCK':
+    with open(os.path.join(path, 'LOCK'), 'w') as f:
+      f.write('{"host": "h", "pid": 1}')
+
+
+@pytest.fixture
+def clip_ckpt(tmp_path):
+  """(a converted parameter checkpoint, its source, a second source with other weights)."""
+  _random_clip_tower_safetensors(tmp_path / 'c.safetensors')
+  _random_clip_tower_safetensors(tmp_path / 'c2.safetensors', seed=1)
+  run_cli('clip', '--src', str(tmp_path / 'c.safetensors'), '--out', str(tmp_path / 'ckpt'))
+  return tmp_path / 'ckpt', tmp_path / 'c.safetensors', tmp_path / 'c2.safetensors'
+
+
+def _conv1(ckpt):
+  return checkpoints.load_params(str(ckpt))[0]['conv1']['kernel']
+
+
+def test_an_existing_out_is_refused_before_anything_is_read(clip_ckpt, tmp_path, capsys):
+  ckpt, _, _ = clip_ckpt
+  before = _snapshot(ckpt)
+  missing = str(tmp_path / 'missing.safetensors')    # read first, it would be the error
+  for args in (['clip', '--src', missing], ['image', '--src', missing],
+               ['aim', '--src', missing], ['export-params', '--src', missing]):
+    capsys.readouterr()
+    assert convert_cli.main(args + ['--out', str(ckpt)]) == 2, args
+    line = _error_line(capsys)
+    assert line == (f'convert: ConversionError: --out {ckpt} exists (a parameter checkpoint): '
+                    'choose a new path, or --overwrite to replace it'), line
+  assert _snapshot(ckpt) == before
+  # A file, where a directory is written: refused with or without --overwrite.
+  note = tmp_path / 'notes.txt'
+  note.write_text('precious')
+  for extra in ([], ['--overwrite']):
+    assert convert_cli.main(['clip', '--src', missing, '--out', str(note)] + extra) == 2
+    assert f'--out {note} exists (a file) and the output is a directory' in _error_line(capsys)
+  # A non-empty directory that is no parameter checkpoint: never replaced.
+  other = tmp_path / 'project'
+  other.mkdir()
+  (other / 'train.py').write_text('print(1)')
+  for extra in ([], ['--overwrite']):
+    assert convert_cli.main(['clip', '--src', missing, '--out', str(other)] + extra) == 2
+    assert f'--out {other} exists (a non-empty directory' in _error_line(capsys)
+  assert note.read_text() == 'precious' and _snapshot(other) == {'train.py': b'print(1)'}
+  # export-aim writes a file: an existing file, or a directory, is refused too.
+  for out in (note, other, ckpt):
+    assert convert_cli.main(['export-aim', '--src', missing, '--out', str(out)]) == 2
+    assert f'--out {out} exists (' in _error_line(capsys)
+  assert note.read_text() == 'precious' and _snapshot(ckpt) == before
+
+
+def test_an_empty_directory_is_written_into(clip_ckpt, tmp_path):
+  _, src, _ = clip_ckpt
+  (tmp_path / 'empty').mkdir()
+  run_cli('clip', '--src', str(src), '--out', str(tmp_path / 'empty'))
+  assert checkpoints.is_params_checkpoint(str(tmp_path / 'empty'))
+  np.testing.assert_array_equal(_conv1(tmp_path / 'empty'), _conv1(clip_ckpt[0]))
+
+
+@pytest.mark.parametrize('marker', ['checkpoints', 'frozen', 'best', 'LOCK', 'config'])
+def test_a_training_workdir_is_never_replaced(clip_ckpt, tmp_path, capsys, marker):
+  ckpt, src, _ = clip_ckpt
+  workdir = tmp_path / 'run'
+  _fake_workdir(str(workdir), marker)
+  before = _snapshot(workdir)
+  for args in (['clip', '--src', str(src)], ['aim', '--src', str(src)],
+               ['export-params', '--src', str(ckpt)], ['export-aim', '--src', str(ckpt)]):
+    capsys.readouterr()
+    assert convert_cli.main(args + ['--out', str(workdir), '--overwrite']) == 2, args
+    line = _error_line(capsys)
+    assert f'--out {workdir} exists (a training workdir): a workdir is never replaced' in line
+  # Its own source: named as such.
+  assert convert_cli.main(['export-params', '--src', str(workdir), '--out', str(workdir),
+                           '--overwrite']) == 2
+  assert f'--out {workdir} is --src itself (a training workdir)' in _error_line(capsys)
+  assert _snapshot(workdir) == before and _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_a_parameter_checkpoint_once_the_new_one_is_complete(
+    clip_ckpt, tmp_path, capsys, monkeypatch):
+  ckpt, src, src2 = clip_ckpt
+  first = _conv1(ckpt)
+  run_cli('clip', '--src', str(src2), '--out', str(ckpt), '--overwrite')
+  second = _conv1(ckpt)
+  assert not np.array_equal(first, second)
+  np.testing.assert_array_equal(_conv1(ckpt), second)
+  assert checkpoints.load_params(str(ckpt))[2]['source'] == str(src2)
+  assert _leftovers(tmp_path) == []
+  # A write that fails half-way leaves the old checkpoint as it was.
+  before = _snapshot(ckpt)
+  real = checkpoints.save_params
+
+  def fails(path, *args, **kwargs):
+    real(path, *args, **kwargs)
+    raise OSError(28, 'No space left on device', path)
+
+  monkeypatch.setattr(checkpoints, 'save_params', fails)
+  capsys.readouterr()
+  assert convert_cli.main(['clip', '--src', str(src), '--out', str(ckpt), '--overwrite']) == 2
+  assert f'ConversionError: cannot write {ckpt}: No space left on device' in _error_line(capsys)
+  assert _snapshot(ckpt) == before and _leftovers(tmp_path) == []
+  monkeypatch.setattr(checkpoints, 'save_params', real)
+  # export-params: the same rule.
+  out = tmp_path / 'exported'
+  assert convert_cli.main(['export-params', '--src', str(ckpt), '--out', str(out)]) == 0
+  assert convert_cli.main(['export-params', '--src', str(ckpt), '--out', str(out)]) == 2
+  assert f'--out {out} exists (a parameter checkpoint)' in _error_line(capsys)
+  assert convert_cli.main(['export-params', '--src', str(ckpt), '--out', str(out),
+                           '--overwrite']) == 0
+  np.testing.assert_array_equal(_conv1(out), second)
+  assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_never_replaces_the_source(clip_ckpt, tmp_path, capsys):
+  ckpt, src, _ = clip_ckpt
+  before = _snapshot(ckpt)
+  os.symlink(ckpt, tmp_path / 'link')
+  for out in (ckpt, tmp_path / 'link', str(ckpt) + '/'):
+    assert convert_cli.main(['export-params', '--src', str(ckpt), '--out', str(out),
+                             '--overwrite']) == 2
+    assert f'--out {out} is --src itself (a parameter checkpoint)' in _error_line(capsys)
+  assert convert_cli.main(['clip', '--src', str(src), '--out', str(src), '--overwrite']) == 2
+  assert f'--out {src} is --src itself (a file)' in _error_line(capsys)
+  # A parameter checkpoint that holds the source file.
+  inner = ckpt / 'c.safetensors'
+  inner.write_bytes(src.read_bytes())
+  before = _snapshot(ckpt)
+  assert convert_cli.main(['clip', '--src', str(inner), '--out', str(ckpt), '--overwrite']) == 2
+  assert f'--out {ckpt} (a parameter checkpoint) holds --src {inner}' in _error_line(capsys)
+  assert _snapshot(ckpt) == before
+
+
+def test_out_under_a_file_is_one_line(clip_ckpt, tmp_path, capsys):
+  ckpt, src, _ = clip_ckpt
+  note = tmp_path / 'notes.txt'
+  note.write_text('precious')
+  for args, out in ((['clip', '--src', str(src)], note / 'sub'),
+                    (['export-params', '--src', str(ckpt)], note / 'a' / 'b'),
+                    (['export-aim', '--src', str(ckpt)], note / 'm.pth')):
+    assert convert_cli.main(args + ['--out', str(out)]) == 2, args
+    assert f'--out {out}: {note} is a file, not a directory' in _error_line(capsys)
+  assert note.read_text() == 'precious'
+
+
+@pytest.mark.parametrize('flag,value,allowed', [
+    ('--image-size', '-8', 'must be a positive multiple of the patch size'),
+    ('--image-size', '0', 'must be a positive multiple of the patch size'),
+    ('--num-frames', '-3', 'the number of frames must be >= 1'),
+    ('--num-frames', '0', 'the number of frames must be >= 1'),
+    ('--heads', '0', 'the number of attention heads must be >= 1'),
+    ('--heads', '-2', 'the number of attention heads must be >= 1')])
+def test_a_numeric_flag_out_of_range_is_one_line_naming_it(tmp_path, capsys, flag, value,
+                                                            allowed):
+  _random_clip_tower_safetensors(tmp_path / 'c.safetensors')
+  for command in ('clip', 'image'):
+    assert convert_cli.main([command, '--src', str(tmp_path / 'c.safetensors'), '--out',
+                             str(tmp_path / 'out'), flag, value]) == 2
+    assert _error_line(capsys) == f'convert: ConversionError: {flag} {value}: {allowed}'
+  assert not (tmp_path / 'out').exists()
+  option = flag[2:].replace('-', '_')
+  with pytest.raises(ConversionError, match=f'{flag} {value}: '):
+    convert.load_clip(str(tmp_path / 'c.safetensors'), log=lambda _: None,
+                      **{option: int(value)})
+
+
+def _npz_sources(tmp_path):
+  """Damaged or foreign `.npz` files -> {path: what the message says}."""
+  import zipfile
+  good = tmp_path / 'good.npz'
+  np.savez(good, **{'Transformer/encoder_norm/scale': np.ones(64, np.float32),
+                    'embedding/kernel': np.zeros((8, 8, 3, 64), np.float32)})
+  blob = good.read_bytes()
+  files = {'garbage.npz': (b'garbage, not an archive' * 4, 'not a numpy .npz archive'),
+           'truncated.npz': (blob[:len(blob) // 2], 'truncated or corrupt'),
+           'empty.npz': (b'', 'empty file')}
+  for name, (data, _) in files.items():
+    (tmp_path / name).write_bytes(data)
+  with zipfile.ZipFile(tmp_path / 'zip.npz', 'w') as z:
+    z.writestr('readme.txt', 'a zip file, not numpy')
+  files['zip.npz'] = (None, "member 'readme.txt' is not a numpy array")
+  np.savez(tmp_path / 'objects.npz', a=np.array([{'x': 1}], dtype=object))
+  files['objects.npz'] = (None, "array 'a' holds pickled Python objects, which are never loaded")
+  np.save(tmp_path / 'single.npy', np.zeros(3))
+  os.rename(tmp_path / 'single.npy', tmp_path / 'single.npz')
+  files['single.npz'] = (None, 'a single .npy array, not an .npz archive')
+  return {tmp_path / name: why for name, (_, why) in files.items()}
+
+
+def test_a_damaged_or_foreign_npz_is_one_line_naming_the_file(tmp_path, capsys):
+  for path, why in _npz_sources(tmp_path).items():
+    for extra in ([], ['--format', 'google_vit_npz']):
+      assert convert_cli.main(['image', '--src', str(path), '--out', str(tmp_path / 'o')]
+                              + extra) == 2, path
+      line = _error_line(capsys)
+      assert line.startswith(f'convert: ConversionError: {path}: ') and why in line, line
+  assert not (tmp_path / 'o').exists()
+
+
+def test_garbage_torch_and_safetensors_files_are_one_line_naming_the_file(tmp_path, capsys):
+  for name, data in (('g.pth', b'garbage, not a checkpoint' * 4), ('e.pth', b''),
+                     ('g.safetensors', b'garbage, not a checkpoint' * 4),
+                     ('e.safetensors', b'')):
+    (tmp_path / name).write_bytes(data)
+    assert convert_cli.main(['image', '--src', str(tmp_path / name), '--out',
+                             str(tmp_path / 'o')]) == 2, name
+    line = _error_line(capsys)
+    assert line.startswith('convert: ') and f'{tmp_path / name}' in line, line

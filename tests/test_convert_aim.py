@@ -230,3 +230,90 @@ def test_official_file_without_meta_reports_the_guesses(tmp_path):
   assert any(n.startswith('heads=') and 'guessed as width/64: no config records it; pass '
              '--heads' in n for n in notices), notices
   assert any('adapter scale 0.5' in n for n in notices), notices
+
+
+# -- An existing --out: refused before anything is read; --overwrite replaces checkpoints and
+# files, never a training workdir.
+
+def _error_line(capsys):
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err, err
+  lines = [line for line in err.splitlines() if line.startswith('convert: ')]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+def test_convert_aim_over_an_existing_out(tmp_path, capsys):
+  _, _, sd = golden('aim_tiny_case1')
+  write_mmaction_pth(sd, tmp_path / 'model.pth')
+  other = dict(sd, **{k: 2 * v for k, v in sd.items() if k.startswith('cls_head')})
+  write_mmaction_pth(other, tmp_path / 'other.pth')
+  out = tmp_path / 'out'
+  args = ['--heads', '4', '--adapter-scale', '0.5']
+  assert convert_cli.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out', str(out)]
+                          + args) == 0
+  head = checkpoints.load_params(str(out))[0]['cls_head']['fc_cls']['kernel']
+  capsys.readouterr()
+  assert convert_cli.main(['aim', '--src', str(tmp_path / 'other.pth'), '--out', str(out)]
+                          + args) == 2
+  assert _error_line(capsys) == (f'convert: ConversionError: --out {out} exists (a parameter '
+                                 'checkpoint): choose a new path, or --overwrite to replace it')
+  np.testing.assert_array_equal(
+      checkpoints.load_params(str(out))[0]['cls_head']['fc_cls']['kernel'], head)
+  assert convert_cli.main(['aim', '--src', str(tmp_path / 'other.pth'), '--out', str(out),
+                           '--overwrite'] + args) == 0
+  np.testing.assert_array_equal(
+      checkpoints.load_params(str(out))[0]['cls_head']['fc_cls']['kernel'], 2 * head)
+  # A training workdir (config.json, checkpoints/, frozen/, LOCK): never, even with --overwrite.
+  workdir = tmp_path / 'run'
+  for sub in ('checkpoints/10', 'frozen'):
+    (workdir / sub).mkdir(parents=True)
+  (workdir / 'config.json').write_text(json.dumps({'model': {}, 'metadata': {},
+                                                   'config': {'total_steps': 10}}))
+  (workdir / 'LOCK').write_text('{}')
+  config = (workdir / 'config.json').read_bytes()
+  capsys.readouterr()
+  assert convert_cli.main(['aim', '--src', str(tmp_path / 'model.pth'), '--out', str(workdir),
+                           '--overwrite'] + args) == 2
+  assert f'--out {workdir} exists (a training workdir)' in _error_line(capsys)
+  assert (workdir / 'config.json').read_bytes() == config
+  assert sorted(p.name for p in workdir.iterdir()) == ['LOCK', 'checkpoints', 'config.json',
+                                                       'frozen']
+
+
+def test_export_aim_over_an_existing_file(tmp_path, capsys, monkeypatch):
+  from aim_jax.convert import torch_files
+  _random_aim(tmp_path)
+  pth = tmp_path / 'existing.pth'
+  pth.write_bytes(b'another model')
+  capsys.readouterr()
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
+                           str(pth)]) == 2
+  assert _error_line(capsys) == (f'convert: ConversionError: --out {pth} exists (a file): '
+                                 'choose a new path, or --overwrite to replace it')
+  assert pth.read_bytes() == b'another model'
+  # A write that fails half-way leaves the old file as it was.
+  real = torch_files.save_torch_state_dict
+
+  def fails(blob, path):
+    with open(path, 'wb') as f:
+      f.write(b'half')
+    raise OSError(28, 'No space left on device', path)
+
+  monkeypatch.setattr(torch_files, 'save_torch_state_dict', fails)
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out', str(pth),
+                           '--overwrite']) == 2
+  assert f'cannot write {pth}: No space left on device' in _error_line(capsys)
+  assert pth.read_bytes() == b'another model'
+  assert not [p for p in tmp_path.iterdir() if '.tmp-' in p.name]
+  monkeypatch.setattr(torch_files, 'save_torch_state_dict', real)
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out', str(pth),
+                           '--overwrite']) == 0
+  back = torch.load(str(pth), map_location='cpu', weights_only=True)
+  assert 'cls_head.fc_cls.weight' in back['state_dict']
+  assert not [p for p in tmp_path.iterdir() if '.tmp-' in p.name]
+  # Never its own source.
+  capsys.readouterr()
+  assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
+                           str(tmp_path / 'src'), '--overwrite']) == 2
+  assert f'--out {tmp_path / "src"} is --src itself' in _error_line(capsys)

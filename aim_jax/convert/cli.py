@@ -8,6 +8,10 @@ r"""The `convert` command: PyTorch checkpoints -> parameter checkpoints, and bac
   python -m aim_jax.convert export-params --src WORKDIR --out DIR [--which latest|best]
   python -m aim_jax.convert formats            # list the registered formats
 
+An existing --out is refused before anything is read; --overwrite replaces a parameter
+checkpoint (or export-aim's file), never a training workdir or --src, and only once the
+new output is complete.
+
 The written directory is what training (`--config.init_from=DIR`), evaluation
 and prediction (`--checkpoint DIR`) read (`aim_jax.checkpoints`). Image models
 (`clip`, `image`) give encoder params (`params['backbone']` of an AIM model, plus
@@ -26,6 +30,14 @@ from aim_jax.convert import registry
 from aim_jax.convert.conversion import CLIP_FORMATS, convert, export_aim, export_params
 
 
+def _overwrite_flag(parser: argparse.ArgumentParser, what: str) -> None:
+  parser.add_argument(
+      '--overwrite', action='store_true',
+      help=f'replace --out if it is {what} (without it, an existing --out is refused); never '
+      'a training workdir or --src. The new output is written beside it (OUT.tmp-<pid>) and '
+      'renamed over it only when complete')
+
+
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog='python -m aim_jax.convert', description=__doc__.split('\n')[0])
   sub = p.add_subparsers(dest='command', required=True)
@@ -35,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help_)
     s.add_argument('--src', required=True, help='checkpoint file or Hugging Face directory')
     s.add_argument('--out', required=True, help='output directory (local or gs://)')
+    _overwrite_flag(s, 'a parameter checkpoint')
     if name != 'aim':
       s.add_argument('--format', default=None, help='skip detection (see `formats`)')
     s.add_argument('--heads', type=int, default=None,
@@ -62,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument('--src', required=True,
                    help='parameter checkpoint or training workdir (python -m aim_jax.train)')
     e.add_argument('--out', required=True, help=out)
+    _overwrite_flag(e, 'an existing .pth file' if name == 'export-aim' else
+                    'a parameter checkpoint')
     e.add_argument('--which', choices=('latest', 'best'), default='latest',
                    help="a workdir's last checkpoint or its best by validation top-1")
   sub.add_parser('formats', help='list the registered formats')
@@ -76,16 +91,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f'{f.name:12s} {f.kind:6s} {f.description}')
       return 0
     if args.command == 'export-aim':
-      export_aim(args.src, args.out, which=args.which)
+      export_aim(args.src, args.out, which=args.which, overwrite=args.overwrite)
       return 0
     if args.command == 'export-params':
-      export_params(args.src, args.out, args.which)
+      export_params(args.src, args.out, args.which, overwrite=args.overwrite)
       return 0
     kind = 'aim' if args.command == 'aim' else 'image'
     fmt = getattr(args, 'format', None)
-    convert(args.src, args.out, kind, fmt, heads=args.heads, act=args.act,
-            adapter_scale=getattr(args, 'adapter_scale', None), image_size=args.image_size,
-            num_frames=args.num_frames,
+    convert(args.src, args.out, kind, fmt, overwrite=args.overwrite, heads=args.heads,
+            act=args.act, adapter_scale=getattr(args, 'adapter_scale', None),
+            image_size=args.image_size, num_frames=args.num_frames,
             among=CLIP_FORMATS if args.command == 'clip' and not fmt else None)
     return 0
   except errors.UserError as e:

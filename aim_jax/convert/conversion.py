@@ -18,6 +18,8 @@ import dataclasses
 import inspect
 import json
 import os
+import zipfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -25,8 +27,9 @@ import numpy as np
 
 from aim_jax import params as P
 from aim_jax.convert import official_names, registry, source_config, torch_files
+from aim_jax.convert.output import check_output, write_output
 from aim_jax.convert.registry import Report
-from aim_jax.errors import ConversionError
+from aim_jax.errors import ConversionError, first_line
 
 # Keys under which trainers nest the model's state dict, tried in this order.
 _NESTED_KEYS = ('state_dict', 'model', 'module', 'model_state_dict', 'state_dict_ema')
@@ -100,6 +103,50 @@ def _unwrap(obj: Any, path: str, log: Callable[[str], None],
   return arrays
 
 
+# Errors numpy and zipfile raise for a damaged archive or member (encrypted: RuntimeError,
+# unknown compression: NotImplementedError).
+_NPZ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError,
+               NotImplementedError)
+
+
+def _read_npz(path: str) -> dict[str, np.ndarray]:
+  """A numpy `.npz` archive -> {name: array}; a damaged or foreign file is an error naming it."""
+  if not os.path.isfile(path):
+    raise ConversionError(f'{path}: no such file' if not os.path.exists(path) else
+                          f'{path} is not a file')
+  with open(path, 'rb') as f:
+    magic = f.read(6)
+  if not magic:
+    raise ConversionError(f'{path}: empty file')
+  if magic == b'\x93NUMPY':
+    raise ConversionError(f'{path}: a single .npy array, not an .npz archive of named arrays')
+  if not magic.startswith((b'PK\x03\x04', b'PK\x05\x06')):
+    raise ConversionError(f'{path}: not a numpy .npz archive (no zip header)')
+  try:
+    npz = np.load(path, allow_pickle=False)
+  except _NPZ_ERRORS as e:
+    raise ConversionError(f'{path}: not a complete zip archive ({first_line(e)}); the file is '
+                          'truncated or corrupt') from None
+  sd = {}
+  with npz:
+    for key in npz.files:
+      try:
+        value = npz[key]
+      except _NPZ_ERRORS as e:
+        if 'allow_pickle' in str(e):
+          raise ConversionError(f'{path}: array {key!r} holds pickled Python objects, which are '
+                                'never loaded: not a numeric checkpoint') from None
+        raise ConversionError(f'{path}: array {key!r} cannot be read ({first_line(e)}); the '
+                              'file is truncated or corrupt') from None
+      if not isinstance(value, np.ndarray):     # a member that is no .npy: numpy gives bytes
+        raise ConversionError(f'{path}: member {key!r} is not a numpy array: not a numpy .npz '
+                              'archive')
+      sd[key] = value
+  if not sd:
+    raise ConversionError(f'{path}: an .npz archive without arrays')
+  return sd
+
+
 def read_state_dict(path: str, log: Callable[[str], None] = print,
                     info: dict | None = None) -> dict[str, np.ndarray]:
   """Any supported checkpoint file (or HF directory) -> flat {key: numpy array}.
@@ -111,8 +158,7 @@ def read_state_dict(path: str, log: Callable[[str], None] = print,
     if f.endswith('.npz'):
       # JAX-native checkpoints (Google vision_transformer, big_vision SigLIP): flat
       # '/'-joined names; no pickles are loaded.
-      with np.load(f, allow_pickle=False) as npz:
-        sd.update({k: npz[k] for k in npz.files})
+      sd.update(_read_npz(f))
       continue
     sd.update(_unwrap(torch_files.load(f), f, log, info))
   return sd
@@ -334,6 +380,18 @@ def verify(conv: Conversion) -> None:
           f'kept but not used by the AIM model: {", ".join(unused_by_aim)} (image projection)')
 
 
+def check_options(heads: int | None = None, image_size: int | None = None,
+                  num_frames: int | None = None, **unused) -> None:
+  """The numeric flags: each in its range (before anything is read)."""
+  if heads is not None and heads < 1:
+    raise ConversionError(f'--heads {heads}: the number of attention heads must be >= 1')
+  if image_size is not None and image_size < 1:
+    raise ConversionError(f'--image-size {image_size}: must be a positive multiple of the '
+                          'patch size')
+  if num_frames is not None and num_frames < 1:
+    raise ConversionError(f'--num-frames {num_frames}: the number of frames must be >= 1')
+
+
 # ---------------------------------------------------------------------------
 # Public API.
 
@@ -357,6 +415,7 @@ def convert_file(src: str, kind: str, format_name: str | None = None, *,
   `act`: MLP activation of a CLIP ('quick_gelu' | 'gelu'); by default read from
   what the source states (`_activation`), else the format's default.
   """
+  check_options(heads, image_size, num_frames)
   known = registry.all_formats()
   log(f'[1/4] reading {src}')
   info: dict = {}
@@ -445,20 +504,46 @@ def load_aim(path: str, **options) -> Conversion:
   return convert_file(path, 'aim', None, **options)
 
 
-def write(conv: Conversion, out: str, log: Callable[[str], None] = print) -> None:
+def _save_params(out: str, params: Mapping, model_config: Mapping, metadata: Mapping,
+                 log: Callable[[str], None]) -> None:
   from aim_jax import checkpoints
+  try:
+    write_output(out, lambda path: checkpoints.save_params(path, params, model_config, metadata),
+                 log)
+  except OSError as e:
+    raise _cannot_write(out, e) from None
+
+
+def _cannot_write(out: str, e: Exception) -> ConversionError:
+  if isinstance(e, OSError) and e.strerror:
+    return ConversionError(f'cannot write {out}: {e.strerror}'
+                           + (f' ({e.filename})' if e.filename else ''))
+  return ConversionError(f'cannot write {out}: {" ".join(str(e).split())}')
+
+
+def write(conv: Conversion, out: str, log: Callable[[str], None] = print,
+          overwrite: bool = False) -> None:
+  """Write `conv` as a parameter checkpoint at `out` (`check_output` decides whether it may)."""
+  check_output(out, conv.source, overwrite=overwrite)
   log(f'[4/4] writing {out}')
   metadata = dict(kind=conv.kind, format=conv.format, source=os.path.abspath(conv.source),
                   mapped=len(conv.report.mapped), unused=conv.report.unused,
                   left_at_init=conv.report.missing, notices=conv.report.notices)
-  checkpoints.save_params(out, conv.params, conv.model_config, metadata)
+  _save_params(out, conv.params, conv.model_config, metadata, log)
 
 
 def convert(src: str, out: str, kind: str = 'image', format_name: str | None = None,
-            log: Callable[[str], None] = print, **options) -> Conversion:
-  """`convert_file` then `write`, printing the summary."""
+            log: Callable[[str], None] = print, overwrite: bool = False,
+            **options) -> Conversion:
+  """`convert_file` then `write`, printing the summary.
+
+  An existing `out` is refused before anything is read unless `overwrite` and it is a
+  parameter checkpoint (`check_output`).
+  """
+  check_options(**options)
+  check_output(out, src, overwrite=overwrite)
   conv = convert_file(src, kind, format_name, log=log, **options)
-  write(conv, out, log)
+  write(conv, out, log, overwrite=overwrite)
   r = conv.report
   log('summary: ' + r.summary().replace('\n', '\n  '))
   if not r.unused:
@@ -469,32 +554,37 @@ def convert(src: str, out: str, kind: str = 'image', format_name: str | None = N
 
 
 def export_params(src_dir: str, out_dir: str, which: str = 'latest',
-                  log: Callable[[str], None] = print) -> dict:
+                  log: Callable[[str], None] = print, overwrite: bool = False) -> dict:
   """A training workdir (or a parameter checkpoint) -> a plain parameter checkpoint.
 
   The frozen and trainable parameters of the run's `which` ('latest' or 'best')
   checkpoint, with the run's model config: what `init_from`, evaluation,
-  prediction and `export-aim` read, without the optimiser state.
+  prediction and `export-aim` read, without the optimiser state. An existing
+  `out_dir` is refused unless `overwrite` and it is a parameter checkpoint.
   """
   from aim_jax import checkpoints
+  check_output(out_dir, src_dir, overwrite=overwrite)
   log(f'[1/2] reading {src_dir} ({which})')
   params, model_config, kind = checkpoints.load_checkpoint(src_dir, which)
   log(f'[2/2] writing {out_dir}')
-  checkpoints.save_params(out_dir, params, model_config, {
+  check_output(out_dir, src_dir, overwrite=overwrite)
+  _save_params(out_dir, params, model_config, {
       'kind': 'aim_export', 'source': src_dir, 'source_kind': kind,
-      'which': which if kind == 'workdir' else None})
+      'which': which if kind == 'workdir' else None}, log)
   return params
 
 
 def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print,
-               which: str = 'latest') -> dict:
+               which: str = 'latest', overwrite: bool = False) -> dict:
   """An AIM model -> official `{'state_dict': ...}` `.pth`.
 
   `src_dir`: a parameter checkpoint, or a training workdir (its `which` checkpoint:
-  'latest' or 'best').
+  'latest' or 'best'). An existing `out_path` is refused unless `overwrite` and it is
+  a file.
   """
   from aim_jax import checkpoints
   from aim_jax.models.factory import resolve_model_config
+  check_output(out_path, src_dir, file=True, overwrite=overwrite)
   log(f'[1/2] reading {src_dir}')
   params, model_config, _ = checkpoints.load_checkpoint(src_dir, which)
   cfg = resolve_model_config(model_config)
@@ -512,12 +602,11 @@ def export_aim(src_dir: str, out_path: str, log: Callable[[str], None] = print,
   sd = {k: np.require(v, requirements=['C', 'W']) if isinstance(v, np.ndarray) else v
         for k, v in sd.items()}
   log(f'[2/2] writing {len(sd)} tensors to {out_path}')
+  check_output(out_path, src_dir, file=True, overwrite=overwrite)
+  blob = {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',
+                                     'model_config': json.dumps(cfg)}}
   try:
-    if '://' not in out_path:
-      os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    torch_files.save_torch_state_dict(
-        {'state_dict': sd, 'meta': {'converted_by': 'aim_jax.convert export-aim',
-                                    'model_config': json.dumps(cfg)}}, out_path)
+    write_output(out_path, lambda path: torch_files.save_torch_state_dict(blob, path), log)
   except (OSError, RuntimeError) as e:   # torch.save reports a bad path as RuntimeError
-    raise ConversionError(f'cannot write {out_path}: {" ".join(str(e).split())}') from None
+    raise _cannot_write(out_path, e) from None
   return sd
