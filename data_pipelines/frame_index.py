@@ -31,12 +31,17 @@ then one entry per record, in file order:
 tools (DMVR's `generate_from_file.py`, Scenic users' scripts) build it with
 
   python -m data_pipelines.frame_index 'data/tfrecords/k400-train.tfrecord-*' --num_workers 8
+
+It indexes every file it can; one that is not a TFRecord of SequenceExamples, or is truncated,
+gets one line naming it (and no index), and the exit status is then 2, as it is for a glob that
+matches nothing.
 """
 
 from __future__ import annotations
 
 import glob as glob_lib
 import os
+import re
 import struct
 import sys
 from typing import List, Optional, Sequence, Tuple
@@ -150,20 +155,40 @@ def write(shard_path: str, entries: Sequence[bytes], shard_bytes: int) -> str:
   return path
 
 
+def tf_error_line(message: str) -> str:
+  """The first line of a TensorFlow op error without its internals: `{{function_node
+  __wrapped__IteratorGetNext...}} corrupted record at 0 [Op:IteratorGetNext] name: ` ->
+  `corrupted record at 0`."""
+  lines = (message or '').strip().splitlines()
+  line = re.sub(r'\{\{[^}]*\}\}', '', lines[0] if lines else '')
+  line = re.sub(r'\s*\[Op:[^\]]*\](\s*name:.*)?$', '', line)
+  return ' '.join(line.split())
+
+
 def build(shard_path: str) -> dict:
-  """Reads a shard record by record and writes its index; returns {records, frames, bytes}."""
+  """Reads a shard record by record and writes its index; returns {records, frames, bytes}.
+  ValueError naming the shard (nothing written) for a file that is not a TFRecord of
+  SequenceExamples, or is truncated."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from google.protobuf import message  # pylint: disable=g-import-not-at-top
   size = int(tf.io.gfile.stat(shard_path).length)
   entries, offset, frames = [], 0, 0
   try:
     for raw in tf.data.TFRecordDataset(shard_path).as_numpy_iterator():
-      jpegs, label, filename = _parsed(raw)
+      try:
+        jpegs, label, filename = _parsed(raw)
+      except message.DecodeError as err:
+        raise ValueError(f'{shard_path}: record {len(entries)} is not a tf.train.SequenceExample '
+                         f'({str(err).splitlines()[0]}); not indexed') from None
       entries.append(entry(offset, raw, jpegs, label, filename))
       frames += len(jpegs)
       offset += record_size(raw)
   except tf.errors.DataLossError as err:
     raise ValueError(f'{shard_path}: truncated or corrupt after {len(entries)} records '
-                     f'({err.message.splitlines()[0]}); not indexed') from None
+                     f'({tf_error_line(err.message)}); not indexed') from None
+  except tf.errors.OpError as err:   # no permission, say
+    raise ValueError(f'{shard_path}: cannot be read ({tf_error_line(err.message)}); '
+                     'not indexed') from None
   if offset != size:
     raise ValueError(f'{shard_path}: records cover {offset} of {size} bytes (a compressed or '
                      'damaged file?); not indexed')
@@ -313,7 +338,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
       print(f'frame_index: {err}', file=sys.stderr)
     else:
       print(f'{index_path(path)}: {stats["records"]} records, {stats["frames"]} frames')
-  return 1 if failed else 0
+  return 2 if failed else 0   # a file that cannot be indexed is the user's to fix
 
 
 if __name__ == '__main__':

@@ -3,7 +3,7 @@ r"""Raw videos -> DMVR-layout TFRecord shards (JPEG frames), in parallel, resuma
   python -m data_pipelines.prepare --videos DIR --annotations FILE --out DIR --split train \
       [--format auto|kinetics|ssv2|diving48|list] [--labels FILE] [--name NAME] \
       [--short_side 256] [--fps 0] [--min_frames 1] [--warn_frames 8] [--num_shards 0] \
-      [--num_workers N]
+      [--jpeg_quality 90] [--num_workers N]
 
 Each video is decoded with PyAV, resized to the short side, optionally resampled to `--fps` (0
 keeps every frame), JPEG-encoded and written as one SequenceExample (records.py). Videos are
@@ -16,6 +16,12 @@ JSON says they are complete for the same videos, so an interrupted preparation r
 (videos not written, among them those with fewer than `--min_frames` frames) and every warning
 (videos written that decoded to fewer frames than their container states, i.e. truncated or
 damaged files, or to fewer than `--warn_frames`); readers take record counts from it.
+
+A run into an --out that already holds shards of the same NAME-SPLIT with another shard count
+(another --num_shards, or another number of videos under the default) stops before writing
+anything: a glob would read those shards beside the new ones, every video twice. Nothing of
+the user's is deleted; out-of-range flags and an --out that is a file stop likewise (one line,
+exit status 2).
 """
 
 import concurrent.futures
@@ -27,14 +33,16 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from aim_jax import errors
 from data_pipelines import annotations as annotations_lib
 from data_pipelines import frame_index
 from data_pipelines import records
@@ -164,20 +172,59 @@ def _shard_done(shard_path: str, fingerprint: str):
   return None
 
 
+def other_shard_counts(out_dir: str, name: str, split: str,
+                       num_shards: int) -> List[Tuple[str, int]]:
+  """(file name, shard count) of each `NAME-SPLIT.tfrecord-XXXXX-of-YYYYY` shard in `out_dir`
+  whose count is not `num_shards`, sorted: shards of an earlier run with another count."""
+  try:
+    names = os.listdir(out_dir)
+  except (FileNotFoundError, NotADirectoryError):
+    return []
+  pattern = re.compile(re.escape(f'{name}-{split}.tfrecord-') + r'\d+-of-(\d+)')
+  found = []
+  for base in sorted(names):
+    m = pattern.fullmatch(base)
+    if m and int(m.group(1)) != num_shards:
+      found.append((base, int(m.group(1))))
+  return found
+
+
+def _check_out_dir(out_dir: str, name: str, split: str, num_shards: int) -> None:
+  """DataError (nothing written) when `out_dir` is a file, or holds shards of this NAME-SPLIT
+  with another shard count: a glob would read those beside the new ones, every video twice.
+  They are the user's files: named, never removed."""
+  if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+    raise errors.DataError(f'{out_dir}: not a folder (a file of that name exists); '
+                           'give another --out')
+  others = other_shard_counts(out_dir, name, split, num_shards)
+  if others:
+    base, count = others[0]
+    raise errors.DataError(
+        f'{out_dir} holds {len(others)} shard(s) of {name}-{split} with another shard count '
+        f'({base}, {count} shards; this run writes {num_shards}): remove them or give another '
+        '--out or --name')
+
+
 def prepare(entries: Sequence[annotations_lib.Entry], *, out_dir: str, name: str, split: str,
             opts: Options, num_shards: int = 0, num_workers: int = 0, seed: int = 0,
             progress: bool = True) -> Dict:
   """Writes the shards of `entries`; returns (and saves) the report.
 
   num_workers=0 writes in this process (tests, debugging); otherwise spawned processes
-  (spawn, not fork: the parent may already hold TensorFlow threads).
+  (spawn, not fork: the parent may already hold TensorFlow threads). Raises DataError, before
+  writing anything, when `out_dir` is a file or holds shards of NAME-SPLIT with another count.
   """
-  os.makedirs(out_dir, exist_ok=True)
   entries = list(entries)
   random.Random(seed).shuffle(entries)  # spread classes over shards
   if num_shards <= 0:
     num_shards = max(1, math.ceil(len(entries) / 200))
   num_shards = max(1, min(num_shards, len(entries)))
+  _check_out_dir(out_dir, name, split, num_shards)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as e:   # a file on the way, no permission
+    raise errors.DataError(f'{out_dir}: cannot create the output folder '
+                           f'({e.strerror or e})') from None
   tasks, report_shards, done = [], {}, []
   for i in range(num_shards):
     path = os.path.join(out_dir, records.shard_name(name, split, i, num_shards))
@@ -245,6 +292,17 @@ def _progress(total: int, enabled: bool):
 
 FLAGS = flags.FLAGS
 
+# (flag, lowest, highest or None, what the lowest value means or ''): checked before anything
+# is read or written.
+_FLAG_RANGES = (
+    ('short_side', 0, None, '0 keeps the original size'),
+    ('fps', 0, None, '0 keeps every frame'),
+    ('jpeg_quality', 1, 100, ''),
+    ('min_frames', 1, None, ''),
+    ('num_shards', 0, None, '0: one per 200 videos'),
+    ('num_workers', 1, None, ''),
+)
+
 
 def _define_flags():
   flags.DEFINE_string('videos', None, 'Directory of video files (searched recursively).')
@@ -260,14 +318,35 @@ def _define_flags():
                        'Labels outside [0, num_classes) are reported (0: from labels).')
   flags.DEFINE_integer('short_side', 256, 'Resize frames to this short side (0 keeps the size).')
   flags.DEFINE_float('fps', 0.0, 'Keep frames at this rate (0 keeps every frame).')
-  flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality.')
+  flags.DEFINE_integer('jpeg_quality', 90, 'JPEG quality, 1 to 100.')
   flags.DEFINE_integer('min_frames', 1, 'Videos decoding to fewer frames are not written; the '
                        'report lists them among the failures.')
   flags.DEFINE_integer('warn_frames', 8, 'Videos written with fewer frames are listed among the '
                        'warnings (as are videos that decode short of their stated length).')
   flags.DEFINE_integer('num_shards', 0, 'Number of shards (0: one per 200 videos).')
-  flags.DEFINE_integer('num_workers', max(1, (os.cpu_count() or 2) - 1), 'Writer processes.')
+  flags.DEFINE_integer('num_workers', max(1, (os.cpu_count() or 2) - 1), 'Writer processes (>= 1).')
   flags.DEFINE_integer('seed', 0, 'Seed of the video-to-shard assignment.')
+
+
+def flag_range_error(name: str, value) -> str:
+  """'' when `value` is in the range of flag `name` (_FLAG_RANGES), else one line naming the
+  flag, the value and the range."""
+  for flag, lo, hi, note in _FLAG_RANGES:
+    if flag != name:
+      continue
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if finite and lo <= value and (hi is None or value <= hi):
+      return ''
+    want = f'from {lo} to {hi}' if hi is not None else f'>= {lo}'
+    return f'--{name}={value}: must be {want}' + (f' ({note})' if note else '')
+  return ''
+
+
+def _fail(error: errors.UserError):
+  """One line on stderr and exit status 2 (the traceback with AIM_JAX_TRACEBACK=1)."""
+  if errors.show_traceback():
+    raise error
+  sys.exit(errors.report(error, 'prepare'))
 
 
 def main(argv):
@@ -275,10 +354,14 @@ def main(argv):
   for f in ('videos', 'annotations', 'out'):
     if not getattr(FLAGS, f):
       raise app.UsageError(f'--{f} is required')
-  from aim_jax import errors   # pylint: disable=g-import-not-at-top
+  for flag, *_ in _FLAG_RANGES:
+    problem = flag_range_error(flag, getattr(FLAGS, flag))
+    if problem:
+      _fail(errors.ConfigError(problem))
   if not os.path.isdir(FLAGS.videos):
-    sys.exit(errors.report(errors.DataError(f'--videos {FLAGS.videos}: no such folder'),
-                           'prepare'))
+    _fail(errors.DataError(f'--videos {FLAGS.videos}: no such folder'))
+  if os.path.exists(FLAGS.out) and not os.path.isdir(FLAGS.out):
+    _fail(errors.DataError(f'--out {FLAGS.out}: not a folder (a file of that name exists)'))
   try:
     entries = annotations_lib.read(FLAGS.format, FLAGS.annotations, FLAGS.videos,
                                    labels=FLAGS.labels, num_classes=FLAGS.num_classes)
@@ -289,8 +372,12 @@ def main(argv):
   name = FLAGS.name or os.path.splitext(os.path.basename(FLAGS.annotations))[0]
   opts = Options(short_side=FLAGS.short_side, fps=FLAGS.fps, jpeg_quality=FLAGS.jpeg_quality,
                  min_frames=FLAGS.min_frames, warn_frames=FLAGS.warn_frames)
-  report = prepare(entries, out_dir=FLAGS.out, name=name, split=FLAGS.split, opts=opts,
-                   num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers, seed=FLAGS.seed)
+  try:
+    report = prepare(entries, out_dir=FLAGS.out, name=name, split=FLAGS.split, opts=opts,
+                     num_shards=FLAGS.num_shards, num_workers=FLAGS.num_workers,
+                     seed=FLAGS.seed)
+  except errors.UserError as e:   # --out holds shards of another count, cannot be created
+    _fail(e)
   print(json.dumps({k: report[k] for k in ('videos_requested', 'videos_written', 'frames', 'bytes',
                                            'seconds')}))
   for fail in report['failures'][:20]:

@@ -206,3 +206,96 @@ def test_cli_writing_no_video_at_all_fails_and_names_what_it_looked_for(tmp_path
     report = json.load(f)
   assert {x['path'] for x in report['failures']} == {str(missing),
                                                       str(tmp_path / 'elsewhere' / 'v1.mp4')}
+
+
+def _listing(d):
+  """{name: (size, mtime)} of every file in `d`, hidden ones included."""
+  return {n: (os.path.getsize(d / n), os.path.getmtime(d / n)) for n in sorted(os.listdir(d))}
+
+
+def test_shards_of_another_count_stop_a_run_before_it_writes(tmp_path):
+  from aim_jax import errors
+  entries = _list_dataset(tmp_path, 3)
+  out = tmp_path / 'out'
+  kw = dict(out_dir=str(out), name='r', split='train', opts=prepare.Options(short_side=32),
+            progress=False)
+  prepare.prepare(entries[:2], num_shards=4, **kw)       # 2 videos: 2 shards
+  before = _listing(out)
+  assert {n for n in before if 'tfrecord' in n} == {
+      f'{dot}r-train.tfrecord-0000{i}-of-00002{ext}' for i in range(2)
+      for dot, ext in (('', ''), ('.', '.json'), ('.', '.frames'))}
+  # another --num_shards, or another number of videos under the same one: another count
+  for part, shards, writes in ((entries[:2], 1, 1), (entries, 4, 3)):
+    with pytest.raises(errors.DataError) as e:
+      prepare.prepare(part, num_shards=shards, **kw)
+    assert str(e.value) == (
+        f'{out} holds 2 shard(s) of r-train with another shard count '
+        f'(r-train.tfrecord-00000-of-00002, 2 shards; this run writes {writes}): remove them or '
+        'give another --out or --name')
+    assert _listing(out) == before                      # nothing written, nothing removed
+  # the same count resumes; other splits and names are not in the way, nor in its way
+  assert prepare.prepare(entries[:2], num_shards=2, **kw)['videos_written'] == 2
+  assert _listing(out) == {**before, 'r-train.report.json': _listing(out)['r-train.report.json']}
+  prepare.prepare(entries, num_shards=3, **dict(kw, split='val'))
+  prepare.prepare(entries, num_shards=1, **dict(kw, name='r2'))
+  shards = lambda listing: {n: v for n, v in listing.items() if 'r-train.tfrecord' in n}
+  assert len(shards(before)) == 6 and shards(_listing(out)) == shards(before)
+  assert len([n for n in os.listdir(out) if n.startswith('r-val.tfrecord-')]) == 3
+  # a file where the output folder should be
+  (tmp_path / 'afile').write_text('mine')
+  with pytest.raises(errors.DataError, match=f'{tmp_path / "afile"}: not a folder'):
+    prepare.prepare(entries, num_shards=1, **dict(kw, out_dir=str(tmp_path / 'afile')))
+  assert (tmp_path / 'afile').read_text() == 'mine'
+
+
+def test_cli_shards_of_another_count_and_an_out_file_are_one_line_errors(tmp_path):
+  _list_dataset(tmp_path, 2)
+  args = (f'--videos={tmp_path / "vids"}', f'--annotations={tmp_path / "list.txt"}', '--name=k')
+  res = _prepare_cli(tmp_path, *args, '--num_shards=1')
+  assert res.returncode == 0, res.stderr[-2000:]
+  out = tmp_path / 'out'
+  before = _listing(out)
+  res = _prepare_cli(tmp_path, *args, '--num_shards=2')
+  assert res.returncode == 2 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines()[-1] == (
+      f'prepare: DataError: {out} holds 1 shard(s) of k-train with another shard count '
+      '(k-train.tfrecord-00000-of-00001, 1 shards; this run writes 2): remove them or give '
+      'another --out or --name')
+  assert _listing(out) == before and res.stdout == ''
+  # --out names a file: one line naming it, the file untouched
+  (tmp_path / 'afile').write_text('mine')
+  res = _prepare_cli(tmp_path, *args, f'--out={tmp_path / "afile"}')
+  assert res.returncode == 2 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines()[-1] == (
+      f'prepare: DataError: --out {tmp_path / "afile"}: not a folder (a file of that name '
+      'exists)')
+  assert (tmp_path / 'afile').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('flag,value,want', [
+    ('short_side', '-5', '--short_side=-5: must be >= 0 (0 keeps the original size)'),
+    ('fps', '-1', '--fps=-1.0: must be >= 0 (0 keeps every frame)'),
+    ('num_workers', '0', '--num_workers=0: must be >= 1'),
+    ('num_shards', '-1', '--num_shards=-1: must be >= 0 (0: one per 200 videos)'),
+    ('min_frames', '-1', '--min_frames=-1: must be >= 1'),
+    ('jpeg_quality', '0', '--jpeg_quality=0: must be from 1 to 100'),
+    ('jpeg_quality', '101', '--jpeg_quality=101: must be from 1 to 100'),
+])
+def test_cli_out_of_range_flags_stop_before_anything_is_read_or_written(tmp_path, flag, value,
+                                                                        want):
+  _list_dataset(tmp_path, 1)
+  res = _prepare_cli(tmp_path, f'--videos={tmp_path / "vids"}',
+                     f'--annotations={tmp_path / "list.txt"}', f'--{flag}={value}')
+  assert res.returncode == 2 and 'Traceback' not in res.stderr, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines() == [f'prepare: ConfigError: {want}']
+  assert not (tmp_path / 'out').exists()
+
+
+def test_flag_ranges_accept_their_bounds_and_reject_what_is_not_a_number():
+  for flag, value in (('short_side', 0), ('fps', 0.0), ('fps', 29.97), ('num_workers', 1),
+                      ('num_shards', 0), ('min_frames', 1), ('jpeg_quality', 1),
+                      ('jpeg_quality', 100)):
+    assert prepare.flag_range_error(flag, value) == '', (flag, value)
+  assert prepare.flag_range_error('fps', float('nan')) == (
+      '--fps=nan: must be >= 0 (0 keeps every frame)')
+  assert prepare.flag_range_error('fps', float('inf')).startswith('--fps=inf: must be >= 0')

@@ -189,11 +189,42 @@ def test_command_line_builds_indexes_and_names_a_bad_file(tmp_path, capsys):
   out = capsys.readouterr().out
   assert all(os.path.exists(frame_index.index_path(p)) for p in paths)
   assert f'{frame_index.index_path(paths[0])}: 3 records, {sum(LENGTHS[:3])} frames' in out
-  bad = tmp_path / 'junk.tfrecord'
-  bad.write_bytes(b'not a tfrecord at all, just some bytes')
-  assert frame_index.main([str(bad)]) == 1
-  err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and str(bad) in err[0] and 'not indexed' in err[0]
-  assert not os.path.exists(frame_index.index_path(str(bad)))
   assert frame_index.main([str(tmp_path / 'none-*')]) == 2
   assert 'no file matches' in capsys.readouterr().err
+
+
+def test_command_line_names_each_file_it_cannot_index_on_one_clean_line(tmp_path, capsys):
+  """Not a TFRecord, a truncated shard, records that are not SequenceExamples: one line each,
+  naming the file, without TensorFlow's internals; exit status 2; the good shard is indexed."""
+  paths, _ = _write_shards(tmp_path / 'shards')
+  bad = tmp_path / 'bad'
+  bad.mkdir()
+  (bad / 'a-junk.tfrecord').write_bytes(b'not a tfrecord at all, just some bytes')
+  blob = open(paths[1], 'rb').read()
+  (bad / 'b-cut.tfrecord').write_bytes(blob[:-100])          # the last of 3 records cut
+  with tf.io.TFRecordWriter(str(bad / 'c-notproto.tfrecord')) as w:
+    w.write(b'\xff\xff\xff not a protocol buffer')
+  (bad / 'd-good.tfrecord').write_bytes(open(paths[0], 'rb').read())
+  assert frame_index.main([str(bad / '*.tfrecord')]) == 2
+  captured = capsys.readouterr()
+  err = captured.err.strip().splitlines()
+  want = [f'{bad / "a-junk.tfrecord"}: truncated or corrupt after 0 records (corrupted record',
+          f'{bad / "b-cut.tfrecord"}: truncated or corrupt after 2 records (truncated record',
+          f'{bad / "c-notproto.tfrecord"}: record 0 is not a tf.train.SequenceExample (']
+  assert len(err) == 3, err
+  for line, start in zip(err, want):
+    assert line.startswith(f'frame_index: {start}') and line.endswith('); not indexed'), line
+    assert '{{' not in line and 'function_node' not in line and '[Op:' not in line, line
+  for name in ('a-junk', 'b-cut', 'c-notproto'):
+    assert not os.path.exists(frame_index.index_path(str(bad / f'{name}.tfrecord')))
+  good = str(bad / 'd-good.tfrecord')
+  assert f'{frame_index.index_path(good)}: 3 records' in captured.out
+  assert frame_index.read_header(frame_index.index_path(good))[1] == 3
+
+
+def test_tf_error_line_keeps_the_message_without_internals():
+  raw = ('{{function_node __wrapped__IteratorGetNext_output_types_1_device_/job:localhost/'
+         'replica:0/task:0/device:CPU:0}} corrupted record at 0 (Is this even a TFRecord file?) '
+         '[Op:IteratorGetNext] name: \nsecond line')
+  assert frame_index.tf_error_line(raw) == 'corrupted record at 0 (Is this even a TFRecord file?)'
+  assert frame_index.tf_error_line('truncated record at 30') == 'truncated record at 30'
