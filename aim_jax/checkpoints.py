@@ -376,6 +376,9 @@ class WorkdirLock:
   def _refuse_or_take_over(self, me: dict) -> None:
     """A live holder (or one on another host) -> ConfigError; a dead one: removed."""
     holder = self._holder()
+    if not holder:
+      self._unreadable()
+      return
     same_host = holder.get('host') == me['host']
     if (same_host and isinstance(holder.get('pid'), int)
         and not self._alive(holder['pid'], holder.get('started'))):
@@ -388,6 +391,22 @@ class WorkdirLock:
         f'workdir {self.path.parent} is in use by process {holder.get("pid")} on '
         f'{holder.get("host")} (started {holder.get("started")}): use another --workdir, '
         f'or wait for it to finish (the lock is {self.path})')
+
+  def _unreadable(self) -> None:
+    """A lock that is empty or not JSON: being written this instant by a start that just
+    created it, or left so by a crash or a copy. Taken over (with a notice) once it is a
+    minute old on a local disk; otherwise refused, naming the file."""
+    try:
+      age = time.time() - os.path.getmtime(os.fspath(self.path))
+    except (OSError, TypeError):
+      age = None          # an object store, or gone: no age to judge by
+    if age is not None and age > 60:
+      logging.warning('workdir %s: taking over the unreadable lock %s (%.0f s old, empty or '
+                      'not JSON)', self.path.parent, self.path, age)
+      self.path.unlink(missing_ok=True)
+      return
+    raise ConfigError(f'workdir {self.path.parent}: its lock {self.path} is unreadable (empty '
+                      'or not JSON): if no run uses this workdir, delete the file')
 
   def _create(self, text: str) -> bool:
     if str(self.path).startswith(('gs://', 's3://')):
@@ -440,10 +459,20 @@ def config_changes(saved: Mapping, current: Mapping) -> list[str]:
           for k in sorted(set(a) | set(b)) if not _runtime(k) and a.get(k) != b.get(k)]
 
 
+def saved_steps(workdir: str) -> list[int]:
+  """Steps a run finished saving in WORKDIR/checkpoints and WORKDIR/best (orbax names a
+  finished step by its number; one in progress carries a temporary suffix)."""
+  root, steps = epath.Path(workdir), set()
+  for sub in (CHECKPOINTS, BEST):
+    if (root / sub).is_dir():
+      steps.update(int(p.name) for p in (root / sub).iterdir() if p.name.isdigit())
+  return sorted(steps)
+
+
 def workdir_holds_run(workdir: str) -> bool:
-  root = epath.Path(workdir)
-  return (root / CONFIG_FILE).exists() and (
-      (root / CHECKPOINTS).exists() or (root / FROZEN).exists())
+  """config.json and at least one saved step: a run to resume (and to compare configs with).
+  A start that failed before its first checkpoint left nothing to resume."""
+  return (epath.Path(workdir) / CONFIG_FILE).exists() and bool(saved_steps(workdir))
 
 
 def start_run(workdir: str, config: Any, model_cfg: Mapping, metadata: Mapping,
@@ -456,9 +485,21 @@ def start_run(workdir: str, config: Any, model_cfg: Mapping, metadata: Mapping,
   """
   root = epath.Path(workdir)
   cfg = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  if not (root / CONFIG_FILE).exists() and saved_steps(workdir):
+    raise ConfigError(
+        f'workdir {workdir} holds saved steps ({CHECKPOINTS}/, {BEST}/) but no {CONFIG_FILE}, '
+        'the run\'s identity: put it back to resume, or train in a new workdir (nothing was '
+        'changed)')
+  if (root / CONFIG_FILE).exists() and not saved_steps(workdir):
+    logging.warning('workdir %s: its %s is from a start that saved no step; this start '
+                    'replaces it', workdir, CONFIG_FILE)
   if workdir_holds_run(workdir):
-    blob = json.loads((root / CONFIG_FILE).read_text())
-    saved_model = resolve_model(blob['model'])
+    try:
+      blob = json.loads((root / CONFIG_FILE).read_text())
+      saved_model = resolve_model(blob['model'])
+    except (ValueError, KeyError, TypeError) as e:
+      raise ConfigError(f'{root / CONFIG_FILE} is damaged ({first_line(e)}): put back a good '
+                        'copy to resume, or train in a new workdir') from None
     for field in ARCH_FIELDS + ('image_size', 'num_frames', 'num_classes', 'adapters',
                                 'output_dim'):
       if saved_model[field] != model_cfg[field]:

@@ -326,6 +326,7 @@ def _workdir_with_run(path):
   c.total_steps = 60
   checkpoints.start_run(str(path), c, run_config.resolve_model(c.model), {})
   (path / 'frozen').mkdir()
+  (path / 'checkpoints' / '20').mkdir(parents=True)      # a saved step: a run to resume
   return c
 
 
@@ -339,7 +340,56 @@ def test_resuming_with_another_batch_size_is_refused_naming_the_field(tmp_path):
   assert (tmp_path / 'config.json').read_bytes() == saved
   assert not (tmp_path / 'config_changes.jsonl').exists()
   assert not (tmp_path / 'LOCK').exists()
-  assert sorted(p.name for p in tmp_path.iterdir()) == ['config.json', 'frozen']
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'config.json', 'frozen']
+
+
+def test_a_start_that_saved_no_step_does_not_bind_the_workdir_to_its_config(tmp_path, caplog):
+  # A first start that failed before its first checkpoint (a bad init_from, a field only the
+  # model's init refuses) wrote config.json and frozen/: the corrected command is not refused.
+  c = _unlocked()
+  model_cfg = run_config.resolve_model(c.model)
+  checkpoints.start_run(str(tmp_path), c, model_cfg, {})
+  (tmp_path / 'frozen').mkdir()
+  (tmp_path / 'checkpoints' / '20.orbax-checkpoint-tmp-1').mkdir(parents=True)  # unfinished
+  c.batch_size = 16
+  with caplog.at_level('WARNING'):
+    checkpoints.start_run(str(tmp_path), c, model_cfg, {})
+  assert 'config.json is from a start that saved no step' in caplog.text
+  assert json.loads((tmp_path / 'config.json').read_text())['config']['batch_size'] == 16
+  assert checkpoints.saved_steps(str(tmp_path)) == []
+
+
+def test_saved_steps_without_config_json_are_refused_and_left_alone(tmp_path):
+  c = _workdir_with_run(tmp_path)
+  (tmp_path / 'best' / '20').mkdir(parents=True)
+  (tmp_path / 'config.json').unlink()
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  with pytest.raises(errors.ConfigError, match=r'holds saved steps .* but no config.json'):
+    train.train_and_evaluate(c, str(tmp_path))
+  assert sorted(str(p) for p in tmp_path.rglob('*')) == before      # no LOCK, no damaged/
+
+
+def test_a_damaged_config_json_is_named(tmp_path):
+  c = _workdir_with_run(tmp_path)
+  (tmp_path / 'config.json').write_text('{"model": {"backbone": "clip"')
+  with pytest.raises(errors.ConfigError, match=rf'{tmp_path / "config.json"} is damaged'):
+    checkpoints.start_run(str(tmp_path), c, run_config.resolve_model(c.model), {})
+
+
+def test_an_unreadable_lock_is_refused_when_fresh_and_taken_over_when_old(tmp_path, caplog):
+  lock_file = tmp_path / 'LOCK'
+  for text in ('', 'not json'):
+    lock_file.write_text(text)
+    with pytest.raises(errors.ConfigError, match=rf'its lock {lock_file} is unreadable .*'
+                                                 'delete the file'):
+      checkpoints.WorkdirLock(str(tmp_path)).acquire()
+    assert lock_file.read_text() == text
+  old = time.time() - 120
+  os.utime(lock_file, (old, old))
+  with caplog.at_level('WARNING'):
+    with checkpoints.WorkdirLock(str(tmp_path)):
+      assert json.loads(lock_file.read_text())['pid'] == os.getpid()
+  assert f'taking over the unreadable lock {lock_file}' in caplog.text
 
 
 def test_a_recorded_batch_size_change_is_appended_to_config_changes(tmp_path):
