@@ -111,6 +111,15 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   if predictions_format not in ('csv', 'jsonl'):
     raise errors.ConfigError("predictions format must be 'csv' or 'jsonl', got "
                              f'{predictions_format!r}')
+  from data_pipelines import config as data_config
+  data_config.check(config.data)
+  data_config.views(config.data, config.eval.split)        # eval.split, its clips and crops
+  if (not isinstance(config.eval.batch_size, int) or isinstance(config.eval.batch_size, bool)
+      or config.eval.batch_size < 1):
+    raise errors.ConfigError(f'eval.batch_size={config.eval.batch_size!r} must be a positive '
+                             'integer')
+  if output_dir and epath.Path(output_dir).exists() and not epath.Path(output_dir).is_dir():
+    raise errors.ConfigError(f'--output_dir {output_dir} is a file, not a folder')
   params, ckpt_model, kind = checkpoints.load_checkpoint(checkpoint, which)
   model_cfg = run_config.merge_model_config(config.model, ckpt_model)
   names = reports.read_class_names(labels_file, model_cfg['num_classes']) if labels_file else None
@@ -150,7 +159,29 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
                     ': ' + ', '.join(f'{s["key"]} ({s["reason"]})' for s in skipped[:10])
                     if skipped else '')
 
+  if not result.metrics['num_evaluated']:
+    field = f'data.{split}_files' if config.data.source == 'tfrecord' else 'data.source'
+    raise errors.DataError(
+        f'no video of split {split!r} was evaluated ({field}={config.data[field.split(".")[1]]!r}'
+        f': {expected} expected, {result.metrics["num_skipped"]} skipped'
+        + (f'; first: {skipped[0]["key"]} ({skipped[0]["reason"]})' if skipped else '')
+        + '): nothing to report')
   out = epath.Path(output_dir or default_output_dir(checkpoint, kind, split, which))
+  try:
+    _write_reports(out, result, names, predictions_format, checkpoint, kind, which, split,
+                   model_cfg, config, processes, mesh, skipped)
+  except OSError as e:
+    raise errors.DataError(f'cannot write the reports to {out}: {e.strerror or e}'
+                           + (f' ({e.filename})' if e.filename else '')) from None
+  logging.info('%s: %s', split, reports.format_metrics(result.metrics))
+  logging.info('reports in %s', out)
+  return result
+
+
+def _write_reports(out: epath.Path, result: multiview.EvalResult, names: Optional[list[str]],
+                   predictions_format: str, checkpoint: str, kind: str, which: str, split: str,
+                   model_cfg: dict, config: Any, processes: int, mesh: Any,
+                   skipped: list[dict]) -> None:
   write_predictions(str(out / f'predictions.{predictions_format}'), result, names)
   if jax.process_index() == 0:
     reports.write_summary(
@@ -162,9 +193,6 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
     reports.write_per_class(str(out / 'per_class.csv'),
                             reports.per_class_table(result.confusion, names))
     reports.plot_confusion(str(out / 'confusion.png'), result.confusion, names)
-  logging.info('%s: %s', split, reports.format_metrics(result.metrics))
-  logging.info('reports in %s', out)
-  return result
 
 
 # ---------------------------------------------------------------------------

@@ -85,9 +85,37 @@ def check_compiler_options(spec: str) -> None:
     raise ConfigError(f'compiler_options={spec!r}: XLA refuses them: {first_line(e)}') from None
 
 
+def check_optimizer(o: Any) -> None:
+  """optimizer.*: the name, schedule and every rate in its range."""
+  def number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  if o.name != 'adamw':
+    raise ConfigError(f"optimizer.name={o.name!r} is not supported (only 'adamw')")
+  if o.schedule not in ('cosine_epoch', 'cosine', 'constant'):
+    raise ConfigError(f"optimizer.schedule={o.schedule!r} must be 'cosine_epoch', 'cosine' or "
+                      "'constant'")
+  for field, ok, want in (
+      # a non-finite lr is left to the run's divergence check (exit 3, naming the step)
+      ('lr', lambda v: not v < 0, '>= 0'),
+      *((f, lambda v: number(v) and v >= 0, '>= 0')
+        for f in ('min_lr', 'weight_decay', 'warmup_epochs', 'grad_clip_norm')),
+      *((f, lambda v: number(v) and 0 <= v < 1, 'in [0, 1)') for f in ('b1', 'b2')),
+      ('warmup_ratio', lambda v: number(v) and 0 <= v <= 1, 'in [0, 1]')):
+    v = o[field]
+    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)):
+      raise ConfigError(f'optimizer.{field}={v!r} must be {want}')
+  if not number(o.eps) or o.eps <= 0:
+    raise ConfigError(f'optimizer.eps={o.eps!r} must be > 0')
+
+
 def check_training_config(config: Any, process_count: int, dp_size: int) -> None:
   """Every training field that can be wrong fails here, before compiling."""
+  from data_pipelines import config as data_config
   d = config.data
+  data_config.check(d)
+  check_optimizer(config.optimizer)
+  if config.eval.split not in ('val', 'test'):
+    raise ConfigError(f"eval.split={config.eval.split!r} must be 'val' or 'test'")
   for name in ('num_frames', 'num_classes', 'image_size'):
     if d[name] != config.model[name]:   # only when a config broke the references
       raise ConfigError(f'data.{name}={d[name]} differs from model.{name}='

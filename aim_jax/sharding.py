@@ -21,24 +21,29 @@ from absl import logging
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as PS
 
+from aim_jax.errors import ConfigError
+
 MESH_AXES = ('data', 'fsdp', 'model')
 BATCH_AXES = ('data', 'fsdp')
 
 
 def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   """(data, fsdp, model) sizes; a -1 entry takes the devices the others leave."""
-  sizes = [int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.model)]
+  sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.model]
+  if any(not isinstance(s, int) or isinstance(s, bool) or s == 0 or s < -1 for s in sizes):
+    raise ConfigError(f'mesh {dict(zip(MESH_AXES, sizes))}: each of mesh.data/fsdp/model must '
+                      'be a positive integer or -1 (the devices the others leave)')
   if sizes.count(-1) > 1:
-    raise ValueError(f'mesh: at most one of data/fsdp/model may be -1, got {sizes}')
+    raise ConfigError(f'mesh: at most one of data/fsdp/model may be -1, got {sizes}')
   if -1 in sizes:
     known = math.prod(s for s in sizes if s != -1)
     if num_devices % known:
-      raise ValueError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
-                       f'{dict(zip(MESH_AXES, sizes))}')
+      raise ConfigError(f'mesh: {num_devices} devices are not divisible by the fixed axes '
+                        f'{dict(zip(MESH_AXES, sizes))} (config fields mesh.data/fsdp/model)')
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
-                     f'but there are {num_devices} (config fields mesh.data/fsdp/model)')
+    raise ConfigError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, '
+                      f'but there are {num_devices} (config fields mesh.data/fsdp/model)')
   return tuple(sizes)  # type: ignore[return-value]
 
 

@@ -351,14 +351,14 @@ def _training_workdir(path, cfg):
   names = steps.trainable_names(P.trainable_mask(params))
   train, frozen = steps.split_params(params, names)
   later = {k: v + 1.0 for k, v in train.items()}
+  config = tiny.get_config()
+  checkpoints.start_run(str(path), config, cfg, {'source': 'test'})   # first, as a run does
   ckpt = checkpoints.TrainCheckpointer(str(path), keep=2, async_save=False)
   ckpt.save_frozen(frozen)
   ckpt.save_best(5, train, {'top1': 0.5, 'step': 5})
   import optax
   ckpt.save(10, later, optax.adam(1e-3).init(later), {'step': 10})
   ckpt.close()
-  config = tiny.get_config()
-  checkpoints.start_run(str(path), config, cfg, {'source': 'test'})
   return params, P.unflatten({**frozen, **later}), config
 
 
@@ -468,3 +468,22 @@ def test_routine_orbax_warnings_are_quiet_others_pass():
   assert keep(record(orbax, logging.WARNING, 'Something else went wrong: %s'))
   assert keep(record(orbax, logging.ERROR, 'Given directory is read only=%s'))
   assert keep(record('/aim_jax/train.py', logging.INFO, 'step 1'))
+
+
+def test_no_video_evaluated_or_a_file_as_output_dir_is_an_error_before_any_report(tmp_path):
+  from configs import tiny
+  workdir = tmp_path / 'run'
+  _training_workdir(workdir, dict(TINY))
+  not_records = tmp_path / 'v0.mp4'
+  not_records.write_bytes(b'not a TFRecord file')
+  config = tiny.get_config()
+  config.unlock()
+  config.data.source, config.data.val_files = 'tfrecord', str(not_records)
+  with pytest.raises(errors.DataError, match=rf"no video of split 'val' was evaluated "
+                                             rf"\(data.val_files='{not_records}'"):
+    evaluate.evaluate_checkpoint(config, str(workdir), output_dir=str(tmp_path / 'rep'),
+                                 progress=False)
+  assert not (tmp_path / 'rep').exists()
+  with pytest.raises(errors.ConfigError, match=rf'--output_dir {not_records} is a file'):
+    evaluate.evaluate_checkpoint(tiny.get_config(), str(workdir), output_dir=str(not_records),
+                                 progress=False)

@@ -536,6 +536,44 @@ def test_a_field_that_cannot_run_is_named_before_anything_is_written(tmp_path, f
   assert not (tmp_path / 'w').exists()
 
 
+@pytest.mark.parametrize('field,value,message', [
+    ('model.width', 0, 'model.width=0 must be a positive integer'),
+    ('model.num_frames', 0, 'model.num_frames=0 must be a positive integer'),
+    ('model.layers', 0, 'model.layers=0 must be a positive integer'),
+    ('model.patch_size', 7, 'model.image_size=32 must be a multiple of model.patch_size=7'),
+    ('model.mlp_ratio', 0.0, 'model.mlp_ratio=0.0 must be > 0'),
+    ('model.drop_path_rate', 2.0, 'model.drop_path_rate=2.0 must be in [0, 1)'),
+    ('model.adapters.ratio', -1.0, 'model.adapters.ratio=-1.0 must be > 0'),
+    ('model.backbone', 'resnet', "model.backbone 'resnet' is not one of"),
+    ('optimizer.lr', -1.0, 'optimizer.lr=-1.0 must be >= 0'),
+    ('optimizer.name', 'sgd', "optimizer.name='sgd' is not supported"),
+    ('optimizer.b2', 1.0, 'optimizer.b2=1.0 must be in [0, 1)'),
+    ('data.source', 'nothing', "data.source='nothing' must be one of 'tfrecord', 'tfds'"),
+    ('data.sampling', 'weird', "data.sampling='weird' must be one of 'dense', 'uniform'"),
+    ('data.frame_index', 'maybe', "data.frame_index='maybe' must be one of 'auto'"),
+    ('data.frame_interval', 0, 'data.frame_interval=0 must be a positive integer'),
+    ('data.train_fraction', 2.0, 'data.train_fraction=2.0 must be in (0, 1]'),
+    ('data.area_range', (1.0,), 'data.area_range=(1.0,) must be (low, high)'),
+    ('data.mean', (1.0, 2.0), 'data.mean=(1.0, 2.0) must be three numbers'),
+    ('data.test_clips', 0, 'data.test_clips=0 must be a positive integer'),
+    ('eval.split', 'train2', "eval.split='train2' must be 'val' or 'test'"),
+    ('mesh.model', 3, 'devices are not divisible by the fixed axes'),
+    ('mesh.data', 0, 'each of mesh.data/fsdp/model must be a positive integer or -1'),
+])
+def test_a_value_out_of_range_is_named_before_anything_is_written(tmp_path, field, value,
+                                                                  message):
+  c = _unlocked()
+  *parents, name = field.split('.')
+  holder = c
+  for part in parents:
+    holder = holder[part]
+  holder[name] = value
+  with pytest.raises(errors.ConfigError) as raised:
+    train.train_and_evaluate(c, str(tmp_path / 'w'))
+  assert message in str(raised.value), str(raised.value)
+  assert not (tmp_path / 'w').exists()
+
+
 # -- 9. every command: a user error is one line and a non-zero exit ------------------------------
 CLI_ERRORS = [
     ('train', ['--config.total_steps=-5'], 'ConfigError: total_steps=-5 must be >= 0'),
@@ -545,6 +583,8 @@ CLI_ERRORS = [
     ('train', ['--config.optimizer.nope=1'],
      '--config.optimizer.nope=1: the config (configs/tiny.py) has no field optimizer.nope'),
     ('train', ['--config.batch_size=eight'], 'flag --config.batch_size=eight: invalid literal'),
+    ('train', ['--config.model.width=0'], 'ConfigError: model.width=0 must be a positive integer'),
+    ('train', ['--config.mesh.model=3'], 'ConfigError: mesh: 1 devices are not divisible'),
     ('convert', ['aim', '--src', '{tmp}/none.pth', '--out', '{tmp}/o'], '{tmp}/none.pth'),
     ('convert', ['export-aim', '--src', '{tmp}', '--out', '{tmp}/o.pth'],
      'CheckpointError: {tmp} is neither'),

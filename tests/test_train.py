@@ -105,6 +105,7 @@ def test_resuming_a_workdir_of_another_model_names_the_field(tmp_path):
   other['layers'] = 3
   checkpoints.start_run(str(tmp_path), c, other, {})
   (tmp_path / 'frozen').mkdir()
+  (tmp_path / 'checkpoints' / '10').mkdir(parents=True)     # a saved step: a run to resume
   with pytest.raises(errors.ConfigError, match=r'model.layers=3.*model.layers=2'):
     train.train_and_evaluate(c, str(tmp_path))
 
