@@ -21,6 +21,7 @@ way to compare this implementation with another on identical input.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any, Optional
 
@@ -192,9 +193,30 @@ def main(argv) -> None:
     raise SystemExit(errors.report(e, 'predict')) from None
 
 
+def _check_output(output: str, source: str) -> None:
+  """--output: not the input itself, and its folder made now (not after the model ran)."""
+  out, src = epath.Path(output), epath.Path(source)
+  if out.exists() and src.exists() and (str(out) == str(src) or (
+      '://' not in output and os.path.samefile(output, source))):
+    raise errors.ConfigError(f'--output {output} is the input file itself: choose another path')
+  if out.exists() and out.is_dir():
+    raise errors.ConfigError(f'--output {output} is a folder: name the file to write')
+  try:
+    out.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(f'--output {output}: cannot make its folder {out.parent} '
+                             f'({e.strerror or e})') from None
+
+
 def _predict(fl) -> None:
   if bool(fl.video) == bool(fl.array):
     raise errors.ConfigError('give exactly one of --video FILE or --array FILE.npy')
+  if fl.batch_size < 1:
+    raise errors.ConfigError(f'--batch_size={fl.batch_size} must be >= 1')
+  if fl.top_k < 1:
+    raise errors.ConfigError(f'--top_k={fl.top_k} must be >= 1')
+  if fl.output:
+    _check_output(fl.output, fl.video or fl.array)
   if fl.video and not epath.Path(fl.video).exists():  # before the checkpoint is loaded
     raise errors.DataError(f'video file {fl.video} does not exist')
   predictor = Predictor(fl.checkpoint, fl.config, fl.which)

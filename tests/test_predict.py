@@ -158,6 +158,33 @@ def test_command_line_array_of_another_shape_or_no_array_is_one_line(tiny_checkp
   assert not (tmp_path / 'out.npy').exists()
 
 
+def test_output_is_checked_before_the_model_runs(tiny_checkpoint, tmp_path, monkeypatch):
+  clip = tmp_path / 'clip.npy'
+  np.save(clip, np.zeros((1, 3, TINY['num_frames'], TINY['image_size'], TINY['image_size']),
+                         np.float32))
+  (tmp_path / 'a_file').write_text('')
+  import types
+  ran = []
+  monkeypatch.setattr(predict, 'Predictor', lambda *a, **k: ran.append(1))
+  cases = [(dict(output=str(clip)), '--output .* is the input file itself'),
+           (dict(output=str(tmp_path)), '--output .* is a folder'),
+           (dict(output=str(tmp_path / 'a_file' / 'x.npy')), 'cannot make its folder'),
+           (dict(batch_size=0), '--batch_size=0 must be >= 1'),
+           (dict(top_k=0), '--top_k=0 must be >= 1')]
+  for change, message in cases:
+    args = dict(video='', array=str(clip), layout='NCTHW', batch_size=8, top_k=5,
+                output=str(tmp_path / 'logits.npy'), labels='', checkpoint=tiny_checkpoint,
+                which='latest', config=None)
+    args.update(change)
+    with pytest.raises(errors.ConfigError, match=message):
+      predict._predict(types.SimpleNamespace(**args))
+  assert not ran                                           # refused before any model loads
+  assert np.load(clip).shape[0] == 1                       # the input is untouched
+  args.update(output=str(tmp_path / 'new' / 'logits.npy'), top_k=5)
+  predict._check_output(args['output'], args['array'])     # a new folder is made
+  assert (tmp_path / 'new').is_dir()
+
+
 def test_data_settings_come_from_the_config_or_the_training_run(tmp_path):
   from test_evaluate import _training_workdir
 
