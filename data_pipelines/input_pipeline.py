@@ -448,7 +448,7 @@ class _BatchIterator:
       batch = next(self._it)
     except StopIteration:
       if self._infinite:
-        raise RuntimeError(self._skip_message()) from None
+        raise errors.DataError(self._skip_message()) from None
       if self._epoch_size is not None:  # finite (eval) stream: clips dropped at its end
         with self.stats.lock:
           self.stats.decode_errors += self._unnamed(self._last[0], self._last[1] + 1,
@@ -478,7 +478,7 @@ class _BatchIterator:
     skipped = self.stats.total
     seen = self.examples + skipped
     if seen >= self._min_examples and skipped > self._max_skip_rate * seen:
-      raise RuntimeError(self._skip_message())
+      raise errors.DataError(self._skip_message())
 
 
 # ------------------------------------------------------------------ record streams

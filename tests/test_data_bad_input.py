@@ -10,6 +10,7 @@ import pytest
 
 tf = pytest.importorskip('tensorflow')
 
+from aim_jax import errors  # noqa: E402
 from data_pipelines import annotations  # noqa: E402
 from data_pipelines import config as config_lib  # noqa: E402
 from data_pipelines import input_pipeline  # noqa: E402
@@ -72,7 +73,7 @@ def test_skip_rate_threshold_stops_with_clear_error(bad_shard):
   cfg.max_skip_rate = 0.05
   it = input_pipeline.make_train_dataset(cfg, batch_size=6, seed=0, process_index=0,
                                          process_count=1)
-  with pytest.raises(RuntimeError, match='max_skip_rate.*(garbage|empty)'):
+  with pytest.raises(errors.DataError, match='max_skip_rate.*(garbage|empty)'):
     for _ in range(10):
       next(it)
 
@@ -170,7 +171,7 @@ def test_truncated_shard_is_named_in_training_and_skip_rate_error(cut_shard):
   cfg.skip_rate_min_examples, cfg.max_skip_rate = 5, 0.01
   it = input_pipeline.make_train_dataset(cfg, batch_size=3, seed=0, process_index=0,
                                          process_count=1)
-  with pytest.raises(RuntimeError, match=r'first named: .*cut-train.tfrecord-00001-of-00002.*'
+  with pytest.raises(errors.DataError, match=r'first named: .*cut-train.tfrecord-00001-of-00002.*'
                                          r'truncated or corrupt'):
     for _ in range(10):
       next(it)
@@ -250,6 +251,6 @@ def test_training_on_a_source_with_no_good_clip_stops_instead_of_hanging(tmp_pat
   worker.start()
   worker.join(timeout=180)
   assert 'error' in result, 'no error after 180 s: the stream skips every clip forever'
-  assert isinstance(result['error'], RuntimeError)
+  assert isinstance(result['error'], errors.DataError)
   assert re.search(r'above data.max_skip_rate=0.01.*first named: p\d in .*png-train.*frame is '
                    r'not a JPEG', str(result['error'])), result['error']
