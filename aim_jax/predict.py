@@ -21,6 +21,7 @@ way to compare this implementation with another on identical input.
 from __future__ import annotations
 
 import json
+import sys
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -183,7 +184,9 @@ def _define_flags():
 def main(argv) -> None:
   from absl import flags
   if len(argv) > 1:
-    raise SystemExit(f'unexpected arguments: {argv[1:]}')
+    sys.exit(errors.report(errors.ConfigError(
+        f'unexpected arguments {argv[1:]}: every option is a --flag (--help lists them)'),
+        'predict'))
   errors.quiet_library_logs()
   try:
     _predict(flags.FLAGS)

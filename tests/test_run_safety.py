@@ -584,6 +584,7 @@ CLI_ERRORS = [
      '--config.optimizer.nope=1: the config (configs/tiny.py) has no field optimizer.nope'),
     ('train', ['--config.batch_size=eight'], 'flag --config.batch_size=eight: invalid literal'),
     ('train', ['--config.model.width=0'], 'ConfigError: model.width=0 must be a positive integer'),
+    ('train', ['extra'], "ConfigError: unexpected arguments ['extra']: every option is a --flag"),
     ('train', ['--config.mesh.model=3'], 'ConfigError: mesh: 1 devices are not divisible'),
     ('convert', ['aim', '--src', '{tmp}/none.pth', '--out', '{tmp}/o'], '{tmp}/none.pth'),
     ('convert', ['export-aim', '--src', '{tmp}', '--out', '{tmp}/o.pth'],
