@@ -511,6 +511,15 @@ def test_missing_key_and_wrong_shape_name_the_key(tmp_path):
   with pytest.raises(ConversionError, match=r"visual\.transformer\.resblocks\.1\.mlp\.c_fc\."
                                             r"(weight|bias).*shape"):
     convert.load_clip(str(tmp_path / 'wrong.pt'))
+  # NaN or infinite values are damage, not weights: refused, naming the source key.
+  damaged = dict(sd)
+  bad = damaged['visual.transformer.resblocks.0.attn.out_proj.weight'].clone()
+  bad[0, :3] = float('nan')
+  damaged['visual.transformer.resblocks.0.attn.out_proj.weight'] = bad
+  t.save(damaged, tmp_path / 'nan.pt')
+  with pytest.raises(ConversionError, match=r"key 'visual\.transformer\.resblocks\.0\.attn\."
+                                            r"out_proj\.weight' -> .*: 3 of \d+ values are NaN"):
+    convert.load_clip(str(tmp_path / 'nan.pt'))
   # A checkpoint of another kind is refused by detection, naming the known formats.
   t.save({'foo.weight': t.zeros(2)}, tmp_path / 'other.pt')
   with pytest.raises(ConversionError, match='no registered image format'):

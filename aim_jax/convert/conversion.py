@@ -367,6 +367,12 @@ def verify(conv: Conversion) -> None:
     raise ConversionError(f'missing key for {missing[0]}' + (
         f' (and {len(missing) - 1} more)' if len(missing) > 1 else '') +
         ': no tensor of the checkpoint maps to it')
+  for name, value in P.flatten(conv.params).items():   # damage, not weights: never converted
+    value = np.asarray(value)
+    if value.dtype.kind == 'f' and not np.isfinite(value).all():
+      raise ConversionError(f'key {source.get(name, name)!r} -> {name}: '
+                            f'{int((~np.isfinite(value)).sum())} of {value.size} values are NaN '
+                            'or infinite (a damaged or diverged checkpoint)')
   extra = sorted(set(have) - set(want))
   if extra:
     raise ConversionError(f'key {source.get(extra[0], extra[0])!r} -> {extra[0]} has no place in '
