@@ -20,6 +20,11 @@ loaded by `benchmarks.official_torch`) on the same device, per-device batch and
 precision, with our weights: as released (eager) and modernised (torch.compile,
 fused AdamW), `--official_modes`; it reports ours / each official row's clips/s
 per mode.
+
+A missing or broken config file, an unknown `--config.FIELD`, a config field or flag out of
+its range, an unknown `--remat` policy and an `--out` whose folder cannot be made or written
+end the command with one line and exit status 2 (`aim_jax.errors`) before anything is built;
+`AIM_JAX_TRACEBACK=1` shows the traceback.
 """
 
 from __future__ import annotations
@@ -30,13 +35,21 @@ import platform
 import re
 import resource
 import sys
+import tempfile
 import time
 import traceback
 from typing import Any
 
 from absl import app, flags
 
+from aim_jax import errors
+
 FLAGS = flags.FLAGS
+
+
+class FlagError(errors.UserError):
+  """A flag this config cannot take, or an --out that cannot be written; names the flag."""
+
 
 # Dense bf16 peak per device, FLOP/s (vendor datasheets).
 PEAK_BF16 = {
@@ -126,14 +139,16 @@ def parse_variant(spec: str, config: Any) -> tuple[str, Any]:
 
 def parse_variants(specs: list[str], config: Any) -> list[tuple[str, Any, str]]:
   """(name, config, spec) for the default and each `--variant` spec, every variant's
-  model config resolved: a bad spec, field, value or repeated name raises ValueError
+  model and data config checked: a bad spec, field, value or repeated name raises ValueError
   (one line) before anything is built."""
-  from aim_jax import errors, run_config
+  from aim_jax import run_config
+  from data_pipelines import config as data_config
   variants = [('default', config, '')]
   for spec in specs:
     name, cfg = parse_variant(spec, config)
     try:
       run_config.resolve_model(cfg.model)
+      data_config.check(cfg.data)
     except errors.ConfigError as e:
       raise ValueError(f'--variant {spec!r}: {e}') from None
     variants.append((name, cfg, spec))
@@ -320,19 +335,67 @@ def format_row(r: dict) -> str:
           f'{mem} | {r["gmacs_per_clip"]:.1f} | {mfu} |')
 
 
+def check_config(config: Any, batch: int, remat: str) -> None:
+  """The config's own checks (model and data fields), the batch it gives (`batch` 0: its
+  batch_size) and the `--remat` policy: a ConfigError or FlagError naming the field or flag,
+  before anything is built."""
+  from aim_jax import run_config
+  from data_pipelines import config as data_config
+  model_cfg = run_config.resolve_model(config.model)
+  data_config.check(config.data)
+  if not batch:
+    b = config.batch_size
+    if not isinstance(b, int) or isinstance(b, bool) or b < 1:
+      raise errors.ConfigError(f'batch_size={b!r} must be a positive integer (--batch 0 takes '
+                               'the config\'s batch_size; or pass --batch N)')
+  if remat:
+    try:
+      run_config.resolve_model({**model_cfg, 'remat_policy': remat})
+    except errors.ConfigError as e:
+      raise FlagError(f'--remat {remat}: {e}') from None
+
+
+def check_out(path: str) -> None:
+  """`--out`'s folder exists (made if it does not) and takes a new file, before anything is
+  timed: a results file that cannot be written is a FlagError now, not after the run."""
+  if not path:
+    return
+  if os.path.isdir(path):
+    raise FlagError(f'--out {path}: is a folder; name the JSON file to write')
+  folder = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix='.step_benchmark_'):
+      pass
+  except OSError as e:
+    raise FlagError(f'--out {path}: cannot write in its folder {folder}: '
+                    f'{errors.first_line(e)}') from None
+  if os.path.exists(path) and not os.access(path, os.W_OK):
+    raise FlagError(f'--out {path}: the file exists and is not writable')
+
+
 HEADER = ('| mode | frames | batch | dtype | remat | clips/s | step ms median (p10-p90) | '
           'compile s | peak GiB | GMACs/clip | MFU |\n' + '|---' * 11 + '|')
 
 
 def main(argv):
+  """A user error (config, flag, --out, data) ends the command in one line, exit status 2."""
+  try:
+    benchmark(argv)
+  except errors.UserError as e:
+    if errors.show_traceback():
+      raise
+    raise SystemExit(errors.report(e, 'step_benchmark')) from None
+
+
+def benchmark(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if FLAGS.official:
     # The official torch model shares the GPU: JAX must not take 75% of it up front.
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
-  from aim_jax import distributed
-  distributed.maybe_initialize()
   config = FLAGS.config
+  check_config(config, FLAGS.batch, FLAGS.remat)
   batch = FLAGS.batch or config.batch_size
   modes = ['train', 'eval'] if FLAGS.mode == 'both' else [FLAGS.mode]
   results, official_rows = [], []
@@ -342,9 +405,13 @@ def main(argv):
       raise ValueError("--after_official: the 'default' row is ours to compare; name "
                        '--variant rows only')
   except ValueError as e:   # one line, before anything runs
-    from aim_jax import errors
+    if errors.show_traceback():
+      raise
     print(f'step_benchmark: {e}', file=sys.stderr, flush=True)
     raise SystemExit(errors.EXIT_USER_ERROR) from None
+  check_out(FLAGS.out)
+  from aim_jax import distributed
+  distributed.maybe_initialize()
 
   def write_out(extra: dict, complete: bool) -> None:
     # Written after every stage, so a run stopped by a time limit keeps what it measured.
@@ -445,15 +512,16 @@ def _define_flags():
   config_flags.DEFINE_config_file('config', None, 'config file (configs/NAME.py[:ARG])',
                                   lock_config=True)
   flags.DEFINE_enum('mode', 'train', ['train', 'eval', 'both'], 'which step to time')
-  flags.DEFINE_integer('batch', 0, 'global batch (default: the config\'s batch_size)')
-  flags.DEFINE_integer('steps', 10, 'timed steps after warm-up')
-  flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation')
+  flags.DEFINE_integer('batch', 0, 'global batch (0: the config\'s batch_size)', lower_bound=0)
+  flags.DEFINE_integer('steps', 10, 'timed steps after warm-up', lower_bound=1)
+  flags.DEFINE_integer('warmup', 2, 'untimed steps after compilation', lower_bound=0)
   flags.DEFINE_string('remat', '', "override model.remat_policy ('none', 'full', ...)")
   flags.DEFINE_enum('data', 'synthetic', ['synthetic', 'real'],
                     'synthetic on-device clips, or the config\'s tf.data pipeline')
   flags.DEFINE_bool('find_max_batch', False, 'also search the largest batch (with/without remat)')
-  flags.DEFINE_integer('max_batch_limit', 4096, 'stop the max-batch search here')
-  flags.DEFINE_string('out', '', 'write the results as JSON here')
+  flags.DEFINE_integer('max_batch_limit', 4096, 'stop the max-batch search here', lower_bound=1)
+  flags.DEFINE_string('out', '', 'write the results as JSON here (its folder is made if '
+                      'missing, before anything runs)')
   flags.DEFINE_string('official', '', 'folder holding the official AIM files (mmaction/models/'
                       '...): also time the official PyTorch model, same batch and precision, '
                       'and report ours / official (benchmarks.official_torch; needs torch)')
@@ -476,7 +544,7 @@ def _define_flags():
   flags.DEFINE_string('profile', '', 'also trace --profile_steps steps per mode with the JAX '
                       'profiler into DIR/MODE and report kernel time by family (GEMM, attention, '
                       'transpose/copy, reduction, elementwise, other) in ms/step and %')
-  flags.DEFINE_integer('profile_steps', 3, 'steps traced under --profile')
+  flags.DEFINE_integer('profile_steps', 3, 'steps traced under --profile', lower_bound=1)
   flags.DEFINE_multi_string('variant', [], 'also time our steps with these config fields set, '
                             'as one more row per mode: NAME:FIELD=VALUE[,FIELD=VALUE...], e.g. '
                             'cudnn:model.attention_impl=cudnn,model.temporal_attention='
@@ -487,8 +555,11 @@ def _define_flags():
 
 
 def run(argv=None):
+  """The command: its flags and --config parsed as `aim_jax.train` parses them (a bad flag,
+  config file or field: one line, exit status 2)."""
   _define_flags()
-  app.run(main, argv=argv)
+  from aim_jax import run_config
+  app.run(main, argv=argv, flags_parser=run_config.flags_parser('step_benchmark'))
 
 
 if __name__ == '__main__':

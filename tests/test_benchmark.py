@@ -310,3 +310,36 @@ def test_compile_time_compiles_then_loads_from_the_cache(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
   assert [r['loaded'] for r in json.loads(out.read_text())['rows']] == [1, 1]
   assert any(cache.iterdir())
+
+
+TINY = ['--config', 'configs/tiny.py']
+
+
+@pytest.mark.parametrize('args,named', [
+    (['--config', 'configs/nope.py'], '--config configs/nope.py: config file configs/nope.py '
+                                      'does not exist'),
+    ([], 'flag --config=None: '),
+    (TINY + ['--config.modl.width=3'], '--config.modl.width=3: the config (configs/tiny.py) has '
+                                       'no field modl'),
+    (TINY + ['--batch', '-4'], 'flag --batch=-4: '),
+    (TINY + ['--steps', '0'], 'flag --steps=0: '),
+    (TINY + ['--remat', 'bogus'], "FlagError: --remat bogus: model.remat_policy must be 'none'"),
+    (TINY + ['--config.model.width=0'], 'ConfigError: model.width=0 must be a positive integer'),
+    (TINY + ['--out', '{tmp}/file/sub/b.json'],
+     'FlagError: --out {tmp}/file/sub/b.json: cannot write in its folder {tmp}/file/sub: '
+     'NotADirectoryError'),
+], ids=['missing_file', 'no_config', 'unknown_field', 'batch', 'steps', 'remat', 'width', 'out'])
+def test_step_benchmark_refuses_bad_flags_and_configs_in_one_line(tmp_path, args, named):
+  """A bad config file, field, flag or --out ends the command before anything is built or
+  timed: exit status 2 and one line naming it, no traceback (as `aim_jax.train`)."""
+  (tmp_path / 'file').write_text('a regular file, not a folder')
+  argv = ['--mode', 'eval', '--batch', '2', '--steps', '1', '--warmup', '0'] + [
+      a.replace('{tmp}', str(tmp_path)) for a in args]      # the flags given last win
+  proc = subprocess.run([sys.executable, '-m', 'benchmarks.step_benchmark'] + argv, cwd=ROOT,
+                        capture_output=True, text=True, env=cpu_env(1), timeout=300,
+                        check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert lines[0].startswith('step_benchmark: ' + named.replace('{tmp}', str(tmp_path))), lines
+  assert 'compiled' not in proc.stdout         # refused before anything was built
