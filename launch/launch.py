@@ -2,18 +2,22 @@
 cluster or a Cloud TPU VM slice, with JAX's own multi-host runtime.
 
 Every launcher here does the same three things: validate its arguments (the
-config loads as the job will load it, with every --config.FIELD it overrides;
-the workdir is a local path or gs://; slice and node counts are possible)
-before anything starts; build one bash script whose last step is the same
-`python -m aim_jax.train --config C --workdir W [--config.X=Y ...]` line; then
-print that script (`--dry-run`) or run it with bash. What is printed is exactly
+config loads as the job will load it, every --config.FIELD=VALUE it overrides
+names a field and parses to its type, and the result passes the job's own
+first checks: model, data, optimizer and, where the launcher knows the job's
+devices and processes, the mesh, batch sizes and the rest of the training
+config; the workdir is a local path or gs://; slice and node counts are
+possible) before anything starts; build one bash script whose last step is the
+same `python -m aim_jax.train --config C --workdir W [--config.X=Y ...]` line;
+then print that script (`--dry-run`) or run it with bash. What is printed is exactly
 what runs, so a dry run can be saved and replayed.
 
   launch/local.sh CONFIG WORKDIR [--processes N --cpu-devices K]   one machine
   launch/multinode.sh --coordinator H:P --num-processes N --process-id I CONFIG WORKDIR
   launch/slurm_submit.sh --nodes N --gpus-per-node G CONFIG WORKDIR   (-> slurm.sbatch)
   launch/tpu_pod.sh train|evaluate|logs|stop|delete --name TPU --zone Z ...
-  python launch/launch.py check-config CONFIG [--config.X=Y ...]  load it, nothing else
+  python launch/launch.py check-config CONFIG [--num-devices N --num-processes P]
+      [--job evaluate] [--config.X=Y ...]   load and check it, nothing else
 
 Processes find each other through `aim_jax.distributed.maybe_initialize()`:
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (local, plain
@@ -21,16 +25,17 @@ multi-node), SLURM's variables (slurm.sbatch) or Cloud TPU metadata
 (AIM_JAX_DISTRIBUTED=auto on TPU VMs). No process manager of our own beyond
 starting the simulated local processes and waiting for them.
 
-The launcher itself is standard library only. Loading a config imports what the
-config imports (aim_jax, jax, ml_collections): with the job's interpreter
-(`--python`) for local, multi-node and SLURM jobs; for TPU slices with this
-interpreter, or, on a laptop that has gcloud but no jax, on every worker right
-before the job starts. --no-config-check skips the load.
+The launcher itself is standard library only. Loading and checking a config
+imports aim_jax and what it needs (jax, flax, ml_collections): with the job's
+interpreter (`--python`) for local, multi-node and SLURM jobs; for TPU slices
+with this interpreter, or, on a laptop that has gcloud but no jax, on every
+worker right before the job starts. --no-config-check skips both.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import re
@@ -103,13 +108,27 @@ class ConfigUnavailable(LaunchError):
   """This interpreter cannot import what the config needs (jax, ml_collections, ...)."""
 
 
-def load_config_here(spec: str, overrides: Sequence[str] = (), root: Path = ROOT) -> None:
-  """Loads `spec` as the job will and checks the override fields; raises LaunchError.
+def config_args(args: Sequence[str]) -> list[str]:
+  """The --config.FIELD[=VALUE] arguments of the job's `args`, each --config.FIELD without
+  `=` with the argument after it (unless that is a flag): absl reads `--config.FIELD V`
+  as FIELD=V, or V as a positional argument where FIELD is a boolean."""
+  out, args = [], list(args)
+  for i, a in enumerate(args):
+    if a.startswith('--config.'):
+      out.append(a)
+      if '=' not in a and i + 1 < len(args) and not args[i + 1].startswith('--'):
+        out.append(args[i + 1])
+  return out
+
+
+def load_config_here(spec: str, overrides: Sequence[str] = (), root: Path = ROOT):
+  """Loads `spec` as the job will, with its overrides applied; raises LaunchError.
 
   Like ml_collections' config flag: import the file as a module (the repository
   root on sys.path, as `python -m aim_jax.train` run from it has), then call
   get_config(ARG), or get_config() without an argument. Every --config.FIELD of
-  `overrides` must name a field of the result.
+  `overrides` must name a field of the result; its value is parsed to the field's
+  type and set by ml_collections' own flag parser, as the job's will.
   """
   import importlib.machinery
   import importlib.util
@@ -123,17 +142,70 @@ def load_config_here(spec: str, overrides: Sequence[str] = (), root: Path = ROOT
     loader.exec_module(module)
     config = module.get_config() if arg is None else module.get_config(arg)
   except ModuleNotFoundError as e:
-    top = (e.name or '').split('.')[0]
-    if top and not (root / top).exists() and not (root / f'{top}.py').exists():
-      raise ConfigUnavailable(f'config {spec!r}: cannot be loaded by {sys.executable} '
-                              f'(no module {e.name!r}): install aim-jax there, or pass '
-                              '--no-config-check') from None
-    raise LaunchError(f'config {spec!r}: {_one_line(e)}') from None
+    raise _missing_module(spec, e, root) from None
   except Exception as e:  # noqa: BLE001 (whatever get_config raises is the config's error)
     raise LaunchError(f'config {spec!r}: {_one_line(e)}') from None
-  for override in overrides:
-    if override.startswith('--config.'):
-      _check_field(spec, config, override)
+  args = config_args(overrides)
+  if not args:
+    return config
+  try:
+    from absl import flags
+    from ml_collections.config_flags import config_flags, config_path
+  except ModuleNotFoundError as e:
+    raise _missing_module(spec, e, root) from None
+  for a in args:
+    if a.startswith('--config.'):
+      _check_field(spec, config, a, config_path)
+  original = copy.deepcopy(config)
+  try:
+    return _parse_overrides(config, args, flags, config_flags)
+  except Exception as e:  # noqa: BLE001 (what the job's flag parser would refuse)
+    raise LaunchError(_override_error(spec, original, args, e, flags, config_flags,
+                                      config_path)) from None
+
+
+def _missing_module(spec: str, e: ModuleNotFoundError, root: Path) -> LaunchError:
+  top = (e.name or '').split('.')[0]
+  if top and not (root / top).exists() and not (root / f'{top}.py').exists():
+    return ConfigUnavailable(f'config {spec!r}: cannot be loaded by {sys.executable} '
+                             f'(no module {e.name!r}): install aim-jax there, or pass '
+                             '--no-config-check')
+  return LaunchError(f'config {spec!r}: {_one_line(e)}')
+
+
+def _parse_overrides(config, args: list[str], flags, config_flags):
+  """`config` with `args` applied by ml_collections' config flag (a FlagValues of its own)."""
+  argv = ['launch', *args]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_dict('config', config, flag_values=values, sys_argv=argv)
+  values(argv)
+  return values['config'].value
+
+
+def _override_error(spec: str, config, args: list[str], error: Exception, flags, config_flags,
+                    config_path) -> str:
+  """One line naming the override that the job's flag parser refuses, and why."""
+  text = ' '.join(str(error).split())
+  if isinstance(error, flags.IllegalFlagValueError) and text.startswith('flag --config.'):
+    # 'flag --config.F=V: why': say which type F has.
+    flag, _, why = text[len('flag '):].partition(': ')
+    field = flag[len('--config.'):].partition('=')[0]
+    try:
+      kind = config_path.get_type(field, config).__name__
+    except Exception:  # noqa: BLE001 (only for the message)
+      return f'{flag}: {why}'
+    return f'{flag}: not a valid {kind} for field {field} of config {spec!r} ({why})'
+  # Otherwise: the first override that fails alone, else all of them.
+  for i, a in enumerate(args):
+    if not a.startswith('--config.'):
+      continue
+    alone = [a] + ([args[i + 1]] if i + 1 < len(args) and not args[i + 1].startswith('--')
+                   else [])
+    try:
+      _parse_overrides(copy.deepcopy(config), alone, flags, config_flags)
+    except Exception as e:  # noqa: BLE001
+      return f'{a}: {_one_line(e)}'
+  return f'config {spec!r} with {" ".join(args)}: {_one_line(error)}'
 
 
 def _one_line(e: BaseException) -> str:
@@ -141,32 +213,80 @@ def _one_line(e: BaseException) -> str:
   return f'{type(e).__name__}: ' + ' '.join(str(text).split())
 
 
-def _check_field(spec: str, config, override: str) -> None:
+def _check_field(spec: str, config, override: str, config_path) -> None:
   """--config.a.b=V must name an existing field a.b (as the job's flag parser requires)."""
   field = override[len('--config.'):].partition('=')[0]
-  node = config
-  for part in field.split('.'):
-    if hasattr(node, 'keys') and part in node:
-      node = node[part]
-    elif isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
-      node = node[int(part)]
-    else:
-      raise LaunchError(f'--config.{field}: config {spec!r} has no field {field!r}')
+  try:
+    config_path.get_value(field, config)
+  except (AttributeError, KeyError, IndexError, ValueError):
+    raise LaunchError(f'--config.{field}: config {spec!r} has no field {field!r}') from None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobShape:
+  """The devices and processes a job runs on, where the launcher knows them."""
+  devices: int
+  processes: int
+
+  def __str__(self) -> str:
+    return (f'{self.devices} device{"s" * (self.devices != 1)}, '
+            f'{self.processes} process{"es" * (self.processes != 1)}')
+
+
+def check_run_config(spec: str, config, job: str = 'train', shape: JobShape | None = None,
+                     root: Path = ROOT) -> None:
+  """The job's own first checks of its config: a LaunchError naming the field.
+
+  Every job: the model resolves (aim_jax.run_config.resolve_model), the data and
+  optimizer fields are in range (data_pipelines.config.check, check_optimizer).
+  Training on a known `shape`: the mesh fits its devices (aim_jax.sharding.mesh_shape)
+  and check_training_config holds for its process count and data-parallel size,
+  except that compiler_options are parsed, not compiled: compiling would start this
+  machine's accelerator in the launcher, which outlives the job's start.
+  """
+  try:
+    from aim_jax import run_config
+    from aim_jax.errors import ConfigError
+    from data_pipelines import config as data_config
+    if job == 'train' and shape is not None:
+      from aim_jax import sharding
+  except ModuleNotFoundError as e:
+    raise _missing_module(spec, e, root) from None
+  where = f' on {shape}' if job == 'train' and shape is not None else ''
+  try:
+    run_config.resolve_model(config.model)
+    data_config.check(config.data)
+    run_config.check_optimizer(config.optimizer)
+    if job == 'train' and shape is not None:
+      data, fsdp, _ = sharding.mesh_shape(config.mesh, shape.devices)
+      compile_check = run_config.check_compiler_options
+      run_config.check_compiler_options = run_config.compiler_options
+      try:
+        run_config.check_training_config(config, shape.processes, data * fsdp)
+      finally:
+        run_config.check_compiler_options = compile_check
+  except ConfigError as e:
+    raise LaunchError(f'config {spec!r}{where}: ' + ' '.join(str(e).split())) from None
+  except Exception as e:  # noqa: BLE001 (a check that trips over a value: still the config's)
+    raise LaunchError(f'config {spec!r}{where}: {_one_line(e)}') from None
 
 
 def check_config_loads(args: argparse.Namespace, config: str, overrides: Sequence[str],
-                       python: str | None) -> None:
-  """Loads the config before anything starts, with the job's interpreter `python`.
+                       python: str | None, shape: JobShape | None = None) -> None:
+  """Loads and checks the config before anything starts, with the job's interpreter.
 
-  The current interpreter loads it in-process; another one (`--python`) runs
-  `launch.py check-config` from the repository root. --no-config-check skips it.
+  The current interpreter does it in-process (load_config_here, check_run_config);
+  another one (`--python`) runs `launch.py check-config` from the repository root.
+  `shape`: the job's devices and processes, where known. --no-config-check skips it.
   """
   if getattr(args, 'no_config_check', False):
     return
+  job = getattr(args, 'job', 'train')
   if python is None or _same_interpreter(python):
-    load_config_here(config, overrides)
+    check_run_config(config, load_config_here(config, overrides), job, shape)
     return
-  argv = [python, str(ROOT / 'launch' / 'launch.py'), 'check-config', config, *overrides]
+  argv = [python, str(ROOT / 'launch' / 'launch.py'), *check_config_argv(config, overrides,
+                                                                         job, shape)]
   try:
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600)
   except (OSError, subprocess.TimeoutExpired) as e:
@@ -178,6 +298,15 @@ def check_config_loads(args: argparse.Namespace, config: str, overrides: Sequenc
     raise LaunchError(errors[-1] if errors else
                       f'--python {python}: loading config {config!r} failed (exit '
                       f'{out.returncode}): ' + ' '.join(out.stderr.split()[-40:]))
+
+
+def check_config_argv(config: str, overrides: Sequence[str], job: str,
+                      shape: JobShape | None) -> list[str]:
+  """`check-config` arguments that check what the job will get (after `launch.py`)."""
+  argv = ['check-config', config, '--job', job]
+  if shape is not None:
+    argv += ['--num-devices', str(shape.devices), '--num-processes', str(shape.processes)]
+  return argv + config_args(overrides)
 
 
 def _same_interpreter(python: str) -> bool:
@@ -372,9 +501,14 @@ def local_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
     raise LaunchError(f'--processes {processes}: several processes on one machine are a CPU '
                       'simulation of a multi-host job; add --cpu-devices K (devices per process)')
   config = validate_config(args.config)
-  check_config_loads(args, config, overrides, args.python)
-  directory = _job_dir(args)
   env = validate_env(args.env)
+  if args.cpu_devices is not None:
+    shape = JobShape(processes * args.cpu_devices, processes)
+  else:
+    gpus = local_gpu_count(args.python, dict(os.environ, **dict(env)))
+    shape = JobShape(gpus, 1) if gpus else None
+  check_config_loads(args, config, overrides, args.python, shape)
+  directory = _job_dir(args)
   if args.cpu_devices is not None:
     env = [('JAX_PLATFORMS', 'cpu')] + env
   argv = entry_argv(args.job, args.python, config, directory, overrides)
@@ -416,6 +550,38 @@ def local_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   return Plan(notes, steps)
 
 
+CUDA_PLUGINS = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_cuda12_pjrt', 'jax_cuda13_pjrt')
+
+
+def local_gpu_count(python: str, env: dict[str, str]) -> int | None:
+  """The GPUs a one-process local job gets, where that is cheap to tell; else None.
+
+  Only for this interpreter with jax's CUDA plugin installed, JAX_PLATFORMS unset or
+  cuda, and `nvidia-smi -L` listing whole GPUs (no MIG), narrowed by
+  CUDA_VISIBLE_DEVICES: the count of JAX's devices in the job.
+  """
+  import importlib.util
+  platforms = env.get('JAX_PLATFORMS', '')
+  if platforms and platforms.split(',')[0] not in ('cuda', 'gpu'):
+    return None
+  if not _same_interpreter(python) or not shutil.which('nvidia-smi'):
+    return None
+  if not any(importlib.util.find_spec(name) for name in CUDA_PLUGINS):
+    return None
+  try:
+    out = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=20)
+  except (OSError, subprocess.TimeoutExpired):
+    return None
+  lines = out.stdout.splitlines()
+  if out.returncode or any(ln.strip().startswith('MIG') for ln in lines):
+    return None
+  count = sum(ln.startswith('GPU ') for ln in lines)
+  visible = env.get('CUDA_VISIBLE_DEVICES')
+  if visible is not None:
+    count = min(count, len([v for v in visible.split(',') if v.strip()]))
+  return count or None
+
+
 def _devices_note(cpu_devices: int | None) -> str:
   return f'{cpu_devices} simulated CPU devices' if cpu_devices else 'GPU/TPU if present, else CPU'
 
@@ -435,13 +601,15 @@ def multinode_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   coordinator = validate_coordinator(args.coordinator)
   env = [('JAX_COORDINATOR_ADDRESS', coordinator), ('JAX_NUM_PROCESSES', str(n)),
          ('JAX_PROCESS_ID', str(args.process_id))]
+  shape = None   # devices per process: all the node's, unknown here, unless listed
   if args.local_device_ids:
     if not re.fullmatch(r'\d+(,\d+)*', args.local_device_ids):
       raise LaunchError(f'--local-device-ids {args.local_device_ids!r}: expected e.g. 0,1,2,3')
     env.append(('JAX_LOCAL_DEVICE_IDS', args.local_device_ids))
+    shape = JobShape(n * len(args.local_device_ids.split(',')), n)
   env += validate_env(args.env)
   config = validate_config(args.config)
-  check_config_loads(args, config, overrides, args.python)
+  check_config_loads(args, config, overrides, args.python, shape)
   directory = _job_dir(args)
   notes = [f'process {args.process_id} of {n}; coordinator {coordinator} (process 0 serves it)']
   if not directory.startswith('gs://') and n > 1:
@@ -454,10 +622,13 @@ def slurm_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   """`sbatch launch/slurm.sbatch PYTHON -m aim_jax.train ...` with the job's shape."""
   nodes = positive('--nodes', args.nodes)
   gpus = positive('--gpus-per-node', args.gpus_per_node)
-  config = validate_config(args.config)
-  check_config_loads(args, config, overrides, args.python)
-  directory = _job_dir(args)
+  if args.time is not None:
+    validate_slurm_time(args.time)
+  # slurm.sbatch: srun starts --ntasks-per-node tasks on each node, each one JAX process.
   tasks = gpus if args.process_per == 'gpu' else 1
+  config = validate_config(args.config)
+  check_config_loads(args, config, overrides, args.python, JobShape(nodes * gpus, nodes * tasks))
+  directory = _job_dir(args)
   cpus = args.cpus_per_task
   cpus = CPUS_PER_GPU * (gpus // tasks) if cpus is None else positive('--cpus-per-task', cpus)
   sbatch = ['sbatch', f'--job-name={args.job_name}', f'--nodes={nodes}',
@@ -477,6 +648,17 @@ def slurm_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   env = validate_env(args.env)
   steps = _exports(env) + [shlex.join(sbatch + [str(ROOT / 'launch' / 'slurm.sbatch')] + argv)]
   return Plan(notes, steps)
+
+
+_SLURM_TIME = re.compile(r'\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}')
+
+
+def validate_slurm_time(value: str) -> str:
+  """sbatch --time: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (or UNLIMITED)."""
+  if not _SLURM_TIME.fullmatch(value) and value.upper() not in ('UNLIMITED', 'INFINITE'):
+    raise LaunchError(f'--time {value!r}: not a SLURM time limit; use minutes, MM:SS, '
+                      'HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (e.g. 24:00:00 or 1-12:00:00)')
+  return value
 
 
 def _gcloud(args: argparse.Namespace, verb: str, *positional: str) -> list[str]:
@@ -511,8 +693,9 @@ def tpu_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
   # The workers' interpreter is not here: load the config with this one, or, where it
   # lacks aim-jax's dependencies, on every worker just before the job starts.
   remote_check = False
+  shape = JobShape(tpu.devices, tpu.hosts)
   try:
-    check_config_loads(args, config, overrides, None)
+    check_config_loads(args, config, overrides, None, shape)
   except ConfigUnavailable as e:
     remote_check = str(e)
   directory = validate_dir(args.dir, what='workdir' if args.job == 'train' else 'checkpoint',
@@ -527,7 +710,8 @@ def tpu_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
     steps += _tpu_install_steps(args)
   if remote_check:
     notes.append(f'{remote_check.split(": install")[0]}: the workers load it before starting')
-  steps += _tpu_start_steps(args, config, directory, env, overrides, bool(remote_check))
+  steps += _tpu_start_steps(args, config, directory, env, overrides,
+                            shape if remote_check else None)
   return Plan(notes, steps)
 
 
@@ -587,15 +771,16 @@ def _tpu_install_steps(args: argparse.Namespace) -> list[str]:
 
 def _tpu_start_steps(args: argparse.Namespace, config: str, directory: str,
                      env: list[tuple[str, str]], overrides: list[str],
-                     check_config: bool = False) -> list[str]:
+                     check_shape: JobShape | None = None) -> list[str]:
+  """Start the job on every worker; with `check_shape`, each checks the config first."""
   argv = entry_argv(args.job, f'~/{REMOTE_VENV}/bin/python', config, directory, overrides)
   log, pid = f'~/{REMOTE_LOGS}/{args.job}.log', f'~/{REMOTE_LOGS}/{args.job}.pid'
   # The interpreter stays unquoted so that the worker's shell expands `~`.
   line = argv[0] + ' ' + shlex.join(argv[1:])
-  check = [f'~/{REMOTE_VENV}/bin/python launch/launch.py check-config '
-           + shlex.join([config, *[o for o in overrides if o.startswith('--config.')]])]
+  check = [f'~/{REMOTE_VENV}/bin/python launch/launch.py '
+           + shlex.join(check_config_argv(config, overrides, args.job, check_shape))]
   remote = ' && '.join([
-      f'cd ~/{REMOTE_SRC}', f'mkdir -p ~/{REMOTE_LOGS}', *(check if check_config else []),
+      f'cd ~/{REMOTE_SRC}', f'mkdir -p ~/{REMOTE_LOGS}', *(check if check_shape else []),
       f'if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then echo "$(hostname): a '
       f'{args.job} job is still running (pid $(cat {pid})); stop it first" >&2; exit 1; fi',
       # nohup: the job outlives this ssh session; SIGTERM (stop) makes it checkpoint.
@@ -726,8 +911,16 @@ def build_parser() -> argparse.ArgumentParser:
       q.add_argument('--lines', type=int, default=200)
 
   p = sub.add_parser('check-config', allow_abbrev=False,
-                     help='load a config (and check --config.FIELD overrides) as the job will')
+                     help='load a config with its --config.FIELD=VALUE overrides and run the '
+                          'job\'s own checks on it, as the job will')
   p.add_argument('config', help='configs/NAME.py[:ARG]')
+  p.add_argument('--job', choices=sorted(ENTRIES), default='train',
+                 help='the job whose checks run (evaluate: only those of any device count)')
+  p.add_argument('--num-devices', type=int,
+                 help='devices of the job: also check the mesh, batch sizes and the rest of '
+                      'the training config on them (default: unknown, not checked)')
+  p.add_argument('--num-processes', type=int, default=1,
+                 help='JAX processes of the job (with --num-devices; default: %(default)s)')
   return parser
 
 
@@ -739,10 +932,16 @@ def _add_tpu_common(q: argparse.ArgumentParser) -> None:
 
 
 def check_plan(args: argparse.Namespace, overrides: list[str]) -> Plan:
-  """`check-config`: nothing to run; raises LaunchError if the config does not load."""
+  """`check-config`: nothing to run; raises LaunchError if the config does not load or
+  fails the job's checks."""
   config = validate_config(args.config)
-  load_config_here(config, overrides)
-  return Plan([f'config {config} loads'], [])
+  shape = None
+  if args.num_devices is not None:
+    shape = JobShape(positive('--num-devices', args.num_devices),
+                     positive('--num-processes', args.num_processes))
+  check_run_config(config, load_config_here(config, overrides), args.job, shape)
+  where = f' on {shape}' if shape is not None and args.job == 'train' else ''
+  return Plan([f'config {config} loads and passes the {args.job} checks{where}'], [])
 
 
 PLANNERS = {'local': local_plan, 'multinode': multinode_plan, 'slurm': slurm_plan,
@@ -754,7 +953,12 @@ def plan_from_args(argv: Sequence[str]) -> tuple[Plan, argparse.Namespace]:
   """Parses and validates; raises LaunchError (or SystemExit for argparse errors)."""
   parser = build_parser()
   args, extra = parser.parse_known_args(list(argv))
-  overrides = validate_overrides(extra)
+  if args.launcher == 'check-config':
+    overrides = config_args(extra)
+    if overrides != extra:
+      raise LaunchError(f'check-config: unexpected arguments {extra}: only --config.FIELD=VALUE')
+  else:
+    overrides = validate_overrides(extra)
   if overrides and args.launcher == 'tpu' and args.action not in ('train', 'evaluate'):
     raise LaunchError(f'tpu {args.action}: unexpected arguments {overrides}')
   return PLANNERS[args.launcher](args, overrides), args

@@ -22,6 +22,9 @@ from conftest import ROOT
 from launch import launch
 
 PY = sys.executable
+# configs/tiny.py's batch sizes (8) divide over at most 8 devices: these fit up to 128.
+BATCH_128 = ['--config.batch_size=128', '--config.eval.batch_size=128']
+TPU = ['--name', 'aim-pod', '--zone', 'us-central2-b']
 
 
 def dry(*argv: str) -> str:
@@ -223,7 +226,12 @@ def test_an_override_of_a_field_that_does_not_exist_fails(launcher):
   assert message == ("--config.data.trian_files: config 'configs/tiny.py' has no field "
                      "'data.trian_files'")
   dry(*LAUNCHERS[launcher], 'configs/tiny.py', 'gs://my-bucket/w', *python,
-      '--config.data.train_files=x', '--config.model.swin.depths.0=3')
+      '--config.data.train_files=x', '--config.model.swin.depths=(3,3,3,3)')
+  # As the job's flag parser: a tuple element is not a field of its own.
+  assert error_of(*LAUNCHERS[launcher], 'configs/tiny.py', 'gs://my-bucket/w', *python,
+                  '--config.model.swin.depths.0=3') == (
+      "--config.model.swin.depths.0: config 'configs/tiny.py' has no field "
+      "'model.swin.depths.0'")
 
 
 def test_wrapper_script_exits_2_with_one_line_for_a_missing_row(tmp_path):
@@ -268,8 +276,197 @@ def test_tpu_without_dependencies_here_checks_the_config_on_the_workers(monkeypa
          'the workers load it before starting' in script
   start = shlex.split(next(ln for ln in steps(script) if 'nohup' in ln))[-1]
   check = ('~/aim-jax-venv/bin/python launch/launch.py check-config configs/k400.py:b16_f8 '
-           '--config.total_steps=3 && ')
+           '--job train --num-devices 4 --num-processes 1 --config.total_steps=3 && ')
   assert check in start and start.index(check) < start.index('nohup')
+
+
+# --------------------------------------------------------------------------
+# override values and the job's own checks, on the job's devices where known
+# --------------------------------------------------------------------------
+
+SLURM_16 = ['slurm', '--nodes', '2', '--gpus-per-node', '8']   # 16 GPUs, 16 processes
+ON_16 = "config 'configs/tiny.py' on 16 devices, 16 processes: "
+
+
+@pytest.mark.parametrize('launcher', list(LAUNCHERS))
+@pytest.mark.parametrize('override,message', [
+    ('--config.batch_size=abc', "--config.batch_size=abc: not a valid int for field batch_size "
+                                "of config 'configs/tiny.py' (invalid literal for int()"),
+    ('--config.optimizer.lr=fast', '--config.optimizer.lr=fast: not a valid float'),
+    ('--config.data.autotune=maybe', '--config.data.autotune=maybe: not a valid bool'),
+    ('--config.mesh=3', '--config.mesh=3: not a valid ConfigDict'),
+    ('--config.model.swin.depths[0]=3',   # a field, but a tuple's element cannot be set
+     '--config.model.swin.depths[0]=3: IndexError: 0 is not a valid index'),
+])
+def test_an_override_value_that_does_not_parse_names_the_flag(launcher, override, message):
+  python = [] if launcher == 'tpu' else ['--python', PY]
+  error = error_of(*LAUNCHERS[launcher], 'configs/tiny.py', 'gs://my-bucket/w', *python,
+                   override)
+  assert error.startswith(message) and '\n' not in error
+
+
+@pytest.mark.parametrize('argv', [
+    ['local'], ['local', '--job', 'evaluate'],
+    ['multinode', '--coordinator', 'n0:1', '--num-processes', '2', '--process-id', '0'],
+    SLURM_16, ['tpu', 'evaluate', '--name', 'aim-pod', '--zone', 'z', '--accelerator', 'v4-8']])
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.width=0', 'model.width=0 must be a positive integer'),
+    ('--config.model.heads=3', 'model.width 32 is not divisible by model.heads 3'),
+    ('--config.optimizer.lr=-1', 'optimizer.lr=-1.0 must be >= 0'),
+    ('--config.data.flip_prob=2', 'data.flip_prob=2.0 must be in [0, 1]'),
+    ('--config.data.source=csv', "data.source='csv' must be one of"),
+])
+def test_a_value_out_of_range_fails_whatever_the_devices(tmp_path, argv, override, message):
+  """Model, data and optimizer checks: also without a known device count, and for evaluate."""
+  python = [] if argv[0] == 'tpu' else ['--python', PY]
+  workdir = 'gs://my-bucket/w' if argv[0] == 'tpu' else str(tmp_path)
+  error = error_of(*argv, 'configs/tiny.py', workdir, *python, *BATCH_128, override)
+  assert error.startswith("config 'configs/tiny.py'") and message in error, error
+  dry(*argv, 'configs/tiny.py', workdir, *python, *BATCH_128)   # passes without the override
+
+
+def test_a_mesh_that_does_not_fit_the_devices_names_mesh():
+  error = error_of(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', PY,
+                   '--config.mesh.model=3', *BATCH_128)
+  assert error == (ON_16 + "mesh: 16 devices are not divisible by the fixed axes {'data': -1, "
+                   "'fsdp': 1, 'model': 3} (config fields mesh.data/fsdp/model)")
+  error = error_of(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', PY,
+                   '--config.mesh.data=4', *BATCH_128)
+  assert error.startswith(ON_16 + "mesh {'data': 4, 'fsdp': 1, 'model': 1} needs 4 devices, "
+                          'but there are 16')
+  dry(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', PY, '--config.mesh.model=2',
+      *BATCH_128)
+
+
+def test_a_batch_that_does_not_divide_over_the_devices_names_batch_size():
+  error = error_of(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', PY,
+                   '--config.batch_size=7')
+  assert error == (ON_16 + 'batch_size=7 (per micro-batch 7 with grad_accum_steps=1) is not '
+                   'divisible by the data-parallel size 16 (mesh.data x mesh.fsdp)')
+  # tiny's own eval.batch_size=8 does not divide over 16 devices either.
+  assert error_of(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', PY,
+                  '--config.batch_size=32').startswith(ON_16 + 'eval.batch_size=8 is not')
+  # The same config fits one 8-GPU node.
+  dry('slurm', 'configs/tiny.py', '/tmp/w', '--python', PY)
+
+
+def test_a_good_override_is_accepted_and_reaches_the_job():
+  script = dry(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', PY, '--config.batch_size=32',
+               '--config.eval.batch_size=16', '--config.optimizer.lr=0.003')
+  assert '# 2 node(s) x 8 GPU(s), one process per gpu: 16 JAX process(es), 16 devices' in script
+  assert steps(script)[-1].endswith(
+      '-m aim_jax.train --config configs/tiny.py --workdir /tmp/w --config.batch_size=32 '
+      '--config.eval.batch_size=16 --config.optimizer.lr=0.003')
+
+
+@pytest.mark.parametrize('per,processes,ok', [('gpu', 16, False), ('node', 2, True)])
+def test_slurm_process_count_follows_process_per(per, processes, ok):
+  """mesh.model=-1 leaves a data-parallel size of 1: only the process count is left to
+  divide the batch (one process per GPU: 16; per node: 2)."""
+  argv = [*SLURM_16, '--process-per', per, 'configs/tiny.py', '/tmp/w', '--python', PY,
+          '--config.mesh.data=1', '--config.mesh.model=-1', '--config.batch_size=8']
+  if ok:
+    dry(*argv)
+  else:
+    assert error_of(*argv) == ("config 'configs/tiny.py' on 16 devices, 16 processes: "
+                               'batch_size=8 is not divisible by the number of processes 16')
+
+
+@pytest.mark.parametrize('argv,devices', [
+    (['local', '--processes', '2', '--cpu-devices', '4'], 8),
+    (['local', '--cpu-devices', '4'], 4),
+    (['multinode', '--coordinator', 'n0:1', '--num-processes', '2', '--process-id', '1',
+      '--local-device-ids', '0,1,2,3'], 8),
+    (['tpu', 'train', *TPU, '--accelerator', 'v4-32'], 16),   # 16 chips, one device each
+    (['tpu', 'train', *TPU, '--accelerator', 'v3-32'], 32),   # 32 TensorCores
+])
+def test_each_launcher_checks_on_its_device_count(argv, devices):
+  python = [] if argv[0] == 'tpu' else ['--python', PY]
+  job = [*argv, 'configs/tiny.py', 'gs://my-bucket/w', *python]
+  error = error_of(*job, f'--config.batch_size={devices // 2}')
+  assert f'on {devices} devices' in error and f'data-parallel size {devices}' in error, error
+  dry(*job, f'--config.batch_size={devices}', f'--config.eval.batch_size={devices}')
+
+
+@pytest.mark.parametrize('argv', [
+    ['multinode', '--coordinator', 'n0:1', '--num-processes', '2', '--process-id', '0'],
+    ['local', '--job', 'evaluate', '--processes', '2', '--cpu-devices', '8'],
+    ['tpu', 'evaluate', *TPU, '--accelerator', 'v4-32']])
+def test_no_device_checks_where_the_devices_are_unknown_or_for_evaluate(tmp_path, argv):
+  python = [] if argv[0] == 'tpu' else ['--python', PY]
+  workdir = 'gs://my-bucket/w' if argv[0] == 'tpu' else str(tmp_path)
+  dry(*argv, 'configs/tiny.py', workdir, *python, '--config.batch_size=7',
+      '--config.mesh.model=3')
+
+
+def test_local_counts_the_gpus_where_it_can(tmp_path, monkeypatch):
+  fake_tool(tmp_path / 'nvidia-smi', '''
+      echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-0)"
+      echo "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-1)"
+  ''')
+  monkeypatch.setenv('PATH', f'{tmp_path}:{os.environ["PATH"]}')
+  for name in ('CUDA_VISIBLE_DEVICES', 'JAX_PLATFORMS'):
+    monkeypatch.delenv(name, raising=False)
+  monkeypatch.setattr(launch, 'CUDA_PLUGINS', ('json',))   # "jax has its CUDA plugin"
+  assert launch.local_gpu_count(PY, {}) == 2
+  assert launch.local_gpu_count(PY, {'CUDA_VISIBLE_DEVICES': '1'}) == 1
+  assert launch.local_gpu_count(PY, {'JAX_PLATFORMS': 'cpu'}) is None
+  assert launch.local_gpu_count(str(tmp_path / 'python'), {}) is None   # another interpreter
+  error = error_of('local', 'configs/tiny.py', str(tmp_path), '--python', PY,
+                   '--config.batch_size=3')
+  assert error.startswith("config 'configs/tiny.py' on 2 devices, 1 process: batch_size=3 ")
+  dry('local', 'configs/tiny.py', str(tmp_path), '--python', PY, '--config.batch_size=3',
+      '--env', 'CUDA_VISIBLE_DEVICES=0')
+  monkeypatch.setattr(launch, 'CUDA_PLUGINS', ('no_such_cuda_plugin',))
+  assert launch.local_gpu_count(PY, {}) is None
+
+
+def test_overrides_after_double_dash_are_read_as_the_job_reads_them():
+  """`--config.FIELD VALUE` (absl takes the next argument) and a bare boolean."""
+  job = ['local', '--processes', '2', '--cpu-devices', '4', 'configs/tiny.py', '/tmp/w',
+         '--python', PY, '--']
+  assert 'batch_size=12 (per micro-batch 12' in error_of(*job, '--config.batch_size', '12')
+  dry(*job, '--config.batch_size', '16', '--config.data.autotune', '--alsologtostderr')
+  assert launch.config_args(['--config.a', '1', '--config.b', '--x', '--config.c=2', 'y']) == [
+      '--config.a', '1', '--config.b', '--config.c=2']
+
+
+def test_another_interpreter_checks_on_the_same_devices(tmp_path):
+  """`launch.py check-config --num-devices --num-processes` with the job's interpreter."""
+  other = fake_tool(tmp_path / 'python', f'exec {PY} "$@"\n')
+  error = error_of(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', str(other),
+                   '--config.batch_size=7')
+  assert error.startswith(ON_16 + 'batch_size=7 (per micro-batch 7')
+  dry(*SLURM_16, 'configs/tiny.py', '/tmp/w', '--python', str(other), *BATCH_128)
+
+
+@pytest.mark.parametrize('argv,rc', [
+    (['--num-devices', '16', '--num-processes', '2'], 2),
+    (['--num-devices', '16', '--num-processes', '2', *BATCH_128], 0),
+    (['--num-devices', '8', '--num-processes', '3'], 2),     # 8 is not divisible by 3
+    (['--num-devices', '16', '--job', 'evaluate'], 0),        # evaluate: no device checks
+    (['--job', 'evaluate', '--config.model.width=0'], 2),
+    (['--config.batch_size=abc'], 2),
+    ([], 0),
+    (['--alsologtostderr'], 2),
+])
+def test_check_config_command_checks_values_and_devices(argv, rc, capsys):
+  assert launch.main(['check-config', 'configs/tiny.py', *argv]) == rc
+  out = capsys.readouterr()
+  if rc:
+    assert out.err.startswith('launch: error: ') and out.err.count('\n') == 1
+  else:
+    assert out.out.startswith("launch: config configs/tiny.py loads and passes the ")
+
+
+def test_wrapper_script_refuses_a_bad_value_before_submitting(tmp_path):
+  out = subprocess.run([str(ROOT / 'launch' / 'slurm_submit.sh'), '--nodes', '2',
+                        '--gpus-per-node', '8', 'configs/tiny.py', str(tmp_path),
+                        '--config.batch_size=abc', '--dry-run'],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHON=PY))
+  assert out.returncode == 2 and out.stdout == ''
+  assert out.stderr.startswith('launch: error: --config.batch_size=abc: not a valid int')
+  assert out.stderr.count('\n') == 1
 
 
 # --------------------------------------------------------------------------
@@ -306,7 +503,8 @@ def test_multinode_local_workdir_warns_about_shared_storage():
 def test_slurm_submits_the_batch_script_with_the_job_shape(nodes, gpus, per, tasks):
   script = dry('slurm', '--nodes', str(nodes), '--gpus-per-node', str(gpus), '--process-per',
                per, 'configs/tiny.py:frames=8', 'gs://my-bucket/run', '--python', PY,
-               '--time', '24:00:00', '--partition', 'a100', '--config.init_from=gs://my-bucket/c')
+               '--time', '24:00:00', '--partition', 'a100', '--config.init_from=gs://my-bucket/c',
+               *BATCH_128)
   [line] = steps(script)
   assert shlex.split(line) == [
       'sbatch', '--job-name=aim-jax', f'--nodes={nodes}', f'--ntasks-per-node={tasks}',
@@ -314,7 +512,7 @@ def test_slurm_submits_the_batch_script_with_the_job_shape(nodes, gpus, per, tas
       '--partition=a100', '--time=24:00:00', f'--cpus-per-task={8 * gpus // tasks}',
       str(ROOT / 'launch' / 'slurm.sbatch'),
       PY, '-m', 'aim_jax.train', '--config', 'configs/tiny.py:frames=8',
-      '--workdir', 'gs://my-bucket/run', '--config.init_from=gs://my-bucket/c']
+      '--workdir', 'gs://my-bucket/run', '--config.init_from=gs://my-bucket/c', *BATCH_128]
   assert f'{nodes * tasks} JAX process(es), {nodes * gpus} devices' in script
 
 
@@ -353,6 +551,21 @@ def test_slurm_cpus_per_task_defaults_to_8_per_gpu_of_the_process(extra, expecte
 def test_slurm_batch_script_asks_for_8_cores_per_task_when_submitted_directly():
   header = (ROOT / 'launch' / 'slurm.sbatch').read_text()
   assert '#SBATCH --ntasks-per-node=8\n' in header and '#SBATCH --cpus-per-task=8\n' in header
+
+
+@pytest.mark.parametrize('time_limit', ['90', '0', '30:00', '24:00:00', '100:00:00', '1-12',
+                                        '1-12:30', '1-12:00:00', 'UNLIMITED'])
+def test_slurm_time_formats_are_accepted(time_limit):
+  [line] = steps(dry('slurm', 'configs/tiny.py', '/tmp/w', '--no-config-check',
+                     '--time', time_limit))
+  assert f' --time={time_limit} ' in line
+
+
+@pytest.mark.parametrize('time_limit', ['99x', '', '1-', '-5', '1:2:3:4', '1-2:3:4:5', '1h',
+                                        '24:00:00 ', '1.5'])
+def test_slurm_time_that_is_not_a_slurm_time_is_refused(time_limit):
+  assert error_of('slurm', 'configs/tiny.py', '/tmp/w', '--no-config-check', '--time',
+                  time_limit).startswith(f'--time {time_limit!r}: not a SLURM time limit')
 
 
 def test_slurm_batch_script_without_a_command_is_a_usage_error():
@@ -396,16 +609,13 @@ def test_tpu_accelerator_errors(name, message):
     launch.parse_accelerator(name)
 
 
-TPU = ['--name', 'aim-pod', '--zone', 'us-central2-b']
-
-
 @pytest.mark.parametrize('accelerator,runtime', [('v4-32', 'tpu-ubuntu2204-base'),
                                                  ('v5litepod-16', 'v2-alpha-tpuv5-lite'),
                                                  ('v6e-8', 'v2-alpha-tpuv6e')])
 def test_tpu_train_creates_copies_installs_and_starts_on_all_workers(accelerator, runtime):
   script = dry('tpu', 'train', *TPU, '--accelerator', accelerator, '--project', 'proj',
                'configs/tiny.py', 'gs://my-bucket/aim/tiny', '--spot',
-               '--config.init_from=gs://my-bucket/ckpt/clip_b16')
+               '--config.init_from=gs://my-bucket/ckpt/clip_b16', *BATCH_128)
   lines = steps(script)
   create = [ln for ln in lines if 'tpu-vm create' in ln]
   assert create == [
@@ -423,7 +633,8 @@ def test_tpu_train_creates_copies_installs_and_starts_on_all_workers(accelerator
   assert 'uv pip install' in install and '"$HOME/aim-jax[data]" \'jax[tpu]\'' in install
   assert ('AIM_JAX_DISTRIBUTED=auto nohup ~/aim-jax-venv/bin/python -m aim_jax.train '
           '--config configs/tiny.py --workdir gs://my-bucket/aim/tiny '
-          '--config.init_from=gs://my-bucket/ckpt/clip_b16 > ~/aim-jax-logs/train.log') in start
+          '--config.init_from=gs://my-bucket/ckpt/clip_b16 --config.batch_size=128 '
+          '--config.eval.batch_size=128 > ~/aim-jax-logs/train.log') in start
 
 
 def test_tpu_evaluate_reuses_without_install_and_follows_the_log():
@@ -438,7 +649,8 @@ def test_tpu_evaluate_reuses_without_install_and_follows_the_log():
 
 
 @pytest.mark.parametrize('argv,message', [
-    (['--accelerator', 'v4-32', 'configs/tiny.py', '/tmp/local'], 'must be gs://BUCKET/PATH'),
+    (['--accelerator', 'v4-32', 'configs/tiny.py', '/tmp/local', *BATCH_128],
+     'must be gs://BUCKET/PATH'),
     (['--accelerator', 'v4-30', 'configs/tiny.py', 'gs://my-bucket/w'], 'multiple of 8'),
     (['--accelerator', 'v4-32', 'configs/none.py', 'gs://my-bucket/w'], 'does not exist'),
 ])
@@ -456,7 +668,8 @@ def test_all_dry_runs_are_valid_bash(tmp_path):
       ['multinode', '--coordinator', 'h:1', '--num-processes', '2', '--process-id', '1',
        'configs/tiny.py', str(tmp_path)],
       ['slurm', 'configs/tiny.py', str(tmp_path)],
-      ['tpu', 'train', *TPU, '--accelerator', 'v5litepod-16', 'configs/tiny.py', 'gs://bkt/x'],
+      ['tpu', 'train', *TPU, '--accelerator', 'v5litepod-16', 'configs/tiny.py', 'gs://bkt/x',
+       *BATCH_128],
       ['tpu', 'logs', *TPU, '--worker', 'all'], ['tpu', 'stop', *TPU], ['tpu', 'delete', *TPU]):
     out = subprocess.run(['bash', '-n'], input=dry(*argv), capture_output=True, text=True)
     assert out.returncode == 0, (argv, out.stderr)
@@ -500,7 +713,7 @@ def test_tpu_script_creates_reuses_or_recreates_then_starts_and_stops(tmp_path, 
                                                                        expected):
   env = _fake_gcloud(tmp_path, describe)
   script = dry('tpu', 'train', *TPU, '--accelerator', 'v4-32', '--no-install', 'configs/tiny.py',
-               'gs://my-bucket/run', '--config.total_steps=5')
+               'gs://my-bucket/run', '--config.total_steps=5', *BATCH_128)
   try:
     out = _run(script, env)
     assert out.returncode == 0, out.stderr
@@ -510,7 +723,7 @@ def test_tpu_script_creates_reuses_or_recreates_then_starts_and_stops(tmp_path, 
       ran = _wait_for(tmp_path / home / 'ran', lambda text: text)
       assert ran.split() == [
           'auto', '-m', 'aim_jax.train', '--config', 'configs/tiny.py', '--workdir',
-          'gs://my-bucket/run', '--config.total_steps=5']
+          'gs://my-bucket/run', '--config.total_steps=5', *BATCH_128]
     # A second start refuses while the job runs; stop sends SIGTERM to every worker.
     assert _run(script, env).returncode != 0
     assert _run(dry('tpu', 'stop', *TPU), env).returncode == 0
@@ -536,7 +749,7 @@ def _wait_for(path: Path, ready, timeout: float = 20.0) -> str:
 def test_tpu_script_refuses_a_slice_of_another_type(tmp_path):
   env = _fake_gcloud(tmp_path, 'READY\\tv4-8')
   script = dry('tpu', 'train', *TPU, '--accelerator', 'v4-32', '--no-install', 'configs/tiny.py',
-               'gs://my-bucket/run')
+               'gs://my-bucket/run', *BATCH_128)
   out = _run(script, env)
   assert out.returncode == 1
   assert 'TPU aim-pod is a v4-8, not a v4-32' in out.stderr
