@@ -36,7 +36,8 @@
 #   compile_cache.json/.log  with time left: the B/16 train step traced and loaded from the
 #                            compilation cache, as a restarted run does (benchmarks.compile_time)
 #   summary.txt              each part's exit status and time
-#   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not
+#   report.md, report.json   python -m benchmarks.gpu_report: the targets, met or not (and
+#                            the restart figure of compile_cache.json)
 # GPU_SH_PARTS=NAME,...: only those parts (e.g. a second, shorter call on a still-warm
 # machine: GPU_SH_PARTS=cudnn_attention,b16_train GPU_SH_BUDGET_S=240); the others are
 # skipped and say so in summary.txt. Without cudnn_attention our rows' own check decides the

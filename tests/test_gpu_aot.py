@@ -531,6 +531,14 @@ def test_gpu_report_checks_each_target_and_never_passes_a_missing_figure(tmp_pat
   assert (by[kernels_check]['status'], by[kernels_check]['note']) == (
       'missed', 'loss differs from XLA by 0.4')
   table = gpu_report.format_report(rep)
+  assert rep['restart'] is None and 'A restart' not in table          # no compile_cache.json
+  (tmp_path / 'compile_cache.json').write_text(json.dumps({'rows': [
+      dict(run='first', lower_s=2.5, compile_s=1.2, loaded=1, stored=0),
+      dict(run='second', lower_s=2.1, compile_s=0.9, loaded=1, stored=0)]}))
+  restarted = gpu_report.report(str(tmp_path))
+  assert restarted['restart'] == dict(lower_s=2.1, load_s=0.9, compile_s=30.0)
+  assert ('A restart (compilation cache): the B/16 train step traced in 2.1 s and loaded in '
+          '0.9 s, where b16_train compiled it in 30.0 s') in gpu_report.format_report(restarted)
   assert '| aim_jax [pallas] | train | RuntimeError: no plan |' in table
   assert '| aim_jax [cudnn] (cudnn attention) | train | 440.0 |' in table
   assert '| official compiled | train | 263.0 |' in table
