@@ -300,7 +300,7 @@ _FLAG_RANGES = (
     ('jpeg_quality', 1, 100, ''),
     ('min_frames', 1, None, ''),
     ('num_shards', 0, None, '0: one per 200 videos'),
-    ('num_workers', 1, None, ''),
+    ('num_workers', 0, None, '0 writes in this process'),
 )
 
 
@@ -324,7 +324,8 @@ def _define_flags():
   flags.DEFINE_integer('warn_frames', 8, 'Videos written with fewer frames are listed among the '
                        'warnings (as are videos that decode short of their stated length).')
   flags.DEFINE_integer('num_shards', 0, 'Number of shards (0: one per 200 videos).')
-  flags.DEFINE_integer('num_workers', max(1, (os.cpu_count() or 2) - 1), 'Writer processes (>= 1).')
+  flags.DEFINE_integer('num_workers', max(1, (os.cpu_count() or 2) - 1),
+                       'Writer processes (0 writes in this process).')
   flags.DEFINE_integer('seed', 0, 'Seed of the video-to-shard assignment.')
 
 

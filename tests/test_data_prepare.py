@@ -275,7 +275,7 @@ def test_cli_shards_of_another_count_and_an_out_file_are_one_line_errors(tmp_pat
 @pytest.mark.parametrize('flag,value,want', [
     ('short_side', '-5', '--short_side=-5: must be >= 0 (0 keeps the original size)'),
     ('fps', '-1', '--fps=-1.0: must be >= 0 (0 keeps every frame)'),
-    ('num_workers', '0', '--num_workers=0: must be >= 1'),
+    ('num_workers', '-1', '--num_workers=-1: must be >= 0 (0 writes in this process)'),
     ('num_shards', '-1', '--num_shards=-1: must be >= 0 (0: one per 200 videos)'),
     ('min_frames', '-1', '--min_frames=-1: must be >= 1'),
     ('jpeg_quality', '0', '--jpeg_quality=0: must be from 1 to 100'),
@@ -292,7 +292,7 @@ def test_cli_out_of_range_flags_stop_before_anything_is_read_or_written(tmp_path
 
 
 def test_flag_ranges_accept_their_bounds_and_reject_what_is_not_a_number():
-  for flag, value in (('short_side', 0), ('fps', 0.0), ('fps', 29.97), ('num_workers', 1),
+  for flag, value in (('short_side', 0), ('fps', 0.0), ('fps', 29.97), ('num_workers', 0),
                       ('num_shards', 0), ('min_frames', 1), ('jpeg_quality', 1),
                       ('jpeg_quality', 100)):
     assert prepare.flag_range_error(flag, value) == '', (flag, value)
