@@ -301,6 +301,8 @@ _FLAG_RANGES = (
     ('min_frames', 1, None, ''),
     ('num_shards', 0, None, '0: one per 200 videos'),
     ('num_workers', 0, None, '0 writes in this process'),
+    ('num_classes', 0, None, '0: from --labels'),
+    ('warn_frames', 0, None, '0 warns of no short video'),
 )
 
 

@@ -278,6 +278,8 @@ def test_cli_shards_of_another_count_and_an_out_file_are_one_line_errors(tmp_pat
     ('num_workers', '-1', '--num_workers=-1: must be >= 0 (0 writes in this process)'),
     ('num_shards', '-1', '--num_shards=-1: must be >= 0 (0: one per 200 videos)'),
     ('min_frames', '-1', '--min_frames=-1: must be >= 1'),
+    ('num_classes', '-3', '--num_classes=-3: must be >= 0 (0: from --labels)'),
+    ('warn_frames', '-1', '--warn_frames=-1: must be >= 0 (0 warns of no short video)'),
     ('jpeg_quality', '0', '--jpeg_quality=0: must be from 1 to 100'),
     ('jpeg_quality', '101', '--jpeg_quality=101: must be from 1 to 100'),
 ])
