@@ -232,6 +232,11 @@ def _predict(fl) -> None:
       array = np.load(fl.array)
       if not isinstance(array, np.ndarray):
         raise ValueError(f'holds a {type(array).__name__}, not one array')
+      if array.dtype.kind not in 'fiu':
+        raise ValueError(f'holds {array.dtype} values, not numbers')
+      if array.dtype.kind == 'f' and not np.isfinite(array).all():
+        raise ValueError(f'{int((~np.isfinite(array)).sum())} of {array.size} values are NaN '
+                         'or infinite')
       logits = predict_array(predictor, array, fl.layout, fl.batch_size)
     except (ValueError, OSError) as e:          # not a .npy file, or not the model's shape
       raise errors.DataError(f'array file {fl.array}: {e}') from None

@@ -141,13 +141,18 @@ def test_command_line_array_of_another_shape_or_no_array_is_one_line(tiny_checkp
   np.save(nthwc, np.zeros((2, t, s, s, 3), np.float32))      # the other layout
   np.save(flat, np.zeros((3, t, s, s), np.float32))          # 4-D
   text.write_text('not an array')
+  nan = tmp_path / 'nan.npy'
+  bad = np.zeros((1, 3, t, s, s), np.float32)
+  bad[0, 0, 0, 0, :2] = np.nan
+  np.save(nan, bad)
   assert predictor.clip_shape('NCTHW') == (3, t, s, s)
   for path, message in (
       (nthwc, f'array file {nthwc}: array of shape (2, {t}, {s}, {s}, 3): the model takes '
               f'(N, 3, {t}, {s}, {s}) or (N, V, 3, {t}, {s}, {s}) in NCTHW (C, T, H, W); this '
               'is the NTHWC layout: --layout NTHWC'),
       (flat, f'array file {flat}: array of shape (3, {t}, {s}, {s}): expected 5-D NCTHW'),
-      (text, f'array file {text}: ')):
+      (text, f'array file {text}: '),
+      (nan, f'array file {nan}: 2 of {bad.size} values are NaN or infinite')):
     proc = subprocess.run([sys.executable, '-m', 'aim_jax.predict', '--checkpoint',
                            tiny_checkpoint, '--array', str(path), '--output',
                            str(tmp_path / 'out.npy')], env=cpu_env(1), cwd=ROOT,
