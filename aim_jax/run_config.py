@@ -150,9 +150,12 @@ def check_training_config(config: Any, process_count: int, dp_size: int) -> None
   if config.batch_size % process_count:
     raise ConfigError(f'batch_size={config.batch_size} is not divisible by the number of '
                       f'processes {process_count}')
-  if config.eval.batch_size % dp_size or config.eval.batch_size % process_count:
+  # Each process evaluates eval.batch_size / processes videos a step; the multi-view engine
+  # pads that to fill its devices (multiview.padded_batch_size), so the data-parallel size
+  # need not divide it.
+  if config.eval.batch_size % process_count:
     raise ConfigError(f'eval.batch_size={config.eval.batch_size} is not divisible by the '
-                      f'data-parallel size {dp_size} and the process count {process_count}')
+                      f'number of processes {process_count}')
   if config.device_prefetch < 0:
     raise ConfigError(f'device_prefetch={config.device_prefetch} must be >= 0 (0 = no prefetch)')
   if config.eval.average_clips not in ('prob', 'score'):

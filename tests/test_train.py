@@ -64,6 +64,18 @@ def test_model_and_data_share_one_clip_length():
   run_config.check_training_config(c, process_count=1, dp_size=1)
 
 
+def test_eval_batch_need_not_fill_the_mesh_only_divide_over_processes():
+  # The multi-view engine pads a process's evaluation batch to its devices: 16 on 32 devices
+  # (a v5litepod-32, 4 x 8 GPUs) is fine; only the split over processes must be even.
+  c = _unlocked()
+  c.batch_size, c.eval.batch_size = 32, 16
+  run_config.check_training_config(c, process_count=8, dp_size=32)
+  c.eval.batch_size = 12
+  with pytest.raises(errors.ConfigError, match='eval.batch_size=12 is not divisible by the '
+                                               'number of processes 8'):
+    run_config.check_training_config(c, process_count=8, dp_size=32)
+
+
 def test_batch_not_divisible_names_the_field():
   c = _unlocked()
   c.batch_size = 6
