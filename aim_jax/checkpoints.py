@@ -305,7 +305,11 @@ RUNTIME_FIELDS = ('progress_bar', 'log_every_steps', 'checkpoint', 'device_prefe
                   'model.attention_pad_multiple', 'model.attention_pad_mode',
                   'model.qkv_projection', 'model.joint_mlp', 'model.norm_impl',
                   'model.mlp_impl',
-                  'compiler_options', 'compilation_cache_dir')
+                  'compiler_options', 'compilation_cache_dir',
+                  # read only by a run's first start; a resume restores its checkpoint
+                  'init_from',
+                  # the same clips, read through the frame index or from whole records
+                  'data.frame_index')
 
 
 class WorkdirLock:

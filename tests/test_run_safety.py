@@ -343,6 +343,14 @@ def test_resuming_with_another_batch_size_is_refused_naming_the_field(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoints', 'config.json', 'frozen']
 
 
+def test_a_resume_may_move_init_from_or_read_records_another_way():
+  saved = {'init_from': '/ckpt/clip_b16', 'data': {'frame_index': 'auto', 'sampling': 'dense'}}
+  moved = {'init_from': 'gs://b/clip_b16', 'data': {'frame_index': 'off', 'sampling': 'dense'}}
+  assert checkpoints.config_changes(saved, moved) == []
+  moved['data']['sampling'] = 'uniform'                  # this one changes the clips
+  assert checkpoints.config_changes(saved, moved) == ["data.sampling: 'dense' -> 'uniform'"]
+
+
 def test_a_start_that_saved_no_step_does_not_bind_the_workdir_to_its_config(tmp_path, caplog):
   # A first start that failed before its first checkpoint (a bad init_from, a field only the
   # model's init refuses) wrote config.json and frozen/: the corrected command is not refused.
