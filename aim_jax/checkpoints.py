@@ -473,12 +473,6 @@ def saved_steps(workdir: str) -> list[int]:
   return sorted(steps)
 
 
-def workdir_holds_run(workdir: str) -> bool:
-  """config.json and at least one saved step: a run to resume (and to compare configs with).
-  A start that failed before its first checkpoint left nothing to resume."""
-  return (epath.Path(workdir) / CONFIG_FILE).exists() and bool(saved_steps(workdir))
-
-
 def start_run(workdir: str, config: Any, model_cfg: Mapping, metadata: Mapping,
               on_config_change: str = 'refuse') -> None:
   """First start: write config.json (the run's identity). Resume: compare with it.
@@ -489,15 +483,18 @@ def start_run(workdir: str, config: Any, model_cfg: Mapping, metadata: Mapping,
   """
   root = epath.Path(workdir)
   cfg = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
-  if not (root / CONFIG_FILE).exists() and saved_steps(workdir):
+  # A run to resume (and compare configs with): config.json and at least one saved step.
+  # A start that failed before its first checkpoint left nothing to resume.
+  has_config, steps = (root / CONFIG_FILE).exists(), saved_steps(workdir)
+  if not has_config and steps:
     raise ConfigError(
         f'workdir {workdir} holds saved steps ({CHECKPOINTS}/, {BEST}/) but no {CONFIG_FILE}, '
         'the run\'s identity: put it back to resume, or train in a new workdir (nothing was '
         'changed)')
-  if (root / CONFIG_FILE).exists() and not saved_steps(workdir):
+  if has_config and not steps:
     logging.warning('workdir %s: its %s is from a start that saved no step; this start '
                     'replaces it', workdir, CONFIG_FILE)
-  if workdir_holds_run(workdir):
+  if has_config and steps:
     try:
       blob = json.loads((root / CONFIG_FILE).read_text())
       saved_model = resolve_model(blob['model'])

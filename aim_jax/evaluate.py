@@ -115,10 +115,7 @@ def evaluate_checkpoint(config: Any, checkpoint: str, *, which: str = 'latest',
   from data_pipelines import config as data_config
   data_config.check(config.data)
   data_config.views(config.data, config.eval.split)        # eval.split, its clips and crops
-  if (not isinstance(config.eval.batch_size, int) or isinstance(config.eval.batch_size, bool)
-      or config.eval.batch_size < 1):
-    raise errors.ConfigError(f'eval.batch_size={config.eval.batch_size!r} must be a positive '
-                             'integer')
+  run_config.positive_int(config, 'eval.batch_size', config.eval.batch_size)
   if output_dir and epath.Path(output_dir).exists() and not epath.Path(output_dir).is_dir():
     raise errors.ConfigError(f'--output_dir {output_dir} is a file, not a folder')
   params, ckpt_model, kind = checkpoints.load_checkpoint(checkpoint, which)

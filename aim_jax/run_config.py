@@ -25,7 +25,7 @@ def resolve_model(model: Mapping | Any) -> dict:
     raise ConfigError(str(e).strip('"')) from None
 
 
-def _positive_int(config: Any, name: str, value: Any, allow: tuple = ()) -> None:
+def positive_int(config: Any, name: str, value: Any, allow: tuple = ()) -> None:
   if value in allow:
     return
   if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -108,14 +108,17 @@ def check_optimizer(o: Any) -> None:
     raise ConfigError(f'optimizer.eps={o.eps!r} must be > 0')
 
 
-def check_training_config(config: Any, process_count: int, dp_size: int) -> None:
-  """Every training field that can be wrong fails here, before compiling."""
+def check_training_config(config: Any, process_count: int, dp_size: int, *,
+                          compile_options: bool = True) -> None:
+  """Every training field that can be wrong fails here, before compiling.
+
+  `compile_options=False`: config.compiler_options are parsed, not compiled (a launcher,
+  which must not start this machine's accelerator)."""
   from data_pipelines import config as data_config
   d = config.data
   data_config.check(d)
+  data_config.views(d, config.eval.split)          # eval.split, its clips and crops
   check_optimizer(config.optimizer)
-  if config.eval.split not in ('val', 'test'):
-    raise ConfigError(f"eval.split={config.eval.split!r} must be 'val' or 'test'")
   for name in ('num_frames', 'num_classes', 'image_size'):
     if d[name] != config.model[name]:   # only when a config broke the references
       raise ConfigError(f'data.{name}={d[name]} differs from model.{name}='
@@ -128,12 +131,12 @@ def check_training_config(config: Any, process_count: int, dp_size: int) -> None
     raise ConfigError('set total_steps or total_epochs (both are 0)')
   if not isinstance(config.steps_per_epoch, int) or config.steps_per_epoch < 0:
     raise ConfigError(f'steps_per_epoch={config.steps_per_epoch!r} must be >= 0 (0 = counted)')
-  _positive_int(config, 'batch_size', config.batch_size)
-  _positive_int(config, 'grad_accum_steps', config.grad_accum_steps)
-  _positive_int(config, 'log_every_steps', config.log_every_steps)
-  _positive_int(config, 'checkpoint.every_steps', config.checkpoint.every_steps)
-  _positive_int(config, 'checkpoint.keep', config.checkpoint.keep)
-  _positive_int(config, 'eval.batch_size', config.eval.batch_size)
+  positive_int(config, 'batch_size', config.batch_size)
+  positive_int(config, 'grad_accum_steps', config.grad_accum_steps)
+  positive_int(config, 'log_every_steps', config.log_every_steps)
+  positive_int(config, 'checkpoint.every_steps', config.checkpoint.every_steps)
+  positive_int(config, 'checkpoint.keep', config.checkpoint.keep)
+  positive_int(config, 'eval.batch_size', config.eval.batch_size)
   if not isinstance(config.eval_every_steps, int) or config.eval_every_steps < -1:
     raise ConfigError(f'eval_every_steps={config.eval_every_steps!r} must be a positive '
                       'integer, 0 (every 5 epochs) or -1 (never)')
@@ -161,7 +164,11 @@ def check_training_config(config: Any, process_count: int, dp_size: int) -> None
   if config.eval.average_clips not in ('prob', 'score'):
     raise ConfigError(f"eval.average_clips must be 'prob' or 'score', got "
                       f'{config.eval.average_clips!r}')
-  check_compiler_options(config.get('compiler_options', ''))
+  spec = config.get('compiler_options', '')
+  if compile_options:
+    check_compiler_options(spec)
+  else:
+    compiler_options(spec)
   if not 0 <= config.label_smoothing < 1:
     raise ConfigError(f'label_smoothing={config.label_smoothing} is not in [0, 1)')
   if config.mixup_alpha < 0:

@@ -97,7 +97,7 @@ class Plan:
     self.total_steps = int(config.total_steps or round(config.total_epochs * self.steps_per_epoch))
     # 0: every 5 epochs (official); -1: never (not even at the end).
     self.eval_every = int(config.eval_every_steps or 5 * self.steps_per_epoch)
-    if hasattr(self.data, 'split_files'):   # counted above, unless steps_per_epoch is given
+    if hasattr(self.data, 'split_files'):  # steps_per_epoch / num_train_examples skip the count
       self.data.split_files(config.data, 'train')
     if self.eval_every > 0 and hasattr(self.data, 'split_files'):
       try:      # the evaluation's shards, before any step: not at the first evaluation

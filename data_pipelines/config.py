@@ -86,7 +86,7 @@ def views(cfg: ml_collections.ConfigDict, split: str) -> tuple[int, int]:
   """(clips, crops) of an evaluation split, checked: a bad value fails here, naming its field."""
   from aim_jax.errors import ConfigError   # pylint: disable=g-import-not-at-top
   if split not in ('val', 'test'):
-    raise ConfigError(f"eval.split must be 'val' or 'test', got {split!r}")
+    raise ConfigError(f"eval.split={split!r} must be 'val' or 'test'")
   clips, crops = cfg[f'{split}_clips'], cfg[f'{split}_crops']
   if isinstance(crops, bool) or crops not in EVAL_CROPS or not isinstance(crops, int):
     raise ConfigError(f'data.{split}_crops={crops!r} is not supported; use '

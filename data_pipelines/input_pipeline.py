@@ -273,8 +273,7 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
   if data_cfg.source != 'tfrecord':
     raise errors.ConfigError("data.source must be 'tfrecord', 'tfds' or 'synthetic', got "
                              f'{data_cfg.source!r}')
-  field = _split_field(split)
-  files = list_files(getattr(data_cfg, field), field)
+  files = split_files(data_cfg, split)
   fraction = data_cfg.train_fraction if split == 'train' else 1.0
   # Videos the split holds: a truncated shard counts what prepare wrote into it when its JSON
   # says (the records lost are then skipped videos), else what can still be read.
@@ -818,9 +817,7 @@ def make_eval_dataset(data_cfg: ml_collections.ConfigDict, *, split: str, batch_
     ds = tfds_source.eval_records(cfg, split, pi, pc)
     size = None
   elif cfg.source == 'tfrecord':
-    field = _split_field(split)
-    files = list_files(getattr(cfg, field), field)
-    shards = _shards(files, cfg.frame_index)
+    shards = _shards(split_files(cfg, split), cfg.frame_index)
     ds = _records(shards, epoch=0, seed_base=None, shuffle_files=False, record_shard=(pc, pi),
                   fraction=1.0, num_parallel_calls=par).map(_graph(_parse))
     size = len(range(pi, sum(s.positions for s in shards), pc))

@@ -259,12 +259,8 @@ def check_run_config(spec: str, config, job: str = 'train', shape: JobShape | No
     run_config.check_optimizer(config.optimizer)
     if job == 'train' and shape is not None:
       data, fsdp, _ = sharding.mesh_shape(config.mesh, shape.devices)
-      compile_check = run_config.check_compiler_options
-      run_config.check_compiler_options = run_config.compiler_options
-      try:
-        run_config.check_training_config(config, shape.processes, data * fsdp)
-      finally:
-        run_config.check_compiler_options = compile_check
+      run_config.check_training_config(config, shape.processes, data * fsdp,
+                                       compile_options=False)
   except ConfigError as e:
     raise LaunchError(f'config {spec!r}{where}: ' + ' '.join(str(e).split())) from None
   except Exception as e:  # noqa: BLE001 (a check that trips over a value: still the config's)

@@ -80,6 +80,16 @@ if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
 
 
+def cli_error_line(capsys, prog: str) -> str:
+  """The one line a command's user error prints, `PROG: ErrorType: message`, with no
+  traceback (from `capsys`, for commands run in-process)."""
+  err = capsys.readouterr().err
+  assert 'Traceback' not in err, err
+  lines = [line for line in err.splitlines() if line.startswith(f'{prog}: ')]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
 def cpu_env(devices: int = 1, *, optimized: bool = False, **extra: str) -> dict:
   """The environment of a subprocess that runs on `devices` CPU devices; `optimized`: with
   XLA's default code optimisation (for runs of hundreds of steps), not the tests' level 0."""

@@ -2,6 +2,7 @@
 command, gives the same image embeddings (and pre-projection features) in Flax; unsafe, truncated
 and mismatched checkpoints are refused with an error that names the problem."""
 
+import functools
 import json
 import os
 import pickle
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torchvision_stub
-from conftest import ROOT
+from conftest import ROOT, cli_error_line
 
 from aim_jax import checkpoints, convert
 from aim_jax.convert import cli as convert_cli
@@ -697,13 +698,7 @@ def test_open_clip_config_head_width_gives_the_heads(tmp_path):
 # ---------------------------------------------------------------------------
 # Where the output goes: an existing --out is refused before anything is read.
 
-def _error_line(capsys):
-  """The one line a user error prints: `convert: ErrorType: message`, no traceback."""
-  err = capsys.readouterr().err
-  assert 'Traceback' not in err, err
-  lines = [line for line in err.splitlines() if line.startswith('convert: ')]
-  assert len(lines) == 1, err
-  return lines[0]
+_error_line = functools.partial(cli_error_line, prog='convert')
 
 
 def _snapshot(path):

@@ -1,12 +1,13 @@
 """Official AIM checkpoints: the golden state dicts, written as mmaction2 `.pth` files and converted
 by the command, reproduce the official logits and multi-view scores; export back is exact."""
 
+import functools
 import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import GOLDEN
+from conftest import GOLDEN, cli_error_line
 
 from aim_jax.convert import cli as convert_cli
 from aim_jax import convert
@@ -235,12 +236,7 @@ def test_official_file_without_meta_reports_the_guesses(tmp_path):
 # -- An existing --out: refused before anything is read; --overwrite replaces checkpoints and
 # files, never a training workdir.
 
-def _error_line(capsys):
-  err = capsys.readouterr().err
-  assert 'Traceback' not in err, err
-  lines = [line for line in err.splitlines() if line.startswith('convert: ')]
-  assert len(lines) == 1, err
-  return lines[0]
+_error_line = functools.partial(cli_error_line, prog='convert')
 
 
 def test_convert_aim_over_an_existing_out(tmp_path, capsys):
