@@ -9,6 +9,8 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import os
 import sys
 
@@ -24,6 +26,17 @@ def first_line(e: BaseException) -> str:
   quoted inside one of ours."""
   text = str(e).strip().split('\n')[0]
   return f'{type(e).__name__}: {text[:300]}'
+
+
+def is_int(v) -> bool:
+  """A config value that is an integer (Python or NumPy), not a bool."""
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+  """A config value that is a finite real number (int or float, Python or NumPy), not a
+  bool."""
+  return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
 class UserError(ValueError):

@@ -10,10 +10,11 @@ is a `ConfigError` naming the field.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from aim_jax.errors import ConfigError, first_line
+from aim_jax.errors import ConfigError, first_line, is_int, is_number
 from aim_jax.models.factory import resolve_model_config
 
 
@@ -28,7 +29,7 @@ def resolve_model(model: Mapping | Any) -> dict:
 def positive_int(config: Any, name: str, value: Any, allow: tuple = ()) -> None:
   if value in allow:
     return
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+  if not is_int(value) or value <= 0:
     extra = f' (or {", ".join(map(str, allow))})' if allow else ''
     raise ConfigError(f'{name}={value!r} must be a positive integer{extra}')
 
@@ -87,8 +88,7 @@ def check_compiler_options(spec: str) -> None:
 
 def check_optimizer(o: Any) -> None:
   """optimizer.*: the name, schedule and every rate in its range."""
-  def number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+  number = is_number
   if o.name != 'adamw':
     raise ConfigError(f"optimizer.name={o.name!r} is not supported (only 'adamw')")
   if o.schedule not in ('cosine_epoch', 'cosine', 'constant'):
@@ -102,7 +102,7 @@ def check_optimizer(o: Any) -> None:
       *((f, lambda v: number(v) and 0 <= v < 1, 'in [0, 1)') for f in ('b1', 'b2')),
       ('warmup_ratio', lambda v: number(v) and 0 <= v <= 1, 'in [0, 1]')):
     v = o[field]
-    if not (isinstance(v, (int, float)) and not isinstance(v, bool) and ok(v)):
+    if not (isinstance(v, numbers.Real) and not isinstance(v, bool) and ok(v)):
       raise ConfigError(f'optimizer.{field}={v!r} must be {want}')
   if not number(o.eps) or o.eps <= 0:
     raise ConfigError(f'optimizer.eps={o.eps!r} must be > 0')
@@ -281,6 +281,17 @@ def command_line_error(argv: list[str], error: BaseException) -> str:
   return f'{type(error).__name__}: {text}'
 
 
+def check_config_type(config: Any, spec: Optional[str]) -> None:
+  """A config file's get_config() must return an ml_collections ConfigDict: every part of
+  the project reads fields as attributes (`config.model.name`)."""
+  import ml_collections
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+        f'get_config() of {spec.split(":", 1)[0] if spec else "the config file"} returned '
+        f'a {type(config).__name__}, not an ml_collections.ConfigDict: return '
+        f'ml_collections.ConfigDict(...) of it')
+
+
 def flags_parser(prog: str):
   """An absl `app.run(flags_parser=...)`: a bad flag, config file, config argument or
   override ends the command with one line and `EXIT_USER_ERROR`, not a traceback
@@ -295,6 +306,7 @@ def flags_parser(prog: str):
       rest = flags.FLAGS(argv)
       if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
         flags.FLAGS.config.keys()   # config_flags defers a file that failed to load to here
+        check_config_type(flags.FLAGS.config, _flag_value(argv, 'config'))
       return rest
     except Exception as e:  # everything here comes from the command line or the config file
       if errors.show_traceback():

@@ -6,7 +6,6 @@ misspelt override fails loudly. Values follow the official AIM recipe
 CLIP mean/std on 0..255, short side 256 for training/validation and 224 for testing.
 """
 
-import math
 from typing import Optional
 
 import ml_collections
@@ -84,14 +83,14 @@ EVAL_CROPS = {1: 'the centre crop', 3: 'three crops along the long side',
 
 def views(cfg: ml_collections.ConfigDict, split: str) -> tuple[int, int]:
   """(clips, crops) of an evaluation split, checked: a bad value fails here, naming its field."""
-  from aim_jax.errors import ConfigError   # pylint: disable=g-import-not-at-top
+  from aim_jax.errors import ConfigError, is_int   # pylint: disable=g-import-not-at-top
   if split not in ('val', 'test'):
     raise ConfigError(f"eval.split={split!r} must be 'val' or 'test'")
   clips, crops = cfg[f'{split}_clips'], cfg[f'{split}_crops']
-  if isinstance(crops, bool) or crops not in EVAL_CROPS or not isinstance(crops, int):
+  if not is_int(crops) or crops not in EVAL_CROPS:
     raise ConfigError(f'data.{split}_crops={crops!r} is not supported; use '
                       + ', '.join(f'{k} ({v})' for k, v in EVAL_CROPS.items()))
-  if isinstance(clips, bool) or not isinstance(clips, int) or clips < 1:
+  if not is_int(clips) or clips < 1:
     raise ConfigError(f'data.{split}_clips={clips!r} must be a positive integer')
   return clips, crops
 
@@ -104,23 +103,21 @@ FRAME_INDEX_MODES = ('auto', 'off', 'require')
 def check(cfg: ml_collections.ConfigDict) -> None:
   """Every data field a run reads, in its range: a ConfigError naming the first bad one
   (before anything is written or compiled, whatever the source)."""
-  from aim_jax.errors import ConfigError   # pylint: disable=g-import-not-at-top
+  from aim_jax.errors import ConfigError, is_int   # pylint: disable=g-import-not-at-top
+  from aim_jax.errors import is_number as number   # pylint: disable=g-import-not-at-top
 
   def fail(field: str, want: str) -> None:
     raise ConfigError(f'data.{field}={cfg[field]!r} must be {want}')
-
-  def number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
   for field, allowed in (('source', SOURCES), ('sampling', SAMPLINGS),
                          ('frame_index', FRAME_INDEX_MODES)):
     if cfg[field] not in allowed:
       fail(field, 'one of ' + ', '.join(repr(a) for a in allowed))
   for field in ('num_frames', 'num_classes', 'image_size', 'frame_interval'):
-    if not isinstance(cfg[field], int) or isinstance(cfg[field], bool) or cfg[field] < 1:
+    if not is_int(cfg[field]) or cfg[field] < 1:
       fail(field, 'a positive integer')
   for field in ('train_short_side', 'test_short_side'):
-    if not isinstance(cfg[field], int) or cfg[field] < cfg.image_size:
+    if not is_int(cfg[field]) or cfg[field] < cfg.image_size:
       fail(field, f'an integer >= data.image_size={cfg.image_size}')
   for field in ('flip_prob', 'random_erasing_prob', 'max_skip_rate'):
     if not (number(cfg[field]) and 0 <= cfg[field] <= 1):
@@ -131,7 +128,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     fail('train_fraction', 'in (0, 1]')
   for field in ('randaugment_n', 'randaugment_m', 'num_train_examples', 'shuffle_buffer',
                 'skip_rate_min_examples'):
-    if not isinstance(cfg[field], int) or cfg[field] < 0:
+    if not is_int(cfg[field]) or cfg[field] < 0:
       fail(field, 'an integer >= 0')
   for field, low in (('area_range', 0.0), ('aspect_ratio_range', 0.0)):
     r = tuple(cfg[field])

@@ -60,6 +60,12 @@ def is_shard_name(path: str) -> bool:
   return not (name.startswith('.') or name.endswith(('.json', '.tmp', '.frames')))
 
 
+def _is_local_dir(path: str) -> bool:
+  """A folder a wildcard matched (`data/*` beside a subfolder); checked on local paths only,
+  where it costs no request (on gs:// a folder holds no object of its own name to match)."""
+  return '://' not in path and os.path.isdir(path)
+
+
 def list_files(patterns: str, field: str = 'files') -> List[str]:
   """Sorted shards matching comma-separated glob patterns; a pattern matching no shard fails."""
   out = []
@@ -67,13 +73,17 @@ def list_files(patterns: str, field: str = 'files') -> List[str]:
   if not parts:
     raise errors.ConfigError(f'data.{field} is empty: give a glob pattern of TFRecord shards')
   for pattern in parts:
+    if not any(c in pattern for c in '*?[') and tf.io.gfile.isdir(pattern):
+      raise errors.ConfigError(
+          f'data.{field}: {pattern!r} is a folder; give a glob of its shards, such as '
+          f"'{os.path.join(pattern, '*-of-*')}'")
     matched = sorted(tf.io.gfile.glob(pattern))
-    shards = [m for m in matched if is_shard_name(m)]
+    shards = [m for m in matched if is_shard_name(m) and not _is_local_dir(m)]
     if not shards:
       raise errors.DataError(
           f'data.{field}: pattern {pattern!r} matches no file' if not matched else
-          f'data.{field}: pattern {pattern!r} matches no shard, only {len(matched)} hidden, '
-          f'JSON or temporary file(s) such as {matched[0]}')
+          f'data.{field}: pattern {pattern!r} matches no shard, only {len(matched)} folder(s) '
+          f'or hidden, JSON or temporary file(s) such as {matched[0]}')
     out.extend(shards)
   return sorted(set(out))
 

@@ -254,6 +254,7 @@ def check_run_config(spec: str, config, job: str = 'train', shape: JobShape | No
     raise _missing_module(spec, e, root) from None
   where = f' on {shape}' if job == 'train' and shape is not None else ''
   try:
+    run_config.check_config_type(config, spec)
     run_config.resolve_model(config.model)
     data_config.check(config.data)
     run_config.check_optimizer(config.optimizer)

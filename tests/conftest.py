@@ -68,9 +68,17 @@ os.environ['XLA_FLAGS'] = _flags.strip()
 # program, flags and devices, so results are unchanged. The process that loads this file
 # first (pytest itself, or pytest-xdist's controller, whose workers inherit the variable)
 # makes a fresh directory and removes it at exit; a directory already set is used as is.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='aim-jax-tests-xla-')
-  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+# The same directory is the TMPDIR of the processes the run starts: the temporary files a
+# process killed on purpose leaves behind (TensorFlow's autograph modules, removed at a
+# normal exit) go with it, not into the system's temporary directory. This process keeps
+# the system's own (pytest's tmp_path and its retained failures live there).
+if 'AIM_TESTS_TMP' not in os.environ:
+  tempfile.gettempdir()                     # cached here before TMPDIR changes
+  os.environ['AIM_TESTS_TMP'] = tempfile.mkdtemp(prefix='aim-jax-tests-')
+  atexit.register(shutil.rmtree, os.environ['AIM_TESTS_TMP'], ignore_errors=True)
+  os.environ['TMPDIR'] = os.environ['AIM_TESTS_TMP']
+  os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                        os.path.join(os.environ['AIM_TESTS_TMP'], 'xla'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

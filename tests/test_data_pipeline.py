@@ -306,6 +306,24 @@ def test_a_wide_glob_takes_the_shards_not_the_files_prepare_writes_beside_them(d
     input_pipeline.split_files(make_cfg(d, test_files=''), 'test')
 
 
+def test_a_folder_given_for_shards_is_named_and_a_subfolder_a_glob_matches_is_no_shard(dataset):
+  d, _ = dataset
+  out = d / 'out'
+  for folder in (str(out), str(out) + '/'):
+    with pytest.raises(errors.ConfigError, match=r"data.train_files: '.*out/?' is a folder; "
+                       r"give a glob of its shards, such as '.*out/\*-of-\*'"):
+      input_pipeline.list_files(folder, 'train_files')
+  (out / 'toy-train.tfrecord-extra').mkdir()   # a folder a wide glob also matches
+  try:
+    shards = input_pipeline.list_files(str(out / 'toy-train.tfrecord-*'), 'train_files')
+    assert shards == sorted(p for p in glob.glob(str(out / 'toy-train.tfrecord-*'))
+                            if os.path.isfile(p)) and shards
+    with pytest.raises(errors.DataError, match=r'matches no shard, only 1 folder'):
+      input_pipeline.list_files(str(out / 'toy-train.tfrecord-ex*'), 'train_files')
+  finally:
+    (out / 'toy-train.tfrecord-extra').rmdir()
+
+
 @pytest.mark.slow  # RandAugment builds 14 op branches per draw: ~30 s of tracing here
 def test_ssv2_and_k400_large_recipes_run_and_stay_deterministic(dataset):
   d, _ = dataset

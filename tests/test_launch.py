@@ -187,6 +187,13 @@ def test_argument_errors_name_the_argument(argv, message):
   assert message in error_of(*argv)
 
 
+def test_a_config_file_returning_a_dict_is_named(tmp_path):
+  config = tmp_path / 'dict_config.py'
+  config.write_text("def get_config():\n  return {'model': {'name': 'tiny'}}\n")
+  assert (f'get_config() of {config} returned a dict, not an ml_collections.ConfigDict'
+          in error_of('local', str(config), str(tmp_path / 'w')))
+
+
 def test_argparse_errors_exit_2_without_running(capsys):
   with pytest.raises(SystemExit) as e:
     launch.plan_from_args(['slurm', '--nodes', 'two', 'configs/tiny.py', '/tmp/w'])

@@ -552,6 +552,9 @@ def test_a_field_that_cannot_run_is_named_before_anything_is_written(tmp_path, f
     ('model.mlp_ratio', 0.0, 'model.mlp_ratio=0.0 must be > 0'),
     ('model.drop_path_rate', 2.0, 'model.drop_path_rate=2.0 must be in [0, 1)'),
     ('model.adapters.ratio', -1.0, 'model.adapters.ratio=-1.0 must be > 0'),
+    ('model.adapters.scale', float('nan'), 'model.adapters.scale=nan must be a finite number'),
+    ('model.adapters.num_tadapter', 3, 'model.adapters.num_tadapter=3 must be 1 or 2'),
+    ('model.mlp_ratio', float('inf'), 'model.mlp_ratio=inf must be > 0'),
     ('model.backbone', 'resnet', "model.backbone 'resnet' is not one of"),
     ('optimizer.lr', -1.0, 'optimizer.lr=-1.0 must be >= 0'),
     ('optimizer.name', 'sgd', "optimizer.name='sgd' is not supported"),
@@ -635,10 +638,14 @@ def test_aim_jax_traceback_shows_the_traceback(tmp_path, prog, args):
 
 @pytest.mark.parametrize('config_arg,message', [
     ('configs/nope.py', 'config file configs/nope.py does not exist'),
+    ('{tmp}/dict_config.py', 'ConfigError: get_config() of {tmp}/dict_config.py returned a dict, '
+     'not an ml_collections.ConfigDict'),
     ('configs/tiny.py:bogus=1', "config argument 'bogus' is not one of ['frames', 'steps']"),
     ('configs/tiny.py:frames=x', "ValueError: invalid literal for int() with base 10: 'x'"),
 ])
 def test_a_bad_config_file_or_argument_is_one_line(tmp_path, config_arg, message):
+  (tmp_path / 'dict_config.py').write_text("def get_config():\n  return {'batch_size': 8}\n")
+  config_arg, message = (s.replace('{tmp}', str(tmp_path)) for s in (config_arg, message))
   out = _run([sys.executable, '-m', 'aim_jax.train', '--config', config_arg,
               '--workdir', str(tmp_path / 'w')], timeout=300)
   assert out.returncode == errors.EXIT_USER_ERROR and 'Traceback' not in out.stderr

@@ -12,9 +12,9 @@ from typing import Any, Callable, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 
+from aim_jax.errors import is_int, is_number
 from aim_jax.models import attention_choice, kernel_choice
 from aim_jax.models.adapters import AdapterSpec, layer_selection
 from aim_jax.models.attention_choice import AUTO
@@ -111,32 +111,28 @@ def _as_dict(cfg: Any) -> dict:
 JOINT_MLP = {AUTO: None, 'fused': True, 'separate': False}
 
 
-def _is_int(v: Any) -> bool:
-  return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _check_ranges(out: Mapping) -> None:
   """Sizes and rates a model can be built with; each bad value names its field."""
   def fail(field: str, value: Any, want: str) -> None:
     raise ValueError(f'model.{field}={value!r} must be {want}')
   for k in ('width', 'layers', 'heads', 'patch_size', 'image_size', 'num_frames', 'num_classes'):
-    if not _is_int(out[k]) or out[k] < 1:
+    if not is_int(out[k]) or out[k] < 1:
       fail(k, out[k], 'a positive integer')
   if out['backbone'] != 'swin' and out['image_size'] % out['patch_size']:
     fail('image_size', out['image_size'], f'a multiple of model.patch_size={out["patch_size"]}')
-  if not _is_int(out['output_dim']) or out['output_dim'] < 0:
+  if not is_int(out['output_dim']) or out['output_dim'] < 0:
     fail('output_dim', out['output_dim'], '>= 0 (0 = no projection)')
-  if not (isinstance(out['mlp_ratio'], (int, float)) and 0 < out['mlp_ratio'] < float('inf')):
+  if not (is_number(out['mlp_ratio']) and out['mlp_ratio'] > 0):
     fail('mlp_ratio', out['mlp_ratio'], '> 0')
   for k in ('dropout_rate', 'drop_path_rate'):
-    if not (isinstance(out[k], (int, float)) and 0 <= out[k] < 1):
+    if not (is_number(out[k]) and 0 <= out[k] < 1):
       fail(k, out[k], 'in [0, 1)')
   a = out['adapters']
-  if not (isinstance(a['ratio'], (int, float)) and 0 < a['ratio'] < float('inf')):
+  if not (is_number(a['ratio']) and a['ratio'] > 0):
     fail('adapters.ratio', a['ratio'], '> 0 (the bottleneck width over model.width)')
-  if not (isinstance(a['scale'], (int, float)) and abs(a['scale']) < float('inf')):
+  if not is_number(a['scale']):
     fail('adapters.scale', a['scale'], 'a finite number')
-  if a['num_tadapter'] not in (1, 2) or isinstance(a['num_tadapter'], bool):
+  if not is_int(a['num_tadapter']) or a['num_tadapter'] not in (1, 2):
     fail('adapters.num_tadapter', a['num_tadapter'], '1 or 2')
 
 
