@@ -23,7 +23,6 @@ predictions.csv (or .jsonl), summary.json, per_class.csv, confusion.png.
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Optional
 
 import jax
@@ -214,10 +213,6 @@ def _define_flags():
 
 def main(argv) -> None:
   from absl import flags
-  if len(argv) > 1:
-    sys.exit(errors.report(errors.ConfigError(
-        f'unexpected arguments {argv[1:]}: every option is a --flag (--help lists them)'),
-        'evaluate'))
   errors.quiet_library_logs()
   from aim_jax import compile_cache, distributed
   distributed.maybe_initialize()

@@ -21,7 +21,6 @@ way to compare this implementation with another on identical input.
 from __future__ import annotations
 
 import json
-import sys
 import os
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -183,10 +182,6 @@ def _define_flags():
 
 def main(argv) -> None:
   from absl import flags
-  if len(argv) > 1:
-    sys.exit(errors.report(errors.ConfigError(
-        f'unexpected arguments {argv[1:]}: every option is a --flag (--help lists them)'),
-        'predict'))
   errors.quiet_library_logs()
   try:
     _predict(flags.FLAGS)

@@ -294,8 +294,8 @@ def check_config_type(config: Any, spec: Optional[str]) -> None:
 
 def flags_parser(prog: str):
   """An absl `app.run(flags_parser=...)`: a bad flag, config file, config argument or
-  override ends the command with one line and `EXIT_USER_ERROR`, not a traceback
-  (`AIM_JAX_TRACEBACK=1` shows it)."""
+  override, or a stray positional argument, ends the command with one line and
+  `EXIT_USER_ERROR`, not a traceback (`AIM_JAX_TRACEBACK=1` shows it)."""
   def parse(argv: list[str]) -> list[str]:
     import sys
 
@@ -307,10 +307,14 @@ def flags_parser(prog: str):
       if 'config' in flags.FLAGS and flags.FLAGS.config is not None:
         flags.FLAGS.config.keys()   # config_flags defers a file that failed to load to here
         check_config_type(flags.FLAGS.config, _flag_value(argv, 'config'))
-      return rest
     except Exception as e:  # everything here comes from the command line or the config file
       if errors.show_traceback():
         raise
       print(f'{prog}: {command_line_error(argv, e)}', file=sys.stderr, flush=True)
       raise SystemExit(errors.EXIT_USER_ERROR) from None
+    if len(rest) > 1:
+      raise SystemExit(errors.report(ConfigError(
+          f'unexpected arguments {rest[1:]}: every option is a --flag (--help lists them)'),
+          prog))
+    return rest
   return parse

@@ -427,10 +427,6 @@ def _loop(setup: Any, plan: Plan, ckpt: Any, state: dict, start: int, workdir: s
 # Command line.
 # ---------------------------------------------------------------------------------------
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    sys.exit(errors.report(errors.ConfigError(
-        f'unexpected arguments {argv[1:]}: every option is a --flag (--help lists them)'),
-        'train'))
   errors.quiet_library_logs()
   try:
     outcome = train_and_evaluate(FLAGS.config, FLAGS.workdir, FLAGS.on_config_change)

@@ -328,7 +328,9 @@ TINY = ['--config', 'configs/tiny.py']
     (TINY + ['--out', '{tmp}/file/sub/b.json'],
      'FlagError: --out {tmp}/file/sub/b.json: cannot write in its folder {tmp}/file/sub: '
      'NotADirectoryError'),
-], ids=['missing_file', 'no_config', 'unknown_field', 'batch', 'steps', 'remat', 'width', 'out'])
+    (TINY + ['extra'], "ConfigError: unexpected arguments ['extra']: every option is a --flag"),
+], ids=['missing_file', 'no_config', 'unknown_field', 'batch', 'steps', 'remat', 'width', 'out',
+        'stray_argument'])
 def test_step_benchmark_refuses_bad_flags_and_configs_in_one_line(tmp_path, args, named):
   """A bad config file, field, flag or --out ends the command before anything is built or
   timed: exit status 2 and one line naming it, no traceback (as `aim_jax.train`)."""

@@ -603,6 +603,8 @@ CLI_ERRORS = [
     # The video is checked first (before a checkpoint is loaded): the missing file is named.
     ('predict', ['--checkpoint', '{tmp}/none', '--video', 'x.mp4'],
      'DataError: video file x.mp4 does not exist'),
+    ('predict', ['--checkpoint', '{tmp}/none', '--video', 'x.mp4', 'extra'],
+     "ConfigError: unexpected arguments ['extra']: every option is a --flag"),
     pytest.param('evaluate', ['--config', 'configs/tiny.py', '--checkpoint', '{tmp}/none'],
                  'CheckpointError: checkpoint directory {tmp}/none does not exist',
                  marks=pytest.mark.slow),        # imports TensorFlow: ~25 s on 2 cores
