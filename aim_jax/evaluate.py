@@ -16,8 +16,9 @@ checkpoint is never silently run with another recipe's frame count.
 Views: `data.test_clips x data.test_crops` for split 'test' (official K400:
 3 clips x 1 crop; SSv2: 1 x 3), `val_*` for 'val'. Softmax probabilities are
 averaged per video (`eval.average_clips='prob'`, the official test_cfg) or
-logits ('score'). Outputs (in --output_dir, default DIR/eval_<split>):
-predictions.csv (or .jsonl), summary.json, per_class.csv, confusion.png.
+logits ('score'). Outputs (in --output_dir, default DIR/eval_<split> for a parameter
+checkpoint, DIR/eval_<split>_<which> for a training workdir): predictions.csv (or .jsonl),
+summary.json, per_class.csv, confusion.png.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ def _define_flags():
   checkpoints.define_checkpoint_flags()
   for name in ('checkpoint', 'which', 'labels'):   # listed by --help, not only --helpfull
     flags.declare_key_flag(name)
-  flags.DEFINE_string('output_dir', '', 'Where reports go (default CHECKPOINT/eval_<split>).')
+  flags.DEFINE_string('output_dir', '', 'Where reports go (default CHECKPOINT/eval_<split>, '
+                      'or CHECKPOINT/eval_<split>_<which> for a training workdir).')
   flags.DEFINE_enum('predictions_format', 'csv', ['csv', 'jsonl'], 'Per-video predictions file.')
   flags.DEFINE_bool('progress', True, 'Show a progress bar.')
   flags.mark_flags_as_required(['config'])

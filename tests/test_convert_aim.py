@@ -200,7 +200,7 @@ def test_export_aim_then_convert_aim_gives_the_same_logits_exactly(tmp_path, wid
   metas = [json.loads(torch.load(str(tmp_path / f), weights_only=True)['meta']['model_config'])
            for f in ('m.pth', 'again.pth')]
   assert metas[0] == metas[1]
-  assert any(n.startswith(f'heads={heads} read from the file\'s meta.model_config')
+  assert any(n.startswith(f'heads={heads} read from heads of the file\'s meta.model_config')
              for n in info['notices']), info['notices']
   assert not any('guessed' in n or 'official default' in n for n in info['notices'])
   want = build_model(cfg).apply({'params': params}, x)
@@ -213,8 +213,9 @@ def test_flags_that_contradict_the_exported_meta_are_an_error_naming_both(tmp_pa
   assert convert_cli.main(['export-aim', '--src', str(tmp_path / 'src'), '--out',
                            str(tmp_path / 'm.pth')]) == 0
   capsys.readouterr()
-  for flag, value, recorded in (('--heads', '1', 'heads=4'),
-                                ('--adapter-scale', '0.5', 'adapters.scale=0.8')):
+  for flag, value, recorded in (('--heads', '1', 'heads=4 read from heads of'),
+                                ('--adapter-scale', '0.5',
+                                 'adapter_scale=0.8 read from adapters.scale of')):
     assert convert_cli.main(['aim', '--src', str(tmp_path / 'm.pth'), '--out',
                              str(tmp_path / 'o'), flag, value]) != 0
     err = capsys.readouterr().err

@@ -160,19 +160,19 @@ def _meta(meta: Mapping | None, fmt: str, fields: dict) -> None:
     cfg = json.loads(meta['model_config'])
   except (TypeError, ValueError) as e:
     raise ConversionError(f'the file\'s meta.model_config is not a JSON model config ({e})') from e
-  why = 'the file\'s meta.model_config (export-aim)'
+  def why(key: str) -> str:
+    return f'{key} of the file\'s meta.model_config (export-aim)'
   if fmt == 'aim' and 'heads' in cfg:
-    fields['heads'] = Recorded(int(cfg['heads']), f'{why}: heads={cfg["heads"]}',
+    fields['heads'] = Recorded(int(cfg['heads']), why('heads'),
                                int(cfg['width']) if 'width' in cfg else None)
   scale = (cfg.get('adapters') or {}).get('scale')
   if scale is not None:
-    fields['adapter_scale'] = Recorded(float(scale), f'{why}: adapters.scale={scale}')
+    fields['adapter_scale'] = Recorded(float(scale), why('adapters.scale'))
   for key in RATES:   # training-time only (no effect on logits), kept for a round trip
     if cfg.get(key) is not None:
-      fields[key] = Recorded(float(cfg[key]), f'{why}: {key}={cfg[key]}')
+      fields[key] = Recorded(float(cfg[key]), why(key))
   if fmt == 'aim_swin' and 'image_size' in cfg:
-    fields['image_size'] = Recorded(int(cfg['image_size']),
-                                    f'{why}: image_size={cfg["image_size"]}')
+    fields['image_size'] = Recorded(int(cfg['image_size']), why('image_size'))
 
 
 def recorded(fmt: str, src: str, meta: Mapping | None = None) -> dict[str, Recorded]:
@@ -200,6 +200,6 @@ def agree(name: str, flag: str, given: Any, found: Recorded | None) -> Any:
   if found is None or given is None:
     return found.value if given is None and found is not None else given
   if given != found.value:
-    raise ConversionError(f'{flag} {given} contradicts {found.why}: {name}={found.value}; '
-                          f'drop {flag} or fix the file')
+    raise ConversionError(f'{flag} {given} contradicts {name}={found.value} read from '
+                          f'{found.why}; drop {flag} or fix the file')
   return given
