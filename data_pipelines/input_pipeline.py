@@ -294,11 +294,15 @@ def count_examples(data_cfg: ml_collections.ConfigDict, split: str) -> int:
 
 def split_files(data_cfg: ml_collections.ConfigDict, split: str) -> List[str]:
   """The shards of `split` (tfrecord source; [] for the others), checked as a run's first
-  step: an empty or unmatched field fails before anything compiles, naming the field."""
+  step: an empty or unmatched field, or with `data.frame_index='require'` a shard without a
+  usable frame index, fails before anything compiles, naming the field or the shard."""
   if data_cfg.source != 'tfrecord':
     return []
   field = _split_field(split)
-  return list_files(getattr(data_cfg, field), field)
+  files = list_files(getattr(data_cfg, field), field)
+  if data_cfg.frame_index == 'require':   # a shard without its index: before anything is written
+    _use_index(_shard_meta(files), 'require')
+  return files
 
 
 def _split_field(split: str) -> str:

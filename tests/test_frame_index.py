@@ -178,6 +178,11 @@ def test_a_stale_or_missing_index_is_not_used_and_require_names_the_shard(tmp_pa
   os.remove(frame_index.index_path(paths[0]))
   with pytest.raises(ValueError, match='idx-train.tfrecord-00000-of-00002 has no usable'):
     keys('require')
+  # the check a run makes before it writes anything (train's plan, evaluate) says the same
+  with pytest.raises(ValueError, match='idx-train.tfrecord-00000-of-00002 has no usable'):
+    input_pipeline.split_files(cfg, 'test')
+  cfg.frame_index = 'auto'
+  assert input_pipeline.split_files(cfg, 'test') == paths
   cfg.frame_index = 'sometimes'
   with pytest.raises(ValueError, match="data.frame_index must be 'auto', 'off' or 'require'"):
     keys('sometimes')
