@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import optax
 
 from aim_jax import params as P
-from aim_jax.models.aim import average_views
 
 State = dict
 
@@ -129,31 +128,3 @@ def eval_logits(params: Any, model: nn.Module, video: jax.Array) -> jax.Array:
                          train=False)                  # (B*V, T, H, W, C) -> (B*V, K)
     return logits.reshape(b, v, -1)
   return model.apply({'params': params}, video, train=False)
-
-
-def eval_scores(params: Any, model: nn.Module, video: jax.Array,
-                average_clips: str = 'prob') -> jax.Array:
-  """(B,V,T,H,W,C) -> (B,K) video scores (mean softmax 'prob' or mean logits 'score')."""
-  logits = eval_logits(params, model, video)
-  if logits.ndim == 2:
-    logits = logits[:, None]
-  b, v, k = logits.shape
-  return average_views(logits.reshape(b * v, k), v, average_clips)
-
-
-def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """(B,) float: 1 where the label is among the k highest scores."""
-  k = min(k, scores.shape[-1])
-  _, top = jax.lax.top_k(scores, k)
-  return (top == labels[:, None]).any(axis=-1).astype(jnp.float32)
-
-
-def eval_step(params: Any, batch: dict, *, model: nn.Module,
-              average_clips: str = 'prob') -> dict:
-  """Sums over the batch (padding rows have mask 0): correct@1, correct@5, count."""
-  scores = eval_scores(params, model, batch['video'], average_clips)
-  mask = batch['mask'].astype(jnp.float32)
-  labels = batch['label']
-  return {'top1': (topk_correct(scores, labels, 1) * mask).sum(),
-          'top5': (topk_correct(scores, labels, 5) * mask).sum(),
-          'count': mask.sum()}

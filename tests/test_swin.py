@@ -523,7 +523,8 @@ def test_swin_adapter_scale_and_image_size_travel_through_export_aim(tmp_path):
   back = convert.load_aim(str(tmp_path / 'back.pth'), log=lambda _: None)
   assert back.model_config['adapters']['scale'] == 0.75
   assert back.model_config['image_size'] == first.model_config['image_size']
-  assert any('adapters.scale=0.75' in n for n in back.report.notices), back.report.notices
+  assert any('adapter_scale=0.75 read from adapters.scale' in n for n in back.report.notices), \
+      back.report.notices
 
 
 def test_the_joint_adapter_fused_into_the_mlp_is_the_same_model():
