@@ -752,14 +752,19 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
     files = list_files(cfg.train_files, 'train_files')
     if len(files) >= pc:
       files, record_shard = files[pi::pc], None
+      files_seed = seed_base
     else:  # fewer shards than processes: every process reads all, keeps every pc-th record
       record_shard = (pc, pi)
+      # of one and the same stream: the shard order is drawn alike by every process (with
+      # its own seed each process read the shards in another order, and the pc-th records
+      # of different streams overlapped: some videos twice an epoch, others never)
+      files_seed = tf.constant([seed, -1], tf.int64)
     per_epoch = None
     shards = _shard_meta(files)
     _use_index(shards, cfg.frame_index)
 
     def epoch_records(epoch):
-      return _records(shards, epoch=epoch, seed_base=seed_base, shuffle_files=True,
+      return _records(shards, epoch=epoch, seed_base=files_seed, shuffle_files=True,
                       record_shard=record_shard, fraction=cfg.train_fraction,
                       num_parallel_calls=par).map(_graph(_parse))
   else:
