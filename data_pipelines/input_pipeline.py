@@ -582,6 +582,19 @@ def _parse(el):
           'problem': el['problem'], 'lost': el['lost']}
 
 
+def _warn_uneven_shards(num_files: int, pc: int, pi: int) -> None:
+  """Each process trains on its own shards (files[pi::pc]) at the same batch per step: with a
+  shard count that is no multiple of the process count, the videos of a process holding one
+  shard fewer are seen more often. Said (once, by process 0) when it is over 10%."""
+  low, extra = divmod(num_files, pc)
+  if pi == 0 and extra and (low + 1) / low > 1.1:
+    logging.warning(
+        'data.train_files: %d shards over %d processes: %d read %d shards each, the other '
+        '%d read %d, so a video of the latter is trained on about %.2fx as often (prepare '
+        '--num_shards with a multiple of %d evens it)', num_files, pc, extra, low + 1,
+        pc - extra, low, (low + 1) / low, pc)
+
+
 def _records(shards: Sequence[_Shard], *, epoch, seed_base, shuffle_files: bool,
              record_shard: Optional[Tuple[int, int]], fraction: float, num_parallel_calls: int):
   order = tf.range(len(shards))
@@ -751,6 +764,7 @@ def make_train_dataset(data_cfg: ml_collections.ConfigDict, *, batch_size: int, 
   elif cfg.source == 'tfrecord':
     files = list_files(cfg.train_files, 'train_files')
     if len(files) >= pc:
+      _warn_uneven_shards(len(files), pc, pi)
       files, record_shard = files[pi::pc], None
       files_seed = seed_base
     else:  # fewer shards than processes: every process reads all, keeps every pc-th record

@@ -349,6 +349,19 @@ def test_more_processes_than_shards_split_records(dataset):
   assert sorted(labels) == sorted(k % 3 for k in range(len(LENGTHS)))
 
 
+def test_shards_split_unevenly_over_processes_are_said_once(dataset, caplog):
+  d, _ = dataset                    # 3 shards
+  cfg = make_cfg(d, flip_prob=0.0)
+  for pc, pi, said in ((2, 0, True), (2, 1, False), (3, 0, False), (4, 0, False)):
+    caplog.clear()
+    with caplog.at_level('WARNING'):
+      input_pipeline.make_train_dataset(cfg, batch_size=1, seed=0, process_index=pi,
+                                        process_count=pc)
+    assert (('3 shards over 2 processes: 1 read 2 shards each, the other 1 read 1, so a video '
+             'of the latter is trained on about 2.00x as often') in caplog.text) == said, \
+        (pc, pi, caplog.text)
+
+
 def test_synthetic_source_shapes():
   cfg = config_lib.default_data_config()
   cfg.source, cfg.num_classes, cfg.num_frames, cfg.image_size = 'synthetic', 5, 4, 16
