@@ -125,7 +125,7 @@ if [ -f .official/mmaction/models/backbones/vit_clip.py ]; then
   # kernels never run on a GPU before (the Pallas ones): they come after the official rows,
   # so a hang or a CUDA error that poisons the process cannot cost the side by side.
   OFFICIAL=(--official .official --official_modes eager,compiled --noofficial_first
-            --official_compile_backend "$BACKEND" --after_official pallas,pallas_kernels)
+            --official_compile_backend "$BACKEND" --after_official pallas,pallas_kernels,temporal_dpa)
 else
   echo 'gpu.sh: no .official/ here: ours only (carry .official for the side by side)'
 fi
@@ -184,6 +184,10 @@ PALLAS_ROW=(--variant "pallas:model.attention_impl=pallas")
 KERNELS=model.norm_impl=pallas,model.mlp_impl=pallas,model.joint_mlp=fused
 NORM_ROW=(--variant "pallas_kernels:$KERNELS")
 PALLAS_NORM_ROW=(--variant "pallas_kernels:model.attention_impl=pallas,$KERNELS")
+# The temporal attention through cuDNN too (L folded into the heads), the companion of cuDNN
+# until the first H200 run (2026-12-04: 228.6 ms per train step, against 'elementwise'
+# since): kept as a row so that every run shows the difference side by side.
+TDPA_ROW=(--variant "temporal_dpa:model.temporal_attention=dot_product_attention")
 FORCE=()
 # cuDNN alone first, in its own process: if it takes the process down (no JSON), our rows
 # are run with XLA attention instead of 'auto', so that their process and the official rows
@@ -226,11 +230,20 @@ if [ "$AUTO" = pallas ]; then
 fi
 AUTO_OK=0; [ "$AUTO" = ok ] && AUTO_OK=1
 if [ "$AUTO_OK" = 1 ]; then
-  VARIANTS=("${XLA_ROW[@]}" "${NORM_ROW[@]}"); ONE_MORE=("${XLA_ROW[@]}")
-  L14_MORE=("${NORM_ROW[@]}")
+  # (The Pallas LayerNorm and MLP kernels' row went with the 2026-12-04 run: 280.6 ms against
+  # 228.6 for B/16 train, 588.7 against 489.2 for L/14; their kernel parts stay.)
+  VARIANTS=("${XLA_ROW[@]}" "${TDPA_ROW[@]}"); ONE_MORE=("${TDPA_ROW[@]}")
+  L14_MORE=()
 else
   VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
   L14_MORE=("${PALLAS_NORM_ROW[@]}")
+fi
+# GPU_SH_VARIANTS='NAME:FIELD=VALUE,...;NAME:...': the B/16 parts' extra rows instead (a
+# shorter second call: GPU_SH_VARIANTS='temporal_dpa:model.temporal_attention=dot_product_attention').
+if [ -n "${GPU_SH_VARIANTS+x}" ]; then
+  VARIANTS=(); IFS=';' read -ra _vs <<< "$GPU_SH_VARIANTS"
+  for v in "${_vs[@]}"; do [ -n "$v" ] && VARIANTS+=(--variant "$v"); done
+  ONE_MORE=("${VARIANTS[@]}")
 fi
 echo "'auto' here: $CHOICE; our default row: $([ ${#FORCE[@]} -gt 0 ] && echo 'xla (forced)' \
   || echo "'auto'"); extra rows: ${VARIANTS[*]}" | tee -a "$OUT/summary.txt"
@@ -241,7 +254,7 @@ part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OF
 # the 60 s its script had left after the compiled train step), and it is the eval target's
 # measure, so here the extra row, XLA's too, comes after the official rows: the default row,
 # official eager, official compiled, then the extra row.
-EVAL_LATE=(); [ ${#OFFICIAL[@]} -gt 0 ] && EVAL_LATE=(--after_official pallas,pallas_kernels,xla)
+EVAL_LATE=(); [ ${#OFFICIAL[@]} -gt 0 ] && EVAL_LATE=(--after_official pallas,pallas_kernels,xla,temporal_dpa)
 EVAL_S=$(( (BUDGET - $(el)) / SCALE - 70 )); [ "$EVAL_S" -lt 80 ] && EVAL_S=80
 part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
   "${EVAL_LATE[@]}" "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"

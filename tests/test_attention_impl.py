@@ -259,7 +259,7 @@ def _chosen(platform, check=False, **fields):
 
 def test_auto_is_cudnn_on_a_gpu_in_half_precision_and_xla_elsewhere():
   assert resolve_model_config(TINY)['attention_impl'] == 'auto'        # the default
-  fast = ('cudnn', 'split', 'dot_product_attention')
+  fast = ('cudnn', 'split', 'elementwise')
   plain = ('xla', 'fused', 'einsum')
   assert _chosen('gpu', dtype='bfloat16') == fast
   assert _chosen('gpu', dtype='float16') == fast
@@ -393,7 +393,8 @@ def test_the_cudnn_check_refuses_a_kernel_that_fails_or_disagrees_with_xla():
 
 def test_the_auto_choice_reaches_the_model_and_follows_the_mesh_devices(monkeypatch):
   """build_model(platform='gpu') runs cuDNN attention (recorded here, XLA underneath) on the
-  padded stream; a train state on this machine's CPU devices chooses XLA."""
+  padded stream, the temporal attention element-wise (through cuDNN when set to
+  'dot_product_attention'); a train state on this machine's CPU devices chooses XLA."""
   from aim_jax import sharding, train_state
   from configs import tiny
   calls = []
@@ -407,6 +408,11 @@ def test_the_auto_choice_reaches_the_model_and_follows_the_mesh_devices(monkeypa
   cfg = dict(TINY, dtype='bfloat16')
   model = build_model(cfg, platform='gpu', check=False)
   model.init(jax.random.key(0), _video(cfg))
+  # The spatial attention only: the temporal one is element-wise on a GPU (no cuDNN call).
+  assert {c for c in calls} == {((8, 24, 4, 16), 'cudnn')}
+  calls.clear()
+  build_model(dict(cfg, temporal_attention='dot_product_attention'), platform='gpu',
+              check=False).init(jax.random.key(0), _video(cfg))
   assert {c for c in calls} == {((8, 24, 4, 16), 'cudnn'), ((2, 4, 24 * 4, 16), 'cudnn')}
   assert AC.platform_of(jax.devices()) == ('cpu', True)
   c = tiny.get_config()

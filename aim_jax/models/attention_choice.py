@@ -11,10 +11,12 @@ function (models/vit.py, MultiHeadAttention):
 devices the step runs on:
 
 * NVIDIA GPU (platform 'gpu') with a half-precision compute dtype (cuDNN's flash attention
-  takes bfloat16 and float16 only): cuDNN flash attention, q/k/v as three products, the
-  temporal attention through the same kernel with the tokens folded into the heads. This is
-  the fastest program compiled for the H200 (BENCHMARKS.md: 136.5 ms against 246 ms per B/16
-  train step). Before the first use in a process, a check runs cuDNN's forward and backward
+  takes bfloat16 and float16 only): cuDNN flash attention for the spatial attention, q/k/v
+  as three products, the 8-frame temporal attention element-wise (broadcast multiplies and
+  sums on the stream's own layout). Measured on one H200 (BENCHMARKS.md, "GPU"): cuDNN's
+  kernel spends most of its time on the temporal attention's 151k sequences of 8 tokens
+  (tiles of 64 rows, 8 used), so the tokens-folded-into-heads path through cuDNN
+  ('dot_product_attention') is kept as an option, not the default. Before the first use in a process, a check runs cuDNN's forward and backward
   on the device in small cases of the model's two shapes (the spatial attention, padded and
   masked by length; the 8-frame temporal attention with the tokens folded into the heads) and
   compares them with XLA's: on CUDA 13 cuDNN may have no execution plan (jax-ml/jax#32430),
@@ -26,7 +28,7 @@ devices the step runs on:
   attention (the program the golden tests check against the official model).
 
 A field set explicitly is kept; 'auto' companions of an explicit `attention_impl` take that
-kernel's layout ('cudnn': split + dot_product_attention, 'pallas': split + elementwise,
+kernel's layout ('cudnn': split + elementwise, 'pallas': split + elementwise,
 'xla': fused + einsum). In a run of several processes each runs the check on its own GPU;
 they agree when the machines share their GPUs and libraries. For a mix, set the fields.
 """
@@ -46,7 +48,7 @@ FIELDS = ('attention_impl', 'qkv_projection', 'temporal_attention')
 # The layout each kernel is fastest with (BENCHMARKS.md, "GPU compile without a GPU").
 COMPANIONS = {
     'xla': dict(qkv_projection='fused', temporal_attention='einsum'),
-    'cudnn': dict(qkv_projection='split', temporal_attention='dot_product_attention'),
+    'cudnn': dict(qkv_projection='split', temporal_attention='elementwise'),
     'pallas': dict(qkv_projection='split', temporal_attention='elementwise'),
 }
 HALF_DTYPES = ('bfloat16', 'float16')
