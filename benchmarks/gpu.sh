@@ -14,10 +14,11 @@
 #   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
 #                            compiled, side by side, plus the kernel profile of our step
 #                            (attention 'auto': cuDNN here once its check passes); then ours
-#                            with XLA attention and with the Pallas LayerNorms and MLP
-#                            kernel (--variant rows; the Pallas attention instead of XLA's
-#                            if cuDNN failed)
-#   b16_eval.json / .log     the same for eval
+#                            with XLA attention and with the temporal attention through
+#                            cuDNN too (temporal_dpa) (--variant rows; GPU_SH_VARIANTS others;
+#                            the Pallas attention, with and without the Pallas LayerNorms
+#                            and MLP kernel, if cuDNN failed)
+#   b16_eval.json / .log     the same for eval (one extra row: temporal_dpa, or pallas)
 #   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
 #   profile/VARIANT/MODE/    the same for each variant
 #   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length, and what
@@ -25,8 +26,8 @@
 #   pallas_attention.json    only when cuDNN failed its check: the Pallas flash attention,
 #                            'auto''s next choice, likewise, in a process of its own first
 #   l14_train.json / .log    L/14 8x224 batch 32 train (scan_layers, as configs/k400.py;
-#                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot) and its
-#                            pallas_kernels variant (the Pallas LayerNorms and MLP kernels)
+#                            'auto': cuDNN, 66 GiB by benchmarks.gpu_aot); the
+#                            pallas_kernels variant only if cuDNN failed
 #   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
 #                            model.scan_layers=False (its compile time decides whether
 #                            unrolled may be L/14's default: predicted 321.6 -> 262.1 ms)
@@ -167,8 +168,8 @@ part() {
 # kept); L/14 70: two scanned compiles (~20 s each).
 COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # Our rows (BENCHMARKS.md, GPU plan): the default row is model.attention_impl='auto', which
-# on this GPU in bf16 is cuDNN flash attention (stream padded to 200, heads folded for the
-# temporal attention) once its device check passes (the log says what it chose), else XLA;
+# on this GPU in bf16 is cuDNN flash attention (stream padded to 200; the temporal attention
+# element-wise) once its device check passes (the log says what it chose), else XLA;
 # 'xla' is the XLA program for comparison; 'pallas' the Pallas Triton kernel (stream padded
 # to 224), for when cuDNN has no plan on CUDA 13. A row that fails, the default one too,
 # keeps its error in its row and the part goes on (a failed default row: exit status 1).
@@ -176,13 +177,13 @@ COMMON=(--config "$CFG" --batch "$BATCH" --steps "$STEPS" --profile_steps 3)
 # LayerNorms (model.norm_impl=pallas, models/fused_norm.py) and the fused MLP's first layer
 # and the hidden's gradient (model.mlp_impl=pallas, models/fused_mlp.py); predicted
 # 127.9 -> 119.7 ms by gpu_aot (2026-12-03; norms alone 128.2, MLP kernels alone 125.3 before
-# XLA fused its own norms): measured here before 'auto' may choose them. The
+# XLA fused its own norms); measured on 2026-12-04: 280.6 against 228.6 ms (L/14 588.7 against
+# 489.2), so 'auto' keeps XLA's and these rows run only on the Pallas-attention branch. The
 # kernel parts at the end (norm_kernels, mlp_kernels) time each kernel against XLA's.
 # (joint_mlp=fused is bf16's 'auto'; it lets the CPU smoke's float32 row run the kernel too.)
 XLA_ROW=(--variant "xla:model.attention_impl=xla")
 PALLAS_ROW=(--variant "pallas:model.attention_impl=pallas")
 KERNELS=model.norm_impl=pallas,model.mlp_impl=pallas,model.joint_mlp=fused
-NORM_ROW=(--variant "pallas_kernels:$KERNELS")
 PALLAS_NORM_ROW=(--variant "pallas_kernels:model.attention_impl=pallas,$KERNELS")
 # The temporal attention through cuDNN too (L folded into the heads), the companion of cuDNN
 # until the first H200 run (2026-12-04: 228.6 ms per train step, against 'elementwise'
@@ -293,8 +294,11 @@ echo "done at $(el) s" | tee -a "$OUT/summary.txt"
 # the step times benchmarks.gpu_aot predicted for the same programs beside our rows (compiled
 # on a CPU host with XLA's default GEMM tiles; BENCHMARKS.md, "GPU compile without a GPU").
 PRED=()
-for f in gpu_sh_b16 b16_pallas_fallback gpu_sh_l14 gpu_sh_l14_pallas; do
-  f=benchmarks/results/2026-12-03-aot-h200/$f.json; [ -f "$f" ] && PRED+=(--predicted "$f")
+# (The default program's predictions since its temporal attention went element-wise:
+# 2026-12-04; the Pallas-attention fallback's from 2026-12-03.)
+for f in 2026-12-04-aot-h200/gpu_sh_b16 2026-12-03-aot-h200/b16_pallas_fallback \
+         2026-12-04-aot-h200/gpu_sh_l14 2026-12-03-aot-h200/gpu_sh_l14_pallas; do
+  f=benchmarks/results/$f.json; [ -f "$f" ] && PRED+=(--predicted "$f")
 done
 "$PY" -m benchmarks.gpu_report "$OUT" --json "$OUT/report.json" "${PRED[@]}" > "$OUT/report.md" 2>&1
 cat "$OUT/report.md"

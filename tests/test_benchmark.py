@@ -223,6 +223,20 @@ def test_gpu_script_runs_only_the_parts_named(tmp_path):
       'not measured'}
 
 
+def test_gpu_script_variants_replace_the_extra_rows(tmp_path):
+  """GPU_SH_VARIANTS ('NAME:FIELDS;...') are the B/16 parts' extra rows instead of the
+  script's own (empty: the default row alone, as in the second H200 call of 2026-12-04)."""
+  proc = subprocess.run(['bash', str(ROOT / 'benchmarks/gpu.sh'), str(tmp_path), '--cpu-smoke'],
+                        env=dict(cpu_env(1), GPU_SH_PARTS='b16_eval', PYTHON=sys.executable,
+                                 GPU_SH_VARIANTS='tdpa:model.temporal_attention=dot_product_attention;',
+                                 GPU_SH_CACHE=str(tmp_path / 'cache')),
+                        capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = json.loads((tmp_path / 'b16_eval.json').read_text())['results']
+  assert [(r['variant'], r['attention']['temporal_attention']) for r in rows] == [
+      ('default', 'einsum'), ('tdpa', 'dot_product_attention')]
+
+
 def test_profile_without_stream_lines_counts_the_xla_ops_line():
   events = [dict(ph='M', name='process_name', pid=1, args=dict(name='/device:TPU:0')),
             dict(ph='M', name='thread_name', pid=1, tid=1, args=dict(name='XLA Modules')),

@@ -348,6 +348,13 @@ def _abstract_params(cfg: Mapping, kind: str) -> dict:
   return {k: tuple(v.shape) for k, v in P.flatten(shapes).items()}
 
 
+def _model_size(model_config: Mapping) -> str:
+  """'768 wide' for a ViT, 'Swin, embed_dim 128' for a Swin (whose width is per stage)."""
+  if model_config.get('backbone') == 'swin':
+    return f'Swin, embed_dim {model_config["swin"]["embed_dim"]}'
+  return f'{model_config["width"]} wide'
+
+
 def verify(conv: Conversion) -> None:
   """Every parameter of the model is converted with the right shape; the error names the key.
 
@@ -361,7 +368,7 @@ def verify(conv: Conversion) -> None:
     if name in want and want[name] != shape:
       raise ConversionError(
           f'key {source.get(name, name)!r} -> {name}: shape {shape}, but the model '
-          f'({conv.model_config["width"]} wide) expects {want[name]}')
+          f'({_model_size(conv.model_config)}) expects {want[name]}')
   missing = sorted(set(want) - set(have))
   if missing:
     raise ConversionError(f'missing key for {missing[0]}' + (

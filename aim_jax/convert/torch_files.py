@@ -276,18 +276,31 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     except ValueError as e:
       raise CheckpointReadError(f'{path}: safetensors header is not JSON ({e})') from e
     data = f.read()
+  if not isinstance(header, dict):
+    raise CheckpointReadError(f'{path}: safetensors header is not a JSON object')
   out = {}
   for key, info in header.items():
     if key == '__metadata__':
       continue
-    start, end = info['data_offsets']
+    try:
+      start, end = (int(o) for o in info['data_offsets'])
+      dtype_name, shape = info['dtype'], [int(d) for d in info['shape']]
+    except (KeyError, TypeError, ValueError) as e:
+      raise CheckpointReadError(
+          f'{path}: tensor {key!r}: safetensors header entry {info!r} needs dtype, shape and '
+          f'two data_offsets ({type(e).__name__}: {e})') from e
     if end > len(data):
       raise TruncatedCheckpointError(
           f'{path}: tensor {key!r} ends at byte {8 + n + end}, the file has {size} (truncated)')
-    if info['dtype'] not in _SAFETENSORS_DTYPES:
-      raise CheckpointReadError(f'{path}: tensor {key!r} has unsupported dtype {info["dtype"]}')
-    dtype = _np_dtype(_SAFETENSORS_DTYPES[info['dtype']])
-    out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(info['shape']).copy()
+    if dtype_name not in _SAFETENSORS_DTYPES:
+      raise CheckpointReadError(f'{path}: tensor {key!r} has unsupported dtype {dtype_name}')
+    dtype = _np_dtype(_SAFETENSORS_DTYPES[dtype_name])
+    want = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if start < 0 or end - start != want:
+      raise CheckpointReadError(
+          f'{path}: tensor {key!r}: shape {shape} of {dtype_name} needs {want} bytes, its '
+          f'data_offsets [{start}, {end}] hold {end - start} (corrupt header)')
+    out[key] = np.frombuffer(data[start:end], dtype=dtype).reshape(shape).copy()
   return out
 
 

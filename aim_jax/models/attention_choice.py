@@ -16,14 +16,15 @@ devices the step runs on:
   sums on the stream's own layout). Measured on one H200 (BENCHMARKS.md, "GPU"): cuDNN's
   kernel spends most of its time on the temporal attention's 151k sequences of 8 tokens
   (tiles of 64 rows, 8 used), so the tokens-folded-into-heads path through cuDNN
-  ('dot_product_attention') is kept as an option, not the default. Before the first use in a process, a check runs cuDNN's forward and backward
-  on the device in small cases of the model's two shapes (the spatial attention, padded and
-  masked by length; the 8-frame temporal attention with the tokens folded into the heads) and
-  compares them with XLA's: on CUDA 13 cuDNN may have no execution plan (jax-ml/jax#32430),
-  and a kernel that fails or disagrees must not train a model. If the check fails, 'auto' is
-  the Pallas flash attention (Triton, from jax.experimental.pallas; the spatial attention
-  only, the temporal one element-wise), after the same check of its own kernel; if that
-  fails too, XLA. Each fallback logs a warning that says why.
+  ('dot_product_attention') is kept as an option, not the default. Before the first use in
+  a process, a check runs cuDNN's forward and backward on the device in small cases of the
+  model's two shapes (the spatial attention, padded and masked by length; the 8-frame
+  temporal attention with the tokens folded into the heads, for that option) and compares
+  them with XLA's: on CUDA 13 cuDNN may have no execution plan (jax-ml/jax#32430; on the
+  H200 image of 2026-12-04 it had one), and a kernel that fails or disagrees must not train
+  a model. If the check fails, 'auto' is the Pallas flash attention (Triton, from
+  jax.experimental.pallas; the spatial attention only), after the same check of its own
+  kernel; if that fails too, XLA. Each fallback logs a warning that says why.
 * Everywhere else, and in float32: XLA attention, one fused q/k/v product, the einsum temporal
   attention (the program the golden tests check against the official model).
 

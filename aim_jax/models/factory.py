@@ -82,12 +82,12 @@ def default_model_config() -> dict:
       # parameters and function (models/norm.py mlp_with_adapter).
       joint_mlp='auto',
       # The LayerNorms that read a ViT block's residual stream (ln_1, ln_2): 'auto' (XLA
-      # until a GPU has timed the Pallas kernels: models/kernel_choice.py) | 'xla' |
+      # since the H200 timed the Pallas kernels slower: models/kernel_choice.py) | 'xla' |
       # 'pallas': one Pallas Triton kernel each way, the stream's gradient added in the
       # backward kernel (models/fused_norm.py). Same parameters and function.
       norm_impl='auto',
       # The fused MLP's first product and its activations (joint_mlp fused, half
-      # precision): 'auto' (XLA until a GPU has timed it: models/kernel_choice.py) | 'xla' |
+      # precision): 'auto' (XLA: the H200 timed it slower, models/kernel_choice.py) | 'xla' |
       # 'pallas': one Pallas Triton kernel with the bias and activations in the product's
       # epilogue (models/fused_mlp.py). Same parameters and function.
       mlp_impl='auto',

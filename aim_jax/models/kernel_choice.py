@@ -3,10 +3,11 @@ kernels where a GPU has timed them faster.
 
 The Pallas kernels (models/fused_norm.py: a ViT block's LayerNorms, one kernel each way;
 models/fused_mlp.py: the fused MLP's first product with its bias and activations, and the
-hidden's gradient) compile for the H200 and are predicted faster than XLA's program there
-(BENCHMARKS.md: B/16 train 127.9 -> 119.7 ms), but no GPU has timed them yet. 'auto' takes
-them on the platforms in PALLAS_PLATFORMS, empty until a GPU run (`benchmarks/gpu.sh`, its
-`pallas_kernels` rows, side by side with the default) shows them faster: then 'gpu' goes in.
+hidden's gradient) compile for the H200 and were predicted faster than XLA's program there
+(B/16 train 127.9 -> 119.7 ms), but the first H200 run measured them slower (2026-12-04,
+BENCHMARKS.md "GPU": B/16 train 228.6 -> 280.6 ms, L/14 489.2 -> 588.7 ms; their products'
+GEMMs took 150 ms per step against cuBLAS's 74). 'auto' takes them on the platforms in
+PALLAS_PLATFORMS, so empty: a GPU run that shows them faster would put 'gpu' in.
 
 Where 'auto' would take them (a ViT in bfloat16 or float16 on such a platform), a check runs
 first, once per process, like the attention's (models/attention_choice.py): a small ViT's
@@ -27,8 +28,8 @@ from aim_jax.errors import first_line
 from aim_jax.models.attention_choice import AUTO, HALF_DTYPES, beyond_tolerance, concrete
 
 FIELDS = ('norm_impl', 'mlp_impl')
-# The platforms where 'auto' takes the Pallas kernels (after the check): none until a GPU has
-# timed them faster (BENCHMARKS.md, "One device call", the pallas_kernels rows).
+# The platforms where 'auto' takes the Pallas kernels (after the check): none, since the H200
+# timed them slower than XLA's (BENCHMARKS.md, "GPU", 2026-12-04).
 PALLAS_PLATFORMS: tuple[str, ...] = ()
 # The check's tolerance, relative to the largest value: bfloat16 sums of order one.
 CHECK_TOLERANCE = 3e-2

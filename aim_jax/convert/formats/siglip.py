@@ -158,14 +158,14 @@ def _from_hf(sd: Mapping, heads: int | None, report: Report) -> dict:
       C.take(sub, 'embeddings.patch_embedding.bias', prefix))
   put('embeddings.position_embedding.weight', 'positional_embedding',
       C.take(sub, 'embeddings.position_embedding.weight', prefix))
+  if 'head.probe' not in sub:     # before any head.* key is taken: say why it is missing
+    raise ConversionError(f'missing key {prefix}head.probe: a SigLIP tower without its MAP '
+                          'head (vision_use_head=False) is not supported')
   for n in ('weight', 'bias'):
     put(f'post_layernorm.{n}', f'ln_post/{"scale" if n == "weight" else n}',
         C.take(sub, f'post_layernorm.{n}', prefix))
     put(f'head.layernorm.{n}', f'MAPHead/ln/{"scale" if n == "weight" else n}',
         C.take(sub, f'head.layernorm.{n}', prefix))
-  if 'head.probe' not in sub:
-    raise ConversionError(f'missing key {prefix}head.probe: a SigLIP tower without its MAP '
-                          'head (vision_use_head=False) is not supported')
   put('head.probe', 'MAPHead/probe', sub['head.probe'].reshape(1, width))
   in_w = C.take(sub, 'head.attention.in_proj_weight', prefix)   # (3D, D) rows [q; k; v]
   in_b = C.take(sub, 'head.attention.in_proj_bias', prefix)

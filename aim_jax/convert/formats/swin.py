@@ -375,7 +375,7 @@ def image_params_from_state_dict(sd: Mapping[str, Any], patch_size_t: int = 2,
     report.notices.append(f'patch_embed.proj.weight inflated to Conv3d: repeated on {patch_size_t} '
                           'frames and divided by it')
   params = encoder_from_state_dict(sd, report)
-  report.unused.extend(k for k in sd if k.endswith(('relative_position_index', 'attn_mask')))
+  report.unused.extend(k for k in sd if _is_buffer(k))     # recomputed, never read
   cfg = _model_config(fields)
   return params, cfg, report
 
