@@ -105,7 +105,7 @@ def test_golden_logits_unchanged_with_stream_padding(case):
   np.testing.assert_allclose(logits, d['logits'], atol=2e-5, rtol=0)
 
 
-@pytest.mark.parametrize('temporal', ['elementwise', 'dot_product_attention'])
+@pytest.mark.parametrize('temporal', ['elementwise', 'pallas', 'dot_product_attention'])
 def test_temporal_attention_forms_match_einsum(temporal):
   params = _perturbed_params(TINY)
   video = _video(TINY)
@@ -203,7 +203,7 @@ def test_attention_options_errors_name_the_field():
 
 @pytest.mark.skipif(jax.default_backend() != 'gpu', reason='needs an NVIDIA GPU (cuDNN, Triton)')
 @pytest.mark.parametrize('impl', ['cudnn', 'pallas'])
-@pytest.mark.parametrize('temporal', ['elementwise', 'dot_product_attention'])
+@pytest.mark.parametrize('temporal', ['elementwise', 'pallas', 'dot_product_attention'])
 def test_fused_kernels_on_gpu_match_xla(impl, temporal):
   """The GPU smoke test of the BENCHMARKS.md GPU plan: the real kernels, forward and
   backward, bf16 compute, against the XLA path (cuDNN on CUDA 13 may have no execution

@@ -73,7 +73,8 @@ def default_model_config() -> dict:
       qkv_projection='auto',
       # How the temporal branch attends over T (same numbers each way, see
       # models/vit.py MultiHeadAttention): 'einsum' batched dots on the (B, T, L, D)
-      # layout | 'elementwise' multiplies and sums, no dots, no transposes |
+      # layout | 'elementwise' multiplies and sums, no dots, no transposes | 'pallas' the
+      # same in one Pallas kernel each way (models/temporal_kernel.py) |
       # 'dot_product_attention': L folded into the heads, through attention_impl; 'auto':
       # the attention kernel's choice (attention_choice.COMPANIONS).
       temporal_attention='auto',

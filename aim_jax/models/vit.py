@@ -199,6 +199,17 @@ def attend_over_axis1_elementwise(q: jax.Array, k: jax.Array, v: jax.Array) -> j
   return y.astype(v.dtype)
 
 
+def temporal_pallas(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """`attend_over_axis1_elementwise`'s function as models/temporal_kernel.py's Pallas kernels
+  (on a CPU, interpreted), on each device's clips under a mesh that shards the batch; a mesh
+  that splits the model keeps the element-wise form."""
+  from aim_jax.models import fused_norm, temporal_kernel   # imports Pallas: only when asked
+  rows = fused_norm.row_sharding(q.shape)
+  if rows == fused_norm.KEEP_XLA:
+    return attend_over_axis1_elementwise(q, k, v)
+  return temporal_kernel.temporal_attention(q, k, v, rows)
+
+
 # jax.checkpoint_policies that are policies themselves (the others build one from names).
 REMAT_POLICIES = ('everything_saveable', 'nothing_saveable', 'dots_saveable', 'checkpoint_dots',
                   'dots_with_no_batch_dims_saveable', 'checkpoint_dots_with_no_batch_dims')
@@ -215,7 +226,7 @@ def remat_policy(name: str):
   return getattr(jax.checkpoint_policies, name)
 
 
-TEMPORAL_ATTENTION = ('einsum', 'elementwise', 'dot_product_attention')
+TEMPORAL_ATTENTION = ('einsum', 'elementwise', 'pallas', 'dot_product_attention')
 
 # model.attention_impl: how attention over a folded (N, S, H, hd) sequence runs.
 #   'xla' (or '' / None): jax.nn.dot_product_attention's XLA path, on every backend.
@@ -306,6 +317,7 @@ class MultiHeadAttention(nn.Module):
   Temporal attention (axis 1), `temporal_attention`:
     'einsum': batched dots over T on the `(B, T, L, H, hd)` layout (`attend_over_axis1`);
     'elementwise': the same by broadcast multiplies and sums (`attend_over_axis1_elementwise`);
+    'pallas': the same function in one Pallas kernel each way (models/temporal_kernel.py);
     'dot_product_attention': the L axis folded into the heads, `(B, T, L*H, hd)`
       (a free reshape), through `attention` with `attention_impl` ('pallas' runs
       this one on XLA: its kernel tiles sequences by >= 16 frames).
@@ -391,6 +403,8 @@ class MultiHeadAttention(nn.Module):
       y = attention(fold(q), fold(k), fold(v), impl=timpl,
                     pad_multiple=2 if timpl == 'cudnn' else 1)
       y = y.reshape(b, a1, a2, h, hd)
+    elif self.temporal_attention == 'pallas':
+      y = temporal_pallas(q, k, v)                     # (B, T, L, H, hd)
     elif self.temporal_attention == 'elementwise':
       y = attend_over_axis1_elementwise(q, k, v)       # (B, T, L, H, hd)
     else:
