@@ -14,11 +14,12 @@
 #   b16_train.json / .log    B/16 8x224 batch 64 bf16 train: ours, official eager, official
 #                            compiled, side by side, plus the kernel profile of our step
 #                            (attention 'auto': cuDNN here once its check passes); then ours
-#                            with XLA attention and with the temporal attention through
-#                            cuDNN too (temporal_dpa) (--variant rows; GPU_SH_VARIANTS others;
-#                            the Pallas attention, with and without the Pallas LayerNorms
-#                            and MLP kernel, if cuDNN failed)
-#   b16_eval.json / .log     the same for eval (one extra row: temporal_dpa, or pallas)
+#                            with XLA attention and with the temporal attention as the
+#                            project's Pallas kernels (temporal_pallas) (--variant rows;
+#                            GPU_SH_VARIANTS others, e.g. temporal_dpa, the temporal
+#                            attention through cuDNN; the Pallas attention, with and
+#                            without the Pallas LayerNorms and MLP kernel, if cuDNN failed)
+#   b16_eval.json / .log     the same for eval (one extra row: temporal_pallas, or pallas)
 #   profile/{train,eval}/    the traces and kernels.json (every kernel, ms/step);
 #   profile/VARIANT/MODE/    the same for each variant
 #   cudnn_attention.json     cuDNN attention fwd+bwd at the padded even length, and what
@@ -31,6 +32,8 @@
 #   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
 #                            model.scan_layers=False (its compile time decides whether
 #                            unrolled may be L/14's default: predicted 321.6 -> 262.1 ms)
+#   temporal_kernels.json    the temporal attention's Pallas kernels against XLA's
+#                            element-wise form, per tile, one layer of B/16 and of L/14
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise, and
 #                            the device check norm_impl / mlp_impl 'auto' runs (auto_check)
 #   mlp_kernels.json / .log  the fused MLP's two kernels against XLA's, per tile, likewise
@@ -56,7 +59,8 @@ case "${2:-}" in
   '') ;;
   *) echo "gpu.sh: unknown option ${2} (only --cpu-smoke)" >&2; exit 2 ;;
 esac
-PARTS=cudnn_attention,pallas_attention,b16_train,b16_eval,l14_train,l14_unrolled,norm_kernels
+PARTS=cudnn_attention,pallas_attention,b16_train,b16_eval,l14_train,l14_unrolled,temporal_kernels
+PARTS=$PARTS,norm_kernels
 PARTS=$PARTS,mlp_kernels,compile_cache
 GPU_SH_PARTS=${GPU_SH_PARTS:-}
 for p in ${GPU_SH_PARTS//,/ }; do
@@ -126,7 +130,7 @@ if [ -f .official/mmaction/models/backbones/vit_clip.py ]; then
   # kernels never run on a GPU before (the Pallas ones): they come after the official rows,
   # so a hang or a CUDA error that poisons the process cannot cost the side by side.
   OFFICIAL=(--official .official --official_modes eager,compiled --noofficial_first
-            --official_compile_backend "$BACKEND" --after_official pallas,pallas_kernels,temporal_dpa)
+            --official_compile_backend "$BACKEND" --after_official pallas,pallas_kernels,temporal_dpa,temporal_pallas)
 else
   echo 'gpu.sh: no .official/ here: ours only (carry .official for the side by side)'
 fi
@@ -186,9 +190,12 @@ PALLAS_ROW=(--variant "pallas:model.attention_impl=pallas")
 KERNELS=model.norm_impl=pallas,model.mlp_impl=pallas,model.joint_mlp=fused
 PALLAS_NORM_ROW=(--variant "pallas_kernels:model.attention_impl=pallas,$KERNELS")
 # The temporal attention through cuDNN too (L folded into the heads), the companion of cuDNN
-# until the first H200 run (2026-12-04: 228.6 ms per train step, against 'elementwise'
-# since): kept as a row so that every run shows the difference side by side.
-TDPA_ROW=(--variant "temporal_dpa:model.temporal_attention=dot_product_attention")
+# until the first H200 run (2026-12-04: 228.6 ms per train step, 175.1 with 'elementwise'
+# since): GPU_SH_VARIANTS='temporal_dpa:model.temporal_attention=dot_product_attention'
+# runs it again.
+# The temporal attention as the project's Pallas kernels (models/temporal_kernel.py; never
+# run on a GPU before: after the official rows). Predicted by gpu_aot in BENCHMARKS.md.
+TPALLAS_ROW=(--variant "temporal_pallas:model.temporal_attention=pallas")
 FORCE=()
 # cuDNN alone first, in its own process: if it takes the process down (no JSON), our rows
 # are run with XLA attention instead of 'auto', so that their process and the official rows
@@ -233,7 +240,7 @@ AUTO_OK=0; [ "$AUTO" = ok ] && AUTO_OK=1
 if [ "$AUTO_OK" = 1 ]; then
   # (The Pallas LayerNorm and MLP kernels' row went with the 2026-12-04 run: 280.6 ms against
   # 228.6 for B/16 train, 588.7 against 489.2 for L/14; their kernel parts stay.)
-  VARIANTS=("${XLA_ROW[@]}" "${TDPA_ROW[@]}"); ONE_MORE=("${TDPA_ROW[@]}")
+  VARIANTS=("${XLA_ROW[@]}" "${TPALLAS_ROW[@]}"); ONE_MORE=("${TPALLAS_ROW[@]}")
   L14_MORE=()
 else
   VARIANTS=("${PALLAS_ROW[@]}" "${PALLAS_NORM_ROW[@]}"); ONE_MORE=("${PALLAS_ROW[@]}")
@@ -255,7 +262,7 @@ part b16_train 290 "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode train "${OF
 # the 60 s its script had left after the compiled train step), and it is the eval target's
 # measure, so here the extra row, XLA's too, comes after the official rows: the default row,
 # official eager, official compiled, then the extra row.
-EVAL_LATE=(); [ ${#OFFICIAL[@]} -gt 0 ] && EVAL_LATE=(--after_official pallas,pallas_kernels,xla,temporal_dpa)
+EVAL_LATE=(); [ ${#OFFICIAL[@]} -gt 0 ] && EVAL_LATE=(--after_official pallas,pallas_kernels,xla,temporal_dpa,temporal_pallas)
 EVAL_S=$(( (BUDGET - $(el)) / SCALE - 70 )); [ "$EVAL_S" -lt 80 ] && EVAL_S=80
 part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
   "${EVAL_LATE[@]}" "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"
@@ -274,10 +281,14 @@ part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config 
 MIN_S=$(( 60 * SCALE )) part l14_unrolled 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 \
   "${BENCH[@]}" --config "$CFG_L" --config.model.scan_layers=False --batch "$BATCH_L" \
   --steps 5 --warmup 1 --mode train "${FORCE[@]}" --out "$OUT/l14_unrolled.json"
+NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
+# Then the temporal attention's Pallas kernels against XLA's element-wise form, per tile
+# (benchmarks/temporal_kernels.py): the tile for temporal_kernel.BLOCK / NUM_WARPS.
+part temporal_kernels 40 "$PY" -m benchmarks.temporal_kernels "${NK[@]}" \
+  --out "$OUT/temporal_kernels.json"
 # Then the Pallas LayerNorm kernels against XLA's, per tile (benchmarks/norm_kernels.py), and
 # the device check norm_impl / mlp_impl 'auto' runs before taking the Pallas kernels (written
 # after the timings: a time limit in the check keeps them).
-NK=(); [ "$SMOKE" = 1 ] && NK=(--cpu-smoke)
 part norm_kernels 50 "$PY" -m benchmarks.norm_kernels "${NK[@]}" --out "$OUT/norm_kernels.json"
 # Then the fused MLP's kernels against XLA's GEMMs and element-wise kernels, per tile
 # (benchmarks/mlp_kernels.py).

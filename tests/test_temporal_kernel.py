@@ -110,3 +110,23 @@ def test_a_bfloat16_vit_with_the_kernel_trains_like_the_element_wise_form():
   for name in g1:
     scale = float(np.abs(f32(g1[name])).max()) + 1e-6
     assert float(np.abs(f32(g1[name]) - f32(g2[name])).max()) <= 5e-2 * scale, name
+
+
+def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path):
+  import json
+
+  from benchmarks import temporal_kernels
+  out = tmp_path / 'temporal_kernels.json'
+  assert temporal_kernels.main(['--cpu-smoke', '--out', str(out)]) == 0
+  result = json.loads(out.read_text())
+  (shape,) = result['shapes'].values()
+  assert shape['shape'] == [2, 4, 5, 3, 16]
+  assert shape['bwd_bytes'] == 7 * 2 * 4 * 5 * 3 * 16 * 2
+  for row in [shape['xla']] + shape['pallas']:
+    assert row['fwd']['ms'] > 0 and row['bwd']['ms'] > 0
+  (tile,) = shape['pallas']
+  assert tile['tile'] == [temporal_kernel.BLOCK, temporal_kernel.NUM_WARPS]
+  assert tile['ok'] and tile['max_abs_diff']['bwd'] <= temporal_kernels.TOLERANCE['bwd']
+  assert shape['best']['tile'] == tile['tile']
+  with pytest.raises(SystemExit):                  # a tile of one field is refused
+    temporal_kernels.main(['--tiles', '8', '--out', str(out)])

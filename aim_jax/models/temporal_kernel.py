@@ -6,7 +6,7 @@ T x T softmax attention with head dim hd, `B * L * H` of them (B/16 8x224, batch
 problems of 8 x 8). That is far too small for a matrix unit; it is memory-bound work. On the
 H200 (BENCHMARKS.md, "GPU", 2026-12-04) cuDNN's flash kernel spent 76 ms per train step on it
 (tiles of 64 query rows, 8 used), and XLA's element-wise form (`'elementwise'`, the default
-with cuDNN) 24 ms: its reduction kernels move 39.5 GB at 1.6 TB/s, and the two that reduce
+with cuDNN) 24 ms: its reduction kernels move 27.3 GB at 1.1 TB/s, and the two that reduce
 over the middle axis of size T run at 0.55 TB/s. The traffic the attention needs is q, k, v
 and y once forward, and q, k, v, dy, dq, dk, dv once backward: ~1.9 GB a layer at B/16,
 batch 64, or ~5 ms for 12 layers at the H200's bandwidth.
