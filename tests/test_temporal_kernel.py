@@ -130,3 +130,25 @@ def test_the_kernel_benchmark_times_xla_and_each_tile_and_checks_them(tmp_path):
   assert shape['best']['tile'] == tile['tile']
   with pytest.raises(SystemExit):                  # a tile of one field is refused
     temporal_kernels.main(['--tiles', '8', '--out', str(out)])
+
+
+def test_a_kernel_benchmark_cut_short_keeps_the_shapes_it_measured(tmp_path):
+  """benchmarks/kernel_bench.py writes the JSON after each shape: gpu.sh's time limit (or a
+  shape that fails) during the second shape keeps the first's timings."""
+  import json
+
+  from benchmarks import kernel_bench
+  out = tmp_path / 'k.json'
+  calls = []
+
+  def run_shape(n, tiles, iters):
+    calls.append(n)
+    if n == 2:
+      raise KeyboardInterrupt          # as the part's time limit would stop it
+    return dict(xla=dict(fwd=dict(ms=1.0)), pallas=[dict(tile=[1, 1], ok=True)])
+  with pytest.raises(KeyboardInterrupt):
+    kernel_bench.main(['--out', str(out), '--tiles', '1x1'], description='', shapes={
+        'first': (1,), 'second': (2,)}, smoke_shapes={}, tiles='1x1', tile_format='AxB',
+        tile_example='1x1', smoke_tile=lambda: (1, 1), run_shape=run_shape)
+  assert calls == [1, 2]
+  assert list(json.loads(out.read_text())['shapes']) == ['first']
