@@ -95,6 +95,7 @@ class Kernel:
   where: str         # model module and pass, e.g. 'attn/qkv bwd'
   elem_ops: float = 0.0   # element-wise arithmetic: one per element of each computing op
   pallas_gemm: bool = False   # a Pallas matrix-product kernel (its speed is unmeasured)
+  triton: bool = False        # an XLA fusion emitted as a Triton kernel ('__triton' kind)
 
   @property
   def bytes(self) -> int:
@@ -509,7 +510,8 @@ def kernels(text: str) -> list[Kernel]:
       out.append(Kernel(
           name=kname, op=i.op, family=fam, shape=i.shape, bytes_in=bytes_in, bytes_out=bytes_out,
           flops=flops, launches=launches, group=_group(comps, i, called, kname),
-          where=_where(names), elem_ops=elem_ops, pallas_gemm=pallas > 0))
+          where=_where(names), elem_ops=elem_ops, pallas_gemm=pallas > 0,
+          triton=i.op == 'fusion' and '"kind":"__triton"' in i.rest))
 
   walk(entry, 1)
   return out
@@ -519,17 +521,22 @@ def kernels(text: str) -> list[Kernel]:
 # transposes, the measured ones, apart from plain copies and in-place slice updates),
 # calibrated on the measured kernel profile of this project's B/16 train step
 # (BENCHMARKS.md, "GPU compile without a GPU"; element-wise and reductions refitted once a
-# fusion's bytes counted only what its slices need, `_demand`), except attention (no fused
-# attention was measured: a planning figure for cuDNN / Triton flash attention at head
-# dim 64).
+# fusion's bytes counted only what its slices need, `_demand`). Refitted on 2026-12-04 on
+# the two H200 profiles of that day (BENCHMARKS.md, "GPU"): element-wise loop fusions 3.3
+# TB/s and XLA's Triton fusions (the LayerNorms and what XLA fuses with them,
+# `triton_bytes_s`) 2.1 TB/s, which put the XLA-attention step within 1.5% and its
+# element-wise family within 1.6%; cuDNN's flash attention at head dim 64 (the padded spatial
+# attention, forward and backward) 170 TFLOP/s. Not modelled: cuDNN on sequences far
+# shorter than its 64-row tiles (the 8-frame temporal attention: 92 ms measured) and
+# reductions over a middle axis of size 8 (the element-wise temporal attention: 0.55 TB/s).
 # `ops_s`: element-wise arithmetic (`Kernel.elem_ops`), fitted on the one kernel of that
 # profile that is bound by it rather than by memory: the adapters' exact GELU as XLA expands
 # erfc (68 operations per element, 19.6-20.8 T/s measured in train and eval).
 RATES = {
     'gemm': {'bytes_s': 2.0e12, 'flops_s': 770e12},
-    'attention': {'bytes_s': 3.0e12, 'flops_s': 350e12},
+    'attention': {'bytes_s': 3.0e12, 'flops_s': 170e12},
     'transpose/copy': {'bytes_s': 4.2e12, 'transpose_bytes_s': 1.3e12},   # copies stream
-    'elementwise': {'bytes_s': 3.8e12, 'ops_s': 20e12},
+    'elementwise': {'bytes_s': 3.3e12, 'triton_bytes_s': 2.1e12, 'ops_s': 20e12},
     'reduction': {'bytes_s': 3.6e12, 'ops_s': 20e12},
     'collective': {'bytes_s': 0.4e12},   # NVLink between 8 GPUs (NCCL bus rate), not measured
     'other': {'bytes_s': 3.0e12, 'flops_s': 350e12},
@@ -542,6 +549,8 @@ def predict_s(k: Kernel, rates: Mapping[str, Mapping[str, float]] = RATES) -> fl
   operations / their rate, a floor)."""
   r = rates.get(k.family, rates['other'])
   bandwidth = r.get('transpose_bytes_s', r['bytes_s']) if 'transpose' in k.name else r['bytes_s']
+  if k.triton:
+    bandwidth = r.get('triton_bytes_s', bandwidth)
   t = k.bytes / bandwidth
   if k.flops and 'flops_s' in r:
     t = max(t, k.flops / r['flops_s'])

@@ -122,6 +122,28 @@ def test_a_data_parallel_program_has_its_all_reduce_as_a_collective_kernel():
 GPU_HLO = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'hlo', 'gpu_step_excerpt.hlo')
 
 
+def test_xla_triton_fusions_are_told_apart_and_get_their_own_rate():
+  """A fusion XLA emits as a Triton kernel (kind kCustom, fusion kind "__triton": the
+  LayerNorms of the bf16 step) streams at RATES['elementwise']['triton_bytes_s'] (2.1 TB/s
+  measured on the H200), a loop fusion of the same bytes at 'bytes_s' (3.3)."""
+  with open(GPU_HLO) as f:
+    text = f.read()
+  triton = text.replace(
+      'kind=kLoop, calls=%fused_add.2',
+      'kind=kCustom, calls=%fused_add.2, backend_config={"fusion_backend_config":'
+      '{"kind":"__triton","block_level_fusion_config":{"num_warps":"8"}}}')
+  assert triton != text
+  plain = {k.name: k for k in H.kernels(text)}
+  ks = {k.name: k for k in H.kernels(triton)}
+  assert not plain['loop_add_fusion_2'].triton and ks['loop_add_fusion_2'].triton
+  assert not ks['loop_add_fusion_1'].triton and not ks['gemm_fusion_dot_5'].triton
+  import dataclasses
+  big = lambda k: dataclasses.replace(k, bytes_in=k.bytes_in * 1000, elem_ops=0.0)  # no floor
+  k, p = big(ks['loop_add_fusion_2']), big(plain['loop_add_fusion_2'])
+  assert H.predict_s(k) == pytest.approx(k.bytes / H.RATES['elementwise']['triton_bytes_s'])
+  assert H.predict_s(p) == pytest.approx(p.bytes / H.RATES['elementwise']['bytes_s'])
+
+
 def test_kernels_of_gpu_hlo_families_flops_groups_and_places():
   with open(GPU_HLO) as f:
     ks = {k.name: k for k in H.kernels(f.read())}
@@ -403,13 +425,14 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   p = _run(['benchmarks.gpu_aot', '--config', 'configs/tiny.py', '--mode', 'train', '--batch',
             '8', '--config.model.dtype=bfloat16', '--variant',
             'pallas:model.attention_impl=pallas,model.norm_impl=pallas,model.mlp_impl=pallas',
+            '--variant', 'temporal_pallas:model.temporal_attention=pallas',
             '--out', str(out),
             '--hlo_dir', str(tmp_path / 'variants')])
   assert p.returncode == 0, p.stderr[-2000:]
   rows = json.load(open(out))['rows']
-  assert [r['variant'] for r in rows] == ['default', 'pallas']
+  assert [r['variant'] for r in rows] == ['default', 'pallas', 'temporal_pallas']
   assert rows[0]['attention'] == dict(attention_impl='cudnn', qkv_projection='split',
-                                      temporal_attention='dot_product_attention')
+                                      temporal_attention='elementwise')
   assert rows[1]['attention']['attention_impl'] == 'pallas'
   # The Pallas LayerNorm kernels compile for the H200 and are filed as reductions.
   with open(tmp_path / 'variants' / 'pallas_train.hlo') as f:
@@ -420,6 +443,14 @@ def test_gpu_aot_compiles_the_tiny_step_for_an_h200(tmp_path):
   # So does the fused MLP's first layer, filed as a GEMM with its FLOPs.
   mlps = [k for k in ks if k.op == 'custom-call' and k.where.startswith('mlp')]
   assert mlps and {k.family for k in mlps} == {'gemm'} and min(k.flops for k in mlps) > 0
+  # And the temporal attention's kernels (models/temporal_kernel.py), filed as attention by
+  # their name, one forward and one backward launch per layer.
+  with open(tmp_path / 'variants' / 'temporal_pallas_train.hlo') as f:
+    temporal = [k for k in H.kernels(f.read()) if k.name.startswith('pallas_call')]
+  assert {k.family for k in temporal} == {'attention'}
+  assert sum(k.launches for k in temporal) == 2 * 2        # configs/tiny.py: 2 layers
+  # XLA's own Triton fusions (the LayerNorms of the default program) are told apart: their
+  # rate is hlo_kernels.RATES['elementwise']['triton_bytes_s'].
   for r in rows:
     assert 'H200' in r['device_kind'] and r['program_memory_bytes'] > 0
     assert r['predicted_step_ms'] > 0 and r['families']['gemm']['gflop'] > 0
