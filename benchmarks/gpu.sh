@@ -31,7 +31,7 @@
 #                            pallas_kernels variant only if cuDNN failed
 #   l14_unrolled.json / .log if the budget has time left after the parts above: L/14 with
 #                            model.scan_layers=False (its compile time decides whether
-#                            unrolled may be L/14's default: predicted 321.6 -> 262.1 ms)
+#                            unrolled may be L/14's default: predicted 365.2 -> 302.6 ms)
 #   temporal_kernels.json    the temporal attention's Pallas kernels against XLA's
 #                            element-wise form, per tile, one layer of B/16 and of L/14
 #   norm_kernels.json / .log the Pallas LayerNorm kernels against XLA's, per tile, likewise, and
@@ -266,16 +266,18 @@ EVAL_LATE=(); [ ${#OFFICIAL[@]} -gt 0 ] && EVAL_LATE=(--after_official pallas,pa
 EVAL_S=$(( (BUDGET - $(el)) / SCALE - 70 )); [ "$EVAL_S" -lt 80 ] && EVAL_S=80
 part b16_eval "$EVAL_S" "${BENCH[@]}" "${COMMON[@]}" "${FORCE[@]}" --mode eval "${OFFICIAL[@]}" \
   "${EVAL_LATE[@]}" "${ONE_MORE[@]}" --profile "$OUT/profile" --out "$OUT/b16_eval.json"
-# L/14's extra row is the Pallas kernels' (predicted 321.6 -> 312.8 ms scanned, gpu_aot):
-# whether 'auto' may choose them for L/14 too. (Its XLA-attention row, 624 ms predicted, says
-# nothing the B/16 rows do not.) An XLA-attention default row (cuDNN failed) needs 97 GiB:
+# L/14 has no extra row with cuDNN (scanned, 489.2 ms measured on 2026-12-04; its Pallas-kernels
+# row, 588.7 ms, settled that 'auto' keeps XLA's norms); on the Pallas-attention branch, the
+# Pallas kernels' row. (Its XLA-attention row, 624 ms predicted, says nothing the B/16 rows do
+# not.) An XLA-attention default row (cuDNN failed) needs 97 GiB:
 # more than JAX's default 75% of the H200.
 part l14_train 70 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 "${BENCH[@]}" --config "$CFG_L" \
   --batch "$BATCH_L" --steps 5 --warmup 1 --mode train "${L14_MORE[@]}" "${FORCE[@]}" \
   --out "$OUT/l14_train.json"
 # With time left over (the parts' limits are bounds, not estimates; each part is skipped when
 # under 20 s remain): L/14 unrolled, the default row with model.scan_layers=False (gpu_aot:
-# 321.6 -> 262.1 ms, 58-60 s to compile on a 2-core CPU host without autotuning; the step logs
+# 365.2 -> 302.6 ms with the rates of 2026-12-04, 58-72 s to compile on a 2-core CPU host
+# without autotuning, 15.3 s measured for the scanned step on the H200's host; the step logs
 # its compile time as soon as it has it, so a cut run still tells it). Only with a minute
 # left: less cannot compile it, and the kernel parts below can use that time.
 MIN_S=$(( 60 * SCALE )) part l14_unrolled 90 env XLA_PYTHON_CLIENT_MEM_FRACTION=.92 \
