@@ -136,6 +136,12 @@ else
 fi
 
 { nvidia-smi -L 2>/dev/null; echo "cpus $(nproc)"; git log -1 --format='commit %h %s' 2>/dev/null
+  # The tree measured, whatever the git metadata says (a device machine's copy of a checkout
+  # may carry the metadata of an older commit): a hash of every tracked file's content, the
+  # same as `git ls-files -z | xargs -0 sha1sum | sha1sum` in the checkout that was sent, and
+  # the files that differ from the commit above.
+  echo "tree $(git ls-files -z 2>/dev/null | xargs -0 sha1sum 2>/dev/null | sha1sum | cut -c1-12)"
+  git status --short --untracked-files=no 2>/dev/null | head -20 | sed 's/^/changed /'
   "$PY" -c "import jax, flax, optax, sys; print('python', sys.version.split()[0], 'jax',
 jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, jax.devices())"
   "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"

@@ -218,6 +218,11 @@ def test_gpu_script_runs_only_the_parts_named(tmp_path):
     assert f'{name}: skipped (GPU_SH_PARTS)' in summary
   assert json.loads((tmp_path / 'cudnn_attention.json').read_text())['padded']['ok']
   assert not (tmp_path / 'b16_train.json').exists()
+  # env.txt names the tree measured by its content (the git metadata a device's copy carries
+  # may be older), as `git ls-files -z | xargs -0 sha1sum | sha1sum` gives it here.
+  tree = subprocess.run('git ls-files -z | xargs -0 sha1sum | sha1sum | cut -c1-12', shell=True,
+                        cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+  assert f'tree {tree}\n' in (tmp_path / 'env.txt').read_text()
   report = json.loads((tmp_path / 'report.json').read_text())
   assert {c['status'] for c in report['checks'] if c['target'].startswith('train:')} == {
       'not measured'}
