@@ -152,3 +152,53 @@ def test_a_kernel_benchmark_cut_short_keeps_the_shapes_it_measured(tmp_path):
         tile_example='1x1', smoke_tile=lambda: (1, 1), run_shape=run_shape)
   assert calls == [1, 2]
   assert list(json.loads(out.read_text())['shapes']) == ['first']
+
+
+# -- 'auto' and the Pallas temporal attention (models/attention_choice.py) -----------------
+
+def _chosen(platform, check=False, **fields):
+  from aim_jax.models import attention_choice as AC
+  from aim_jax.models.factory import resolve_model_config
+  from test_attention_impl import TINY
+  cfg = AC.choose(resolve_model_config(dict(TINY, **fields)), platform, check)
+  return tuple(cfg[k] for k in AC.FIELDS)
+
+
+def test_auto_takes_the_temporal_kernel_only_on_the_platforms_listed(monkeypatch, caplog):
+  """TEMPORAL_PALLAS_PLATFORMS is empty until a GPU times the kernels faster: then 'auto'
+  beside a fused spatial kernel takes them after their device check, else keeps the
+  element-wise form with one warning. Explicit fields and float32 are left alone."""
+  from aim_jax.models import attention_choice as AC
+  assert AC.TEMPORAL_PALLAS_PLATFORMS == ()
+  assert _chosen('gpu', dtype='bfloat16') == ('cudnn', 'split', 'elementwise')
+  monkeypatch.setattr(AC, 'TEMPORAL_PALLAS_PLATFORMS', ('gpu',))
+  monkeypatch.setattr(AC, 'cudnn_check', lambda: (True, ''))
+  monkeypatch.setattr(AC, 'temporal_check', lambda: (True, ''))
+  monkeypatch.setattr(AC, '_WARNED', set())
+  assert _chosen('gpu', True, dtype='bfloat16') == ('cudnn', 'split', 'pallas')
+  assert _chosen('gpu', dtype='bfloat16') == ('cudnn', 'split', 'pallas')      # gpu_aot
+  assert _chosen('gpu', True, dtype='bfloat16', temporal_attention='elementwise')[2] == (
+      'elementwise')
+  assert _chosen('gpu', True, dtype='float32') == ('xla', 'fused', 'einsum')
+  assert _chosen('cpu', True, dtype='bfloat16') == ('xla', 'fused', 'einsum')
+  assert _chosen('gpu', True, dtype='bfloat16', attention_impl='xla')[2] == 'einsum'
+  monkeypatch.setattr(AC, 'temporal_check', lambda: (False, 'Triton: out of resources'))
+  with caplog.at_level('WARNING'):
+    for _ in range(2):
+      assert _chosen('gpu', True, dtype='bfloat16') == ('cudnn', 'split', 'elementwise')
+  assert caplog.text.count('the Pallas temporal attention failed its check') == 1
+  assert 'out of resources' in caplog.text
+
+
+def test_the_temporal_check_compares_with_the_element_wise_form():
+  """On this CPU the interpreted kernels pass; a kernel that computes something else fails
+  and says which output differs."""
+  from aim_jax.models import attention_choice as AC
+  assert AC._compare_temporal_with_xla() == (True, '')
+  ok, why = AC._compare_temporal_with_xla(lambda q, k, v: v)
+  assert not ok and why.startswith('pallas temporal output differs from XLA by')
+
+  def broken(q, k, v):
+    raise RuntimeError('no kernel image is available\nsecond line')
+  assert AC._compare_temporal_with_xla(broken) == (
+      False, 'RuntimeError: no kernel image is available')

@@ -25,6 +25,11 @@ devices the step runs on:
   a model. If the check fails, 'auto' is the Pallas flash attention (Triton, from
   jax.experimental.pallas; the spatial attention only), after the same check of its own
   kernel; if that fails too, XLA. Each fallback logs a warning that says why.
+* On the platforms in TEMPORAL_PALLAS_PLATFORMS (none yet: a GPU run that times the
+  `temporal_pallas` rows faster puts 'gpu' in), an 'auto' temporal attention beside a fused
+  spatial kernel is the project's Pallas temporal kernels (models/temporal_kernel.py) once
+  their own check on the device has matched the element-wise form; if it fails, a warning,
+  and the element-wise form.
 * Everywhere else, and in float32: XLA attention, one fused q/k/v product, the einsum temporal
   attention (the program the golden tests check against the official model).
 
@@ -53,6 +58,11 @@ COMPANIONS = {
     'pallas': dict(qkv_projection='split', temporal_attention='elementwise'),
 }
 HALF_DTYPES = ('bfloat16', 'float16')
+# The platforms where an 'auto' temporal attention beside a fused spatial kernel is the
+# project's Pallas kernels (models/temporal_kernel.py) instead of the element-wise form, after
+# their own device check: none until a GPU run times the `temporal_pallas` rows faster
+# (benchmarks/gpu.sh; predicted 175.1 -> 158-161 ms per B/16 train step on the H200).
+TEMPORAL_PALLAS_PLATFORMS: tuple[str, ...] = ()
 # The check's tolerance: bfloat16 outputs and gradients of values of order one.
 CHECK_TOLERANCE = 3e-2
 _WARNED: set = set()
@@ -71,9 +81,19 @@ def choose(cfg: Mapping, platform: str, check: bool = True) -> dict:
     if platform == 'gpu' and out['dtype'] in HALF_DTYPES:
       impl = _first_that_passes(check)
   out['attention_impl'] = impl
+  temporal_auto = out['temporal_attention'] == AUTO
   for k, v in COMPANIONS[impl].items():
     if out[k] == AUTO:
       out[k] = v
+  if (temporal_auto and out['temporal_attention'] == 'elementwise' and impl in FUSED
+      and platform in TEMPORAL_PALLAS_PLATFORMS and out['dtype'] in HALF_DTYPES):
+    ok, why = temporal_check() if check else (True, '')
+    if ok:
+      out['temporal_attention'] = 'pallas'
+    elif ('temporal', why) not in _WARNED:
+      _WARNED.add(('temporal', why))
+      logging.warning("model.temporal_attention='auto': the Pallas temporal attention failed "
+                      'its check on this GPU (%s); using the element-wise form', why)
   return out
 
 
@@ -124,6 +144,14 @@ def pallas_check() -> tuple[bool, str]:
   """The same for the Pallas flash attention, in the shape it runs in the model (the spatial
   attention: its companion layout computes the temporal one element-wise)."""
   return _compare_with_xla('pallas')
+
+
+@functools.lru_cache(maxsize=None)
+def temporal_check() -> tuple[bool, str]:
+  """The Pallas temporal attention (models/temporal_kernel.py) forward and backward on the
+  default device, bfloat16, 8 frames of 20 tokens x 2 heads of 64 (40 rows a frame: a
+  part-filled last program), against the element-wise form. (ok, why not)."""
+  return _compare_temporal_with_xla()
 
 
 def concrete(fn):
@@ -183,6 +211,37 @@ def _compare_with_xla(impl: str, attention_fn=None) -> tuple[bool, str]:
       err = beyond_tolerance(a, b, CHECK_TOLERANCE)
       if err is not None:
         return False, f'{impl} {name} differs from XLA by {err:.3g} (shape {shape})'
+  return True, ''
+
+
+@concrete
+def _compare_temporal_with_xla(kernel_fn=None) -> tuple[bool, str]:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from aim_jax.models import vit
+  if kernel_fn is None:
+    from aim_jax.models import temporal_kernel
+    kernel_fn = temporal_kernel.temporal_attention
+  shape = (2, 8, 20, 2, 64)
+  keys = jax.random.split(jax.random.key(0), 4)
+  q, k, v, g = (jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16) for key in keys)
+
+  def run(fn):
+    loss = lambda q, k, v: (jnp.sum((fn(q, k, v) * g).astype(jnp.float32)), fn(q, k, v))
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))(q, k, v)
+    return [np.asarray(t, np.float32) for t in (y,) + tuple(grads)]
+
+  try:
+    got = run(kernel_fn)
+  except Exception as e:  # the kernel does not compile or run here
+    return False, first_line(e)
+  for name, a, b in zip(('output', 'dq', 'dk', 'dv'), got,
+                        run(vit.attend_over_axis1_elementwise)):
+    err = beyond_tolerance(a, b, CHECK_TOLERANCE)
+    if err is not None:
+      return False, f'pallas temporal {name} differs from XLA by {err:.3g} (shape {shape})'
   return True, ''
 
 
