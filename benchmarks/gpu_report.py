@@ -175,6 +175,21 @@ def _pass_check(target: str, value: Optional[bool], note: str) -> dict:
               ('met' if value else 'missed'), note=note)
 
 
+def _temporal_kernel_check(runs: dict) -> dict:
+  """The decision the `temporal_pallas` rows are for: is the default row with the temporal
+  attention as Pallas kernels faster than the default, in train and in eval (then
+  `attention_choice.TEMPORAL_PALLAS_PLATFORMS = ('gpu',)`)? Not measured without both rows."""
+  notes, faster = [], []
+  for mode, run in runs.items():
+    step = {r.get('variant', 'default'): 1e3 * r['step_s_median'] for r in _ours(run)}
+    if 'default' in step and 'temporal_pallas' in step:
+      faster.append(step['temporal_pallas'] < step['default'])
+      notes.append(f"{mode} {step['temporal_pallas']:.1f} vs {step['default']:.1f} ms")
+  return _pass_check("temporal_pallas rows faster than the default (then 'auto' may take "
+                     'them: TEMPORAL_PALLAS_PLATFORMS)', all(faster) if faster else None,
+                     '; '.join(notes))
+
+
 def _smoke_check(name: str, impl: str, smoke: Optional[dict]) -> dict:
   """An attention part (`benchmarks.attention_smoke`): its padded case against XLA."""
   padded = (smoke or {}).get('padded', {})
@@ -215,6 +230,7 @@ def report(out_dir: str, predicted: tuple[str, ...] = ()) -> dict:
   pallas = _load(out_dir, 'pallas_attention.json')
   if pallas or (smoke or {}).get('auto_check', {}).get('pallas'):   # run when cuDNN failed
     checks.append(_smoke_check('Pallas flash attention', 'pallas', pallas))
+  checks.append(_temporal_kernel_check(runs))
   kernels = (_load(out_dir, 'norm_kernels.json') or {}).get('auto_check')
   checks.append(_pass_check("Pallas LayerNorm and MLP kernels: 'auto''s device check",
                             kernels['ok'] if kernels else None, (kernels or {}).get('why', '')))

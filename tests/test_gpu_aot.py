@@ -695,3 +695,22 @@ def test_each_layer_norm_of_the_eval_step_is_one_triton_kernel(tmp_path):
   # after the block).
   count = lambda name: sum(k.launches for k in norms if k.where.startswith(name))
   assert (count('ln_1'), count('ln_2')) == (24, 11), [(k.name, k.where) for k in norms]
+
+
+def test_gpu_report_says_whether_the_temporal_kernel_rows_are_faster(tmp_path):
+  """The temporal_pallas rows decide TEMPORAL_PALLAS_PLATFORMS: faster than the default row
+  in train and eval is 'met'; slower in either, 'missed'; without both rows, not measured."""
+  from benchmarks import gpu_report
+  target = ("temporal_pallas rows faster than the default (then 'auto' may take them: "
+            'TEMPORAL_PALLAS_PLATFORMS)')
+  check = lambda: {c['target']: c for c in gpu_report.report(str(tmp_path))['checks']}[target]
+  write = lambda mode, clips, tp: (tmp_path / f'b16_{mode}.json').write_text(json.dumps(
+      dict(results=[_row(mode, clips)] + ([_row(mode, tp, 'temporal_pallas')] if tp else []))))
+  write('train', 365.5, None)
+  assert check()['status'] == 'not measured'
+  write('train', 365.5, 400.0)
+  write('eval', 857.2, 900.0)
+  c = check()
+  assert c['status'] == 'met' and c['note'] == 'train 160.0 vs 175.1 ms; eval 71.1 vs 74.7 ms'
+  write('eval', 857.2, 800.0)
+  assert check()['status'] == 'missed'
